@@ -1,0 +1,473 @@
+r"""Per-sample squared Frobenius norms of a model's input Jacobian.
+
+For a model :math:`g:\mathbb{R}^d\to\mathbb{R}^k` and a batch :math:`x_1..x_B`,
+:func:`jacobian_sq_norms` returns :math:`\|\partial g(x_i)/\partial x_i\|_F^2`
+for each sample; non-batch dimensions of input and output are flattened. Four
+methods share one signature:
+
+``"exact"``
+    One shared forward pass, then :math:`k` input-side vector-Jacobian products
+    (reverse mode, :math:`\|J\|_F^2=\sum_j\|J^\top e_j\|^2`), or :math:`d`
+    Jacobian-vector products (forward mode) when the input is smaller than the
+    output. The :math:`k` products are batched into one backward pass in chunks of
+    ``chunk_size``, or looped (``chunk_size=1``). In eval mode samples are
+    independent, so one backward pass of the batch-summed output gives every
+    sample's row at once.
+
+``"projection"``
+    Output-side probes :math:`v` with :math:`\mathbb{E}[vv^\top]=I`:
+    :math:`\mathbb{E}\|J^\top v\|^2=\|J\|_F^2`. One probe costs one VJP, less than
+    a training step's backward pass (no weight gradients).
+
+``"jvp"``
+    Input-side probes :math:`u`: :math:`\mathbb{E}\|Ju\|^2=\|J\|_F^2`, by
+    forward-mode AD. Its variance grows with the input dimension.
+
+``"finite_difference"``
+    :math:`\|g(x+\varepsilon u)-g(x)\|^2/\varepsilon^2` with input probes ``u``:
+    first-order autograd only, for models whose double backward or forward AD is
+    missing. Measurement only: on piecewise-linear (ReLU) networks its parameter
+    gradient is dominated by kink crossings, an :math:`O(1)` jump in
+    :math:`\partial g/\partial\theta` with probability :math:`O(\varepsilon)`
+    divided by :math:`\varepsilon`, so its error grows as the step shrinks. It
+    therefore refuses ``create_graph=True``.
+
+Train mode (``mode="train"``) couples the samples of a batch through BatchNorm
+statistics; the batch-sum trick would then add cross-sample terms
+:math:`\partial g(x_j)/\partial x_i`. The per-sample path used there takes the
+diagonal block :math:`\partial g(x_i)/\partial x_i` (batch held fixed) with one
+VJP per sample and direction: :math:`B` times the cost, never the trick.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor, nn
+
+from geocomplexity.probes import check_distribution, draw_probes, resolve_generator
+from geocomplexity.state import preserved
+
+__all__ = ["METHODS", "MODES", "Output", "jacobian_sq_norms"]
+
+METHODS = ("exact", "projection", "jvp", "finite_difference")
+MODES = ("eval", "train")
+
+#: What is differentiated: ``None`` (the model's output), a callable applied to
+#: the output, or the name of a submodule whose output is taken.
+Output = str | Callable[[Any], Tensor] | None
+
+
+class _Captured(Exception):  # noqa: N818 - control flow, not an error
+    """Stops the forward pass once the requested submodule has run."""
+
+    def __init__(self, value: Any) -> None:
+        super().__init__()
+        self.value = value
+
+
+def check_input(x: Any) -> Tensor:
+    """Validate a batch of inputs.
+
+    Returns:
+        ``x`` unchanged.
+
+    Raises:
+        TypeError: not a tensor, or not floating point.
+        ValueError: no batch dimension, empty, or NaN/inf entries.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor of inputs, got {type(x).__name__}")
+    if not torch.is_floating_point(x):
+        raise TypeError(
+            f"x has dtype {x.dtype}, but geometric complexity differentiates with "
+            "respect to the input, which must be floating point. For token ids or "
+            "other integer inputs, measure on the embeddings: feed the float "
+            "embedded tensor to a model that starts after the embedding layer, or "
+            "convert the input with x.float() if it is really continuous."
+        )
+    if x.dim() == 0:
+        raise ValueError("x is a scalar; give a batch of shape (B, *input_shape)")
+    if x.shape[0] == 0:
+        raise ValueError("x is an empty batch (B = 0); give at least one sample")
+    bad = (~torch.isfinite(x)).sum().item()
+    if bad:
+        raise ValueError(
+            f"x contains {bad} NaN or infinite entries (of {x.numel()}); "
+            "clean or drop those samples before measuring"
+        )
+    return x
+
+
+def _check_model_matches(model: nn.Module, x: Tensor) -> None:
+    """Clear errors for a dtype or device mismatch between model and input."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != x.dtype:
+            raise TypeError(
+                f"x has dtype {x.dtype} but the model's parameters are {p.dtype}; "
+                f"convert one of them (e.g. x.to({p.dtype}) or model.to({x.dtype}))"
+            )
+        if p.device != x.device:
+            raise ValueError(
+                f"x is on {x.device} but the model is on {p.device}; move one of them"
+            )
+        return
+
+
+def _select(model: nn.Module, x: Tensor, output: Output) -> Tensor:
+    """Run the model and return what is differentiated, flattened to (B, k)."""
+    if isinstance(output, str):
+        try:
+            sub = model.get_submodule(output)
+        except AttributeError:
+            names = [n for n, _ in model.named_modules() if n]
+            raise ValueError(
+                f"output={output!r} names no submodule of the model; "
+                f"valid names include {names[:12]}"
+            ) from None
+
+        def hook(_module: nn.Module, _args: Any, result: Any) -> None:
+            raise _Captured(result)
+
+        handle = sub.register_forward_hook(hook)
+        try:
+            model(x)
+        except _Captured as captured:
+            out = captured.value
+        else:
+            raise ValueError(
+                f"submodule {output!r} did not run during the forward pass"
+            )
+        finally:
+            handle.remove()
+    else:
+        out = model(x)
+        if output is not None:
+            if not callable(output):
+                raise TypeError(
+                    "output must be None, a callable on the model's output, or the "
+                    f"name of a submodule; got {type(output).__name__}"
+                )
+            out = output(out)
+    if not isinstance(out, Tensor):
+        hint = ""
+        if isinstance(out, dict):
+            hint = f" (keys {list(out)[:8]}; e.g. output=lambda o: o[{next(iter(out), 'key')!r}])"
+        elif isinstance(out, (tuple, list)):
+            hint = f" of length {len(out)} (e.g. output=lambda o: o[0])"
+        raise TypeError(
+            f"the differentiated output is a {type(out).__name__}{hint}, not a tensor; "
+            "pass output= to pick the tensor to measure"
+        )
+    B = x.shape[0]
+    if out.dim() == 0 or out.shape[0] != B:
+        raise ValueError(
+            f"the output has shape {tuple(out.shape)}, with no batch dimension of "
+            f"size {B} first; the model must map (B, ...) inputs to (B, ...) outputs"
+        )
+    if not torch.is_floating_point(out):
+        raise TypeError(f"the output has non-floating dtype {out.dtype}")
+    return out.reshape(B, -1)
+
+
+def _vjp_sq_norms(
+    x: Tensor, out: Tensor, cotangents: Callable[[int, int], Tensor], n: int,
+    chunk_size: int, create_graph: bool,
+) -> Tensor:
+    """Σ over n directions of ‖∂⟨out, c⟩/∂x‖² per sample, by the batch-sum trick.
+
+    ``cotangents(start, stop)`` returns directions ``start..stop-1`` as a tensor
+    of shape (stop - start, B, k). Valid only when samples are independent.
+    """
+    B = x.shape[0]
+    total = x.new_zeros(B)
+    if not out.requires_grad:  # the output does not depend on x at all
+        return total
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        c = cotangents(start, stop)
+        last = stop == n
+        if stop - start == 1:
+            (g,) = torch.autograd.grad(
+                out, x, c[0], retain_graph=create_graph or not last,
+                create_graph=create_graph, allow_unused=True,
+            )
+            if g is not None:
+                total = total + g.reshape(B, -1).pow(2).sum(1)
+        else:
+            (g,) = torch.autograd.grad(
+                out, x, c, retain_graph=create_graph or not last,
+                create_graph=create_graph, allow_unused=True, is_grads_batched=True,
+            )
+            if g is not None:
+                total = total + g.reshape(stop - start, B, -1).pow(2).sum((0, 2))
+    return total
+
+
+def _diag_vjp_sq_norms(
+    x: Tensor, out: Tensor, cotangents: Callable[[int, int], Tensor], n: int,
+    chunk_size: int, create_graph: bool,
+) -> Tensor:
+    """Like :func:`_vjp_sq_norms`, but per sample: ∂⟨out_i, c_i⟩/∂x_i only.
+
+    Correct when samples are coupled (train-mode BatchNorm): one VJP per sample
+    and direction, ``chunk_size`` of them batched per backward pass.
+    """
+    B, k = out.shape
+    total = x.new_zeros(B)
+    if not out.requires_grad:
+        return total
+    c = cotangents(0, n)  # (n, B, k)
+    jobs = [(p, i) for p in range(n) for i in range(B)]
+    rows = []
+    for start in range(0, len(jobs), chunk_size):
+        block = jobs[start : start + chunk_size]
+        last = start + chunk_size >= len(jobs)
+        g_out = out.new_zeros(len(block), B, k)
+        idx = torch.tensor([i for _, i in block], device=out.device)
+        g_out[torch.arange(len(block)), idx] = torch.stack([c[p, i] for p, i in block])
+        (g,) = torch.autograd.grad(
+            out, x, g_out if len(block) > 1 else g_out[0],
+            retain_graph=create_graph or not last, create_graph=create_graph,
+            allow_unused=True, is_grads_batched=len(block) > 1,
+        )
+        if g is None:
+            return total
+        g = g.reshape(len(block), B, -1)
+        rows.append((idx, g[torch.arange(len(block)), idx].pow(2).sum(1)))
+    for idx, val in rows:
+        total = total.index_add(0, idx, val)
+    return total
+
+
+def _onehot(B: int, k: int, like: Tensor) -> Callable[[int, int], Tensor]:
+    def make(start: int, stop: int) -> Tensor:
+        e = like.new_zeros(stop - start, B, k)
+        e[torch.arange(stop - start), :, torch.arange(start, stop)] = 1
+        return e
+
+    return make
+
+
+def _default_chunk(model: nn.Module, n: int) -> int:
+    """How many VJPs to batch per backward pass when the caller does not say.
+
+    Measured on CPU (benchmarks/): batching the k VJPs helps dense layers (larger
+    matrix products), while convolutions' batching rules are slower than a loop.
+    """
+    if any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()):
+        return 1
+    return n
+
+
+def _forward_mode(
+    fn: Callable[[Tensor], Tensor], x: Tensor, tangents: Callable[[int], Tensor],
+    n: int,
+) -> Tensor:
+    """Σ over n input directions of ‖J u‖² per sample, one dual forward each."""
+    B = x.shape[0]
+    total = x.new_zeros(B)
+    for i in range(n):
+        with fwAD.dual_level():
+            _, t = fwAD.unpack_dual(fn(fwAD.make_dual(x, tangents(i))))
+        if t is not None:
+            total = total + t.reshape(B, -1).pow(2).sum(1)
+    return total
+
+
+def jacobian_sq_norms(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    method: str = "exact",
+    output: Output = None,
+    mode: str = "eval",
+    num_probes: int = 1,
+    distribution: str = "rademacher",
+    chunk_size: int | None = None,
+    eps: float | None = None,
+    generator: torch.Generator | None = None,
+    create_graph: bool = False,
+) -> Tensor:
+    r"""Per-sample :math:`\|\partial g(x_i)/\partial x_i\|_F^2` of a model.
+
+    Args:
+        model: maps a batch ``(B, *in_shape)`` to ``(B, *out_shape)`` (the logits
+            for a classifier). Left exactly as found: modes, buffers, ``.grad``,
+            ``requires_grad`` and the global RNG state.
+        x: inputs of shape ``(B, *in_shape)``, floating point and finite.
+        method: ``"exact"``, ``"projection"``, ``"jvp"`` or ``"finite_difference"``
+            (see the module docstring).
+        output: what is differentiated. ``None``: the model's output. A callable:
+            applied to the output (``torch.softmax``, ``lambda o: o["logits"]``).
+            A string: the output of that submodule (``"features"``), for the GC
+            of an embedding; the forward pass stops there.
+        mode: ``"eval"`` (default; BatchNorm uses running statistics, dropout is
+            off, samples are independent) or ``"train"`` (batch statistics; the
+            exact per-sample diagonal-block path, B times slower).
+        num_probes: probes per sample for the stochastic methods.
+        distribution: probe distribution, ``"rademacher"`` (default),
+            ``"gaussian"`` or ``"sphere"``.
+        chunk_size: VJPs batched into one backward pass (``1`` loops; smaller
+            bounds memory). ``None`` picks by model type.
+        eps: finite-difference step; default ``sqrt(machine eps)`` times the RMS
+            of ``x``.
+        generator: source of probe randomness; a private OS-seeded one if ``None``
+            (the global RNG is never touched).
+        create_graph: keep the graph so the result is differentiable in the
+            parameters (for regularizers). Not for ``"finite_difference"``.
+
+    Returns:
+        Tensor of shape ``(B,)`` in ``x``'s dtype; each entry is the exact value,
+        or an unbiased estimate averaged over ``num_probes`` probes.
+
+    Raises:
+        ValueError: unknown method, mode or option; bad input (see
+            :func:`check_input`); a non-finite Jacobian.
+        TypeError: integer input, or a model output that is not a tensor.
+
+    Example:
+        >>> import torch
+        >>> A = torch.randn(3, 5, dtype=torch.float64)
+        >>> model = torch.nn.Linear(5, 3).double()
+        >>> with torch.no_grad():
+        ...     model.weight.copy_(A)
+        >>> x = torch.randn(4, 5, dtype=torch.float64)
+        >>> v = jacobian_sq_norms(model, x)
+        >>> torch.allclose(v, A.pow(2).sum().expand(4))
+        True
+    """
+    if method not in METHODS:
+        raise ValueError(
+            f"unknown method {method!r}; choose one of {', '.join(map(repr, METHODS))}"
+            " (or 'auto' in geocomplexity.measure)"
+        )
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose 'eval' or 'train'")
+    check_distribution(distribution)
+    if not isinstance(num_probes, int) or num_probes < 1:
+        raise ValueError(f"num_probes must be a positive integer, got {num_probes!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    if eps is not None and not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps!r}")
+    if method == "finite_difference" and create_graph:
+        raise ValueError(
+            "method='finite_difference' measures GC but gives wrong parameter "
+            "gradients on non-smooth (ReLU) networks; use 'projection', 'exact' or "
+            "'jvp' for a differentiable penalty"
+        )
+    if mode == "train" and method in ("jvp", "finite_difference"):
+        raise ValueError(
+            f"method={method!r} perturbs every sample at once, which is wrong when "
+            "train mode couples the samples; use method='exact' or 'projection' "
+            "with mode='train', or mode='eval'"
+        )
+    check_input(x)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_model_matches(model, x)
+
+    B = x.shape[0]
+    d = x[0].numel()
+    with preserved(model, mode=mode), torch.enable_grad():
+        fn = lambda z: _select(model, z, output)  # noqa: E731
+        if method in ("exact", "projection"):
+            xg = x.detach().requires_grad_(True)
+            out = fn(xg)
+            k = out.shape[1]
+            if method == "exact" and mode == "eval" and d < k and not create_graph:
+                values = _exact_forward_or_none(fn, x, d)
+                if values is not None:
+                    return _finite(values)
+            if method == "exact":
+                n, cot = k, _onehot(B, k, out)
+            else:
+                gen = resolve_generator(generator, x.device)
+                probes = draw_probes(
+                    distribution, (num_probes, B, k), dtype=out.dtype,
+                    device=out.device, generator=gen,
+                )
+                n, cot = num_probes, lambda a, b: probes[a:b]  # noqa: E731
+            if mode == "train":
+                values = _diag_vjp_sq_norms(
+                    xg, out, cot, n, chunk_size or 1, create_graph
+                )
+            else:
+                values = _vjp_sq_norms(
+                    xg, out, cot, n, chunk_size or _default_chunk(model, n),
+                    create_graph,
+                )
+            if method == "projection":
+                values = values / num_probes
+        else:
+            gen = resolve_generator(generator, x.device)
+            # drawn flat so a sphere probe is normalised over the whole sample
+            u = draw_probes(
+                distribution, (num_probes, B, d), dtype=x.dtype, device=x.device,
+                generator=gen,
+            ).reshape(num_probes, *x.shape)
+            if method == "jvp":
+                values = _forward_mode(
+                    fn, x.detach(), lambda i: u[i], num_probes
+                ) / num_probes
+            else:
+                values = _finite_difference(fn, x.detach(), u, eps)
+    values = values if create_graph else values.detach()
+    return _finite(values)
+
+
+def _exact_forward_or_none(
+    fn: Callable[[Tensor], Tensor], x: Tensor, d: int
+) -> Tensor | None:
+    """Exact norms by d forward-mode passes; ``None`` if forward AD is missing."""
+    shape = x.shape
+
+    def basis(i: int) -> Tensor:
+        e = x.new_zeros(shape[0], d)
+        e[:, i] = 1
+        return e.reshape(shape)
+
+    try:
+        with torch.no_grad():
+            return _forward_mode(fn, x.detach(), basis, d)
+    except (NotImplementedError, RuntimeError):
+        return None
+
+
+def _finite_difference(
+    fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor, eps: float | None
+) -> Tensor:
+    """Mean over probes of ‖g(x + εu) − g(x)‖²/ε² per sample (no autograd)."""
+    if eps is None:
+        # sqrt(machine eps) balances truncation (kinks crossed, curvature) against
+        # round-off; scaled by the input's RMS so the step is unit-free.
+        scale = x.pow(2).mean().sqrt().item() or 1.0
+        eps = math.sqrt(torch.finfo(x.dtype).eps) * scale
+    B = x.shape[0]
+    with torch.no_grad():
+        base = fn(x)
+        total = x.new_zeros(B)
+        for ui in u:
+            total = total + (fn(x + eps * ui) - base).reshape(B, -1).pow(2).sum(1)
+    return total / (u.shape[0] * eps**2)
+
+
+def _finite(values: Tensor) -> Tensor:
+    """Refuse to return a non-finite number silently.
+
+    Raises:
+        ValueError: some per-sample value is NaN or infinite.
+    """
+    bad = (~torch.isfinite(values)).sum().item()
+    if bad:
+        raise ValueError(
+            f"the Jacobian norm is NaN or infinite for {bad} of {values.numel()} "
+            "samples: the model's output or its derivative overflows there "
+            "(check for NaN weights, or measure in float64)"
+        )
+    return values

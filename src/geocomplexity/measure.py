@@ -1,0 +1,359 @@
+r"""Geometric complexity of a model on a batch or a whole data set.
+
+.. math::
+
+    \mathrm{GC}(g, D) = \frac{1}{|D|}\sum_{x\in D}\|\nabla_x g(x)\|_F^2
+
+(Dherin et al., NeurIPS 2022): a plain mean, no ½, no division by the input or
+output dimension; for a classifier ``g`` is the logit network.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from geocomplexity.jacobian import (
+    METHODS,
+    Output,
+    _select,
+    check_input,
+    jacobian_sq_norms,
+)
+from geocomplexity.probes import check_distribution
+from geocomplexity.state import preserved
+
+__all__ = ["GCResult", "RunningMean", "geometric_complexity", "measure"]
+
+#: ``method="auto"`` measures exactly when the output has at most this many
+#: entries (exact GC then costs at most this many VJPs per sample).
+AUTO_EXACT_MAX_OUTPUTS = 32
+
+
+def geometric_complexity(model: nn.Module, x: Tensor, **kwargs: Any) -> Tensor:
+    r"""GC of ``model`` on one batch: the mean of :func:`jacobian_sq_norms`.
+
+    Args:
+        model: maps ``(B, *in_shape)`` to ``(B, *out_shape)``.
+        x: a batch ``(B, *in_shape)``.
+        **kwargs: any option of :func:`geocomplexity.jacobian_sq_norms`
+            (``method``, ``output``, ``mode``, ``num_probes``, ``generator``,
+            ``create_graph``, ...).
+
+    Returns:
+        A scalar tensor, differentiable in the parameters if ``create_graph``.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(4, 2)
+        >>> gc = geometric_complexity(model, torch.randn(8, 4))
+        >>> torch.allclose(gc, model.weight.pow(2).sum())
+        True
+    """
+    return jacobian_sq_norms(model, x, **kwargs).mean()
+
+
+@dataclass
+class RunningMean:
+    """Streaming mean and variance (Chan et al.'s merge), in float64.
+
+    Memory stays constant however many samples pass; two accumulators merge
+    exactly (across processes too), and the order of batches does not matter
+    beyond rounding.
+    """
+
+    count: int = 0
+    mean: float = 0.0
+    m2: float = 0.0  # sum of squared deviations from the mean
+
+    def update(self, values: Tensor) -> None:
+        """Add a batch of per-sample values, shape ``(n,)``."""
+        v = values.detach().to(torch.float64).flatten()
+        n = v.numel()
+        if n == 0:
+            return
+        mean = v.mean().item()
+        m2 = (v - mean).pow(2).sum().item()
+        self.merge(RunningMean(n, mean, m2))
+
+    def merge(self, other: RunningMean) -> None:
+        """Fold another accumulator into this one."""
+        if other.count == 0:
+            return
+        n = self.count + other.count
+        delta = other.mean - self.mean
+        self.mean += delta * other.count / n
+        self.m2 += other.m2 + delta**2 * self.count * other.count / n
+        self.count = n
+
+    @property
+    def stderr(self) -> float:
+        """Standard error of the mean (sample variance, n − 1); NaN for n < 2."""
+        if self.count < 2:
+            return math.nan
+        return math.sqrt(self.m2 / (self.count - 1) / self.count)
+
+
+@dataclass(frozen=True)
+class GCResult:
+    """The geometric complexity of a model on a data set, with its error bar.
+
+    Attributes:
+        value: the mean of the per-sample values.
+        stderr: standard error of that mean over samples. For the stochastic
+            methods the per-sample values carry their probe noise, so this
+            includes the probe variance; for ``"exact"`` it is the sampling error
+            of the data set as a sample of its distribution. NaN for one sample.
+        num_samples: how many samples were measured.
+        method: the method used (``"auto"`` resolved to the one it chose).
+        num_probes: probes per sample for stochastic methods, else ``None``.
+        per_sample: the ``(num_samples,)`` values if asked for, else ``None``.
+    """
+
+    value: float
+    stderr: float
+    num_samples: int
+    method: str
+    num_probes: int | None = None
+    per_sample: Tensor | None = field(default=None, repr=False, compare=False)
+
+    def __float__(self) -> float:
+        return self.value
+
+    def __str__(self) -> str:
+        probes = f", {self.num_probes} probes" if self.num_probes else ""
+        return (
+            f"GC = {self.value:.6g} ± {self.stderr:.2g} "
+            f"({self.method}{probes}, n={self.num_samples})"
+        )
+
+    def confidence_interval(self, level: float = 0.95) -> tuple[float, float]:
+        """Normal-approximation interval ``value ± z·stderr``.
+
+        Returns:
+            ``(low, high)``.
+        """
+        z = math.sqrt(2) * torch.erfinv(torch.tensor(level, dtype=torch.float64))
+        half = z.item() * self.stderr
+        return self.value - half, self.value + half
+
+
+def _batches(data: Any, batch_size: int) -> tuple[Iterator[Tensor], int | None]:
+    """Turn a tensor, a dataset or an iterable of batches into input batches.
+
+    Returns:
+        An iterator of input tensors and the number of samples if known.
+
+    Raises:
+        TypeError: ``data`` is none of the supported kinds.
+    """
+    if isinstance(data, Tensor):
+        return iter(data.split(batch_size)), len(data)
+    if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
+        loader = torch.utils.data.DataLoader(data, batch_size=batch_size)
+        return (_first(b) for b in loader), len(data)  # type: ignore[arg-type]
+    if isinstance(data, Iterable):
+        total = None
+        if isinstance(data, torch.utils.data.DataLoader):
+            try:
+                total = len(data.dataset)  # type: ignore[arg-type]
+            except TypeError:
+                total = None
+        return (_first(b) for b in data), total
+    raise TypeError(
+        f"data must be a tensor, a Dataset or an iterable of batches (a "
+        f"DataLoader), got {type(data).__name__}"
+    )
+
+
+def _first(batch: Any) -> Tensor:
+    """The input of a batch: the batch itself, or the first element of a tuple.
+
+    Raises:
+        TypeError: a dict or another kind of batch.
+    """
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    if isinstance(batch, dict):
+        raise TypeError(
+            f"a batch is a dict with keys {list(batch)[:8]}; pass the inputs alone, "
+            "e.g. data=(b['x'] for b in loader)"
+        )
+    raise TypeError(
+        f"a batch is a {type(batch).__name__}; expected a tensor or a tuple whose "
+        "first element is the input tensor"
+    )
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return None
+
+
+def _auto(
+    model: nn.Module, x: Tensor, output: Output, mode: str, total: int,
+    rtol: float, distribution: str, generator: torch.Generator | None,
+) -> tuple[str, int]:
+    """Choose the method for ``method="auto"`` from the first batch.
+
+    Exact when the output is small. Otherwise a two-probe pilot estimates the
+    per-sample probe variance σ², and ``P = ⌈σ² / (N m² rtol²)⌉`` probes keep the
+    probe part of the relative standard error of the N-sample mean m below
+    ``rtol``; exact again if that needs as many probes as there are outputs.
+
+    Returns:
+        ``(method, num_probes)``.
+    """
+    with preserved(model, mode="eval"), torch.no_grad():
+        k = _select(model, x, output).shape[1]
+    if k <= AUTO_EXACT_MAX_OUTPUTS:
+        return "exact", 1
+    pilot = [
+        jacobian_sq_norms(
+            model, x, method="projection", output=output, mode=mode,
+            distribution=distribution, generator=generator,
+        ).double()
+        for _ in range(2)
+    ]
+    m = ((pilot[0] + pilot[1]) / 2).mean().item()
+    var = ((pilot[0] - pilot[1]).pow(2) / 2).mean().item()
+    if m <= 0:
+        return "exact", 1
+    probes = max(1, math.ceil(var / (total * m**2 * rtol**2)))
+    return ("exact", 1) if probes >= k else ("projection", probes)
+
+
+def measure(
+    model: nn.Module,
+    data: Any,
+    *,
+    method: str = "auto",
+    batch_size: int = 256,
+    max_samples: int | None = None,
+    progress: bool | None = None,
+    generator: torch.Generator | None = None,
+    output: Output = None,
+    mode: str = "eval",
+    num_probes: int | None = None,
+    distribution: str = "rademacher",
+    rtol: float = 0.01,
+    chunk_size: int | None = None,
+    eps: float | None = None,
+    per_sample: bool = False,
+) -> GCResult:
+    r"""Geometric complexity of ``model`` over a data set, streamed in batches.
+
+    Memory does not grow with the data set (unless ``per_sample=True``): only a
+    running mean and variance are kept. Batches are moved to the model's device.
+
+    Args:
+        model: maps ``(B, *in_shape)`` to ``(B, *out_shape)``; left as found.
+        data: a tensor ``(N, *in_shape)``, a map-style ``Dataset``, or any
+            iterable of batches such as a ``DataLoader`` (a tuple batch's first
+            element is the input).
+        method: ``"auto"`` (exact when the output has at most
+            :data:`AUTO_EXACT_MAX_OUTPUTS` entries, else projection with enough
+            probes for a probe-induced relative error below ``rtol``), or any
+            method of :func:`geocomplexity.jacobian_sq_norms`.
+        batch_size: batch size for tensors and datasets (an iterable of
+            batches keeps its own).
+        max_samples: stop after this many samples.
+        progress: show a progress bar; ``None`` shows one on a terminal.
+        generator: source of probe randomness (see ``jacobian_sq_norms``).
+        output: what is differentiated (see ``jacobian_sq_norms``).
+        mode: ``"eval"`` or ``"train"`` (see ``jacobian_sq_norms``).
+        num_probes: probes per sample for stochastic methods (default 1; with
+            ``"auto"``, chosen from ``rtol``).
+        distribution: probe distribution.
+        rtol: target relative standard error of the probe noise for ``"auto"``.
+        chunk_size: VJPs per backward pass (see ``jacobian_sq_norms``).
+        eps: finite-difference step.
+        per_sample: keep every per-sample value in the result.
+
+    Returns:
+        A :class:`GCResult`.
+
+    Raises:
+        ValueError: empty data, unknown method, bad options or inputs.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(),
+        ...                             torch.nn.Linear(8, 2))
+        >>> result = measure(model, torch.randn(100, 3), batch_size=32)
+        >>> result.num_samples, result.method
+        (100, 'exact')
+    """
+    if method != "auto" and method not in METHODS:
+        raise ValueError(
+            f"unknown method {method!r}; choose 'auto' or one of "
+            f"{', '.join(map(repr, METHODS))}"
+        )
+    check_distribution(distribution)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
+        raise ValueError(f"max_samples must be a positive integer, got {max_samples!r}")
+    if not rtol > 0:
+        raise ValueError(f"rtol must be positive, got {rtol!r}")
+    if num_probes is not None and (not isinstance(num_probes, int) or num_probes < 1):
+        raise ValueError(f"num_probes must be a positive integer, got {num_probes!r}")
+
+    from tqdm.auto import tqdm  # the core's only optional-feeling dependency
+
+    batches, total = _batches(data, batch_size)
+    if max_samples is not None:
+        total = max_samples if total is None else min(total, max_samples)
+    device = _model_device(model)
+    stats = RunningMean()
+    kept: list[Tensor] = []
+    chosen, probes = method, num_probes or 1
+    bar = tqdm(
+        total=total, unit="sample", desc="geometric complexity", leave=False,
+        disable=None if progress is None else not progress,
+    )
+    try:
+        for x in batches:
+            if max_samples is not None:
+                x = x[: max_samples - stats.count]
+            if device is not None and x.device != device:
+                x = x.to(device)
+            check_input(x)
+            if chosen == "auto":
+                chosen, probes = _auto(
+                    model, x, output, mode, total or x.shape[0], rtol, distribution,
+                    generator,
+                )
+                if num_probes is not None and chosen == "projection":
+                    probes = num_probes
+            values = jacobian_sq_norms(
+                model, x, method=chosen, output=output, mode=mode,
+                num_probes=probes, distribution=distribution, chunk_size=chunk_size,
+                eps=eps, generator=generator,
+            )
+            stats.update(values)
+            if per_sample:
+                kept.append(values.detach().cpu())
+            bar.update(x.shape[0])
+            if max_samples is not None and stats.count >= max_samples:
+                break
+    finally:
+        bar.close()
+    if stats.count == 0:
+        raise ValueError("data is empty: there is no sample to measure")
+    return GCResult(
+        value=stats.mean,
+        stderr=stats.stderr,
+        num_samples=stats.count,
+        method=chosen,
+        num_probes=None if chosen == "exact" else probes,
+        per_sample=torch.cat(kept) if per_sample else None,
+    )
