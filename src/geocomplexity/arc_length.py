@@ -4,7 +4,8 @@ For :math:`f:[a,b]\to\mathbb{R}`,
 
 .. math::
 
-    L(f) = \int_a^b \sqrt{1 + f'(x)^2}\,dx \;\le\; (b - a) + \tfrac12\int_a^b f'(x)^2\,dx,
+    L(f) = \int_a^b \sqrt{1 + f'(x)^2}\,dx
+         \;\le\; (b - a) + \tfrac12\int_a^b f'(x)^2\,dx,
 
 since :math:`\sqrt{1+s^2}\le 1+s^2/2`, with equality to second order in the slope.
 The right-hand side is the Dirichlet energy that geometric complexity
@@ -26,14 +27,14 @@ __all__ = ["ArcLength", "arc_length"]
 
 @dataclass(frozen=True)
 class ArcLength:
-    """Arc length of a curve on ``[a, b]`` and its Dirichlet upper bound.
+    r"""Arc length of a curve on ``[a, b]`` and its Dirichlet upper bound.
 
     Attributes:
-        length: :math:`\\int_a^b\\sqrt{1+f'^2}`, the length of the polyline
+        length: :math:`\int_a^b\sqrt{1+f'^2}`, the length of the polyline
             through ``num_points`` equally spaced points (exact for a piecewise
             linear ``f`` whose kinks fall on the grid, a lower bound otherwise,
             converging as the grid is refined).
-        dirichlet: :math:`(b-a)+\\frac12\\int_a^b f'^2` on the same polyline; never
+        dirichlet: :math:`(b-a)+\frac12\int_a^b f'^2` on the same polyline; never
             below ``length``.
         a: left end.
         b: right end.

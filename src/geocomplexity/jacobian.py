@@ -62,7 +62,7 @@ MODES = ("eval", "train")
 Output = str | Callable[[Any], Tensor] | None
 
 
-class _Captured(Exception):  # noqa: N818 - control flow, not an error
+class _Captured(Exception):
     """Stops the forward pass once the requested submodule has run."""
 
     def __init__(self, value: Any) -> None:
@@ -156,7 +156,8 @@ def _select(model: nn.Module, x: Tensor, output: Output) -> Tensor:
     if not isinstance(out, Tensor):
         hint = ""
         if isinstance(out, dict):
-            hint = f" (keys {list(out)[:8]}; e.g. output=lambda o: o[{next(iter(out), 'key')!r}])"
+            key = next(iter(out), "key")
+            hint = f" (keys {list(out)[:8]}; e.g. output=lambda o: o[{key!r}])"
         elif isinstance(out, (tuple, list)):
             hint = f" of length {len(out)} (e.g. output=lambda o: o[0])"
         raise TypeError(
@@ -175,8 +176,12 @@ def _select(model: nn.Module, x: Tensor, output: Output) -> Tensor:
 
 
 def _vjp_sq_norms(
-    x: Tensor, out: Tensor, cotangents: Callable[[int, int], Tensor], n: int,
-    chunk_size: int, create_graph: bool,
+    x: Tensor,
+    out: Tensor,
+    cotangents: Callable[[int, int], Tensor],
+    n: int,
+    chunk_size: int,
+    create_graph: bool,
 ) -> Tensor:
     """Σ over n directions of ‖∂⟨out, c⟩/∂x‖² per sample, by the batch-sum trick.
 
@@ -193,15 +198,24 @@ def _vjp_sq_norms(
         last = stop == n
         if stop - start == 1:
             (g,) = torch.autograd.grad(
-                out, x, c[0], retain_graph=create_graph or not last,
-                create_graph=create_graph, allow_unused=True,
+                out,
+                x,
+                c[0],
+                retain_graph=create_graph or not last,
+                create_graph=create_graph,
+                allow_unused=True,
             )
             if g is not None:
                 total = total + g.reshape(B, -1).pow(2).sum(1)
         else:
             (g,) = torch.autograd.grad(
-                out, x, c, retain_graph=create_graph or not last,
-                create_graph=create_graph, allow_unused=True, is_grads_batched=True,
+                out,
+                x,
+                c,
+                retain_graph=create_graph or not last,
+                create_graph=create_graph,
+                allow_unused=True,
+                is_grads_batched=True,
             )
             if g is not None:
                 total = total + g.reshape(stop - start, B, -1).pow(2).sum((0, 2))
@@ -209,8 +223,12 @@ def _vjp_sq_norms(
 
 
 def _diag_vjp_sq_norms(
-    x: Tensor, out: Tensor, cotangents: Callable[[int, int], Tensor], n: int,
-    chunk_size: int, create_graph: bool,
+    x: Tensor,
+    out: Tensor,
+    cotangents: Callable[[int, int], Tensor],
+    n: int,
+    chunk_size: int,
+    create_graph: bool,
 ) -> Tensor:
     """Like :func:`_vjp_sq_norms`, but per sample: ∂⟨out_i, c_i⟩/∂x_i only.
 
@@ -231,9 +249,13 @@ def _diag_vjp_sq_norms(
         idx = torch.tensor([i for _, i in block], device=out.device)
         g_out[torch.arange(len(block)), idx] = torch.stack([c[p, i] for p, i in block])
         (g,) = torch.autograd.grad(
-            out, x, g_out if len(block) > 1 else g_out[0],
-            retain_graph=create_graph or not last, create_graph=create_graph,
-            allow_unused=True, is_grads_batched=len(block) > 1,
+            out,
+            x,
+            g_out if len(block) > 1 else g_out[0],
+            retain_graph=create_graph or not last,
+            create_graph=create_graph,
+            allow_unused=True,
+            is_grads_batched=len(block) > 1,
         )
         if g is None:
             return total
@@ -265,7 +287,9 @@ def _default_chunk(model: nn.Module, n: int) -> int:
 
 
 def _forward_mode(
-    fn: Callable[[Tensor], Tensor], x: Tensor, tangents: Callable[[int], Tensor],
+    fn: Callable[[Tensor], Tensor],
+    x: Tensor,
+    tangents: Callable[[int], Tensor],
     n: int,
 ) -> Tensor:
     """Σ over n input directions of ‖J u‖² per sample, one dual forward each."""
@@ -335,7 +359,7 @@ def jacobian_sq_norms(
         >>> A = torch.randn(3, 5, dtype=torch.float64)
         >>> model = torch.nn.Linear(5, 3).double()
         >>> with torch.no_grad():
-        ...     model.weight.copy_(A)
+        ...     _ = model.weight.copy_(A)
         >>> x = torch.randn(4, 5, dtype=torch.float64)
         >>> v = jacobian_sq_norms(model, x)
         >>> torch.allclose(v, A.pow(2).sum().expand(4))
@@ -352,7 +376,9 @@ def jacobian_sq_norms(
     if not isinstance(num_probes, int) or num_probes < 1:
         raise ValueError(f"num_probes must be a positive integer, got {num_probes!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        raise ValueError(
+            f"chunk_size must be a positive integer or None, got {chunk_size!r}"
+        )
     if eps is not None and not eps > 0:
         raise ValueError(f"eps must be positive, got {eps!r}")
     if method == "finite_difference" and create_graph:
@@ -389,17 +415,24 @@ def jacobian_sq_norms(
             else:
                 gen = resolve_generator(generator, x.device)
                 probes = draw_probes(
-                    distribution, (num_probes, B, k), dtype=out.dtype,
-                    device=out.device, generator=gen,
+                    distribution,
+                    (num_probes, B, k),
+                    dtype=out.dtype,
+                    device=out.device,
+                    generator=gen,
                 )
-                n, cot = num_probes, lambda a, b: probes[a:b]  # noqa: E731
+                n, cot = num_probes, lambda a, b: probes[a:b]
             if mode == "train":
                 values = _diag_vjp_sq_norms(
                     xg, out, cot, n, chunk_size or 1, create_graph
                 )
             else:
                 values = _vjp_sq_norms(
-                    xg, out, cot, n, chunk_size or _default_chunk(model, n),
+                    xg,
+                    out,
+                    cot,
+                    n,
+                    chunk_size or _default_chunk(model, n),
                     create_graph,
                 )
             if method == "projection":
@@ -408,13 +441,17 @@ def jacobian_sq_norms(
             gen = resolve_generator(generator, x.device)
             # drawn flat so a sphere probe is normalised over the whole sample
             u = draw_probes(
-                distribution, (num_probes, B, d), dtype=x.dtype, device=x.device,
+                distribution,
+                (num_probes, B, d),
+                dtype=x.dtype,
+                device=x.device,
                 generator=gen,
             ).reshape(num_probes, *x.shape)
             if method == "jvp":
-                values = _forward_mode(
-                    fn, x.detach(), lambda i: u[i], num_probes
-                ) / num_probes
+                values = (
+                    _forward_mode(fn, x.detach(), lambda i: u[i], num_probes)
+                    / num_probes
+                )
             else:
                 values = _finite_difference(fn, x.detach(), u, eps)
     values = values if create_graph else values.detach()

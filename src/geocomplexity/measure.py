@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from geocomplexity.jacobian import (
     METHODS,
     Output,
+    _check_model_matches,
     _select,
     check_input,
     jacobian_sq_norms,
@@ -126,7 +127,10 @@ class GCResult:
         return self.value
 
     def __str__(self) -> str:
-        probes = f", {self.num_probes} probes" if self.num_probes else ""
+        probes = ""
+        if self.num_probes:
+            plural = "s" if self.num_probes > 1 else ""
+            probes = f", {self.num_probes} probe{plural}"
         return (
             f"GC = {self.value:.6g} ± {self.stderr:.2g} "
             f"({self.method}{probes}, n={self.num_samples})"
@@ -199,8 +203,14 @@ def _model_device(model: nn.Module) -> torch.device | None:
 
 
 def _auto(
-    model: nn.Module, x: Tensor, output: Output, mode: str, total: int,
-    rtol: float, distribution: str, generator: torch.Generator | None,
+    model: nn.Module,
+    x: Tensor,
+    output: Output,
+    mode: str,
+    total: int,
+    rtol: float,
+    distribution: str,
+    generator: torch.Generator | None,
 ) -> tuple[str, int]:
     """Choose the method for ``method="auto"`` from the first batch.
 
@@ -218,8 +228,13 @@ def _auto(
         return "exact", 1
     pilot = [
         jacobian_sq_norms(
-            model, x, method="projection", output=output, mode=mode,
-            distribution=distribution, generator=generator,
+            model,
+            x,
+            method="projection",
+            output=output,
+            mode=mode,
+            distribution=distribution,
+            generator=generator,
         ).double()
         for _ in range(2)
     ]
@@ -300,7 +315,9 @@ def measure(
     check_distribution(distribution)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
+    if max_samples is not None and (
+        not isinstance(max_samples, int) or max_samples < 1
+    ):
         raise ValueError(f"max_samples must be a positive integer, got {max_samples!r}")
     if not rtol > 0:
         raise ValueError(f"rtol must be positive, got {rtol!r}")
@@ -317,7 +334,10 @@ def measure(
     kept: list[Tensor] = []
     chosen, probes = method, num_probes or 1
     bar = tqdm(
-        total=total, unit="sample", desc="geometric complexity", leave=False,
+        total=total,
+        unit="sample",
+        desc="geometric complexity",
+        leave=False,
         disable=None if progress is None else not progress,
     )
     try:
@@ -327,17 +347,31 @@ def measure(
             if device is not None and x.device != device:
                 x = x.to(device)
             check_input(x)
+            _check_model_matches(model, x)
             if chosen == "auto":
                 chosen, probes = _auto(
-                    model, x, output, mode, total or x.shape[0], rtol, distribution,
+                    model,
+                    x,
+                    output,
+                    mode,
+                    total or x.shape[0],
+                    rtol,
+                    distribution,
                     generator,
                 )
                 if num_probes is not None and chosen == "projection":
                     probes = num_probes
             values = jacobian_sq_norms(
-                model, x, method=chosen, output=output, mode=mode,
-                num_probes=probes, distribution=distribution, chunk_size=chunk_size,
-                eps=eps, generator=generator,
+                model,
+                x,
+                method=chosen,
+                output=output,
+                mode=mode,
+                num_probes=probes,
+                distribution=distribution,
+                chunk_size=chunk_size,
+                eps=eps,
+                generator=generator,
             )
             stats.update(values)
             if per_sample:

@@ -1,0 +1,75 @@
+"""Data sets that need no download: generated or shipped by a package.
+
+Each loader returns float32 inputs and int64 labels as tensors, and leaves every
+global random state as it found it.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["Split", "load_mnist1d"]
+
+
+@dataclass(frozen=True)
+class Split:
+    """Train and test tensors of a classification data set.
+
+    Attributes:
+        x_train: ``(N, d)`` float32 inputs.
+        y_train: ``(N,)`` int64 labels.
+        x_test: ``(M, d)`` float32 inputs.
+        y_test: ``(M,)`` int64 labels.
+        num_classes: number of classes.
+    """
+
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    num_classes: int
+
+
+def load_mnist1d(num_samples: int = 5000, seed: int = 42) -> Split:
+    """MNIST-1D (Greydanus 2020), generated offline: 40-d signals, 10 classes.
+
+    ``mnist1d.data.make_dataset`` seeds numpy's and Python's global generators;
+    both are saved and restored here, so loading leaves no trace.
+
+    Args:
+        num_samples: total samples before the 80/20 train/test split.
+        seed: the generator's seed (42 is the published data set's).
+
+    Returns:
+        A :class:`Split` with 4000/1000 samples for the defaults.
+
+    Raises:
+        ImportError: the optional ``mnist1d`` package is missing.
+    """
+    import numpy as np
+
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as err:
+        raise ImportError(
+            "MNIST-1D needs the mnist1d package: pip install 'geocomplexity[data]'"
+        ) from err
+    args = get_dataset_args()
+    args.num_samples, args.seed = num_samples, seed
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        d = make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    return Split(
+        torch.as_tensor(d["x"], dtype=torch.float32),
+        torch.as_tensor(d["y"], dtype=torch.int64),
+        torch.as_tensor(d["x_test"], dtype=torch.float32),
+        torch.as_tensor(d["y_test"], dtype=torch.int64),
+        num_classes=10,
+    )

@@ -1,0 +1,107 @@
+"""Shared model cases: small, float64, seeded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+class Residual(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d, 16)
+        self.block = nn.Sequential(
+            nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16)
+        )
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.head(h + self.block(h))
+
+
+class DictOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Linear(6, 12), nn.Tanh())
+        self.head = nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.features(x)
+        return {"logits": self.head(h), "features": h}
+
+
+class MultiDimOut(nn.Module):
+    """(B, 3, 4) input -> (B, 2, 3) output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(12, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(x.flatten(1))).reshape(-1, 2, 3) ** 2
+
+
+def make_case(name: str) -> tuple[nn.Module, torch.Tensor]:
+    """A float64 model and a batch of inputs for it."""
+    torch.manual_seed(0)
+    if name == "mlp":
+        m = nn.Sequential(
+            nn.Linear(7, 20), nn.ReLU(), nn.Linear(20, 20), nn.ReLU(), nn.Linear(20, 4)
+        )
+        x = torch.randn(9, 7)
+    elif name == "cnn":
+        m = nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(4, 6, 3),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(6 * 2 * 2, 3),
+        )
+        x = torch.randn(5, 2, 8, 8)
+    elif name == "residual":
+        m, x = Residual(6), torch.randn(8, 6)
+    elif name == "layernorm_gelu":
+        m = nn.Sequential(
+            nn.Linear(5, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 3)
+        )
+        x = torch.randn(7, 5)
+    elif name == "batchnorm":
+        m = nn.Sequential(
+            nn.Linear(5, 12),
+            nn.BatchNorm1d(12),
+            nn.ReLU(),
+            nn.Dropout(0.3),
+            nn.Linear(12, 3),
+        )
+        m.train()
+        for _ in range(3):  # non-trivial running statistics
+            m(torch.randn(16, 5) * 2 + 1)
+        x = torch.randn(6, 5)
+    elif name == "multidim":
+        m, x = MultiDimOut(), torch.randn(5, 3, 4)
+    elif name == "wide_output":  # d < k: the forward-mode exact path
+        m = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 30))
+        x = torch.randn(6, 2)
+    else:
+        raise KeyError(name)
+    return m.double(), x.double()
+
+
+CASES = [
+    "mlp",
+    "cnn",
+    "residual",
+    "layernorm_gelu",
+    "batchnorm",
+    "multidim",
+    "wide_output",
+]
+
+
+@pytest.fixture(params=CASES)
+def case(request: pytest.FixtureRequest) -> tuple[nn.Module, torch.Tensor]:
+    return make_case(request.param)

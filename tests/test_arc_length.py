@@ -1,0 +1,63 @@
+"""Arc length and the Dirichlet approximation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import geocomplexity as gcx
+
+
+def test_straight_line_is_exact():
+    r = gcx.arc_length(lambda t: 0.75 * t, 0.0, 4.0, num_points=7)
+    assert math.isclose(r.length, 5.0, rel_tol=1e-14)
+    assert math.isclose(r.dirichlet, 4.0 + 0.5 * 0.75**2 * 4.0, rel_tol=1e-14)
+
+
+def test_smooth_curve_converges_to_the_integral():
+    # f = cosh: the arc length on [0, 1] is sinh(1)
+    r = gcx.arc_length(torch.cosh, 0.0, 1.0, num_points=20001)
+    assert math.isclose(r.length, math.sinh(1.0), rel_tol=1e-8)
+    dirichlet = 1.0 + 0.5 * (math.sinh(2.0) / 4 - 0.5)  # ∫ sinh² = sinh(2)/4 - 1/2
+    assert math.isclose(r.dirichlet, dirichlet, rel_tol=1e-7)
+
+
+def test_relu_network_with_kinks_on_the_grid():
+    """A hand-built ReLU net is the polyline through (0,0), (1,2), (2,1), (4,1)."""
+    net = nn.Sequential(nn.Linear(1, 3), nn.ReLU(), nn.Linear(3, 1)).double()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0], [1.0], [1.0]]))
+        net[0].bias.copy_(torch.tensor([0.0, -1.0, -2.0]))
+        net[2].weight.copy_(torch.tensor([[2.0, -3.0, 1.0]]))
+        net[2].bias.zero_()
+    net.train()
+    r = gcx.arc_length(net, 0.0, 4.0, num_points=401)
+    want = math.sqrt(5) + math.sqrt(2) + 2.0
+    assert math.isclose(r.length, want, rel_tol=1e-12)
+    assert math.isclose(r.dirichlet, 4.0 + 0.5 * (4 + 1 + 0), rel_tol=1e-12)
+    assert net.training  # left as found
+
+
+@pytest.mark.parametrize("slope", [1e-3, 1e-2, 0.1, 1.0, 3.0])
+def test_dirichlet_bounds_length_and_is_tight_for_small_slopes(slope):
+    r = gcx.arc_length(lambda t: slope * torch.sin(t), 0.0, 6.0, num_points=2001)
+    assert r.dirichlet >= r.length
+    # gap is fourth order in the slope: ∫ s⁴/8 against b - a
+    if slope <= 0.1:
+        assert r.relative_gap < slope**4
+    else:
+        assert r.relative_gap > 1e-3
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="a < b"):
+        gcx.arc_length(torch.sin, 1.0, 1.0)
+    with pytest.raises(ValueError, match="num_points"):
+        gcx.arc_length(torch.sin, 0.0, 1.0, num_points=1)
+    with pytest.raises(ValueError, match="one value per point"):
+        gcx.arc_length(lambda t: torch.stack([t, t], 1), 0.0, 1.0, num_points=5)
+    with pytest.raises(ValueError, match="NaN"):
+        gcx.arc_length(torch.log, -1.0, 1.0, num_points=5)

@@ -1,0 +1,312 @@
+"""Per-sample Jacobian norms against brute force, closed forms and estimators."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CASES, DictOut, make_case
+from reference import diagonal_block_sq_norms, per_sample_sq_norms
+from torch import nn
+
+import geocomplexity as gcx
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 3])
+def test_exact_matches_brute_force(case, chunk_size):
+    model, x = case
+    got = gcx.jacobian_sq_norms(model, x, chunk_size=chunk_size)
+    assert got.shape == (x.shape[0],)
+    assert got.dtype == torch.float64
+    assert rel(got, per_sample_sq_norms(model, x)) < 1e-10
+
+
+def test_exact_forward_mode_path_is_used_and_exact(monkeypatch):
+    model, x = make_case("wide_output")  # d = 2 < k = 30
+    from geocomplexity import jacobian
+
+    calls = []
+    real = jacobian._forward_mode
+    monkeypatch.setattr(
+        jacobian, "_forward_mode", lambda *a: calls.append(1) or real(*a)
+    )
+    got = gcx.jacobian_sq_norms(model, x)
+    assert calls, "the forward-mode path was not taken for d < k"
+    assert rel(got, per_sample_sq_norms(model, x)) < 1e-10
+
+
+def test_affine_closed_form():
+    torch.manual_seed(1)
+    lin = nn.Linear(11, 5).double()
+    x = torch.randn(13, 11, dtype=torch.float64)
+    expected = lin.weight.pow(2).sum()
+    for method in ("exact", "projection", "jvp", "finite_difference"):
+        gc = gcx.geometric_complexity(
+            lin,
+            x,
+            method=method,
+            num_probes=4000,
+            generator=torch.Generator().manual_seed(0),
+        )
+        tol = 1e-12 if method == "exact" else 0.03
+        assert abs(gc.item() / expected.item() - 1) < tol, method
+
+
+def test_input_scaling_divides_by_c_squared():
+    model, x = make_case("mlp")
+    c = 3.5
+
+    class Scaled(nn.Module):  # h(z) = g(z / c): same function of x = z / c
+        def __init__(self) -> None:
+            super().__init__()
+            self.g = model
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return self.g(z / c)
+
+    gc = gcx.geometric_complexity(model, x)
+    gc_scaled = gcx.geometric_complexity(Scaled(), x * c)
+    assert abs(gc_scaled.item() * c**2 / gc.item() - 1) < 1e-12
+
+
+def test_per_sample_equals_batch(case):
+    model, x = case
+    batch = gcx.jacobian_sq_norms(model, x)
+    alone = torch.cat([gcx.jacobian_sq_norms(model, xi[None]) for xi in x])
+    assert rel(batch, alone) < 1e-12
+
+
+def test_train_mode_takes_diagonal_blocks_not_the_batch_sum():
+    model, x = make_case("batchnorm")
+    model[3].p = 0.0  # dropout off so the reference is deterministic
+    want = diagonal_block_sq_norms(model, x)
+    got = gcx.jacobian_sq_norms(model, x, mode="train")
+    assert rel(got, want) < 1e-10
+    # the batch-sum trick would be wrong here: coupling through the statistics
+    xs = x.clone().requires_grad_(True)
+    out = model(xs)
+    wrong = sum(
+        torch.autograd.grad(out[:, j].sum(), xs, retain_graph=True)[0].pow(2).sum(1)
+        for j in range(out.shape[1])
+    )
+    assert rel(wrong, want) > 1e-3
+    # and eval mode gives yet another (the running-statistics) function
+    assert rel(gcx.jacobian_sq_norms(model, x), want) > 1e-3
+
+
+def test_train_mode_projection_is_unbiased():
+    model, x = make_case("batchnorm")
+    model[3].p = 0.0
+    want = diagonal_block_sq_norms(model, x)
+    g = torch.Generator().manual_seed(0)
+    est = gcx.jacobian_sq_norms(
+        model,
+        x,
+        method="projection",
+        mode="train",
+        num_probes=3000,
+        generator=g,
+        chunk_size=64,
+    )
+    assert rel(est, want) < 0.05
+
+
+def test_output_callable_and_submodule():
+    torch.manual_seed(0)
+    model = DictOut().double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    got = gcx.jacobian_sq_norms(model, x, output=lambda o: o["logits"])
+    assert rel(got, per_sample_sq_norms(model, x, lambda o: o["logits"])) < 1e-10
+    feats = gcx.jacobian_sq_norms(model, x, output="features")
+    assert rel(feats, per_sample_sq_norms(model.features, x)) < 1e-10
+    soft = gcx.jacobian_sq_norms(model, x, output=lambda o: o["logits"].softmax(-1))
+    want = per_sample_sq_norms(model, x, lambda o: o["logits"].softmax(-1))
+    assert rel(soft, want) < 1e-10
+
+
+def test_output_independent_of_input_gives_zero():
+    class Const(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.b = nn.Parameter(torch.ones(3, dtype=torch.float64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b.expand(x.shape[0], 3) + 0 * x[:, :1]
+
+    x = torch.randn(4, 2, dtype=torch.float64)
+    assert gcx.jacobian_sq_norms(Const(), x).abs().max() == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "distribution"),
+    [
+        ("projection", "rademacher"),
+        ("projection", "gaussian"),
+        ("projection", "sphere"),
+        ("jvp", "rademacher"),
+        ("jvp", "gaussian"),
+        ("jvp", "sphere"),
+        ("finite_difference", "rademacher"),
+        ("finite_difference", "gaussian"),
+    ],
+)
+@pytest.mark.parametrize("name", ["mlp", "multidim"])
+def test_estimators_unbiased_by_convergence(method, distribution, name):
+    """Mean of many independent draws lies within 3 standard errors of exact."""
+    model, x = make_case(name)
+    exact = gcx.jacobian_sq_norms(model, x)
+    g = torch.Generator().manual_seed(123)
+    draws = torch.stack(
+        [
+            gcx.jacobian_sq_norms(
+                model, x, method=method, distribution=distribution, generator=g
+            )
+            for _ in range(400)
+        ]
+    )  # (draws, B)
+    mean, se = draws.mean(0), draws.std(0) / 400**0.5
+    z = (mean - exact) / se
+    assert z.abs().max() < 4.0, z  # max over B samples: allow a little more than 3
+    assert ((mean - exact).abs() / se).mean() < 1.5
+    # the draws really are random, and probes are not shared across samples
+    assert (draws.std(0) > 0).all()
+
+
+def test_rademacher_has_lower_variance_than_gaussian():
+    model, x = make_case("mlp")
+
+    def spread(dist: str) -> float:
+        g = torch.Generator().manual_seed(0)
+        d = torch.stack(
+            [
+                gcx.jacobian_sq_norms(
+                    model, x, method="projection", distribution=dist, generator=g
+                )
+                for _ in range(300)
+            ]
+        )
+        return d.var(0).mean().item()
+
+    assert spread("rademacher") < spread("gaussian")
+
+
+def test_generator_makes_estimates_reproducible():
+    model, x = make_case("mlp")
+    a = gcx.jacobian_sq_norms(
+        model, x, method="projection", generator=torch.Generator().manual_seed(5)
+    )
+    b = gcx.jacobian_sq_norms(
+        model, x, method="projection", generator=torch.Generator().manual_seed(5)
+    )
+    c = gcx.jacobian_sq_norms(
+        model, x, method="projection", generator=torch.Generator().manual_seed(6)
+    )
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("method", ["exact", "projection", "jvp"])
+def test_create_graph_gives_parameter_gradients(method):
+    """The penalty's parameter gradient matches the brute-force one (float64)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    params = list(model.parameters())
+
+    def reference_gc() -> torch.Tensor:
+        total = 0
+        for xi in x:
+            J = torch.autograd.functional.jacobian(
+                lambda z: model(z[None])[0], xi, create_graph=True
+            )
+            total = total + J.pow(2).sum()
+        return total / len(x)
+
+    want = torch.autograd.grad(
+        reference_gc(), params, allow_unused=True, materialize_grads=True
+    )
+    if method == "exact":
+        gc = gcx.geometric_complexity(model, x, create_graph=True)
+        got = torch.autograd.grad(gc, params, allow_unused=True, materialize_grads=True)
+        for a, b in zip(got, want, strict=True):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    else:  # unbiased gradient: average many draws
+        g = torch.Generator().manual_seed(0)
+        acc = [torch.zeros_like(p) for p in params]
+        n = 600
+        for _ in range(n):
+            gc = gcx.geometric_complexity(
+                model, x, method=method, create_graph=True, generator=g
+            )
+            for a, b in zip(
+                acc,
+                torch.autograd.grad(
+                    gc, params, allow_unused=True, materialize_grads=True
+                ),
+                strict=True,
+            ):
+                a += b / n
+        flat = torch.cat([a.flatten() for a in acc])
+        ref = torch.cat([b.flatten() for b in want])
+        assert rel(flat, ref) < 0.1
+
+
+def test_gradcheck_exact_penalty():
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, dtype=torch.float64)
+    w0 = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+
+    def gc_of(w: torch.Tensor) -> torch.Tensor:
+        class M(nn.Module):
+            def forward(self, z: torch.Tensor) -> torch.Tensor:
+                return torch.tanh(z @ w.T)
+
+        return gcx.geometric_complexity(M(), x, create_graph=True)
+
+    assert torch.autograd.gradcheck(gc_of, (w0,))
+
+
+def test_float32_close_to_float64(case):
+    model, x = case
+    want = gcx.jacobian_sq_norms(model, x)
+    got = gcx.jacobian_sq_norms(model.float(), x.float())
+    assert rel(got.double(), want) < 1e-4
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_no_side_effects(name):
+    model, x = make_case(name)
+    x.requires_grad_(False)
+    # a mix of states to restore: some .grad set, some None, one frozen parameter
+    params = list(model.parameters())
+    params[0].grad = torch.ones_like(params[0])
+    params[-1].requires_grad_(False)
+    model.train()
+    if len(list(model.children())) > 1:
+        next(iter(model.children())).eval()
+    flags = [m.training for m in model.modules()]
+    buffers = [b.clone() for b in model.buffers()]
+    grads = [None if p.grad is None else p.grad.clone() for p in params]
+    req = [p.requires_grad for p in params]
+    rng = torch.get_rng_state()
+    for kwargs in (
+        {"method": "exact"},
+        {"method": "projection"},
+        {"method": "jvp"},
+        {"method": "finite_difference"},
+        {"method": "exact", "mode": "train"},
+        {"method": "projection", "mode": "train", "create_graph": True},
+    ):
+        gcx.jacobian_sq_norms(model, x, **kwargs)
+        assert [m.training for m in model.modules()] == flags, kwargs
+        for b, b0 in zip(model.buffers(), buffers, strict=True):
+            assert torch.equal(b, b0), kwargs
+        for p, g0, r0 in zip(params, grads, req, strict=True):
+            assert (p.grad is None) == (g0 is None), kwargs
+            assert g0 is None or torch.equal(p.grad, g0), kwargs
+            assert p.requires_grad == r0, kwargs
+        assert not x.requires_grad and x.grad is None
+        assert torch.equal(torch.get_rng_state(), rng), kwargs

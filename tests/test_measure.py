@@ -1,0 +1,269 @@
+"""Data-set GC: streaming, error bars, method choice, and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import DictOut, make_case
+from reference import per_sample_sq_norms
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import geocomplexity as gcx
+from geocomplexity.measure import RunningMean
+
+
+def test_streaming_equals_one_shot_for_every_data_kind():
+    model, x = make_case("mlp")
+    x = torch.randn(53, 7, dtype=torch.float64)
+    y = torch.zeros(53, dtype=torch.long)
+    want = per_sample_sq_norms(model, x)
+    kinds = {
+        "tensor": x,
+        "dataset": TensorDataset(x, y),
+        "loader": DataLoader(TensorDataset(x, y), batch_size=10),
+        "list of tuples": [(x[i : i + 8], y[i : i + 8]) for i in range(0, 53, 8)],
+        "generator": (x[i : i + 5] for i in range(0, 53, 5)),
+    }
+    for name, data in kinds.items():
+        r = gcx.measure(
+            model, data, method="exact", batch_size=7, per_sample=True, progress=False
+        )
+        assert r.num_samples == 53, name
+        assert math.isclose(r.value, want.mean().item(), rel_tol=1e-12), name
+        assert math.isclose(r.stderr, (want.std() / 53**0.5).item(), rel_tol=1e-9), name
+        assert torch.allclose(r.per_sample, want, rtol=1e-12), name
+
+
+def test_max_samples_truncates():
+    model, _ = make_case("mlp")
+    x = torch.randn(40, 7, dtype=torch.float64)
+    r = gcx.measure(model, x, batch_size=16, max_samples=21, progress=False)
+    assert r.num_samples == 21
+    want = per_sample_sq_norms(model, x[:21]).mean().item()
+    assert math.isclose(r.value, want, rel_tol=1e-12)
+
+
+def test_running_mean_merge_is_exact_and_stable():
+    torch.manual_seed(0)
+    v = torch.randn(1000, dtype=torch.float64) * 1e-3 + 1e6  # large mean, small spread
+    acc = RunningMean()
+    for part in v.split(37):
+        acc.update(part)
+    assert math.isclose(acc.mean, v.mean().item(), rel_tol=1e-15)
+    assert math.isclose(acc.stderr, (v.std() / 1000**0.5).item(), rel_tol=1e-8)
+    a, b = RunningMean(), RunningMean()
+    a.update(v[:300])
+    b.update(v[300:])
+    a.merge(b)
+    # mean/std = 1e9: the inputs themselves carry ~1e-7 relative error in the spread
+    assert math.isclose(a.stderr, acc.stderr, rel_tol=1e-6)
+
+
+def test_stderr_includes_probe_variance_and_covers():
+    """Affine model: every sample has the same GC, so the spread is probe noise
+    alone. The exact stderr is 0; the projection's must cover the truth."""
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 8).double()
+    truth = lin.weight.pow(2).sum().item()
+    x = torch.randn(40, 6, dtype=torch.float64)
+    assert gcx.measure(lin, x, method="exact", progress=False).stderr < 1e-12
+    g = torch.Generator().manual_seed(0)
+    z = []
+    for _ in range(300):
+        r = gcx.measure(lin, x, method="projection", generator=g, progress=False)
+        z.append((r.value - truth) / r.stderr)
+    z = torch.tensor(z)
+    coverage = (z.abs() < 1.96).double().mean().item()
+    assert 0.90 < coverage < 0.99, coverage
+    assert abs(z.mean().item()) < 0.25  # unbiased
+
+
+def test_stderr_covers_population_value():
+    """Fresh samples from a distribution each time: the 95% interval of the
+    data-set estimate covers the population GC about 95% of the time."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    g = torch.Generator().manual_seed(1)
+    pop = gcx.measure(
+        model,
+        torch.randn(20000, 3, generator=g, dtype=torch.float64),
+        method="exact",
+        batch_size=5000,
+        progress=False,
+    ).value
+    hits = 0
+    reps = 200
+    for _ in range(reps):
+        x = torch.randn(30, 3, generator=g, dtype=torch.float64)
+        r = gcx.measure(model, x, method="projection", generator=g, progress=False)
+        lo, hi = r.confidence_interval(0.95)
+        hits += lo <= pop <= hi
+    assert 0.88 < hits / reps < 0.995, hits / reps
+
+
+def test_auto_is_exact_for_small_outputs():
+    model, x = make_case("mlp")
+    r = gcx.measure(model, x, progress=False)
+    assert r.method == "exact" and r.num_probes is None
+
+
+def test_auto_uses_projection_for_large_outputs_and_meets_rtol():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 64), nn.Tanh(), nn.Linear(64, 200)).double()
+    x = torch.randn(400, 5, dtype=torch.float64)
+    exact = gcx.geometric_complexity(model, x).item()  # exact: tested vs brute force
+    g = torch.Generator().manual_seed(0)
+    r = gcx.measure(model, x, batch_size=100, rtol=0.01, generator=g, progress=False)
+    assert r.method == "projection" and r.num_probes is not None
+    assert r.num_probes < 200
+    # the probe-only error is below rtol with overwhelming probability
+    assert abs(r.value / exact - 1) < 0.04
+    # an impossible target falls back to exact: it is cheaper than >= k probes
+    r2 = gcx.measure(model, x[:10], rtol=1e-6, generator=g, progress=False)
+    assert r2.method == "exact"
+    # an explicit num_probes is kept
+    r3 = gcx.measure(
+        model, x, batch_size=100, num_probes=3, generator=g, progress=False
+    )
+    assert r3.method == "projection" and r3.num_probes == 3
+
+
+def test_result_string_and_float():
+    model, x = make_case("mlp")
+    r = gcx.measure(model, x, progress=False)
+    assert float(r) == r.value
+    assert str(r).startswith("GC = ") and "exact" in str(r) and "n=9" in str(r)
+    lo, hi = r.confidence_interval()
+    assert lo < r.value < hi
+    assert math.isclose(hi - r.value, 1.959964 * r.stderr, rel_tol=1e-6)
+
+
+def test_progress_bar_shows_on_request(capsys):
+    model, x = make_case("mlp")
+    gcx.measure(model, x, batch_size=3, progress=True)
+    assert "geometric complexity" in capsys.readouterr().err
+
+
+def test_moves_batches_to_the_model_device_and_dtype_errors_are_clear():
+    model, x = make_case("mlp")
+    with pytest.raises(TypeError, match=r"float32.*float64"):
+        gcx.measure(model, x.float(), progress=False)
+
+
+# -- bad input: a clear error naming the fix, never a number ------------------
+
+
+def _mlp() -> tuple[nn.Module, torch.Tensor]:
+    return make_case("mlp")
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (
+            lambda x: x.clone().index_fill_(1, torch.tensor([0]), float("nan")),
+            ValueError,
+            r"contains 9 NaN or infinite entries",
+        ),
+        (
+            lambda x: x.clone().index_fill_(0, torch.tensor([2]), float("inf")),
+            ValueError,
+            r"7 NaN or infinite",
+        ),
+        (lambda x: x.long(), TypeError, r"integer|int64.*embedd"),
+        (lambda x: x[:0], ValueError, r"empty"),
+        (lambda x: x[0, 0], ValueError, r"scalar"),
+        (lambda x: x.numpy(), TypeError, r"torch.Tensor"),
+    ],
+)
+def test_bad_inputs(make, error, match):
+    model, x = _mlp()
+    with pytest.raises(error, match=match):
+        gcx.jacobian_sq_norms(model, make(x))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"method": "hutchinson"}, r"unknown method 'hutchinson'.*'exact'"),
+        ({"mode": "training"}, r"unknown mode"),
+        ({"distribution": "cauchy"}, r"unknown probe distribution.*rademacher"),
+        ({"num_probes": 0}, r"num_probes"),
+        ({"chunk_size": 0}, r"chunk_size"),
+        ({"eps": -1.0}, r"eps"),
+        ({"method": "finite_difference", "create_graph": True}, r"wrong parameter"),
+        ({"method": "jvp", "mode": "train"}, r"couples the samples"),
+        ({"output": "nope"}, r"names no submodule"),
+        ({"output": 3}, r"output must be"),
+    ],
+)
+def test_bad_options(kwargs, match):
+    model, x = _mlp()
+    with pytest.raises((ValueError, TypeError), match=match):
+        gcx.jacobian_sq_norms(model, x, **kwargs)
+
+
+def test_bad_models():
+    x = torch.randn(4, 6, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"dict.*'logits'.*output="):
+        gcx.jacobian_sq_norms(DictOut().double(), x)
+
+    class NoTensor(nn.Module):
+        def forward(self, x: torch.Tensor) -> None:
+            return None
+
+    with pytest.raises(TypeError, match=r"NoneType.*not a tensor"):
+        gcx.jacobian_sq_norms(NoTensor(), x)
+
+    class NoBatch(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.sum()
+
+    with pytest.raises(ValueError, match=r"no batch dimension"):
+        gcx.jacobian_sq_norms(NoBatch(), x)
+
+    class Overflow(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.exp(1e3 * x)
+
+    with pytest.raises(ValueError, match=r"NaN or infinite for \d+ of 4"):
+        gcx.jacobian_sq_norms(Overflow(), x)
+    with pytest.raises(TypeError, match=r"nn.Module"):
+        gcx.jacobian_sq_norms(lambda z: z, x)
+
+
+@pytest.mark.parametrize(
+    ("data", "kwargs", "error", "match"),
+    [
+        ([], {}, ValueError, r"data is empty"),
+        (torch.zeros(0, 7, dtype=torch.float64), {}, ValueError, r"empty"),
+        (
+            torch.randn(5, 7, dtype=torch.float64),
+            {"method": "nope"},
+            ValueError,
+            r"unknown method 'nope'.*'auto'",
+        ),
+        (
+            torch.randn(5, 7, dtype=torch.float64),
+            {"batch_size": 0},
+            ValueError,
+            r"batch_size",
+        ),
+        (
+            torch.randn(5, 7, dtype=torch.float64),
+            {"max_samples": 0},
+            ValueError,
+            r"max_samples",
+        ),
+        (torch.randn(5, 7, dtype=torch.float64), {"rtol": 0}, ValueError, r"rtol"),
+        ([{"x": torch.randn(2, 7)}], {}, TypeError, r"dict with keys \['x'\]"),
+        (42, {}, TypeError, r"tensor, a Dataset or an iterable"),
+    ],
+)
+def test_measure_bad_input(data, kwargs, error, match):
+    model, _ = _mlp()
+    with pytest.raises(error, match=match):
+        gcx.measure(model, data, progress=False, **kwargs)
