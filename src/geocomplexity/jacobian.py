@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from geocomplexity.probes import check_distribution, draw_probes, resolve_generator
 from geocomplexity.state import preserved
 
-__all__ = ["METHODS", "MODES", "Output", "jacobian_sq_norms"]
+__all__ = ["METHODS", "MODES", "Output", "jacobian_sq_norms", "reverse_sq_norms"]
 
 METHODS = ("exact", "projection", "jvp", "finite_difference")
 MODES = ("eval", "train")
@@ -337,7 +337,9 @@ def jacobian_sq_norms(
         distribution: probe distribution, ``"rademacher"`` (default),
             ``"gaussian"`` or ``"sphere"``.
         chunk_size: VJPs batched into one backward pass (``1`` loops; smaller
-            bounds memory). ``None`` picks by model type.
+            bounds memory). ``None`` picks by model type in eval mode, and loops
+            in train mode (batching per-sample VJPs through BatchNorm hits slow
+            fallbacks).
         eps: finite-difference step; default ``sqrt(machine eps)`` times the RMS
             of ``x``.
         generator: source of probe randomness; a private OS-seeded one if ``None``
@@ -410,33 +412,18 @@ def jacobian_sq_norms(
                 values = _exact_forward_or_none(fn, x, d)
                 if values is not None:
                     return _finite(values)
-            if method == "exact":
-                n, cot = k, _onehot(B, k, out)
-            else:
-                gen = resolve_generator(generator, x.device)
-                probes = draw_probes(
-                    distribution,
-                    (num_probes, B, k),
-                    dtype=out.dtype,
-                    device=out.device,
-                    generator=gen,
-                )
-                n, cot = num_probes, lambda a, b: probes[a:b]
-            if mode == "train":
-                values = _diag_vjp_sq_norms(
-                    xg, out, cot, n, chunk_size or 1, create_graph
-                )
-            else:
-                values = _vjp_sq_norms(
-                    xg,
-                    out,
-                    cot,
-                    n,
-                    chunk_size or _default_chunk(model, n),
-                    create_graph,
-                )
-            if method == "projection":
-                values = values / num_probes
+            values = reverse_sq_norms(
+                xg,
+                out.reshape(B, -1),
+                method=method,
+                coupled=mode == "train",
+                num_probes=num_probes,
+                distribution=distribution,
+                chunk_size=chunk_size
+                or (1 if mode == "train" else _default_chunk(model, k)),
+                generator=generator,
+                create_graph=create_graph,
+            )
         else:
             gen = resolve_generator(generator, x.device)
             # drawn flat so a sphere probe is normalised over the whole sample
@@ -456,6 +443,59 @@ def jacobian_sq_norms(
                 values = _finite_difference(fn, x.detach(), u, eps)
     values = values if create_graph else values.detach()
     return _finite(values)
+
+
+def reverse_sq_norms(
+    x: Tensor,
+    out: Tensor,
+    *,
+    method: str = "exact",
+    coupled: bool = False,
+    num_probes: int = 1,
+    distribution: str = "rademacher",
+    chunk_size: int = 1,
+    generator: torch.Generator | None = None,
+    create_graph: bool = False,
+) -> Tensor:
+    """Reverse-mode per-sample norms on a graph the caller already built.
+
+    The building block shared with the regularizers, which reuse the forward
+    pass of the task loss: ``out = model(x)`` with ``x.requires_grad``.
+
+    Args:
+        x: the inputs ``(B, *in_shape)``, requiring grad.
+        out: the differentiated output, flattened to ``(B, k)``.
+        method: ``"exact"`` (k one-hot directions) or ``"projection"``.
+        coupled: samples interact (train-mode BatchNorm): take per-sample
+            diagonal blocks, one VJP per sample and direction, instead of the
+            batch-sum trick.
+        num_probes: probes per sample for ``"projection"``.
+        distribution: probe distribution.
+        chunk_size: VJPs per backward pass (1 loops).
+        generator: probe randomness.
+        create_graph: keep the result differentiable in the parameters.
+
+    Returns:
+        Per-sample values, shape ``(B,)``.
+    """
+    B, k = out.shape
+    if method == "exact":
+        n, cot = k, _onehot(B, k, out)
+    else:
+        gen = resolve_generator(generator, x.device)
+        probes = draw_probes(
+            distribution,
+            (num_probes, B, k),
+            dtype=out.dtype,
+            device=out.device,
+            generator=gen,
+        )
+        n, cot = num_probes, lambda a, b: probes[a:b]
+    if coupled:
+        values = _diag_vjp_sq_norms(x, out, cot, n, chunk_size, create_graph)
+    else:
+        values = _vjp_sq_norms(x, out, cot, n, chunk_size, create_graph)
+    return values / num_probes if method == "projection" else values
 
 
 def _exact_forward_or_none(
