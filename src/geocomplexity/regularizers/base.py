@@ -1,0 +1,135 @@
+"""The regularizer protocol: one call signature, composition with ``+`` and ``*``.
+
+Every term is called as ``term(model, inputs, targets, outputs=..., loss_fn=...)``
+and returns a differentiable scalar already multiplied by its strength, so a
+training step is ``loss = task_loss + term(model, x, y, outputs=out)``. Terms
+reuse ``outputs`` when the caller ran the forward pass already.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
+
+__all__ = ["LossFn", "Regularizer"]
+
+#: ``loss_fn(outputs, targets) -> scalar``; cross-entropy when not given.
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def check_strength(strength: float) -> float:
+    """Validate a penalty strength.
+
+    Returns:
+        ``strength`` as a float.
+
+    Raises:
+        ValueError: negative or not finite.
+    """
+    s = float(strength)
+    if not s >= 0 or s == float("inf"):
+        raise ValueError(f"strength must be a finite number >= 0, got {strength!r}")
+    return s
+
+
+class Regularizer(abc.ABC):
+    """Abstract base of every penalty term.
+
+    Subclasses implement :meth:`__call__`; they may carry state (power-iteration
+    vectors), saved and restored with :meth:`state_dict` / :meth:`load_state_dict`.
+    """
+
+    @abc.abstractmethod
+    def __call__(
+        self,
+        model: nn.Module,
+        inputs: Tensor,
+        targets: Tensor | None = None,
+        *,
+        outputs: Tensor | None = None,
+        loss_fn: LossFn | None = None,
+    ) -> Tensor:
+        """The penalty, a differentiable scalar already scaled by its strength.
+
+        Args:
+            model: the model being trained.
+            inputs: the batch ``(B, *in_shape)``.
+            targets: the batch's targets (for terms that need the task loss).
+            outputs: ``model(inputs)`` if the caller has it; reused where the
+                term can (for the GC term, ``inputs`` must then require grad).
+            loss_fn: the task loss ``loss_fn(outputs, targets)``.
+        """
+
+    def state_dict(self) -> dict[str, Any]:
+        """Persistent state (empty for stateless terms).
+
+        Returns:
+            A dict of tensors and plain values.
+        """
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        del state
+
+    def __add__(self, other: Regularizer) -> Regularizer:
+        if not isinstance(other, Regularizer):
+            return NotImplemented
+        return Sum((self, other))
+
+    def __mul__(self, factor: float) -> Regularizer:
+        if not isinstance(factor, (int, float)):
+            return NotImplemented
+        return Scaled(self, float(factor))
+
+    __rmul__ = __mul__
+
+
+class Sum(Regularizer):
+    """The sum of terms (built by ``a + b``)."""
+
+    def __init__(self, terms: tuple[Regularizer, ...]) -> None:
+        flat: list[Regularizer] = []
+        for t in terms:
+            flat.extend(t.terms if isinstance(t, Sum) else (t,))
+        self.terms = tuple(flat)
+
+    def __call__(self, model, inputs, targets=None, *, outputs=None, loss_fn=None):
+        return sum(
+            t(model, inputs, targets, outputs=outputs, loss_fn=loss_fn)
+            for t in self.terms
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {str(i): t.state_dict() for i, t in enumerate(self.terms)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for i, t in enumerate(self.terms):
+            t.load_state_dict(state[str(i)])
+
+    def __repr__(self) -> str:
+        return " + ".join(map(repr, self.terms))
+
+
+class Scaled(Regularizer):
+    """A term times a constant (built by ``c * term``)."""
+
+    def __init__(self, term: Regularizer, factor: float) -> None:
+        self.term, self.factor = term, check_strength(factor)
+
+    def __call__(self, model, inputs, targets=None, *, outputs=None, loss_fn=None):
+        return self.factor * self.term(
+            model, inputs, targets, outputs=outputs, loss_fn=loss_fn
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.term.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.term.load_state_dict(state)
+
+    def __repr__(self) -> str:
+        return f"{self.factor!r} * {self.term!r}"

@@ -1,0 +1,158 @@
+r"""Explicit geometric-complexity penalty.
+
+.. math::  R(\theta) = \lambda\,\frac1B\sum_{i}\|\partial g(x_i)/\partial x_i\|_F^2
+
+differentiable in the parameters (double backward for the reverse-mode methods,
+reverse-over-forward for ``"jvp"``). One Rademacher projection is unbiased and
+costs about one extra VJP plus its backward; ``subsample`` penalises a random
+fraction of the batch through its own smaller forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from geocomplexity.jacobian import _forward_mode, _select, reverse_sq_norms
+from geocomplexity.probes import check_distribution, draw_probes, resolve_generator
+from geocomplexity.regularizers.base import LossFn, Regularizer, check_strength
+
+__all__ = ["GeometricComplexity"]
+
+_COUPLING = (nn.modules.batchnorm._BatchNorm,)
+
+
+class GeometricComplexity(Regularizer):
+    """``strength · GC(model, batch)``, differentiable in the parameters.
+
+    Args:
+        strength: λ ≥ 0.
+        method: ``"projection"`` (default), ``"exact"`` or ``"jvp"``. Finite
+            differences are refused: their parameter gradients are wrong on
+            ReLU networks (see :mod:`geocomplexity.jacobian`).
+        num_probes: probes per sample for the stochastic methods.
+        subsample: fraction of the batch in (0, 1] to penalise; below 1 the term
+            runs its own forward pass on that many samples, drawn at random.
+        distribution: probe distribution.
+        generator: randomness for probes and the subsample.
+
+    BatchNorm in train mode couples the samples, so there the term takes the
+    per-sample diagonal blocks (exact, B times the VJPs) rather than the
+    batch-sum trick.
+    """
+
+    def __init__(
+        self,
+        strength: float,
+        method: str = "projection",
+        num_probes: int = 1,
+        subsample: float = 1.0,
+        distribution: str = "rademacher",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.strength = check_strength(strength)
+        if method == "finite_difference":
+            raise ValueError(
+                "a finite-difference GC penalty has wrong parameter gradients on "
+                "non-smooth (ReLU) networks: kink crossings dominate and grow as the "
+                "step shrinks; use method='projection' (cheap, unbiased) or 'exact'"
+            )
+        if method not in ("projection", "exact", "jvp"):
+            raise ValueError(
+                f"unknown method {method!r}; choose 'projection', 'exact' or 'jvp'"
+            )
+        if not 0 < subsample <= 1:
+            raise ValueError(f"subsample must be in (0, 1], got {subsample!r}")
+        if not isinstance(num_probes, int) or num_probes < 1:
+            raise ValueError(f"num_probes must be a positive integer, got {num_probes}")
+        check_distribution(distribution)
+        self.method, self.num_probes, self.subsample = method, num_probes, subsample
+        self.distribution, self.generator = distribution, generator
+
+    def __call__(
+        self,
+        model: nn.Module,
+        inputs: Tensor,
+        targets: Tensor | None = None,
+        *,
+        outputs: Tensor | None = None,
+        loss_fn: LossFn | None = None,
+    ) -> Tensor:
+        """The penalty on this batch.
+
+        Returns:
+            A scalar tensor, differentiable in the parameters.
+        """
+        coupled = model.training and any(
+            isinstance(m, _COUPLING) and m.training for m in model.modules()
+        )
+        B = inputs.shape[0]
+        gen = resolve_generator(self.generator, inputs.device)
+        x = inputs
+        if self.subsample < 1:
+            m = max(1, math.ceil(self.subsample * B))
+            idx = torch.randperm(B, generator=gen, device=gen.device)[:m]
+            x, outputs = inputs[idx.to(inputs.device)], None
+        if (
+            outputs is not None
+            and self.method != "jvp"
+            and x.requires_grad
+            and outputs.grad_fn is not None
+        ):  # reuse the task loss's forward pass
+            out = outputs.reshape(B, -1)
+            values = self._norms(x, out, gen, coupled)
+        else:
+            if coupled and self.method == "jvp":
+                raise ValueError(
+                    "method='jvp' perturbs all samples at once, which is wrong when "
+                    "train-mode BatchNorm couples them; use 'projection' or 'exact'"
+                )
+            # a forward pass of its own, in the model's current mode; running
+            # statistics are put back so the batch is not counted twice
+            saved = [(b, b.detach().clone()) for b in model.buffers()]
+            xg = x.detach().requires_grad_(self.method != "jvp")
+            if self.method == "jvp":
+                values = self._jvp(model, xg, gen)
+            else:
+                values = self._norms(xg, _select(model, xg, None), gen, coupled)
+            with torch.no_grad():
+                for b, v in saved:
+                    b.copy_(v)
+        return self.strength * values.mean()
+
+    def _norms(
+        self, x: Tensor, out: Tensor, gen: torch.Generator, coupled: bool
+    ) -> Tensor:
+        return reverse_sq_norms(
+            x,
+            out,
+            method=self.method,
+            coupled=coupled,
+            num_probes=self.num_probes,
+            distribution=self.distribution,
+            chunk_size=1 if coupled else out.shape[1],
+            generator=gen,
+            create_graph=True,
+        )
+
+    def _jvp(self, model: nn.Module, x: Tensor, gen: torch.Generator) -> Tensor:
+        B = x.shape[0]
+        u = draw_probes(
+            self.distribution,
+            (self.num_probes, B, x[0].numel()),
+            dtype=x.dtype,
+            device=x.device,
+            generator=gen,
+        ).reshape(self.num_probes, *x.shape)
+        total = _forward_mode(
+            lambda z: _select(model, z, None), x, lambda i: u[i], self.num_probes
+        )
+        return total / self.num_probes
+
+    def __repr__(self) -> str:
+        return (
+            f"GeometricComplexity({self.strength!r}, method={self.method!r}, "
+            f"num_probes={self.num_probes}, subsample={self.subsample})"
+        )

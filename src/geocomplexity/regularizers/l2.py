@@ -1,0 +1,56 @@
+r"""L2 (parameter-norm) penalty.
+
+.. math::  R(\theta) = \lambda \sum_{W} \|W\|_F^2
+
+over weight matrices and kernels (biases only with ``include_biases=True``; the
+paper's bound :math:`\mathrm{GC}\le\prod_i\|W_i\|_F^2` involves weights alone).
+No ½: the gradient is :math:`2\lambda W`, so plain SGD with this penalty at
+strength :math:`\lambda` equals SGD with ``weight_decay`` :math:`=2\lambda`.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from geocomplexity.regularizers.base import LossFn, Regularizer, check_strength
+
+__all__ = ["L2"]
+
+
+class L2(Regularizer):
+    """``strength · Σ ‖W‖²`` over the model's weights.
+
+    Args:
+        strength: λ ≥ 0.
+        include_biases: also penalise 1-D parameters (biases, norm scales).
+    """
+
+    def __init__(self, strength: float, include_biases: bool = False) -> None:
+        self.strength = check_strength(strength)
+        self.include_biases = include_biases
+
+    def __call__(
+        self,
+        model: nn.Module,
+        inputs: Tensor | None = None,
+        targets: Tensor | None = None,
+        *,
+        outputs: Tensor | None = None,
+        loss_fn: LossFn | None = None,
+    ) -> Tensor:
+        """The penalty; ``inputs``, ``targets``, ``outputs`` are not needed.
+
+        Returns:
+            A scalar tensor on the parameters' device.
+        """
+        params = [
+            p
+            for p in model.parameters()
+            if p.requires_grad and (self.include_biases or p.dim() > 1)
+        ]
+        if not params:
+            raise ValueError("the model has no trainable weights to penalise")
+        return self.strength * sum(p.pow(2).sum() for p in params)
+
+    def __repr__(self) -> str:
+        return f"L2({self.strength!r}, include_biases={self.include_biases})"

@@ -1,0 +1,232 @@
+r"""Spectral-norm penalty (Yoshida & Miyato 2017) by persistent power iteration.
+
+.. math::  R(\theta) = \lambda \sum_{l} \sigma_{\max}(W_l)^2
+
+over the model's ``Linear`` and convolution layers. For a ReLU network,
+:math:`\mathrm{GC}\le\min(d,k)\prod_l\sigma_{\max}(W_l)^2`, so the penalty
+controls GC through the Lipschitz constant.
+
+For a convolution, ``conv="operator"`` (default) uses the norm of the linear
+map the layer applies to its input (at the input size it was first seen with,
+padding and stride included), found by power iteration with the convolution and
+its adjoint. ``conv="reshaped"`` uses the kernel reshaped to
+``(out_channels, in_channels·k…)``, as ``torch.nn.utils.spectral_norm`` does;
+that is a different number (neither a bound nor the operator norm in general)
+and is named as such.
+
+One power-iteration step per call, from the vectors the last call left: with
+slowly moving weights the estimate tracks :math:`\sigma_{\max}` closely, and the
+penalty's gradient is :math:`2\lambda\sigma\,u v^\top`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from geocomplexity.regularizers.base import LossFn, Regularizer, check_strength
+from geocomplexity.state import preserved
+
+__all__ = ["SpectralNorm", "spectral_norms"]
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class SpectralNorm(Regularizer):
+    """``strength · Σ_l σ_max(W_l)²`` over Linear and Conv layers.
+
+    Args:
+        strength: λ ≥ 0.
+        conv: ``"operator"`` (the convolution's operator norm) or ``"reshaped"``
+            (the reshaped kernel's norm).
+        power_iterations: steps per call (1 follows the paper's recipe).
+        generator: randomness for the initial vectors.
+    """
+
+    def __init__(
+        self,
+        strength: float,
+        conv: str = "operator",
+        power_iterations: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.strength = check_strength(strength)
+        if conv not in ("operator", "reshaped"):
+            raise ValueError(f"unknown conv {conv!r}; choose 'operator' or 'reshaped'")
+        if not isinstance(power_iterations, int) or power_iterations < 1:
+            raise ValueError("power_iterations must be a positive integer")
+        self.conv, self.power_iterations = conv, power_iterations
+        self.generator = generator or torch.Generator().manual_seed(0)
+        self._vectors: dict[str, tuple[Tensor, Tensor]] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+
+    def __call__(
+        self,
+        model: nn.Module,
+        inputs: Tensor | None = None,
+        targets: Tensor | None = None,
+        *,
+        outputs: Tensor | None = None,
+        loss_fn: LossFn | None = None,
+    ) -> Tensor:
+        """The penalty; ``inputs`` is needed once to learn conv input sizes.
+
+        Returns:
+            A scalar tensor, differentiable in the weights.
+        """
+        sigmas = self.sigmas(model, inputs)
+        if not sigmas:
+            raise ValueError("the model has no Linear or Conv layer to penalise")
+        return self.strength * sum(s.pow(2) for s in sigmas.values())
+
+    def sigmas(
+        self, model: nn.Module, inputs: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """One power-iteration step per layer; the largest singular values.
+
+        Args:
+            model: the model.
+            inputs: a batch, used (one sample of it) the first time a conv layer
+                is met, to learn its input size.
+
+        Returns:
+            ``{layer name: σ}``, each differentiable in that layer's weight.
+
+        Raises:
+            ValueError: an operator-norm conv layer whose input size is unknown.
+        """
+        layers = [
+            (n, m)
+            for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, *_CONV))
+        ]
+        operator = [
+            n for n, m in layers if isinstance(m, _CONV) and self.conv == "operator"
+        ]
+        missing = [n for n in operator if n not in self._shapes]
+        if missing:
+            if inputs is None:
+                raise ValueError(
+                    "the operator norm of a conv layer depends on its input size: "
+                    "pass a batch of inputs on the first call"
+                )
+            self._record_shapes(model, inputs[:1])
+        out = {}
+        for name, m in layers:
+            if name in operator:
+                out[name] = self._operator(name, m)
+            else:
+                out[name] = self._dense(name, m.weight.flatten(1))
+        return out
+
+    def _record_shapes(self, model: nn.Module, x: Tensor) -> None:
+        def hook(name: str):
+            def record(_m: nn.Module, args: tuple[Any, ...]) -> None:
+                self._shapes[name] = tuple(args[0].shape[1:])
+
+            return record
+
+        handles = [
+            m.register_forward_pre_hook(hook(n))
+            for n, m in model.named_modules()
+            if isinstance(m, _CONV)
+        ]
+        try:
+            with preserved(model, mode="eval"), torch.no_grad():
+                model(x)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _init(
+        self,
+        name: str,
+        shape_u: tuple[int, ...],
+        shape_v: tuple[int, ...],
+        like: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        if name not in self._vectors:
+            g = self.generator
+            u = torch.randn(shape_u, generator=g, device=g.device).to(like)
+            v = torch.randn(shape_v, generator=g, device=g.device).to(like)
+            self._vectors[name] = (u / u.norm(), v / v.norm())
+        return self._vectors[name]
+
+    def _dense(self, name: str, W: Tensor) -> Tensor:
+        u, v = self._init(name, (W.shape[0],), (W.shape[1],), W)
+        with torch.no_grad():
+            for _ in range(self.power_iterations):
+                v = F.normalize(W.T @ u, dim=0, eps=1e-12)
+                u = F.normalize(W @ v, dim=0, eps=1e-12)
+        self._vectors[name] = (u, v)
+        return u @ W @ v
+
+    def _operator(self, name: str, m: nn.Module) -> Tensor:
+        shape = (1, *self._shapes[name])
+        W = m.weight
+
+        def apply(z: Tensor, w: Tensor) -> Tensor:
+            return m._conv_forward(z, w, None)
+
+        with torch.no_grad():
+            out_shape = tuple(apply(torch.zeros(shape).to(W), W).shape)
+        u, v = self._init(name, out_shape, shape, W)
+        Wd = W.detach()
+        for _ in range(self.power_iterations):
+            with torch.enable_grad():
+                vg = v.detach().requires_grad_(True)
+                (adj,) = torch.autograd.grad(apply(vg, Wd), vg, u)  # the adjoint on u
+            v = adj / adj.norm().clamp_min(1e-12)
+            with torch.no_grad():
+                Av = apply(v, Wd)
+                u = Av / Av.norm().clamp_min(1e-12)
+        self._vectors[name] = (u.detach(), v.detach())
+        return (u * apply(v, W)).sum()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Power-iteration vectors and conv input sizes.
+
+        Returns:
+            ``{"vectors": {name: (u, v)}, "shapes": {name: shape}}``.
+        """
+        return {
+            "vectors": {
+                n: (u.clone(), v.clone()) for n, (u, v) in self._vectors.items()
+            },
+            "shapes": dict(self._shapes),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output."""
+        self._vectors = {
+            n: (u.clone(), v.clone()) for n, (u, v) in state["vectors"].items()
+        }
+        self._shapes = dict(state["shapes"])
+
+    def __repr__(self) -> str:
+        return f"SpectralNorm({self.strength!r}, conv={self.conv!r})"
+
+
+def spectral_norms(
+    model: nn.Module,
+    inputs: Tensor | None = None,
+    *,
+    conv: str = "operator",
+    iterations: int = 200,
+) -> dict[str, float]:
+    """Converged largest singular values of every Linear/Conv layer.
+
+    Args:
+        model: the model.
+        inputs: a batch (needed for conv operator norms).
+        conv: as in :class:`SpectralNorm`.
+        iterations: power-iteration steps.
+
+    Returns:
+        ``{layer name: σ_max}``.
+    """
+    term = SpectralNorm(1.0, conv=conv, power_iterations=iterations)
+    return {n: s.item() for n, s in term.sigmas(model, inputs).items()}

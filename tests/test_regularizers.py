@@ -1,0 +1,317 @@
+"""Every penalty's value and parameter gradient against float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_case
+from reference import diagonal_block_sq_norms, per_sample_sq_norms
+from torch import nn
+
+import geocomplexity as gcx
+from geocomplexity.regularizers import (
+    L2,
+    GeometricComplexity,
+    GradientNorm,
+    SpectralNorm,
+    spectral_norms,
+)
+
+
+def tanh_mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    return model, x, y
+
+
+def grads(value: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    g = torch.autograd.grad(
+        value, list(model.parameters()), allow_unused=True, materialize_grads=True
+    )
+    return torch.cat([t.flatten() for t in g])
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+# -- L2 ----------------------------------------------------------------------
+
+
+def test_l2_value_gradient_and_biases():
+    model, x, y = tanh_mlp()
+    w = [model[0].weight, model[2].weight]
+    pen = L2(0.3)(model, x, y)
+    assert torch.isclose(pen, 0.3 * sum(p.pow(2).sum() for p in w))
+    g = torch.autograd.grad(pen, w)
+    assert all(torch.allclose(a, 0.6 * p) for a, p in zip(g, w, strict=True))
+    full = L2(0.3, include_biases=True)(model, x, y)
+    assert torch.isclose(full, 0.3 * sum(p.pow(2).sum() for p in model.parameters()))
+
+
+# -- GeometricComplexity ---------------------------------------------------------
+
+
+def reference_gc(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    total = 0
+    for xi in x:
+        J = torch.autograd.functional.jacobian(
+            lambda z: model(z[None])[0], xi, create_graph=True
+        )
+        total = total + J.pow(2).sum()
+    return total / len(x)
+
+
+def test_gc_term_exact_value_and_gradient_fresh_and_reused():
+    model, x, y = tanh_mlp()
+    want = reference_gc(model, x)
+    want_g = grads(want, model)
+    term = GeometricComplexity(0.7, method="exact")
+    fresh = term(model, x, y)
+    assert torch.isclose(fresh, 0.7 * want, rtol=1e-12)
+    assert rel(grads(fresh, model), 0.7 * want_g) < 1e-10
+    xg = x.clone().requires_grad_(True)
+    out = model(xg)
+    reused = term(model, xg, y, outputs=out)
+    assert torch.isclose(reused, 0.7 * want, rtol=1e-12)
+    assert rel(grads(reused, model), 0.7 * want_g) < 1e-10
+
+
+def test_gc_term_projection_gradient_is_unbiased():
+    model, x, y = tanh_mlp()
+    want_g = grads(reference_gc(model, x), model)
+    term = GeometricComplexity(1.0, generator=torch.Generator().manual_seed(0))
+    n = 500
+    mean = sum(grads(term(model, x, y), model) for _ in range(n)) / n
+    assert rel(mean, want_g) < 0.1
+
+
+def test_gc_term_jvp_matches_in_expectation():
+    model, x, y = tanh_mlp()
+    want = reference_gc(model, x).item()
+    term = GeometricComplexity(
+        1.0, method="jvp", num_probes=2000, generator=torch.Generator().manual_seed(0)
+    )
+    assert abs(term(model, x, y).item() / want - 1) < 0.05
+
+
+def test_gc_term_subsample_penalises_the_drawn_subset():
+    model, x, y = tanh_mlp()
+    term = GeometricComplexity(
+        1.0, method="exact", subsample=0.5, generator=torch.Generator().manual_seed(3)
+    )
+    pen = term(model, x, y)
+    idx = torch.randperm(6, generator=torch.Generator().manual_seed(3))[:3]
+    assert torch.isclose(pen, per_sample_sq_norms(model, x[idx]).mean(), rtol=1e-12)
+
+
+def test_gc_term_batchnorm_train_mode_uses_diagonal_blocks_and_keeps_stats():
+    model, x = make_case("batchnorm")
+    model[3].p = 0.0
+    model.train()
+    want = diagonal_block_sq_norms(model, x).mean()
+    stats = [b.clone() for b in model.buffers()]
+    pen = GeometricComplexity(1.0, method="exact")(model, x)
+    assert torch.isclose(pen, want, rtol=1e-10)
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), stats, strict=True))
+
+
+def test_gradcheck_gc_and_gradient_norm_terms():
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, dtype=torch.float64)
+    y = torch.tensor([0, 1, 0])
+    w0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+
+    class M(nn.Module):
+        def __init__(self, w: torch.Tensor) -> None:
+            super().__init__()
+            self.w = w
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(z @ self.w.T) * 2
+
+    assert torch.autograd.gradcheck(
+        lambda w: GeometricComplexity(1.0, method="exact")(M(w), x), (w0,)
+    )
+
+    class P(nn.Module):  # GradientNorm needs the weight as a parameter
+        def __init__(self, w: torch.Tensor) -> None:
+            super().__init__()
+            self.w = nn.Parameter(w.detach().clone())
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(z @ self.w.T) * 2
+
+    def gn(w: torch.Tensor) -> torch.Tensor:  # ‖∇_w CE‖² as a function of w
+        loss = F.cross_entropy(torch.tanh(x @ w.T) * 2, y)
+        (g,) = torch.autograd.grad(loss, w, create_graph=True)
+        return g.pow(2).sum()
+
+    model = P(w0)
+    pen = GradientNorm(1.0)(model, x, y)
+    assert torch.isclose(pen, gn(w0))
+    assert torch.allclose(
+        grads(pen, model), torch.autograd.grad(gn(w0), w0)[0].flatten()
+    )
+    assert torch.autograd.gradcheck(gn, (w0,))
+
+
+# -- GradientNorm ------------------------------------------------------------------
+
+
+def test_gradient_norm_finite_difference_matches_double_backprop():
+    model, x, y = tanh_mlp()
+    before = [p.clone() for p in model.parameters()]
+    exact = GradientNorm(0.5)(model, x, y)
+    fd = GradientNorm(0.5, method="finite_difference", eps=1e-6)(model, x, y)
+    assert torch.isclose(fd, exact, rtol=1e-12)  # same value
+    assert rel(grads(fd, model), grads(exact, model)) < 1e-4  # gradient 2λHg
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True)
+    )
+
+
+def test_gradient_norm_reuses_outputs_and_leaves_graph_for_the_task_loss():
+    model, x, y = tanh_mlp()
+    for method in ("double_backprop", "finite_difference"):
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        total = loss + GradientNorm(0.1, method=method)(model, x, y, outputs=out)
+        grads(total, model)  # would raise if the graph had been freed
+
+
+# -- SpectralNorm ------------------------------------------------------------------
+
+
+def test_spectral_dense_matches_matrix_norm_and_gradient():
+    model, x, _ = tanh_mlp()
+    norms = spectral_norms(model)
+    for name in ("0", "2"):
+        W = model.get_submodule(name).weight
+        assert abs(norms[name] - torch.linalg.matrix_norm(W, ord=2).item()) < 1e-10
+    term = SpectralNorm(1.0, power_iterations=300)
+    pen = term(model, x)
+    want = sum(
+        torch.linalg.matrix_norm(model.get_submodule(n).weight, ord=2) ** 2
+        for n in ("0", "2")
+    )
+    assert torch.isclose(pen, want, rtol=1e-10)
+    assert rel(grads(pen, model), grads(want, model)) < 1e-6
+
+
+def conv_matrix(conv: nn.Conv2d, shape: tuple[int, ...]) -> torch.Tensor:
+    n = int(torch.tensor(shape).prod())
+    basis = torch.eye(n, dtype=torch.float64).reshape(n, *shape)
+    with torch.no_grad():
+        cols = conv._conv_forward(basis, conv.weight, None).reshape(n, -1)
+    return cols.T  # (out, in)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("padding_mode", ["zeros", "circular"])
+def test_spectral_conv_operator_against_explicit_matrix(stride, padding_mode):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, stride=stride, padding=1, padding_mode=padding_mode)
+    model = nn.Sequential(conv, nn.ReLU(), nn.Flatten()).double()
+    x = torch.randn(4, 2, 6, 6, dtype=torch.float64)
+    want = torch.linalg.matrix_norm(conv_matrix(conv, (2, 6, 6)), ord=2).item()
+    got = spectral_norms(model, x, iterations=500)["0"]
+    assert abs(got / want - 1) < 1e-6
+    reshaped = spectral_norms(model, x, conv="reshaped")["0"]
+    assert (
+        abs(reshaped - torch.linalg.matrix_norm(conv.weight.flatten(1), ord=2)) < 1e-8
+    )
+    assert abs(reshaped / want - 1) > 1e-3  # a different number, named as such
+
+
+def test_spectral_state_round_trip_and_one_step_per_call():
+    model, x, _ = tanh_mlp()
+    a = SpectralNorm(1.0)
+    first = a(model, x)
+    b = SpectralNorm(1.0, generator=torch.Generator().manual_seed(99))
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a(model, x), b(model, x))
+    # power iteration makes progress from call to call (it is persistent)
+    want = sum(
+        torch.linalg.matrix_norm(model.get_submodule(n).weight, ord=2) ** 2
+        for n in ("0", "2")
+    )
+    for _ in range(100):
+        last = a(model, x)
+    assert abs(last - want) < abs(first - want) + 1e-15
+    assert torch.isclose(last, want, rtol=1e-6)
+
+
+# -- composition and bad input -----------------------------------------------
+
+
+def test_composition_and_scaling():
+    model, x, y = tanh_mlp()
+    gc, l2 = GeometricComplexity(1e-3, method="exact"), L2(5e-4)
+    combo = gc + l2 + 2 * GradientNorm(0.1)
+    want = gc(model, x, y) + l2(model, x, y) + 2 * GradientNorm(0.1)(model, x, y)
+    assert torch.isclose(combo(model, x, y), want, rtol=1e-12)
+    assert torch.isclose((l2 * 3)(model, x, y), L2(1.5e-3)(model, x, y))
+    assert "GeometricComplexity" in repr(combo) and "L2" in repr(combo)
+    s = SpectralNorm(1.0) + L2(1.0)
+    s(model, x, y)
+    assert set(s.state_dict()) == {"0", "1"}
+    s.load_state_dict(s.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: L2(-1.0), "strength"),
+        (lambda: GeometricComplexity(float("nan")), "strength"),
+        (
+            lambda: GeometricComplexity(1.0, method="finite_difference"),
+            "wrong parameter",
+        ),
+        (lambda: GeometricComplexity(1.0, method="hutch"), "unknown method"),
+        (lambda: GeometricComplexity(1.0, subsample=0.0), "subsample"),
+        (lambda: GeometricComplexity(1.0, subsample=1.5), "subsample"),
+        (lambda: GeometricComplexity(1.0, num_probes=0), "num_probes"),
+        (lambda: GradientNorm(1.0, method="sam"), "unknown method"),
+        (lambda: SpectralNorm(1.0, conv="fft"), "unknown conv"),
+        (lambda: -1 * L2(1.0), "strength"),
+    ],
+)
+def test_bad_options(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_gradient_norm_needs_targets():
+    model, x, _ = tanh_mlp()
+    with pytest.raises(ValueError, match="targets"):
+        GradientNorm(1.0)(model, x)
+
+
+def test_gc_regularized_training_lowers_gc():
+    """Seeded toy problem: the same training with a GC penalty ends at lower GC."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 10)
+    y = (x[:, 0] * x[:, 1] > 0).long()
+
+    def train(term) -> float:
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(150):
+            opt.zero_grad()
+            xg = x.clone().requires_grad_(True)
+            out = model(xg)
+            loss = F.cross_entropy(out, y)
+            if term is not None:
+                loss = loss + term(model, xg, y, outputs=out)
+            loss.backward()
+            opt.step()
+        return gcx.geometric_complexity(model, x).item()
+
+    plain = train(None)
+    reg = train(GeometricComplexity(0.05, generator=torch.Generator().manual_seed(0)))
+    assert reg < 0.8 * plain, (reg, plain)
