@@ -12,6 +12,7 @@ import abc
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["LossFn", "Regularizer"]
@@ -41,6 +42,18 @@ class Regularizer(abc.ABC):
     Subclasses implement :meth:`__call__`; they may carry state (power-iteration
     vectors), saved and restored with :meth:`state_dict` / :meth:`load_state_dict`.
     """
+
+    #: The term differentiates through the caller's forward pass with respect to
+    #: the inputs, so a training loop should hand it inputs that require grad.
+    reuses_input_grad: bool = False
+
+    def seed(self, generator: torch.Generator) -> None:
+        """Give a term that was built without a generator a seeded fallback.
+
+        :func:`geocomplexity.training.fit` calls this so that a run is
+        reproducible from its seed; a generator passed to the term wins.
+        """
+        del generator
 
     @abc.abstractmethod
     def __call__(
@@ -103,6 +116,14 @@ class Sum(Regularizer):
             for t in self.terms
         )
 
+    @property
+    def reuses_input_grad(self) -> bool:  # type: ignore[override]
+        return any(t.reuses_input_grad for t in self.terms)
+
+    def seed(self, generator: torch.Generator) -> None:
+        for t in self.terms:
+            t.seed(generator)
+
     def state_dict(self) -> dict[str, Any]:
         return {str(i): t.state_dict() for i, t in enumerate(self.terms)}
 
@@ -124,6 +145,13 @@ class Scaled(Regularizer):
         return self.factor * self.term(
             model, inputs, targets, outputs=outputs, loss_fn=loss_fn
         )
+
+    @property
+    def reuses_input_grad(self) -> bool:  # type: ignore[override]
+        return self.term.reuses_input_grad
+
+    def seed(self, generator: torch.Generator) -> None:
+        self.term.seed(generator)
 
     def state_dict(self) -> dict[str, Any]:
         return self.term.state_dict()

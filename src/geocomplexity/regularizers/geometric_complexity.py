@@ -70,6 +70,14 @@ class GeometricComplexity(Regularizer):
         check_distribution(distribution)
         self.method, self.num_probes, self.subsample = method, num_probes, subsample
         self.distribution, self.generator = distribution, generator
+        self._fallback: torch.Generator | None = None
+
+    @property
+    def reuses_input_grad(self) -> bool:  # type: ignore[override]  # noqa: D102
+        return self.method != "jvp" and self.subsample == 1
+
+    def seed(self, generator: torch.Generator) -> None:  # noqa: D102
+        self._fallback = generator
 
     def __call__(
         self,
@@ -89,7 +97,7 @@ class GeometricComplexity(Regularizer):
             isinstance(m, _COUPLING) and m.training for m in model.modules()
         )
         B = inputs.shape[0]
-        gen = resolve_generator(self.generator, inputs.device)
+        gen = resolve_generator(self.generator or self._fallback, inputs.device)
         x = inputs
         if self.subsample < 1:
             m = max(1, math.ceil(self.subsample * B))

@@ -1,0 +1,349 @@
+"""A small, explicit training loop: the one the experiments use.
+
+Not a framework: one function, :func:`fit`, that trains a classifier with an
+optional penalty, input noise and label noise, and records per epoch the
+train/test loss and accuracy, the geometric complexity on fixed subsets, the
+penalty and the wall time. Same seed, same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from geocomplexity.measure import measure
+from geocomplexity.regularizers.base import LossFn, Regularizer
+
+__all__ = ["History", "apply_label_noise", "fit"]
+
+Callback = Callable[["History", nn.Module], None]
+
+
+@dataclass
+class History:
+    """What :func:`fit` recorded: one dict per evaluated epoch, plus the setup.
+
+    Attributes:
+        records: per epoch: ``epoch``, ``step``, ``train_loss``, ``train_acc``,
+            ``test_loss``, ``test_acc`` (NaN without test data), ``gc_train``,
+            ``gc_test`` (NaN when not tracked that epoch), ``penalty`` (mean
+            over the epoch's steps), ``wall_time`` (seconds since the start).
+        config: the options of the run.
+        effective_label_noise: fraction of training labels that differ from the
+            originals (uniform relabelling can draw the true label back).
+    """
+
+    records: list[dict[str, float]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    effective_label_noise: float = 0.0
+
+    def __getitem__(self, key: str) -> list[float]:
+        """All epochs' values of one field, e.g. ``history["gc_train"]``."""
+        return [r[key] for r in self.records]
+
+    @property
+    def final(self) -> dict[str, float]:
+        """The last record."""
+        return self.records[-1]
+
+    def to_json(self) -> str:
+        """Serialise (NaN as ``null``).
+
+        Returns:
+            A JSON string.
+        """
+        clean = [
+            {
+                k: (None if isinstance(v, float) and math.isnan(v) else v)
+                for k, v in r.items()
+            }
+            for r in self.records
+        ]
+        return json.dumps({**asdict(self), "records": clean}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> History:
+        """Inverse of :meth:`to_json`.
+
+        Returns:
+            The history.
+        """
+        d = json.loads(text)
+        d["records"] = [
+            {k: (math.nan if v is None else v) for k, v in r.items()}
+            for r in d["records"]
+        ]
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        """Write :meth:`to_json` to ``path`` atomically (temp file, then rename)."""
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(path)
+
+
+def apply_label_noise(
+    y: Tensor, fraction: float, num_classes: int, generator: torch.Generator
+) -> tuple[Tensor, float]:
+    """Relabel a random ``fraction`` of ``y`` uniformly over all classes.
+
+    As in Nakkiran et al. and the MNIST-1D notebook, a relabelled sample may draw
+    its true class again, so the effective noise rate is below ``fraction``
+    (by about ``fraction / num_classes``); it is returned.
+
+    Returns:
+        ``(noisy labels, effective rate)``.
+    """
+    n = len(y)
+    chosen = torch.randperm(n, generator=generator)[: round(fraction * n)]
+    noisy = y.clone()
+    noisy[chosen] = torch.randint(
+        0, num_classes, (len(chosen),), generator=generator
+    ).to(y)
+    return noisy, (noisy != y).double().mean().item()
+
+
+def _optimizer(
+    optimizer: str | torch.optim.Optimizer | Callable[..., torch.optim.Optimizer],
+    params: Sequence[nn.Parameter],
+    lr: float,
+) -> torch.optim.Optimizer:
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer
+    if optimizer == "sgd":  # no momentum: implicit regularization depends on it
+        return torch.optim.SGD(params, lr=lr)
+    if optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if callable(optimizer):
+        return optimizer(params)
+    raise ValueError(
+        f"unknown optimizer {optimizer!r}; choose 'sgd', 'adam', a torch optimizer, "
+        "or a function of the parameters that returns one"
+    )
+
+
+def _device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@torch.no_grad()
+def _evaluate(
+    model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, batch_size: int = 2048
+) -> tuple[float, float]:
+    was = model.training
+    model.eval()
+    loss, correct = 0.0, 0
+    for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
+        out = model(xb)
+        loss += loss_fn(out, yb).item() * len(xb)
+        if out.dim() == 2 and yb.dim() == 1:
+            correct += (out.argmax(1) == yb).sum().item()
+    model.train(was)
+    return loss / len(x), correct / len(x)
+
+
+def fit(
+    model: nn.Module,
+    train: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor] | None = None,
+    *,
+    optimizer: str
+    | torch.optim.Optimizer
+    | Callable[..., torch.optim.Optimizer] = "sgd",
+    lr: float = 0.01,
+    batch_size: int | None = 128,
+    epochs: int | None = None,
+    steps: int | None = None,
+    regularizer: Regularizer | None = None,
+    loss_fn: LossFn | None = None,
+    input_noise_std: float = 0.0,
+    label_noise: float = 0.0,
+    num_classes: int | None = None,
+    seed: int = 0,
+    track_gc_every: int | None = None,
+    gc_subset: int = 512,
+    stop_at_train_loss: float | None = None,
+    device: str | torch.device = "auto",
+    callbacks: Sequence[Callback] = (),
+    progress: bool | None = None,
+) -> History:
+    """Train ``model`` in place and record what happened.
+
+    Args:
+        model: the classifier (logits out); trained in place on ``device``.
+        train: ``(x, y)`` tensors; ``y`` class indices for the default loss.
+        test: optional ``(x, y)`` evaluated each epoch.
+        optimizer: ``"sgd"`` (plain, no momentum; the default because implicit
+            gradient regularization is a property of plain gradient descent),
+            ``"adam"``, a torch optimizer, or ``params -> optimizer``.
+        lr: learning rate for the named optimizers.
+        batch_size: minibatch size; ``None`` for full batch.
+        epochs: epochs to train (one of ``epochs``/``steps``).
+        steps: optimizer steps to train (records still come per epoch).
+        regularizer: a penalty term added to the loss each step; it reuses the
+            step's forward pass.
+        loss_fn: ``loss_fn(outputs, targets)``; cross-entropy by default.
+        input_noise_std: std of Gaussian noise added to each training batch.
+        label_noise: fraction of training labels relabelled uniformly at random,
+            fixed by ``seed``; the effective rate is recorded.
+        num_classes: for label noise; default ``y.max() + 1``.
+        seed: seeds shuffling, noise, probes and the model's own randomness
+            (dropout); the global RNG state is restored afterwards.
+        track_gc_every: measure exact GC on fixed subsets of train and test
+            every this many epochs (and at epoch 0); ``None`` never.
+        gc_subset: size of those subsets (their first samples).
+        stop_at_train_loss: stop at the end of the first epoch whose train loss
+            (evaluated over the whole set) is at or below this.
+        device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ...
+        callbacks: ``callback(history, model)`` after each epoch's record.
+        progress: progress bar over epochs; ``None`` on a terminal.
+
+    Returns:
+        The :class:`History`.
+
+    Raises:
+        ValueError: bad options (no length given, negative rates, mismatched
+            shapes, unknown optimizer).
+    """
+    from tqdm.auto import tqdm
+
+    x, y = train
+    if len(x) == 0 or len(x) != len(y):
+        raise ValueError(
+            f"train must be (x, y) with the same non-zero length, got {len(x)} "
+            f"and {len(y)}"
+        )
+    if (epochs is None) == (steps is None):
+        raise ValueError("give exactly one of epochs= or steps=")
+    if (epochs is not None and epochs < 1) or (steps is not None and steps < 1):
+        raise ValueError("epochs/steps must be positive")
+    if not 0 <= label_noise <= 1:
+        raise ValueError(f"label_noise must be in [0, 1], got {label_noise!r}")
+    if input_noise_std < 0:
+        raise ValueError(f"input_noise_std must be >= 0, got {input_noise_std!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr!r}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be positive or None, got {batch_size!r}")
+    dev = _device(device)
+    loss_fn = loss_fn or F.cross_entropy
+    n = len(x)
+    bs = n if batch_size is None else min(batch_size, n)
+    per_epoch = math.ceil(n / bs)
+    total_steps = steps if steps is not None else epochs * per_epoch  # type: ignore[operator]
+    num_epochs = math.ceil(total_steps / per_epoch)
+
+    gen = torch.Generator().manual_seed(seed)
+    history = History(
+        config={
+            "optimizer": optimizer if isinstance(optimizer, str) else repr(optimizer),
+            "lr": lr,
+            "batch_size": batch_size,
+            "epochs": epochs,
+            "steps": steps,
+            "regularizer": repr(regularizer),
+            "input_noise_std": input_noise_std,
+            "label_noise": label_noise,
+            "seed": seed,
+            "device": str(dev),
+        }
+    )
+    if label_noise > 0:
+        k = num_classes or int(y.max().item()) + 1
+        y, history.effective_label_noise = apply_label_noise(y, label_noise, k, gen)
+    model.to(dev)
+    x, y = x.to(dev), y.to(dev)
+    xt, yt = (test[0].to(dev), test[1].to(dev)) if test is not None else (None, None)
+    if regularizer is not None:
+        regularizer.seed(torch.Generator(device=dev).manual_seed(seed + 1))
+    opt = _optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr)
+    needs_input_grad = regularizer is not None and regularizer.reuses_input_grad
+
+    def record(epoch: int, step: int, penalty: float, t0: float) -> None:
+        tr_loss, tr_acc = _evaluate(model, x, y, loss_fn)
+        te_loss, te_acc = (
+            _evaluate(model, xt, yt, loss_fn)
+            if xt is not None
+            else (math.nan, math.nan)
+        )
+        gc_tr = gc_te = math.nan
+        if track_gc_every and epoch % track_gc_every == 0:
+            gc_tr = measure(model, x[:gc_subset], method="exact", progress=False).value
+            if xt is not None:
+                gc_te = measure(
+                    model, xt[:gc_subset], method="exact", progress=False
+                ).value
+        history.records.append(
+            {
+                "epoch": epoch,
+                "step": step,
+                "train_loss": tr_loss,
+                "train_acc": tr_acc,
+                "test_loss": te_loss,
+                "test_acc": te_acc,
+                "gc_train": gc_tr,
+                "gc_test": gc_te,
+                "penalty": penalty,
+                "wall_time": time.perf_counter() - t0,
+            }
+        )
+        for cb in callbacks:
+            cb(history, model)
+
+    t0 = time.perf_counter()
+    step = 0
+    with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model.train()
+        record(0, 0, math.nan, t0)
+        bar = tqdm(
+            range(1, num_epochs + 1),
+            desc="training",
+            unit="epoch",
+            leave=False,
+            disable=None if progress is None else not progress,
+        )
+        for epoch in bar:
+            order = torch.randperm(n, generator=gen).to(dev)
+            penalties = []
+            for idx in order.split(bs):
+                if step >= total_steps:
+                    break
+                xb, yb = x[idx], y[idx]
+                if input_noise_std > 0:
+                    noise = torch.randn(xb.shape, generator=gen, dtype=xb.dtype)
+                    xb = xb + input_noise_std * noise.to(dev)
+                if needs_input_grad:
+                    xb = xb.detach().requires_grad_(True)
+                opt.zero_grad(set_to_none=True)
+                out = model(xb)
+                loss = loss_fn(out, yb)
+                if regularizer is not None:
+                    pen = regularizer(model, xb, yb, outputs=out, loss_fn=loss_fn)
+                    penalties.append(pen.detach())
+                    loss = loss + pen
+                loss.backward()
+                opt.step()
+                step += 1
+            pen_mean = torch.stack(penalties).mean().item() if penalties else math.nan
+            record(epoch, step, pen_mean, t0)
+            bar.set_postfix(loss=f"{history.final['train_loss']:.3g}")
+            if (
+                stop_at_train_loss is not None
+                and history.final["train_loss"] <= stop_at_train_loss
+            ):
+                break
+        bar.close()
+    return history

@@ -1,0 +1,133 @@
+"""The training loop: reproducible, recorded, serialisable, side-effect free."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from geocomplexity.regularizers import L2, GeometricComplexity
+from geocomplexity.training import History, apply_label_noise, fit
+
+
+def problem(n: int = 200) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n + 100, 8, generator=g)
+    y = (x[:, :3].sum(1) > 0).long() + 2 * (x[:, 3] > 0).long()
+    return (x[:n], y[:n]), (x[n:], y[n:])
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 4))
+
+
+def test_fit_trains_records_and_is_reproducible():
+    train, test = problem()
+    kwargs = dict(
+        optimizer="sgd",
+        lr=0.2,
+        batch_size=32,
+        epochs=6,
+        seed=3,
+        track_gc_every=3,
+        regularizer=GeometricComplexity(1e-3) + L2(1e-4),
+        input_noise_std=0.05,
+        label_noise=0.1,
+        device="cpu",
+        progress=False,
+    )
+    h1 = fit(mlp(), train, test, **kwargs)
+    h2 = fit(mlp(), train, test, **kwargs)
+    assert [r["epoch"] for r in h1.records] == list(range(7))
+    assert h1.final["step"] == 6 * 7
+    assert h1.final["train_loss"] < h1.records[0]["train_loss"]
+    assert not math.isnan(h1.records[3]["gc_train"]) and math.isnan(
+        h1.records[2]["gc_test"]
+    )
+    assert all(r["penalty"] > 0 for r in h1.records[1:])
+    strip = [{k: v for k, v in r.items() if k != "wall_time"} for r in h1.records]
+    strip2 = [{k: v for k, v in r.items() if k != "wall_time"} for r in h2.records]
+    assert str(strip) == str(strip2)  # same seed, same numbers (NaN-safe compare)
+    h3 = fit(mlp(), train, test, **{**kwargs, "seed": 4})
+    assert h3.final["train_loss"] != h1.final["train_loss"]
+
+
+def test_history_json_round_trip(tmp_path):
+    train, _ = problem()
+    h = fit(
+        mlp(),
+        train,
+        None,
+        lr=0.1,
+        epochs=2,
+        track_gc_every=1,
+        progress=False,
+        device="cpu",
+    )
+    path = tmp_path / "h.json"
+    h.save(path)
+    back = History.from_json(path.read_text())
+    assert back.config == h.config
+    assert len(back.records) == 3
+    assert math.isnan(back.final["test_loss"])
+    assert back["gc_train"] == h["gc_train"]
+
+
+def test_label_noise_is_fixed_per_seed_and_effective_rate_recorded():
+    y = torch.arange(1000) % 10
+    a, ra = apply_label_noise(y, 0.3, 10, torch.Generator().manual_seed(0))
+    b, rb = apply_label_noise(y, 0.3, 10, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and ra == rb
+    assert ra == (a != y).double().mean().item()
+    assert 0.3 * 0.8 < ra < 0.3  # some relabellings draw the true class back
+    train, _ = problem()
+    h = fit(mlp(), train, epochs=1, label_noise=0.5, progress=False, device="cpu")
+    assert 0.35 < h.effective_label_noise < 0.5
+
+
+def test_full_batch_steps_and_early_stop_and_callbacks():
+    train, _ = problem()
+    seen = []
+    h = fit(
+        mlp(),
+        train,
+        optimizer="adam",
+        lr=1e-2,
+        batch_size=None,
+        steps=500,
+        stop_at_train_loss=0.3,
+        callbacks=[lambda hist, m: seen.append(len(hist.records))],
+        progress=False,
+        device="cpu",
+    )
+    assert h.final["train_loss"] <= 0.3
+    assert h.final["step"] == h.final["epoch"] < 500
+    assert seen == list(range(1, len(h.records) + 1))
+
+
+def test_fit_restores_global_rng():
+    train, _ = problem()
+    state = torch.get_rng_state()
+    fit(mlp(), train, epochs=1, progress=False, device="cpu")
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({}, "exactly one of epochs"),
+        ({"epochs": 1, "steps": 1}, "exactly one of epochs"),
+        ({"epochs": 1, "optimizer": "lbfgs"}, "unknown optimizer 'lbfgs'"),
+        ({"epochs": 1, "label_noise": 1.5}, "label_noise"),
+        ({"epochs": 1, "lr": 0}, "lr"),
+        ({"epochs": 1, "input_noise_std": -1}, "input_noise_std"),
+        ({"epochs": 0}, "positive"),
+    ],
+)
+def test_fit_bad_options(kwargs, match):
+    train, _ = problem()
+    with pytest.raises(ValueError, match=match):
+        fit(mlp(), train, progress=False, device="cpu", **kwargs)
