@@ -15,7 +15,12 @@ import math
 import torch
 from torch import Tensor, nn
 
-from geocomplexity.jacobian import _forward_mode, _select, reverse_sq_norms
+from geocomplexity.jacobian import (
+    _default_chunk,
+    _forward_mode,
+    _select,
+    reverse_sq_norms,
+)
 from geocomplexity.probes import check_distribution, draw_probes, resolve_generator
 from geocomplexity.regularizers.base import LossFn, Regularizer, check_strength
 
@@ -110,7 +115,7 @@ class GeometricComplexity(Regularizer):
             and outputs.grad_fn is not None
         ):  # reuse the task loss's forward pass
             out = outputs.reshape(B, -1)
-            values = self._norms(x, out, gen, coupled)
+            values = self._norms(model, x, out, gen, coupled)
         else:
             if coupled and self.method == "jvp":
                 raise ValueError(
@@ -124,14 +129,19 @@ class GeometricComplexity(Regularizer):
             if self.method == "jvp":
                 values = self._jvp(model, xg, gen)
             else:
-                values = self._norms(xg, _select(model, xg, None), gen, coupled)
+                values = self._norms(model, xg, _select(model, xg, None), gen, coupled)
             with torch.no_grad():
                 for b, v in saved:
                     b.copy_(v)
         return self.strength * values.mean()
 
     def _norms(
-        self, x: Tensor, out: Tensor, gen: torch.Generator, coupled: bool
+        self,
+        model: nn.Module,
+        x: Tensor,
+        out: Tensor,
+        gen: torch.Generator,
+        coupled: bool,
     ) -> Tensor:
         return reverse_sq_norms(
             x,
@@ -140,7 +150,7 @@ class GeometricComplexity(Regularizer):
             coupled=coupled,
             num_probes=self.num_probes,
             distribution=self.distribution,
-            chunk_size=1 if coupled else out.shape[1],
+            chunk_size=1 if coupled else _default_chunk(model, out.shape[1]),
             generator=gen,
             create_graph=True,
         )

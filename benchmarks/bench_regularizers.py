@@ -1,0 +1,182 @@
+"""Cost of a regularized training step, as a ratio to a plain step.
+
+Run: ``.venv/bin/python benchmarks/bench_regularizers.py [--quick] [--out PATH]``
+(``make bench`` runs it). Writes ``benchmarks/results/regularizers.json`` and
+prints a markdown table for the README.
+
+Each step is forward, cross-entropy (+ penalty), backward and an SGD update,
+timed in one process with the methods interleaved (see ``bench_measure``). The
+penalty reuses the task loss's forward pass: the inputs require grad and
+``outputs=`` is handed over, as :func:`geocomplexity.training.fit` does. The
+models are those of ``bench_measure`` in eval mode (BatchNorm with running
+statistics); a train-mode ResNet row shows the exact per-sample path that
+train-mode BatchNorm forces on the GC penalty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from bench_measure import Timed, cpu_model, make_case, ratio, time_interleaved
+from torch import Tensor, nn
+
+from geocomplexity.regularizers import (
+    L2,
+    GeometricComplexity,
+    GradientNorm,
+    Regularizer,
+    SpectralNorm,
+)
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "results" / "regularizers.json"
+
+# Floors from the issue: penalty step / plain step.
+FLOORS = {
+    "gc_projection_1": 2.3,
+    "gc_projection_1_subsample_0.25": 1.4,
+    "gc_exact": 8.0,
+    "gradient_norm_double_backprop": 3.0,
+    "gradient_norm_finite_difference": 2.2,
+    "spectral_norm": 1.15,
+}
+
+
+def terms() -> dict[str, Regularizer]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "gc_projection_1": GeometricComplexity(1e-3, generator=g),
+        "gc_projection_1_subsample_0.25": GeometricComplexity(
+            1e-3, subsample=0.25, generator=g
+        ),
+        "gc_exact": GeometricComplexity(1e-3, method="exact"),
+        "gradient_norm_double_backprop": GradientNorm(1e-3),
+        "gradient_norm_finite_difference": GradientNorm(
+            1e-3, method="finite_difference"
+        ),
+        "spectral_norm": SpectralNorm(1e-3),
+        "l2": L2(1e-4),
+    }
+
+
+def step(
+    model: nn.Module, x: Tensor, y: Tensor, term: Regularizer | None
+) -> Callable[[], None]:
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.0)  # lr 0: the model stays put
+
+    def run() -> None:
+        opt.zero_grad(set_to_none=True)
+        xb = x.detach().requires_grad_(term is not None and term.reuses_input_grad)
+        out = model(xb)
+        loss = F.cross_entropy(out, y)
+        if term is not None:
+            loss = loss + term(model, xb, y, outputs=out)
+        loss.backward(inputs=params)  # as fit() does: no gradient for the inputs
+        opt.step()
+
+    return run
+
+
+def bench_case(
+    key: str,
+    budget_s: float,
+    rounds: tuple[int, int],
+    train: bool = False,
+    only: tuple[str, ...] | None = None,
+) -> dict[str, Any]:
+    case = make_case(key)
+    model = case.model.train(train)
+    methods = {"plain": Timed(step(model, case.x, case.y, None))}
+    for name, term in terms().items():
+        if only is None or name in only:
+            methods[name] = Timed(step(model, case.x, case.y, term))
+    n = time_interleaved(methods, budget_s, *rounds)
+    base = methods["plain"].median_ms
+    rows = {}
+    for name, m in methods.items():
+        r = ratio(m.median_ms, base)
+        rows[name] = {
+            "ms": m.median_ms,
+            "ratio_to_plain_step": r,
+            "floor": FLOORS.get(name),
+            "passed": None if name not in FLOORS or r is None else r <= FLOORS[name],
+            "error": m.error,
+        }
+    label = case.name + (" (train mode)" if train else "")
+    return {"name": label, "batch": len(case.x), "rounds": n, "methods": rows}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    cases = result["cases"]
+    names = list(next(iter(cases.values()))["methods"])
+    head = (
+        "| penalty (step ÷ plain step) | floor | "
+        + " | ".join(c["name"] for c in cases.values())
+        + " |"
+    )
+    lines = [head, "|---|---|" + "---|" * len(cases)]
+    for name in names:
+        cells = []
+        for c in cases.values():
+            m = c["methods"].get(name)
+            if m is None or m["ratio_to_plain_step"] is None:
+                cells.append("—")
+            else:
+                mark = "" if m["passed"] in (None, True) else " ✗"
+                cells.append(f"{m['ratio_to_plain_step']:.2f}×{mark}")
+        floor = f"≤ {FLOORS[name]:.2f}×" if name in FLOORS else ""
+        lines.append(f"| {name} | {floor} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", default="abcd")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    budget, rounds = (3.0, (3, 10)) if args.quick else (12.0, (5, 40))
+    cases = {}
+    for key in args.models:
+        print(f"timing model {key} ...", file=sys.stderr)
+        cases[key] = bench_case(key, budget, rounds)
+    if "d" in args.models:
+        print("timing model d in train mode ...", file=sys.stderr)
+        cases["d_train"] = bench_case(
+            "d", budget, (3, 6), train=True, only=("gc_projection_1", "spectral_norm")
+        )
+    result = {
+        "benchmark": "regularized training step ÷ plain training step",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": {"platform": platform.platform(), "cpu": cpu_model()},
+        "quick": args.quick,
+        "cases": cases,
+        "floors_passed": all(
+            m["passed"] is not False
+            for k, c in cases.items()
+            if k != "d_train"
+            for m in c["methods"].values()
+        ),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(args.out)
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
