@@ -158,11 +158,16 @@ class SpectralNorm(Regularizer):
     def _dense(self, name: str, W: Tensor) -> Tensor:
         u, v = self._init(name, (W.shape[0],), (W.shape[1],), W)
         with torch.no_grad():
-            for _ in range(self.power_iterations):
+            for _ in range(self.power_iterations - 1):
                 v = F.normalize(W.T @ u, dim=0, eps=1e-12)
                 u = F.normalize(W @ v, dim=0, eps=1e-12)
+            v = F.normalize(W.T @ u, dim=0, eps=1e-12)
+        # the last half-step with grad: σ = ‖W v‖ = u·(W v) with u = W v/‖W v‖,
+        # so W is read twice per call, not three times
+        Wv = W @ v
+        u = F.normalize(Wv.detach(), dim=0, eps=1e-12)
         self._vectors[name] = (u, v)
-        return u @ W @ v
+        return u @ Wv
 
     def _operator(self, name: str, m: nn.Module) -> Tensor:
         shape = (1, *self._shapes[name])
