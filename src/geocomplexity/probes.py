@@ -75,8 +75,8 @@ def draw_probes(
     check_distribution(distribution)
     where = generator.device
     if distribution == "rademacher":
-        v = torch.randint(0, 2, shape, generator=generator, device=where)
-        v = v.to(dtype).mul_(2).sub_(1)
+        v = torch.randint(0, 2, shape, generator=generator, device=where, dtype=dtype)
+        v = v.mul_(2).sub_(1)
     else:
         v = torch.randn(shape, generator=generator, device=where, dtype=dtype)
         if distribution == "sphere":

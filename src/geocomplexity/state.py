@@ -21,10 +21,10 @@ __all__ = ["preserved"]
 def preserved(model: nn.Module, *, mode: str) -> Iterator[None]:
     """Run a block with ``model`` in ``mode`` and restore it afterwards.
 
-    The global RNG state (CPU, and CUDA for the model's devices) is always
-    restored, so a model that draws random numbers leaves no trace. In train mode
-    every buffer (BatchNorm ``running_mean``, ``running_var``,
-    ``num_batches_tracked``) is also snapshot and put back.
+    In train mode every buffer (BatchNorm ``running_mean``, ``running_var``,
+    ``num_batches_tracked``) is snapshot and put back, and the global RNG state
+    (CPU, and CUDA for the model's devices) is restored, so dropout leaves no
+    trace. Eval mode touches only the ``training`` flags.
 
     Args:
         model: the module; every submodule's own ``training`` flag is restored,
@@ -36,12 +36,26 @@ def preserved(model: nn.Module, *, mode: str) -> Iterator[None]:
     """
     flags = [(m, m.training) for m in model.modules()]
     train = mode == "train"
-    saved = [(b, b.detach().clone()) for b in model.buffers()] if train else []
+    if not train:
+        # eval mode moves no buffer and, for standard modules, draws no random
+        # number: skip the snapshots, which cost as much as a small forward pass
+        try:
+            for module, flag in flags:
+                if flag:
+                    module.training = False
+            yield
+        finally:
+            for module, flag in flags:
+                if module.training != flag:
+                    module.training = flag
+        return
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
     tensors = [*model.parameters(), *model.buffers()]
     cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=cuda):
-            model.train(train)
+            for module, _ in flags:
+                module.training = True
             yield
     finally:
         for module, flag in flags:
