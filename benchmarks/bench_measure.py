@@ -1,0 +1,759 @@
+"""Ratio benchmark: the cost of measuring geometric complexity, against training.
+
+Run it with ``make bench``, i.e. ``.venv/bin/python benchmarks/bench_measure.py``
+(``--quick`` for fewer repeats while developing, ``--out PATH`` to write the JSON
+elsewhere, ``--threads N`` to change the default of 2 torch threads).
+
+What is measured, per model, in one process (float32, default PyTorch init,
+random N(0, 1) inputs and random labels, every model in eval mode):
+
+- ``fwd+bwd``: one cross-entropy forward and backward w.r.t. the parameters,
+  gradients zeroed each time; the unit every cost is expressed in.
+- ``forward``: a plain forward with grad enabled; ``(1+k) × forward`` is the
+  bar that an exact method (one forward, k VJPs each costing about one forward)
+  should reach.
+- ``exact``: ``geocomplexity.geometric_complexity(method="exact")`` with the
+  default chunking, and with ``chunk_size=1`` (a loop of k VJPs) and
+  ``chunk_size=k`` (all k VJPs in one batched backward).
+- ``projection`` and ``jvp`` with one probe.
+- ``vmap(jacrev)``: the per-sample reference via ``torch.func.functional_call``.
+- ``naive loop``: ``torch.autograd.functional.jacobian`` sample by sample, timed
+  on a few samples and scaled to the batch.
+
+Each method gets two warm-up calls, then repeats are interleaved (one call of
+every method per round, the order rotated each round) so that drift (thermal,
+other processes) hits all methods alike; the median is reported. Rounds continue
+until a per-model time budget runs out, between a minimum and maximum count.
+
+Also measured: the exact data-set GC of MNIST-1D's 4000 training points with
+model (a) against one training epoch (8 steps of batch 512), and the peak memory
+of exact GC on the CNN for chunk sizes 1, 2 and 10, each in a fresh subprocess.
+
+Results go to ``benchmarks/results/measure.json``; a markdown table for the
+README is printed to stdout. This is a benchmark, never a test: the floors
+below are recorded as pass/fail, and the exit status does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc as gc_module
+import itertools
+import json
+import math
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import geocomplexity
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "results" / "measure.json"
+
+#: Floors from the issue: (name, description). Checked in :func:`check_floors`.
+FLOOR_EXACT_VS_BAR = 1.15  # exact ≤ this × (1+k) forwards
+FLOOR_EXACT_VS_STEP = 4.0  # exact ≤ this × fwd+bwd, on the k=10 models (a)-(c)
+FLOOR_PROJECTION_VS_STEP = 0.8  # 1-probe projection ≤ this × fwd+bwd
+
+MEMORY_CHUNKS = (1, 2, 10)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def mlp(widths: list[int]) -> nn.Sequential:
+    """A ReLU MLP with the given layer widths (input first, output last)."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def cnn() -> nn.Sequential:
+    """Three conv-ReLU-maxpool stages (32, 64, 128 channels) and a linear head."""
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(128 * 4 * 4, 10),
+    )  # fmt: skip
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation basic block (He et al. 2016): BN-ReLU-conv, twice."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(x))
+        # the projection shortcut takes the pre-activated input, as in the paper
+        skip = x if self.shortcut is None else self.shortcut(out)
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + skip
+
+
+class PreActResNet18(nn.Module):
+    """PreAct ResNet-18 for 3×32×32 inputs with base width ``k`` (k, 2k, 4k, 8k)."""
+
+    def __init__(self, k: int = 8, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, k, 3, 1, 1, bias=False)
+        blocks: list[nn.Module] = []
+        cin = k
+        for i, cout in enumerate((k, 2 * k, 4 * k, 8 * k)):
+            for j in range(2):
+                blocks.append(PreActBlock(cin, cout, 2 if (j == 0 and i > 0) else 1))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(cin)
+        self.linear = nn.Linear(cin, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.blocks(self.conv(x))
+        out = F.relu(self.bn(out))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(out)
+
+
+@dataclass
+class Case:
+    """One model with its batch."""
+
+    key: str
+    name: str
+    model: nn.Module
+    x: Tensor
+    y: Tensor
+    k: int  # number of outputs
+    step_floor: bool  # whether the exact ≤ 4× fwd+bwd floor applies
+
+
+def make_case(key: str, seed: int = 0) -> Case:
+    """Build model ``key`` ("a".."d") and its random batch, deterministically."""
+    torch.manual_seed(seed)
+    if key == "a":
+        name, shape, B = "(a) MLP 40-256-256-10", (40,), 512
+        model = mlp([40, 256, 256, 10])
+    elif key == "b":
+        name, shape, B = "(b) MLP 784-512×3-10", (784,), 256
+        model = mlp([784, 512, 512, 512, 10])
+    elif key == "c":
+        name, shape, B = "(c) CNN 32-64-128", (3, 32, 32), 128
+        model = cnn()
+    elif key == "d":
+        name, shape, B = "(d) PreAct ResNet-18 k=8", (3, 32, 32), 32
+        model = PreActResNet18(k=8)
+    else:
+        raise ValueError(f"unknown model {key!r}")
+    # eval mode for every model: GC is measured in eval mode, and the baseline
+    # step runs the same graph so the ratios compare like with like
+    model.eval()
+    x = torch.randn(B, *shape)
+    y = torch.randint(0, 10, (B,))
+    return Case(key, name, model, x, y, 10, key in "abc")
+
+
+# -------------------------------------------------------------------------- methods
+
+
+def step_fn(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], None]:
+    """One training step's forward and backward (no optimizer update)."""
+
+    def run() -> None:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+
+    return run
+
+
+def forward_fn(model: nn.Module, x: Tensor) -> Callable[[], None]:
+    """A plain forward with grad enabled: it records the graph, as GC's does."""
+
+    def run() -> None:
+        with torch.enable_grad():
+            model(x)
+
+    return run
+
+
+def vmap_jacrev_sq_norms(model: nn.Module, x: Tensor) -> Tensor:
+    """Per-sample ‖J‖_F² via ``vmap(jacrev(f))`` over ``functional_call``.
+
+    Parameters are detached: the outer autograd then records nothing, the
+    reference's most favourable setting.
+    """
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def f(xi: Tensor) -> Tensor:
+        out = torch.func.functional_call(model, (params, buffers), (xi.unsqueeze(0),))
+        return out.squeeze(0)
+
+    jac = torch.func.vmap(torch.func.jacrev(f))(x)
+    return jac.reshape(x.shape[0], -1).pow(2).sum(1)
+
+
+def naive_sq_norms(model: nn.Module, x: Tensor) -> Tensor:
+    """Per-sample ‖J‖_F², one ``autograd.functional.jacobian`` call per sample."""
+    vals = []
+    for xi in x:
+        jac = torch.autograd.functional.jacobian(
+            lambda z: model(z.unsqueeze(0)).squeeze(0), xi
+        )
+        vals.append(jac.pow(2).sum())
+    return torch.stack(vals)
+
+
+def gc(model: nn.Module, x: Tensor, **kw: Any) -> Callable[[], None]:
+    """A timed call of ``geocomplexity.geometric_complexity``."""
+
+    def run() -> None:
+        geocomplexity.geometric_complexity(model, x, **kw)
+
+    return run
+
+
+# --------------------------------------------------------------------------- timing
+
+
+@dataclass
+class Timed:
+    """A method under timing: its callable, samples and how to scale them."""
+
+    fn: Callable[[], Any]
+    scale: float = 1.0  # multiply each sample (the naive loop times a subset)
+    note: str = ""
+    samples: list[float] = field(default_factory=list)  # seconds per call
+    error: str | None = None
+    calls: int = 1  # calls per sample, set by time_interleaved's calibration
+
+    @property
+    def median_ms(self) -> float | None:
+        if not self.samples:
+            return None
+        return statistics.median(self.samples) * 1e3 * self.scale
+
+    @property
+    def min_ms(self) -> float | None:
+        """The fastest repeat: a noise-free lower bound on a shared machine."""
+        return min(self.samples) * 1e3 * self.scale if self.samples else None
+
+    @property
+    def iqr_pct(self) -> float | None:
+        """Interquartile range as a percentage of the median: the noise level."""
+        if len(self.samples) < 4:
+            return None
+        q1, _, q3 = statistics.quantiles(self.samples, n=4)
+        return 100 * (q3 - q1) / statistics.median(self.samples)
+
+
+def time_interleaved(
+    methods: dict[str, Timed],
+    budget_s: float,
+    min_rounds: int,
+    max_rounds: int,
+    min_sample_s: float = 0.05,
+) -> int:
+    """Warm up every method twice, then run interleaved rounds until the budget.
+
+    A method faster than ``min_sample_s`` is called several times back to back
+    per sample (timeit's autorange): millisecond calls are otherwise dominated by
+    scheduler and timer jitter. A method that raises is recorded with its error
+    string and dropped.
+
+    Returns:
+        The number of timed rounds.
+    """
+    for m in methods.values():
+        try:
+            for _ in range(2):
+                m.fn()
+            t0 = time.perf_counter()
+            m.fn()
+            once = time.perf_counter() - t0
+        except Exception as err:  # the reference may fail; record why
+            m.error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+            continue
+        m.calls = max(1, min(50, round(min_sample_s / max(once, 1e-6))))
+    live = [name for name, m in methods.items() if m.error is None]
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < max_rounds and (
+        rounds < min_rounds or time.perf_counter() - start < budget_s
+    ):
+        # rotate the order so no method always follows the same (memory-heavy) one
+        shift = rounds % len(live)
+        for name in live[shift:] + live[:shift]:
+            m = methods[name]
+            t0 = time.perf_counter()
+            for _ in range(m.calls):
+                m.fn()
+            m.samples.append((time.perf_counter() - t0) / m.calls)
+        rounds += 1
+    return rounds
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b``, or ``None`` if either is missing."""
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+# --------------------------------------------------------------------- per model
+
+
+def bench_model(case: Case, budget_s: float, min_rounds: int, max_rounds: int,
+                naive_samples: int) -> dict[str, Any]:  # fmt: skip
+    """Time every method on one model and return its JSON record."""
+    model, x, y, k = case.model, case.x, case.y, case.k
+    B = x.shape[0]
+    n_naive = min(B, naive_samples)
+    x_naive = x[:n_naive]
+    methods: dict[str, Timed] = {
+        "fwd+bwd": Timed(step_fn(model, x, y)),
+        "forward": Timed(forward_fn(model, x)),
+        "exact (default chunk)": Timed(gc(model, x, method="exact")),
+        "exact chunk_size=1": Timed(gc(model, x, method="exact", chunk_size=1)),
+        f"exact chunk_size={k}": Timed(gc(model, x, method="exact", chunk_size=k)),
+        "projection, 1 probe": Timed(gc(model, x, method="projection", num_probes=1)),
+        "jvp, 1 probe": Timed(gc(model, x, method="jvp", num_probes=1)),
+        "vmap(jacrev)": Timed(lambda: vmap_jacrev_sq_norms(model, x)),
+        "naive loop": Timed(
+            lambda: naive_sq_norms(model, x_naive),
+            scale=B / n_naive,
+            note=f"timed on {n_naive} of {B} samples, scaled ×{B / n_naive:g}",
+        ),
+    }
+    load_start = os.getloadavg()[0]
+    rounds = time_interleaved(methods, budget_s, min_rounds, max_rounds)
+    load_end = os.getloadavg()[0]
+
+    # correctness: the timed methods must agree, or the timings mean nothing
+    exact = geocomplexity.jacobian_sq_norms(model, x, method="exact")
+    check: dict[str, Any] = {}
+    if methods["vmap(jacrev)"].error is None:
+        ref = vmap_jacrev_sq_norms(model, x)
+        check["max_rel_err_exact_vs_vmap"] = ((exact - ref).abs() / ref).max().item()
+    ref_naive = naive_sq_norms(model, x_naive)
+    rel = (exact[:n_naive] - ref_naive).abs() / ref_naive
+    check["max_rel_err_exact_vs_naive"] = rel.max().item()
+
+    fwd_bwd = methods["fwd+bwd"].median_ms
+    forward = methods["forward"].median_ms
+    bar = None if forward is None else (1 + k) * forward
+    vmap = methods["vmap(jacrev)"].median_ms
+    rows: dict[str, Any] = {}
+    for name, m in methods.items():
+        med = m.median_ms
+        rows[name] = {
+            "median_ms": med,
+            "min_ms": m.min_ms,
+            "repeats": len(m.samples),
+            "calls_per_repeat": m.calls,
+            "iqr_pct": m.iqr_pct,
+            "x_fwd_bwd": ratio(med, fwd_bwd),
+            "x_vmap_jacrev": ratio(med, vmap),
+            "x_1pk_forwards": ratio(med, bar),
+        }
+        if m.note:
+            rows[name]["note"] = m.note
+        if m.error:
+            rows[name]["error"] = m.error
+    default_chunk = geocomplexity.jacobian._default_chunk(model, k)
+    chunks = {c: rows[f"exact chunk_size={c}"]["median_ms"] for c in (1, k)}
+    return {
+        "name": case.name,
+        "batch": B,
+        "input_shape": list(x.shape[1:]),
+        "outputs_k": k,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "mode": "eval",
+        "rounds": rounds,
+        # 1-minute load average around the timing: above the thread count, other
+        # processes competed for the cores and the timings are inflated
+        "loadavg_1min": [load_start, load_end],
+        "one_plus_k_forwards_ms": bar,
+        "default_chunk_size": default_chunk,
+        "fastest_chunk_size": min(chunks, key=lambda c: chunks[c]),
+        "methods": rows,
+        "check": check,
+    }
+
+
+# ------------------------------------------------------------------------ MNIST-1D
+
+
+def mnist1d_train() -> Tensor:
+    """MNIST-1D's 4000 training inputs, generated offline.
+
+    ``make_dataset`` reseeds numpy's and python's global RNGs; they are restored
+    so the benchmark's own randomness does not depend on whether this ran.
+    """
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        data = make_dataset(get_dataset_args())
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    return torch.as_tensor(data["x"], dtype=torch.float32)
+
+
+def bench_mnist1d(budget_s: float, min_rounds: int, max_rounds: int) -> dict[str, Any]:
+    """Exact data-set GC of model (a) on MNIST-1D vs one epoch of training steps."""
+    case = make_case("a")
+    model = case.model
+    x_train = mnist1d_train()
+    torch.manual_seed(1)
+    y_train = torch.randint(0, 10, (len(x_train),))
+    bs = 512
+    steps = list(zip(x_train.split(bs), y_train.split(bs), strict=True))
+
+    def epoch() -> None:
+        for xb, yb in steps:
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(xb), yb).backward()
+
+    def measure() -> None:
+        geocomplexity.measure(
+            model, x_train, method="exact", batch_size=bs, progress=False
+        )
+
+    methods = {"epoch fwd+bwd": Timed(epoch), "measure exact": Timed(measure)}
+    rounds = time_interleaved(methods, budget_s, min_rounds, max_rounds)
+    ep, gc_ms = methods["epoch fwd+bwd"].median_ms, methods["measure exact"].median_ms
+    return {
+        "model": case.name,
+        "num_samples": len(x_train),
+        "batch_size": bs,
+        "steps_per_epoch": len(steps),
+        "rounds": rounds,
+        "epoch_fwd_bwd_ms": ep,
+        "measure_exact_ms": gc_ms,
+        "x_epoch": ratio(gc_ms, ep),
+        "note": "epoch = 8 fwd+bwd steps over the same 4000 points (last batch 416)",
+    }
+
+
+# -------------------------------------------------------------------- peak memory
+
+
+def _proc_status_mib(field: str) -> float | None:
+    """A ``VmRSS``/``VmHWM`` line of ``/proc/self/status`` in MiB (Linux only)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # the file says kB
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (``VmHWM``) to the current RSS."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_memory_child(chunk: int) -> dict[str, Any]:
+    """In a fresh process: the peak RSS of one exact GC call on the CNN.
+
+    A full-batch forward first brings the allocator to a forward's footprint, and
+    a one-sample GC call pages in the backward kernels' code, so that neither is
+    charged to the call. ``ru_maxrss`` is no use here: Linux carries it over from
+    the parent across fork and exec, so a child of a big parent reports the
+    parent's peak. The per-process ``VmHWM`` is reset just before the call
+    instead, and the extra peak is ``VmHWM`` after minus ``VmRSS`` before.
+    """
+    case = make_case("c")
+    model, x = case.model, case.x
+    with torch.enable_grad():
+        model(x)
+    geocomplexity.geometric_complexity(model, x[:1], method="exact", chunk_size=chunk)
+    gc_module.collect()
+    if _reset_peak_rss() and (before := _proc_status_mib("VmRSS")) is not None:
+        how = "VmHWM after (reset just before) minus VmRSS before"
+    else:  # no /proc: ru_maxrss, which still counts the warm-up forward's peak
+        how = "ru_maxrss after minus before (includes the warm-up's peak)"
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    geocomplexity.geometric_complexity(model, x, method="exact", chunk_size=chunk)
+    peak = _proc_status_mib("VmHWM")
+    if peak is None or how.startswith("ru_maxrss"):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB
+    return {"chunk_size": chunk, "rss_before_mib": before, "peak_rss_mib": peak,
+            "extra_peak_mib": peak - before, "how": how}  # fmt: skip
+
+
+def bench_peak_memory(threads: int) -> dict[str, Any]:
+    """Run :func:`peak_memory_child` in a fresh subprocess per chunk size."""
+    rows = []
+    for chunk in MEMORY_CHUNKS:
+        args = ["--threads", str(threads), "--_peak-mem", str(chunk)]
+        cmd = [sys.executable, __file__, *args]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    return {
+        "model": make_case("c").name,
+        "batch": 128,
+        "how": "fresh subprocess each, after a full-batch forward and a one-sample "
+        "GC call (allocator and code warm); peak RSS during the call minus RSS "
+        "just before it",
+        "rows": rows,
+    }
+
+
+# ---------------------------------------------------------------------------- meta
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``platform.processor()`` is often empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# -------------------------------------------------------------------------- floors
+
+
+def check_floors(models: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's floors, per model, with the measured ratio and pass/fail.
+
+    Exact floors use the default chunking (what users get), and are repeated
+    with the faster of ``chunk_size`` 1 and k, to show whether a better default
+    would pass where the current one fails.
+    """
+    floors = []
+    for key, rec in models.items():
+        m = rec["methods"]
+        best = m[f"exact chunk_size={rec['fastest_chunk_size']}"]
+        # (floor, method row, ratio field, limit)
+        items = [
+            ("exact ≤ vmap(jacrev)", "exact", "x_vmap_jacrev", 1.0),
+            (f"exact ≤ {FLOOR_EXACT_VS_BAR}× (1+k) forwards", "exact",
+             "x_1pk_forwards", FLOOR_EXACT_VS_BAR),
+            (f"projection ≤ {FLOOR_PROJECTION_VS_STEP}× fwd+bwd",
+             "projection, 1 probe", "x_fwd_bwd", FLOOR_PROJECTION_VS_STEP),
+        ]  # fmt: skip
+        if rec["outputs_k"] == 10 and key in "abc":
+            items.append((f"exact ≤ {FLOOR_EXACT_VS_STEP}× fwd+bwd", "exact",
+                          "x_fwd_bwd", FLOOR_EXACT_VS_STEP))  # fmt: skip
+        for name, method, ratio_field, limit in items:
+            value = m["exact (default chunk)" if method == "exact" else method][
+                ratio_field
+            ]
+            row = {
+                "model": rec["name"], "floor": name, "value": value, "limit": limit,
+                "pass": None if value is None else bool(value <= limit),
+            }  # fmt: skip
+            if method == "exact":
+                v = best[ratio_field]
+                row["value_fastest_chunk"] = v
+                row["pass_fastest_chunk"] = None if v is None else bool(v <= limit)
+            floors.append(row)
+    return floors
+
+
+# ------------------------------------------------------------------------ printing
+
+
+def fmt(v: float | None, digits: int = 2) -> str:
+    """A number for the table, or an em dash if missing."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return f"{v:.{digits}f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The README tables."""
+    meta = result["meta"]
+    lines = [
+        f"Geometric-complexity cost on CPU ({meta['threads']} threads, torch "
+        f"{meta['torch']}, {meta['processor']}); median ms, "
+        "ratios to one fwd+bwd step, to `vmap(jacrev)` and to (1+k) forwards, k=10.",
+        "",
+        "| model | method | ms | × fwd+bwd | × vmap(jacrev) | × (1+k) fwd |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for rec in result["models"].values():
+        for name, row in rec["methods"].items():
+            label = name
+            if name == "exact (default chunk)":
+                label = f"exact (default chunk={rec['default_chunk_size']})"
+            if "error" in row:
+                label += " (error)"
+            if "note" in row:
+                label += " ¹"
+            model = f"{rec['name']} (B={rec['batch']})"
+            lines.append(
+                f"| {model} | {label} | {fmt(row['median_ms'], 1)} "
+                f"| {fmt(row['x_fwd_bwd'])} | {fmt(row['x_vmap_jacrev'])} "
+                f"| {fmt(row['x_1pk_forwards'])} |"
+            )
+    lines += ["", "¹ timed on a few samples, scaled to the batch."]
+    errors = [
+        f"- {rec['name']} {name}: `{row['error']}`"
+        for rec in result["models"].values()
+        for name, row in rec["methods"].items()
+        if "error" in row
+    ]
+    if errors:
+        lines += ["", "Errors:", *errors]
+    mn = result["mnist1d"]
+    lines += [
+        "",
+        f"Exact data-set GC, MNIST-1D train ({mn['num_samples']} points, "
+        f"{mn['model']}): {fmt(mn['measure_exact_ms'], 1)} ms = "
+        f"{fmt(mn['x_epoch'])}× one epoch of {mn['steps_per_epoch']} fwd+bwd "
+        f"steps ({fmt(mn['epoch_fwd_bwd_ms'], 1)} ms).",
+        "",
+        "Fastest exact chunk_size: "
+        + ", ".join(
+            f"{rec['name'].split()[0]} {rec['fastest_chunk_size']}"
+            for rec in result["models"].values()
+        )
+        + ".",
+        "",
+        "| floor | model | value | limit | pass | fastest chunk: value | pass |",
+        "|---|---|---:|---:|---|---:|---|",
+    ]
+
+    def yes(ok: bool | None) -> str:
+        return "—" if ok is None else ("yes" if ok else "**no**")
+
+    for f in result["floors"]:
+        lines.append(
+            f"| {f['floor']} | {f['model']} | {fmt(f['value'])} | {f['limit']} "
+            f"| {yes(f['pass'])} | {fmt(f.get('value_fastest_chunk'))} "
+            f"| {yes(f.get('pass_fastest_chunk'))} |"
+        )
+    mem = result.get("peak_memory")
+    if mem:
+        lines += [
+            "",
+            f"Peak memory of exact GC, {mem['model']} B={mem['batch']} (peak RSS "
+            "during the call minus RSS before it, fresh warmed-up process each):",
+            "",
+            "| chunk_size | extra peak MiB | peak RSS MiB |",
+            "|---:|---:|---:|",
+        ]
+        for r in mem["rows"]:
+            lines.append(
+                f"| {r['chunk_size']} | {fmt(r['extra_peak_mib'], 1)} "
+                f"| {fmt(r['peak_rss_mib'], 1)} |"
+            )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, run the benchmark, write JSON and print the tables."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer repeats (development)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--models", default="abcd", help="subset of models, e.g. 'ac'")
+    p.add_argument("--_peak-mem", dest="peak_mem", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    if args.peak_mem is not None:  # the subprocess of bench_peak_memory
+        print(json.dumps(peak_memory_child(args.peak_mem)))
+        return 0
+
+    # (budget seconds per model, min rounds, max rounds, naive-loop samples)
+    budget, lo, hi, naive = (4.0, 3, 10, 2) if args.quick else (35.0, 7, 40, 8)
+    load_start = os.getloadavg()
+    t_start = time.perf_counter()
+    models = {}
+    for key in args.models:
+        case = make_case(key)
+        print(f"timing {case.name} ...", file=sys.stderr, flush=True)
+        models[key] = bench_model(case, budget, lo, hi, naive)
+    print("timing MNIST-1D data-set GC ...", file=sys.stderr, flush=True)
+    mn = bench_mnist1d(budget / 2, lo, hi)
+    print("peak memory ...", file=sys.stderr, flush=True)
+    mem = bench_peak_memory(args.threads)
+
+    result = {
+        "meta": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "machine": platform.machine(),
+            "processor": cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "dtype": "float32",
+            "quick": args.quick,
+            "budget_s_per_model": budget,
+            "rounds_min_max": [lo, hi],
+            "warmup_calls": 2,
+            "statistic": "median over interleaved rounds; a repeat of a call under "
+            "50 ms is the mean of back-to-back calls (calls_per_repeat)",
+            "loadavg_start": load_start,
+            "loadavg_end": None,
+            "wall_s": None,
+        },
+        "models": models,
+        "floors": check_floors(models),
+        "mnist1d": mn,
+        "peak_memory": mem,
+    }
+    result["meta"]["wall_s"] = time.perf_counter() - t_start
+    # other processes on the cores make OpenMP threads wait on each other, which
+    # inflates every timing; a load above the thread count flags such a run
+    result["meta"]["loadavg_end"] = load_end = os.getloadavg()
+    if max(load_start[0], load_end[0]) > args.threads + 0.5:
+        print(
+            f"warning: load average {load_start[0]:.1f} -> {load_end[0]:.1f} exceeds "
+            f"{args.threads} threads; other processes may have slowed the timings",
+            file=sys.stderr,
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    # write then rename, so an interrupted run never leaves a truncated file
+    tmp = args.out.with_suffix(args.out.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(args.out)
+    print(markdown(result))
+    print(f"\nwrote {args.out} in {result['meta']['wall_s']:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
