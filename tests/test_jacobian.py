@@ -310,3 +310,15 @@ def test_no_side_effects(name):
             assert p.requires_grad == r0, kwargs
         assert not x.requires_grad and x.grad is None
         assert torch.equal(torch.get_rng_state(), rng), kwargs
+
+
+def test_train_mode_penalty_graph_survives_and_stats_stay():
+    """mode='train' with create_graph: the result can be backpropagated (no
+    buffer saved in its graph was written to) and running stats do not move."""
+    model, x = make_case("batchnorm")
+    model[3].p = 0.0
+    stats = [b.clone() for b in model.buffers()]
+    v = gcx.jacobian_sq_norms(model, x, mode="train", create_graph=True)
+    v.sum().backward()
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), stats, strict=True))
+    assert model[0].weight.grad is not None

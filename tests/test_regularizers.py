@@ -315,3 +315,44 @@ def test_gc_regularized_training_lowers_gc():
     plain = train(None)
     reg = train(GeometricComplexity(0.05, generator=torch.Generator().manual_seed(0)))
     assert reg < 0.8 * plain, (reg, plain)
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize(
+    "term",
+    [
+        GeometricComplexity(1e-2, subsample=0.5),
+        GeometricComplexity(1e-2, method="jvp"),
+        GradientNorm(1e-2, method="finite_difference"),
+        GradientNorm(1e-2),
+        SpectralNorm(1e-2),
+    ],
+    ids=repr,
+)
+def test_penalty_with_batchnorm_backprops_with_task_loss_and_keeps_stats(term, train):
+    """Terms with a forward pass of their own must not write to buffers that the
+    task loss's graph saved (eval-mode BN saves its running statistics), nor
+    count the batch twice in the running statistics (train mode)."""
+    torch.manual_seed(0)
+    model = (
+        nn.Sequential(
+            nn.Conv2d(2, 4, 3),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(4 * 4 * 4, 3),
+        )
+        .double()
+        .train(train)
+    )
+    x = torch.randn(6, 2, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    if train and isinstance(term, GeometricComplexity) and term.method == "jvp":
+        with pytest.raises(ValueError, match="couples"):
+            term(model, x, y)
+        return
+    out = model(x)  # the task forward moves the statistics once, as in training
+    stats = [b.clone() for b in model.buffers()]
+    loss = F.cross_entropy(out, y) + term(model, x, y, outputs=out)
+    loss.backward()
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), stats, strict=True))

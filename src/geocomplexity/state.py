@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["preserved"]
+__all__ = ["kept_buffers", "preserved"]
 
 
 @contextlib.contextmanager
@@ -49,6 +49,9 @@ def preserved(model: nn.Module, *, mode: str) -> Iterator[None]:
                 if module.training != flag:
                     module.training = flag
         return
+    # BatchNorm writes nothing (see kept_buffers); any other buffer a custom
+    # module changes is copied back, and only if it changed, so that buffers
+    # saved in a graph the caller still differentiates keep their versions
     saved = [(b, b.detach().clone()) for b in model.buffers()]
     tensors = [*model.parameters(), *model.buffers()]
     cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
@@ -56,10 +59,43 @@ def preserved(model: nn.Module, *, mode: str) -> Iterator[None]:
         with torch.random.fork_rng(devices=cuda):
             for module, _ in flags:
                 module.training = True
-            yield
+            with kept_buffers(model):
+                yield
     finally:
         for module, flag in flags:
             module.training = flag
         with torch.no_grad():
             for buf, value in saved:
-                buf.copy_(value)
+                if not torch.equal(buf, value):
+                    buf.copy_(value)
+
+
+@contextlib.contextmanager
+def kept_buffers(model: nn.Module) -> Iterator[None]:
+    """Run an extra forward pass that leaves BatchNorm's running statistics alone.
+
+    A penalty that runs its own forward pass during training would otherwise
+    count the batch twice in the running statistics; and writing to those
+    buffers at all (an update, or copying old values back) bumps their version,
+    which breaks the backward pass of the task loss's graph, where BatchNorm
+    saved them. So train-mode BatchNorm layers normalise with the batch's
+    statistics, as they do anyway, but with ``track_running_stats`` switched
+    off for the block: nothing is written. Eval-mode layers write nothing.
+
+    Yields:
+        Nothing.
+    """
+    bns = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and m.training
+        and m.track_running_stats
+    ]
+    try:
+        for m in bns:
+            m.track_running_stats = False
+        yield
+    finally:
+        for m in bns:
+            m.track_running_stats = True

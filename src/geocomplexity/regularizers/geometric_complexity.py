@@ -23,6 +23,7 @@ from geocomplexity.jacobian import (
 )
 from geocomplexity.probes import check_distribution, draw_probes, resolve_generator
 from geocomplexity.regularizers.base import LossFn, Regularizer, check_strength
+from geocomplexity.state import kept_buffers
 
 __all__ = ["GeometricComplexity"]
 
@@ -124,15 +125,13 @@ class GeometricComplexity(Regularizer):
                 )
             # a forward pass of its own, in the model's current mode; running
             # statistics are put back so the batch is not counted twice
-            saved = [(b, b.detach().clone()) for b in model.buffers()]
             xg = x.detach().requires_grad_(self.method != "jvp")
-            if self.method == "jvp":
-                values = self._jvp(model, xg, gen)
-            else:
-                values = self._norms(model, xg, _select(model, xg, None), gen, coupled)
-            with torch.no_grad():
-                for b, v in saved:
-                    b.copy_(v)
+            with kept_buffers(model):
+                if self.method == "jvp":
+                    values = self._jvp(model, xg, gen)
+                else:
+                    out = _select(model, xg, None)
+                    values = self._norms(model, xg, out, gen, coupled)
         return self.strength * values.mean()
 
     def _norms(

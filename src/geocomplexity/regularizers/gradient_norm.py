@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from geocomplexity.regularizers.base import LossFn, Regularizer, check_strength
+from geocomplexity.state import kept_buffers
 
 __all__ = ["GradientNorm"]
 
@@ -89,17 +90,11 @@ class GradientNorm(Regularizer):
             n: (p + r * g).detach().requires_grad_(True)
             for n, p, g in zip(names, params, grads, strict=True)
         }
-        buffers = [(b, b.detach().clone()) for b in model.buffers()]
-        try:
-            with torch.enable_grad():
-                out = torch.func.functional_call(model, shifted_params, (inputs,))
-                shifted = torch.autograd.grad(
-                    loss_fn(out, targets), list(shifted_params.values())
-                )
-        finally:
-            with torch.no_grad():
-                for b, s in buffers:
-                    b.copy_(s)
+        with kept_buffers(model), torch.enable_grad():
+            out = torch.func.functional_call(model, shifted_params, (inputs,))
+            shifted = torch.autograd.grad(
+                loss_fn(out, targets), list(shifted_params.values())
+            )
         hg = [(s - g) / r for s, g in zip(shifted, grads, strict=True)]
         # value λ‖g‖², gradient 2λHg, without a second-order graph
         link = sum((p * (2 * h)).sum() for p, h in zip(params, hg, strict=True))
