@@ -1,0 +1,249 @@
+r"""The transfer theorem and the norm bounds on geometric complexity.
+
+**Transfer theorem** (Dherin et al. 2022, Thm. 5.1, for a dense network with
+biases). Let layer :math:`l` compute :math:`z_l = W_l h_l + b_l` from its input
+:math:`h_l` (:math:`h_1 = x`), and let :math:`f` be any scalar output. Since
+:math:`\partial f/\partial W_l = \delta_l h_l^\top` and
+:math:`\partial f/\partial b_l = \delta_l` with
+:math:`\delta_l=\partial f/\partial z_l`,
+
+.. math::
+
+    \|\nabla_\theta f\|^2 = \sum_l \|\delta_l\|^2 (1 + \|h_l\|^2), \qquad
+    \|\nabla_x f\| \le \|\nabla_x h_l\|_2\,\|W_l\|_2\,\|\delta_l\|,
+
+so :math:`T_l^2 \|\nabla_x f\|^2 \le \|\nabla_{\theta_l} f\|^2` for every layer with
+:math:`T_l^2 = (1+\|h_l\|^2)/(\|W_l\|_2^2\,\|\nabla_x h_l\|_2^2)`, and summing over
+layers
+
+.. math::  \|\nabla_x f\|^2 \le \frac{\|\nabla_\theta f\|^2}{\sum_l T_l^2}.
+
+Operator (spectral) norms give the tightest valid bound; without biases the
+"1 +" drops out. Summed over the k outputs it bounds
+:math:`\|\nabla_x g\|_F^2`.
+
+**Norm bounds** (ReLU networks, :math:`|\sigma'|\le 1`):
+:math:`\mathrm{GC} \le \|W_L\|_F^2\prod_{i<L}\|W_i\|_2^2 \le \prod_i\|W_i\|_F^2`
+(the link to L2 regularization) and
+:math:`\mathrm{GC} \le \min(d, k)\prod_i \|W_i\|_2^2` (the Lipschitz link to
+spectral-norm regularization).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from geocomplexity.jacobian import check_input
+from geocomplexity.state import preserved
+
+__all__ = ["TransferBound", "norm_bounds", "transfer_bound"]
+
+#: Elementwise activations the transfer theorem accepts between layers.
+_ACTIVATIONS = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.Tanh,
+    nn.Identity,
+    nn.GELU,
+    nn.Sigmoid,
+    nn.ELU,
+    nn.Softplus,
+    nn.SiLU,
+    nn.Hardtanh,
+)
+
+
+#: Those with |σ'| ≤ 1 everywhere, which the norm bounds need (GELU and SiLU
+#: overshoot slightly).
+_ONE_LIPSCHITZ = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.Tanh,
+    nn.Identity,
+    nn.Sigmoid,
+    nn.ELU,
+    nn.Softplus,
+    nn.Hardtanh,
+)
+
+
+def _linear_layers(
+    model: nn.Module, allowed: tuple[type[nn.Module], ...] = _ACTIVATIONS
+) -> list[nn.Linear]:
+    """The Linear layers of a dense Sequential network, or a clear error.
+
+    Raises:
+        TypeError: not a Sequential of Linear layers and elementwise activations.
+    """
+    if not isinstance(model, nn.Sequential):
+        raise TypeError(
+            "the bounds are stated for dense networks: give an nn.Sequential of "
+            f"Linear layers and elementwise activations, not {type(model).__name__}"
+        )
+    layers = []
+    for m in model:
+        if isinstance(m, nn.Linear):
+            layers.append(m)
+        elif not isinstance(m, (*allowed, nn.Flatten)):
+            raise TypeError(
+                f"{type(m).__name__} is not a Linear layer or an accepted "
+                "elementwise activation; these bounds cover dense networks with "
+                f"{', '.join(a.__name__ for a in allowed)}"
+            )
+    if not layers:
+        raise TypeError("the network has no Linear layer")
+    return layers
+
+
+@dataclass(frozen=True)
+class TransferBound:
+    r"""Both sides of the transfer theorem, per sample and per output.
+
+    Attributes:
+        input_grad_sq: ``(B, k)`` — :math:`\|\nabla_x f_j(x_i)\|^2`.
+        param_grad_sq: ``(B, k)`` — :math:`\|\nabla_\theta f_j(x_i)\|^2`.
+        t_sq: ``(B, L)`` — :math:`T_l^2` per sample and layer.
+        bound: ``(B, k)`` — :math:`\|\nabla_\theta f_j\|^2 / \sum_l T_l^2`.
+    """
+
+    input_grad_sq: Tensor
+    param_grad_sq: Tensor
+    t_sq: Tensor
+    bound: Tensor
+
+    @property
+    def holds(self) -> Tensor:
+        """``(B, k)`` booleans: the inequality, with 1e-6 relative slack."""
+        return self.input_grad_sq <= self.bound * (1 + 1e-6) + 1e-30
+
+    @property
+    def tightness(self) -> Tensor:
+        """``(B, k)``: left over right side; ≤ 1 where it holds, NaN for 0/0."""
+        return self.input_grad_sq / self.bound
+
+
+def transfer_bound(model: nn.Module, x: Tensor) -> TransferBound:
+    """Evaluate the transfer theorem on a dense network, per sample and output.
+
+    Args:
+        model: an ``nn.Sequential`` of ``Linear`` layers and elementwise
+            activations; measured in eval mode and left as found.
+        x: inputs ``(B, d)``.
+
+    Returns:
+        A :class:`TransferBound`.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(),
+        ...                           torch.nn.Linear(8, 2))
+        >>> bool(transfer_bound(net, torch.randn(16, 3)).holds.all())
+        True
+    """
+    layers = _linear_layers(model)
+    check_input(x)
+    x = x.detach().reshape(x.shape[0], -1)
+    B = x.shape[0]
+    h_in: list[Tensor] = []
+    z_out: list[Tensor] = []
+
+    def keep(_m: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
+        h_in.append(args[0])
+        out.retain_grad()
+        z_out.append(out)
+
+    with preserved(model, mode="eval"), torch.enable_grad():
+        handles = [lin.register_forward_hook(keep) for lin in layers]
+        try:
+            xg = x.clone().requires_grad_(True)
+            out = model(xg).reshape(B, -1)
+        finally:
+            for handle in handles:
+                handle.remove()
+        k = out.shape[1]
+        input_sq = x.new_zeros(B, k)
+        param_sq = x.new_zeros(B, k)
+        for j in range(k):
+            for z in z_out:
+                z.grad = None
+            xg.grad = None
+            out[:, j].sum().backward(retain_graph=j < k - 1, inputs=[xg, *z_out])
+            # samples are independent in a dense network: row i is sample i's
+            input_sq[:, j] = xg.grad.pow(2).sum(1)
+            for lin, h, z in zip(layers, h_in, z_out, strict=True):
+                delta_sq = z.grad.pow(2).sum(1)
+                bias = 1.0 if lin.bias is not None else 0.0
+                param_sq[:, j] += delta_sq * (bias + h.detach().pow(2).sum(1))
+        t_sq = torch.stack(
+            [
+                _t_sq(lin, h.detach(), _jacobian_opnorm(model, x, i))
+                for i, (lin, h) in enumerate(zip(layers, h_in, strict=True))
+            ],
+            dim=1,
+        )
+    bound = param_sq / t_sq.sum(1, keepdim=True)
+    return TransferBound(input_sq.detach(), param_sq.detach(), t_sq, bound.detach())
+
+
+def _t_sq(lin: nn.Linear, h: Tensor, jac_norm: Tensor) -> Tensor:
+    """T_l² per sample.
+
+    Infinite where h_l does not depend on x: then f does not either, and the
+    bound is 0, equal to the left side.
+    """
+    w = torch.linalg.matrix_norm(lin.weight.detach(), ord=2)
+    bias = 1.0 if lin.bias is not None else 0.0
+    return (bias + h.pow(2).sum(1)) / (w**2 * jac_norm**2)
+
+
+def _jacobian_opnorm(model: nn.Sequential, x: Tensor, layer: int) -> Tensor:
+    """‖∂h_l/∂x‖₂ per sample, h_l the input of the ``layer``-th Linear layer."""
+    if layer == 0:
+        return x.new_ones(x.shape[0])
+    seen = -1
+    prefix = []
+    for m in model:
+        if isinstance(m, nn.Linear):
+            seen += 1
+            if seen == layer:
+                break
+        prefix.append(m)
+    head = nn.Sequential(*prefix)
+
+    def single(xi: Tensor) -> Tensor:
+        return head(xi[None])[0]
+
+    with torch.no_grad():
+        J = torch.func.vmap(torch.func.jacfwd(single))(x)  # (B, d_l, d)
+    return torch.linalg.matrix_norm(J, ord=2)
+
+
+def norm_bounds(model: nn.Module) -> dict[str, float]:
+    """Upper bounds on the GC of a dense network with 1-Lipschitz activations.
+
+    Args:
+        model: an ``nn.Sequential`` of ``Linear`` layers and such activations.
+
+    Returns:
+        ``{"frobenius_spectral": ‖W_L‖_F² Π_{i<L} ‖W_i‖₂²,
+        "frobenius": Π ‖W_i‖_F², "lipschitz": min(d, k) Π ‖W_i‖₂²}``; each is
+        ≥ the GC on any data.
+    """
+    layers = _linear_layers(model, _ONE_LIPSCHITZ)
+    if any(isinstance(m, nn.LeakyReLU) and abs(m.negative_slope) > 1 for m in model):
+        raise TypeError("a LeakyReLU with |slope| > 1 is not 1-Lipschitz")
+    with torch.no_grad():
+        spec = [
+            torch.linalg.matrix_norm(lin.weight, ord=2).item() ** 2 for lin in layers
+        ]
+        frob = [lin.weight.pow(2).sum().item() for lin in layers]
+    d, k = layers[0].in_features, layers[-1].out_features
+    return {
+        "frobenius_spectral": frob[-1] * math.prod(spec[:-1]),
+        "frobenius": math.prod(frob),
+        "lipschitz": min(d, k) * math.prod(spec),
+    }

@@ -1,0 +1,103 @@
+"""The transfer theorem and the norm bounds against brute force."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import per_sample_sq_norms
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+import geocomplexity as gcx
+from geocomplexity.bounds import norm_bounds, transfer_bound
+
+
+def mlp(act: type[nn.Module], bias: bool = True, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(5, 16, bias=bias),
+        act(),
+        nn.Linear(16, 12, bias=bias),
+        act(),
+        nn.Linear(12, 3, bias=bias),
+    ).double()
+
+
+def param_grad_sq_reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    cols = []
+    for j in range(3):
+
+        def f(p, xi, j=j):
+            return functional_call(model, p, (xi[None],))[0, j]
+
+        g = vmap(grad(f), in_dims=(None, 0))(params, x)
+        cols.append(sum(v.pow(2).flatten(1).sum(1) for v in g.values()))
+    return torch.stack(cols, 1)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh, nn.GELU])
+@pytest.mark.parametrize("bias", [True, False])
+def test_transfer_sides_against_brute_force_and_inequality_holds(act, bias):
+    model = mlp(act, bias)
+    x = torch.randn(200, 5, dtype=torch.float64) * 2
+    t = transfer_bound(model, x)
+    assert t.input_grad_sq.shape == (200, 3) and t.t_sq.shape == (200, 3)
+    assert torch.allclose(
+        t.param_grad_sq, param_grad_sq_reference(model, x), rtol=1e-10
+    )
+    assert torch.allclose(
+        t.input_grad_sq.sum(1), per_sample_sq_norms(model, x), rtol=1e-10
+    )
+    assert t.holds.all()
+    assert (t.tightness <= 1 + 1e-6).all() and (t.tightness > 0).all()
+
+
+def test_transfer_is_exact_for_one_linear_layer():
+    """f_j = w_j·x + b_j: the right side is ‖W‖₂² for every j and sample."""
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Linear(4, 3)).double()
+    x = torch.randn(10, 4, dtype=torch.float64)
+    t = transfer_bound(lin, x)
+    w2 = torch.linalg.matrix_norm(lin[0].weight, ord=2) ** 2
+    assert torch.allclose(t.bound, w2.expand(10, 3), rtol=1e-12)
+    assert torch.allclose(t.input_grad_sq, lin[0].weight.pow(2).sum(1).expand(10, 3))
+
+
+def test_transfer_detects_a_violation_when_fed_a_false_bound():
+    """The check can fail: scaling the right side below the left is caught."""
+    model = mlp(nn.ReLU)
+    t = transfer_bound(model, torch.randn(50, 5, dtype=torch.float64))
+    fake = type(t)(t.input_grad_sq, t.param_grad_sq, t.t_sq, t.input_grad_sq * 0.9)
+    assert not fake.holds.any()
+
+
+def test_transfer_leaves_model_as_found_and_rejects_other_models():
+    model = mlp(nn.ReLU).train()
+    x = torch.randn(8, 5, dtype=torch.float64)
+    before = [p.clone() for p in model.parameters()]
+    transfer_bound(model, x)
+    assert model.training
+    assert all(p.grad is None for p in model.parameters())
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True)
+    )
+    with pytest.raises(TypeError, match="dense"):
+        transfer_bound(nn.Sequential(nn.Conv1d(1, 2, 3)), x[:, None, :])
+    with pytest.raises(TypeError, match="Sequential"):
+        transfer_bound(nn.Linear(5, 2).double(), x)
+
+
+def test_norm_bounds_refuse_activations_steeper_than_one():
+    with pytest.raises(TypeError, match="GELU"):
+        norm_bounds(mlp(nn.GELU))
+
+
+def test_norm_bounds_dominate_gc_in_order():
+    for seed in range(3):
+        model = mlp(nn.ReLU, seed=seed)
+        x = torch.randn(300, 5, dtype=torch.float64) * 3
+        gc = gcx.geometric_complexity(model, x).item()
+        b = norm_bounds(model)
+        assert gc <= b["frobenius_spectral"] <= b["frobenius"]
+        assert gc <= b["lipschitz"]
