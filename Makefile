@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 
 demo: $(STAMP)
 	$(PY) -m geocomplexity.demo
+	$(VENV)/bin/geocomplexity reproduce all --preset quick --out results
 
 test: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks

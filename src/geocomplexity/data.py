@@ -6,13 +6,16 @@ global random state as it found it.
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["Split", "load_mnist1d"]
+__all__ = ["DATASETS", "Split", "load", "load_digits", "load_mnist1d"]
+
+DATASETS = ("mnist1d", "digits")
 
 
 @dataclass(frozen=True)
@@ -73,3 +76,47 @@ def load_mnist1d(num_samples: int = 5000, seed: int = 42) -> Split:
         torch.as_tensor(d["y_test"], dtype=torch.int64),
         num_classes=10,
     )
+
+
+def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Split:
+    """scikit-learn's 8×8 digits, shipped with the package: 1797 images.
+
+    Flattened to 64-d vectors scaled to [0, 1] and split at random (fixed by
+    ``seed``).
+
+    Returns:
+        A :class:`Split` (1438 train, 359 test for the defaults).
+
+    Raises:
+        ImportError: scikit-learn is missing.
+    """
+    try:
+        from sklearn.datasets import load_digits as sk_load_digits
+    except ImportError as err:
+        raise ImportError(
+            "digits needs scikit-learn: pip install 'geocomplexity[data]'"
+        ) from err
+    d = sk_load_digits()
+    x = torch.as_tensor(d.data, dtype=torch.float32) / 16.0
+    y = torch.as_tensor(d.target, dtype=torch.int64)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    n_test = round(test_fraction * len(x))
+    test, train = order[:n_test], order[n_test:]
+    return Split(x[train], y[train], x[test], y[test], num_classes=10)
+
+
+@functools.lru_cache(maxsize=4)
+def load(name: str) -> Split:
+    """A data set by name, cached in the process: ``"mnist1d"`` or ``"digits"``.
+
+    Returns:
+        Its :class:`Split`.
+
+    Raises:
+        ValueError: unknown name.
+    """
+    if name == "mnist1d":
+        return load_mnist1d()
+    if name == "digits":
+        return load_digits()
+    raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")

@@ -1,0 +1,134 @@
+"""The ``geocomplexity`` command: list, reproduce and report the paper's claims.
+
+Examples::
+
+    geocomplexity list
+    geocomplexity reproduce init-depth --preset smoke --out results
+    geocomplexity reproduce all --preset quick --out results
+    geocomplexity report results
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    from geocomplexity.data import DATASETS
+    from geocomplexity.experiments import EXPERIMENTS, PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="geocomplexity",
+        description="Reproduce the claims of 'Why neural networks find simple "
+        "solutions: the many regularizers of geometric complexity'.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="name the experiments and what each claims")
+    rep = sub.add_parser("reproduce", help="run an experiment (resumable)")
+    rep.add_argument(
+        "name",
+        choices=[*EXPERIMENTS, "all"],
+        help="an experiment, or all of them then the report",
+    )
+    rep.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default="quick",
+        help="smoke: seconds; quick: minutes (default); paper: more",
+    )
+    rep.add_argument("--dataset", choices=DATASETS, default="mnist1d")
+    rep.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results"),
+        help="output folder (default: results)",
+    )
+    rep.add_argument(
+        "--seeds",
+        type=_positive,
+        default=None,
+        help="seeds per configuration (default: the preset's)",
+    )
+    rep.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        help="runs in parallel processes (default 1)",
+    )
+    report = sub.add_parser("report", help="write DIR/report.html and print claims")
+    report.add_argument("dir", type=Path)
+    return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script.
+
+    Returns:
+        The exit status: 0 on success, 2 for bad arguments or a missing folder.
+    """
+    args = _parser().parse_args(argv)  # exits with status 2 on bad arguments
+    from geocomplexity.experiments import EXPERIMENTS, reproduce_one
+    from geocomplexity.experiments.report import (
+        claims_table,
+        collect_claims,
+        write_report,
+    )
+
+    if args.command == "list":
+        for name, exp in EXPERIMENTS.items():
+            print(f"{name:14s} {exp.claim}")
+        return 0
+    if args.command == "report":
+        if not args.dir.is_dir():
+            print(f"geocomplexity: error: no such folder: {args.dir}", file=sys.stderr)
+            return 2
+        try:
+            path = write_report(args.dir)
+        except FileNotFoundError as err:
+            print(f"geocomplexity: error: {err}", file=sys.stderr)
+            return 2
+        print(claims_table(collect_claims(args.dir)))
+        print(f"\nreport: {path}")
+        return 0
+    names = list(EXPERIMENTS) if args.name == "all" else [args.name]
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    for name in names:
+        outcome = reproduce_one(
+            EXPERIMENTS[name],
+            args.out,
+            preset=args.preset,
+            dataset=args.dataset,
+            seeds=args.seeds,
+            workers=args.workers,
+        )
+        held = sum(c.passed for c in outcome.claims)
+        print(
+            f"{name}: {held}/{len(outcome.claims)} claims hold "
+            f"({time.perf_counter() - start:.0f} s so far)"
+        )
+    if args.name == "all":
+        path = write_report(args.out)
+        print()
+        print(claims_table(collect_claims(args.out)))
+        print(f"\nreport: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

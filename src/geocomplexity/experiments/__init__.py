@@ -1,0 +1,24 @@
+"""One experiment per claim of the paper, a resumable runner, claims, a report.
+
+``EXPERIMENTS`` maps each command-line name to its experiment.
+"""
+
+from geocomplexity.experiments.base import PRESETS, Experiment, Outcome, reproduce_one
+from geocomplexity.experiments.claims import Claim, spearman
+from geocomplexity.experiments.init_depth import InitDepth
+from geocomplexity.experiments.runner import Run, run_sweep
+from geocomplexity.experiments.transfer import Transfer
+
+EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (InitDepth(), Transfer())}
+
+__all__ = [
+    "EXPERIMENTS",
+    "PRESETS",
+    "Claim",
+    "Experiment",
+    "Outcome",
+    "Run",
+    "reproduce_one",
+    "run_sweep",
+    "spearman",
+]

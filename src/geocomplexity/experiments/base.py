@@ -1,0 +1,119 @@
+"""The experiment protocol and the function that reproduces one experiment.
+
+An experiment is data plus machinery: :meth:`Experiment.runs` lists frozen
+configs for a preset, :meth:`Experiment.execute` turns one config into a
+JSON-serialisable result, :meth:`Experiment.analyze` computes claims and table
+rows from all results, and :meth:`Experiment.plot` draws figures from results
+alone (it never trains).
+"""
+
+from __future__ import annotations
+
+import abc
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from geocomplexity.experiments.claims import Claim, write_claims
+from geocomplexity.experiments.runner import Run, run_sweep
+
+__all__ = ["PRESETS", "Experiment", "Outcome", "reproduce_one"]
+
+PRESETS = ("smoke", "quick", "paper")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What reproducing one experiment produced.
+
+    Attributes:
+        name: the experiment.
+        directory: where its files are.
+        claims: the computed claims.
+        figures: the figure files.
+    """
+
+    name: str
+    directory: Path
+    claims: list[Claim]
+    figures: list[Path]
+
+
+class Experiment(abc.ABC):
+    """Abstract base: subclasses are final and registered by name."""
+
+    #: the command-line name, e.g. ``"init-depth"``
+    name: str
+    #: what the experiment claims, one sentence
+    claim: str
+
+    @abc.abstractmethod
+    def runs(self, preset: str, dataset: str, seeds: int | None) -> list[Run]:
+        """The sweep for a preset (``seeds`` overrides its seed count)."""
+
+    @abc.abstractmethod
+    def execute(self, run: Run) -> dict[str, Any]:
+        """One run's result (JSON-serialisable)."""
+
+    @abc.abstractmethod
+    def analyze(
+        self, records: Sequence[dict[str, Any]], dataset: str
+    ) -> tuple[list[Claim], list[dict[str, Any]]]:
+        """Claims and ``results.csv`` rows from the finished runs."""
+
+    @abc.abstractmethod
+    def plot(
+        self, records: Sequence[dict[str, Any]], directory: Path, suffix: str
+    ) -> list[Path]:
+        """Draw the figures into ``directory`` as ``<figure><suffix>.png``."""
+
+
+def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(c for c in row if c not in columns)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def reproduce_one(
+    experiment: Experiment,
+    out: Path,
+    *,
+    preset: str = "quick",
+    dataset: str = "mnist1d",
+    seeds: int | None = None,
+    workers: int = 1,
+    progress: bool | None = None,
+) -> Outcome:
+    """Run (or resume) an experiment's sweep, then write its results and figures.
+
+    Files: ``out/NAME/runs/*.json``, ``results.csv``, ``claims.json``,
+    ``*.png``. Different presets and data sets share the run folder: a run is
+    identified by its config, so nothing is computed twice.
+
+    Returns:
+        The :class:`Outcome`.
+    """
+    directory = out / experiment.name
+    runs = experiment.runs(preset, dataset, seeds)
+    records = run_sweep(
+        runs,
+        experiment.execute,
+        directory,
+        workers=workers,
+        progress=progress,
+        desc=experiment.name,
+    )
+    claims, rows = experiment.analyze(records, dataset)
+    suffix = "" if dataset == "mnist1d" else f"-{dataset}"
+    _write_csv(directory / f"results{suffix}.csv", rows)
+    write_claims(directory / f"claims{suffix}.json", claims)
+    figures = experiment.plot(records, directory, suffix)
+    return Outcome(experiment.name, directory, claims, figures)

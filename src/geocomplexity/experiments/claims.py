@@ -1,0 +1,116 @@
+"""Claims: a statistic computed from runs, a threshold, and a verdict.
+
+Verdicts are computed, never written by hand: a claim that fails is reported as
+failed, with its statistic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["Claim", "load_claims", "spearman", "write_claims"]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One checkable statement of the paper.
+
+    Attributes:
+        claim: the statement, in words.
+        statistic: what was computed (``"Spearman(depth, GC)"``).
+        value: its value.
+        threshold: the comparison that decides, e.g. ``"<= -0.9"``.
+        passed: whether ``value`` satisfies ``threshold``.
+        n: how many numbers the statistic rests on.
+        dataset: the data set it was computed on.
+    """
+
+    claim: str
+    statistic: str
+    value: float
+    threshold: str
+    passed: bool
+    n: int
+    dataset: str = ""
+
+    @classmethod
+    def check(
+        cls,
+        claim: str,
+        statistic: str,
+        value: float,
+        op: str,
+        limit: float,
+        n: int,
+        dataset: str = "",
+    ) -> Claim:
+        """Build a claim and decide it: ``value op limit``, NaN never passes.
+
+        Returns:
+            The claim with its verdict.
+
+        Raises:
+            ValueError: unknown comparison.
+        """
+        ops = {
+            "<=": value <= limit,
+            ">=": value >= limit,
+            "<": value < limit,
+            ">": value > limit,
+        }
+        if op not in ops:
+            raise ValueError(f"unknown comparison {op!r}")
+        passed = bool(ops[op]) and not math.isnan(value)
+        return cls(
+            claim, statistic, float(value), f"{op} {limit:g}", passed, n, dataset
+        )
+
+
+def _ranks(v: torch.Tensor) -> torch.Tensor:
+    """Ranks with ties averaged (1-based)."""
+    order = torch.argsort(v, stable=True)
+    ranks = torch.empty_like(v)
+    ranks[order] = torch.arange(1, len(v) + 1, dtype=v.dtype)
+    for value in torch.unique(v):
+        tied = v == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (ties averaged); NaN if either is constant.
+
+    Returns:
+        The correlation in [-1, 1].
+    """
+    a = torch.as_tensor(list(x), dtype=torch.float64)
+    b = torch.as_tensor(list(y), dtype=torch.float64)
+    if len(a) != len(b):
+        raise ValueError("x and y differ in length")
+    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = (ra.pow(2).sum() * rb.pow(2).sum()).sqrt()
+    return math.nan if denom == 0 else (ra @ rb / denom).item()
+
+
+def write_claims(path: Path, claims: Sequence[Claim]) -> None:
+    """Write ``claims.json`` (a list of dicts) atomically."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps([asdict(c) for c in claims], indent=1))
+    tmp.replace(path)
+
+
+def load_claims(path: Path) -> list[Claim]:
+    """Read what :func:`write_claims` wrote.
+
+    Returns:
+        The claims.
+    """
+    return [Claim(**d) for d in json.loads(path.read_text())]

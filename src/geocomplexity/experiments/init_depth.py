@@ -1,0 +1,158 @@
+r"""``init-depth``: deeper networks start with lower geometric complexity.
+
+For a bias-free ReLU MLP, :math:`\mathbb{E}\,\mathrm{GC}_{init} \approx k\prod_l
+\sigma_l^2\,\mathrm{fan\_in}_l\,2^{-(L-1)}`: it decays exponentially with depth
+under the PyTorch-default, LeCun and Glorot schemes, and stays near :math:`2k`
+under He initialization, the predicted exception.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from geocomplexity.data import load
+from geocomplexity.experiments.base import Experiment
+from geocomplexity.experiments.claims import Claim, spearman
+from geocomplexity.experiments.runner import Run
+from geocomplexity.measure import measure
+from geocomplexity.models import INITS, mlp
+
+_PRESETS = {
+    "smoke": {"depths": [1, 2, 4], "width": 32, "seeds": 2, "points": 200},
+    "quick": {"depths": [1, 2, 4, 8, 16, 32], "width": 128, "seeds": 5, "points": 1000},
+    "paper": {
+        "depths": [1, 2, 4, 8, 16, 32],
+        "width": 256,
+        "seeds": 10,
+        "points": 1000,
+    },
+}
+_FALLING = ("default", "glorot", "lecun")
+
+
+class InitDepth(Experiment):
+    """GC at initialization against depth, per init scheme."""
+
+    name = "init-depth"
+    claim = (
+        "GC at initialization falls with depth under PyTorch-default, Glorot and "
+        "LeCun init (Spearman <= -0.9); He init is the predicted exception"
+    )
+
+    def runs(self, preset: str, dataset: str, seeds: int | None) -> list[Run]:  # noqa: D102
+        p = _PRESETS[preset]
+        return [
+            Run.make(
+                self.name,
+                seed,
+                dataset=dataset,
+                init=init,
+                depth=depth,
+                width=p["width"],
+                points=p["points"],
+            )
+            for init in INITS
+            for depth in p["depths"]
+            for seed in range(seeds or p["seeds"])
+        ]
+
+    def execute(self, run: Run) -> dict[str, Any]:  # noqa: D102
+        data = load(run["dataset"])
+        x = data.x_test[: run["points"]]
+        model = mlp(
+            x.shape[1],
+            [run["width"]] * run["depth"],
+            data.num_classes,
+            init=run["init"],
+            seed=run.seed,
+        )
+        gc = measure(model, x, method="exact", progress=False)
+        # a 1-D slice of logit 0 along the segment between two test points
+        t = torch.linspace(0, 1, 101)[:, None]
+        with torch.no_grad():
+            line = model(x[0] + t * (x[1] - x[0]))[:, 0]
+        return {"gc": gc.value, "gc_stderr": gc.stderr, "slice": line.tolist()}
+
+    def analyze(  # noqa: D102
+        self, records: Sequence[dict[str, Any]], dataset: str
+    ) -> tuple[list[Claim], list[dict[str, Any]]]:
+        rows = [{**r["config"], "gc": r["result"]["gc"]} for r in records]
+        claims = []
+        for init in INITS:
+            mine = [r for r in rows if r["init"] == init]
+            rho = spearman([r["depth"] for r in mine], [r["gc"] for r in mine])
+            if init in _FALLING:
+                claims.append(
+                    Claim.check(
+                        f"GC at init falls with depth ({init} init)",
+                        "Spearman(depth, GC)",
+                        rho,
+                        "<=",
+                        -0.9,
+                        len(mine),
+                        dataset,
+                    )
+                )
+            else:
+                claims.append(
+                    Claim.check(
+                        "He init is the exception: GC at init does not fall with depth",
+                        "Spearman(depth, GC)",
+                        rho,
+                        ">",
+                        -0.9,
+                        len(mine),
+                        dataset,
+                    )
+                )
+        return claims, rows
+
+    def plot(  # noqa: D102
+        self, records: Sequence[dict[str, Any]], directory: Path, suffix: str
+    ) -> list[Path]:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        depths = sorted({r["config"]["depth"] for r in records})
+        for init in INITS:
+            means = [
+                statistics.fmean(
+                    r["result"]["gc"]
+                    for r in records
+                    if r["config"]["init"] == init and r["config"]["depth"] == d
+                )
+                for d in depths
+            ]
+            ax.plot(depths, means, "o-", label=init)
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="hidden layers",
+            ylabel="GC at initialization (mean over seeds)",
+            title="GC at init against depth",
+        )
+        ax.set_xticks(depths, [str(d) for d in depths])
+        ax.legend()
+        for r in records:
+            c = r["config"]
+            if c["init"] == "default" and c["seed"] == 0:
+                ax2.plot(r["result"]["slice"], label=f"depth {c['depth']}")
+        ax2.set(
+            xlabel="position on the segment between two test points",
+            ylabel="logit 0",
+            title="1-D slices, PyTorch-default init",
+        )
+        ax2.legend(fontsize=7)
+        fig.tight_layout()
+        path = directory / f"init_depth{suffix}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return [path]

@@ -1,0 +1,141 @@
+"""``geocomplexity report DIR``: one self-contained HTML page and a terminal table.
+
+Reads only what the experiments wrote (claims, figures, run records); it never
+trains or measures.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from geocomplexity.experiments.claims import Claim, load_claims
+
+__all__ = ["claims_table", "collect_claims", "write_report"]
+
+
+def collect_claims(out: Path) -> list[tuple[str, Claim]]:
+    """Every ``(experiment, claim)`` under ``out``, data sets included.
+
+    Returns:
+        The claims in experiment order.
+    """
+    found = []
+    for path in sorted(out.glob("*/claims*.json")):
+        found.extend((path.parent.name, c) for c in load_claims(path))
+    return found
+
+
+def claims_table(claims: list[tuple[str, Claim]]) -> str:
+    """A plain-text table of the claims for the terminal.
+
+    Returns:
+        The table.
+    """
+    head = ("experiment", "data", "claim", "statistic", "value", "threshold", "verdict")
+    rows = [head] + [
+        (
+            name,
+            c.dataset,
+            c.claim,
+            c.statistic,
+            f"{c.value:.4g}",
+            c.threshold,
+            "PASS" if c.passed else "FAIL",
+        )
+        for name, c in claims
+    ]
+    widths = [min(60, max(len(r[i]) for r in rows)) for i in range(len(head))]
+    lines = []
+    for i, row in enumerate(rows):
+        lines.append(
+            "  ".join(cell[:w].ljust(w) for cell, w in zip(row, widths, strict=True))
+        )
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _configs(directory: Path) -> tuple[dict[str, list], dict[str, str]]:
+    """Each config key with the values it takes, and one run's versions."""
+    values: dict[str, set] = {}
+    versions: dict[str, str] = {}
+    for path in (directory / "runs").glob("*.json"):
+        record = json.loads(path.read_text())
+        versions = record.get("versions", versions)
+        for k, v in record["config"].items():
+            values.setdefault(k, set()).add(json.dumps(v))
+    return {k: sorted(v) for k, v in sorted(values.items())}, versions
+
+
+def write_report(out: Path) -> Path:
+    """Write ``out/report.html`` with every claim, figure and config.
+
+    Returns:
+        The report's path.
+
+    Raises:
+        FileNotFoundError: ``out`` holds no experiment results.
+    """
+    claims = collect_claims(out)
+    if not claims:
+        raise FileNotFoundError(
+            f"{out} holds no experiment results (no */claims.json); run "
+            "`geocomplexity reproduce ...` with --out pointing there first"
+        )
+    esc = html.escape
+    passed = sum(c.passed for _, c in claims)
+    parts = [
+        "<!doctype html><meta charset='utf-8'><title>geocomplexity report</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px}"
+        ".pass{background:#dfd}.fail{background:#fdd}img{max-width:100%}</style>",
+        "<h1>Geometric complexity: reproduced claims</h1>",
+        f"<p>{passed} of {len(claims)} claims hold.</p>",
+        "<table><tr><th>experiment</th><th>data</th><th>claim</th><th>statistic</th>"
+        "<th>value</th><th>threshold</th><th>n</th><th>verdict</th></tr>",
+    ]
+    for name, c in claims:
+        cls, word = ("pass", "PASS") if c.passed else ("fail", "FAIL")
+        parts.append(
+            f"<tr class='{cls}'><td>{esc(name)}</td><td>{esc(c.dataset)}</td>"
+            f"<td>{esc(c.claim)}</td><td>{esc(c.statistic)}</td>"
+            f"<td>{c.value:.4g}</td><td>{esc(c.threshold)}</td><td>{c.n}</td>"
+            f"<td>{word}</td></tr>"
+        )
+    parts.append("</table>")
+    versions: dict[str, str] = {}
+    for directory in sorted({out / name for name, _ in claims}):
+        parts.append(f"<h2>{esc(directory.name)}</h2>")
+        for png in sorted(directory.glob("*.png")):
+            data = base64.b64encode(png.read_bytes()).decode()
+            parts.append(
+                f"<p><img alt='{esc(png.name)}' src='data:image/png;base64,{data}'></p>"
+            )
+        configs, versions = _configs(directory)
+        parts.append("<details><summary>configs</summary><table>")
+        parts.extend(
+            f"<tr><td>{esc(k)}</td><td>{esc(', '.join(v))}</td></tr>"
+            for k, v in configs.items()
+        )
+        parts.append("</table></details>")
+    parts.append("<h2>Environment</h2><table>")
+    env = {
+        **versions,
+        "report torch": torch.__version__,
+        "report machine": platform.platform(),
+    }
+    parts.extend(
+        f"<tr><td>{esc(k)}</td><td>{esc(str(v))}</td></tr>" for k, v in env.items()
+    )
+    parts.append("</table>")
+    path = out / "report.html"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(parts))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,188 @@
+"""Resumable sweeps: one frozen config per run, one JSON file per finished run.
+
+A run is identified by the hash of its config, so its result lives at
+``DIR/NAME/runs/<hash>.json``, written atomically (temporary file, then
+rename). Rerunning a sweep skips finished runs; a sweep interrupted by Ctrl-C or
+``kill -9`` resumes with nothing lost and nothing recomputed. ``workers > 1``
+runs runs in parallel processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["Run", "load_runs", "run_sweep"]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of an experiment: its name, its parameters and its seed.
+
+    Attributes:
+        experiment: the experiment's name (``"init-depth"``).
+        params: JSON-serialisable parameters, as sorted ``(key, value)`` pairs so
+            the config is hashable and its hash is stable.
+        seed: the run's seed.
+    """
+
+    experiment: str
+    params: tuple[tuple[str, Any], ...] = field(default=())
+    seed: int = 0
+
+    @classmethod
+    def make(cls, experiment: str, seed: int = 0, **params: Any) -> Run:
+        """Build a run from keyword parameters.
+
+        Returns:
+            The run; list values become tuples so the run stays hashable.
+        """
+        frozen = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+        return cls(experiment, tuple(sorted(frozen.items())), seed)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The config as a plain dict (what is hashed and stored)."""
+        return {"experiment": self.experiment, "seed": self.seed, **dict(self.params)}
+
+    @property
+    def key(self) -> str:
+        """16 hex digits of the SHA-256 of the canonical JSON config."""
+        text = json.dumps(self.config, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def __getitem__(self, name: str) -> Any:
+        """A parameter's value (``run["width"]``)."""
+        return dict(self.params)[name]
+
+
+def _versions() -> dict[str, str]:
+    from geocomplexity import __version__
+
+    return {
+        "geocomplexity": __version__,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "machine": platform.platform(),
+    }
+
+
+def _write_atomic(path: Path, payload: Mapping[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, allow_nan=True))
+    os.replace(tmp, path)
+
+
+def _execute(
+    fn: Callable[[Run], dict[str, Any]], run: Run, path: Path
+) -> dict[str, Any]:
+    """Run one config and store it; module-level so worker processes can call it."""
+    threads = os.environ.get("GEOCOMPLEXITY_THREADS")
+    if threads:  # a worker process: share the cores with its siblings
+        torch.set_num_threads(int(threads))
+    result = fn(run)
+    record = {
+        "config": run.config,
+        "key": run.key,
+        "versions": _versions(),
+        "result": result,
+    }
+    _write_atomic(path, record)
+    return record
+
+
+def load_runs(directory: Path) -> dict[str, dict[str, Any]]:
+    """Every finished run in ``directory/runs``, keyed by config hash.
+
+    Unreadable files (a run killed mid-write leaves only a temporary file, never
+    a broken JSON, but a disk can still fail) are skipped, so they rerun.
+
+    Returns:
+        ``{key: record}``.
+    """
+    runs = {}
+    for path in sorted((directory / "runs").glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        runs[record["key"]] = record
+    return runs
+
+
+def run_sweep(
+    runs: Sequence[Run],
+    fn: Callable[[Run], dict[str, Any]],
+    directory: Path,
+    *,
+    workers: int = 1,
+    progress: bool | None = None,
+    desc: str = "runs",
+) -> list[dict[str, Any]]:
+    """Execute the runs not yet finished under ``directory`` and return them all.
+
+    Args:
+        runs: the sweep's configs.
+        fn: ``fn(run) -> result dict`` (JSON-serialisable). With ``workers > 1``
+            it must be importable (a module-level function).
+        directory: the experiment's folder; results go to ``directory/runs``.
+        workers: parallel processes (1 runs in this process).
+        progress: progress bar over runs; ``None`` on a terminal.
+        desc: the progress bar's label.
+
+    Returns:
+        One record per run, in the order of ``runs``: ``{"config", "key",
+        "versions", "result"}``.
+
+    Raises:
+        ValueError: two runs share a config.
+    """
+    from tqdm.auto import tqdm
+
+    keys = [r.key for r in runs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("the sweep lists the same config twice")
+    folder = directory / "runs"
+    folder.mkdir(parents=True, exist_ok=True)
+    done = load_runs(directory)
+    todo = [r for r in runs if r.key not in done]
+    bar = tqdm(
+        total=len(runs),
+        initial=len(runs) - len(todo),
+        desc=desc,
+        unit="run",
+        disable=None if progress is None else not progress,
+    )
+    try:
+        if workers <= 1 or len(todo) <= 1:
+            for run in todo:
+                done[run.key] = _execute(fn, run, folder / f"{run.key}.json")
+                bar.update()
+        else:
+            cores = os.cpu_count() or 1
+            os.environ["GEOCOMPLEXITY_THREADS"] = str(max(1, cores // workers))
+            try:
+                with ProcessPoolExecutor(max_workers=workers) as pool:
+                    futures = [
+                        pool.submit(_execute, fn, run, folder / f"{run.key}.json")
+                        for run in todo
+                    ]
+                    for fut in as_completed(futures):
+                        record = fut.result()
+                        done[record["key"]] = record
+                        bar.update()
+            finally:
+                os.environ.pop("GEOCOMPLEXITY_THREADS", None)
+    finally:
+        bar.close()
+    return [done[k] for k in keys]

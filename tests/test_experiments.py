@@ -1,0 +1,223 @@
+"""Experiments end to end at the smoke preset, claims, resumption, CLI, report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from geocomplexity.cli import main
+from geocomplexity.experiments import EXPERIMENTS, Claim, Run, run_sweep, spearman
+
+
+def test_reproduce_all_smoke_and_report(tmp_path, capsys):
+    assert main(["reproduce", "all", "--preset", "smoke", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "report:" in out and "PASS" in out
+    html = (tmp_path / "report.html").read_text()
+    pngs = list(tmp_path.glob("*/*.png"))
+    assert len(pngs) >= len(EXPERIMENTS)
+    assert html.count("<img") == len(pngs)
+    for name in EXPERIMENTS:
+        claims = json.loads((tmp_path / name / "claims.json").read_text())
+        assert claims and all(
+            set(c) >= {"claim", "statistic", "value", "threshold", "passed", "n"}
+            for c in claims
+        )
+        assert (tmp_path / name / "results.csv").read_text().count("\n") > 1
+    # a second data set lands beside the first, and the report says which is which
+    assert (
+        main(
+            [
+                "reproduce",
+                "init-depth",
+                "--preset",
+                "smoke",
+                "--dataset",
+                "digits",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "init-depth" / "claims-digits.json").exists()
+    assert main(["report", str(tmp_path)]) == 0
+    assert "digits" in capsys.readouterr().out
+
+
+def test_claims_are_computed_from_runs_and_can_fail():
+    exp = EXPERIMENTS["init-depth"]
+    records = [
+        {
+            "config": {
+                "experiment": "init-depth",
+                "seed": 0,
+                "init": init,
+                "depth": depth,
+                "dataset": "mnist1d",
+            },
+            "result": {"gc": float(depth) if init == "default" else 1.0 / depth},
+        }
+        for init in ("default", "glorot", "lecun", "he")
+        for depth in (1, 2, 4, 8)
+    ]
+    claims, _ = exp.analyze(records, "mnist1d")
+    verdict = {c.claim: c.passed for c in claims}
+    assert verdict["GC at init falls with depth (default init)"] is False
+    assert verdict["GC at init falls with depth (glorot init)"] is True
+    # He falling like the others would refute "He is the exception"
+    assert next(c for c in claims if "He" in c.claim).passed is False
+
+    transfer = EXPERIMENTS["transfer"]
+    bad = [
+        {
+            "config": {"experiment": "transfer", "seed": 0, "stage": s},
+            "result": {
+                "samples": 1000,
+                "pairs": 10000,
+                "holds": 9999,
+                "ratio_quantiles": [0.1, 0.2, 0.3, 0.9, 1.01],
+                "train_acc": None,
+            },
+        }
+        for s in ("init", "trained")
+    ]
+    claims, _ = transfer.analyze(bad, "mnist1d")
+    assert not any(c.passed for c in claims)
+
+
+def test_claim_check_and_spearman():
+    assert Claim.check("c", "s", float("nan"), "<=", 1.0, 3).passed is False
+    assert Claim.check("c", "s", 0.5, "<=", 1.0, 3).threshold == "<= 1"
+    with pytest.raises(ValueError, match="comparison"):
+        Claim.check("c", "s", 0.5, "==", 1.0, 3)
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties averaged: scipy.stats.spearmanr([1,2,2,3],[1,3,2,4]) = 0.9486832980505138
+    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(0.9486832980505138)
+
+
+def square(run: Run) -> dict:
+    return {"y": run["x"] ** 2, "pid": os.getpid()}
+
+
+def test_resume_after_interruption_recomputes_nothing(tmp_path):
+    runs = [Run.make("toy", 0, x=i) for i in range(6)]
+    calls = []
+
+    def flaky(run: Run) -> dict:
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(run["x"])
+        return {"y": run["x"] ** 2}
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(runs, flaky, tmp_path, progress=False)
+    assert len(list((tmp_path / "runs").glob("*.json"))) == 3
+    first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")}
+    calls.clear()
+    records = run_sweep(
+        runs,
+        lambda r: calls.append(r["x"]) or {"y": r["x"] ** 2},
+        tmp_path,
+        progress=False,
+    )
+    assert calls == [3, 4, 5]  # only what was missing
+    assert [r["result"]["y"] for r in records] == [i * i for i in range(6)]
+    assert all(
+        (tmp_path / "runs" / n).stat().st_mtime_ns == t for n, t in first.items()
+    )
+    calls.clear()
+    again = run_sweep(runs, lambda r: calls.append(r) or {}, tmp_path, progress=False)
+    assert calls == [] and again == records
+
+
+def test_kill_9_mid_sweep_then_resume(tmp_path):
+    script = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from geocomplexity.experiments import Run, run_sweep
+        def slow(run):
+            time.sleep(0.3)
+            return {{"y": run["x"] * 2}}
+        run_sweep([Run.make("toy", 0, x=i) for i in range(40)], slow,
+                  Path({str(tmp_path)!r}), progress=False)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 60
+    while len(list((tmp_path / "runs").glob("*.json"))) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = len(list((tmp_path / "runs").glob("*.json")))
+    assert 3 <= finished < 40
+    calls = []
+    records = run_sweep(
+        [Run.make("toy", 0, x=i) for i in range(40)],
+        lambda r: calls.append(1) or {"y": r["x"] * 2},
+        tmp_path,
+        progress=False,
+    )
+    assert len(calls) == 40 - finished
+    assert [r["result"]["y"] for r in records] == [2 * i for i in range(40)]
+
+
+def test_parallel_workers_give_the_same_results(tmp_path):
+    runs = [Run.make("toy", 0, x=i) for i in range(4)]
+    serial = run_sweep(runs, square, tmp_path / "a", progress=False)
+    parallel = run_sweep(runs, square, tmp_path / "b", workers=2, progress=False)
+    assert [r["result"]["y"] for r in serial] == [r["result"]["y"] for r in parallel]
+    assert len({r["result"]["pid"] for r in parallel}) >= 1
+
+
+def test_duplicate_configs_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="same config"):
+        run_sweep([Run.make("t", 0, x=1)] * 2, square, tmp_path, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["reproduce", "nope"], "invalid choice: 'nope'.*init-depth"),
+        (
+            ["reproduce", "transfer", "--preset", "huge"],
+            "invalid choice: 'huge'.*smoke",
+        ),
+        (["reproduce", "transfer", "--dataset", "cifar"], "invalid choice: 'cifar'"),
+        (["reproduce", "transfer", "--seeds", "0"], "must be at least 1"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_cli_bad_arguments_exit_2(argv, match, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    import re
+
+    assert re.search(match, capsys.readouterr().err, re.S)
+
+
+def test_cli_report_errors_and_list(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no experiment results" in capsys.readouterr().err
+    assert main(["list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in EXPERIMENTS)
+
+
+def test_console_script_help():
+    exe = Path(sys.executable).with_name("geocomplexity")
+    out = subprocess.run(
+        [str(exe), "reproduce", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "--preset" in out and "--workers" in out
