@@ -3,13 +3,16 @@
 ``EXPERIMENTS`` maps each command-line name to its experiment.
 """
 
+from geocomplexity.experiments.arc_length import ArcLengthExperiment
 from geocomplexity.experiments.base import PRESETS, Experiment, Outcome, reproduce_one
 from geocomplexity.experiments.claims import Claim, spearman
 from geocomplexity.experiments.init_depth import InitDepth
 from geocomplexity.experiments.runner import Run, run_sweep
 from geocomplexity.experiments.transfer import Transfer
 
-EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (InitDepth(), Transfer())}
+EXPERIMENTS: dict[str, Experiment] = {
+    e.name: e for e in (ArcLengthExperiment(), InitDepth(), Transfer())
+}
 
 __all__ = [
     "EXPERIMENTS",

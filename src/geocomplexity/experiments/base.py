@@ -48,6 +48,8 @@ class Experiment(abc.ABC):
     name: str
     #: what the experiment claims, one sentence
     claim: str
+    #: whether ``--dataset`` matters (the 1-D experiment uses its own data)
+    uses_dataset: bool = True
 
     @abc.abstractmethod
     def runs(self, preset: str, dataset: str, seeds: int | None) -> list[Run]:
@@ -112,7 +114,9 @@ def reproduce_one(
         desc=experiment.name,
     )
     claims, rows = experiment.analyze(records, dataset)
-    suffix = "" if dataset == "mnist1d" else f"-{dataset}"
+    suffix = (
+        "" if dataset == "mnist1d" or not experiment.uses_dataset else f"-{dataset}"
+    )
     _write_csv(directory / f"results{suffix}.csv", rows)
     write_claims(directory / f"claims{suffix}.json", claims)
     figures = experiment.plot(records, directory, suffix)
