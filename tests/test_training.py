@@ -131,3 +131,11 @@ def test_fit_bad_options(kwargs, match):
     train, _ = problem()
     with pytest.raises(ValueError, match=match):
         fit(mlp(), train, progress=False, device="cpu", **kwargs)
+
+
+def test_eval_every_records_first_every_kth_and_last():
+    train, _ = problem()
+    h = fit(mlp(), train, epochs=7, eval_every=3, progress=False, device="cpu")
+    assert [r["epoch"] for r in h.records] == [0, 3, 6, 7]
+    with pytest.raises(ValueError, match="eval_every"):
+        fit(mlp(), train, epochs=1, eval_every=0, progress=False, device="cpu")

@@ -173,6 +173,7 @@ def fit(
     num_classes: int | None = None,
     seed: int = 0,
     track_gc_every: int | None = None,
+    eval_every: int = 1,
     gc_subset: int = 512,
     stop_at_train_loss: float | None = None,
     device: str | torch.device = "auto",
@@ -201,6 +202,9 @@ def fit(
         num_classes: for label noise; default ``y.max() + 1``.
         seed: seeds shuffling, noise, probes and the model's own randomness
             (dropout); the global RNG state is restored afterwards.
+        eval_every: record (evaluate train and test sets) every this many
+            epochs, and at the first and last; long full-batch runs use it to
+            avoid evaluating every epoch.
         track_gc_every: measure exact GC on fixed subsets of train and test
             every this many epochs (and at epoch 0); ``None`` never.
         gc_subset: size of those subsets (their first samples).
@@ -235,6 +239,8 @@ def fit(
         raise ValueError(f"input_noise_std must be >= 0, got {input_noise_std!r}")
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
+    if eval_every < 1:
+        raise ValueError(f"eval_every must be positive, got {eval_every!r}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be positive or None, got {batch_size!r}")
     dev = _device(device)
@@ -316,13 +322,21 @@ def fit(
             leave=False,
             disable=None if progress is None else not progress,
         )
+        penalties: list[Tensor] = []
         for epoch in bar:
-            order = torch.randperm(n, generator=gen).to(dev)
-            penalties = []
-            for idx in order.split(bs):
+            # full batch: the mean loss does not depend on the order, so skip the
+            # shuffle and the copy it would cost every step
+            batches = (
+                [(x, y)]
+                if bs == n
+                else (
+                    (x[i], y[i])
+                    for i in torch.randperm(n, generator=gen).to(dev).split(bs)
+                )
+            )
+            for xb, yb in batches:
                 if step >= total_steps:
                     break
-                xb, yb = x[idx], y[idx]
                 if input_noise_std > 0:
                     noise = torch.randn(xb.shape, generator=gen, dtype=xb.dtype)
                     xb = xb + input_noise_std * noise.to(dev)
@@ -340,13 +354,19 @@ def fit(
                 loss.backward(inputs=params)
                 opt.step()
                 step += 1
-            pen_mean = torch.stack(penalties).mean().item() if penalties else math.nan
-            record(epoch, step, pen_mean, t0)
-            bar.set_postfix(loss=f"{history.final['train_loss']:.3g}")
-            if (
+            reached = (
                 stop_at_train_loss is not None
-                and history.final["train_loss"] <= stop_at_train_loss
-            ):
+                and _evaluate(model, x, y, loss_fn)[0] <= stop_at_train_loss
+            )
+            last = reached or step >= total_steps
+            if epoch % eval_every == 0 or last:
+                pen_mean = (
+                    torch.stack(penalties).mean().item() if penalties else math.nan
+                )
+                penalties = []
+                record(epoch, step, pen_mean, t0)
+                bar.set_postfix(loss=f"{history.final['train_loss']:.3g}")
+            if last:
                 break
         bar.close()
     return history

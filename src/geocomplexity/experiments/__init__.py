@@ -9,9 +9,11 @@ from geocomplexity.experiments.claims import Claim, spearman
 from geocomplexity.experiments.init_depth import InitDepth
 from geocomplexity.experiments.runner import Run, run_sweep
 from geocomplexity.experiments.transfer import Transfer
+from geocomplexity.experiments.width_sweep import DoubleDescent, UCurve
 
 EXPERIMENTS: dict[str, Experiment] = {
-    e.name: e for e in (ArcLengthExperiment(), InitDepth(), Transfer())
+    e.name: e
+    for e in (ArcLengthExperiment(), InitDepth(), DoubleDescent(), UCurve(), Transfer())
 }
 
 __all__ = [
