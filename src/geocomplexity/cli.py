@@ -11,6 +11,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -63,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write DIR/report.html and print claims")
     report.add_argument("dir", type=Path)
     return parser
+
+
+def _default_workers() -> int:
+    # the quick preset's models are small: one thread per process and one
+    # process per core beats one process using every core
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def _positive(text: str) -> int:

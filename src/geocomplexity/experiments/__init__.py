@@ -7,13 +7,23 @@ from geocomplexity.experiments.arc_length import ArcLengthExperiment
 from geocomplexity.experiments.base import PRESETS, Experiment, Outcome, reproduce_one
 from geocomplexity.experiments.claims import Claim, spearman
 from geocomplexity.experiments.init_depth import InitDepth
+from geocomplexity.experiments.lr_batch import LrBatch
+from geocomplexity.experiments.regularizers import Regularizers
 from geocomplexity.experiments.runner import Run, run_sweep
 from geocomplexity.experiments.transfer import Transfer
 from geocomplexity.experiments.width_sweep import DoubleDescent, UCurve
 
 EXPERIMENTS: dict[str, Experiment] = {
     e.name: e
-    for e in (ArcLengthExperiment(), InitDepth(), DoubleDescent(), UCurve(), Transfer())
+    for e in (
+        ArcLengthExperiment(),
+        InitDepth(),
+        DoubleDescent(),
+        UCurve(),
+        LrBatch(),
+        Regularizers(),
+        Transfer(),
+    )
 }
 
 __all__ = [

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import platform
 import sys
@@ -172,7 +173,12 @@ def run_sweep(
             cores = os.cpu_count() or 1
             os.environ["GEOCOMPLEXITY_THREADS"] = str(max(1, cores // workers))
             try:
-                with ProcessPoolExecutor(max_workers=workers) as pool:
+                # spawn, not fork: a forked child of a process whose OpenMP pool
+                # is running can deadlock in its first parallel region
+                context = multiprocessing.get_context("spawn")
+                with ProcessPoolExecutor(
+                    max_workers=workers, mp_context=context
+                ) as pool:
                     futures = [
                         pool.submit(_execute, fn, run, folder / f"{run.key}.json")
                         for run in todo

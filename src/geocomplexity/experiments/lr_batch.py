@@ -1,0 +1,201 @@
+"""``lr-batch``: a larger learning rate and a smaller batch give lower GC.
+
+Implicit gradient regularization: SGD with step :math:`h` and batch :math:`B`
+follows a modified loss with a gradient-norm penalty growing like :math:`h`
+(and :math:`h/B` for the minibatch part), which lowers GC. Plain SGD (no
+momentum) on the whole training set, each run trained until the full training
+cross-entropy falls below a common target, so runs are compared at the same
+training loss: at initialization GC is already low, and an under-trained run
+would win trivially.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from geocomplexity.data import load
+from geocomplexity.experiments.base import Experiment
+from geocomplexity.experiments.claims import Claim, spearman
+from geocomplexity.experiments.runner import Run
+from geocomplexity.measure import measure
+from geocomplexity.models import mlp
+from geocomplexity.training import fit
+
+_PRESETS = {
+    "smoke": {
+        "lrs": [0.05, 0.2],
+        "batches": [32, 128],
+        "base": (0.1, 64),
+        "target": 1.0,
+        "max_epochs": 30,
+        "width": 32,
+        "seeds": 1,
+    },
+    "quick": {
+        "lrs": [0.02, 0.05, 0.1, 0.2],
+        "batches": [16, 32, 64, 128, 256],
+        "base": (0.05, 64),
+        "target": 0.05,
+        "max_epochs": 1500,
+        "width": 128,
+        "seeds": 1,
+    },
+    "paper": {
+        "lrs": [0.01, 0.02, 0.05, 0.1, 0.2],
+        "batches": [16, 32, 64, 128, 256],
+        "base": (0.05, 64),
+        "target": 0.05,
+        "max_epochs": 3000,
+        "width": 128,
+        "seeds": 3,
+    },
+}
+
+
+class LrBatch(Experiment):
+    """GC at a common training loss, across learning rates and batch sizes."""
+
+    name = "lr-batch"
+    claim = (
+        "At equal training loss, plain SGD with a larger learning rate or a "
+        "smaller batch ends at lower GC (Spearman(lr, GC) <= -0.8, "
+        "Spearman(batch, GC) >= 0.8)"
+    )
+
+    def runs(self, preset: str, dataset: str, seeds: int | None) -> list[Run]:  # noqa: D102
+        p = _PRESETS[preset]
+        lr0, b0 = p["base"]
+        pairs = sorted({(lr, b0) for lr in p["lrs"]} | {(lr0, b) for b in p["batches"]})
+        return [
+            Run.make(
+                self.name,
+                seed,
+                dataset=dataset,
+                lr=lr,
+                batch=b,
+                target=p["target"],
+                max_epochs=p["max_epochs"],
+                width=p["width"],
+                base_lr=lr0,
+                base_batch=b0,
+            )
+            for lr, b in pairs
+            for seed in range(seeds or p["seeds"])
+        ]
+
+    def execute(self, run: Run) -> dict[str, Any]:  # noqa: D102
+        data = load(run["dataset"])
+        w = run["width"]
+        model = mlp(data.x_train.shape[1], [w, w], data.num_classes, seed=run.seed)
+        h = fit(
+            model,
+            (data.x_train, data.y_train),
+            (data.x_test, data.y_test),
+            optimizer="sgd",
+            lr=run["lr"],
+            batch_size=run["batch"],
+            epochs=run["max_epochs"],
+            stop_at_train_loss=run["target"],
+            eval_every=run["max_epochs"],
+            seed=run.seed,
+            device="cpu",
+            progress=False,
+        )
+        return {
+            "epochs": h.final["epoch"],
+            "train_loss": h.final["train_loss"],
+            "reached": h.final["train_loss"] <= run["target"],
+            "test_acc": h.final["test_acc"],
+            "gc_train": measure(
+                model, data.x_train, method="exact", progress=False
+            ).value,
+            "gc_test": measure(
+                model, data.x_test, method="exact", progress=False
+            ).value,
+        }
+
+    def analyze(  # noqa: D102
+        self, records: Sequence[dict[str, Any]], dataset: str
+    ) -> tuple[list[Claim], list[dict[str, Any]]]:
+        rows = [{**r["config"], **r["result"]} for r in records]
+        base_lr, base_b = rows[0]["base_lr"], rows[0]["base_batch"]
+        lr_rows = [r for r in rows if r["batch"] == base_b and r["reached"]]
+        b_rows = [r for r in rows if r["lr"] == base_lr and r["reached"]]
+        claims = [
+            Claim.check(
+                f"every run reaches the common train-loss target {rows[0]['target']}",
+                "fraction of runs",
+                sum(r["reached"] for r in rows) / len(rows),
+                ">=",
+                1.0,
+                len(rows),
+                dataset,
+            ),
+            Claim.check(
+                f"a larger learning rate gives lower GC (batch {base_b})",
+                "Spearman(lr, GC train)",
+                spearman([r["lr"] for r in lr_rows], [r["gc_train"] for r in lr_rows]),
+                "<=",
+                -0.8,
+                len(lr_rows),
+                dataset,
+            ),
+            Claim.check(
+                f"a smaller batch gives lower GC (lr {base_lr})",
+                "Spearman(batch size, GC train)",
+                spearman([r["batch"] for r in b_rows], [r["gc_train"] for r in b_rows]),
+                ">=",
+                0.8,
+                len(b_rows),
+                dataset,
+            ),
+        ]
+        return claims, rows
+
+    def plot(  # noqa: D102
+        self, records: Sequence[dict[str, Any]], directory: Path, suffix: str
+    ) -> list[Path]:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [{**r["config"], **r["result"]} for r in records]
+        base_lr, base_b = rows[0]["base_lr"], rows[0]["base_batch"]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for ax, key, fixed, label in (
+            (axes[0], "lr", ("batch", base_b), "learning rate"),
+            (axes[1], "batch", ("lr", base_lr), "batch size"),
+        ):
+            sel = sorted(
+                (r for r in rows if r[fixed[0]] == fixed[1]), key=lambda r: r[key]
+            )
+            ax.plot(
+                [r[key] for r in sel],
+                [r["gc_train"] for r in sel],
+                "o-",
+                label="GC (train)",
+            )
+            ax.set(
+                xscale="log",
+                xlabel=label,
+                ylabel="GC at the train-loss target",
+                title=f"{fixed[0]} = {fixed[1]}",
+            )
+            ax2 = ax.twinx()
+            ax2.plot(
+                [r[key] for r in sel],
+                [r["test_acc"] for r in sel],
+                "s--",
+                color="C1",
+                label="test accuracy",
+            )
+            ax2.set_ylabel("test accuracy", color="C1")
+        fig.suptitle(f"plain SGD to train CE <= {rows[0]['target']}", fontsize=10)
+        fig.tight_layout()
+        path = directory / f"lr_batch{suffix}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return [path]

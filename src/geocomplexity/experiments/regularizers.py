@@ -1,0 +1,257 @@
+"""``regularizers``: L2, flatness, spectral-norm, explicit GC and input noise lower GC.
+
+An MLP trained with Adam for a fixed number of epochs under each penalty at a
+sweep of strengths. A stronger penalty also leaves the model less fitted, and a
+less-fitted model has lower GC anyway, so each run is also compared with the
+unregularized run *at the same training loss*: the baseline's GC is logged
+against its training loss every epoch and read off (interpolated in log GC) at
+the regularized run's final training loss.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from geocomplexity.data import load
+from geocomplexity.experiments.base import Experiment
+from geocomplexity.experiments.claims import Claim, spearman
+from geocomplexity.experiments.runner import Run
+from geocomplexity.measure import measure
+from geocomplexity.models import mlp
+from geocomplexity.regularizers import (
+    L2,
+    GeometricComplexity,
+    GradientNorm,
+    SpectralNorm,
+)
+from geocomplexity.training import fit
+
+_STRENGTHS = {
+    "l2": [1e-4, 3e-4, 1e-3, 3e-3],
+    "gradient_norm": [0.01, 0.03, 0.1, 0.3],
+    "spectral_norm": [1e-3, 3e-3, 1e-2, 3e-2],
+    "geometric_complexity": [1e-3, 3e-3, 1e-2, 3e-2],
+    "input_noise": [0.1, 0.2, 0.5, 1.0],
+}
+_PRESETS = {
+    "smoke": {"epochs": 3, "width": 32, "seeds": 1, "n": 500, "levels": [1, 3]},
+    "quick": {
+        "epochs": 100,
+        "width": 128,
+        "seeds": 1,
+        "n": 4000,
+        "levels": [0, 1, 2, 3],
+    },
+    "paper": {
+        "epochs": 200,
+        "width": 128,
+        "seeds": 3,
+        "n": 4000,
+        "levels": [0, 1, 2, 3],
+    },
+}
+#: a strength is "non-trivial" when it raises the final train loss by this factor
+_NONTRIVIAL = 1.2
+_GC_SUBSET = 1000
+
+
+def _term(kind: str, strength: float):
+    return {
+        "l2": lambda: L2(strength),
+        "gradient_norm": lambda: GradientNorm(strength),
+        "spectral_norm": lambda: SpectralNorm(strength),
+        "geometric_complexity": lambda: GeometricComplexity(strength),
+        "input_noise": lambda: None,
+    }[kind]()
+
+
+def _matched_gc(curve: list[tuple[float, float]], loss: float) -> float:
+    """The baseline's GC when its train loss first fell to ``loss``.
+
+    Log-linear between epochs; NaN if it never rose that high or fell that low.
+    """
+    for (l0, g0), (l1, g1) in itertools.pairwise(curve):
+        if l0 >= loss >= l1 and g0 > 0 and g1 > 0:
+            t = 0.0 if l0 == l1 else (l0 - loss) / (l0 - l1)
+            return math.exp((1 - t) * math.log(g0) + t * math.log(g1))
+    return math.nan
+
+
+class Regularizers(Experiment):
+    """GC under each regularizer, against strength and at matched train loss."""
+
+    name = "regularizers"
+    claim = (
+        "L2, flatness, spectral-norm, explicit-GC and input-noise regularization "
+        "each lower GC: Spearman(strength, GC) <= -0.8, and GC below the "
+        "unregularized run's at the same training loss"
+    )
+
+    def runs(self, preset: str, dataset: str, seeds: int | None) -> list[Run]:  # noqa: D102
+        p = _PRESETS[preset]
+        common = {
+            "dataset": dataset,
+            "epochs": p["epochs"],
+            "width": p["width"],
+            "n": p["n"],
+        }
+        runs = [
+            Run.make(self.name, s, kind="none", strength=0.0, **common)
+            for s in range(seeds or p["seeds"])
+        ]
+        for kind, strengths in _STRENGTHS.items():
+            for level in p["levels"]:
+                runs += [
+                    Run.make(
+                        self.name, s, kind=kind, strength=strengths[level], **common
+                    )
+                    for s in range(seeds or p["seeds"])
+                ]
+        return runs
+
+    def execute(self, run: Run) -> dict[str, Any]:  # noqa: D102
+        data = load(run["dataset"])
+        x, y = data.x_train[: run["n"]], data.y_train[: run["n"]]
+        w = run["width"]
+        model = mlp(x.shape[1], [w, w], data.num_classes, seed=run.seed)
+        kind, strength = run["kind"], run["strength"]
+        baseline = kind == "none"
+        h = fit(
+            model,
+            (x, y),
+            (data.x_test, data.y_test),
+            optimizer="adam",
+            lr=1e-3,
+            batch_size=128,
+            epochs=run["epochs"],
+            regularizer=None if baseline else _term(kind, strength),
+            input_noise_std=strength if kind == "input_noise" else 0.0,
+            seed=run.seed,
+            track_gc_every=1 if baseline else None,
+            gc_subset=_GC_SUBSET,
+            eval_every=1 if baseline else run["epochs"],
+            device="cpu",
+            progress=False,
+        )
+        return {
+            "train_loss": h.final["train_loss"],
+            "test_acc": h.final["test_acc"],
+            "test_loss": h.final["test_loss"],
+            "gc_train": measure(
+                model, x[:_GC_SUBSET], method="exact", progress=False
+            ).value,
+            # the baseline's GC against train loss along training
+            "curve": [(r["train_loss"], r["gc_train"]) for r in h.records]
+            if baseline
+            else None,
+        }
+
+    def analyze(  # noqa: D102
+        self, records: Sequence[dict[str, Any]], dataset: str
+    ) -> tuple[list[Claim], list[dict[str, Any]]]:
+        rows = [
+            {**r["config"], **{k: v for k, v in r["result"].items() if k != "curve"}}
+            for r in records
+        ]
+        curves = {
+            r["config"]["seed"]: r["result"]["curve"]
+            for r in records
+            if r["config"]["kind"] == "none"
+        }
+        base = {r["seed"]: r for r in rows if r["kind"] == "none"}
+        for r in rows:
+            r["gc_baseline_matched"] = _matched_gc(curves[r["seed"]], r["train_loss"])
+            r["nontrivial"] = (
+                r["train_loss"] >= _NONTRIVIAL * base[r["seed"]]["train_loss"]
+            )
+        claims = []
+        for kind in _STRENGTHS:
+            mine = [r for r in rows if r["kind"] == kind]
+            with_zero = mine + [b for b in base.values()]
+            claims.append(
+                Claim.check(
+                    f"{kind}: stronger penalty, lower GC",
+                    "Spearman(strength, GC train), baseline as strength 0",
+                    spearman(
+                        [r["strength"] for r in with_zero],
+                        [r["gc_train"] for r in with_zero],
+                    ),
+                    "<=",
+                    -0.8,
+                    len(with_zero),
+                    dataset,
+                )
+            )
+            strong = [r for r in mine if r["nontrivial"]]
+            below = [r["gc_train"] < r["gc_baseline_matched"] for r in strong]
+            claims.append(
+                Claim.check(
+                    f"{kind}: GC below the unregularized run's at the same train loss "
+                    f"(strengths raising train loss >= {_NONTRIVIAL}x)",
+                    "fraction of those runs",
+                    sum(below) / len(below) if below else math.nan,
+                    ">=",
+                    1.0,
+                    len(below),
+                    dataset,
+                )
+            )
+        return claims, rows
+
+    def plot(  # noqa: D102
+        self, records: Sequence[dict[str, Any]], directory: Path, suffix: str
+    ) -> list[Path]:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        _, rows = self.analyze(records, "")
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+        for r in records:
+            if r["config"]["kind"] == "none":
+                loss, gc = zip(*r["result"]["curve"], strict=True)
+                axes[1].plot(loss, gc, "k-", lw=1, alpha=0.6)
+        for i, kind in enumerate(_STRENGTHS):
+            mine = sorted(
+                (r for r in rows if r["kind"] == kind), key=lambda r: r["strength"]
+            )
+            base = [r for r in rows if r["kind"] == "none"]
+            levels = list(range(len(mine) + len(base)))
+            axes[0].plot(
+                levels[: len(mine)],
+                [r["gc_train"] for r in mine],
+                "o-",
+                color=f"C{i}",
+                label=kind,
+            )
+            axes[1].plot(
+                [r["train_loss"] for r in mine],
+                [r["gc_train"] for r in mine],
+                "o",
+                color=f"C{i}",
+                label=kind,
+            )
+        axes[0].set(
+            yscale="log",
+            xlabel="strength level (weakest to strongest)",
+            ylabel="GC (train)",
+            title="GC against penalty strength",
+        )
+        axes[1].set(
+            xscale="log",
+            yscale="log",
+            xlabel="final train loss",
+            ylabel="GC (train)",
+            title="GC against train loss (line: unregularized run)",
+        )
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        path = directory / f"regularizers{suffix}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return [path]
