@@ -9,6 +9,7 @@ runs runs in parallel processes.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import multiprocessing
@@ -88,9 +89,6 @@ def _execute(
     fn: Callable[[Run], dict[str, Any]], run: Run, path: Path
 ) -> dict[str, Any]:
     """Run one config and store it; module-level so worker processes can call it."""
-    threads = os.environ.get("GEOCOMPLEXITY_THREADS")
-    if threads:  # a worker process: share the cores with its siblings
-        torch.set_num_threads(int(threads))
     result = fn(run)
     record = {
         "config": run.config,
@@ -119,6 +117,29 @@ def load_runs(directory: Path) -> dict[str, dict[str, Any]]:
             continue
         runs[record["key"]] = record
     return runs
+
+
+_POOLS: dict[int, ProcessPoolExecutor] = {}
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """A process pool kept for the life of the process.
+
+    Sweeps run one after another (``reproduce all``) share it, so each worker
+    imports torch and builds its data sets once, not once per experiment.
+    """
+    if workers not in _POOLS:
+        threads = max(1, (os.cpu_count() or 1) // workers)  # share the cores
+        # spawn, not fork: a forked child of a process whose OpenMP pool is
+        # running can deadlock in its first parallel region
+        _POOLS[workers] = ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=torch.set_num_threads,
+            initargs=(threads,),
+        )
+        atexit.register(_POOLS[workers].shutdown, cancel_futures=True)
+    return _POOLS[workers]
 
 
 def run_sweep(
@@ -170,25 +191,20 @@ def run_sweep(
                 done[run.key] = _execute(fn, run, folder / f"{run.key}.json")
                 bar.update()
         else:
-            cores = os.cpu_count() or 1
-            os.environ["GEOCOMPLEXITY_THREADS"] = str(max(1, cores // workers))
+            pool = _pool(workers)
+            futures = [
+                pool.submit(_execute, fn, run, folder / f"{run.key}.json")
+                for run in todo
+            ]
             try:
-                # spawn, not fork: a forked child of a process whose OpenMP pool
-                # is running can deadlock in its first parallel region
-                context = multiprocessing.get_context("spawn")
-                with ProcessPoolExecutor(
-                    max_workers=workers, mp_context=context
-                ) as pool:
-                    futures = [
-                        pool.submit(_execute, fn, run, folder / f"{run.key}.json")
-                        for run in todo
-                    ]
-                    for fut in as_completed(futures):
-                        record = fut.result()
-                        done[record["key"]] = record
-                        bar.update()
-            finally:
-                os.environ.pop("GEOCOMPLEXITY_THREADS", None)
+                for fut in as_completed(futures):
+                    record = fut.result()
+                    done[record["key"]] = record
+                    bar.update()
+            except BaseException:
+                for fut in futures:  # Ctrl-C: drop what has not started
+                    fut.cancel()
+                raise
     finally:
         bar.close()
     return [done[k] for k in keys]
