@@ -49,7 +49,12 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from geocomplexity.probes import check_distribution, draw_probes, resolve_generator
+from geocomplexity.probes import (
+    check_distribution,
+    draw_probes,
+    input_probes,
+    resolve_generator,
+)
 from geocomplexity.state import preserved
 
 __all__ = ["METHODS", "MODES", "Output", "jacobian_sq_norms", "reverse_sq_norms"]
@@ -440,14 +445,7 @@ def jacobian_sq_norms(
             )
         else:
             gen = resolve_generator(generator, x.device)
-            # drawn flat so a sphere probe is normalised over the whole sample
-            u = draw_probes(
-                distribution,
-                (num_probes, B, d),
-                dtype=x.dtype,
-                device=x.device,
-                generator=gen,
-            ).reshape(num_probes, *x.shape)
+            u = input_probes(distribution, x, num_probes, gen)
             if method == "jvp":
                 values = (
                     _forward_mode(fn, x.detach(), lambda i: u[i], num_probes)

@@ -16,7 +16,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["DISTRIBUTIONS", "check_distribution", "draw_probes", "resolve_generator"]
+__all__ = [
+    "DISTRIBUTIONS",
+    "check_distribution",
+    "draw_probes",
+    "input_probes",
+    "resolve_generator",
+]
 
 DISTRIBUTIONS = ("rademacher", "gaussian", "sphere")
 
@@ -83,3 +89,25 @@ def draw_probes(
             n = shape[-1]
             v = v * (n**0.5 / v.norm(dim=-1, keepdim=True))
     return v.to(device=device, dtype=dtype)
+
+
+def input_probes(
+    distribution: str, x: Tensor, num_probes: int, generator: torch.Generator
+) -> Tensor:
+    """Input-side probes for a batch ``x`` of shape ``(B, *in_shape)``.
+
+    Drawn flat, so that a sphere probe is normalised over the whole sample, then
+    shaped like ``x``.
+
+    Returns:
+        Tensor of shape ``(num_probes, B, *in_shape)``.
+    """
+    B = x.shape[0]
+    flat = draw_probes(
+        distribution,
+        (num_probes, B, x[0].numel()),
+        dtype=x.dtype,
+        device=x.device,
+        generator=generator,
+    )
+    return flat.reshape(num_probes, *x.shape)

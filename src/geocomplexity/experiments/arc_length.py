@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from geocomplexity.arc_length import arc_length
 from geocomplexity.experiments.base import Experiment
 from geocomplexity.experiments.claims import Claim
+from geocomplexity.experiments.figures import pyplot, save
 from geocomplexity.experiments.runner import Run
 from geocomplexity.measure import geometric_complexity
 from geocomplexity.models import mlp
@@ -208,10 +209,7 @@ class ArcLengthExperiment(Experiment):
     def plot(  # noqa: D102
         self, records: Sequence[dict[str, Any]], directory: Path, suffix: str
     ) -> list[Path]:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         shown = [r for r in records if r["config"]["seed"] == 0]
         fig, axes = plt.subplots(
@@ -244,8 +242,4 @@ class ArcLengthExperiment(Experiment):
             ax.set_xlabel("Adam step", fontsize=8)
             ax.set_ylabel("arc length", fontsize=8)
             ax2.set_ylabel("GC on [-1, 1]", fontsize=8, color="C1")
-        fig.tight_layout()
-        path = directory / f"arc_length{suffix}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return [path]
+        return [save(fig, directory / f"arc_length{suffix}.png")]

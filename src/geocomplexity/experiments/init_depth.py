@@ -18,6 +18,7 @@ import torch
 from geocomplexity.data import load
 from geocomplexity.experiments.base import Experiment
 from geocomplexity.experiments.claims import Claim, spearman
+from geocomplexity.experiments.figures import pyplot, save
 from geocomplexity.experiments.runner import Run
 from geocomplexity.measure import measure
 from geocomplexity.models import INITS, mlp
@@ -115,10 +116,7 @@ class InitDepth(Experiment):
     def plot(  # noqa: D102
         self, records: Sequence[dict[str, Any]], directory: Path, suffix: str
     ) -> list[Path]:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
         depths = sorted({r["config"]["depth"] for r in records})
@@ -151,8 +149,4 @@ class InitDepth(Experiment):
             title="1-D slices, PyTorch-default init",
         )
         ax2.legend(fontsize=7)
-        fig.tight_layout()
-        path = directory / f"init_depth{suffix}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return [path]
+        return [save(fig, directory / f"init_depth{suffix}.png")]

@@ -18,6 +18,7 @@ from typing import Any
 from geocomplexity.data import load
 from geocomplexity.experiments.base import Experiment
 from geocomplexity.experiments.claims import Claim, spearman
+from geocomplexity.experiments.figures import pyplot, save
 from geocomplexity.experiments.runner import Run
 from geocomplexity.measure import measure
 from geocomplexity.models import mlp
@@ -157,10 +158,7 @@ class LrBatch(Experiment):
     def plot(  # noqa: D102
         self, records: Sequence[dict[str, Any]], directory: Path, suffix: str
     ) -> list[Path]:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         rows = [{**r["config"], **r["result"]} for r in records]
         base_lr, base_b = rows[0]["base_lr"], rows[0]["base_batch"]
@@ -194,8 +192,4 @@ class LrBatch(Experiment):
             )
             ax2.set_ylabel("test accuracy", color="C1")
         fig.suptitle(f"plain SGD to train CE <= {rows[0]['target']}", fontsize=10)
-        fig.tight_layout()
-        path = directory / f"lr_batch{suffix}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return [path]
+        return [save(fig, directory / f"lr_batch{suffix}.png")]

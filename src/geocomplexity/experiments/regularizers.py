@@ -19,6 +19,7 @@ from typing import Any
 from geocomplexity.data import load
 from geocomplexity.experiments.base import Experiment
 from geocomplexity.experiments.claims import Claim, spearman
+from geocomplexity.experiments.figures import pyplot, save
 from geocomplexity.experiments.runner import Run
 from geocomplexity.measure import measure
 from geocomplexity.models import mlp
@@ -205,10 +206,7 @@ class Regularizers(Experiment):
     def plot(  # noqa: D102
         self, records: Sequence[dict[str, Any]], directory: Path, suffix: str
     ) -> list[Path]:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         _, rows = self.analyze(records, "")
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
@@ -250,8 +248,4 @@ class Regularizers(Experiment):
             title="GC against train loss (line: unregularized run)",
         )
         axes[0].legend(fontsize=8)
-        fig.tight_layout()
-        path = directory / f"regularizers{suffix}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return [path]
+        return [save(fig, directory / f"regularizers{suffix}.png")]

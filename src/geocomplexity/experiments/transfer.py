@@ -18,6 +18,7 @@ from geocomplexity.bounds import transfer_bound
 from geocomplexity.data import load
 from geocomplexity.experiments.base import Experiment
 from geocomplexity.experiments.claims import Claim
+from geocomplexity.experiments.figures import pyplot, save
 from geocomplexity.experiments.runner import Run
 from geocomplexity.models import mlp
 from geocomplexity.training import fit
@@ -133,10 +134,7 @@ class Transfer(Experiment):
     def plot(  # noqa: D102
         self, records: Sequence[dict[str, Any]], directory: Path, suffix: str
     ) -> list[Path]:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, ax = plt.subplots(figsize=(6, 4))
         edges = torch.linspace(-4.0, 0.5, 46)
@@ -154,8 +152,4 @@ class Transfer(Experiment):
             title="Transfer theorem: tightness",
         )
         ax.legend()
-        fig.tight_layout()
-        path = directory / f"transfer{suffix}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return [path]
+        return [save(fig, directory / f"transfer{suffix}.png")]

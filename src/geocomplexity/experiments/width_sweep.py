@@ -29,6 +29,7 @@ import torch
 from geocomplexity.data import load
 from geocomplexity.experiments.base import Experiment
 from geocomplexity.experiments.claims import Claim, spearman
+from geocomplexity.experiments.figures import pyplot, save
 from geocomplexity.experiments.runner import Run
 from geocomplexity.measure import measure
 from geocomplexity.models import mlp
@@ -145,10 +146,7 @@ class _WidthSweep(Experiment):
         return train_width(run)
 
     def _plot_sweep(self, records: Sequence[dict[str, Any]], path: Path) -> Path:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         rows = _rows(records)
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
@@ -177,10 +175,7 @@ class _WidthSweep(Experiment):
             f"effective label noise {noise:.3f}",
             fontsize=10,
         )
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+        return save(fig, path)
 
 
 class DoubleDescent(_WidthSweep):
@@ -318,10 +313,7 @@ class UCurve(_WidthSweep):
     def plot(  # noqa: D102
         self, records: Sequence[dict[str, Any]], directory: Path, suffix: str
     ) -> list[Path]:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         sweep = self._plot_sweep(records, directory / f"u_curve_sweep{suffix}.png")
         rows = [r for r in _rows(records) if r["gc_train"] > 0]
@@ -350,8 +342,4 @@ class UCurve(_WidthSweep):
         )
         fig.colorbar(points, label="log2 width")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = directory / f"u_curve{suffix}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return [sweep, path]
+        return [sweep, save(fig, directory / f"u_curve{suffix}.png")]

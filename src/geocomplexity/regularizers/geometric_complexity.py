@@ -21,7 +21,7 @@ from geocomplexity.jacobian import (
     _select,
     reverse_sq_norms,
 )
-from geocomplexity.probes import check_distribution, draw_probes, resolve_generator
+from geocomplexity.probes import check_distribution, input_probes, resolve_generator
 from geocomplexity.regularizers.base import LossFn, Regularizer, check_strength
 from geocomplexity.state import kept_buffers
 
@@ -155,14 +155,7 @@ class GeometricComplexity(Regularizer):
         )
 
     def _jvp(self, model: nn.Module, x: Tensor, gen: torch.Generator) -> Tensor:
-        B = x.shape[0]
-        u = draw_probes(
-            self.distribution,
-            (self.num_probes, B, x[0].numel()),
-            dtype=x.dtype,
-            device=x.device,
-            generator=gen,
-        ).reshape(self.num_probes, *x.shape)
+        u = input_probes(self.distribution, x, self.num_probes, gen)
         total = _forward_mode(
             lambda z: _select(model, z, None), x, lambda i: u[i], self.num_probes
         )
