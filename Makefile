@@ -26,6 +26,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_measure.py
+	$(PY) benchmarks/bench_regularizers.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks
