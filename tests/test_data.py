@@ -22,3 +22,68 @@ def test_mnist1d_shapes_determinism_and_rng_isolation():
     assert set(a.y_train.unique().tolist()) == set(range(10))
     b = load_mnist1d()
     assert torch.equal(a.x_train, b.x_train)
+
+
+def write_fake_cifar(root, n=20, seed=0):
+    """A tiny folder in the CIFAR-10 python format (protocol 2 pickles)."""
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {
+            b"batch_label": name.encode(),
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"labels": rng.integers(0, 10, n).tolist(),
+            b"filenames": [f"{i}.png".encode() for i in range(n)],
+        }
+        (root / name).write_bytes(pickle.dumps(batch, protocol=2))
+    return root
+
+
+def test_cifar10_reads_the_python_format(tmp_path):
+    from geocomplexity.data import load_cifar10
+
+    root = write_fake_cifar(tmp_path / "cifar-10-batches-py")
+    split = load_cifar10(tmp_path)  # the parent folder works too
+    assert split.x_train.shape == (100, 3, 32, 32) and split.x_test.shape == (
+        20,
+        3,
+        32,
+        32,
+    )
+    assert split.y_train.dtype == torch.int64 and split.num_classes == 10
+    assert torch.allclose(split.x_train.mean((0, 2, 3)), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(load_cifar10(root).x_test, split.x_test)
+
+
+def test_cifar10_refuses_planted_pickles_and_bad_folders(tmp_path):
+    import os
+    import pickle
+
+    import pytest
+
+    from geocomplexity.data import load_cifar10
+
+    root = write_fake_cifar(tmp_path / "c")
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (root / "data_batch_3").write_bytes(pickle.dumps({b"data": Evil()}, protocol=2))
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
+        load_cifar10(root)
+    assert not marker.exists()
+    with pytest.raises(FileNotFoundError, match="no CIFAR-10 folder"):
+        load_cifar10(tmp_path / "missing")
+    (root / "data_batch_3").unlink()
+    with pytest.raises(FileNotFoundError, match="data_batch_3 is missing"):
+        load_cifar10(root)
+    write_fake_cifar(root)
+    (root / "test_batch").write_bytes(
+        pickle.dumps({b"data": np.zeros((2, 5)), b"labels": [0, 1]}, protocol=2)
+    )
+    with pytest.raises(ValueError, match=r"\(N, 3072\)"):
+        load_cifar10(root)

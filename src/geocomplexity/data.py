@@ -7,13 +7,23 @@ global random state as it found it.
 from __future__ import annotations
 
 import functools
+import io
+import pickle
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["DATASETS", "Split", "load", "load_digits", "load_mnist1d"]
+__all__ = [
+    "DATASETS",
+    "Split",
+    "load",
+    "load_cifar10",
+    "load_digits",
+    "load_mnist1d",
+]
 
 DATASETS = ("mnist1d", "digits")
 
@@ -120,3 +130,85 @@ def load(name: str) -> Split:
     if name == "digits":
         return load_digits()
     raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+#: The only globals a CIFAR-10 batch may name: numpy's array reconstruction
+#: (under its numpy 1 and numpy 2 module paths) and the bytes decoder of
+#: pickle protocol 2. Dicts, lists, tuples, ints and bytes need no global.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles plain containers, bytes and numpy arrays, and nothing else.
+
+    A pickle can run any function it names; a planted CIFAR-10 file naming,
+    say, ``os.system`` raises here instead of running it.
+    """
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name}: a CIFAR-10 batch holds only "
+                "plain containers, bytes and numpy arrays"
+            )
+        return super().find_class(module, name)
+
+
+def _cifar_batch(path: Path) -> tuple[Tensor, Tensor]:
+    import numpy as np
+
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: --data-dir must be the CIFAR-10 python-version "
+            "folder (cifar-10-batches-py with data_batch_1..5 and test_batch)"
+        )
+    d = _RestrictedUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+    if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
+        raise ValueError(f"{path} is not a CIFAR-10 batch (no data/labels)")
+    data = np.asarray(d[b"data"])
+    labels = np.asarray(d[b"labels"])
+    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+        raise ValueError(
+            f"{path}: expected data of shape (N, 3072) and N labels, got "
+            f"{data.shape} and {labels.shape}"
+        )
+    x = torch.as_tensor(data.reshape(-1, 3, 32, 32), dtype=torch.float32) / 255.0
+    return x, torch.as_tensor(labels, dtype=torch.int64)
+
+
+def load_cifar10(data_dir: str | Path) -> Split:
+    """CIFAR-10 from the standard python-version folder, never downloaded.
+
+    Reads ``data_batch_1`` … ``data_batch_5`` and ``test_batch`` with a
+    restricted unpickler, scales pixels to [0, 1] and standardises each channel
+    with the training set's mean and standard deviation.
+
+    Args:
+        data_dir: the ``cifar-10-batches-py`` folder (or a folder containing it).
+
+    Returns:
+        A :class:`Split` of ``(N, 3, 32, 32)`` images (50000/10000 for the real
+        data set).
+
+    Raises:
+        FileNotFoundError: the folder or a batch is missing.
+        ValueError: a batch is malformed.
+    """
+    root = Path(data_dir)
+    if (root / "cifar-10-batches-py").is_dir():
+        root = root / "cifar-10-batches-py"
+    if not root.is_dir():
+        raise FileNotFoundError(f"no CIFAR-10 folder at {root}")
+    parts = [_cifar_batch(root / f"data_batch_{i}") for i in range(1, 6)]
+    x = torch.cat([p[0] for p in parts])
+    y = torch.cat([p[1] for p in parts])
+    xt, yt = _cifar_batch(root / "test_batch")
+    mean = x.mean((0, 2, 3), keepdim=True)
+    std = x.std((0, 2, 3), keepdim=True).clamp_min(1e-8)
+    return Split((x - mean) / std, y, (xt - mean) / std, yt, num_classes=10)

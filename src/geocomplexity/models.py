@@ -7,9 +7,10 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-__all__ = ["INITS", "initialize", "mlp"]
+__all__ = ["INITS", "PreActResNet18", "initialize", "mlp"]
 
 INITS = ("default", "glorot", "lecun", "he")
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
@@ -88,3 +89,54 @@ def initialize(model: nn.Module, scheme: str, generator: torch.Generator) -> Non
                 m.weight.normal_(0.0, math.sqrt(var), generator=generator)
                 if m.bias is not None:
                     m.bias.zero_()
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation basic block (He et al. 2016): BN-ReLU-conv, twice."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The block's output, same spatial size or halved by the stride."""
+        out = F.relu(self.bn1(x))
+        # the projection shortcut takes the pre-activated input, as in the paper
+        skip = x if self.shortcut is None else self.shortcut(out)
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + skip
+
+
+class PreActResNet18(nn.Module):
+    """PreAct ResNet-18 for 3×32×32 inputs with base width ``k`` (k, 2k, 4k, 8k).
+
+    The width-``k`` family of Nakkiran et al. (2019), used for the paper's
+    double-descent sweep (k = 1…64; k = 64 is the standard ResNet-18).
+    """
+
+    def __init__(self, k: int = 8, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, k, 3, 1, 1, bias=False)
+        blocks: list[nn.Module] = []
+        cin = k
+        for i, cout in enumerate((k, 2 * k, 4 * k, 8 * k)):
+            for j in range(2):
+                blocks.append(PreActBlock(cin, cout, 2 if (j == 0 and i > 0) else 1))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(cin)
+        self.linear = nn.Linear(cin, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(B, num_classes)`` of images ``(B, 3, 32, 32)``."""
+        out = self.blocks(self.conv(x))
+        out = F.relu(self.bn(out))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(out)

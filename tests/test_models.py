@@ -1,0 +1,46 @@
+"""Model builders: shapes, init schemes, seeding without the global RNG."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from geocomplexity.models import PreActResNet18, mlp
+
+
+@pytest.mark.parametrize(
+    ("init", "var"),
+    [
+        ("glorot", lambda i, o: 2 / (i + o)),
+        ("lecun", lambda i, o: 1 / i),
+        ("he", lambda i, o: 2 / i),
+    ],
+)
+def test_mlp_init_variances_and_zero_biases(init, var):
+    model = mlp(300, [400], 200, init=init, seed=1)
+    for lin in (m for m in model if isinstance(m, nn.Linear)):
+        o, i = lin.weight.shape
+        assert lin.weight.var().item() == pytest.approx(var(i, o), rel=0.05)
+        assert lin.bias.abs().max() == 0
+
+
+def test_mlp_is_seeded_and_leaves_global_rng_alone():
+    state = torch.get_rng_state()
+    a, b = mlp(5, [7, 7], 3, seed=4), mlp(5, [7, 7], 3, seed=4)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(
+        torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True)
+    )
+    assert mlp(5, [7], 3, activation="tanh")(torch.randn(2, 5)).shape == (2, 3)
+    with pytest.raises(ValueError, match="unknown init"):
+        mlp(5, [7], 3, init="orthogonal")
+    with pytest.raises(ValueError, match="unknown activation"):
+        mlp(5, [7], 3, activation="swish")
+
+
+def test_preact_resnet18_widths():
+    small, big = PreActResNet18(k=2), PreActResNet18(k=4)
+    assert small(torch.randn(3, 3, 32, 32)).shape == (3, 10)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(big) > 3 * count(small)
