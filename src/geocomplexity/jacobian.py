@@ -112,7 +112,11 @@ def check_input(x: Any) -> Tensor:
 
 
 def _check_model_matches(model: nn.Module, x: Tensor) -> None:
-    """Clear errors for a dtype or device mismatch between model and input."""
+    """Clear errors for a dtype or device mismatch between model and input.
+
+    The first parameter stands for the model: a model that mixes dtypes or
+    devices on purpose handles its own casts, and torch reports the rest.
+    """
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != x.dtype:
             raise TypeError(
