@@ -20,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from geocomplexity.atomic import write_text
 from geocomplexity.measure import measure
 from geocomplexity.regularizers.base import LossFn, Regularizer
+from geocomplexity.state import preserved
 
 __all__ = ["History", "apply_label_noise", "fit"]
 
@@ -86,10 +88,7 @@ class History:
 
     def save(self, path: str | Path) -> None:
         """Write :meth:`to_json` to ``path`` atomically (temp file, then rename)."""
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
+        write_text(Path(path), self.to_json())
 
 
 def apply_label_noise(
@@ -142,15 +141,13 @@ def _device(device: str | torch.device) -> torch.device:
 def _evaluate(
     model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, batch_size: int = 2048
 ) -> tuple[float, float]:
-    was = model.training
-    model.eval()
     loss, correct = 0.0, 0
-    for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
-        out = model(xb)
-        loss += loss_fn(out, yb).item() * len(xb)
-        if out.dim() == 2 and yb.dim() == 1:
-            correct += (out.argmax(1) == yb).sum().item()
-    model.train(was)
+    with preserved(model, mode="eval"):
+        for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
+            out = model(xb)
+            loss += loss_fn(out, yb).item() * len(xb)
+            if out.dim() == 2 and yb.dim() == 1:
+                correct += (out.argmax(1) == yb).sum().item()
     return loss / len(x), correct / len(x)
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from geocomplexity.atomic import write_text
+
 __all__ = ["Claim", "load_claims", "spearman", "write_claims"]
 
 
@@ -102,9 +104,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
 def write_claims(path: Path, claims: Sequence[Claim]) -> None:
     """Write ``claims.json`` (a list of dicts) atomically."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps([asdict(c) for c in claims], indent=1))
-    tmp.replace(path)
+    write_text(path, json.dumps([asdict(c) for c in claims], indent=1))
 
 
 def load_claims(path: Path) -> list[Claim]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from geocomplexity.atomic import write_text
 from geocomplexity.experiments.claims import Claim, load_claims
 
 __all__ = ["claims_table", "collect_claims", "write_report"]
@@ -135,7 +136,5 @@ def write_report(out: Path) -> Path:
     )
     parts.append("</table>")
     path = out / "report.html"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(parts))
-    tmp.replace(path)
+    write_text(path, "\n".join(parts))
     return path

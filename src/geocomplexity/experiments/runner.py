@@ -16,13 +16,15 @@ import multiprocessing
 import os
 import platform
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from geocomplexity.atomic import write_text
 
 __all__ = ["Run", "load_runs", "run_sweep"]
 
@@ -79,12 +81,6 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _write_atomic(path: Path, payload: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, allow_nan=True))
-    os.replace(tmp, path)
-
-
 def _execute(
     fn: Callable[[Run], dict[str, Any]], run: Run, path: Path
 ) -> dict[str, Any]:
@@ -96,7 +92,7 @@ def _execute(
         "versions": _versions(),
         "result": result,
     }
-    _write_atomic(path, record)
+    write_text(path, json.dumps(record, indent=1, allow_nan=True))
     return record
 
 
