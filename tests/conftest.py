@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -105,3 +106,26 @@ CASES = [
 @pytest.fixture(params=CASES)
 def case(request: pytest.FixtureRequest) -> tuple[nn.Module, torch.Tensor]:
     return make_case(request.param)
+
+
+def write_fake_cifar(root, n=20, seed=0):
+    """A tiny folder in the CIFAR-10 python format (protocol 2 pickles)."""
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {
+            b"batch_label": name.encode(),
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"labels": rng.integers(0, 10, n).tolist(),
+            b"filenames": [f"{i}.png".encode() for i in range(n)],
+        }
+        (root / name).write_bytes(pickle.dumps(batch, protocol=2))
+    return root
+
+
+@pytest.fixture
+def fake_cifar(tmp_path):
+    """A generated CIFAR-10 folder: 20 images per batch."""
+    return write_fake_cifar(tmp_path / "cifar-10-batches-py")

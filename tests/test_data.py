@@ -6,6 +6,7 @@ import random
 
 import numpy as np
 import torch
+from conftest import write_fake_cifar
 
 from geocomplexity.data import load_mnist1d
 
@@ -22,23 +23,6 @@ def test_mnist1d_shapes_determinism_and_rng_isolation():
     assert set(a.y_train.unique().tolist()) == set(range(10))
     b = load_mnist1d()
     assert torch.equal(a.x_train, b.x_train)
-
-
-def write_fake_cifar(root, n=20, seed=0):
-    """A tiny folder in the CIFAR-10 python format (protocol 2 pickles)."""
-    import pickle
-
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {
-            b"batch_label": name.encode(),
-            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            b"labels": rng.integers(0, 10, n).tolist(),
-            b"filenames": [f"{i}.png".encode() for i in range(n)],
-        }
-        (root / name).write_bytes(pickle.dumps(batch, protocol=2))
-    return root
 
 
 def test_cifar10_reads_the_python_format(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,9 +24,12 @@ def test_reproduce_all_smoke_and_report(tmp_path, capsys):
     assert "report:" in out and "PASS" in out
     html = (tmp_path / "report.html").read_text()
     pngs = list(tmp_path.glob("*/*.png"))
-    assert len(pngs) >= len(EXPERIMENTS)
+    in_all = [n for n, e in EXPERIMENTS.items() if "smoke" in e.in_all]
+    assert "resnet-double-descent" not in in_all  # paper only: it needs CIFAR-10
+    assert "resnet-double-descent: not in `all`" in out
+    assert len(pngs) >= len(in_all)
     assert html.count("<img") == len(pngs)
-    for name in EXPERIMENTS:
+    for name in in_all:
         claims = json.loads((tmp_path / name / "claims.json").read_text())
         assert claims and all(
             set(c) >= {"claim", "statistic", "value", "threshold", "passed", "n"}
@@ -221,3 +225,116 @@ def test_console_script_help():
         [str(exe), "reproduce", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "--preset" in out and "--workers" in out
+
+
+def test_resnet_double_descent_smoke_on_a_generated_cifar_folder(
+    tmp_path, fake_cifar, capsys
+):
+    argv = [
+        "reproduce",
+        "resnet-double-descent",
+        "--preset",
+        "smoke",
+        "--data-dir",
+        str(fake_cifar),
+        "--device",
+        "cpu",
+        "--workers",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(argv) == 0
+    assert "resnet-double-descent: " in capsys.readouterr().out
+    folder = tmp_path / "resnet-double-descent"
+    runs = sorted((folder / "runs").glob("*.json"))
+    assert len(runs) == 3  # widths 1, 2, 4
+    assert len(list((folder / "runs").glob("*.pt"))) == 3  # the trained networks
+    record = json.loads(runs[0].read_text())
+    assert record["config"]["dataset"] == "cifar10"
+    result = record["result"]
+    assert result["gc_train"] > 0 and result["effective_noise"] <= 0.15
+    assert [r["epoch"] for r in result["curve"]] == [0, 1, 2]
+    assert len(json.loads((folder / "claims.json").read_text())) == 3
+    assert (folder / "resnet_double_descent.png").exists()
+    assert "curve" not in (folder / "results.csv").read_text().splitlines()[0]
+    stamps = {p: p.stat().st_mtime_ns for p in runs}
+    assert main(argv) == 0  # finished: nothing is trained again
+    assert stamps == {p: p.stat().st_mtime_ns for p in runs}
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ([], "pass --data-dir PATH"),
+        (["--data-dir", "{missing}"], "no CIFAR-10 folder"),
+        (["--data-dir", "{bad}"], "not a CIFAR-10 batch"),
+        (["--data-dir", "{planted}"], "refusing to load posix.system"),
+    ],
+)
+def test_resnet_double_descent_data_folder_errors_exit_2(
+    tmp_path, fake_cifar, extra, match, capsys
+):
+    import pickle
+
+    bad = fake_cifar.parent / "bad"
+    bad.mkdir()
+    for f in fake_cifar.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "data_batch_3").write_bytes(pickle.dumps({b"nothing": 1}))
+    planted = fake_cifar.parent / "planted"
+    planted.mkdir()
+    for f in fake_cifar.iterdir():
+        (planted / f.name).write_bytes(f.read_bytes())
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    (planted / "test_batch").write_bytes(pickle.dumps(Evil()))
+    folders = {"missing": tmp_path / "nowhere", "bad": bad, "planted": planted}
+    extra = [e.format(**folders) for e in extra]
+    for name in ("resnet-double-descent", "all"):
+        argv = ["reproduce", name, "--preset", "paper", "--out", str(tmp_path / "o")]
+        assert main([*argv, *extra]) == 2
+        assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()  # nothing ran
+
+
+def test_cli_device_cuda_without_cuda_exits_2(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = ["reproduce", "transfer", "--device", "cuda", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_random_crop_flip_is_a_crop_and_flip_of_each_image():
+    import torch
+
+    from geocomplexity.data import random_crop_flip
+
+    x = torch.randn(16, 3, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    out = random_crop_flip(x, g, padding=2)
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    flips = 0
+    for i in range(len(x)):
+        candidates = [
+            (flip, padded[i, :, r : r + 8, c : c + 8])
+            for r in range(5)
+            for c in range(5)
+            for flip in (False, True)
+        ]
+        hits = [
+            flip
+            for flip, crop in candidates
+            if torch.equal(out[i], crop.flip(-1) if flip else crop)
+        ]
+        assert hits, f"image {i} is no crop or flip of its padded input"
+        flips += hits[0]
+    assert 0 < flips < 16  # both happen
+    again = random_crop_flip(x, torch.Generator().manual_seed(0), padding=2)
+    assert torch.equal(out, again)

@@ -139,3 +139,74 @@ def test_eval_every_records_first_every_kth_and_last():
     assert [r["epoch"] for r in h.records] == [0, 3, 6, 7]
     with pytest.raises(ValueError, match="eval_every"):
         fit(mlp(), train, epochs=1, eval_every=0, progress=False, device="cpu")
+
+
+def _flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    # a random sign flip per sample: an augmentation that draws from the generator
+    sign = torch.randint(0, 2, (len(x), 1), generator=g).to(x) * 2 - 1
+    return x * sign
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_checkpoint_resume_gives_the_uninterrupted_numbers(tmp_path):
+    train, test = problem()
+    kwargs = dict(
+        optimizer="adam",
+        lr=1e-2,
+        batch_size=48,
+        epochs=6,
+        seed=5,
+        regularizer=GeometricComplexity(1e-3),
+        label_noise=0.2,
+        augment=_flip,
+        eval_every=2,
+        device="cpu",
+        progress=False,
+    )
+    whole_model = mlp()
+    whole = fit(whole_model, train, test, **kwargs)
+
+    def stop_at_epoch_4(history, model):
+        if history.final["epoch"] == 4:
+            raise _Interrupt
+
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(_Interrupt):
+        fit(
+            mlp(),
+            train,
+            test,
+            checkpoint=ckpt,
+            checkpoint_every=1,
+            callbacks=[stop_at_epoch_4],
+            **kwargs,
+        )
+    assert ckpt.is_file()
+    stamp = torch.load(ckpt, weights_only=True)["epoch"]
+    assert stamp == 3  # the kill came before epoch 4's checkpoint
+    resumed_model = mlp(seed=1)  # a different init: the checkpoint must win
+    resumed = fit(resumed_model, train, test, checkpoint=ckpt, **kwargs)
+
+    def strip(h):
+        return str([{k: r[k] for k in r if k != "wall_time"} for r in h.records])
+
+    assert strip(resumed) == strip(whole)
+    assert resumed.effective_label_noise == whole.effective_label_noise
+    for a, b in zip(whole_model.parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # a finished checkpoint is not trained again
+    again_model = mlp(seed=2)
+    again = fit(again_model, train, test, checkpoint=ckpt, **kwargs)
+    assert strip(again) == strip(whole)
+    assert torch.equal(next(again_model.parameters()), next(whole_model.parameters()))
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    train, _ = problem()
+    bad = tmp_path / "run.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="Delete the file"):
+        fit(mlp(), train, epochs=1, checkpoint=bad, device="cpu", progress=False)

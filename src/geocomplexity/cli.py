@@ -58,8 +58,22 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "--workers",
         type=_positive,
-        default=1,
-        help="runs in parallel processes (default 1)",
+        default=None,
+        help="runs in parallel processes (default: min(4, cores) on the CPU, "
+        "1 on a GPU)",
+    )
+    rep.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where runs train: auto (CUDA when present, the default), cpu, cuda",
+    )
+    rep.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="the CIFAR-10 python-version folder (cifar-10-batches-py), for "
+        "resnet-double-descent (in `all` with --preset paper)",
     )
     report = sub.add_parser("report", help="write DIR/report.html and print claims")
     report.add_argument("dir", type=Path)
@@ -80,6 +94,11 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _error(message: str) -> int:
+    print(f"geocomplexity: error: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,7 +131,32 @@ def main(argv: list[str] | None = None) -> int:
         print(claims_table(collect_claims(args.dir)))
         print(f"\nreport: {path}")
         return 0
-    names = list(EXPERIMENTS) if args.name == "all" else [args.name]
+    import torch
+
+    from geocomplexity.experiments import Context
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return _error("--device cuda, but torch sees no CUDA device; use --device cpu")
+    device = (
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
+    if args.name == "all":
+        names = [n for n, e in EXPERIMENTS.items() if args.preset in e.in_all]
+        for n in EXPERIMENTS.keys() - set(names):
+            print(f"{n}: not in `all` at --preset {args.preset}; run it by name")
+    else:
+        names = [args.name]
+    # every check before any run: a bad folder fails in a second, not an hour in
+    for name in names:
+        try:
+            EXPERIMENTS[name].check(Context(device, args.data_dir))
+        except (OSError, ValueError) as err:
+            return _error(str(err))
+        except Exception as err:  # a planted pickle raises UnpicklingError
+            return _error(f"{args.data_dir}: {err}")
+    workers = args.workers or (1 if device == "cuda" else _default_workers())
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     for name in names:
@@ -122,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
             preset=args.preset,
             dataset=args.dataset,
             seeds=args.seeds,
-            workers=args.workers,
+            workers=workers,
+            device=device,
+            data_dir=args.data_dir,
         )
         held = sum(c.passed for c in outcome.claims)
         print(

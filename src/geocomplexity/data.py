@@ -23,6 +23,7 @@ __all__ = [
     "load_cifar10",
     "load_digits",
     "load_mnist1d",
+    "random_crop_flip",
 ]
 
 DATASETS = ("mnist1d", "digits")
@@ -212,3 +213,34 @@ def load_cifar10(data_dir: str | Path) -> Split:
     mean = x.mean((0, 2, 3), keepdim=True)
     std = x.std((0, 2, 3), keepdim=True).clamp_min(1e-8)
     return Split((x - mean) / std, y, (xt - mean) / std, yt, num_classes=10)
+
+
+def random_crop_flip(x: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:
+    """The standard CIFAR augmentation: random crops and horizontal flips.
+
+    Each image is zero-padded by ``padding`` pixels, cropped back to its size
+    at a random offset, and flipped left-right with probability ½.
+
+    Randomness comes from ``generator`` (a CPU generator; the offsets move to the
+    images' device), so a training run that uses it stays reproducible.
+
+    Args:
+        x: ``(B, C, H, W)`` images.
+        generator: the source of randomness.
+        padding: pixels of zeros on each side before cropping back to ``H × W``.
+
+    Returns:
+        ``(B, C, H, W)`` augmented images.
+    """
+    b, _, h, w = x.shape
+    shift = torch.randint(0, 2 * padding + 1, (2, b), generator=generator)
+    flip = torch.rand(b, generator=generator) < 0.5
+    shift, flip = shift.to(x.device), flip.to(x.device)
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    rows = shift[0, :, None] + torch.arange(h, device=x.device)  # (B, H)
+    cols = shift[1, :, None] + torch.arange(w, device=x.device)  # (B, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    index = torch.arange(b, device=x.device)[:, None, None]
+    # (B, H, W, C) by advanced indexing, then back to channels first
+    crops = padded.permute(0, 2, 3, 1)[index, rows[:, :, None], cols[:, None, :]]
+    return crops.permute(0, 3, 1, 2).contiguous()

@@ -25,9 +25,10 @@ from geocomplexity.measure import measure
 from geocomplexity.regularizers.base import LossFn, Regularizer
 from geocomplexity.state import preserved
 
-__all__ = ["History", "apply_label_noise", "fit"]
+__all__ = ["History", "apply_label_noise", "fit", "resolve_device"]
 
 Callback = Callable[["History", nn.Module], None]
+Augment = Callable[[Tensor, torch.Generator], Tensor]
 
 
 @dataclass
@@ -131,7 +132,12 @@ def _optimizer(
     )
 
 
-def _device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` is CUDA when torch sees a device, else the CPU.
+
+    Returns:
+        The device.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -175,6 +181,9 @@ def fit(
     stop_at_train_loss: float | None = None,
     device: str | torch.device = "auto",
     callbacks: Sequence[Callback] = (),
+    augment: Augment | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 1,
     progress: bool | None = None,
 ) -> History:
     """Train ``model`` in place and record what happened.
@@ -209,6 +218,16 @@ def fit(
             (evaluated over the whole set) is at or below this.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ...
         callbacks: ``callback(history, model)`` after each epoch's record.
+        augment: ``augment(batch, generator) -> batch`` applied to each training
+            batch on the device (random crops and flips, say); it must draw its
+            randomness from ``generator`` so the run stays reproducible.
+        checkpoint: a file to resume from and to save to: the model, the
+            optimizer, the noisy labels, every random state and the history so
+            far, written atomically every ``checkpoint_every`` epochs and at the
+            end, loaded with ``weights_only=True``. A run that is killed resumes
+            where its last checkpoint left it and gives the numbers an
+            uninterrupted run gives.
+        checkpoint_every: epochs between checkpoints.
         progress: progress bar over epochs; ``None`` on a terminal.
 
     Returns:
@@ -240,7 +259,9 @@ def fit(
         raise ValueError(f"eval_every must be positive, got {eval_every!r}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be positive or None, got {batch_size!r}")
-    dev = _device(device)
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be positive, got {checkpoint_every!r}")
+    dev = resolve_device(device)
     loss_fn = loss_fn or F.cross_entropy
     n = len(x)
     bs = n if batch_size is None else min(batch_size, n)
@@ -269,8 +290,9 @@ def fit(
     model.to(dev)
     x, y = x.to(dev), y.to(dev)
     xt, yt = (test[0].to(dev), test[1].to(dev)) if test is not None else (None, None)
+    reg_gen = torch.Generator(device=dev).manual_seed(seed + 1)
     if regularizer is not None:
-        regularizer.seed(torch.Generator(device=dev).manual_seed(seed + 1))
+        regularizer.seed(reg_gen)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _optimizer(optimizer, params, lr)
     needs_input_grad = regularizer is not None and regularizer.reuses_input_grad
@@ -306,20 +328,67 @@ def fit(
         for cb in callbacks:
             cb(history, model)
 
+    def save(epoch: int, step: int, penalties: list[Tensor]) -> None:
+        state = {
+            "penalties": penalties,
+            "epoch": epoch,
+            "step": step,
+            "elapsed": time.perf_counter() - t0,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "labels": y,
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+            "generator": gen.get_state(),
+            "reg_generator": reg_gen.get_state(),
+            "regularizer": regularizer.state_dict() if regularizer else {},
+            "history": history.to_json(),
+        }
+        _save_checkpoint(Path(checkpoint), state)  # type: ignore[arg-type]
+
     t0 = time.perf_counter()
-    step = 0
-    with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+    step = start = 0
+    penalties: list[Tensor] = []
+    devices = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         model.train()
-        record(0, 0, math.nan, t0)
+        resumed = (
+            _load_checkpoint(Path(checkpoint))
+            if checkpoint is not None and Path(checkpoint).is_file()
+            else None
+        )
+        if resumed is None:
+            record(0, 0, math.nan, t0)
+        else:
+            start, step = resumed["epoch"], resumed["step"]
+            t0 -= resumed["elapsed"]
+            model.load_state_dict(resumed["model"])
+            opt.load_state_dict(resumed["optimizer"])
+            y = resumed["labels"].to(dev)
+            torch.set_rng_state(resumed["rng"])
+            if resumed["cuda_rng"] is not None:
+                torch.cuda.set_rng_state(resumed["cuda_rng"], dev)
+            penalties = [p.to(dev) for p in resumed["penalties"]]
+            gen.set_state(resumed["generator"])
+            reg_gen.set_state(resumed["reg_generator"])
+            if regularizer is not None:
+                regularizer.load_state_dict(resumed["regularizer"])
+            done = History.from_json(resumed["history"])
+            history.records = done.records
+            history.effective_label_noise = done.effective_label_noise
+        finished = start >= num_epochs or (
+            resumed is not None
+            and stop_at_train_loss is not None
+            and history.final["train_loss"] <= stop_at_train_loss
+        )
         bar = tqdm(
-            range(1, num_epochs + 1),
+            range(start + 1, num_epochs + 1) if not finished else range(0),
             desc="training",
             unit="epoch",
             leave=False,
             disable=None if progress is None else not progress,
         )
-        penalties: list[Tensor] = []
         for epoch in bar:
             # full batch: the mean loss does not depend on the order, so skip the
             # shuffle and the copy it would cost every step
@@ -334,6 +403,8 @@ def fit(
             for xb, yb in batches:
                 if step >= total_steps:
                     break
+                if augment is not None:
+                    xb = augment(xb, gen)
                 if input_noise_std > 0:
                     noise = torch.randn(xb.shape, generator=gen, dtype=xb.dtype)
                     xb = xb + input_noise_std * noise.to(dev)
@@ -363,7 +434,36 @@ def fit(
                 penalties = []
                 record(epoch, step, pen_mean, t0)
                 bar.set_postfix(loss=f"{history.final['train_loss']:.3g}")
+            if checkpoint is not None and (last or epoch % checkpoint_every == 0):
+                save(num_epochs if last else epoch, step, penalties)
             if last:
                 break
         bar.close()
     return history
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        # weights_only: a checkpoint is data, never code
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"cannot resume from {path}: {err}. Delete the file to start over."
+        ) from err

@@ -9,7 +9,8 @@ from geocomplexity.experiments.claims import Claim, spearman
 from geocomplexity.experiments.init_depth import InitDepth
 from geocomplexity.experiments.lr_batch import LrBatch
 from geocomplexity.experiments.regularizers import Regularizers
-from geocomplexity.experiments.runner import Run, run_sweep
+from geocomplexity.experiments.resnet_width import ResNetDoubleDescent
+from geocomplexity.experiments.runner import Context, Run, run_sweep
 from geocomplexity.experiments.transfer import Transfer
 from geocomplexity.experiments.width_sweep import DoubleDescent, UCurve
 
@@ -23,6 +24,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         LrBatch(),
         Regularizers(),
         Transfer(),
+        ResNetDoubleDescent(),
     )
 }
 
@@ -30,6 +32,7 @@ __all__ = [
     "EXPERIMENTS",
     "PRESETS",
     "Claim",
+    "Context",
     "Experiment",
     "Outcome",
     "Run",

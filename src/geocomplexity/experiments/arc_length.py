@@ -26,7 +26,7 @@ from geocomplexity.arc_length import arc_length
 from geocomplexity.experiments.base import Experiment
 from geocomplexity.experiments.claims import Claim
 from geocomplexity.experiments.figures import pyplot, save
-from geocomplexity.experiments.runner import Run
+from geocomplexity.experiments.runner import Context, Run
 from geocomplexity.measure import geometric_complexity
 from geocomplexity.models import mlp
 
@@ -88,7 +88,7 @@ class ArcLengthExperiment(Experiment):
             for seed in range(seeds or p["seeds"])
         ]
 
-    def execute(self, run: Run) -> dict[str, Any]:  # noqa: D102
+    def execute(self, run: Run, context: Context) -> dict[str, Any]:  # noqa: D102
         x, y = _points(run["target"], run["amplitude"], run.seed)
         model = mlp(1, [300, 300, 300], 1, seed=run.seed).double()
         opt = torch.optim.Adam(model.parameters(), lr=run["lr"])

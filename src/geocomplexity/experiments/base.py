@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import csv
+import functools
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import Any
 
 from geocomplexity.atomic import write_text
 from geocomplexity.experiments.claims import Claim, write_claims
-from geocomplexity.experiments.runner import Run, run_sweep
+from geocomplexity.experiments.runner import Context, Run, run_sweep
 
 __all__ = ["PRESETS", "Experiment", "Outcome", "reproduce_one"]
 
@@ -52,14 +53,27 @@ class Experiment(abc.ABC):
     claim: str
     #: whether ``--dataset`` matters (the 1-D experiment uses its own data)
     uses_dataset: bool = True
+    #: whether it reads a local data folder (``--data-dir``)
+    needs_data_dir: bool = False
+    #: the presets ``reproduce all`` runs it in
+    in_all: tuple[str, ...] = PRESETS
+
+    def check(self, context: Context) -> None:
+        """Fail early, before any run, on what would fail every run.
+
+        Raises:
+            FileNotFoundError: a data folder it needs is missing.
+            ValueError: that folder is malformed.
+        """
+        del context
 
     @abc.abstractmethod
     def runs(self, preset: str, dataset: str, seeds: int | None) -> list[Run]:
         """The sweep for a preset (``seeds`` overrides its seed count)."""
 
     @abc.abstractmethod
-    def execute(self, run: Run) -> dict[str, Any]:
-        """One run's result (JSON-serialisable)."""
+    def execute(self, run: Run, context: Context) -> dict[str, Any]:
+        """One run's result (JSON-serialisable), on ``context.device``."""
 
     @abc.abstractmethod
     def analyze(
@@ -93,6 +107,8 @@ def reproduce_one(
     dataset: str = "mnist1d",
     seeds: int | None = None,
     workers: int = 1,
+    device: str = "cpu",
+    data_dir: Path | None = None,
     progress: bool | None = None,
 ) -> Outcome:
     """Run (or resume) an experiment's sweep, then write its results and figures.
@@ -101,14 +117,29 @@ def reproduce_one(
     ``*.png``. Different presets and data sets share the run folder: a run is
     identified by its config, so nothing is computed twice.
 
+    Args:
+        experiment: what to reproduce.
+        out: the output folder.
+        preset: ``smoke``, ``quick`` or ``paper``.
+        dataset: ``mnist1d`` or ``digits``.
+        seeds: overrides the preset's seed count.
+        workers: parallel processes.
+        device: where runs train (``"auto"``: CUDA when present).
+        data_dir: a local data folder, for experiments that need one.
+        progress: progress bars (``None``: on a terminal).
+
     Returns:
         The :class:`Outcome`.
     """
+    from geocomplexity.training import resolve_device
+
     directory = out / experiment.name
+    context = Context(str(resolve_device(device)), data_dir, directory / "runs")
+    experiment.check(context)
     runs = experiment.runs(preset, dataset, seeds)
     records = run_sweep(
         runs,
-        experiment.execute,
+        functools.partial(experiment.execute, context=context),
         directory,
         workers=workers,
         progress=progress,

@@ -19,7 +19,7 @@ from geocomplexity.data import load
 from geocomplexity.experiments.base import Experiment
 from geocomplexity.experiments.claims import Claim, spearman
 from geocomplexity.experiments.figures import pyplot, save
-from geocomplexity.experiments.runner import Run
+from geocomplexity.experiments.runner import Context, Run
 from geocomplexity.measure import measure
 from geocomplexity.models import INITS, mlp
 
@@ -62,7 +62,7 @@ class InitDepth(Experiment):
             for seed in range(seeds or p["seeds"])
         ]
 
-    def execute(self, run: Run) -> dict[str, Any]:  # noqa: D102
+    def execute(self, run: Run, context: Context) -> dict[str, Any]:  # noqa: D102
         data = load(run["dataset"])
         x = data.x_test[: run["points"]]
         model = mlp(

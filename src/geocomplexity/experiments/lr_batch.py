@@ -19,7 +19,7 @@ from geocomplexity.data import load
 from geocomplexity.experiments.base import Experiment
 from geocomplexity.experiments.claims import Claim, spearman
 from geocomplexity.experiments.figures import pyplot, save
-from geocomplexity.experiments.runner import Run
+from geocomplexity.experiments.runner import Context, Run
 from geocomplexity.measure import measure
 from geocomplexity.models import mlp
 from geocomplexity.training import fit
@@ -86,7 +86,7 @@ class LrBatch(Experiment):
             for seed in range(seeds or p["seeds"])
         ]
 
-    def execute(self, run: Run) -> dict[str, Any]:  # noqa: D102
+    def execute(self, run: Run, context: Context) -> dict[str, Any]:  # noqa: D102
         data = load(run["dataset"])
         w = run["width"]
         model = mlp(data.x_train.shape[1], [w, w], data.num_classes, seed=run.seed)
@@ -101,7 +101,7 @@ class LrBatch(Experiment):
             stop_at_train_loss=run["target"],
             eval_every=run["max_epochs"],
             seed=run.seed,
-            device="cpu",
+            device=context.device,
             progress=False,
         )
         return {

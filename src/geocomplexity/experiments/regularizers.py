@@ -20,7 +20,7 @@ from geocomplexity.data import load
 from geocomplexity.experiments.base import Experiment
 from geocomplexity.experiments.claims import Claim, spearman
 from geocomplexity.experiments.figures import pyplot, save
-from geocomplexity.experiments.runner import Run
+from geocomplexity.experiments.runner import Context, Run
 from geocomplexity.measure import measure
 from geocomplexity.models import mlp
 from geocomplexity.regularizers import (
@@ -114,7 +114,7 @@ class Regularizers(Experiment):
                 ]
         return runs
 
-    def execute(self, run: Run) -> dict[str, Any]:  # noqa: D102
+    def execute(self, run: Run, context: Context) -> dict[str, Any]:  # noqa: D102
         data = load(run["dataset"])
         x, y = data.x_train[: run["n"]], data.y_train[: run["n"]]
         w = run["width"]
@@ -135,7 +135,7 @@ class Regularizers(Experiment):
             track_gc_every=1 if baseline else None,
             gc_subset=_GC_SUBSET,
             eval_every=1 if baseline else run["epochs"],
-            device="cpu",
+            device=context.device,
             progress=False,
         )
         return {

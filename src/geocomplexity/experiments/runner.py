@@ -26,7 +26,7 @@ import torch
 
 from geocomplexity.atomic import write_text
 
-__all__ = ["Run", "load_runs", "run_sweep"]
+__all__ = ["Context", "Run", "load_runs", "run_sweep"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,28 @@ class Run:
     def __getitem__(self, name: str) -> Any:
         """A parameter's value (``run["width"]``)."""
         return dict(self.params)[name]
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where and with what a run executes: not part of its config or its hash.
+
+    A finished run is found again whatever the device or the data's folder, so
+    moving CIFAR-10 or switching to a GPU never recomputes a run.
+
+    Attributes:
+        device: ``"cpu"``, ``"cuda"``, ... (``"auto"`` is resolved before).
+        data_dir: a local data folder (CIFAR-10), when an experiment needs one.
+        folder: the sweep's ``runs`` folder; long runs keep checkpoints there.
+    """
+
+    device: str = "cpu"
+    data_dir: Path | None = None
+    folder: Path | None = None
+
+    def checkpoint(self, run: Run) -> Path | None:
+        """Where ``run`` keeps its checkpoint (``None`` without a folder)."""
+        return None if self.folder is None else self.folder / f"{run.key}.pt"
 
 
 def _versions() -> dict[str, str]:

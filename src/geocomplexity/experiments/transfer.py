@@ -19,7 +19,7 @@ from geocomplexity.data import load
 from geocomplexity.experiments.base import Experiment
 from geocomplexity.experiments.claims import Claim
 from geocomplexity.experiments.figures import pyplot, save
-from geocomplexity.experiments.runner import Run
+from geocomplexity.experiments.runner import Context, Run
 from geocomplexity.models import mlp
 from geocomplexity.training import fit
 
@@ -56,7 +56,7 @@ class Transfer(Experiment):
             for seed in range(seeds or p["seeds"])
         ]
 
-    def execute(self, run: Run) -> dict[str, Any]:  # noqa: D102
+    def execute(self, run: Run, context: Context) -> dict[str, Any]:  # noqa: D102
         data = load(run["dataset"])
         model = mlp(
             data.x_train.shape[1], run["widths"], data.num_classes, seed=run.seed
@@ -71,12 +71,12 @@ class Transfer(Experiment):
                 batch_size=128,
                 epochs=run["epochs"],
                 seed=run.seed,
-                device="cpu",
+                device=context.device,
                 progress=False,
             )
         # every available sample, train then test, up to the preset's count
         x = torch.cat([data.x_test, data.x_train])[: run["samples"]].double()
-        t = transfer_bound(model.double(), x)
+        t = transfer_bound(model.cpu().double(), x)
         ratio = t.tightness.flatten()
         ratio = ratio[~torch.isnan(ratio)]
         return {

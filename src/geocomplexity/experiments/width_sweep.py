@@ -30,7 +30,7 @@ from geocomplexity.data import load
 from geocomplexity.experiments.base import Experiment
 from geocomplexity.experiments.claims import Claim, spearman
 from geocomplexity.experiments.figures import pyplot, save
-from geocomplexity.experiments.runner import Run
+from geocomplexity.experiments.runner import Context, Run
 from geocomplexity.measure import measure
 from geocomplexity.models import mlp
 from geocomplexity.training import fit
@@ -68,7 +68,7 @@ _U = {
 _NOISE = 0.15
 
 
-def train_width(run: Run) -> dict[str, Any]:
+def train_width(run: Run, device: str = "cpu") -> dict[str, Any]:
     """Train one width on a (noisy) training subset; measure loss, error and GC.
 
     Returns:
@@ -94,7 +94,7 @@ def train_width(run: Run) -> dict[str, Any]:
         num_classes=data.num_classes,
         seed=run.seed,
         eval_every=run["epochs"],
-        device="cpu",
+        device=device,
         progress=False,
     )
     final = history.final
@@ -114,7 +114,11 @@ def train_width(run: Run) -> dict[str, Any]:
 
 
 def _rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{**r["config"], **r["result"]} for r in records]
+    # scalars only: a training curve stays in the run file, not in results.csv
+    return [
+        {**r["config"], **{k: v for k, v in r["result"].items() if k != "curve"}}
+        for r in records
+    ]
 
 
 def _means(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -142,8 +146,8 @@ class _WidthSweep(Experiment):
             for seed in range(seeds or p["seeds"])
         ]
 
-    def execute(self, run: Run) -> dict[str, Any]:
-        return train_width(run)
+    def execute(self, run: Run, context: Context) -> dict[str, Any]:
+        return train_width(run, context.device)
 
     def _plot_sweep(self, records: Sequence[dict[str, Any]], path: Path) -> Path:
         plt = pyplot()
@@ -171,7 +175,7 @@ class _WidthSweep(Experiment):
             ax.legend(fontsize=8)
         noise = statistics.fmean(r["effective_noise"] for r in rows)
         fig.suptitle(
-            f"{self.name}: {records[0]['config']['n']} training points, "
+            f"{self.name}: {records[0]['config']['n'] or 'all'} training points, "
             f"effective label noise {noise:.3f}",
             fontsize=10,
         )
