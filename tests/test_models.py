@@ -44,3 +44,22 @@ def test_preact_resnet18_widths():
     assert small(torch.randn(3, 3, 32, 32)).shape == (3, 10)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(big) > 3 * count(small)
+
+
+def test_cnn_shapes_seed_and_exact_gc_against_brute_force():
+    from reference import per_sample_sq_norms
+
+    from geocomplexity import jacobian_sq_norms
+    from geocomplexity.models import cnn
+
+    state = torch.get_rng_state()
+    a, b = cnn(3, 10, width=4, seed=1), cnn(3, 10, width=4, seed=1)
+    assert torch.equal(state, torch.get_rng_state())
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert a(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    small = cnn(1, 10, width=4, batch_norm=True, seed=0).double().eval()
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    assert small(x).shape == (3, 10)
+    torch.testing.assert_close(
+        jacobian_sq_norms(small, x), per_sample_sq_norms(small, x), rtol=1e-10, atol=0
+    )

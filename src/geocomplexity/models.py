@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["INITS", "PreActResNet18", "initialize", "mlp"]
+__all__ = ["INITS", "PreActResNet18", "cnn", "initialize", "mlp"]
 
 INITS = ("default", "glorot", "lecun", "he")
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
@@ -59,6 +59,51 @@ def mlp(
     model = nn.Sequential(*layers)
     initialize(model, init, torch.Generator().manual_seed(seed))
     return model
+
+
+def cnn(
+    in_channels: int,
+    num_classes: int,
+    *,
+    width: int = 32,
+    batch_norm: bool = False,
+    seed: int = 0,
+) -> nn.Sequential:
+    """A small convolutional classifier for images of any size.
+
+    Two stages of ``conv 3×3 → [BN] → ReLU → 2×2 max-pool`` with ``width`` and
+    ``2·width`` channels, a global average pool and a linear head. Inputs are
+    ``(B, in_channels, H, W)`` with ``H, W ≥ 4``; outputs ``(B, num_classes)``.
+
+    Args:
+        in_channels: input channels (1 for digits, 3 for CIFAR-10).
+        num_classes: output size (the logits).
+        width: channels of the first stage.
+        batch_norm: BatchNorm after each convolution.
+        seed: the initialization's seed (the global RNG is left alone).
+
+    Returns:
+        The ``nn.Sequential``.
+    """
+
+    def stage(cin: int, cout: int) -> list[nn.Module]:
+        norm: list[nn.Module] = [nn.BatchNorm2d(cout)] if batch_norm else []
+        return [
+            nn.Conv2d(cin, cout, 3, padding=1, bias=not batch_norm),
+            *norm,
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        ]
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(
+            *stage(in_channels, width),
+            *stage(width, 2 * width),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(2 * width, num_classes),
+        )
 
 
 def initialize(model: nn.Module, scheme: str, generator: torch.Generator) -> None:
