@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/geocomplexity reproduce all --preset quick --out results
 
 test: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
@@ -29,8 +29,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_regularizers.py
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff format --check src tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

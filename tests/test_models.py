@@ -55,7 +55,9 @@ def test_cnn_shapes_seed_and_exact_gc_against_brute_force():
     state = torch.get_rng_state()
     a, b = cnn(3, 10, width=4, seed=1), cnn(3, 10, width=4, seed=1)
     assert torch.equal(state, torch.get_rng_state())
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert all(
+        torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True)
+    )
     assert a(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     small = cnn(1, 10, width=4, batch_norm=True, seed=0).double().eval()
     x = torch.randn(3, 1, 8, 8, dtype=torch.float64)

@@ -75,6 +75,19 @@ def _parser() -> argparse.ArgumentParser:
         help="the CIFAR-10 python-version folder (cifar-10-batches-py), for "
         "resnet-double-descent (in `all` with --preset paper)",
     )
+    rep.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local processes (default) or one Ray task per run "
+        "(pip install 'geocomplexity[ray]')",
+    )
+    rep.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="a Ray cluster's address (default: start a local Ray)",
+    )
     report = sub.add_parser("report", help="write DIR/report.html and print claims")
     report.add_argument("dir", type=Path)
     return parser
@@ -157,6 +170,16 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:  # a planted pickle raises UnpicklingError
             return _error(f"{args.data_dir}: {err}")
     workers = args.workers or (1 if device == "cuda" else _default_workers())
+    if args.executor == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            return _error(
+                "--executor ray needs Ray, which is not installed: "
+                "pip install 'geocomplexity[ray]'"
+            )
+    elif args.ray_address is not None:
+        return _error("--ray-address needs --executor ray")
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     for name in names:
@@ -169,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             workers=workers,
             device=device,
             data_dir=args.data_dir,
+            executor=args.executor,
+            ray_address=args.ray_address,
         )
         held = sum(c.passed for c in outcome.claims)
         print(

@@ -10,6 +10,7 @@ output dimension; for a classifier ``g`` is the logit network.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from geocomplexity import distributed as _distributed
 from geocomplexity.jacobian import (
     METHODS,
     Output,
@@ -202,30 +204,25 @@ def _model_device(model: nn.Module) -> torch.device | None:
     return None
 
 
-def _auto(
+def _pilot(
     model: nn.Module,
     x: Tensor,
     output: Output,
     mode: str,
-    total: int,
-    rtol: float,
     distribution: str,
     generator: torch.Generator | None,
-) -> tuple[str, int]:
-    """Choose the method for ``method="auto"`` from the first batch.
+) -> list[float]:
+    """What ``method="auto"`` learns from a batch: ``[k, n·m, n·σ², n]``.
 
-    Exact when the output is small. Otherwise a two-probe pilot estimates the
-    per-sample probe variance σ², and ``P = ⌈σ² / (N m² rtol²)⌉`` probes keep the
-    probe part of the relative standard error of the N-sample mean m below
-    ``rtol``; exact again if that needs as many probes as there are outputs.
-
-    Returns:
-        ``(method, num_probes)``.
+    ``k`` is the output size, ``m`` the batch's mean GC and ``σ²`` the mean
+    per-sample probe variance of a two-probe pilot (skipped, zeros, when ``k``
+    is small enough for exact). Sums over ``n`` so ranks can add theirs.
     """
     with preserved(model, mode="eval"), torch.no_grad():
         k = _select(model, x, output).shape[1]
+    n = x.shape[0]
     if k <= AUTO_EXACT_MAX_OUTPUTS:
-        return "exact", 1
+        return [k, 0.0, 0.0, n]
     pilot = [
         jacobian_sq_norms(
             model,
@@ -240,8 +237,24 @@ def _auto(
     ]
     m = ((pilot[0] + pilot[1]) / 2).mean().item()
     var = ((pilot[0] - pilot[1]).pow(2) / 2).mean().item()
-    if m <= 0:
+    return [k, n * m, n * var, n]
+
+
+def _choose(pilot: list[float], total: int, rtol: float) -> tuple[str, int]:
+    """Choose the method for ``method="auto"`` from a :func:`_pilot`.
+
+    Exact when the output is small. Otherwise the pilot's per-sample probe
+    variance σ² gives ``P = ⌈σ² / (N m² rtol²)⌉`` probes, which keep the probe
+    part of the relative standard error of the N-sample mean m below ``rtol``;
+    exact again if that needs as many probes as there are outputs.
+
+    Returns:
+        ``(method, num_probes)``.
+    """
+    k, nm, nvar, n = pilot
+    if k <= AUTO_EXACT_MAX_OUTPUTS or n == 0 or nm <= 0:
         return "exact", 1
+    m, var = nm / n, nvar / n
     probes = max(1, math.ceil(var / (total * m**2 * rtol**2)))
     return ("exact", 1) if probes >= k else ("projection", probes)
 
@@ -263,6 +276,7 @@ def measure(
     chunk_size: int | None = None,
     eps: float | None = None,
     per_sample: bool = False,
+    distributed: bool | None = None,
 ) -> GCResult:
     r"""Geometric complexity of ``model`` over a data set, streamed in batches.
 
@@ -291,7 +305,17 @@ def measure(
         rtol: target relative standard error of the probe noise for ``"auto"``.
         chunk_size: VJPs per backward pass (see ``jacobian_sq_norms``).
         eps: finite-difference step.
-        per_sample: keep every per-sample value in the result.
+        per_sample: keep every per-sample value in the result (this process's
+            samples only, under a process group).
+        distributed: inside an initialized ``torch.distributed`` process group
+            (torchrun, DDP), each rank measures its shard of the data (a
+            ``DistributedSampler``, say; ``max_samples`` counts per rank) and
+            the ranks merge their accumulators, so every rank returns the value,
+            stderr and ``num_samples`` of the whole data set, and ``"auto"``
+            picks one method for all. ``None`` (default): when a group of more
+            than one process is initialized; ``False``: this process's data
+            alone. Every rank must call it; a rank may have no data. Give each
+            rank its own ``generator`` seed, or their probes coincide.
 
     Returns:
         A :class:`GCResult`.
@@ -330,9 +354,27 @@ def measure(
     if max_samples is not None:
         total = max_samples if total is None else min(total, max_samples)
     device = _model_device(model)
+    collective = _distributed.active(distributed)
     stats = RunningMean()
     kept: list[Tensor] = []
     chosen, probes = method, num_probes or 1
+    if collective and method == "auto":
+        # the ranks agree on one method from all their first batches
+        first = next(batches, None)
+        pilot = [0.0, 0.0, 0.0, 0.0]
+        if first is not None:
+            batches = itertools.chain([first], batches)
+            x = first.to(device) if device is not None else first
+            x = x[:max_samples] if max_samples is not None else x
+            check_input(x)
+            _check_model_matches(model, x)
+            pilot = _pilot(model, x, output, mode, distribution, generator)
+        rows = _distributed.all_gather_rows([*pilot, total or pilot[3]])
+        k = rows[:, 0].max().item()
+        summed = rows[:, 1:].sum(0).tolist()
+        chosen, probes = _choose([k, *summed[:3]], int(summed[3]), rtol)
+        if num_probes is not None and chosen == "projection":
+            probes = num_probes
     bar = tqdm(
         total=total,
         unit="sample",
@@ -349,16 +391,8 @@ def measure(
             check_input(x)
             _check_model_matches(model, x)
             if chosen == "auto":
-                chosen, probes = _auto(
-                    model,
-                    x,
-                    output,
-                    mode,
-                    total or x.shape[0],
-                    rtol,
-                    distribution,
-                    generator,
-                )
+                pilot = _pilot(model, x, output, mode, distribution, generator)
+                chosen, probes = _choose(pilot, total or x.shape[0], rtol)
                 if num_probes is not None and chosen == "projection":
                     probes = num_probes
             values = jacobian_sq_norms(
@@ -381,6 +415,13 @@ def measure(
                 break
     finally:
         bar.close()
+    if collective:
+        merged = RunningMean()
+        for n, mean, m2 in _distributed.all_gather_rows(
+            [stats.count, stats.mean, stats.m2]
+        ).tolist():
+            merged.merge(RunningMean(int(n), mean, m2))
+        stats = merged
     if stats.count == 0:
         raise ValueError("data is empty: there is no sample to measure")
     return GCResult(
@@ -389,5 +430,7 @@ def measure(
         num_samples=stats.count,
         method=chosen,
         num_probes=None if chosen == "exact" else probes,
-        per_sample=torch.cat(kept) if per_sample else None,
+        per_sample=(torch.cat(kept) if kept else torch.empty(0))
+        if per_sample
+        else None,
     )

@@ -109,6 +109,8 @@ def reproduce_one(
     workers: int = 1,
     device: str = "cpu",
     data_dir: Path | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
     progress: bool | None = None,
 ) -> Outcome:
     """Run (or resume) an experiment's sweep, then write its results and figures.
@@ -126,6 +128,9 @@ def reproduce_one(
         workers: parallel processes.
         device: where runs train (``"auto"``: CUDA when present).
         data_dir: a local data folder, for experiments that need one.
+        executor: ``"local"`` processes or ``"ray"`` tasks (see
+            :func:`~geocomplexity.experiments.run_sweep`).
+        ray_address: the Ray cluster to use; ``None`` starts a local one.
         progress: progress bars (``None``: on a terminal).
 
     Returns:
@@ -144,6 +149,9 @@ def reproduce_one(
         workers=workers,
         progress=progress,
         desc=experiment.name,
+        executor=executor,
+        ray_address=ray_address,
+        gpus_per_run=1.0 if context.device.startswith("cuda") else 0.0,
     )
     claims, rows = experiment.analyze(records, dataset)
     suffix = (

@@ -103,19 +103,85 @@ def _versions() -> dict[str, str]:
     }
 
 
+def _record(fn: Callable[[Run], dict[str, Any]], run: Run) -> dict[str, Any]:
+    """Run one config: its record, not yet stored."""
+    return {
+        "config": run.config,
+        "key": run.key,
+        "versions": _versions(),
+        "result": fn(run),
+    }
+
+
+def _store(record: dict[str, Any], path: Path) -> dict[str, Any]:
+    write_text(path, json.dumps(record, indent=1, allow_nan=True))
+    return record
+
+
 def _execute(
     fn: Callable[[Run], dict[str, Any]], run: Run, path: Path
 ) -> dict[str, Any]:
     """Run one config and store it; module-level so worker processes can call it."""
-    result = fn(run)
-    record = {
-        "config": run.config,
-        "key": run.key,
-        "versions": _versions(),
-        "result": result,
-    }
-    write_text(path, json.dumps(record, indent=1, allow_nan=True))
-    return record
+    return _store(_record(fn, run), path)
+
+
+def _ray_record(
+    fn: Callable[[Run], dict[str, Any]], run: Run, threads: int
+) -> dict[str, Any]:
+    torch.set_num_threads(threads)  # as a local worker process would have
+    return _record(fn, run)
+
+
+def _ray(address: str | None, workers: int) -> Any:
+    """Ray, connected: to ``address``, or to a local instance started here."""
+    try:
+        import ray
+    except ImportError:
+        raise ImportError(
+            "--executor ray needs Ray: pip install 'geocomplexity[ray]'"
+        ) from None
+    if not ray.is_initialized():
+        if address is None:
+            ray.init(
+                num_cpus=workers,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
+        else:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+        atexit.register(ray.shutdown)
+    return ray
+
+
+def _run_ray(
+    todo: Sequence[Run],
+    fn: Callable[[Run], dict[str, Any]],
+    folder: Path,
+    workers: int,
+    address: str | None,
+    gpus: float,
+    on_done: Callable[[dict[str, Any]], None],
+) -> None:
+    """Each run a Ray task; the driver stores each record as it arrives.
+
+    The driver writes the run files (a cluster's nodes need not share a disk
+    with it); a run whose task is lost is simply not stored, so it reruns.
+    """
+    ray = _ray(address, workers)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    task = ray.remote(num_cpus=threads, num_gpus=gpus)(_ray_record)
+    pending = {task.remote(fn, run, threads): run for run in todo}
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                run = pending.pop(ref)
+                on_done(_store(ray.get(ref), folder / f"{run.key}.json"))
+    except BaseException:
+        for ref in pending:  # Ctrl-C: stop what is still running
+            ray.cancel(ref, force=True)
+        raise
 
 
 def load_runs(directory: Path) -> dict[str, dict[str, Any]]:
@@ -168,6 +234,9 @@ def run_sweep(
     workers: int = 1,
     progress: bool | None = None,
     desc: str = "runs",
+    executor: str = "local",
+    ray_address: str | None = None,
+    gpus_per_run: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Execute the runs not yet finished under ``directory`` and return them all.
 
@@ -176,19 +245,27 @@ def run_sweep(
         fn: ``fn(run) -> result dict`` (JSON-serialisable). With ``workers > 1``
             it must be importable (a module-level function).
         directory: the experiment's folder; results go to ``directory/runs``.
-        workers: parallel processes (1 runs in this process).
+        workers: parallel processes (1 runs in this process); with Ray, the
+            CPUs of the local instance it starts (each run gets its share).
         progress: progress bar over runs; ``None`` on a terminal.
         desc: the progress bar's label.
+        executor: ``"local"`` (this process or a process pool) or ``"ray"``
+            (one Ray task per run; the same results in the same run files).
+        ray_address: a Ray cluster's address; ``None`` starts a local Ray.
+        gpus_per_run: GPUs each Ray task reserves.
 
     Returns:
         One record per run, in the order of ``runs``: ``{"config", "key",
         "versions", "result"}``.
 
     Raises:
-        ValueError: two runs share a config.
+        ValueError: two runs share a config, or an unknown executor.
+        ImportError: ``executor="ray"`` without Ray installed.
     """
     from tqdm.auto import tqdm
 
+    if executor not in ("local", "ray"):
+        raise ValueError(f"unknown executor {executor!r}; choose 'local' or 'ray'")
     keys = [r.key for r in runs]
     if len(set(keys)) != len(keys):
         raise ValueError("the sweep lists the same config twice")
@@ -203,11 +280,17 @@ def run_sweep(
         unit="run",
         disable=None if progress is None else not progress,
     )
+
+    def finished(record: dict[str, Any]) -> None:
+        done[record["key"]] = record
+        bar.update()
+
     try:
-        if workers <= 1 or len(todo) <= 1:
+        if executor == "ray" and todo:
+            _run_ray(todo, fn, folder, workers, ray_address, gpus_per_run, finished)
+        elif workers <= 1 or len(todo) <= 1:
             for run in todo:
-                done[run.key] = _execute(fn, run, folder / f"{run.key}.json")
-                bar.update()
+                finished(_execute(fn, run, folder / f"{run.key}.json"))
         else:
             pool = _pool(workers)
             futures = [
@@ -216,9 +299,7 @@ def run_sweep(
             ]
             try:
                 for fut in as_completed(futures):
-                    record = fut.result()
-                    done[record["key"]] = record
-                    bar.update()
+                    finished(fut.result())
             except BaseException:
                 for fut in futures:  # Ctrl-C: drop what has not started
                     fut.cancel()

@@ -1,0 +1,188 @@
+"""A Lightning callback that logs the geometric complexity while training.
+
+::
+
+    from geocomplexity.integrations.lightning import GeometricComplexityCallback
+
+    trainer = lightning.Trainer(
+        callbacks=[GeometricComplexityCallback(train=x_train[:512], every_n_epochs=1)]
+    )
+
+logs ``gc/train`` and ``gc/val`` (and their standard errors) through the
+module's logger, measured with :func:`geocomplexity.measure` on fixed subsets,
+without changing the model's state. To *regularize* with GC in Lightning, add a
+term in ``training_step`` (see the README)::
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        x = x.requires_grad_()  # the penalty reuses this forward pass
+        out = self(x)
+        loss = F.cross_entropy(out, y)
+        return loss + self.penalty(self, x, y, outputs=out)
+
+Needs ``pip install 'geocomplexity[lightning]'``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+try:
+    from lightning.pytorch import Callback, LightningModule, Trainer
+except ImportError as err:  # pragma: no cover - the message is the point
+    raise ImportError(
+        "geocomplexity.integrations.lightning needs Lightning: "
+        "pip install 'geocomplexity[lightning]'"
+    ) from err
+
+from geocomplexity.measure import measure
+
+__all__ = ["GeometricComplexityCallback"]
+
+
+def _inputs(batch: Any) -> Tensor:
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    if isinstance(batch, dict):
+        for key in ("x", "input", "inputs", "image", "images"):
+            if isinstance(batch.get(key), Tensor):
+                return batch[key]
+    raise TypeError(
+        f"cannot find the inputs in a {type(batch).__name__} batch; pass the "
+        "subsets to GeometricComplexityCallback(train=..., val=...) as tensors"
+    )
+
+
+def _take(loaders: Any, num_samples: int) -> Tensor | None:
+    """The first ``num_samples`` inputs of a loader (or the first of several)."""
+    if loaders is None:
+        return None
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if loaders else None
+    if isinstance(loaders, dict):
+        loaders = next(iter(loaders.values()), None)
+    if loaders is None:
+        return None
+    taken: list[Tensor] = []
+    count = 0
+    for batch in loaders:
+        x = _inputs(batch)
+        taken.append(x[: num_samples - count].detach().cpu())
+        count += len(taken[-1])
+        if count >= num_samples:
+            break
+    return torch.cat(taken) if taken else None
+
+
+class GeometricComplexityCallback(Callback):
+    """Log GC on fixed train and validation subsets every N epochs or steps.
+
+    The subsets are fixed once: given here, or the first ``num_samples`` inputs
+    the train and validation loaders yield when training starts (a shuffled
+    loader's first batches, then kept). Under DDP each rank measures its share
+    of the subset and the ranks merge, so the logged value is the subset's.
+
+    Args:
+        train: inputs ``(N, *in_shape)`` for ``gc/train``; ``None`` takes them
+            from the train loader.
+        val: inputs for ``gc/val``; ``None`` takes them from the validation
+            loader when there is one.
+        num_samples: subset size when taken from a loader.
+        every_n_epochs: log at the end of every this many training epochs.
+        every_n_steps: log every this many optimizer steps instead (the epoch
+            schedule is then off); these values go to the trainer's loggers
+            directly, at ``trainer.global_step``, while the epoch schedule logs
+            through ``pl_module.log`` (so ``ModelCheckpoint(monitor="gc/val")``
+            works).
+        prefix: metric names are ``{prefix}/train``, ``{prefix}/val`` and
+            ``{prefix}/train_stderr``, ``{prefix}/val_stderr``.
+        **measure_kwargs: options of :func:`geocomplexity.measure` (``method``
+            defaults to ``"exact"``; ``num_probes``, ``output``, ...).
+
+    Raises:
+        ValueError: a non-positive schedule or subset size.
+    """
+
+    def __init__(
+        self,
+        train: Tensor | None = None,
+        val: Tensor | None = None,
+        *,
+        num_samples: int = 512,
+        every_n_epochs: int = 1,
+        every_n_steps: int | None = None,
+        prefix: str = "gc",
+        **measure_kwargs: Any,
+    ) -> None:
+        if num_samples < 1 or every_n_epochs < 1:
+            raise ValueError("num_samples and every_n_epochs must be positive")
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be positive, got {every_n_steps}")
+        self.train, self.val = train, val
+        self.num_samples = num_samples
+        self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
+        self.prefix = prefix
+        self.measure_kwargs = {"method": "exact", **measure_kwargs}
+        self._given = (train is not None, val is not None)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Fix the subsets the loaders provide."""
+        if not self._given[0]:
+            self.train = _take(trainer.train_dataloader, self.num_samples)
+        if not self._given[1] and self.val is None:
+            self.val = _take(trainer.val_dataloaders, self.num_samples)
+
+    def _log(
+        self, trainer: Trainer, pl_module: LightningModule, *, on_step: bool
+    ) -> None:
+        if not self._given[1] and self.val is None:  # validation set up late
+            self.val = _take(trainer.val_dataloaders, self.num_samples)
+        rank, world = trainer.global_rank, trainer.world_size
+        values: dict[str, float] = {}
+        for split, x in (("train", self.train), ("val", self.val)):
+            if x is None:
+                continue
+            result = measure(
+                pl_module,
+                x[rank::world],  # each rank its share; measure merges them
+                progress=False,
+                distributed=world > 1 or None,
+                **self.measure_kwargs,
+            )
+            values[f"{self.prefix}/{split}"] = result.value
+            values[f"{self.prefix}/{split}_stderr"] = result.stderr
+        if on_step:
+            # straight to the loggers at this step: a value self.log()-ed from
+            # on_train_batch_end would be written again at the next step
+            if trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.log_metrics(values, step=trainer.global_step)
+        else:
+            # through the module, so callback_metrics (checkpointing, early
+            # stopping) see the values too
+            for name, value in values.items():
+                pl_module.log(name, value, on_step=False, on_epoch=True)
+
+    def on_train_batch_end(  # noqa: D102
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self._log(trainer, pl_module, on_step=True)
+
+    def on_train_epoch_end(  # noqa: D102
+        self, trainer: Trainer, pl_module: LightningModule
+    ) -> None:
+        if self.every_n_steps is None and (
+            (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        ):
+            self._log(trainer, pl_module, on_step=False)

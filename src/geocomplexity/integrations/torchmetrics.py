@@ -1,0 +1,135 @@
+"""Geometric complexity as a ``torchmetrics.Metric``.
+
+The state is a sum and a count (``dist_reduce_fx="sum"``), so the value is the
+exact data-set mean however the data are split across batches and processes::
+
+    metric = GeometricComplexity(model)
+    for x, _ in loader:
+        metric.update(x)
+    metric.compute()  # = geocomplexity.measure(model, loader, method="exact").value
+
+Needs ``pip install 'geocomplexity[torchmetrics]'``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+try:
+    from torchmetrics import Metric
+except ImportError as err:  # pragma: no cover - the message is the point
+    raise ImportError(
+        "geocomplexity.integrations.torchmetrics needs torchmetrics: "
+        "pip install 'geocomplexity[torchmetrics]'"
+    ) from err
+
+from geocomplexity.jacobian import METHODS, Output, jacobian_sq_norms
+from geocomplexity.probes import check_distribution
+
+__all__ = ["GeometricComplexity"]
+
+
+class GeometricComplexity(Metric):
+    r"""The mean of :math:`\|\partial g(x)/\partial x\|_F^2` over every input seen.
+
+    ``update(x)`` measures a batch ``(B, *in_shape)`` with
+    :func:`geocomplexity.jacobian_sq_norms` (the model is left as found: mode,
+    BatchNorm statistics, gradients); ``compute()`` returns the mean over all
+    updates, across processes when torchmetrics syncs. ``stderr()`` gives the
+    standard error of that mean from the same states.
+
+    Args:
+        model: the network ``g`` (logits out). It is held, not registered as a
+            submodule: the metric's ``state_dict`` and ``.to()`` leave it alone.
+        method: ``"exact"`` (default), ``"projection"``, ``"jvp"`` or
+            ``"finite_difference"``.
+        output: what is differentiated (see ``jacobian_sq_norms``).
+        mode: ``"eval"`` (default) or ``"train"``.
+        num_probes: probes per sample for the stochastic methods.
+        distribution: probe distribution for the stochastic methods.
+        chunk_size: VJPs per backward pass for ``"exact"``.
+        generator: probe randomness (give each process its own seed).
+        **kwargs: ``torchmetrics.Metric`` options (``sync_on_compute``, ...).
+
+    Raises:
+        ValueError: an unknown method or distribution.
+    """
+
+    is_differentiable = False
+    higher_is_better = None
+    full_state_update = False
+
+    total: Tensor
+    total_sq: Tensor
+    count: Tensor
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        method: str = "exact",
+        output: Output = None,
+        mode: str = "eval",
+        num_probes: int = 1,
+        distribution: str = "rademacher",
+        chunk_size: int | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if method not in METHODS:
+            raise ValueError(
+                f"unknown method {method!r}; choose one of "
+                f"{', '.join(map(repr, METHODS))}"
+            )
+        check_distribution(distribution)
+        # not a submodule: the metric's state_dict, .to() and .double() must
+        # not reach into the model being measured
+        self.__dict__["model"] = model
+        self._options = {
+            "method": method,
+            "output": output,
+            "mode": mode,
+            "num_probes": num_probes,
+            "distribution": distribution,
+            "chunk_size": chunk_size,
+            "generator": generator,
+        }
+        zero = torch.tensor(0.0, dtype=torch.float64)
+        self.add_state("total", default=zero.clone(), dist_reduce_fx="sum")
+        self.add_state("total_sq", default=zero.clone(), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, x: Tensor) -> None:
+        """Measure a batch of inputs ``(B, *in_shape)`` and add it to the states."""
+        values = jacobian_sq_norms(self.model, x, **self._options)
+        values = values.detach().to(self.total.device, torch.float64)
+        self.total += values.sum()
+        self.total_sq += values.pow(2).sum()
+        self.count += values.numel()
+
+    def compute(self) -> Tensor:
+        """The mean over every sample seen (float64 scalar).
+
+        Raises:
+            ValueError: nothing was measured.
+        """
+        if self.count == 0:
+            raise ValueError("no inputs were measured: call update(x) first")
+        return self.total / self.count
+
+    def stderr(self) -> Tensor:
+        """Standard error of :meth:`compute` over samples (this process's states).
+
+        Returns:
+            A float64 scalar; NaN below two samples.
+        """
+        n = self.count.to(torch.float64)
+        if n < 2:
+            return torch.tensor(float("nan"), dtype=torch.float64)
+        mean = self.total / n
+        var = (self.total_sq - n * mean**2).clamp_min(0) / (n - 1)
+        return (var / n).sqrt()

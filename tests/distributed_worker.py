@@ -1,0 +1,95 @@
+"""Run by tests/test_integrations.py under torchrun (2 processes, gloo, CPU).
+
+Each rank measures its shard, updates a torchmetrics metric, and takes one DDP
+step with an exact GC penalty; rank 0 writes what it saw, beside the
+single-process values, to the JSON file named on the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from geocomplexity import measure
+from geocomplexity.integrations.torchmetrics import GeometricComplexity as Metric
+from geocomplexity.regularizers import GeometricComplexity
+
+
+def net(d_out: int = 3) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, d_out)
+    ).double()
+
+
+def main(path: str) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (37,), generator=g)
+    model = net()
+    out: dict = {"world": world}
+
+    # measure: uneven shards, one rank with no data at all
+    for name, shard in (
+        ("strided", x[rank::world]),
+        ("uneven", x[:30] if rank == 0 else x[30:]),
+        ("empty", x if rank == 0 else []),
+    ):
+        r = measure(model, shard, method="exact", batch_size=8, progress=False)
+        out[name] = [r.value, r.stderr, r.num_samples]
+    alone = measure(model, x, method="exact", distributed=False, progress=False)
+    out["single"] = [alone.value, alone.stderr, alone.num_samples]
+    # the same data on every rank counts every rank's copy: shard it instead
+    twice = measure(model, x, method="exact", distributed=True, progress=False)
+    out["unsharded_n"] = twice.num_samples
+    # auto on a wide output: every rank must pick the same method and probes
+    wide = net(d_out=64)
+    auto = measure(
+        wide,
+        x[rank::world],
+        method="auto",
+        rtol=0.2,
+        generator=torch.Generator().manual_seed(rank),
+        progress=False,
+    )
+    picks = [None] * world
+    dist.all_gather_object(picks, (auto.method, auto.num_probes, auto.num_samples))
+    out["auto_picks"] = picks
+
+    # torchmetrics: states are sums, synced on compute
+    metric = Metric(model)
+    for batch in x[rank::world].split(4):
+        metric.update(batch)
+    out["metric"] = metric.compute().item()
+
+    # DDP: one step with an exact GC penalty on equal shards = one full-batch step
+    half = x[:36].view(world, -1, 5)[rank], y[:36].view(world, -1)[rank]
+    ddp = DistributedDataParallel(net())
+    xb = half[0].clone().requires_grad_(True)
+    outputs = ddp(xb)
+    penalty = GeometricComplexity(0.5, method="exact")
+    loss = F.cross_entropy(outputs, half[1])
+    loss = loss + penalty(ddp, xb, half[1], outputs=outputs)
+    loss.backward()
+    out["ddp_grads"] = [p.grad.flatten().tolist() for p in ddp.parameters()]
+    ref = net()
+    xf = x[:36].clone().requires_grad_(True)
+    of = ref(xf)
+    lf = F.cross_entropy(of, y[:36]) + penalty(ref, xf, y[:36], outputs=of)
+    lf.backward()
+    out["single_grads"] = [p.grad.flatten().tolist() for p in ref.parameters()]
+    if rank == 0:
+        with open(path, "w") as f:
+            json.dump(out, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

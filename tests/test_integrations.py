@@ -1,0 +1,301 @@
+"""torchmetrics, Lightning, torchrun/DDP and Ray: each exact, each tested."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from geocomplexity import measure
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _net(d_out: int = 3) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, d_out)
+    )
+
+
+# -- torchmetrics ------------------------------------------------------------
+
+
+def test_metric_accumulated_over_batches_equals_one_shot():
+    from geocomplexity.integrations.torchmetrics import GeometricComplexity
+
+    model = _net().double()
+    x = torch.randn(50, 6, dtype=torch.float64)
+    metric = GeometricComplexity(model)
+    for batch in x.split(7):
+        metric.update(batch)
+    whole = measure(model, x, method="exact", progress=False)
+    torch.testing.assert_close(metric.compute().item(), whole.value, rtol=1e-12, atol=0)
+    torch.testing.assert_close(metric.stderr().item(), whole.stderr, rtol=1e-9, atol=0)
+    assert metric.count.item() == 50
+    assert not any(k.startswith("model") for k in metric.state_dict())
+    metric.reset()
+    with (
+        pytest.raises(ValueError, match="call update"),
+        pytest.warns(UserWarning, match="before the ``update``"),  # torchmetrics'
+    ):
+        metric.compute()
+    metric.update(x[:1])
+    assert math.isnan(metric.stderr().item())
+
+
+def test_metric_projection_is_unbiased_and_options_are_checked():
+    from geocomplexity.integrations.torchmetrics import GeometricComplexity
+
+    model = _net(d_out=8).double()
+    x = torch.randn(20, 6, dtype=torch.float64)
+    exact = measure(model, x, method="exact", progress=False).value
+    metric = GeometricComplexity(
+        model, method="projection", generator=torch.Generator().manual_seed(0)
+    )
+    for _ in range(200):
+        metric.update(x)
+    z = (metric.compute().item() - exact) / metric.stderr().item()
+    assert abs(z) < 4
+    with pytest.raises(ValueError, match="unknown method 'hessian'"):
+        GeometricComplexity(model, method="hessian")
+    with pytest.raises(TypeError, match="integer inputs"):
+        GeometricComplexity(model).update(torch.ones(3, 6, dtype=torch.long))
+
+
+def test_metric_leaves_the_model_alone():
+    from geocomplexity.integrations.torchmetrics import GeometricComplexity
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8))
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    metric = GeometricComplexity(model)
+    metric.update(torch.randn(10, 6))
+    metric.double()  # a metric's dtype change must not reach the model
+    assert model.training and next(model.parameters()).dtype == torch.float32
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in model.parameters())
+
+
+# -- Lightning -----------------------------------------------------------------
+
+
+def _lightning_setup():
+    import lightning as L
+    from lightning.pytorch.loggers import Logger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Memory(Logger):
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        @property
+        def name(self):
+            return "memory"
+
+        @property
+        def version(self):
+            return 0
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+        def log_metrics(self, metrics, step=None):
+            self.rows.append((step, dict(metrics)))
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _net()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self(x), y)
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val_loss", F.cross_entropy(self(x), y))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 6, generator=g)
+    y = torch.randint(0, 3, (96,), generator=g)
+    train = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True, generator=g)
+    val = DataLoader(TensorDataset(x[:40], y[:40]), batch_size=16)
+    return L, Memory, Module, train, val, x
+
+
+def _trainer(L, logger, callback, **kwargs):
+    return L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=logger,
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        **kwargs,
+    )
+
+
+def test_lightning_callback_logs_gc_equal_to_measure():
+    from geocomplexity.integrations.lightning import GeometricComplexityCallback
+
+    L, Memory, Module, train, val, _ = _lightning_setup()
+    callback = GeometricComplexityCallback(num_samples=64)
+    logger, module = Memory(), Module()
+    _trainer(L, logger, callback).fit(module, train, val)
+    logged = [m for _, m in logger.rows if "gc/train" in m]
+    assert len(logged) == 2  # one per epoch
+    assert callback.train.shape == (64, 6) and callback.val.shape == (40, 6)
+    # the model has not changed since the last epoch's end: same numbers
+    for split, subset in (("train", callback.train), ("val", callback.val)):
+        expected = measure(module, subset, method="exact", progress=False)
+        assert logged[-1][f"gc/{split}"] == pytest.approx(expected.value, rel=1e-6)
+        assert logged[-1][f"gc/{split}_stderr"] == pytest.approx(
+            expected.stderr, rel=1e-5
+        )
+    assert logged[0]["gc/train"] != logged[1]["gc/train"]  # it trained between
+
+
+def test_lightning_callback_every_n_steps_on_given_subsets():
+    from geocomplexity.integrations.lightning import GeometricComplexityCallback
+
+    L, Memory, Module, train, val, x = _lightning_setup()
+    subset = x[:10]
+    callback = GeometricComplexityCallback(subset, every_n_steps=2, method="exact")
+    logger, module = Memory(), Module()
+    _trainer(L, logger, callback).fit(module, train, val)
+    steps = [s for s, m in logger.rows if "gc/train" in m]
+    assert steps == [2, 4, 6]  # 3 batches per epoch, 2 epochs
+    assert torch.equal(callback.train, subset)
+    last = [m for _, m in logger.rows if "gc/train" in m][-1]
+    assert last["gc/train"] == pytest.approx(
+        measure(module, subset, method="exact").value, rel=1e-6
+    )
+    with pytest.raises(ValueError, match="every_n_steps"):
+        GeometricComplexityCallback(every_n_steps=0)
+
+
+# -- torchrun / DDP --------------------------------------------------------------
+
+
+def _torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
+
+
+@pytest.mark.slow
+def test_distributed_measure_metric_and_ddp_penalty_equal_single_process(tmp_path):
+    out = tmp_path / "dist.json"
+    proc = _torchrun(str(ROOT / "tests" / "distributed_worker.py"), str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert d["world"] == 2
+    value, stderr, n = d["single"]
+    for case in ("strided", "uneven", "empty"):
+        v, s, m = d[case]
+        assert m == n == 37
+        assert v == pytest.approx(value, rel=1e-12)
+        assert s == pytest.approx(stderr, rel=1e-9)
+    assert d["unsharded_n"] == 74  # every rank's copy counts: shard the data
+    assert d["metric"] == pytest.approx(value, rel=1e-12)
+    picks = d["auto_picks"]
+    assert picks[0] == picks[1] and picks[0][2] == 37  # one method for all ranks
+    for a, b in zip(d["ddp_grads"], d["single_grads"], strict=True):
+        torch.testing.assert_close(
+            torch.tensor(a), torch.tensor(b), rtol=1e-10, atol=1e-13
+        )
+
+
+@pytest.mark.slow
+def test_torchrun_example_runs():
+    proc = _torchrun("examples/ddp.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    measured = [line.split(", ", 1)[1] for line in lines if line.startswith("rank")]
+    assert len(measured) == 2 and measured[0] == measured[1]
+    assert any(line.startswith("single process:") for line in lines)
+    assert sum(line.startswith("epoch") for line in lines) == 2
+
+
+def test_measure_distributed_true_without_a_group_is_a_clear_error():
+    with pytest.raises(ValueError, match="init_process_group"):
+        measure(_net(), torch.randn(4, 6), distributed=True)
+
+
+# -- Ray ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+def test_ray_executor_gives_the_local_results_in_the_same_run_files(tmp_path):
+    from geocomplexity.experiments import EXPERIMENTS, Context, run_sweep
+
+    exp = EXPERIMENTS["init-depth"]
+    runs = exp.runs("smoke", "mnist1d", None)[:6]
+    fn = functools.partial(exp.execute, context=Context())
+    local = run_sweep(runs, fn, tmp_path / "local", workers=2, progress=False)
+    # a finished run is kept: Ray computes only the other four
+    (tmp_path / "ray" / "runs").mkdir(parents=True)
+    for record in local[:2]:
+        name = f"{record['key']}.json"
+        (tmp_path / "ray" / "runs" / name).write_text(
+            (tmp_path / "local" / "runs" / name).read_text()
+        )
+    kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "ray" / "runs").iterdir()}
+    remote = run_sweep(
+        runs, fn, tmp_path / "ray", workers=2, executor="ray", progress=False
+    )
+    assert [r["result"] for r in remote] == [r["result"] for r in local]
+    assert len(list((tmp_path / "ray" / "runs").glob("*.json"))) == 6
+    assert kept == {p: p.stat().st_mtime_ns for p in kept}
+
+
+def test_ray_missing_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from geocomplexity.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "ray" else real(name, *a),
+    )
+    argv = ["reproduce", "transfer", "--executor", "ray", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert "pip install 'geocomplexity[ray]'" in capsys.readouterr().err
+    assert main(["reproduce", "transfer", "--ray-address", "x:1"]) == 2
+    assert "--executor ray" in capsys.readouterr().err
