@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -261,26 +260,30 @@ def test_measure_distributed_true_without_a_group_is_a_clear_error():
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 def test_ray_executor_gives_the_local_results_in_the_same_run_files(tmp_path):
-    from geocomplexity.experiments import EXPERIMENTS, Context, run_sweep
+    from geocomplexity.cli import main
 
-    exp = EXPERIMENTS["init-depth"]
-    runs = exp.runs("smoke", "mnist1d", None)[:6]
-    fn = functools.partial(exp.execute, context=Context())
-    local = run_sweep(runs, fn, tmp_path / "local", workers=2, progress=False)
-    # a finished run is kept: Ray computes only the other four
-    (tmp_path / "ray" / "runs").mkdir(parents=True)
-    for record in local[:2]:
-        name = f"{record['key']}.json"
-        (tmp_path / "ray" / "runs" / name).write_text(
-            (tmp_path / "local" / "runs" / name).read_text()
-        )
-    kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "ray" / "runs").iterdir()}
-    remote = run_sweep(
-        runs, fn, tmp_path / "ray", workers=2, executor="ray", progress=False
-    )
-    assert [r["result"] for r in remote] == [r["result"] for r in local]
-    assert len(list((tmp_path / "ray" / "runs").glob("*.json"))) == 6
+    def reproduce(out, *extra):
+        argv = ["reproduce", "init-depth", "--preset", "smoke", "--workers", "2"]
+        assert main([*argv, "--out", str(out), *extra]) == 0
+        runs = sorted((out / "init-depth" / "runs").glob("*.json"))
+        return {p.name: json.loads(p.read_text()) for p in runs}
+
+    local = reproduce(tmp_path / "local")
+    # two finished runs are kept: Ray computes only the others
+    folder = tmp_path / "ray" / "init-depth" / "runs"
+    folder.mkdir(parents=True)
+    for name in sorted(local)[:2]:
+        (folder / name).write_text(json.dumps(local[name]))
+    kept = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
+    remote = reproduce(tmp_path / "ray", "--executor", "ray")
+    assert remote.keys() == local.keys() and len(local) > 2
+    assert all(remote[k]["result"] == local[k]["result"] for k in local)
     assert kept == {p: p.stat().st_mtime_ns for p in kept}
+    claims = [
+        (tmp_path / d / "init-depth" / "claims.json").read_text()
+        for d in ("local", "ray")
+    ]
+    assert claims[0] == claims[1]
 
 
 def test_ray_missing_is_a_clear_error(tmp_path, monkeypatch, capsys):
