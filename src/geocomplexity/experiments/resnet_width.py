@@ -27,8 +27,7 @@ import torch
 
 from geocomplexity.data import Split, load_cifar10, random_crop_flip
 from geocomplexity.experiments.runner import Context, Run
-from geocomplexity.experiments.width_sweep import DoubleDescent
-from geocomplexity.measure import measure
+from geocomplexity.experiments.width_sweep import DoubleDescent, sweep_result
 from geocomplexity.models import PreActResNet18
 from geocomplexity.training import fit
 
@@ -136,21 +135,9 @@ class ResNetDoubleDescent(DoubleDescent):
             device=context.device,
             progress=None,
         )
-        final = history.final
         m = run["gc_samples"]
         return {
-            "params": sum(p.numel() for p in model.parameters()),
-            "train_loss": final["train_loss"],
-            "train_err": 1 - final["train_acc"],
-            "test_loss": final["test_loss"],
-            "test_err": 1 - final["test_acc"],
-            # eval mode (the BN running statistics), exact: k = 10 VJPs
-            "gc_train": measure(model, x[:m], method="exact", progress=False).value,
-            "gc_test": measure(
-                model, data.x_test[:m], method="exact", progress=False
-            ).value,
-            "effective_noise": history.effective_label_noise,
-            "seconds": final["wall_time"],
+            **sweep_result(model, history, x[:m], data.x_test[:m]),
             "device": context.device,
             "curve": [
                 {k: r[k] for k in ("epoch", "train_loss", "test_loss", "train_acc")}

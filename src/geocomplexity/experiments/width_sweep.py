@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from geocomplexity.data import load
 from geocomplexity.experiments.base import Experiment
@@ -33,7 +34,7 @@ from geocomplexity.experiments.figures import pyplot, save
 from geocomplexity.experiments.runner import Context, Run
 from geocomplexity.measure import measure
 from geocomplexity.models import mlp
-from geocomplexity.training import fit
+from geocomplexity.training import History, fit
 
 _DD = {
     "smoke": {"widths": [2, 8, 16, 32, 64], "n": 300, "epochs": 300, "seeds": 1},
@@ -97,6 +98,20 @@ def train_width(run: Run, device: str = "cpu") -> dict[str, Any]:
         device=device,
         progress=False,
     )
+    return sweep_result(model, history, x[:1000], data.x_test[:1000])
+
+
+def sweep_result(
+    model: torch.nn.Module, history: History, x_train: Tensor, x_test: Tensor
+) -> dict[str, Any]:
+    """What a width-sweep run reports.
+
+    Final losses and errors, exact GC (eval mode) on the given train and test
+    inputs, the effective label noise, the parameter count and the wall time.
+
+    Returns:
+        The run's result dict.
+    """
     final = history.final
     return {
         "params": sum(p.numel() for p in model.parameters()),
@@ -104,10 +119,8 @@ def train_width(run: Run, device: str = "cpu") -> dict[str, Any]:
         "train_err": 1 - final["train_acc"],
         "test_loss": final["test_loss"],
         "test_err": 1 - final["test_acc"],
-        "gc_train": measure(model, x[:1000], method="exact", progress=False).value,
-        "gc_test": measure(
-            model, data.x_test[:1000], method="exact", progress=False
-        ).value,
+        "gc_train": measure(model, x_train, method="exact", progress=False).value,
+        "gc_test": measure(model, x_test, method="exact", progress=False).value,
         "effective_noise": history.effective_label_noise,
         "seconds": final["wall_time"],
     }
