@@ -78,9 +78,10 @@ def step(
         xb = x.detach().requires_grad_(term is not None and term.reuses_input_grad)
         out = model(xb)
         loss = F.cross_entropy(out, y)
-        if term is not None:
-            loss = loss + term(model, xb, y, outputs=out)
-        loss.backward(inputs=params)  # as fit() does: no gradient for the inputs
+        if term is None:
+            loss.backward(inputs=params)  # as fit() does: no input gradient
+        else:  # as fit() does: the term backpropagates loss + itself
+            term.backward(loss, model, xb, y, outputs=out, params=params)
         opt.step()
 
     return run

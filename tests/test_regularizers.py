@@ -183,6 +183,40 @@ def test_gradient_norm_reuses_outputs_and_leaves_graph_for_the_task_loss():
         grads(total, model)  # would raise if the graph had been freed
 
 
+@pytest.mark.parametrize(
+    "term",
+    [
+        GradientNorm(0.3, method="finite_difference", eps=1e-6),
+        GradientNorm(0.3),
+        GeometricComplexity(0.3, method="exact"),
+        GradientNorm(0.3, method="finite_difference") + L2(0.1),
+    ],
+    ids=repr,
+)
+def test_backward_equals_backward_of_loss_plus_term(term):
+    """A term's training-step backward (fused for the finite-difference gradient
+    norm) gives the gradients of loss + term, accumulating into .grad."""
+    model, x, y = tanh_mlp()
+    params = list(model.parameters())
+
+    def step(fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        for p in params:
+            p.grad = torch.ones_like(p)  # accumulate, as backward() does
+        xb = x.clone().requires_grad_(True)
+        out = model(xb)
+        loss = F.cross_entropy(out, y)
+        if fused:
+            value = term.backward(loss, model, xb, y, outputs=out)
+        else:
+            value = term(model, xb, y, outputs=out)
+            (loss + value).backward(inputs=params)
+        return value.detach(), torch.cat([p.grad.flatten() for p in params])
+
+    (v1, g1), (v2, g2) = step(True), step(False)
+    torch.testing.assert_close(v1, v2, rtol=1e-12, atol=0)
+    torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-12)
+
+
 # -- SpectralNorm ------------------------------------------------------------------
 
 

@@ -413,13 +413,13 @@ def fit(
                 opt.zero_grad(set_to_none=True)
                 out = model(xb)
                 loss = loss_fn(out, yb)
-                if regularizer is not None:
-                    pen = regularizer(model, xb, yb, outputs=out, loss_fn=loss_fn)
-                    penalties.append(pen.detach())
-                    loss = loss + pen
-                # only the parameters: a penalty made the inputs require grad,
-                # and their gradient would cost a full extra product per layer
-                loss.backward(inputs=params)
+                if regularizer is None:
+                    loss.backward(inputs=params)
+                else:  # the term backpropagates loss + itself (see its docs)
+                    pen = regularizer.backward(
+                        loss, model, xb, yb, outputs=out, loss_fn=loss_fn, params=params
+                    )
+                    penalties.append(pen)
                 opt.step()
                 step += 1
             reached = (

@@ -76,6 +76,46 @@ class Regularizer(abc.ABC):
             loss_fn: the task loss ``loss_fn(outputs, targets)``.
         """
 
+    def backward(
+        self,
+        loss: Tensor,
+        model: nn.Module,
+        inputs: Tensor,
+        targets: Tensor | None = None,
+        *,
+        outputs: Tensor | None = None,
+        loss_fn: LossFn | None = None,
+        params: list[Tensor] | None = None,
+    ) -> Tensor:
+        """Backpropagate ``loss`` plus this term into the parameters' ``.grad``.
+
+        What a training step does with a term; :func:`~geocomplexity.training.fit`
+        calls it. The default adds :meth:`__call__` to ``loss`` and runs one
+        backward pass; a term whose gradient is cheaper to assemble by hand (the
+        finite-difference gradient norm, which needs the task gradient itself)
+        overrides it. Gradients accumulate into ``.grad`` as ``backward()`` does.
+
+        Args:
+            loss: the task loss, a scalar on the graph of ``outputs``.
+            model: the model being trained.
+            inputs: the batch.
+            targets: the batch's targets.
+            outputs: ``model(inputs)``, the graph ``loss`` was computed on.
+            loss_fn: the task loss function.
+            params: the tensors to differentiate (default: the trainable
+                parameters).
+
+        Returns:
+            The penalty's value, detached.
+        """
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        penalty = self(model, inputs, targets, outputs=outputs, loss_fn=loss_fn)
+        # only the parameters: a penalty may have made the inputs require grad,
+        # and their gradient would cost a full extra product per layer
+        (loss + penalty).backward(inputs=params)
+        return penalty.detach()
+
     def state_dict(self) -> dict[str, Any]:
         """Persistent state (empty for stateless terms).
 
