@@ -42,7 +42,7 @@ def main() -> None:
 
     # 1. each rank its shard; the value is the whole test set's on every rank
     shard = data.x_test[rank::world]
-    gc = measure(model, shard, method="exact", progress=False)
+    gc = measure(model, shard, method="exact", progress=False, distributed=True)
     lines = [None] * world  # printed by rank 0 alone: no interleaved output
     dist.all_gather_object(lines, f"rank {rank}: {len(shard)} samples here, {gc}")
     if rank == 0:
@@ -69,7 +69,7 @@ def main() -> None:
             opt.zero_grad()
             loss.backward()
             opt.step()
-        gc = measure(model, shard, method="exact", progress=False)
+        gc = measure(model, shard, method="exact", progress=False, distributed=True)
         if rank == 0:
             print(f"epoch {epoch + 1}: loss {loss.item():.3f}, test {gc}")
     dist.destroy_process_group()

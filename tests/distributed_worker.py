@@ -42,7 +42,7 @@ def main(path: str) -> None:
         ("uneven", x[:30] if rank == 0 else x[30:]),
         ("empty", x if rank == 0 else []),
     ):
-        r = measure(model, shard, method="exact", batch_size=8, progress=False)
+        r = measure(model, shard, method="exact", batch_size=8, distributed=True)
         out[name] = [r.value, r.stderr, r.num_samples]
     alone = measure(model, x, method="exact", distributed=False, progress=False)
     out["single"] = [alone.value, alone.stderr, alone.num_samples]
@@ -58,10 +58,29 @@ def main(path: str) -> None:
         rtol=0.2,
         generator=torch.Generator().manual_seed(rank),
         progress=False,
+        distributed=True,
     )
     picks = [None] * world
     dist.all_gather_object(picks, (auto.method, auto.num_probes, auto.num_samples))
     out["auto_picks"] = picks
+
+    # an error on one rank is raised on every rank, not left waiting
+    bad = x[:4].clone()
+    if rank == 1:
+        bad[0, 0] = float("nan")
+    for method in ("exact", "auto"):
+        try:
+            measure(model, bad, method=method, distributed=True)
+            out[f"error_{method}"] = None
+        except Exception as err:  # the test records what each rank saw
+            out[f"error_{method}"] = type(err).__name__
+        errors = [None] * world
+        dist.all_gather_object(errors, out[f"error_{method}"])
+        out[f"errors_{method}"] = errors
+    # rank 0 alone measures without waiting for anyone
+    if rank == 0:
+        out["rank0_alone"] = measure(model, x, method="exact").num_samples
+    dist.barrier()
 
     # torchmetrics: states are sums, synced on compute
     metric = Metric(model)

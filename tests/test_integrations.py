@@ -144,7 +144,7 @@ def _trainer(L, logger, callback, **kwargs):
         max_epochs=2,
         accelerator="cpu",
         logger=logger,
-        callbacks=[callback],
+        callbacks=callback if isinstance(callback, list) else [callback],
         enable_progress_bar=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -192,6 +192,25 @@ def test_lightning_callback_every_n_steps_on_given_subsets():
         GeometricComplexityCallback(every_n_steps=0)
 
 
+def test_lightning_callback_leaves_training_alone_and_logs_once_per_step():
+    from geocomplexity.integrations.lightning import GeometricComplexityCallback
+
+    def train(callback):
+        L, Memory, Module, loader, val, _ = _lightning_setup()
+        logger, module = Memory(), Module()
+        kwargs = {"accumulate_grad_batches": 3}
+        trainer = _trainer(L, logger, callback or [], **kwargs)
+        trainer.fit(module, loader, val)
+        return torch.cat([p.flatten() for p in module.parameters()]), logger
+
+    plain, _ = train(None)
+    # subsets taken from the (seeded, shuffled) loaders, one step per epoch
+    watched, logger = train(GeometricComplexityCallback(every_n_steps=1))
+    assert torch.equal(plain, watched)  # taking the subsets drew no randomness
+    steps = [s for s, m in logger.rows if "gc/train" in m]
+    assert steps == [1, 2]  # once per optimizer step, not once per batch
+
+
 # -- torchrun / DDP --------------------------------------------------------------
 
 
@@ -230,6 +249,9 @@ def test_distributed_measure_metric_and_ddp_penalty_equal_single_process(tmp_pat
         assert s == pytest.approx(stderr, rel=1e-9)
     assert d["unsharded_n"] == 74  # every rank's copy counts: shard the data
     assert d["metric"] == pytest.approx(value, rel=1e-12)
+    for method in ("exact", "auto"):  # rank 1 saw a NaN: both ranks raise
+        assert d[f"errors_{method}"] == ["RuntimeError", "ValueError"]
+    assert d["rank0_alone"] == 37
     picks = d["auto_picks"]
     assert picks[0] == picks[1] and picks[0][2] == 37  # one method for all ranks
     for a, b in zip(d["ddp_grads"], d["single_grads"], strict=True):

@@ -151,23 +151,32 @@ class _Interrupt(Exception):
     pass
 
 
-def test_checkpoint_resume_gives_the_uninterrupted_numbers(tmp_path):
+@pytest.mark.parametrize("own_generator", [False, True])
+def test_checkpoint_resume_gives_the_uninterrupted_numbers(tmp_path, own_generator):
     train, test = problem()
-    kwargs = dict(
+
+    def term():  # fresh per run; with its own generator, whose state is saved
+        g = torch.Generator().manual_seed(7) if own_generator else None
+        return GeometricComplexity(1e-3, generator=g)
+
+    common = dict(
         optimizer="adam",
         lr=1e-2,
         batch_size=48,
         epochs=6,
         seed=5,
-        regularizer=GeometricComplexity(1e-3),
         label_noise=0.2,
         augment=_flip,
         eval_every=2,
         device="cpu",
         progress=False,
     )
+
+    def run(model, **extra):
+        return fit(model, train, test, regularizer=term(), **common, **extra)
+
     whole_model = mlp()
-    whole = fit(whole_model, train, test, **kwargs)
+    whole = run(whole_model)
 
     def stop_at_epoch_4(history, model):
         if history.final["epoch"] == 4:
@@ -175,20 +184,12 @@ def test_checkpoint_resume_gives_the_uninterrupted_numbers(tmp_path):
 
     ckpt = tmp_path / "run.pt"
     with pytest.raises(_Interrupt):
-        fit(
-            mlp(),
-            train,
-            test,
-            checkpoint=ckpt,
-            checkpoint_every=1,
-            callbacks=[stop_at_epoch_4],
-            **kwargs,
-        )
+        run(mlp(), checkpoint=ckpt, checkpoint_every=1, callbacks=[stop_at_epoch_4])
     assert ckpt.is_file()
     stamp = torch.load(ckpt, weights_only=True)["epoch"]
     assert stamp == 3  # the kill came before epoch 4's checkpoint
     resumed_model = mlp(seed=1)  # a different init: the checkpoint must win
-    resumed = fit(resumed_model, train, test, checkpoint=ckpt, **kwargs)
+    resumed = run(resumed_model, checkpoint=ckpt)
 
     def strip(h):
         return str([{k: r[k] for k in r if k != "wall_time"} for r in h.records])
@@ -199,7 +200,7 @@ def test_checkpoint_resume_gives_the_uninterrupted_numbers(tmp_path):
         assert torch.equal(a, b)
     # a finished checkpoint is not trained again
     again_model = mlp(seed=2)
-    again = fit(again_model, train, test, checkpoint=ckpt, **kwargs)
+    again = run(again_model, checkpoint=ckpt)
     assert strip(again) == strip(whole)
     assert torch.equal(next(again_model.parameters()), next(whole_model.parameters()))
 
@@ -210,3 +211,25 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="Delete the file"):
         fit(mlp(), train, epochs=1, checkpoint=bad, device="cpu", progress=False)
+
+
+def test_resume_after_an_early_stop_and_a_foreign_checkpoint(tmp_path):
+    train, test = problem()
+    ckpt = tmp_path / "run.pt"
+    kwargs = dict(
+        lr=0.5,
+        batch_size=32,
+        epochs=40,
+        stop_at_train_loss=0.9,
+        eval_every=7,
+        device="cpu",
+        progress=False,
+    )
+    whole = fit(mlp(), train, test, **kwargs)
+    stopped = fit(mlp(), train, test, checkpoint=ckpt, **kwargs)
+    assert stopped.final["epoch"] == whole.final["epoch"] < 40
+    again = fit(mlp(), train, test, checkpoint=ckpt, **kwargs)  # finished: kept
+    assert again.final["epoch"] == whole.final["epoch"]
+    assert len(again.records) == len(whole.records)
+    with pytest.raises(ValueError, match="different run"):
+        fit(mlp(), train, test, checkpoint=ckpt, **{**kwargs, "lr": 0.1})

@@ -12,16 +12,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["active", "all_gather_rows"]
+__all__ = ["active", "all_gather_rows", "raise_if_failed"]
 
 
-def active(distributed: bool | None) -> bool:
+def active(distributed: bool) -> bool:
     """Whether to combine results across processes.
 
     Args:
-        distributed: ``None`` (auto): when a process group with more than one
-            process is initialized; ``True``: require a process group;
-            ``False``: never.
+        distributed: ``True``: across the initialized process group (a group
+            of one process needs no collective); ``False``: never.
 
     Returns:
         Whether the caller should run collectives.
@@ -29,12 +28,12 @@ def active(distributed: bool | None) -> bool:
     Raises:
         ValueError: ``distributed=True`` without an initialized process group.
     """
-    if distributed is False:
+    if not distributed:
         return False
     import torch.distributed as dist
 
     ready = dist.is_available() and dist.is_initialized()
-    if distributed and not ready:
+    if not ready:
         raise ValueError(
             "distributed=True needs an initialized process group: call "
             "torch.distributed.init_process_group first (torchrun sets up the "
@@ -43,26 +42,50 @@ def active(distributed: bool | None) -> bool:
     return ready and dist.get_world_size() > 1
 
 
-def _device() -> torch.device:
+def _device(hint: torch.device | None) -> torch.device:
     import torch.distributed as dist
 
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    if dist.get_backend() != "nccl":
+        return torch.device("cpu")
+    # NCCL needs this rank's own GPU: the model's, else the current device
+    if hint is not None and hint.type == "cuda":
+        return hint
+    return torch.device("cuda", torch.cuda.current_device())
 
 
-def all_gather_rows(row: list[float]) -> Tensor:
+def all_gather_rows(row: list[float], device: torch.device | None = None) -> Tensor:
     """Every rank's ``row``, stacked in rank order, on every rank.
 
     Args:
         row: the same number of floats on every rank.
+        device: this rank's device (the model's), for NCCL.
 
     Returns:
         A ``(world_size, len(row))`` float64 CPU tensor.
     """
     import torch.distributed as dist
 
-    mine = torch.tensor(row, dtype=torch.float64, device=_device())
+    mine = torch.tensor(row, dtype=torch.float64, device=_device(device))
     rows = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(rows, mine)
     return torch.stack(rows).cpu()
+
+
+def raise_if_failed(flags: Tensor, failure: BaseException | None) -> None:
+    """Raise on every rank when any rank failed before a collective.
+
+    Args:
+        flags: each rank's failure flag (1.0 when it failed), in rank order.
+        failure: this rank's own exception, if any.
+
+    Raises:
+        BaseException: this rank's own error, or a ``RuntimeError`` naming the
+            ranks that failed.
+    """
+    if failure is not None:
+        raise failure
+    failed = [i for i, f in enumerate(flags.tolist()) if f]
+    if failed:
+        raise RuntimeError(
+            f"geometric complexity failed on rank(s) {failed}; see their error"
+        )

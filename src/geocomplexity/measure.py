@@ -276,7 +276,7 @@ def measure(
     chunk_size: int | None = None,
     eps: float | None = None,
     per_sample: bool = False,
-    distributed: bool | None = None,
+    distributed: bool = False,
 ) -> GCResult:
     r"""Geometric complexity of ``model`` over a data set, streamed in batches.
 
@@ -307,15 +307,16 @@ def measure(
         eps: finite-difference step.
         per_sample: keep every per-sample value in the result (this process's
             samples only, under a process group).
-        distributed: inside an initialized ``torch.distributed`` process group
-            (torchrun, DDP), each rank measures its shard of the data (a
-            ``DistributedSampler``, say; ``max_samples`` counts per rank) and
-            the ranks merge their accumulators, so every rank returns the value,
-            stderr and ``num_samples`` of the whole data set, and ``"auto"``
-            picks one method for all. ``None`` (default): when a group of more
-            than one process is initialized; ``False``: this process's data
-            alone. Every rank must call it; a rank may have no data. Give each
-            rank its own ``generator`` seed, or their probes coincide.
+        distributed: ``True`` inside an initialized ``torch.distributed``
+            process group (torchrun, DDP): each rank measures its shard of the
+            data (a ``DistributedSampler``, say; ``max_samples`` counts per
+            rank) and the ranks merge their accumulators, so every rank returns
+            the value, stderr and ``num_samples`` of the whole data set, and
+            ``"auto"`` picks one method for all. Every rank must call it (a rank
+            may have no data); an error on one rank is raised on every rank.
+            Give each rank its own ``generator`` seed, or their probes
+            coincide. ``False`` (default): this process's data alone, so a
+            measurement on rank 0 only never waits for the others.
 
     Returns:
         A :class:`GCResult`.
@@ -355,21 +356,28 @@ def measure(
         total = max_samples if total is None else min(total, max_samples)
     device = _model_device(model)
     collective = _distributed.active(distributed)
+    failure: BaseException | None = None
     stats = RunningMean()
     kept: list[Tensor] = []
     chosen, probes = method, num_probes or 1
     if collective and method == "auto":
         # the ranks agree on one method from all their first batches
-        first = next(batches, None)
         pilot = [0.0, 0.0, 0.0, 0.0]
-        if first is not None:
-            batches = itertools.chain([first], batches)
-            x = first.to(device) if device is not None else first
-            x = x[:max_samples] if max_samples is not None else x
-            check_input(x)
-            _check_model_matches(model, x)
-            pilot = _pilot(model, x, output, mode, distribution, generator)
-        rows = _distributed.all_gather_rows([*pilot, total or pilot[3]])
+        try:
+            first = next(batches, None)
+            if first is not None:
+                batches = itertools.chain([first], batches)
+                x = first.to(device) if device is not None else first
+                x = x[:max_samples] if max_samples is not None else x
+                check_input(x)
+                _check_model_matches(model, x)
+                pilot = _pilot(model, x, output, mode, distribution, generator)
+        except Exception as err:  # every rank must reach the gather below
+            failure = err
+        rows = _distributed.all_gather_rows(
+            [*pilot, total or pilot[3], failure is not None], device
+        )
+        _distributed.raise_if_failed(rows[:, -1], failure)
         k = rows[:, 0].max().item()
         summed = rows[:, 1:].sum(0).tolist()
         chosen, probes = _choose([k, *summed[:3]], int(summed[3]), rtol)
@@ -413,13 +421,19 @@ def measure(
             bar.update(x.shape[0])
             if max_samples is not None and stats.count >= max_samples:
                 break
+    except Exception as err:
+        if not collective:
+            raise
+        failure = err  # raised below, on every rank, after the gather
     finally:
         bar.close()
     if collective:
+        rows = _distributed.all_gather_rows(
+            [stats.count, stats.mean, stats.m2, failure is not None], device
+        )
+        _distributed.raise_if_failed(rows[:, -1], failure)
         merged = RunningMean()
-        for n, mean, m2 in _distributed.all_gather_rows(
-            [stats.count, stats.mean, stats.m2]
-        ).tolist():
+        for n, mean, m2, _ in rows.tolist():
             merged.merge(RunningMean(int(n), mean, m2))
         stats = merged
     if stats.count == 0:

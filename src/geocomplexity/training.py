@@ -328,9 +328,26 @@ def fit(
         for cb in callbacks:
             cb(history, model)
 
-    def save(epoch: int, step: int, penalties: list[Tensor]) -> None:
+    # what a checkpoint must agree with to be resumed by this call
+    fingerprint = {
+        "samples": n,
+        "batch_size": bs,
+        "total_steps": total_steps,
+        "lr": lr,
+        "seed": seed,
+        "label_noise": label_noise,
+        "input_noise_std": input_noise_std,
+        "optimizer": optimizer
+        if isinstance(optimizer, str)
+        else type(optimizer).__name__,
+        "regularizer": repr(regularizer),
+    }
+
+    def save(epoch: int, step: int, pen_sum: Tensor | None, pen_count: int) -> None:
         state = {
-            "penalties": penalties,
+            "fingerprint": fingerprint,
+            "penalty_sum": pen_sum,
+            "penalty_count": pen_count,
             "epoch": epoch,
             "step": step,
             "elapsed": time.perf_counter() - t0,
@@ -348,8 +365,12 @@ def fit(
 
     t0 = time.perf_counter()
     step = start = 0
-    penalties: list[Tensor] = []
-    devices = [dev.index or 0] if dev.type == "cuda" else []
+    # the penalty's running sum stays on the device: no sync per step
+    pen_sum: Tensor | None = None
+    pen_count = 0
+    devices = []
+    if dev.type == "cuda":
+        devices = [dev.index if dev.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         model.train()
@@ -358,6 +379,12 @@ def fit(
             if checkpoint is not None and Path(checkpoint).is_file()
             else None
         )
+        if resumed is not None and resumed.get("fingerprint") != fingerprint:
+            raise ValueError(
+                f"checkpoint {checkpoint} was written by a different run "
+                f"({resumed.get('fingerprint')} != {fingerprint}); delete it or "
+                "pass another checkpoint path"
+            )
         if resumed is None:
             record(0, 0, math.nan, t0)
         else:
@@ -369,7 +396,9 @@ def fit(
             torch.set_rng_state(resumed["rng"])
             if resumed["cuda_rng"] is not None:
                 torch.cuda.set_rng_state(resumed["cuda_rng"], dev)
-            penalties = [p.to(dev) for p in resumed["penalties"]]
+            pen_count = resumed["penalty_count"]
+            if resumed["penalty_sum"] is not None:
+                pen_sum = resumed["penalty_sum"].to(dev)
             gen.set_state(resumed["generator"])
             reg_gen.set_state(resumed["reg_generator"])
             if regularizer is not None:
@@ -377,13 +406,9 @@ def fit(
             done = History.from_json(resumed["history"])
             history.records = done.records
             history.effective_label_noise = done.effective_label_noise
-        finished = start >= num_epochs or (
-            resumed is not None
-            and stop_at_train_loss is not None
-            and history.final["train_loss"] <= stop_at_train_loss
-        )
+        # a run that ended (early stop included) was saved as epoch num_epochs
         bar = tqdm(
-            range(start + 1, num_epochs + 1) if not finished else range(0),
+            range(start + 1, num_epochs + 1),
             desc="training",
             unit="epoch",
             leave=False,
@@ -419,7 +444,8 @@ def fit(
                     pen = regularizer.backward(
                         loss, model, xb, yb, outputs=out, loss_fn=loss_fn, params=params
                     )
-                    penalties.append(pen)
+                    pen_sum = pen if pen_sum is None else pen_sum + pen
+                    pen_count += 1
                 opt.step()
                 step += 1
             reached = (
@@ -429,13 +455,13 @@ def fit(
             last = reached or step >= total_steps
             if epoch % eval_every == 0 or last:
                 pen_mean = (
-                    torch.stack(penalties).mean().item() if penalties else math.nan
+                    pen_sum.item() / pen_count if pen_sum is not None else math.nan
                 )
-                penalties = []
+                pen_sum, pen_count = None, 0
                 record(epoch, step, pen_mean, t0)
                 bar.set_postfix(loss=f"{history.final['train_loss']:.3g}")
             if checkpoint is not None and (last or epoch % checkpoint_every == 0):
-                save(num_epochs if last else epoch, step, penalties)
+                save(num_epochs if last else epoch, step, pen_sum, pen_count)
             if last:
                 break
         bar.close()

@@ -114,8 +114,6 @@ class ResNetDoubleDescent(DoubleDescent):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(run.seed)  # the initialization
             model = PreActResNet18(run["width"], data.num_classes)
-        if context.device.startswith("cuda"):
-            torch.backends.cudnn.benchmark = True
         epochs = run["epochs"]
         history = fit(
             model,

@@ -132,7 +132,7 @@ def _ray_record(
     return _record(fn, run)
 
 
-def _ray(address: str | None, workers: int) -> Any:
+def _ray(address: str | None) -> Any:
     """Ray, connected: to ``address``, or to a local instance started here."""
     try:
         import ray
@@ -143,7 +143,7 @@ def _ray(address: str | None, workers: int) -> Any:
     if not ray.is_initialized():
         if address is None:
             ray.init(
-                num_cpus=workers,
+                num_cpus=os.cpu_count() or 1,  # tasks reserve their share
                 include_dashboard=False,
                 log_to_driver=False,
                 configure_logging=False,
@@ -168,8 +168,11 @@ def _run_ray(
     The driver writes the run files (a cluster's nodes need not share a disk
     with it); a run whose task is lost is simply not stored, so it reruns.
     """
-    ray = _ray(address, workers)
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    ray = _ray(address)
+    # locally, `workers` runs at a time with their share of the cores, as the
+    # process pool has; on a cluster (whose nodes this process cannot see) one
+    # core per run, and Ray packs as many runs as the nodes have cores
+    threads = 1 if address else max(1, (os.cpu_count() or 1) // workers)
     task = ray.remote(num_cpus=threads, num_gpus=gpus)(_ray_record)
     pending = {task.remote(fn, run, threads): run for run in todo}
     try:
@@ -245,8 +248,8 @@ def run_sweep(
         fn: ``fn(run) -> result dict`` (JSON-serialisable). With ``workers > 1``
             it must be importable (a module-level function).
         directory: the experiment's folder; results go to ``directory/runs``.
-        workers: parallel processes (1 runs in this process); with Ray, the
-            CPUs of the local instance it starts (each run gets its share).
+        workers: parallel processes (1 runs in this process); with a local
+            Ray, runs at a time (each reserves its share of the cores).
         progress: progress bar over runs; ``None`` on a terminal.
         desc: the progress bar's label.
         executor: ``"local"`` (this process or a process pool) or ``"ray"``

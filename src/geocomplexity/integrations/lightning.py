@@ -70,13 +70,38 @@ def _take(loaders: Any, num_samples: int) -> Tensor | None:
         return None
     taken: list[Tensor] = []
     count = 0
-    for batch in loaders:
-        x = _inputs(batch)
-        taken.append(x[: num_samples - count].detach().cpu())
-        count += len(taken[-1])
-        if count >= num_samples:
-            break
+    # iterating a loader draws its shuffle and worker seeds from the global RNG
+    # or from its own generators: put them all back, or adding the callback
+    # would change the training run
+    generators = _generators(loaders)
+    states = [g.get_state() for g in generators]
+    with torch.random.fork_rng(devices=[]):
+        try:
+            for batch in loaders:
+                x = _inputs(batch)
+                taken.append(x[: num_samples - count].detach().cpu())
+                count += len(taken[-1])
+                if count >= num_samples:
+                    break
+        finally:
+            for g, state in zip(generators, states, strict=True):
+                g.set_state(state)
     return torch.cat(taken) if taken else None
+
+
+def _generators(loader: Any) -> list[torch.Generator]:
+    """The generators a DataLoader and its samplers draw from."""
+    found: list[torch.Generator] = []
+    for owner in (
+        loader,
+        getattr(loader, "sampler", None),
+        getattr(loader, "batch_sampler", None),
+        getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+    ):
+        g = getattr(owner, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not f for f in found):
+            found.append(g)
+    return found
 
 
 class GeometricComplexityCallback(Callback):
@@ -129,6 +154,7 @@ class GeometricComplexityCallback(Callback):
         self.prefix = prefix
         self.measure_kwargs = {"method": "exact", **measure_kwargs}
         self._given = (train is not None, val is not None)
+        self._last_step = -1  # with gradient accumulation a step spans batches
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Fix the subsets the loaders provide."""
@@ -151,7 +177,7 @@ class GeometricComplexityCallback(Callback):
                 pl_module,
                 x[rank::world],  # each rank its share; measure merges them
                 progress=False,
-                distributed=world > 1 or None,
+                distributed=world > 1,
                 **self.measure_kwargs,
             )
             values[f"{self.prefix}/{split}"] = result.value
@@ -165,8 +191,11 @@ class GeometricComplexityCallback(Callback):
         else:
             # through the module, so callback_metrics (checkpointing, early
             # stopping) see the values too
+            # (equal on every rank already: the mean over ranks changes nothing)
             for name, value in values.items():
-                pl_module.log(name, value, on_step=False, on_epoch=True)
+                pl_module.log(
+                    name, value, on_step=False, on_epoch=True, sync_dist=world > 1
+                )
 
     def on_train_batch_end(  # noqa: D102
         self,
@@ -176,7 +205,14 @@ class GeometricComplexityCallback(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+        step = trainer.global_step
+        if (
+            self.every_n_steps
+            and step > 0
+            and step != self._last_step
+            and step % self.every_n_steps == 0
+        ):
+            self._last_step = step
             self._log(trainer, pl_module, on_step=True)
 
     def on_train_epoch_end(  # noqa: D102

@@ -11,6 +11,7 @@ fraction of the batch through its own smaller forward pass.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -84,6 +85,21 @@ class GeometricComplexity(Regularizer):
 
     def seed(self, generator: torch.Generator) -> None:  # noqa: D102
         self._fallback = generator
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state of the term's own generator, if it was given one.
+
+        Returns:
+            ``{"generator": ByteTensor}`` or ``{}``.
+        """
+        return (
+            {} if self.generator is None else {"generator": self.generator.get_state()}
+        )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (a resumed run draws the same)."""
+        if "generator" in state and self.generator is not None:
+            self.generator.set_state(state["generator"].cpu())
 
     def __call__(
         self,

@@ -153,7 +153,11 @@ class SpectralNorm(Regularizer):
             u = torch.randn(shape_u, generator=g, device=g.device).to(like)
             v = torch.randn(shape_v, generator=g, device=g.device).to(like)
             self._vectors[name] = (u / u.norm(), v / v.norm())
-        return self._vectors[name]
+        u, v = self._vectors[name]
+        if u.device != like.device or u.dtype != like.dtype:  # loaded on the CPU
+            u, v = u.to(like), v.to(like)
+            self._vectors[name] = (u, v)
+        return u, v
 
     def _dense(self, name: str, W: Tensor) -> Tensor:
         u, v = self._init(name, (W.shape[0],), (W.shape[1],), W)
