@@ -183,38 +183,64 @@ def test_gradient_norm_reuses_outputs_and_leaves_graph_for_the_task_loss():
         grads(total, model)  # would raise if the graph had been freed
 
 
+def tanh_cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(75, 3)
+    ).double()
+    x = torch.randn(6, 2, 5, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    return model, x, y
+
+
 @pytest.mark.parametrize(
-    "term",
+    ("make", "case"),
     [
-        GradientNorm(0.3, method="finite_difference", eps=1e-6),
-        GradientNorm(0.3),
-        GeometricComplexity(0.3, method="exact"),
-        GradientNorm(0.3, method="finite_difference") + L2(0.1),
+        (lambda: GradientNorm(0.3, method="finite_difference", eps=1e-6), tanh_mlp),
+        (lambda: GradientNorm(0.3), tanh_mlp),
+        (lambda: GeometricComplexity(0.3, method="exact"), tanh_mlp),
+        (lambda: GradientNorm(0.3, method="finite_difference") + L2(0.1), tanh_mlp),
+        (lambda: SpectralNorm(0.3), tanh_mlp),
+        (lambda: SpectralNorm(0.3), tanh_cnn),
+        (lambda: SpectralNorm(0.3, conv="reshaped", power_iterations=2), tanh_cnn),
     ],
-    ids=repr,
+    ids=[
+        "gradient_norm_fd",
+        "gradient_norm",
+        "gc_exact",
+        "gradient_norm_fd+l2",
+        "spectral_dense",
+        "spectral_conv_operator",
+        "spectral_conv_reshaped",
+    ],
 )
-def test_backward_equals_backward_of_loss_plus_term(term):
+def test_backward_equals_backward_of_loss_plus_term(make, case):
     """A term's training-step backward (fused for the finite-difference gradient
-    norm) gives the gradients of loss + term, accumulating into .grad."""
-    model, x, y = tanh_mlp()
+    norm and the spectral norm) gives the gradients and value of loss + term,
+    accumulating into .grad, and leaves the same state behind."""
+    model, x, y = case()
     params = list(model.parameters())
 
-    def step(fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        for p in params:
-            p.grad = torch.ones_like(p)  # accumulate, as backward() does
-        xb = x.clone().requires_grad_(True)
-        out = model(xb)
-        loss = F.cross_entropy(out, y)
-        if fused:
-            value = term.backward(loss, model, xb, y, outputs=out)
-        else:
-            value = term(model, xb, y, outputs=out)
-            (loss + value).backward(inputs=params)
-        return value.detach(), torch.cat([p.grad.flatten() for p in params])
+    def step(fused: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        term = make()  # fresh: the spectral term's vectors are state
+        for _ in range(2):  # the second call starts from the first's vectors
+            for p in params:
+                p.grad = torch.ones_like(p)  # accumulate, as backward() does
+            xb = x.clone().requires_grad_(True)
+            out = model(xb)
+            loss = F.cross_entropy(out, y)
+            if fused:
+                value = term.backward(loss, model, xb, y, outputs=out)
+            else:
+                value = term(model, xb, y, outputs=out)
+                (loss + value).backward(inputs=params)
+        grads = torch.cat([p.grad.flatten() for p in params])
+        return value.detach(), grads, term.state_dict()
 
-    (v1, g1), (v2, g2) = step(True), step(False)
+    (v1, g1, s1), (v2, g2, s2) = step(True), step(False)
     torch.testing.assert_close(v1, v2, rtol=1e-12, atol=0)
     torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(s1, s2, rtol=1e-12, atol=0)
 
 
 # -- SpectralNorm ------------------------------------------------------------------

@@ -98,29 +98,78 @@ class SpectralNorm(Regularizer):
         Raises:
             ValueError: an operator-norm conv layer whose input size is unknown.
         """
+        out = {}
+        for name, m, operator in self._layers(model, inputs):
+            if operator:
+                out[name] = self._operator(name, m)
+            else:
+                out[name] = self._dense(name, m.weight.flatten(1))
+        return out
+
+    def backward(  # noqa: D102 - see Regularizer.backward
+        self,
+        loss: Tensor,
+        model: nn.Module,
+        inputs: Tensor,
+        targets: Tensor | None = None,
+        *,
+        outputs: Tensor | None = None,
+        loss_fn: LossFn | None = None,
+        params: list[Tensor] | None = None,
+    ) -> Tensor:
+        # Dense (and reshaped-kernel) layers by hand: the power step reads W
+        # twice and the gradient 2λ·(Wv)vᵀ goes straight into W.grad (addr_),
+        # with no autograd graph and no temporary outer product to add.
+        # Operator-norm convolutions go through autograd with the task loss.
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        wanted = {id(p) for p in params}
+        layers = self._layers(model, inputs)
+        if not layers:
+            raise ValueError("the model has no Linear or Conv layer to penalise")
+        conv = [self._operator(n, m).pow(2) for n, m, op in layers if op]
+        total = loss + self.strength * sum(conv) if conv else loss
+        total.backward(inputs=params)
+        value = sum(c.detach() for c in conv) if conv else loss.new_zeros(())
+        with torch.no_grad():
+            for name, m, operator in layers:
+                if operator:
+                    continue
+                W = m.weight
+                Wv, v, sq = self._dense_step(name, W.flatten(1))
+                value = value + sq  # σ² = ‖W v‖², as in _dense
+                if id(W) not in wanted:
+                    continue
+                if W.grad is None:
+                    W.grad = torch.zeros_like(W)
+                grad = W.grad.view(W.shape[0], -1) if W.grad.is_contiguous() else None
+                if grad is not None:
+                    grad.addr_(Wv, v, alpha=2 * self.strength)
+                else:
+                    W.grad += (2 * self.strength * torch.outer(Wv, v)).view_as(W)
+        return self.strength * value
+
+    def _layers(
+        self, model: nn.Module, inputs: Tensor | None
+    ) -> list[tuple[str, nn.Module, bool]]:
+        """``(name, module, operator norm?)`` of every Linear and Conv layer.
+
+        Raises:
+            ValueError: an operator-norm conv layer whose input size is unknown.
+        """
         layers = [
-            (n, m)
+            (n, m, isinstance(m, _CONV) and self.conv == "operator")
             for n, m in model.named_modules()
             if isinstance(m, (nn.Linear, *_CONV))
         ]
-        operator = [
-            n for n, m in layers if isinstance(m, _CONV) and self.conv == "operator"
-        ]
-        missing = [n for n in operator if n not in self._shapes]
-        if missing:
+        if any(op and n not in self._shapes for n, _, op in layers):
             if inputs is None:
                 raise ValueError(
                     "the operator norm of a conv layer depends on its input size: "
                     "pass a batch of inputs on the first call"
                 )
             self._record_shapes(model, inputs[:1])
-        out = {}
-        for name, m in layers:
-            if name in operator:
-                out[name] = self._operator(name, m)
-            else:
-                out[name] = self._dense(name, m.weight.flatten(1))
-        return out
+        return layers
 
     def _record_shapes(self, model: nn.Module, x: Tensor) -> None:
         def hook(name: str):
@@ -159,15 +208,30 @@ class SpectralNorm(Regularizer):
             self._vectors[name] = (u, v)
         return u, v
 
-    def _dense(self, name: str, W: Tensor) -> Tensor:
+    def _right_vector(self, name: str, W: Tensor) -> Tensor:
+        """Power iteration on a matrix up to the last half-step: ``v``.
+
+        ``σ = ‖W v‖ = u·(W v)`` with ``u = W v/‖W v‖``: the caller takes that
+        last product (with or without grad), so W is read twice per call.
+        """
         u, v = self._init(name, (W.shape[0],), (W.shape[1],), W)
         with torch.no_grad():
             for _ in range(self.power_iterations - 1):
                 v = F.normalize(W.T @ u, dim=0, eps=1e-12)
                 u = F.normalize(W @ v, dim=0, eps=1e-12)
-            v = F.normalize(W.T @ u, dim=0, eps=1e-12)
-        # the last half-step with grad: σ = ‖W v‖ = u·(W v) with u = W v/‖W v‖,
-        # so W is read twice per call, not three times
+            return F.normalize(W.T @ u, dim=0, eps=1e-12)
+
+    def _dense_step(self, name: str, W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One power step without grad: ``(W v, v, σ²)``, ``σ = ‖W v‖``."""
+        v = self._right_vector(name, W)
+        with torch.no_grad():
+            Wv = W @ v
+            norm = torch.linalg.vector_norm(Wv)
+            self._vectors[name] = (Wv / norm.clamp_min(1e-12), v)
+        return Wv, v, norm * norm
+
+    def _dense(self, name: str, W: Tensor) -> Tensor:
+        v = self._right_vector(name, W)
         Wv = W @ v
         u = F.normalize(Wv.detach(), dim=0, eps=1e-12)
         self._vectors[name] = (u, v)
