@@ -193,6 +193,31 @@ def tanh_cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model, x, y
 
 
+def mixed_cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """Strided and dilated convs (by hand) beside a circular one (autograd)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2, padding=1, groups=2),
+        nn.Tanh(),
+        nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"),
+        nn.Tanh(),
+        nn.Conv2d(4, 2, 3, padding=2, dilation=2),
+        nn.Flatten(),
+        nn.Linear(18, 3),
+    ).double()
+    x = torch.randn(6, 2, 5, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    return model, x, y
+
+
+def conv1d_net() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Conv1d(2, 3, 3, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(9, 3)
+    ).double()
+    return model, torch.randn(6, 2, 8, dtype=torch.float64), torch.randint(0, 3, (6,))
+
+
 @pytest.mark.parametrize(
     ("make", "case"),
     [
@@ -203,6 +228,8 @@ def tanh_cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
         (lambda: SpectralNorm(0.3), tanh_mlp),
         (lambda: SpectralNorm(0.3), tanh_cnn),
         (lambda: SpectralNorm(0.3, conv="reshaped", power_iterations=2), tanh_cnn),
+        (lambda: SpectralNorm(0.3, power_iterations=2), mixed_cnn),
+        (lambda: SpectralNorm(0.3), conv1d_net),
     ],
     ids=[
         "gradient_norm_fd",
@@ -212,6 +239,8 @@ def tanh_cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
         "spectral_dense",
         "spectral_conv_operator",
         "spectral_conv_reshaped",
+        "spectral_mixed_convs",
+        "spectral_conv1d",
     ],
 )
 def test_backward_equals_backward_of_loss_plus_term(make, case):

@@ -127,13 +127,26 @@ class SpectralNorm(Regularizer):
         layers = self._layers(model, inputs)
         if not layers:
             raise ValueError("the model has no Linear or Conv layer to penalise")
-        conv = [self._operator(n, m).pow(2) for n, m, op in layers if op]
+        # operator-norm convolutions: by hand where torch.nn.grad's adjoint
+        # applies (zeros padding), else through autograd with the task loss
+        by_hand = {n: self._operator_step(n, m) for n, m, op in layers if op}
+        conv = [
+            self._operator(n, m).pow(2)
+            for n, m, op in layers
+            if op and by_hand[n] is None
+        ]
         total = loss + self.strength * sum(conv) if conv else loss
         total.backward(inputs=params)
         value = sum(c.detach() for c in conv) if conv else loss.new_zeros(())
         with torch.no_grad():
             for name, m, operator in layers:
                 if operator:
+                    step = by_hand[name]
+                    if step is not None:
+                        Av, v, sq = step
+                        value = value + sq
+                        if id(m.weight) in wanted:
+                            self._add_operator_grad(m, Av, v)
                     continue
                 W = m.weight
                 Wv, v, sq = self._dense_step(name, W.flatten(1))
@@ -169,6 +182,13 @@ class SpectralNorm(Regularizer):
                     "pass a batch of inputs on the first call"
                 )
             self._record_shapes(model, inputs[:1])
+        # first vectors drawn in layer order, whatever order the steps run in
+        for name, m, operator in layers:
+            W = m.weight.detach()
+            if operator:
+                self._init(name, self._out_shape(name, m), (1, *self._shapes[name]), W)
+            else:
+                self._init(name, (W.shape[0],), (W[0].numel(),), W)
         return layers
 
     def _record_shapes(self, model: nn.Module, x: Tensor) -> None:
@@ -244,9 +264,7 @@ class SpectralNorm(Regularizer):
         def apply(z: Tensor, w: Tensor) -> Tensor:
             return m._conv_forward(z, w, None)
 
-        with torch.no_grad():
-            out_shape = tuple(apply(torch.zeros(shape).to(W), W).shape)
-        u, v = self._init(name, out_shape, shape, W)
+        u, v = self._init(name, self._out_shape(name, m), shape, W)
         Wd = W.detach()
         for _ in range(self.power_iterations):
             with torch.enable_grad():
@@ -258,6 +276,64 @@ class SpectralNorm(Regularizer):
                 u = Av / Av.norm().clamp_min(1e-12)
         self._vectors[name] = (u.detach(), v.detach())
         return (u * apply(v, W)).sum()
+
+    def _out_shape(self, name: str, m: nn.Module) -> tuple[int, ...]:
+        """The layer's output shape for one input of the recorded size."""
+        if name in self._vectors:  # u has it: no probe forward every call
+            return tuple(self._vectors[name][0].shape)
+        with torch.no_grad():
+            zero = torch.zeros((1, *self._shapes[name])).to(m.weight)
+            return tuple(m._conv_forward(zero, m.weight, None).shape)
+
+    def _operator_step(
+        self, name: str, m: nn.Module
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """One power step on a convolution without autograd: ``(A v, v, σ²)``.
+
+        The adjoint is ``torch.nn.grad.conv*_input`` at the recorded input
+        size. ``None`` where those helpers do not apply (non-zero padding
+        modes, string padding): the caller then uses :meth:`_operator`.
+        """
+        if m.padding_mode != "zeros" or isinstance(m.padding, str):
+            return None
+        dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(m)]
+        conv_input = getattr(torch.nn.grad, f"conv{dims}d_input")
+        opts = {
+            "stride": m.stride,
+            "padding": m.padding,
+            "dilation": m.dilation,
+            "groups": m.groups,
+        }
+        shape = (1, *self._shapes[name])
+        W = m.weight.detach()
+        u, v = self._init(name, self._out_shape(name, m), shape, W)
+        with torch.no_grad():
+            for _ in range(self.power_iterations):
+                adj = conv_input(shape, W, u, **opts)  # Aᵀu
+                v = adj / torch.linalg.vector_norm(adj).clamp_min(1e-12)
+                Av = m._conv_forward(v, W, None)
+                norm = torch.linalg.vector_norm(Av)
+                u = Av / norm.clamp_min(1e-12)
+        self._vectors[name] = (u, v)
+        return Av, v, norm * norm
+
+    def _add_operator_grad(self, m: nn.Module, Av: Tensor, v: Tensor) -> None:
+        """``W.grad += 2λ ∂(u·A_W v)σ/∂W = 2λ·conv*_weight(v, A v)``."""
+        dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(m)]
+        conv_weight = getattr(torch.nn.grad, f"conv{dims}d_weight")
+        W = m.weight
+        g = conv_weight(
+            v,
+            W.shape,
+            Av,
+            stride=m.stride,
+            padding=m.padding,
+            dilation=m.dilation,
+            groups=m.groups,
+        )
+        if W.grad is None:
+            W.grad = torch.zeros_like(W)
+        W.grad.add_(g, alpha=2 * self.strength)
 
     def state_dict(self) -> dict[str, Any]:
         """Power-iteration vectors and conv input sizes.
