@@ -267,9 +267,7 @@ class SpectralNorm(Regularizer):
         u, v = self._init(name, self._out_shape(name, m), shape, W)
         Wd = W.detach()
         for _ in range(self.power_iterations):
-            with torch.enable_grad():
-                vg = v.detach().requires_grad_(True)
-                (adj,) = torch.autograd.grad(apply(vg, Wd), vg, u)  # the adjoint on u
+            adj = _adjoint(m, u, shape)
             v = adj / adj.norm().clamp_min(1e-12)
             with torch.no_grad():
                 Av = apply(v, Wd)
@@ -294,22 +292,14 @@ class SpectralNorm(Regularizer):
         size. ``None`` where those helpers do not apply (non-zero padding
         modes, string padding): the caller then uses :meth:`_operator`.
         """
-        if m.padding_mode != "zeros" or isinstance(m.padding, str):
+        if not _plain(m):
             return None
-        dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(m)]
-        conv_input = getattr(torch.nn.grad, f"conv{dims}d_input")
-        opts = {
-            "stride": m.stride,
-            "padding": m.padding,
-            "dilation": m.dilation,
-            "groups": m.groups,
-        }
         shape = (1, *self._shapes[name])
         W = m.weight.detach()
         u, v = self._init(name, self._out_shape(name, m), shape, W)
         with torch.no_grad():
             for _ in range(self.power_iterations):
-                adj = conv_input(shape, W, u, **opts)  # Aᵀu
+                adj = _adjoint(m, u, shape)  # Aᵀu
                 v = adj / torch.linalg.vector_norm(adj).clamp_min(1e-12)
                 Av = m._conv_forward(v, W, None)
                 norm = torch.linalg.vector_norm(Av)
@@ -319,18 +309,8 @@ class SpectralNorm(Regularizer):
 
     def _add_operator_grad(self, m: nn.Module, Av: Tensor, v: Tensor) -> None:
         """``W.grad += 2λ ∂(u·A_W v)σ/∂W = 2λ·conv*_weight(v, A v)``."""
-        dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(m)]
-        conv_weight = getattr(torch.nn.grad, f"conv{dims}d_weight")
         W = m.weight
-        g = conv_weight(
-            v,
-            W.shape,
-            Av,
-            stride=m.stride,
-            padding=m.padding,
-            dilation=m.dilation,
-            groups=m.groups,
-        )
+        g = _helper(m, "weight")(v, W.shape, Av, **_options(m))
         if W.grad is None:
             W.grad = torch.zeros_like(W)
         W.grad.add_(g, alpha=2 * self.strength)
@@ -357,6 +337,38 @@ class SpectralNorm(Regularizer):
 
     def __repr__(self) -> str:
         return f"SpectralNorm({self.strength!r}, conv={self.conv!r})"
+
+
+def _plain(m: nn.Module) -> bool:
+    """Zero padding given as numbers: what ``torch.nn.grad``'s helpers handle."""
+    return m.padding_mode == "zeros" and not isinstance(m.padding, str)
+
+
+def _options(m: nn.Module) -> dict[str, Any]:
+    return {
+        "stride": m.stride,
+        "padding": m.padding,
+        "dilation": m.dilation,
+        "groups": m.groups,
+    }
+
+
+def _helper(m: nn.Module, kind: str) -> Any:
+    dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(m)]
+    return getattr(torch.nn.grad, f"conv{dims}d_{kind}")
+
+
+def _adjoint(m: nn.Module, u: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """``Aᵀu`` for the layer's convolution ``A`` at input size ``shape``."""
+    W = m.weight.detach()
+    if _plain(m):
+        with torch.no_grad():
+            return _helper(m, "input")(shape, W, u, **_options(m))
+    # other padding modes pad inside the forward: let autograd transpose it
+    with torch.enable_grad():
+        v = torch.zeros(shape, dtype=W.dtype, device=W.device, requires_grad=True)
+        (adj,) = torch.autograd.grad(m._conv_forward(v, W, None), v, u)
+    return adj
 
 
 def spectral_norms(
