@@ -8,7 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from geocomplexity.regularizers import L2, GeometricComplexity
+from geocomplexity.regularizers import (
+    L2,
+    GeometricComplexity,
+    GradientNorm,
+    SpectralNorm,
+)
 from geocomplexity.training import History, apply_label_noise, fit
 
 
@@ -151,13 +156,27 @@ class _Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("own_generator", [False, True])
-def test_checkpoint_resume_gives_the_uninterrupted_numbers(tmp_path, own_generator):
-    train, test = problem()
+TERMS = {
+    "gc": lambda: GeometricComplexity(1e-3),
+    # a generator of its own, whose state the checkpoint must carry
+    "gc_own_generator": lambda: GeometricComplexity(
+        1e-3, generator=torch.Generator().manual_seed(7)
+    ),
+    "spectral": lambda: SpectralNorm(1e-2),  # power-iteration vectors are state
+    "gradient_norm_fd": lambda: GradientNorm(1e-2, method="finite_difference"),
+}
 
-    def term():  # fresh per run; with its own generator, whose state is saved
-        g = torch.Generator().manual_seed(7) if own_generator else None
-        return GeometricComplexity(1e-3, generator=g)
+
+@pytest.mark.parametrize("kind", list(TERMS))
+def test_checkpoint_resume_gives_the_uninterrupted_numbers(tmp_path, kind):
+    train, test = problem()
+    term = TERMS[kind]  # fresh per run
+    dropout = 0.0 if kind == "gradient_norm_fd" else 0.1  # FD refuses dropout
+
+    def mlp(seed=0):
+        model = globals()["mlp"](seed)
+        model[2].p = dropout
+        return model
 
     common = dict(
         optimizer="adam",

@@ -105,6 +105,7 @@ class GradientNorm(Regularizer):
                 loss_fn=loss_fn,
                 params=params,
             )
+        _refuse_random_forward(model)
         # The task gradient g is the first of the two gradients the finite
         # difference needs: take it once, and assemble g + 2λHg by hand. Two
         # forward and two backward passes, where the surrogate of __call__
@@ -138,6 +139,8 @@ class GradientNorm(Regularizer):
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
+        if self.method == "finite_difference":
+            _refuse_random_forward(model)
         if outputs is None:
             outputs = model(inputs)
         return loss_fn, params, loss_fn(outputs, targets)
@@ -155,8 +158,16 @@ class GradientNorm(Regularizer):
         ``Hg ≈ (g' − g) / r``. The foreach ops touch every tensor in one call:
         on small models, per-tensor calls cost more than the arithmetic.
         """
-        sq = torch.stack(torch._foreach_norm(grads)).pow(2).sum()
-        r = self.eps / (sq.sqrt().item() + 1e-30)
+        # norms in float32 at least: a float16 ‖g‖ underflows long before g does
+        norms = [
+            n.to(torch.promote_types(n.dtype, torch.float32))
+            for n in torch._foreach_norm(grads)
+        ]
+        sq = torch.stack(norms).pow(2).sum()
+        norm = sq.sqrt().item()
+        if norm == 0:  # a flat point: Hg·0 = 0, and no step to take
+            return sq, 1.0, grads
+        r = self.eps / norm
         # θ + r·g through functional_call: no in-place change to the parameters,
         # whose versions the caller's graph checks; running statistics restored
         named = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -174,3 +185,24 @@ class GradientNorm(Regularizer):
 
     def __repr__(self) -> str:
         return f"GradientNorm({self.strength!r}, method={self.method!r})"
+
+
+def _refuse_random_forward(model: nn.Module) -> None:
+    """The finite difference compares two forward passes: they must agree.
+
+    Raises:
+        ValueError: a dropout layer in train mode would draw a different mask
+            for the shifted pass, and (g' − g)/r would be mask noise.
+    """
+    live = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+    ]
+    if live:
+        raise ValueError(
+            f"GradientNorm(method='finite_difference') differences two forward "
+            f"passes, and dropout in train mode ({', '.join(live[:4])}) draws a "
+            "new mask for the second: use method='double_backprop', or put the "
+            "dropout layers in eval mode"
+        )

@@ -21,6 +21,8 @@ penalty's gradient is :math:`2\lambda\sigma\,u v^\top`.
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any
 
 import torch
@@ -61,6 +63,7 @@ class SpectralNorm(Regularizer):
         self.conv, self.power_iterations = conv, power_iterations
         self.generator = generator or torch.Generator().manual_seed(0)
         self._vectors: dict[str, tuple[Tensor, Tensor]] = {}
+        self._warned = False
         self._shapes: dict[str, tuple[int, ...]] = {}
 
     def __call__(
@@ -117,49 +120,55 @@ class SpectralNorm(Regularizer):
         loss_fn: LossFn | None = None,
         params: list[Tensor] | None = None,
     ) -> Tensor:
-        # Dense (and reshaped-kernel) layers by hand: the power step reads W
-        # twice and the gradient 2λ·(Wv)vᵀ goes straight into W.grad (addr_),
-        # with no autograd graph and no temporary outer product to add.
-        # Operator-norm convolutions go through autograd with the task loss.
+        # Dense (and reshaped-kernel) layers and zero-padded operator-norm
+        # convolutions by hand: a power step without a graph, then the
+        # gradient 2λ·(Wv)vᵀ (or 2λ·conv_weight(v, Av)) straight into W.grad,
+        # with no temporary to add. A weight that is computed (a
+        # parametrization, a weight-norm hook) or a conv with another padding
+        # mode goes through autograd with the task loss instead.
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         wanted = {id(p) for p in params}
         layers = self._layers(model, inputs)
         if not layers:
             raise ValueError("the model has no Linear or Conv layer to penalise")
-        # operator-norm convolutions: by hand where torch.nn.grad's adjoint
-        # applies (zeros padding), else through autograd with the task loss
-        by_hand = {n: self._operator_step(n, m) for n, m, op in layers if op}
-        conv = [
-            self._operator(n, m).pow(2)
-            for n, m, op in layers
-            if op and by_hand[n] is None
-        ]
-        total = loss + self.strength * sum(conv) if conv else loss
+        by_hand: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+        graph: list[Tensor] = []
+        for name, m, operator in layers:
+            W = m.weight
+            step = None
+            if W.grad_fn is None:  # a leaf: its gradient can be written directly
+                step = (
+                    self._operator_step(name, m)
+                    if operator
+                    else self._dense_step(name, W.flatten(1))
+                )
+            if step is not None:
+                by_hand[name] = step
+            elif operator:
+                graph.append(self._operator(name, m).pow(2))
+            else:
+                graph.append(self._dense(name, W.flatten(1)).pow(2))
+        total = loss + self.strength * sum(graph) if graph else loss
         total.backward(inputs=params)
-        value = sum(c.detach() for c in conv) if conv else loss.new_zeros(())
+        value = sum(g.detach() for g in graph) if graph else loss.new_zeros(())
         with torch.no_grad():
             for name, m, operator in layers:
-                if operator:
-                    step = by_hand[name]
-                    if step is not None:
-                        Av, v, sq = step
-                        value = value + sq
-                        if id(m.weight) in wanted:
-                            self._add_operator_grad(m, Av, v)
+                if name not in by_hand:
                     continue
+                Av, v, sq = by_hand[name]
+                value = value + sq  # σ² = ‖A v‖², as in __call__
                 W = m.weight
-                Wv, v, sq = self._dense_step(name, W.flatten(1))
-                value = value + sq  # σ² = ‖W v‖², as in _dense
                 if id(W) not in wanted:
                     continue
                 if W.grad is None:
                     W.grad = torch.zeros_like(W)
-                grad = W.grad.view(W.shape[0], -1) if W.grad.is_contiguous() else None
-                if grad is not None:
-                    grad.addr_(Wv, v, alpha=2 * self.strength)
+                if operator:
+                    self._add_operator_grad(m, Av, v)
+                elif W.grad.is_contiguous():
+                    W.grad.view(W.shape[0], -1).addr_(Av, v, alpha=2 * self.strength)
                 else:
-                    W.grad += (2 * self.strength * torch.outer(Wv, v)).view_as(W)
+                    W.grad += (2 * self.strength * torch.outer(Av, v)).view_as(W)
         return self.strength * value
 
     def _layers(
@@ -175,6 +184,18 @@ class SpectralNorm(Regularizer):
             for n, m in model.named_modules()
             if isinstance(m, (nn.Linear, *_CONV))
         ]
+        skipped = [
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, nn.modules.conv._ConvTransposeNd)
+        ]
+        if skipped and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"SpectralNorm leaves out transposed convolutions ({skipped[:4]}): "
+                "their norms are not in the penalty, nor in the GC bound",
+                stacklevel=3,
+            )
         if any(op and n not in self._shapes for n, _, op in layers):
             if inputs is None:
                 raise ValueError(
@@ -188,7 +209,7 @@ class SpectralNorm(Regularizer):
             if operator:
                 self._init(name, self._out_shape(name, m), (1, *self._shapes[name]), W)
             else:
-                self._init(name, (W.shape[0],), (W[0].numel(),), W)
+                self._init(name, (W.shape[0],), (math.prod(W.shape[1:]),), W)
         return layers
 
     def _record_shapes(self, model: nn.Module, x: Tensor) -> None:
@@ -311,8 +332,6 @@ class SpectralNorm(Regularizer):
         """``W.grad += 2λ ∂(u·A_W v)σ/∂W = 2λ·conv*_weight(v, A v)``."""
         W = m.weight
         g = _helper(m, "weight")(v, W.shape, Av, **_options(m))
-        if W.grad is None:
-            W.grad = torch.zeros_like(W)
         W.grad.add_(g, alpha=2 * self.strength)
 
     def state_dict(self) -> dict[str, Any]:
@@ -354,8 +373,8 @@ def _options(m: nn.Module) -> dict[str, Any]:
 
 
 def _helper(m: nn.Module, kind: str) -> Any:
-    dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(m)]
-    return getattr(torch.nn.grad, f"conv{dims}d_{kind}")
+    # by the kernel's rank, so subclasses (and parametrized convs) work too
+    return getattr(torch.nn.grad, f"conv{len(m.kernel_size)}d_{kind}")
 
 
 def _adjoint(m: nn.Module, u: Tensor, shape: tuple[int, ...]) -> Tensor:
