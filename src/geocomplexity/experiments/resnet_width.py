@@ -34,7 +34,7 @@ from geocomplexity.training import fit
 _PRESETS: dict[str, dict[str, Any]] = {
     # the test suite's: a generated folder of a few images
     "smoke": {"widths": [1, 2, 4], "n": None, "epochs": 2, "seeds": 1, "gc": 16},
-    # a GPU hour: a 5000-image subset sharpens the threshold
+    # for a GPU: a 5000-image subset sharpens the threshold
     "quick": {
         "widths": [1, 2, 3, 4, 6, 8, 12, 16, 24, 32],
         "n": 5000,
