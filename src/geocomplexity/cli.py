@@ -129,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     if args.command == "list":
+        width = max(map(len, EXPERIMENTS))
         for name, exp in EXPERIMENTS.items():
-            print(f"{name:14s} {exp.claim}")
+            note = " [needs --data-dir; in `all` at --preset paper]"
+            print(f"{name:{width}s}  {exp.claim}{note if exp.needs_data_dir else ''}")
         return 0
     if args.command == "report":
         if not args.dir.is_dir():
