@@ -315,8 +315,11 @@ def measure(
             ``"auto"`` picks one method for all. Every rank must call it (a rank
             may have no data); an error on one rank is raised on every rank.
             Give each rank its own ``generator`` seed, or their probes
-            coincide. ``False`` (default): this process's data alone, so a
-            measurement on rank 0 only never waits for the others.
+            coincide. A ``DistributedSampler`` pads the shards to equal length
+            by repeating samples; slice the data (``x[rank::world]``) or use
+            ``drop_last`` for an exact data-set mean. ``False`` (default): this
+            process's data alone, so a measurement on rank 0 only never waits
+            for the others.
 
     Returns:
         A :class:`GCResult`.
