@@ -105,14 +105,11 @@ class GradientNorm(Regularizer):
                 loss_fn=loss_fn,
                 params=params,
             )
-        _refuse_random_forward(model)
         # The task gradient g is the first of the two gradients the finite
         # difference needs: take it once, and assemble g + 2λHg by hand. Two
         # forward and two backward passes, where the surrogate of __call__
         # needs a third backward (the caller's, which recomputes g).
-        if targets is None:
-            raise ValueError("GradientNorm needs the batch's targets for the loss")
-        loss_fn = loss_fn or F.cross_entropy
+        loss_fn = self._checked(model, targets, loss_fn)
         grads = torch.autograd.grad(loss, params)
         sq, r, shifted = self._shifted_gradient(model, inputs, targets, loss_fn, grads)
         # g + 2λHg = g + c (g' − g) with c = 2λ/r: one lerp per tensor
@@ -133,17 +130,28 @@ class GradientNorm(Regularizer):
         outputs: Tensor | None,
         loss_fn: LossFn | None,
     ) -> tuple[LossFn, list[Tensor], Tensor]:
-        if targets is None:
-            raise ValueError("GradientNorm needs the batch's targets for the loss")
-        loss_fn = loss_fn or F.cross_entropy
+        loss_fn = self._checked(model, targets, loss_fn)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
-        if self.method == "finite_difference":
-            _refuse_random_forward(model)
         if outputs is None:
             outputs = model(inputs)
         return loss_fn, params, loss_fn(outputs, targets)
+
+    def _checked(
+        self, model: nn.Module, targets: Tensor | None, loss_fn: LossFn | None
+    ) -> LossFn:
+        """The task loss function, after the checks every path needs.
+
+        Raises:
+            ValueError: no targets, or dropout that the finite difference
+                cannot difference through.
+        """
+        if targets is None:
+            raise ValueError("GradientNorm needs the batch's targets for the loss")
+        if self.method == "finite_difference":
+            _refuse_random_forward(model)
+        return loss_fn or F.cross_entropy
 
     def _shifted_gradient(
         self,
