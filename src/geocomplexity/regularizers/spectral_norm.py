@@ -279,22 +279,9 @@ class SpectralNorm(Regularizer):
         return u @ Wv
 
     def _operator(self, name: str, m: nn.Module) -> Tensor:
-        shape = (1, *self._shapes[name])
-        W = m.weight
-
-        def apply(z: Tensor, w: Tensor) -> Tensor:
-            return m._conv_forward(z, w, None)
-
-        u, v = self._init(name, self._out_shape(name, m), shape, W)
-        Wd = W.detach()
-        for _ in range(self.power_iterations):
-            adj = _adjoint(m, u, shape)
-            v = adj / adj.norm().clamp_min(1e-12)
-            with torch.no_grad():
-                Av = apply(v, Wd)
-                u = Av / Av.norm().clamp_min(1e-12)
-        self._vectors[name] = (u.detach(), v.detach())
-        return (u * apply(v, W)).sum()
+        _, v, _ = self._power_operator(name, m)
+        u = self._vectors[name][0]
+        return (u * m._conv_forward(v, m.weight, None)).sum()
 
     def _out_shape(self, name: str, m: nn.Module) -> tuple[int, ...]:
         """The layer's output shape for one input of the recorded size."""
@@ -307,14 +294,26 @@ class SpectralNorm(Regularizer):
     def _operator_step(
         self, name: str, m: nn.Module
     ) -> tuple[Tensor, Tensor, Tensor] | None:
-        """One power step on a convolution without autograd: ``(A v, v, σ²)``.
+        """One power step on a convolution for the hand-made gradient.
 
-        The adjoint is ``torch.nn.grad.conv*_input`` at the recorded input
-        size. ``None`` where those helpers do not apply (non-zero padding
-        modes, string padding): the caller then uses :meth:`_operator`.
+        Returns:
+            ``(A v, v, σ²)``, or ``None`` where ``torch.nn.grad``'s weight
+            gradient does not apply (non-zero padding modes, string padding):
+            the caller then uses :meth:`_operator`.
         """
         if not _plain(m):
             return None
+        Av, v, norm = self._power_operator(name, m)
+        return Av, v, norm * norm
+
+    def _power_operator(self, name: str, m: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+        """Power iteration on the convolution ``A`` at its recorded input size.
+
+        Without a graph; stores the new ``(u, v)``.
+
+        Returns:
+            ``(A v, v, ‖A v‖)``; ``σ = ‖A v‖ = u·(A v)``.
+        """
         shape = (1, *self._shapes[name])
         W = m.weight.detach()
         u, v = self._init(name, self._out_shape(name, m), shape, W)
@@ -326,7 +325,7 @@ class SpectralNorm(Regularizer):
                 norm = torch.linalg.vector_norm(Av)
                 u = Av / norm.clamp_min(1e-12)
         self._vectors[name] = (u, v)
-        return Av, v, norm * norm
+        return Av, v, norm
 
     def _add_operator_grad(self, m: nn.Module, Av: Tensor, v: Tensor) -> None:
         """``W.grad += 2λ ∂(u·A_W v)σ/∂W = 2λ·conv*_weight(v, A v)``."""
