@@ -149,14 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from geocomplexity.experiments import Context
+    from geocomplexity.training import resolve_device
 
     if args.device == "cuda" and not torch.cuda.is_available():
         return _error("--device cuda, but torch sees no CUDA device; use --device cpu")
-    device = (
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if args.device == "auto" else args.device)
-    )
+    device = str(resolve_device(args.device))
     if args.name == "all":
         names = [n for n, e in EXPERIMENTS.items() if args.preset in e.in_all]
         for n in EXPERIMENTS.keys() - set(names):

@@ -172,7 +172,7 @@ def _run_ray(
     # locally, `workers` runs at a time with their share of the cores, as the
     # process pool has; on a cluster (whose nodes this process cannot see) one
     # core per run, and Ray packs as many runs as the nodes have cores
-    threads = 1 if address else max(1, (os.cpu_count() or 1) // workers)
+    threads = 1 if address else _threads(workers)
     task = ray.remote(num_cpus=threads, num_gpus=gpus)(_ray_record)
     pending = {task.remote(fn, run, threads): run for run in todo}
     try:
@@ -209,6 +209,11 @@ def load_runs(directory: Path) -> dict[str, dict[str, Any]]:
 _POOLS: dict[int, ProcessPoolExecutor] = {}
 
 
+def _threads(workers: int) -> int:
+    """Torch threads per run when ``workers`` runs share this machine's cores."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 def _pool(workers: int) -> ProcessPoolExecutor:
     """A process pool kept for the life of the process.
 
@@ -216,7 +221,7 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     imports torch and builds its data sets once, not once per experiment.
     """
     if workers not in _POOLS:
-        threads = max(1, (os.cpu_count() or 1) // workers)  # share the cores
+        threads = _threads(workers)
         # spawn, not fork: a forked child of a process whose OpenMP pool is
         # running can deadlock in its first parallel region
         _POOLS[workers] = ProcessPoolExecutor(
