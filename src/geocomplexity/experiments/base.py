@@ -22,7 +22,7 @@ from geocomplexity.atomic import write_text
 from geocomplexity.experiments.claims import Claim, write_claims
 from geocomplexity.experiments.runner import Context, Run, run_sweep
 
-__all__ = ["PRESETS", "Experiment", "Outcome", "reproduce_one"]
+__all__ = ["PRESETS", "Experiment", "Outcome", "reproduce_one", "result_rows"]
 
 PRESETS = ("smoke", "quick", "paper")
 
@@ -86,6 +86,20 @@ class Experiment(abc.ABC):
         self, records: Sequence[dict[str, Any]], directory: Path, suffix: str
     ) -> list[Path]:
         """Draw the figures into ``directory`` as ``<figure><suffix>.png``."""
+
+
+def result_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One flat row per run: its config and its scalar results.
+
+    A training ``curve`` stays in the run file, out of ``results.csv``.
+
+    Returns:
+        ``[{**config, **result without "curve"}]`` in the order of ``records``.
+    """
+    return [
+        {**r["config"], **{k: v for k, v in r["result"].items() if k != "curve"}}
+        for r in records
+    ]
 
 
 def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:

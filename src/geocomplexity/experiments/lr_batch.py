@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from geocomplexity.data import load
-from geocomplexity.experiments.base import Experiment
+from geocomplexity.experiments.base import Experiment, result_rows
 from geocomplexity.experiments.claims import Claim, spearman
 from geocomplexity.experiments.figures import pyplot, save
 from geocomplexity.experiments.runner import Context, Run
@@ -120,7 +120,7 @@ class LrBatch(Experiment):
     def analyze(  # noqa: D102
         self, records: Sequence[dict[str, Any]], dataset: str
     ) -> tuple[list[Claim], list[dict[str, Any]]]:
-        rows = [{**r["config"], **r["result"]} for r in records]
+        rows = result_rows(records)
         base_lr, base_b = rows[0]["base_lr"], rows[0]["base_batch"]
         lr_rows = [r for r in rows if r["batch"] == base_b and r["reached"]]
         b_rows = [r for r in rows if r["lr"] == base_lr and r["reached"]]
@@ -160,7 +160,7 @@ class LrBatch(Experiment):
     ) -> list[Path]:
         plt = pyplot()
 
-        rows = [{**r["config"], **r["result"]} for r in records]
+        rows = result_rows(records)
         base_lr, base_b = rows[0]["base_lr"], rows[0]["base_batch"]
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
         for ax, key, fixed, label in (

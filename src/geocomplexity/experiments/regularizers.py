@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from geocomplexity.data import load
-from geocomplexity.experiments.base import Experiment
+from geocomplexity.experiments.base import Experiment, result_rows
 from geocomplexity.experiments.claims import Claim, spearman
 from geocomplexity.experiments.figures import pyplot, save
 from geocomplexity.experiments.runner import Context, Run
@@ -154,10 +154,7 @@ class Regularizers(Experiment):
     def analyze(  # noqa: D102
         self, records: Sequence[dict[str, Any]], dataset: str
     ) -> tuple[list[Claim], list[dict[str, Any]]]:
-        rows = [
-            {**r["config"], **{k: v for k, v in r["result"].items() if k != "curve"}}
-            for r in records
-        ]
+        rows = result_rows(records)
         curves = {
             r["config"]["seed"]: r["result"]["curve"]
             for r in records
@@ -208,7 +205,7 @@ class Regularizers(Experiment):
     ) -> list[Path]:
         plt = pyplot()
 
-        _, rows = self.analyze(records, "")
+        rows = result_rows(records)
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
         for r in records:
             if r["config"]["kind"] == "none":

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from geocomplexity.data import load
-from geocomplexity.experiments.base import Experiment
+from geocomplexity.experiments.base import Experiment, result_rows
 from geocomplexity.experiments.claims import Claim, spearman
 from geocomplexity.experiments.figures import pyplot, save
 from geocomplexity.experiments.runner import Context, Run
@@ -126,14 +126,6 @@ def sweep_result(
     }
 
 
-def _rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    # scalars only: a training curve stays in the run file, not in results.csv
-    return [
-        {**r["config"], **{k: v for k, v in r["result"].items() if k != "curve"}}
-        for r in records
-    ]
-
-
 def _means(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
     widths = sorted({r["width"] for r in rows})
     return widths, [
@@ -165,7 +157,7 @@ class _WidthSweep(Experiment):
     def _plot_sweep(self, records: Sequence[dict[str, Any]], path: Path) -> Path:
         plt = pyplot()
 
-        rows = _rows(records)
+        rows = result_rows(records)
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
         for ax, keys, label in (
             (axes[0], ("train_loss", "test_loss"), "cross-entropy"),
@@ -208,7 +200,7 @@ class DoubleDescent(_WidthSweep):
     def analyze(  # noqa: D102
         self, records: Sequence[dict[str, Any]], dataset: str
     ) -> tuple[list[Claim], list[dict[str, Any]]]:
-        rows = _rows(records)
+        rows = result_rows(records)
         widths, test_loss = _means(rows, "test_loss")
         _, train_err = _means(rows, "train_err")
         _, gc = _means(rows, "gc_train")
@@ -278,7 +270,9 @@ class UCurve(_WidthSweep):
     def analyze(  # noqa: D102
         self, records: Sequence[dict[str, Any]], dataset: str
     ) -> tuple[list[Claim], list[dict[str, Any]]]:
-        rows = [r for r in _rows(records) if r["gc_train"] > 0]  # dead nets: no GC
+        rows = [
+            r for r in result_rows(records) if r["gc_train"] > 0
+        ]  # dead nets: no GC
         logs = [math.log(r["gc_train"]) for r in rows]
         loss = [r["test_loss"] for r in rows]
         a, b, _ = _quadratic(logs, loss)
@@ -333,7 +327,7 @@ class UCurve(_WidthSweep):
         plt = pyplot()
 
         sweep = self._plot_sweep(records, directory / f"u_curve_sweep{suffix}.png")
-        rows = [r for r in _rows(records) if r["gc_train"] > 0]
+        rows = [r for r in result_rows(records) if r["gc_train"] > 0]
         logs = [math.log(r["gc_train"]) for r in rows]
         a, b, c = _quadratic(logs, [r["test_loss"] for r in rows])
         fig, ax = plt.subplots(figsize=(6, 4))
