@@ -363,6 +363,23 @@ def measure(
     stats = RunningMean()
     kept: list[Tensor] = []
     chosen, probes = method, num_probes or 1
+
+    def prepare(x: Tensor, seen: int) -> Tensor:
+        """A batch cut to ``max_samples``, on the model's device, checked."""
+        if max_samples is not None:
+            x = x[: max_samples - seen]
+        if device is not None and x.device != device:
+            x = x.to(device)
+        check_input(x)
+        _check_model_matches(model, x)
+        return x
+
+    def choose(pilot: list[float], n: int) -> tuple[str, int]:
+        chosen, probes = _choose(pilot, n, rtol)
+        if num_probes is not None and chosen == "projection":
+            probes = num_probes  # the caller's count wins over the pilot's
+        return chosen, probes
+
     if collective and method == "auto":
         # the ranks agree on one method from all their first batches
         pilot = [0.0, 0.0, 0.0, 0.0]
@@ -370,10 +387,7 @@ def measure(
             first = next(batches, None)
             if first is not None:
                 batches = itertools.chain([first], batches)
-                x = first.to(device) if device is not None else first
-                x = x[:max_samples] if max_samples is not None else x
-                check_input(x)
-                _check_model_matches(model, x)
+                x = prepare(first, 0)
                 pilot = _pilot(model, x, output, mode, distribution, generator)
         except Exception as err:  # every rank must reach the gather below
             failure = err
@@ -383,9 +397,7 @@ def measure(
         _distributed.raise_if_failed(rows[:, -1], failure)
         k = rows[:, 0].max().item()
         summed = rows[:, 1:].sum(0).tolist()
-        chosen, probes = _choose([k, *summed[:3]], int(summed[3]), rtol)
-        if num_probes is not None and chosen == "projection":
-            probes = num_probes
+        chosen, probes = choose([k, *summed[:3]], int(summed[3]))
     bar = tqdm(
         total=total,
         unit="sample",
@@ -394,18 +406,11 @@ def measure(
         disable=None if progress is None else not progress,
     )
     try:
-        for x in batches:
-            if max_samples is not None:
-                x = x[: max_samples - stats.count]
-            if device is not None and x.device != device:
-                x = x.to(device)
-            check_input(x)
-            _check_model_matches(model, x)
+        for batch in batches:
+            x = prepare(batch, stats.count)
             if chosen == "auto":
                 pilot = _pilot(model, x, output, mode, distribution, generator)
-                chosen, probes = _choose(pilot, total or x.shape[0], rtol)
-                if num_probes is not None and chosen == "projection":
-                    probes = num_probes
+                chosen, probes = choose(pilot, total or x.shape[0])
             values = jacobian_sq_norms(
                 model,
                 x,
