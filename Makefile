@@ -24,9 +24,12 @@ test: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks examples
 	$(PY) -m pytest -q
 
+# tuned malloc first (the README's tables), then glibc's defaults for comparison
 bench: $(STAMP)
 	$(PY) benchmarks/bench_measure.py
 	$(PY) benchmarks/bench_regularizers.py
+	$(PY) benchmarks/bench_measure.py --malloc default --out benchmarks/results/measure_glibc_default.json
+	$(PY) benchmarks/bench_regularizers.py --malloc default --out benchmarks/results/regularizers_glibc_default.json
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks examples

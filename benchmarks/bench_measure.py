@@ -2,7 +2,9 @@
 
 Run it with ``make bench``, i.e. ``.venv/bin/python benchmarks/bench_measure.py``
 (``--quick`` for fewer repeats while developing, ``--out PATH`` to write the JSON
-elsewhere, ``--threads N`` to change the default of 2 torch threads).
+elsewhere, ``--threads N`` to change the default of 2 torch threads,
+``--malloc default`` to keep glibc's own allocator settings instead of
+:func:`geocomplexity.malloc.tune_malloc`; ``make bench`` runs both).
 
 What is measured, per model, in one process (float32, default PyTorch init,
 random N(0, 1) inputs and random labels, every model in eval mode):
@@ -60,6 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import geocomplexity
+from geocomplexity import malloc
 from geocomplexity.models import PreActResNet18
 
 HERE = Path(__file__).resolve().parent
@@ -470,11 +473,12 @@ def peak_memory_child(chunk: int) -> dict[str, Any]:
             "extra_peak_mib": peak - before, "how": how}  # fmt: skip
 
 
-def bench_peak_memory(threads: int) -> dict[str, Any]:
+def bench_peak_memory(threads: int, malloc_setting: str) -> dict[str, Any]:
     """Run :func:`peak_memory_child` in a fresh subprocess per chunk size."""
     rows = []
     for chunk in MEMORY_CHUNKS:
         args = ["--threads", str(threads), "--_peak-mem", str(chunk)]
+        args += ["--malloc", malloc_setting]
         cmd = [sys.executable, __file__, *args]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
@@ -489,6 +493,27 @@ def bench_peak_memory(threads: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- meta
+
+
+def add_malloc_option(parser: argparse.ArgumentParser) -> None:
+    """The ``--malloc`` option both benchmarks share."""
+    parser.add_argument(
+        "--malloc",
+        choices=("tuned", "default"),
+        default="tuned",
+        help="tuned: geocomplexity.malloc.tune_malloc() (freed memory is reused, "
+        "not page-faulted back in); default: glibc's own settings",
+    )
+
+
+def apply_malloc_option(setting: str) -> str:
+    """Apply ``--malloc`` and describe the allocator for the JSON."""
+    if setting == "tuned" and malloc.tune_malloc():
+        mmap, trim = malloc.tuned() or (0, 0)
+        return f"glibc tuned: mmap threshold {mmap >> 20} MiB, trim {trim >> 20} MiB"
+    if setting == "tuned":
+        return "system default (no glibc to tune)"
+    return "glibc default" if malloc.is_glibc() else "system default"
 
 
 def cpu_model() -> str:
@@ -645,8 +670,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--models", default="abcd", help="subset of models, e.g. 'ac'")
     p.add_argument("--_peak-mem", dest="peak_mem", type=int, help=argparse.SUPPRESS)
+    add_malloc_option(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    allocator = apply_malloc_option(args.malloc)
 
     if args.peak_mem is not None:  # the subprocess of bench_peak_memory
         print(json.dumps(peak_memory_child(args.peak_mem)))
@@ -664,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     print("timing MNIST-1D data-set GC ...", file=sys.stderr, flush=True)
     mn = bench_mnist1d(budget / 2, lo, hi)
     print("peak memory ...", file=sys.stderr, flush=True)
-    mem = bench_peak_memory(args.threads)
+    mem = bench_peak_memory(args.threads, args.malloc)
 
     result = {
         "meta": {
@@ -676,6 +703,7 @@ def main(argv: list[str] | None = None) -> int:
             "processor": cpu_model(),
             "cpu_count": os.cpu_count(),
             "dtype": "float32",
+            "allocator": allocator,
             "quick": args.quick,
             "budget_s_per_model": budget,
             "rounds_min_max": [lo, hi],

@@ -1,6 +1,7 @@
 """Cost of a regularized training step, as a ratio to a plain step.
 
-Run: ``.venv/bin/python benchmarks/bench_regularizers.py [--quick] [--out PATH]``
+Run: ``.venv/bin/python benchmarks/bench_regularizers.py [--quick] [--out PATH]
+[--malloc tuned|default]``
 (``make bench`` runs it). Writes ``benchmarks/results/regularizers.json`` and
 prints a markdown table for the README.
 
@@ -25,7 +26,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from bench_measure import Timed, cpu_model, make_case, ratio, time_interleaved
+from bench_measure import (
+    Timed,
+    add_malloc_option,
+    apply_malloc_option,
+    cpu_model,
+    make_case,
+    ratio,
+    time_interleaved,
+)
 from torch import Tensor, nn
 
 from geocomplexity.regularizers import (
@@ -145,8 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", default="abcd")
+    add_malloc_option(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    allocator = apply_malloc_option(args.malloc)
     budget, rounds = (3.0, (3, 10)) if args.quick else (12.0, (5, 40))
     cases = {}
     for key in args.models:
@@ -162,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": {"platform": platform.platform(), "cpu": cpu_model()},
+        "allocator": allocator,
         "quick": args.quick,
         "cases": cases,
         "floors_passed": all(

@@ -88,6 +88,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="ADDR",
         help="a Ray cluster's address (default: start a local Ray)",
     )
+    rep.add_argument(
+        "--malloc",
+        choices=("tuned", "default"),
+        default="tuned",
+        help="tuned (default): glibc keeps freed memory for reuse instead of "
+        "page-faulting it back in, faster CPU autograd (geocomplexity.malloc); "
+        "default: glibc's own settings",
+    )
     report = sub.add_parser("report", help="write DIR/report.html and print claims")
     report.add_argument("dir", type=Path)
     return parser
@@ -168,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
             return _error(str(err))
         except Exception as err:  # a planted pickle raises UnpicklingError
             return _error(f"{args.data_dir}: {err}")
+    if args.malloc == "tuned":
+        from geocomplexity.malloc import tune_malloc
+
+        tune_malloc()  # spawned worker processes repeat it (runner._start_worker)
     workers = args.workers or (1 if device == "cuda" else _default_workers())
     if args.executor == "ray":
         import importlib.util

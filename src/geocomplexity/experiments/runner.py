@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from geocomplexity import malloc
 from geocomplexity.atomic import write_text
 
 __all__ = ["Context", "Run", "load_runs", "run_sweep"]
@@ -214,6 +215,13 @@ def _threads(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
+def _start_worker(threads: int, malloc_setting: tuple[int, int] | None) -> None:
+    """A spawned worker's set-up: its share of the cores, the parent's malloc."""
+    torch.set_num_threads(threads)
+    if malloc_setting is not None:
+        malloc.tune_malloc(*malloc_setting)
+
+
 def _pool(workers: int) -> ProcessPoolExecutor:
     """A process pool kept for the life of the process.
 
@@ -227,8 +235,8 @@ def _pool(workers: int) -> ProcessPoolExecutor:
         _POOLS[workers] = ProcessPoolExecutor(
             max_workers=workers,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=torch.set_num_threads,
-            initargs=(threads,),
+            initializer=_start_worker,
+            initargs=(threads, malloc.tuned()),
         )
         atexit.register(_POOLS[workers].shutdown, cancel_futures=True)
     return _POOLS[workers]
