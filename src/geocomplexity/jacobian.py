@@ -55,7 +55,7 @@ from geocomplexity.probes import (
     input_probes,
     resolve_generator,
 )
-from geocomplexity.state import frozen, preserved
+from geocomplexity.state import preserved
 
 __all__ = ["METHODS", "MODES", "Output", "jacobian_sq_norms", "reverse_sq_norms"]
 
@@ -424,11 +424,7 @@ def jacobian_sq_norms(
 
     B = x.shape[0]
     d = x[0].numel()
-    with (
-        preserved(model, mode=mode),
-        frozen(model, active=not create_graph),
-        torch.enable_grad(),
-    ):
+    with preserved(model, mode=mode), torch.enable_grad():
         fn = lambda z: _select(model, z, output)  # noqa: E731
         if method in ("exact", "projection"):
             xg = x.detach().requires_grad_(True)

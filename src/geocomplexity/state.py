@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["frozen", "kept_buffers", "preserved"]
+__all__ = ["kept_buffers", "preserved"]
 
 
 @contextlib.contextmanager
@@ -99,34 +99,6 @@ def kept_buffers(model: nn.Module) -> Iterator[None]:
     finally:
         for m in bns:
             m.track_running_stats = True
-
-
-@contextlib.contextmanager
-def frozen(model: nn.Module, active: bool = True) -> Iterator[None]:
-    """Run a block with the model's parameters not requiring grad, then restore.
-
-    A measurement differentiates with respect to the input only. With the
-    parameters still requiring grad, the forward pass would save every layer's
-    input for weight gradients that are never computed; frozen, it records only
-    what the input-side products need (on a small MLP, 5-10% of a measurement).
-    Each parameter's own flag comes back, including on an exception.
-
-    Args:
-        model: the module whose parameters are frozen.
-        active: ``False`` makes the block a no-op (a differentiable penalty
-            needs the parameter graph).
-
-    Yields:
-        Nothing.
-    """
-    params = [p for p in model.parameters() if p.requires_grad] if active else []
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
 
 
 def _set_training(module: nn.Module, flag: bool) -> None:
