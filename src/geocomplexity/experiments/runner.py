@@ -127,9 +127,12 @@ def _execute(
 
 
 def _ray_record(
-    fn: Callable[[Run], dict[str, Any]], run: Run, threads: int
+    fn: Callable[[Run], dict[str, Any]],
+    run: Run,
+    threads: int,
+    malloc_setting: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    torch.set_num_threads(threads)  # as a local worker process would have
+    _start_worker(threads, malloc_setting)  # as a local worker process would have
     return _record(fn, run)
 
 
@@ -175,7 +178,8 @@ def _run_ray(
     # core per run, and Ray packs as many runs as the nodes have cores
     threads = 1 if address else _threads(workers)
     task = ray.remote(num_cpus=threads, num_gpus=gpus)(_ray_record)
-    pending = {task.remote(fn, run, threads): run for run in todo}
+    setting = malloc.tuned()
+    pending = {task.remote(fn, run, threads, setting): run for run in todo}
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
