@@ -291,7 +291,9 @@ def _diag_vjp_sq_norms(
 def _onehot(B: int, k: int, like: Tensor) -> Callable[[int, int], Tensor]:
     def make(start: int, stop: int) -> Tensor:
         e = like.new_zeros(stop - start, B, k)
-        e[torch.arange(stop - start), :, torch.arange(start, stop)] = 1
+        # e[i, :, start + i] = 1: one fill of a strided view, where advanced
+        # indexing would build two index tensors per call (k calls when looping)
+        e.diagonal(offset=start, dim1=0, dim2=2).fill_(1)
         return e
 
     return make
