@@ -197,6 +197,10 @@ def test_duplicate_configs_are_refused(tmp_path):
         ),
         (["reproduce", "transfer", "--dataset", "cifar"], "invalid choice: 'cifar'"),
         (["reproduce", "transfer", "--seeds", "0"], "must be at least 1"),
+        (
+            ["reproduce", "transfer", "--malloc", "jemalloc"],
+            "invalid choice: 'jemalloc'.*tuned",
+        ),
         (["frobnicate"], "invalid choice"),
     ],
 )
