@@ -100,10 +100,9 @@ def check_input(x: Any) -> Tensor:
     if x.shape[0] == 0:
         raise ValueError("x is an empty batch (B = 0); give at least one sample")
     # one reduction: a NaN or inf anywhere makes the sum non-finite (a finite
-    # sum that overflows only costs the exact count below)
-    if not torch.isfinite(x.sum()).item() and (
-        bad := (~torch.isfinite(x)).sum().item()
-    ):
+    # sum that overflows only costs the exact count below); the scalar is
+    # tested in Python, since torch.isfinite is four kernels even on one number
+    if not math.isfinite(x.sum().item()) and (bad := (~torch.isfinite(x)).sum().item()):
         raise ValueError(
             f"x contains {bad} NaN or infinite entries (of {x.numel()}); "
             "clean or drop those samples before measuring"
@@ -201,9 +200,8 @@ def _vjp_sq_norms(
     of shape (stop - start, B, k). Valid only when samples are independent.
     """
     B = x.shape[0]
-    total = x.new_zeros(B)
     if not out.requires_grad:  # the output does not depend on x at all
-        return total
+        return x.new_zeros(B)
     if n == 1:  # one direction (one probe): no accumulator, fewest small ops
         (g,) = torch.autograd.grad(
             out,
@@ -213,7 +211,8 @@ def _vjp_sq_norms(
             create_graph=create_graph,
             allow_unused=True,
         )
-        return total if g is None else g.reshape(B, -1).pow(2).sum(1)
+        return x.new_zeros(B) if g is None else g.reshape(B, -1).pow(2).sum(1)
+    total = x.new_zeros(B)
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
         c = cotangents(start, stop)
@@ -558,7 +557,7 @@ def _finite(values: Tensor) -> Tensor:
     Raises:
         ValueError: some per-sample value is NaN or infinite.
     """
-    if torch.isfinite(values.sum()).item():
+    if math.isfinite(values.sum().item()):
         return values
     bad = (~torch.isfinite(values)).sum().item()
     if bad:
