@@ -288,6 +288,46 @@ class Timed:
         return 100 * (q3 - q1) / statistics.median(self.samples)
 
 
+def paired_interval(a: Timed, b: Timed, b_factor: float = 1.0) -> list[float] | None:
+    """``[median, low, high]`` of the per-round ratios ``a / (b_factor·b)``.
+
+    ``low``–``high`` is a 95% interval for that median.
+
+    Rounds are interleaved, so round i of ``a`` and of ``b`` ran side by side
+    and their ratio cancels the drift both saw. The interval is the
+    distribution-free one from order statistics (normal approximation to the
+    binomial): no assumption on the shape of the noise. ``None`` with fewer
+    than 6 paired rounds.
+    """
+    n = min(len(a.samples), len(b.samples))
+    if n < 6:
+        return None
+    r = sorted(
+        (x * a.scale) / (y * b.scale * b_factor)
+        for x, y in zip(a.samples[:n], b.samples[:n], strict=True)
+    )
+    half = 0.98 * math.sqrt(n)  # 1.96 · sqrt(n) / 2
+    lo = max(0, math.floor(n / 2 - half))
+    hi = min(n - 1, math.ceil(n / 2 + half) - 1)
+    return [statistics.median(r), r[lo], r[hi]]
+
+
+def verdict(value: float | None, interval: list[float] | None, limit: float) -> str:
+    """``"pass"``/``"fail"`` when the interval clears the limit, else ``"noise"``.
+
+    Without an interval the point value decides.
+    """
+    if value is None:
+        return "n/a"
+    if interval is None:
+        return "pass" if value <= limit else "fail"
+    if interval[2] <= limit:
+        return "pass"
+    if interval[1] > limit:
+        return "fail"
+    return "noise"
+
+
 def time_interleaved(
     methods: dict[str, Timed],
     budget_s: float,
@@ -387,8 +427,14 @@ def bench_model(case: Case, budget_s: float, min_rounds: int, max_rounds: int,
     bar = None if forward is None else (1 + k) * forward
     vmap = methods["vmap(jacrev)"].median_ms
     rows: dict[str, Any] = {}
+    bases = {
+        "x_fwd_bwd": (methods["fwd+bwd"], 1.0),
+        "x_vmap_jacrev": (methods["vmap(jacrev)"], 1.0),
+        "x_1pk_forwards": (methods["forward"], 1.0 + k),
+    }
     for name, m in methods.items():
         med = m.median_ms
+        ci = {f: paired_interval(m, base, fac) for f, (base, fac) in bases.items()}
         rows[name] = {
             "median_ms": med,
             "min_ms": m.min_ms,
@@ -398,6 +444,8 @@ def bench_model(case: Case, budget_s: float, min_rounds: int, max_rounds: int,
             "x_fwd_bwd": ratio(med, fwd_bwd),
             "x_vmap_jacrev": ratio(med, vmap),
             "x_1pk_forwards": ratio(med, bar),
+            # [median, 95% low, 95% high] of the per-round paired ratios
+            "paired": ci,
         }
         if m.note:
             rows[name]["note"] = m.note
@@ -613,15 +661,21 @@ def check_floors(models: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             items.append((f"exact ≤ {FLOOR_EXACT_VS_STEP}× fwd+bwd", "exact",
                           "x_fwd_bwd", FLOOR_EXACT_VS_STEP))  # fmt: skip
         for name, method, ratio_field, limit in items:
-            value = m["exact (default chunk)" if method == "exact" else method][
-                ratio_field
-            ]
-            bare = m[BARE[method]][ratio_field]
+            # floors are judged on the median of paired per-round ratios, which
+            # cancels drift that a ratio of two medians keeps
+            main = m["exact (default chunk)" if method == "exact" else method]
+            ci = main["paired"][ratio_field]
+            value = main[ratio_field] if ci is None else ci[0]
+            bare_row = m[BARE[method]]
+            bare_ci = bare_row["paired"][ratio_field]
+            bare = bare_row[ratio_field] if bare_ci is None else bare_ci[0]
             row = {
                 "model": rec["name"], "floor": name, "value": value, "limit": limit,
                 "pass": None if value is None else bool(value <= limit),
+                "paired": ci, "verdict": verdict(value, ci, limit),
                 "bare_autograd": bare,
                 "bare_passes": None if bare is None else bool(bare <= limit),
+                "bare_paired": bare_ci, "bare_verdict": verdict(bare, bare_ci, limit),
             }  # fmt: skip
             if method == "exact":
                 v = best[ratio_field]
@@ -691,24 +745,32 @@ def markdown(result: dict[str, Any]) -> str:
         )
         + ".",
         "",
-        "| floor | model | value | limit | pass | fastest chunk: value | pass "
-        "| bare autograd ² | pass |",
-        "|---|---|---:|---:|---|---:|---|---:|---|",
+        "| floor | model | value | 95% interval ² | limit | verdict ³ "
+        "| fastest chunk | bare autograd ⁴ | verdict |",
+        "|---|---|---:|---|---:|---|---:|---:|---|",
     ]
 
-    def yes(ok: bool | None) -> str:
-        return "—" if ok is None else ("yes" if ok else "**no**")
+    def shown(v: str) -> str:
+        return {"pass": "yes", "fail": "**no**"}.get(v, v)
+
+    def interval(ci: list[float] | None) -> str:
+        return "—" if ci is None else f"{ci[1]:.2f}–{ci[2]:.2f}"
 
     for f in result["floors"]:
         lines.append(
-            f"| {f['floor']} | {f['model']} | {fmt(f['value'])} | {f['limit']} "
-            f"| {yes(f['pass'])} | {fmt(f.get('value_fastest_chunk'))} "
-            f"| {yes(f.get('pass_fastest_chunk'))} | {fmt(f.get('bare_autograd'))} "
-            f"| {yes(f.get('bare_passes'))} |"
+            f"| {f['floor']} | {f['model']} | {fmt(f['value'])} "
+            f"| {interval(f.get('paired'))} | {f['limit']} | {shown(f['verdict'])} "
+            f"| {fmt(f.get('value_fastest_chunk'))} | {fmt(f.get('bare_autograd'))} "
+            f"| {shown(f['bare_verdict'])} |"
         )
     lines += [
         "",
-        "² the same ratio for the bare-autograd reference timed in the same process "
+        "² value and its 95% interval: the median of the per-round ratios (rounds "
+        "are interleaved, so each ratio pairs calls that ran side by side; the "
+        "table above divides medians instead, so the two can differ a little).",
+        "³ yes / **no** when the interval clears the limit; noise when the limit "
+        "lies inside it.",
+        "⁴ the same ratio for the bare-autograd reference timed in the same process "
         "(a loop of k `autograd.grad` calls for exact, one Rademacher VJP for "
         "projection; weights frozen, no checks, nothing restored): where it misses "
         "the floor too, PyTorch autograd cannot reach it on this machine.",
