@@ -77,7 +77,7 @@ def tune_malloc(
 
     Returns:
         ``True`` when both settings took effect; ``False`` where there is no
-        glibc (macOS, Windows, musl): nothing changed, and nothing needs to.
+        glibc (macOS, Windows, musl), and nothing was changed.
 
     Raises:
         ValueError: a threshold that is not a positive integer, or an mmap
