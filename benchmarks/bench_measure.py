@@ -295,9 +295,8 @@ def paired_interval(a: Timed, b: Timed, b_factor: float = 1.0) -> list[float] | 
 
     Rounds are interleaved, so round i of ``a`` and of ``b`` ran side by side
     and their ratio cancels the drift both saw. The interval is the
-    distribution-free one from order statistics (normal approximation to the
-    binomial): no assumption on the shape of the noise. ``None`` with fewer
-    than 6 paired rounds.
+    distribution-free one from exact binomial order statistics: no assumption
+    on the shape of the noise. ``None`` with fewer than 6 paired rounds.
     """
     n = min(len(a.samples), len(b.samples))
     if n < 6:
@@ -306,9 +305,16 @@ def paired_interval(a: Timed, b: Timed, b_factor: float = 1.0) -> list[float] | 
         (x * a.scale) / (y * b.scale * b_factor)
         for x, y in zip(a.samples[:n], b.samples[:n], strict=True)
     )
-    half = 0.98 * math.sqrt(n)  # 1.96 · sqrt(n) / 2
-    lo = max(0, math.floor(n / 2 - half))
-    hi = min(n - 1, math.ceil(n / 2 + half) - 1)
+    # exact order statistics: the largest j with P(Bin(n, 1/2) < j) <= 2.5%
+    # gives [r_(j), r_(n+1-j)] (1-based), at least 95% coverage for any n
+    j, below = 1, 0.0
+    while True:
+        below += math.comb(n, j - 1) / 2**n  # now P(Bin < j)
+        if below > 0.025:
+            break
+        j += 1
+    j = max(1, j - 1)
+    lo, hi = j - 1, n - j
     return [statistics.median(r), r[lo], r[hi]]
 
 
@@ -585,16 +591,18 @@ def bench_peak_memory(threads: int, malloc_setting: str) -> dict[str, Any]:
     rows = []
     for chunk in MEMORY_CHUNKS:
         args = ["--threads", str(threads), "--_peak-mem", str(chunk)]
-        args += ["--malloc", malloc_setting]
+        # glibc's own settings always: tuned, the warm-up's freed memory stays
+        # mapped and shifts what "before" means; this keeps runs comparable
+        args += ["--malloc", "default"]
         cmd = [sys.executable, __file__, *args]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
     return {
         "model": make_case("c").name,
         "batch": 128,
-        "how": "fresh subprocess each, after a full-batch forward and a one-sample "
-        "GC call (allocator and code warm); peak RSS during the call minus RSS "
-        "just before it",
+        "how": "fresh subprocess each (glibc's default malloc settings), after a "
+        "full-batch forward and a one-sample GC call (allocator and code warm); "
+        "peak RSS during the call minus RSS just before it",
         "rows": rows,
     }
 

@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     allocator = apply_malloc_option(args.malloc)
-    budget, rounds = (3.0, (3, 10)) if args.quick else (12.0, (5, 40))
+    # at least 6 rounds: fewer give no paired 95% interval (see paired_interval)
+    budget, rounds = (3.0, (3, 10)) if args.quick else (12.0, (6, 40))
     cases = {}
     for key in args.models:
         print(f"timing model {key} ...", file=sys.stderr)

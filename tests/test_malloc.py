@@ -46,10 +46,11 @@ def churn(setting: str) -> dict:
 def test_tuned_malloc_reuses_freed_blocks_instead_of_faulting_them_in():
     default, tuned = churn("default"), churn("tuned")
     assert default["ok"] is True and tuned["ok"] is True
-    # at glibc's starting thresholds each freed block goes back to the kernel
-    # and is faulted in again: 4 x 2048 pages per cycle
-    assert default["faults"] > 10 * 4 * 2000
-    assert tuned["faults"] < 200
+    # at glibc's starting thresholds each block is mapped afresh and faulted
+    # in: at least once per block (4 x 2048 times with 4 KiB pages, fewer with
+    # huge pages); tuned, the freed blocks are reused
+    assert default["faults"] >= 10 * 4
+    assert tuned["faults"] * 20 < default["faults"]
 
 
 @pytest.mark.parametrize(
@@ -59,6 +60,7 @@ def test_tuned_malloc_reuses_freed_blocks_instead_of_faulting_them_in():
         ({"trim_threshold": 2**31}, "below 2"),
         ({"mmap_threshold": 64 << 20}, "ceiling"),
         ({"mmap_threshold": 1.5}, "positive"),
+        ({"trim_threshold": True}, "positive"),
     ],
 )
 def test_bad_thresholds_are_refused(kwargs, match):

@@ -35,9 +35,10 @@ import sys
 
 __all__ = ["MMAP_THRESHOLD_MAX", "is_glibc", "tune_malloc", "tuned"]
 
-#: glibc's ceiling for ``M_MMAP_THRESHOLD`` on 64-bit systems (larger values are
-#: refused): blocks up to this size come from the reusable heap.
-MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
+#: glibc's ceiling for ``M_MMAP_THRESHOLD`` (larger values are refused): 32 MiB
+#: on 64-bit systems, 512 KiB on 32-bit ones. Blocks up to this size come from
+#: the reusable heap.
+MMAP_THRESHOLD_MAX = 32 * 1024 * 1024 if ctypes.sizeof(ctypes.c_long) == 8 else 1 << 19
 
 # mallopt parameter numbers, from glibc's <malloc.h>
 _M_TRIM_THRESHOLD = -1
@@ -88,22 +89,27 @@ def tune_malloc(
         ("trim_threshold", trim_threshold),
     ):
         # mallopt takes a C int
-        if not isinstance(value, int) or not 0 < value < 2**31:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or not 0 < value < 2**31
+        ):
             raise ValueError(
                 f"{name} must be a positive number of bytes below 2**31, got {value!r}"
             )
     if mmap_threshold > MMAP_THRESHOLD_MAX:
         raise ValueError(
             f"mmap_threshold={mmap_threshold} exceeds glibc's ceiling of "
-            f"{MMAP_THRESHOLD_MAX} bytes (32 MiB), which it would refuse"
+            f"{MMAP_THRESHOLD_MAX} bytes on this system, which it would refuse"
         )
     if not is_glibc():
         return False
     global _applied
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     # mallopt returns 1 on success and 0 when it refuses a value
-    ok = libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(mmap_threshold)) == 1
-    ok = libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(trim_threshold)) == 1 and ok
-    if ok:
-        _applied = (mmap_threshold, trim_threshold)
-    return ok
+    if libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(mmap_threshold)) != 1:
+        return False  # refused: nothing changed (the trim setting is not tried)
+    if libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(trim_threshold)) != 1:
+        return False
+    _applied = (mmap_threshold, trim_threshold)
+    return True
