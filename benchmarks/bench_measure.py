@@ -118,6 +118,26 @@ class Case:
     step_floor: bool  # whether the exact ≤ 4× fwd+bwd floor applies
 
 
+#: Where the cases run; ``main`` sets it from ``--device`` (a GPU session runs the
+#: same benchmark with ``--device cuda``).
+DEVICE = torch.device("cpu")
+
+
+def set_device(name: str) -> torch.device:
+    """Run the cases on ``name`` ("cpu" or "cuda"); returns the device."""
+    global DEVICE
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda, but torch sees no CUDA device")
+    DEVICE = torch.device(name)
+    return DEVICE
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so a timer reads finished work only."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def make_case(key: str, seed: int = 0) -> Case:
     """Build model ``key`` ("a".."d") and its random batch, deterministically."""
     torch.manual_seed(seed)
@@ -140,6 +160,8 @@ def make_case(key: str, seed: int = 0) -> Case:
     model.eval()
     x = torch.randn(B, *shape)
     y = torch.randint(0, 10, (B,))
+    # drawn on the CPU, then moved: the same numbers on every device
+    model, x, y = model.to(DEVICE), x.to(DEVICE), y.to(DEVICE)
     return Case(key, name, model, x, y, 10, key in "abc")
 
 
@@ -202,13 +224,15 @@ def bare_projection(model: nn.Module, x: Tensor) -> Callable[[], Tensor]:
     norm. A floor this reference misses is out of reach of PyTorch autograd on
     the machine, not only of this library.
     """
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=x.device).manual_seed(0)
 
     def run() -> Tensor:
         with _frozen(model), torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             out = model(xg)
-            v = torch.randint(0, 2, out.shape, generator=g, dtype=out.dtype)
+            v = torch.randint(
+                0, 2, out.shape, generator=g, dtype=out.dtype, device=out.device
+            )
             (gx,) = torch.autograd.grad(out, xg, v.mul_(2).sub_(1))
             return gx.pow(2).sum() / x.shape[0]
 
@@ -355,8 +379,10 @@ def time_interleaved(
         try:
             for _ in range(2):
                 m.fn()
+            sync()
             t0 = time.perf_counter()
             m.fn()
+            sync()
             once = time.perf_counter() - t0
         except Exception as err:  # the reference may fail; record why
             m.error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
@@ -372,9 +398,11 @@ def time_interleaved(
         shift = rounds % len(live)
         for name in live[shift:] + live[:shift]:
             m = methods[name]
+            sync()
             t0 = time.perf_counter()
             for _ in range(m.calls):
                 m.fn()
+            sync()
             m.samples.append((time.perf_counter() - t0) / m.calls)
         rounds += 1
     return rounds
@@ -505,6 +533,7 @@ def bench_mnist1d(budget_s: float, min_rounds: int, max_rounds: int) -> dict[str
     x_train = mnist1d_train()
     torch.manual_seed(1)
     y_train = torch.randint(0, 10, (len(x_train),))
+    x_train, y_train = x_train.to(DEVICE), y_train.to(DEVICE)
     bs = 512
     steps = list(zip(x_train.split(bs), y_train.split(bs), strict=True))
 
@@ -587,7 +616,12 @@ def peak_memory_child(chunk: int) -> dict[str, Any]:
 
 
 def bench_peak_memory(threads: int, malloc_setting: str) -> dict[str, Any]:
-    """Run :func:`peak_memory_child` in a fresh subprocess per chunk size."""
+    """Run :func:`peak_memory_child` in a fresh subprocess per chunk size.
+
+    On a GPU: the CUDA allocator's peak during the call instead, in-process.
+    """
+    if DEVICE.type == "cuda":
+        return cuda_peak_memory()
     rows = []
     for chunk in MEMORY_CHUNKS:
         args = ["--threads", str(threads), "--_peak-mem", str(chunk)]
@@ -607,6 +641,36 @@ def bench_peak_memory(threads: int, malloc_setting: str) -> dict[str, Any]:
     }
 
 
+def cuda_peak_memory() -> dict[str, Any]:
+    """Peak CUDA memory of one exact GC call on the CNN, per chunk size."""
+    case = make_case("c")
+    model, x = case.model, case.x
+    rows = []
+    for chunk in MEMORY_CHUNKS:
+        geocomplexity.geometric_complexity(model, x, method="exact", chunk_size=chunk)
+        sync()
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        before = torch.cuda.memory_allocated(DEVICE) / 2**20
+        geocomplexity.geometric_complexity(model, x, method="exact", chunk_size=chunk)
+        sync()
+        peak = torch.cuda.max_memory_allocated(DEVICE) / 2**20
+        rows.append(
+            {
+                "chunk_size": chunk,
+                "rss_before_mib": before,
+                "peak_rss_mib": peak,
+                "extra_peak_mib": peak - before,
+                "how": "CUDA max_memory_allocated minus allocated before",
+            }
+        )
+    return {
+        "model": case.name,
+        "batch": len(x),
+        "how": "CUDA caching allocator, in-process, after a warm-up call",
+        "rows": rows,
+    }
+
+
 # ---------------------------------------------------------------------------- meta
 
 
@@ -619,6 +683,23 @@ def add_malloc_option(parser: argparse.ArgumentParser) -> None:
         help="tuned: geocomplexity.malloc.tune_malloc() (freed memory is reused, "
         "not page-faulted back in); default: glibc's own settings",
     )
+
+
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    """The ``--device`` option both benchmarks share."""
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the models run (cuda: timings synchronise the GPU)",
+    )
+
+
+def device_name() -> str:
+    """The processor the cases run on, for the JSON and the tables."""
+    if DEVICE.type == "cuda":
+        return torch.cuda.get_device_name(DEVICE)
+    return cpu_model()
 
 
 def apply_malloc_option(setting: str) -> str:
@@ -707,9 +788,14 @@ def markdown(result: dict[str, Any]) -> str:
     """The README tables."""
     meta = result["meta"]
     lines = [
-        f"Geometric-complexity cost on CPU ({meta['threads']} threads, torch "
-        f"{meta['torch']}, {meta['processor']}); median ms, "
-        "ratios to one fwd+bwd step, to `vmap(jacrev)` and to (1+k) forwards, k=10.",
+        (
+            f"Geometric-complexity cost on CPU ({meta['threads']} threads, torch "
+            f"{meta['torch']}, {meta['processor']}); median ms, "
+            if meta.get("device", "cpu") == "cpu"
+            else f"Geometric-complexity cost on {meta['device_name']} (torch "
+            f"{meta['torch']}); median ms, "
+        )
+        + "ratios to one fwd+bwd step, to `vmap(jacrev)` and to (1+k) forwards, k=10.",
         "",
         "| model | method | ms | × fwd+bwd | × vmap(jacrev) | × (1+k) fwd |",
         "|---|---|---:|---:|---:|---:|",
@@ -813,9 +899,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="abcd", help="subset of models, e.g. 'ac'")
     p.add_argument("--_peak-mem", dest="peak_mem", type=int, help=argparse.SUPPRESS)
     add_malloc_option(p)
+    add_device_option(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     allocator = apply_malloc_option(args.malloc)
+    set_device(args.device)
 
     if args.peak_mem is not None:  # the subprocess of bench_peak_memory
         print(json.dumps(peak_memory_child(args.peak_mem)))
@@ -845,6 +933,8 @@ def main(argv: list[str] | None = None) -> int:
             "processor": cpu_model(),
             "cpu_count": os.cpu_count(),
             "dtype": "float32",
+            "device": str(DEVICE),
+            "device_name": device_name(),
             "allocator": allocator,
             "quick": args.quick,
             "budget_s_per_model": budget,

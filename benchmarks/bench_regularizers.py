@@ -24,10 +24,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import bench_measure
 import torch
 import torch.nn.functional as F
 from bench_measure import (
     Timed,
+    add_device_option,
     add_malloc_option,
     apply_malloc_option,
     cpu_model,
@@ -111,7 +113,7 @@ def bare_step(model: nn.Module, x: Tensor, y: Tensor, which: str) -> Callable[[]
     """
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=0.0)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=x.device).manual_seed(0)
     lam = 1e-3
 
     def run() -> None:
@@ -124,9 +126,12 @@ def bare_step(model: nn.Module, x: Tensor, y: Tensor, which: str) -> Callable[[]
             penalty = sum(gr.pow(2).sum() for gr in grads)
         elif which == "gc_projection_1_subsample_0.25":  # its own quarter forward
             m = -(-len(x) // 4)
-            xs = x[torch.randperm(len(x), generator=g)[:m]].requires_grad_(True)
+            idx = torch.randperm(len(x), generator=g, device=x.device)[:m]
+            xs = x[idx].requires_grad_(True)
             outs = model(xs)
-            v = torch.randint(0, 2, outs.shape, generator=g, dtype=outs.dtype)
+            v = torch.randint(
+                0, 2, outs.shape, generator=g, dtype=outs.dtype, device=x.device
+            )
             (u,) = torch.autograd.grad(outs, xs, v.mul_(2).sub_(1), create_graph=True)
             penalty = u.pow(2).sum() / m
         else:
@@ -135,7 +140,9 @@ def bare_step(model: nn.Module, x: Tensor, y: Tensor, which: str) -> Callable[[]
                 for j, c in enumerate(cots):
                     c[:, j] = 1
             else:
-                v = torch.randint(0, 2, out.shape, generator=g, dtype=out.dtype)
+                v = torch.randint(
+                    0, 2, out.shape, generator=g, dtype=out.dtype, device=out.device
+                )
                 cots = [v.mul_(2).sub_(1)]
             penalty = sum(
                 torch.autograd.grad(out, xb, c, create_graph=True)[0].pow(2).sum()
@@ -245,9 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", default="abcd")
     add_malloc_option(parser)
+    add_device_option(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     allocator = apply_malloc_option(args.malloc)
+    bench_measure.set_device(args.device)
     # at least 6 rounds: fewer give no paired 95% interval (see paired_interval)
     budget, rounds = (3.0, (3, 10)) if args.quick else (12.0, (6, 40))
     cases = {}
@@ -264,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": {"platform": platform.platform(), "cpu": cpu_model()},
+        "device": str(bench_measure.DEVICE),
+        "device_name": bench_measure.device_name(),
         "allocator": allocator,
         "quick": args.quick,
         "cases": cases,
