@@ -64,6 +64,7 @@ from torch import Tensor, nn
 
 import geocomplexity
 from geocomplexity import malloc
+from geocomplexity.atomic import write_text
 from geocomplexity.models import PreActResNet18
 
 HERE = Path(__file__).resolve().parent
@@ -961,11 +962,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.threads} threads; other processes may have slowed the timings",
             file=sys.stderr,
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     # write then rename, so an interrupted run never leaves a truncated file
-    tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.out)
+    write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(markdown(result))
     print(f"\nwrote {args.out} in {result['meta']['wall_s']:.0f} s", file=sys.stderr)
     return 0

@@ -41,6 +41,7 @@ from bench_measure import (
 )
 from torch import Tensor, nn
 
+from geocomplexity.atomic import write_text
 from geocomplexity.regularizers import (
     L2,
     GeometricComplexity,
@@ -289,10 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             for v in ("pass", "fail", "noise")
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(args.out)
+    write_text(args.out, json.dumps(result, indent=1))
     print(markdown(result))
     return 0
 

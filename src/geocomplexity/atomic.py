@@ -7,17 +7,35 @@ one, even if the writing process is killed mid-write.
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
-__all__ = ["write_text"]
+__all__ = ["write_text", "write_with"]
+
+
+def write_with(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Fill ``path`` through ``write(file)`` on a hidden temporary, then rename.
+
+    The temporary sits beside ``path`` (a rename never crosses file systems),
+    has a unique name, so parallel writers never share one, and does not end in
+    the target's suffix, so globs skip it. It is flushed to disk before the
+    rename and removed if ``write`` fails.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a hidden temporary file and a rename.
-
-    The temporary name carries the process id, so parallel writers never share
-    one, and it does not end in the target's suffix, so globs skip it.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`write_with`)."""
+    write_with(path, lambda f: f.write(text.encode()))

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from geocomplexity.atomic import write_text
+from geocomplexity.atomic import write_text, write_with
 from geocomplexity.measure import measure
 from geocomplexity.regularizers.base import LossFn, Regularizer
 from geocomplexity.state import preserved
@@ -361,7 +361,7 @@ def fit(
             "regularizer": regularizer.state_dict() if regularizer else {},
             "history": history.to_json(),
         }
-        _save_checkpoint(Path(checkpoint), state)  # type: ignore[arg-type]
+        write_with(Path(checkpoint), lambda f: torch.save(state, f))  # type: ignore[arg-type]
 
     t0 = time.perf_counter()
     step = start = 0
@@ -466,23 +466,6 @@ def fit(
                 break
         bar.close()
     return history
-
-
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:
