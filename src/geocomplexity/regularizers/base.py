@@ -15,10 +15,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LossFn", "Regularizer"]
+__all__ = ["LossFn", "Regularizer", "trainable"]
 
 #: ``loss_fn(outputs, targets) -> scalar``; cross-entropy when not given.
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def trainable(model: nn.Module) -> list[Tensor]:
+    """The parameters a penalty differentiates: those that require grad."""
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def check_strength(strength: float) -> float:
@@ -109,7 +114,7 @@ class Regularizer(abc.ABC):
             The penalty's value, detached.
         """
         if params is None:
-            params = [p for p in model.parameters() if p.requires_grad]
+            params = trainable(model)
         penalty = self(model, inputs, targets, outputs=outputs, loss_fn=loss_fn)
         # only the parameters: a penalty may have made the inputs require grad,
         # and their gradient would cost a full extra product per layer

@@ -22,7 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from geocomplexity.regularizers.base import LossFn, Regularizer, check_strength
+from geocomplexity.regularizers.base import (
+    LossFn,
+    Regularizer,
+    check_strength,
+    trainable,
+)
 from geocomplexity.state import kept_buffers
 
 __all__ = ["GradientNorm"]
@@ -90,11 +95,11 @@ class GradientNorm(Regularizer):
         loss_fn: LossFn | None = None,
         params: list[Tensor] | None = None,
     ) -> Tensor:
-        trainable = [p for p in model.parameters() if p.requires_grad]
+        own = trainable(model)
         if params is None:
-            params = trainable
+            params = own
         if self.method != "finite_difference" or [id(p) for p in params] != [
-            id(p) for p in trainable
+            id(p) for p in own
         ]:
             return super().backward(
                 loss,
@@ -131,7 +136,7 @@ class GradientNorm(Regularizer):
         loss_fn: LossFn | None,
     ) -> tuple[LossFn, list[Tensor], Tensor]:
         loss_fn = self._checked(model, targets, loss_fn)
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = trainable(model)
         if not params:
             raise ValueError("the model has no trainable parameters")
         if outputs is None:
@@ -178,13 +183,11 @@ class GradientNorm(Regularizer):
         r = self.eps / norm
         # θ + r·g through functional_call: no in-place change to the parameters,
         # whose versions the caller's graph checks; running statistics restored
-        named = [n for n, p in model.named_parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         with torch.no_grad():
-            moved = torch._foreach_add(
-                [p for p in model.parameters() if p.requires_grad], grads, alpha=r
-            )
+            moved = torch._foreach_add([p for _, p in named], grads, alpha=r)
         shifted_params = {
-            n: t.requires_grad_(True) for n, t in zip(named, moved, strict=True)
+            n: t.requires_grad_(True) for (n, _), t in zip(named, moved, strict=True)
         }
         with kept_buffers(model), torch.enable_grad():
             out = torch.func.functional_call(model, shifted_params, (inputs,))

@@ -28,7 +28,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from geocomplexity.regularizers.base import LossFn, Regularizer, check_strength
+from geocomplexity.regularizers.base import (
+    LossFn,
+    Regularizer,
+    check_strength,
+    trainable,
+)
 from geocomplexity.state import preserved
 
 __all__ = ["SpectralNorm", "spectral_norms"]
@@ -126,7 +131,7 @@ class SpectralNorm(Regularizer):
         # parametrization, a weight-norm hook) or a conv with another padding
         # mode goes through autograd with the task loss instead.
         if params is None:
-            params = [p for p in model.parameters() if p.requires_grad]
+            params = trainable(model)
         wanted = {id(p) for p in params}
         layers = self._layers(model, inputs)
         if not layers:
@@ -178,16 +183,13 @@ class SpectralNorm(Regularizer):
         Raises:
             ValueError: an operator-norm conv layer whose input size is unknown.
         """
-        layers = [
-            (n, m, isinstance(m, _CONV) and self.conv == "operator")
-            for n, m in model.named_modules()
-            if isinstance(m, (nn.Linear, *_CONV))
-        ]
-        skipped = [
-            n
-            for n, m in model.named_modules()
-            if isinstance(m, nn.modules.conv._ConvTransposeNd)
-        ]
+        layers: list[tuple[str, nn.Module, bool]] = []
+        skipped: list[str] = []
+        for n, m in model.named_modules():  # one walk: this runs every step
+            if isinstance(m, (nn.Linear, *_CONV)):
+                layers.append((n, m, isinstance(m, _CONV) and self.conv == "operator"))
+            elif isinstance(m, nn.modules.conv._ConvTransposeNd):
+                skipped.append(n)
         if skipped and not self._warned:
             self._warned = True
             warnings.warn(
@@ -318,8 +320,7 @@ class SpectralNorm(Regularizer):
         u, v = self._init(name, self._out_shape(name, m), shape, W)
         with torch.no_grad():
             for _ in range(self.power_iterations):
-                adj = _adjoint(m, u, shape)  # Aᵀu
-                v = adj / torch.linalg.vector_norm(adj).clamp_min(1e-12)
+                v = _unit(_adjoint(m, u, shape))  # Aᵀu, normalised
                 Av = m._conv_forward(v, W, None)
                 norm = torch.linalg.vector_norm(Av)
                 u = Av / norm.clamp_min(1e-12)
