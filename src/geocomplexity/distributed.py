@@ -32,14 +32,13 @@ def active(distributed: bool) -> bool:
         return False
     import torch.distributed as dist
 
-    ready = dist.is_available() and dist.is_initialized()
-    if not ready:
+    if not (dist.is_available() and dist.is_initialized()):
         raise ValueError(
             "distributed=True needs an initialized process group: call "
             "torch.distributed.init_process_group first (torchrun sets up the "
             "environment), or pass distributed=False"
         )
-    return ready and dist.get_world_size() > 1
+    return dist.get_world_size() > 1
 
 
 def _device(hint: torch.device | None) -> torch.device:

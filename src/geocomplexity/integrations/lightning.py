@@ -25,6 +25,7 @@ Needs ``pip install 'geocomplexity[lightning]'``.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -38,20 +39,20 @@ except ImportError as err:  # pragma: no cover - the message is the point
         "pip install 'geocomplexity[lightning]'"
     ) from err
 
-from geocomplexity.measure import measure
+from geocomplexity.measure import _first, measure
 
 __all__ = ["GeometricComplexityCallback"]
 
 
 def _inputs(batch: Any) -> Tensor:
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        return batch[0]
+    """``measure``'s reading of a batch, plus the usual keys of a dict batch."""
     if isinstance(batch, dict):
         for key in ("x", "input", "inputs", "image", "images"):
             if isinstance(batch.get(key), Tensor):
                 return batch[key]
+    else:
+        with contextlib.suppress(TypeError):
+            return _first(batch)
     raise TypeError(
         f"cannot find the inputs in a {type(batch).__name__} batch; pass the "
         "subsets to GeometricComplexityCallback(train=..., val=...) as tensors"
