@@ -218,6 +218,14 @@ def _frozen(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+def rademacher(like: Tensor, generator: torch.Generator) -> Tensor:
+    """±1 entries shaped like ``like``, drawn with plain torch ops."""
+    v = torch.randint(
+        0, 2, like.shape, generator=generator, dtype=like.dtype, device=like.device
+    )
+    return v.mul_(2).sub_(1)
+
+
 def bare_projection(model: nn.Module, x: Tensor) -> Callable[[], Tensor]:
     """The least a 1-probe projection can do with autograd: no checks at all.
 
@@ -231,10 +239,7 @@ def bare_projection(model: nn.Module, x: Tensor) -> Callable[[], Tensor]:
         with _frozen(model), torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             out = model(xg)
-            v = torch.randint(
-                0, 2, out.shape, generator=g, dtype=out.dtype, device=out.device
-            )
-            (gx,) = torch.autograd.grad(out, xg, v.mul_(2).sub_(1))
+            (gx,) = torch.autograd.grad(out, xg, rademacher(out, g))
             return gx.pow(2).sum() / x.shape[0]
 
     return run

@@ -35,6 +35,7 @@ from bench_measure import (
     cpu_model,
     make_case,
     paired_interval,
+    rademacher,
     ratio,
     time_interleaved,
     verdict,
@@ -130,10 +131,7 @@ def bare_step(model: nn.Module, x: Tensor, y: Tensor, which: str) -> Callable[[]
             idx = torch.randperm(len(x), generator=g, device=x.device)[:m]
             xs = x[idx].requires_grad_(True)
             outs = model(xs)
-            v = torch.randint(
-                0, 2, outs.shape, generator=g, dtype=outs.dtype, device=x.device
-            )
-            (u,) = torch.autograd.grad(outs, xs, v.mul_(2).sub_(1), create_graph=True)
+            (u,) = torch.autograd.grad(outs, xs, rademacher(outs, g), create_graph=True)
             penalty = u.pow(2).sum() / m
         else:
             if which == "gc_exact":
@@ -141,10 +139,7 @@ def bare_step(model: nn.Module, x: Tensor, y: Tensor, which: str) -> Callable[[]
                 for j, c in enumerate(cots):
                     c[:, j] = 1
             else:
-                v = torch.randint(
-                    0, 2, out.shape, generator=g, dtype=out.dtype, device=out.device
-                )
-                cots = [v.mul_(2).sub_(1)]
+                cots = [rademacher(out, g)]
             penalty = sum(
                 torch.autograd.grad(out, xb, c, create_graph=True)[0].pow(2).sum()
                 for c in cots
