@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from geocomplexity.atomic import write_text, write_with
 from geocomplexity.measure import measure
-from geocomplexity.regularizers.base import LossFn, Regularizer
+from geocomplexity.regularizers.base import LossFn, Regularizer, trainable
 from geocomplexity.state import preserved
 
 __all__ = ["History", "apply_label_noise", "fit", "resolve_device"]
@@ -293,7 +293,7 @@ def fit(
     reg_gen = torch.Generator(device=dev).manual_seed(seed + 1)
     if regularizer is not None:
         regularizer.seed(reg_gen)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trainable(model)
     opt = _optimizer(optimizer, params, lr)
     needs_input_grad = regularizer is not None and regularizer.reuses_input_grad
 
