@@ -408,6 +408,35 @@ def test_spectral_state_round_trip_and_one_step_per_call():
     assert torch.isclose(last, want, rtol=1e-6)
 
 
+@pytest.mark.parametrize("conv", [False, True])
+@pytest.mark.parametrize("fused", [False, True])
+def test_spectral_recovers_from_a_zero_weight(conv, fused):
+    """A layer that starts at zero (a zero-initialised head) is penalised once it
+    moves: the power step must not collapse its vectors to zero for good."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(2, 3, 3, padding=1) if conv else nn.Linear(5, 4)
+    model = nn.Sequential(layer, nn.Flatten()).double()
+    x = torch.randn(2, *((2, 4, 4) if conv else (5,)), dtype=torch.float64)
+    term = SpectralNorm(1.0)
+
+    def penalty() -> torch.Tensor:
+        if not fused:
+            return term(model, x).detach()
+        loss = model(x).sum() * 0
+        return term.backward(loss, model, x)
+
+    with torch.no_grad():
+        layer.weight.zero_()
+    assert penalty() == 0
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn_like(layer.weight))
+    for _ in range(200):
+        value = penalty()
+    A = conv_matrix(layer, (2, 4, 4)) if conv else layer.weight
+    want = torch.linalg.matrix_norm(A, ord=2) ** 2
+    assert torch.isclose(value, want, rtol=1e-8), (value, want)
+
+
 # -- composition and bad input -----------------------------------------------
 
 

@@ -39,6 +39,7 @@ from geocomplexity.state import preserved
 __all__ = ["SpectralNorm", "spectral_norms"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_PENALISED = (nn.Linear, *_CONV)
 
 
 class SpectralNorm(Regularizer):
@@ -132,37 +133,38 @@ class SpectralNorm(Regularizer):
         # mode goes through autograd with the task loss instead.
         if params is None:
             params = trainable(model)
-        wanted = {id(p) for p in params}
         layers = self._layers(model, inputs)
         if not layers:
             raise ValueError("the model has no Linear or Conv layer to penalise")
-        by_hand: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
-        graph: list[Tensor] = []
-        for name, m, operator in layers:
-            W = m.weight
-            step = None
-            if W.grad_fn is None:  # a leaf: its gradient can be written directly
-                step = (
-                    self._operator_step(name, m)
-                    if operator
-                    else self._dense_step(name, W.flatten(1))
-                )
-            if step is not None:
-                by_hand[name] = step
-            elif operator:
-                graph.append(self._operator(name, m).pow(2))
-            else:
-                graph.append(self._dense(name, W.flatten(1)).pow(2))
+        # a leaf weight's gradient can be written directly; on a small model
+        # the cost is per kernel, so one no-grad block, no temporaries, and the
+        # σ's summed once at the end
+        hand: list[tuple[str, nn.Module, bool]] = []
+        rest: list[tuple[str, nn.Module, bool]] = []
+        for layer in layers:
+            _, m, op = layer
+            leaf = m.weight.grad_fn is None and (not op or _plain(m))
+            (hand if leaf else rest).append(layer)
+        by_hand: list[tuple[Tensor, bool, nn.Module, Tensor, Tensor]] = []
+        norms: list[Tensor] = []
+        with torch.no_grad():
+            for name, m, operator in hand:
+                W = m.weight
+                if operator:
+                    Av, v, norm = self._power_operator(name, m)
+                else:
+                    Av, v, norm = self._dense_step(name, W.flatten(1))
+                norms.append(norm)
+                by_hand.append((W, operator, m, Av, v))
+        graph = [
+            (self._operator(n, m) if op else self._dense(n, m.weight.flatten(1))).pow(2)
+            for n, m, op in rest
+        ]
         total = loss + self.strength * sum(graph) if graph else loss
         total.backward(inputs=params)
-        value = sum(g.detach() for g in graph) if graph else loss.new_zeros(())
+        wanted = {id(p) for p in params}
         with torch.no_grad():
-            for name, m, operator in layers:
-                if name not in by_hand:
-                    continue
-                Av, v, sq = by_hand[name]
-                value = value + sq  # σ² = ‖A v‖², as in __call__
-                W = m.weight
+            for W, operator, m, Av, v in by_hand:
                 if id(W) not in wanted:
                     continue
                 if W.grad is None:
@@ -173,6 +175,10 @@ class SpectralNorm(Regularizer):
                     W.grad.view(W.shape[0], -1).addr_(Av, v, alpha=2 * self.strength)
                 else:
                     W.grad += (2 * self.strength * torch.outer(Av, v)).view_as(W)
+            # σ² = ‖A v‖², as in __call__
+            value = torch.stack(norms).square().sum() if norms else loss.new_zeros(())
+        if graph:
+            value = value + sum(g.detach() for g in graph)
         return self.strength * value
 
     def _layers(
@@ -185,9 +191,10 @@ class SpectralNorm(Regularizer):
         """
         layers: list[tuple[str, nn.Module, bool]] = []
         skipped: list[str] = []
+        operator = self.conv == "operator"
         for n, m in model.named_modules():  # one walk: this runs every step
-            if isinstance(m, (nn.Linear, *_CONV)):
-                layers.append((n, m, isinstance(m, _CONV) and self.conv == "operator"))
+            if isinstance(m, _PENALISED):
+                layers.append((n, m, operator and not isinstance(m, nn.Linear)))
             elif isinstance(m, nn.modules.conv._ConvTransposeNd):
                 skipped.append(n)
         if skipped and not self._warned:
@@ -205,12 +212,18 @@ class SpectralNorm(Regularizer):
                 )
             self._record_shapes(model, inputs[:1])
         # first vectors drawn in layer order, whatever order the steps run in
+        vectors = self._vectors
         for name, m, operator in layers:
-            W = m.weight.detach()
+            W = m.weight
+            uv = vectors.get(name)
+            if uv is not None and uv[1].dtype == W.dtype and uv[1].device == W.device:
+                continue  # every step after the first: nothing to set up
+            W = W.detach()
             if operator:
                 self._init(name, self._out_shape(name, m), (1, *self._shapes[name]), W)
             else:
                 self._init(name, (W.shape[0],), (math.prod(W.shape[1:]),), W)
+        # from here on every layer's (u, v) is in self._vectors, on W's device
         return layers
 
     def _record_shapes(self, model: nn.Module, x: Tensor) -> None:
@@ -253,36 +266,40 @@ class SpectralNorm(Regularizer):
     def _right_vector(self, name: str, W: Tensor) -> Tensor:
         """Power iteration on a matrix up to the last half-step: ``v``.
 
-        ``σ = ‖W v‖ = u·(W v)`` with ``u = W v/‖W v‖``: the caller takes that
-        last product (with or without grad), so W is read twice per call.
+        ``σ = ‖W v‖``: the caller takes that last product (with or without
+        grad) and keeps ``u = W v`` unnormalised (the next step normalises
+        ``Wᵀu`` anyway), so W is read twice per call. Needs :meth:`_layers`
+        to have set the vectors up.
         """
-        u, v = self._init(name, (W.shape[0],), (W.shape[1],), W)
+        u, v = self._vectors[name]
+        eps = _trace(W.dtype)
         with torch.no_grad():
-            for _ in range(self.power_iterations - 1):
-                v = _unit(W.T @ u)
-                u = _unit(W @ v)
-            return _unit(W.T @ u)
+            for i in range(self.power_iterations):
+                if i:
+                    u = torch.mv(W, v)
+                # (WᵀW + ε)v: same singular vectors, and a zero W (a
+                # zero-initialised layer) cannot zero the vectors for good
+                v = torch.addmv(v, W.T, u, beta=eps)
+                v = v.div_(torch.linalg.vector_norm(v))
+        return v
 
     def _dense_step(self, name: str, W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """One power step without grad: ``(W v, v, σ²)``, ``σ = ‖W v‖``."""
+        """One power step, called without grad: ``(W v, v, σ)``, ``σ = ‖W v‖``."""
         v = self._right_vector(name, W)
-        with torch.no_grad():
-            Wv = W @ v
-            norm = torch.linalg.vector_norm(Wv)
-            self._vectors[name] = (Wv / norm.clamp_min(1e-12), v)
-        return Wv, v, norm * norm
+        Wv = torch.mv(W, v)
+        self._vectors[name] = (Wv, v)
+        return Wv, v, torch.linalg.vector_norm(Wv)
 
     def _dense(self, name: str, W: Tensor) -> Tensor:
         v = self._right_vector(name, W)
-        Wv = W @ v
-        u = _unit(Wv.detach().clone())
-        self._vectors[name] = (u, v)
-        return u @ Wv
+        Wv = torch.mv(W, v)
+        self._vectors[name] = (Wv.detach(), v)
+        # ∂‖Wv‖/∂W = u vᵀ with u = Wv/‖Wv‖: the gradient of u·(Wv) at fixed u
+        return torch.linalg.vector_norm(Wv)
 
     def _operator(self, name: str, m: nn.Module) -> Tensor:
         _, v, _ = self._power_operator(name, m)
-        u = self._vectors[name][0]
-        return (u * m._conv_forward(v, m.weight, None)).sum()
+        return torch.linalg.vector_norm(m._conv_forward(v, m.weight, None))
 
     def _out_shape(self, name: str, m: nn.Module) -> tuple[int, ...]:
         """The layer's output shape for one input of the recorded size."""
@@ -292,40 +309,26 @@ class SpectralNorm(Regularizer):
             zero = torch.zeros((1, *self._shapes[name])).to(m.weight)
             return tuple(m._conv_forward(zero, m.weight, None).shape)
 
-    def _operator_step(
-        self, name: str, m: nn.Module
-    ) -> tuple[Tensor, Tensor, Tensor] | None:
-        """One power step on a convolution for the hand-made gradient.
-
-        Returns:
-            ``(A v, v, σ²)``, or ``None`` where ``torch.nn.grad``'s weight
-            gradient does not apply (non-zero padding modes, string padding):
-            the caller then uses :meth:`_operator`.
-        """
-        if not _plain(m):
-            return None
-        Av, v, norm = self._power_operator(name, m)
-        return Av, v, norm * norm
-
     def _power_operator(self, name: str, m: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
         """Power iteration on the convolution ``A`` at its recorded input size.
 
         Without a graph; stores the new ``(u, v)``.
 
         Returns:
-            ``(A v, v, ‖A v‖)``; ``σ = ‖A v‖ = u·(A v)``.
+            ``(A v, v, σ)``, ``σ = ‖A v‖``.
         """
         shape = (1, *self._shapes[name])
         W = m.weight.detach()
-        u, v = self._init(name, self._out_shape(name, m), shape, W)
+        u, v = self._vectors[name]  # set up by _layers
+        eps = _trace(W.dtype)
         with torch.no_grad():
             for _ in range(self.power_iterations):
-                v = _unit(_adjoint(m, u, shape))  # Aᵀu, normalised
-                Av = m._conv_forward(v, W, None)
-                norm = torch.linalg.vector_norm(Av)
-                u = Av / norm.clamp_min(1e-12)
+                # Aᵀu + εv, normalised: as for a matrix (see _right_vector)
+                v = _adjoint(m, u, shape).add_(v, alpha=eps)
+                v = v.div_(torch.linalg.vector_norm(v))
+                u = m._conv_forward(v, W, None)  # A v, kept unnormalised
         self._vectors[name] = (u, v)
-        return Av, v, norm
+        return u, v, torch.linalg.vector_norm(u)
 
     def _add_operator_grad(self, m: nn.Module, Av: Tensor, v: Tensor) -> None:
         """``W.grad += 2λ ∂(u·A_W v)σ/∂W = 2λ·conv*_weight(v, A v)``."""
@@ -337,7 +340,8 @@ class SpectralNorm(Regularizer):
         """Power-iteration vectors and conv input sizes.
 
         Returns:
-            ``{"vectors": {name: (u, v)}, "shapes": {name: shape}}``.
+            ``{"vectors": {name: (u, v)}, "shapes": {name: shape}}``: ``v`` a
+            unit vector, ``u = W v`` (unnormalised; only its direction is used).
         """
         return {
             "vectors": {
@@ -411,9 +415,12 @@ def spectral_norms(
     return {n: s.item() for n, s in term.sigmas(model, inputs).items()}
 
 
-def _unit(v: Tensor) -> Tensor:
-    """``v / max(‖v‖, 1e-12)`` in place: F.normalize's value in two kernels.
+def _trace(dtype: torch.dtype) -> float:
+    """ε of the shifted power step ``(WᵀW + ε)v``: √(smallest normal).
 
-    On a small model the power step's cost is per-kernel overhead, not flops.
+    Small enough to leave any non-zero σ's iteration as it was, large enough
+    that ``‖εv‖`` neither underflows nor is zero, so the step never divides by
+    zero and needs no clamp (one kernel fewer per layer: on a small model the
+    power step's cost is per-kernel overhead, not flops).
     """
-    return v.div_(torch.linalg.vector_norm(v).clamp_min_(1e-12))
+    return torch.finfo(dtype).tiny ** 0.5
