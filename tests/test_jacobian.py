@@ -208,6 +208,26 @@ def test_generator_makes_estimates_reproducible():
     assert not torch.equal(a, c)
 
 
+def test_without_a_generator_draws_differ_and_a_fork_reseeds(monkeypatch):
+    """No generator: one private stream per process, never the global RNG; a
+    forked child (another pid) seeds its own instead of repeating the parent's."""
+    from geocomplexity import probes
+
+    model, x = make_case("mlp")
+    rng = torch.get_rng_state()
+    a = gcx.jacobian_sq_norms(model, x, method="projection")
+    b = gcx.jacobian_sq_norms(model, x, method="projection")
+    assert not torch.equal(a, b)  # successive draws of the stream
+    assert torch.equal(torch.get_rng_state(), rng)
+    parent = probes.resolve_generator(None, x.device)
+    assert probes.resolve_generator(None, x.device) is parent
+    state = parent.get_state()
+    monkeypatch.setattr(probes.os, "getpid", lambda: -1)  # as in a forked child
+    child = probes.resolve_generator(None, x.device)
+    assert child is not parent
+    assert not torch.equal(child.get_state(), state)
+
+
 @pytest.mark.parametrize("method", ["exact", "projection", "jvp"])
 def test_create_graph_gives_parameter_gradients(method):
     """The penalty's parameter gradient matches the brute-force one (float64)."""

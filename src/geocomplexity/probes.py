@@ -13,6 +13,8 @@ dimension, which is all the Hutchinson argument needs:
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -43,19 +45,33 @@ def check_distribution(distribution: str) -> None:
 def resolve_generator(
     generator: torch.Generator | None, device: torch.device
 ) -> torch.Generator:
-    """The generator to draw from; a freshly seeded private one when ``None``.
+    """The generator to draw from; this process's private one when ``None``.
 
-    A fresh generator is seeded from the operating system, so the global RNG
-    state is never read or advanced. Pass a generator for reproducible draws.
+    The private generator (one per device and process) is seeded from the
+    operating system when first used, so the global RNG state is never read or
+    advanced, and calls without a generator draw independent probes. A forked
+    child seeds its own rather than repeating its parent's draws. Creating and
+    seeding a generator on every call cost as much as the probe draw itself on
+    a small model. Pass a generator for reproducible draws.
 
     Returns:
-        ``generator`` itself, or a new one on ``device``.
+        ``generator`` itself, or the private one on ``device``.
     """
     if generator is not None:
         return generator
-    fresh = torch.Generator(device=device)
-    fresh.seed()
-    return fresh
+    device = torch.device(device)
+    key = (os.getpid(), device.type, device.index)
+    private = _PRIVATE.get(key)
+    if private is None:
+        private = torch.Generator(device=device)
+        private.seed()
+        _PRIVATE[key] = private
+    return private
+
+
+# (pid, device type, index) -> generator; the pid keeps a fork from inheriting
+# its parent's stream
+_PRIVATE: dict[tuple[int, str, int | None], torch.Generator] = {}
 
 
 def draw_probes(
