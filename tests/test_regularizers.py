@@ -252,6 +252,8 @@ def conv1d_net() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
         (lambda: SpectralNorm(0.3, power_iterations=2), mixed_cnn),
         (lambda: SpectralNorm(0.3), conv1d_net),
         (lambda: SpectralNorm(0.3), subclassed_conv),
+        (lambda: L2(0.3), tanh_mlp),
+        (lambda: L2(0.3, include_biases=True), tanh_cnn),
     ],
     ids=[
         "gradient_norm_fd",
@@ -262,11 +264,13 @@ def conv1d_net() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
         "spectral_mixed_convs",
         "spectral_conv1d",
         "spectral_conv_subclass",
+        "l2",
+        "l2_with_biases",
     ],
 )
 def test_backward_equals_backward_of_loss_plus_term(make, case):
     """A term's training-step backward (fused for the finite-difference gradient
-    norm and the spectral norm) gives the gradients and value of loss + term,
+    norm, the spectral norm and L2) gives the gradients and value of loss + term,
     accumulating into .grad, and leaves the same state behind."""
     model, x, y = case()
     params = list(model.parameters())

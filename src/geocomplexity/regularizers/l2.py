@@ -10,9 +10,15 @@ strength :math:`\lambda` equals SGD with ``weight_decay`` :math:`=2\lambda`.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-from geocomplexity.regularizers.base import LossFn, Regularizer, check_strength
+from geocomplexity.regularizers.base import (
+    LossFn,
+    Regularizer,
+    check_strength,
+    trainable,
+)
 
 __all__ = ["L2"]
 
@@ -43,14 +49,48 @@ class L2(Regularizer):
         Returns:
             A scalar tensor on the parameters' device.
         """
-        params = [
+        return self.strength * sum(p.pow(2).sum() for p in self._weights(model))
+
+    def backward(  # noqa: D102 - see Regularizer.backward
+        self,
+        loss: Tensor,
+        model: nn.Module,
+        inputs: Tensor | None = None,
+        targets: Tensor | None = None,
+        *,
+        outputs: Tensor | None = None,
+        loss_fn: LossFn | None = None,
+        params: list[Tensor] | None = None,
+    ) -> Tensor:
+        # the task loss alone through autograd, then 2λW added to each
+        # weight's .grad in one fused call: no graph for the penalty, whose
+        # nodes (and the sum of two gradients per weight) cost as much as the
+        # penalty itself on a small model
+        if params is None:
+            params = trainable(model)
+        weights = self._weights(model)  # leaves: parameters() yields no others
+        wanted = {id(p) for p in params}
+        loss.backward(inputs=params)
+        with torch.no_grad():
+            mine = [w for w in weights if id(w) in wanted]
+            for w in mine:
+                if w.grad is None:
+                    w.grad = torch.zeros_like(w)
+            if mine:
+                grads = [w.grad for w in mine]
+                torch._foreach_add_(grads, mine, alpha=2 * self.strength)
+            value = torch.stack(torch._foreach_norm(weights)).square().sum()
+        return self.strength * value
+
+    def _weights(self, model: nn.Module) -> list[Tensor]:
+        weights = [
             p
             for p in model.parameters()
             if p.requires_grad and (self.include_biases or p.dim() > 1)
         ]
-        if not params:
+        if not weights:
             raise ValueError("the model has no trainable weights to penalise")
-        return self.strength * sum(p.pow(2).sum() for p in params)
+        return weights
 
     def __repr__(self) -> str:
         return f"L2({self.strength!r}, include_biases={self.include_biases})"

@@ -399,12 +399,10 @@ def _unfolds(m: nn.Module) -> bool:
 
 
 def _patches(m: nn.Module) -> dict[str, Any]:
-    return {
-        "kernel_size": m.kernel_size,
-        "dilation": m.dilation,
-        "padding": m.padding,
-        "stride": m.stride,
-    }
+    """``F.unfold``'s options for the layer (which has ``groups == 1``)."""
+    options = _options(m)
+    del options["groups"]  # unfold takes none
+    return {"kernel_size": m.kernel_size, **options}
 
 
 def _options(m: nn.Module) -> dict[str, Any]:
