@@ -112,7 +112,7 @@ class SpectralNorm(Regularizer):
             if operator:
                 out[name] = self._operator(name, m)
             else:
-                out[name] = self._dense(name, m.weight.flatten(1))
+                out[name] = self._dense(name, m)
         return out
 
     def backward(  # noqa: D102 - see Regularizer.backward
@@ -149,7 +149,7 @@ class SpectralNorm(Regularizer):
         with torch.no_grad():
             Avs, vs, cols = self._hand_steps(hand)
         graph = [
-            (self._operator(n, m) if op else self._dense(n, m.weight.flatten(1))).pow(2)
+            (self._operator(n, m) if op else self._dense(n, m)).pow(2)
             for n, m, op in rest
         ]
         total = loss + self.strength * sum(graph) if graph else loss
@@ -260,38 +260,29 @@ class SpectralNorm(Regularizer):
             self._vectors[name] = (u, v)
         return u, v
 
-    def _right_vector(self, name: str, W: Tensor) -> Tensor:
-        """Power iteration on a matrix up to the last half-step: ``v``.
-
-        ``σ = ‖W v‖``: the caller takes that last product (with or without
-        grad) and keeps ``u = W v`` unnormalised (the next step normalises
-        ``Wᵀu`` anyway), so W is read twice per call. Needs :meth:`_layers`
-        to have set the vectors up.
-        """
-        u, v = self._vectors[name]
-        eps = _trace(W.dtype)
-        with torch.no_grad():
-            for i in range(self.power_iterations):
-                if i:
-                    u = torch.mv(W, v)
-                # (WᵀW + ε)v: same singular vectors, and a zero W (a
-                # zero-initialised layer) cannot zero the vectors for good
-                v = torch.addmv(v, W.T, u, beta=eps)
-                v = v.div_(torch.linalg.vector_norm(v))
-        return v
-
     def _hand_steps(
         self, layers: list[tuple[str, nn.Module, bool]]
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor | None]]:
-        """One power-iteration step on every layer at once, called without grad.
+        """One power-iteration step on each layer, called without grad.
 
-        The step of :meth:`_right_vector` and :meth:`_power_operator`, with the
-        layers' norms and divisions done as one foreach call each: on a small
-        model the penalty's cost is the fixed cost of each kernel, not flops.
+        ``v ← (Aᵀu + εv)/‖·‖`` then ``u ← A v``, kept unnormalised (the next
+        step normalises ``Aᵀu`` anyway), so ``σ = ‖A v‖``. The shift ``ε``
+        (:func:`_trace`) leaves the singular vectors as they are and keeps a zero
+        weight (a zero-initialised layer) from zeroing the vectors for good.
+        On a small model the cost is each kernel's fixed cost, not flops: the
+        layers' norms and divisions are one foreach call each, and a plain
+        ``Conv2d`` takes ``A v`` as the kernel matrix times ``v``'s unfolded
+        patches, which the weight gradient then reuses (on one small image,
+        three convolution calls cost more than an unfold and two matrix
+        products).
+
+        Args:
+            layers: ``(name, module, operator norm?)``, set up by :meth:`_layers`.
 
         Returns:
-            ``(A v, v, patches)`` per layer, as lists (see
-            :meth:`_power_operator` for the patches; ``None`` for a matrix).
+            Lists over the layers: ``A v``, ``v``, and ``v``'s patches
+            ``unfold(v)`` of shape ``(C_in·k_h·k_w, L)`` (``None`` where the
+            layer is not unfolded). Stores the new ``(u, v)``.
         """
         # (name, module, operator?, the weight as the step reads it)
         steps = [
@@ -302,7 +293,7 @@ class SpectralNorm(Regularizer):
         vs = [self._vectors[n][1] for n, *_ in steps]
         cols: list[Tensor | None] = [None] * len(steps)
         for _ in range(self.power_iterations):
-            # Aᵀu + εv (see _right_vector), then all normalised at once
+            # Aᵀu + εv, then all normalised at once
             vs = [
                 _adjoint(m, u, (1, *self._shapes[n])).add_(v, alpha=_trace(W.dtype))
                 if op
@@ -315,7 +306,7 @@ class SpectralNorm(Regularizer):
             for i, ((n, m, op, W), v) in enumerate(zip(steps, vs, strict=True)):
                 if not op:
                     us.append(torch.mv(W, v))
-                elif _unfolds(m):  # see _power_operator
+                elif _unfolds(m):
                     cols[i] = F.unfold(v, **_patches(m))[0]
                     shape = self._vectors[n][0].shape
                     us.append(torch.mm(W.flatten(1), cols[i]).view(shape))
@@ -325,15 +316,17 @@ class SpectralNorm(Regularizer):
             self._vectors[n] = (u, v)
         return us, vs, cols
 
-    def _dense(self, name: str, W: Tensor) -> Tensor:
-        v = self._right_vector(name, W)
-        Wv = torch.mv(W, v)
-        self._vectors[name] = (Wv.detach(), v)
+    def _dense(self, name: str, m: nn.Module) -> Tensor:
+        """σ of a matrix (or a reshaped kernel), differentiable in the weight."""
+        with torch.no_grad():
+            v = self._hand_steps([(name, m, False)])[1][0]
         # ∂‖Wv‖/∂W = u vᵀ with u = Wv/‖Wv‖: the gradient of u·(Wv) at fixed u
-        return torch.linalg.vector_norm(Wv)
+        return torch.linalg.vector_norm(torch.mv(m.weight.flatten(1), v))
 
     def _operator(self, name: str, m: nn.Module) -> Tensor:
-        v = self._power_operator(name, m)[1]
+        """σ of a convolution operator, differentiable in the weight."""
+        with torch.no_grad():
+            v = self._hand_steps([(name, m, True)])[1][0]
         return torch.linalg.vector_norm(m._conv_forward(v, m.weight, None))
 
     def _out_shape(self, name: str, m: nn.Module) -> tuple[int, ...]:
@@ -343,40 +336,6 @@ class SpectralNorm(Regularizer):
         with torch.no_grad():
             zero = torch.zeros((1, *self._shapes[name])).to(m.weight)
             return tuple(m._conv_forward(zero, m.weight, None).shape)
-
-    def _power_operator(
-        self, name: str, m: nn.Module
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """Power iteration on the convolution ``A`` at its recorded input size.
-
-        Without a graph; stores the new ``(u, v)``. A plain ``Conv2d`` takes
-        ``A v`` as the kernel matrix times ``v``'s unfolded patches, which the
-        weight gradient then reuses: on one small image, three convolution
-        calls cost more than an unfold and two matrix products.
-
-        Returns:
-            ``(A v, v, σ, patches)``: ``σ = ‖A v‖``; ``patches`` is
-            ``unfold(v)`` of shape ``(C_in·k_h·k_w, L)``, or ``None`` where the
-            layer is not unfolded.
-        """
-        shape = (1, *self._shapes[name])
-        W = m.weight.detach()
-        u, v = self._vectors[name]  # set up by _layers
-        eps = _trace(W.dtype)
-        unfold = _unfolds(m)
-        cols = None
-        with torch.no_grad():
-            for _ in range(self.power_iterations):
-                # Aᵀu + εv, normalised: as for a matrix (see _right_vector)
-                v = _adjoint(m, u, shape).add_(v, alpha=eps)
-                v = v.div_(torch.linalg.vector_norm(v))
-                if unfold:  # A v, kept unnormalised
-                    cols = F.unfold(v, **_patches(m))[0]
-                    u = torch.mm(W.flatten(1), cols).view(u.shape)
-                else:
-                    u = m._conv_forward(v, W, None)
-        self._vectors[name] = (u, v)
-        return u, v, torch.linalg.vector_norm(u), cols
 
     def _add_operator_grad(
         self, m: nn.Module, Av: Tensor, v: Tensor, cols: Tensor | None
