@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -412,11 +414,21 @@ def test_spectral_state_round_trip_and_one_step_per_call():
     assert torch.isclose(last, want, rtol=1e-6)
 
 
+@pytest.fixture(params=[False, True], ids=["denormals", "flush_to_zero"])
+def flush_denormal(request):
+    """Run with denormals flushed to zero too (where the CPU supports it)."""
+    if request.param and not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    yield request.param
+    torch.set_flush_denormal(False)
+
+
 @pytest.mark.parametrize("conv", [False, True])
 @pytest.mark.parametrize("fused", [False, True])
-def test_spectral_recovers_from_a_zero_weight(conv, fused):
+def test_spectral_recovers_from_a_zero_weight(conv, fused, flush_denormal):
     """A layer that starts at zero (a zero-initialised head) is penalised once it
-    moves: the power step must not collapse its vectors to zero for good."""
+    moves: the power step must not collapse its vectors to zero (or NaN) for
+    good, also where denormals are flushed to zero."""
     torch.manual_seed(0)
     layer = nn.Conv2d(2, 3, 3, padding=1) if conv else nn.Linear(5, 4)
     model = nn.Sequential(layer, nn.Flatten()).double()
@@ -439,6 +451,76 @@ def test_spectral_recovers_from_a_zero_weight(conv, fused):
     A = conv_matrix(layer, (2, 4, 4)) if conv else layer.weight
     want = torch.linalg.matrix_norm(A, ord=2) ** 2
     assert torch.isclose(value, want, rtol=1e-8), (value, want)
+
+
+@pytest.mark.parametrize("scale", [2000.0, 1e-3])
+def test_spectral_half_precision_weights(scale):
+    """float16 weights: σ² of a large layer must not overflow to NaN, nor a small
+    layer's iteration stall; the fused step writes float16 gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(16, 16), nn.Unflatten(1, (1, 16)), nn.Conv1d(1, 2, 3)
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+    half = model.half()
+    x = torch.randn(4, 16).half()
+    want = {
+        "0": torch.linalg.matrix_norm(half[0].weight.double(), ord=2).item(),
+        "2": torch.linalg.matrix_norm(
+            conv_matrix(copy.deepcopy(half[2]).double(), (1, 16)), ord=2
+        ).item(),
+    }
+    got = spectral_norms(half, x, iterations=100)
+    for name, sigma in want.items():
+        assert abs(got[name] / sigma - 1) < 1e-3, (name, got[name], sigma)
+    term = SpectralNorm(1e-3)
+    for _ in range(3):
+        half.zero_grad()
+        value = term.backward(half(x).float().sum() * 0, half, x)
+    assert torch.isfinite(value)
+    assert all(p.grad.dtype == torch.float16 for p in half.parameters())
+    assert all(torch.isfinite(p.grad).all() for p in half.parameters())
+
+
+def test_spectral_under_autocast_then_without():
+    """Steps under autocast (mixed-precision training), fused and not, keep the
+    vectors in full precision: later steps outside it work and agree."""
+    model, x, y = tanh_cnn()
+    model, x = model.float(), x.float()
+    term, plain = SpectralNorm(0.3), SpectralNorm(0.3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        term(model, x).backward()
+        plain(model.float(), x).detach()  # the same step, for comparison
+        loss = F.cross_entropy(model(x).float(), y)
+        term.backward(loss, model, x)
+    vectors = term.state_dict()["vectors"].values()
+    assert all(t.dtype == torch.float32 for uv in vectors for t in uv)
+    plain(model, x)
+    torch.testing.assert_close(term(model, x), plain(model, x), rtol=1e-2, atol=0)
+    term.backward(F.cross_entropy(model(x), y), model, x)
+
+
+def test_l2_fused_step_with_sparse_gradients():
+    """A sparse embedding gradient: the fused step densifies it as autograd does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(8, 3)
+    )
+    ids = torch.randint(0, 10, (5, 2))
+
+    def grads(fused: bool) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        loss = model(ids).pow(2).mean()
+        if fused:
+            L2(0.1).backward(loss, model, ids)
+        else:
+            (loss + L2(0.1)(model)).backward()
+        return [p.grad.to_dense() for p in model.parameters()]
+
+    for a, b in zip(grads(True), grads(False), strict=True):
+        torch.testing.assert_close(a, b)
 
 
 # -- composition and bad input -----------------------------------------------

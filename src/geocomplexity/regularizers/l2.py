@@ -72,10 +72,15 @@ class L2(Regularizer):
         wanted = {id(p) for p in params}
         loss.backward(inputs=params)
         with torch.no_grad():
-            mine = [w for w in weights if id(w) in wanted]
-            for w in mine:
+            mine = []
+            for w in (w for w in weights if id(w) in wanted):
                 if w.grad is None:
                     w.grad = torch.zeros_like(w)
+                if w.grad.is_sparse:  # a sparse embedding's: made dense, as
+                    # autograd's sum with the penalty's gradient would be
+                    w.grad = torch.mul(w, 2 * self.strength).add_(w.grad)
+                else:
+                    mine.append(w)
             if mine:
                 grads = [w.grad for w in mine]
                 torch._foreach_add_(grads, mine, alpha=2 * self.strength)

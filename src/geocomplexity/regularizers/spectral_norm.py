@@ -21,6 +21,7 @@ penalty's gradient is :math:`2\lambda\sigma\,u v^\top`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Any
@@ -146,16 +147,17 @@ class SpectralNorm(Regularizer):
             _, m, op = layer
             leaf = m.weight.grad_fn is None and (not op or _plain(m))
             (hand if leaf else rest).append(layer)
-        with torch.no_grad():
-            Avs, vs, cols = self._hand_steps(hand)
         graph = [
             (self._operator(n, m) if op else self._dense(n, m)).pow(2)
             for n, m, op in rest
         ]
         total = loss + self.strength * sum(graph) if graph else loss
         total.backward(inputs=params)
+        # the hand-made steps after the task backward: their temporaries (a
+        # conv's patches) are not held through it
         wanted = {id(p) for p in params}
-        with torch.no_grad():
+        with torch.no_grad(), _full_precision(layers):
+            Avs, vs, cols, sq = self._hand_steps(hand)
             for (_, m, operator), Av, v, patches in zip(
                 hand, Avs, vs, cols, strict=True
             ):
@@ -164,16 +166,14 @@ class SpectralNorm(Regularizer):
                     continue
                 if W.grad is None:
                     W.grad = torch.zeros_like(W)
+                Av, v = Av.to(W.grad.dtype), v.to(W.grad.dtype)
                 if operator:
                     self._add_operator_grad(m, Av, v, patches)
                 elif W.grad.is_contiguous():
                     W.grad.view(W.shape[0], -1).addr_(Av, v, alpha=2 * self.strength)
                 else:
                     W.grad += (2 * self.strength * torch.outer(Av, v)).view_as(W)
-            # Σσ² = Σ‖A v‖², as in __call__: one concatenation and one dot
-            # product, half the cost of a norm per layer summed
-            flat = torch.cat([Av.flatten() for Av in Avs]) if Avs else None
-            value = loss.new_zeros(()) if flat is None else torch.dot(flat, flat)
+            value = sq if hand else loss.new_zeros(())  # Σσ², as in __call__
         if graph:
             value = value + sum(g.detach() for g in graph)
         return self.strength * value
@@ -212,15 +212,18 @@ class SpectralNorm(Regularizer):
         vectors = self._vectors
         for name, m, operator in layers:
             W = m.weight
-            uv = vectors.get(name)
-            if uv is not None and uv[1].dtype == W.dtype and uv[1].device == W.device:
+            dtype, uv = _step_dtype(W.dtype), vectors.get(name)
+            if uv is not None and all(
+                t.dtype == dtype and t.device == W.device for t in uv
+            ):
                 continue  # every step after the first: nothing to set up
-            W = W.detach()
+            W = W.detach().to(dtype)
             if operator:
                 self._init(name, self._out_shape(name, m), (1, *self._shapes[name]), W)
             else:
                 self._init(name, (W.shape[0],), (math.prod(W.shape[1:]),), W)
         # from here on every layer's (u, v) is in self._vectors, on W's device
+        # and in the step's dtype
         return layers
 
     def _record_shapes(self, model: nn.Module, x: Tensor) -> None:
@@ -262,72 +265,87 @@ class SpectralNorm(Regularizer):
 
     def _hand_steps(
         self, layers: list[tuple[str, nn.Module, bool]]
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor | None]]:
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor | None], Tensor]:
         """One power-iteration step on each layer, called without grad.
 
-        ``v ← (Aᵀu + εv)/‖·‖`` then ``u ← A v``, kept unnormalised (the next
-        step normalises ``Aᵀu`` anyway), so ``σ = ‖A v‖``. The shift ``ε``
-        (:func:`_trace`) leaves the singular vectors as they are and keeps a zero
-        weight (a zero-initialised layer) from zeroing the vectors for good.
+        ``v ← (Aᵀu + εv)/‖·‖`` and ``u ← A v``, kept unnormalised (only the
+        direction of ``Aᵀu`` is used), so ``σ = ‖u‖``. The shift ``ε``
+        (:func:`_trace`) leaves the singular vectors as they are and keeps a
+        zero weight (a zero-initialised layer) from zeroing the vectors for
+        good. The step runs in float32 at least, with autocast off: in half
+        precision ``Aᵀu ≈ σ²v`` overflows, and ``ε`` would be large.
+
         On a small model the cost is each kernel's fixed cost, not flops: the
-        layers' norms and divisions are one foreach call each, and a plain
-        ``Conv2d`` takes ``A v`` as the kernel matrix times ``v``'s unfolded
-        patches, which the weight gradient then reuses (on one small image,
-        three convolution calls cost more than an unfold and two matrix
+        layers' norms and divisions are one foreach call each, and a small
+        plain ``Conv2d`` takes ``A v`` as the kernel matrix times ``v``'s
+        unfolded patches, which the weight gradient then reuses (on one small
+        image, three convolution calls cost more than an unfold and two matrix
         products).
 
         Args:
             layers: ``(name, module, operator norm?)``, set up by :meth:`_layers`.
 
         Returns:
-            Lists over the layers: ``A v``, ``v``, and ``v``'s patches
+            Lists over the layers of ``A v``, ``v``, and ``v``'s patches
             ``unfold(v)`` of shape ``(C_in·k_h·k_w, L)`` (``None`` where the
-            layer is not unfolded). Stores the new ``(u, v)``.
+            layer is not unfolded); and ``Σσ²``. Stores the new ``(u, v)``.
         """
         # (name, module, operator?, the weight as the step reads it)
-        steps = [
-            (n, m, op, m.weight.detach() if op else m.weight.detach().flatten(1))
-            for n, m, op in layers
-        ]
+        steps = []
+        for n, m, op in layers:
+            W = m.weight.detach()
+            W = W.to(_step_dtype(W.dtype))
+            steps.append((n, m, op, W if op else W.flatten(1)))
         us = [self._vectors[n][0] for n, *_ in steps]
         vs = [self._vectors[n][1] for n, *_ in steps]
+        Avs: list[Tensor] = []
         cols: list[Tensor | None] = [None] * len(steps)
         for _ in range(self.power_iterations):
             # Aᵀu + εv, then all normalised at once
             vs = [
-                _adjoint(m, u, (1, *self._shapes[n])).add_(v, alpha=_trace(W.dtype))
+                _adjoint(m, W, u, (1, *self._shapes[n])).add_(v, alpha=_trace(W.dtype))
                 if op
                 else torch.addmv(v, W.T, u, beta=_trace(W.dtype))
                 for (n, m, op, W), u, v in zip(steps, us, vs, strict=True)
             ]
-            if vs:
-                torch._foreach_div_(vs, torch._foreach_norm(vs))
-            us = []  # A v, kept unnormalised
+            if not vs:
+                break
+            torch._foreach_div_(vs, torch._foreach_norm(vs))
+            Avs = []
             for i, ((n, m, op, W), v) in enumerate(zip(steps, vs, strict=True)):
                 if not op:
-                    us.append(torch.mv(W, v))
-                elif _unfolds(m):
+                    Avs.append(torch.mv(W, v))
+                elif _unfolds(m, self._vectors[n][0]):
                     cols[i] = F.unfold(v, **_patches(m))[0]
                     shape = self._vectors[n][0].shape
-                    us.append(torch.mm(W.flatten(1), cols[i]).view(shape))
+                    Avs.append(torch.mm(W.flatten(1), cols[i]).view(shape))
                 else:
-                    us.append(m._conv_forward(v, W, None))
+                    Avs.append(m._conv_forward(v, W, None))
+            us = Avs  # kept unnormalised: only Aᵀu's direction is used
         for (n, *_), u, v in zip(steps, us, vs, strict=True):
             self._vectors[n] = (u, v)
-        return us, vs, cols
+        if not Avs:
+            return [], [], [], torch.zeros(())
+        # Σσ² = Σ‖A v‖²: one concatenation and one dot product, half the cost
+        # of a norm per layer summed
+        flat = torch.cat([Av.flatten() for Av in Avs])
+        return Avs, vs, cols, torch.dot(flat, flat)
 
     def _dense(self, name: str, m: nn.Module) -> Tensor:
         """σ of a matrix (or a reshaped kernel), differentiable in the weight."""
-        with torch.no_grad():
-            v = self._hand_steps([(name, m, False)])[1][0]
+        layer = [(name, m, False)]
+        with torch.no_grad(), _full_precision(layer):
+            v = self._hand_steps(layer)[1][0]
+        W = m.weight.flatten(1)
         # ∂‖Wv‖/∂W = u vᵀ with u = Wv/‖Wv‖: the gradient of u·(Wv) at fixed u
-        return torch.linalg.vector_norm(torch.mv(m.weight.flatten(1), v))
+        return torch.linalg.vector_norm(torch.mv(W.to(v.dtype), v))
 
     def _operator(self, name: str, m: nn.Module) -> Tensor:
         """σ of a convolution operator, differentiable in the weight."""
-        with torch.no_grad():
-            v = self._hand_steps([(name, m, True)])[1][0]
-        return torch.linalg.vector_norm(m._conv_forward(v, m.weight, None))
+        layer = [(name, m, True)]
+        with torch.no_grad(), _full_precision(layer):
+            v = self._hand_steps(layer)[1][0]
+        return torch.linalg.vector_norm(m._conv_forward(v, m.weight.to(v.dtype), None))
 
     def _out_shape(self, name: str, m: nn.Module) -> tuple[int, ...]:
         """The layer's output shape for one input of the recorded size."""
@@ -348,7 +366,8 @@ class SpectralNorm(Regularizer):
         W = m.weight
         if cols is not None and W.grad.is_contiguous():
             grad = W.grad.view(W.shape[0], -1)
-            grad.addmm_(Av.view(W.shape[0], -1), cols.T, alpha=2 * self.strength)
+            patches = cols.T.to(grad.dtype)
+            grad.addmm_(Av.view(W.shape[0], -1), patches, alpha=2 * self.strength)
             return
         g = _helper(m, "weight")(v, W.shape, Av, **_options(m))
         W.grad.add_(g, alpha=2 * self.strength)
@@ -383,9 +402,17 @@ def _plain(m: nn.Module) -> bool:
     return m.padding_mode == "zeros" and not isinstance(m.padding, str)
 
 
-def _unfolds(m: nn.Module) -> bool:
-    """Whether ``F.unfold`` reproduces the layer: a plain, ungrouped Conv2d."""
-    return len(m.kernel_size) == 2 and m.groups == 1 and _plain(m)
+def _unfolds(m: nn.Module, u: Tensor) -> bool:
+    """Whether to unfold: a plain, ungrouped Conv2d whose patches are small.
+
+    ``u`` is the layer's output for one input; the patches have
+    ``C_in·k_h·k_w`` rows and one column per output position. Past about 4 MB
+    (in float32) a convolution call costs less than building them.
+    """
+    if len(m.kernel_size) != 2 or m.groups != 1 or not _plain(m):
+        return False
+    rows = m.in_channels * math.prod(m.kernel_size)
+    return rows * math.prod(u.shape[2:]) <= 1 << 20
 
 
 def _patches(m: nn.Module) -> dict[str, Any]:
@@ -409,9 +436,8 @@ def _helper(m: nn.Module, kind: str) -> Any:
     return getattr(torch.nn.grad, f"conv{len(m.kernel_size)}d_{kind}")
 
 
-def _adjoint(m: nn.Module, u: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """``Aᵀu`` for the layer's convolution ``A`` at input size ``shape``."""
-    W = m.weight.detach()
+def _adjoint(m: nn.Module, W: Tensor, u: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """``Aᵀu`` for the layer's convolution ``A`` (kernel ``W``) at size ``shape``."""
     if _plain(m):
         with torch.no_grad():
             return _helper(m, "input")(shape, W, u, **_options(m))
@@ -445,11 +471,25 @@ def spectral_norms(
 
 
 def _trace(dtype: torch.dtype) -> float:
-    """ε of the shifted power step ``(WᵀW + ε)v``: √(smallest normal).
+    """ε of the shifted power step ``Aᵀu + εv``: the smallest normal ** ¼.
 
-    Small enough to leave any non-zero σ's iteration as it was, large enough
-    that ``‖εv‖`` neither underflows nor is zero, so the step never divides by
-    zero and needs no clamp (one kernel fewer per layer: on a small model the
-    power step's cost is per-kernel overhead, not flops).
+    With ``u = A v_old``, ``Aᵀu + εv_old = (AᵀA + ε)v_old``: the same singular
+    vectors, so the iteration converges where it did (at a rate changed by
+    less than ε/σ², about 3e-10/σ² in float32). For a zero weight it leaves
+    ``v`` as it was, and ``‖εv‖²`` is a normal number even for a long ``v``
+    (no underflow, also where denormals are flushed to zero).
     """
-    return torch.finfo(dtype).tiny ** 0.5
+    return torch.finfo(dtype).tiny ** 0.25
+
+
+def _step_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The power step's dtype: float32 at least (half precision overflows σ²)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _full_precision(layers: list[tuple[str, nn.Module, bool]]) -> Any:
+    """Autocast off on the layers' device, where it is on."""
+    device = layers[0][1].weight.device.type if layers else "cpu"
+    if not torch.is_autocast_enabled(device):
+        return contextlib.nullcontext()
+    return torch.autocast(device, enabled=False)
