@@ -138,9 +138,7 @@ class SpectralNorm(Regularizer):
         layers = self._layers(model, inputs)
         if not layers:
             raise ValueError("the model has no Linear or Conv layer to penalise")
-        # a leaf weight's gradient can be written directly; on a small model
-        # the cost is per kernel, so one no-grad block, no temporaries, and the
-        # σ's summed once at the end
+        # a leaf weight's gradient can be written directly
         hand: list[tuple[str, nn.Module, bool]] = []
         rest: list[tuple[str, nn.Module, bool]] = []
         for layer in layers:
