@@ -488,6 +488,8 @@ def _step_dtype(dtype: torch.dtype) -> torch.dtype:
 def _full_precision(layers: list[tuple[str, nn.Module, bool]]) -> Any:
     """Autocast off on the layers' device, where it is on."""
     device = layers[0][1].weight.device.type if layers else "cpu"
-    if not torch.is_autocast_enabled(device):
-        return contextlib.nullcontext()
-    return torch.autocast(device, enabled=False)
+    try:
+        on = torch.is_autocast_enabled(device)
+    except TypeError:  # torch < 2.4 asks about CUDA only: switch it off anyway
+        on = True
+    return torch.autocast(device, enabled=False) if on else contextlib.nullcontext()
