@@ -167,8 +167,15 @@ TERMS = {
 }
 
 
+CUDA = pytest.param(
+    "cuda",
+    marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("kind", list(TERMS))
-def test_checkpoint_resume_gives_the_uninterrupted_numbers(tmp_path, kind):
+def test_checkpoint_resume_gives_the_uninterrupted_numbers(tmp_path, kind, device):
     train, test = problem()
     term = TERMS[kind]  # fresh per run
     dropout = 0.0 if kind == "gradient_norm_fd" else 0.1  # FD refuses dropout
@@ -187,7 +194,7 @@ def test_checkpoint_resume_gives_the_uninterrupted_numbers(tmp_path, kind):
         label_noise=0.2,
         augment=_flip,
         eval_every=2,
-        device="cpu",
+        device=device,  # on CUDA: the CUDA RNG (dropout) is in the checkpoint too
         progress=False,
     )
 
