@@ -47,6 +47,11 @@ _PENALISED = (nn.Linear, *_CONV)
 class SpectralNorm(Regularizer):
     """``strength · Σ_l σ_max(W_l)²`` over Linear and Conv layers.
 
+    The power step runs without a graph, in float32 at least and with autocast
+    off (half-precision weights and mixed-precision training included); its
+    vectors are state (:meth:`state_dict`). In a training step,
+    :meth:`backward` writes each leaf weight's gradient ``2λ·(A v)vᵀ`` by hand.
+
     Args:
         strength: λ ≥ 0.
         conv: ``"operator"`` (the convolution's operator norm) or ``"reshaped"``
