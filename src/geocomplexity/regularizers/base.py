@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LossFn", "Regularizer", "trainable"]
+__all__ = ["LossFn", "Regularizer", "grad_buffer", "trainable"]
 
 #: ``loss_fn(outputs, targets) -> scalar``; cross-entropy when not given.
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -24,6 +24,16 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 def trainable(model: nn.Module) -> list[Tensor]:
     """The parameters a penalty differentiates: those that require grad."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def grad_buffer(tensor: Tensor) -> Tensor:
+    """``tensor.grad``, a zero one made first where there is none.
+
+    For the terms that add a gradient by hand after the task's backward pass.
+    """
+    if tensor.grad is None:
+        tensor.grad = torch.zeros_like(tensor)
+    return tensor.grad
 
 
 def check_strength(strength: float) -> float:

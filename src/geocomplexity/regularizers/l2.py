@@ -17,6 +17,7 @@ from geocomplexity.regularizers.base import (
     LossFn,
     Regularizer,
     check_strength,
+    grad_buffer,
     trainable,
 )
 
@@ -72,17 +73,18 @@ class L2(Regularizer):
         wanted = {id(p) for p in params}
         loss.backward(inputs=params)
         with torch.no_grad():
-            mine = []
-            for w in (w for w in weights if id(w) in wanted):
-                if w.grad is None:
-                    w.grad = torch.zeros_like(w)
-                if w.grad.is_sparse:  # a sparse embedding's: made dense, as
+            mine, grads = [], []
+            for w in weights:
+                if id(w) not in wanted:
+                    continue
+                grad = grad_buffer(w)
+                if grad.is_sparse:  # a sparse embedding's: made dense, as
                     # autograd's sum with the penalty's gradient would be
-                    w.grad = torch.mul(w, 2 * self.strength).add_(w.grad)
+                    w.grad = torch.mul(w, 2 * self.strength).add_(grad)
                 else:
                     mine.append(w)
+                    grads.append(grad)
             if mine:
-                grads = [w.grad for w in mine]
                 torch._foreach_add_(grads, mine, alpha=2 * self.strength)
             value = torch.stack(torch._foreach_norm(weights)).square().sum()
         return self.strength * value

@@ -34,6 +34,7 @@ from geocomplexity.regularizers.base import (
     LossFn,
     Regularizer,
     check_strength,
+    grad_buffer,
     trainable,
 )
 from geocomplexity.state import preserved
@@ -167,15 +168,14 @@ class SpectralNorm(Regularizer):
                 W = m.weight
                 if id(W) not in wanted:
                     continue
-                if W.grad is None:
-                    W.grad = torch.zeros_like(W)
-                Av, v = Av.to(W.grad.dtype), v.to(W.grad.dtype)
+                grad = grad_buffer(W)
+                Av, v = Av.to(grad.dtype), v.to(grad.dtype)
                 if operator:
                     self._add_operator_grad(m, Av, v, patches)
-                elif W.grad.is_contiguous():
-                    W.grad.view(W.shape[0], -1).addr_(Av, v, alpha=2 * self.strength)
+                elif grad.is_contiguous():
+                    grad.view(W.shape[0], -1).addr_(Av, v, alpha=2 * self.strength)
                 else:
-                    W.grad += (2 * self.strength * torch.outer(Av, v)).view_as(W)
+                    grad += (2 * self.strength * torch.outer(Av, v)).view_as(W)
             value = sq if hand else loss.new_zeros(())  # Σσ², as in __call__
         if graph:
             value = value + sum(g.detach() for g in graph)
@@ -315,13 +315,13 @@ class SpectralNorm(Regularizer):
                 break
             torch._foreach_div_(vs, torch._foreach_norm(vs))
             Avs = []
-            for i, ((n, m, op, W), v) in enumerate(zip(steps, vs, strict=True)):
+            # u (the last A v) has A v's shape
+            for i, ((_, m, op, W), u, v) in enumerate(zip(steps, us, vs, strict=True)):
                 if not op:
                     Avs.append(torch.mv(W, v))
-                elif _unfolds(m, self._vectors[n][0]):
+                elif _unfolds(m, u):
                     cols[i] = F.unfold(v, **_patches(m))[0]
-                    shape = self._vectors[n][0].shape
-                    Avs.append(torch.mm(W.flatten(1), cols[i]).view(shape))
+                    Avs.append(torch.mm(W.flatten(1), cols[i]).view(u.shape))
                 else:
                     Avs.append(m._conv_forward(v, W, None))
             us = Avs  # kept unnormalised: only Aᵀu's direction is used
