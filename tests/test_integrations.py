@@ -271,6 +271,39 @@ def test_torchrun_example_runs():
     assert sum(line.startswith("epoch") for line in lines) == 2
 
 
+def test_gloo_worker_never_frees_the_gathered_tensors(tmp_path, monkeypatch):
+    """A gloo worker that drops its work late must not free Python tensors.
+
+    The fake collective below is the real one plus a thread that holds the
+    finished work for 50 ms, as a descheduled gloo worker does; the rows must
+    come back only once that thread has let go.
+    """
+    import threading
+
+    import torch.distributed as dist
+
+    from geocomplexity.distributed import all_gather_rows
+
+    real = dist.all_gather
+    held = []
+
+    def late_worker(rows, mine):
+        work = real(rows, mine, async_op=True)
+        work.wait()
+        held.append(work)
+        threading.Timer(0.05, held.clear).start()
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(dist, "all_gather", late_worker)
+        rows = all_gather_rows([1.0, 2.0])
+        assert not held, "returned while another thread still held the tensors"
+        assert rows.tolist() == [[1.0, 2.0]]
+    finally:
+        dist.destroy_process_group()
+
+
 def test_measure_distributed_true_without_a_group_is_a_clear_error():
     with pytest.raises(ValueError, match="init_process_group"):
         measure(_net(), torch.randn(4, 6), distributed=True)

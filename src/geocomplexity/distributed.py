@@ -9,6 +9,8 @@ the exchange uses whichever the group's backend needs.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import Tensor
 
@@ -67,7 +69,33 @@ def all_gather_rows(row: list[float], device: torch.device | None = None) -> Ten
     mine = torch.tensor(row, dtype=torch.float64, device=_device(device))
     rows = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(rows, mine)
+    if dist.get_backend() == "gloo":
+        _wait_until_released([mine, *rows])
     return torch.stack(rows).cpu()
+
+
+def _wait_until_released(tensors: list[Tensor], timeout: float = 5.0) -> None:
+    """Wait until no one but the caller holds ``tensors``.
+
+    Gloo marks a collective done before its worker thread lets go of the work,
+    and the work holds the collective's tensors. Were the worker's reference
+    the last, the worker thread would free these Python-made tensors, which
+    takes the GIL; during interpreter shutdown that aborts the process
+    ("terminate called without an active exception"). That happened at the
+    exit of about one torchrun job in twenty whose DDP model kept the group
+    alive past ``destroy_process_group``. Waiting here (microseconds, when it
+    waits at all) leaves the freeing to the calling thread.
+
+    Args:
+        tensors: the tensors handed to the collective.
+        timeout: seconds after which to stop waiting; the wait guards against
+            a crash at exit and is never worth a hang.
+    """
+    deadline = time.monotonic() + timeout
+    # _use_count: references to the tensor's storage-owning TensorImpl; 1 is
+    # the caller's Python object alone
+    while any(t._use_count() > 1 for t in tensors) and time.monotonic() < deadline:
+        time.sleep(1e-4)
 
 
 def raise_if_failed(flags: Tensor, failure: BaseException | None) -> None:
