@@ -271,24 +271,26 @@ def test_torchrun_example_runs():
     assert sum(line.startswith("epoch") for line in lines) == 2
 
 
-def test_gloo_worker_never_frees_the_gathered_tensors(tmp_path, monkeypatch):
+@pytest.mark.parametrize("entry", ["measure", "metric"])
+def test_gloo_worker_never_frees_the_gathered_tensors(tmp_path, monkeypatch, entry):
     """A gloo worker that drops its work late must not free Python tensors.
 
     The fake collective below is the real one plus a thread that holds the
-    finished work for 50 ms, as a descheduled gloo worker does; the rows must
-    come back only once that thread has let go.
+    finished work for 50 ms, as a descheduled gloo worker does; the gathered
+    tensors must come back only once that thread has let go. Both gathers are
+    checked: ``measure``'s, and the one the torchmetrics metric syncs with.
     """
     import threading
 
     import torch.distributed as dist
 
-    from geocomplexity.distributed import all_gather_rows
+    from geocomplexity.distributed import all_gather, all_gather_rows
 
     real = dist.all_gather
     held = []
 
-    def late_worker(rows, mine):
-        work = real(rows, mine, async_op=True)
+    def late_worker(gathered, mine, group=None):
+        work = real(gathered, mine, group=group, async_op=True)
         work.wait()
         held.append(work)
         threading.Timer(0.05, held.clear).start()
@@ -297,9 +299,16 @@ def test_gloo_worker_never_frees_the_gathered_tensors(tmp_path, monkeypatch):
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         monkeypatch.setattr(dist, "all_gather", late_worker)
-        rows = all_gather_rows([1.0, 2.0])
+        if entry == "measure":
+            got = all_gather_rows([1.0, 2.0]).tolist()
+            assert got == [[1.0, 2.0]]
+        else:
+            from geocomplexity.integrations.torchmetrics import GeometricComplexity
+
+            assert GeometricComplexity(_net()).dist_sync_fn is all_gather
+            state = torch.tensor(3.0, dtype=torch.float64)
+            assert [t.item() for t in all_gather(state)] == [3.0]
         assert not held, "returned while another thread still held the tensors"
-        assert rows.tolist() == [[1.0, 2.0]]
     finally:
         dist.destroy_process_group()
 

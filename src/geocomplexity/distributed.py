@@ -10,11 +10,12 @@ the exchange uses whichever the group's backend needs.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["active", "all_gather_rows", "raise_if_failed"]
+__all__ = ["active", "all_gather", "all_gather_rows", "raise_if_failed"]
 
 
 def active(distributed: bool) -> bool:
@@ -64,14 +65,33 @@ def all_gather_rows(row: list[float], device: torch.device | None = None) -> Ten
     Returns:
         A ``(world_size, len(row))`` float64 CPU tensor.
     """
+    mine = torch.tensor(row, dtype=torch.float64, device=_device(device))
+    return torch.stack(all_gather(mine)).cpu()
+
+
+def all_gather(tensor: Tensor, group: Any = None) -> list[Tensor]:
+    """Every rank's ``tensor`` (one shape on every rank), in rank order.
+
+    Also the torchmetrics metric's ``dist_sync_fn``: its states are scalars,
+    so the shape exchange of torchmetrics' own gather is not needed, and the
+    tensors are known to be let go of before this returns (below).
+
+    Args:
+        tensor: this rank's tensor, on the device the backend needs.
+        group: the process group; ``None`` for the default one.
+
+    Returns:
+        ``world_size`` tensors like ``tensor``.
+    """
     import torch.distributed as dist
 
-    mine = torch.tensor(row, dtype=torch.float64, device=_device(device))
-    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(rows, mine)
-    if dist.get_backend() == "gloo":
-        _wait_until_released([mine, *rows])
-    return torch.stack(rows).cpu()
+    # a copy of our own: the wait below needs tensors that no one else holds
+    mine = tensor.clone(memory_format=torch.contiguous_format)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    if dist.get_backend(group) == "gloo":
+        _wait_until_released([mine, *gathered])
+    return gathered
 
 
 def _wait_until_released(tensors: list[Tensor], timeout: float = 5.0) -> None:

@@ -26,6 +26,7 @@ except ImportError as err:  # pragma: no cover - the message is the point
         "pip install 'geocomplexity[torchmetrics]'"
     ) from err
 
+from geocomplexity.distributed import all_gather
 from geocomplexity.jacobian import METHODS, Output, jacobian_sq_norms
 from geocomplexity.probes import check_distribution
 
@@ -53,6 +54,9 @@ class GeometricComplexity(Metric):
         chunk_size: VJPs per backward pass for ``"exact"``.
         generator: probe randomness (give each process its own seed).
         **kwargs: ``torchmetrics.Metric`` options (``sync_on_compute``, ...).
+            ``dist_sync_fn`` defaults to :func:`geocomplexity.distributed.all_gather`,
+            which, unlike torchmetrics' own, cannot leave gloo's worker thread
+            to free the gathered tensors (a crash when that happens at exit).
 
     Raises:
         ValueError: an unknown method or distribution.
@@ -79,6 +83,7 @@ class GeometricComplexity(Metric):
         generator: torch.Generator | None = None,
         **kwargs: Any,
     ) -> None:
+        kwargs.setdefault("dist_sync_fn", all_gather)
         super().__init__(**kwargs)
         if method not in METHODS:
             raise ValueError(
