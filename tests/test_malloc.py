@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 from geocomplexity import malloc
+from geocomplexity.experiments import runner
+from geocomplexity.experiments.runner import Run, run_sweep
 
 CHURN = """
 import json, resource, sys
@@ -82,3 +85,39 @@ def test_spawned_workers_repeat_the_parents_setting():
     finally:
         torch.set_num_threads(threads)
         malloc.tune_malloc()
+
+
+def _worker_setting(run: Run) -> dict:
+    import torch
+
+    return {
+        "tuned": list(malloc.tuned() or ()),
+        "threads": torch.get_num_threads(),
+        "pid": os.getpid(),
+    }
+
+
+@pytest.mark.skipif(not malloc.is_glibc(), reason="mallopt is glibc's")
+def test_spawned_pool_workers_run_with_the_parents_current_setting(
+    tmp_path, monkeypatch
+):
+    """Real spawned workers, before and after the parent's setting changes.
+
+    The second sweep must not reuse the first sweep's workers, which started
+    with the parent's earlier setting.
+    """
+    runs = [Run.make("toy", 0, x=i) for i in range(2)]
+    seen = []
+    for setting in (None, (16 << 20, 1 << 29)):
+        # as if tune_malloc had (or had not) run here; the parent's own
+        # malloc is left alone
+        monkeypatch.setattr(malloc, "_applied", setting)
+        records = run_sweep(
+            runs, _worker_setting, tmp_path / str(setting), workers=2, progress=False
+        )
+        results = [r["result"] for r in records]
+        assert all(r["tuned"] == list(setting or ()) for r in results)
+        assert all(r["pid"] != os.getpid() for r in results)
+        assert all(r["threads"] == runner._threads(2) for r in results)
+        seen.append({r["pid"] for r in results})
+    assert not seen[0] & seen[1], "the second sweep reused the first's workers"

@@ -211,7 +211,8 @@ def load_runs(directory: Path) -> dict[str, dict[str, Any]]:
     return runs
 
 
-_POOLS: dict[int, ProcessPoolExecutor] = {}
+# worker count -> (the malloc setting its workers started with, the pool)
+_POOLS: dict[int, tuple[tuple[int, int] | None, ProcessPoolExecutor]] = {}
 
 
 def _threads(workers: int) -> int:
@@ -230,20 +231,27 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     """A process pool kept for the life of the process.
 
     Sweeps run one after another (``reproduce all``) share it, so each worker
-    imports torch and builds its data sets once, not once per experiment.
+    imports torch and builds its data sets once, not once per experiment. A
+    pool whose workers started with another malloc setting than this process
+    has now is replaced: workers always run as the parent does.
     """
-    if workers not in _POOLS:
-        threads = _threads(workers)
-        # spawn, not fork: a forked child of a process whose OpenMP pool is
-        # running can deadlock in its first parallel region
-        _POOLS[workers] = ProcessPoolExecutor(
-            max_workers=workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_start_worker,
-            initargs=(threads, malloc.tuned()),
-        )
-        atexit.register(_POOLS[workers].shutdown, cancel_futures=True)
-    return _POOLS[workers]
+    setting = malloc.tuned()
+    if workers in _POOLS:
+        started_with, pool = _POOLS[workers]
+        if started_with == setting:
+            return pool
+        pool.shutdown(cancel_futures=True)
+    # spawn, not fork: a forked child of a process whose OpenMP pool is running
+    # can deadlock in its first parallel region
+    pool = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_start_worker,
+        initargs=(_threads(workers), setting),
+    )
+    atexit.register(pool.shutdown, cancel_futures=True)
+    _POOLS[workers] = setting, pool
+    return pool
 
 
 def run_sweep(
