@@ -111,9 +111,11 @@ def _wait_until_released(tensors: list[Tensor], timeout: float = 5.0) -> None:
         timeout: seconds after which to stop waiting; the wait guards against
             a crash at exit and is never worth a hang.
     """
+    if not hasattr(torch.Tensor, "_use_count"):  # a torch without it: no wait
+        return
     deadline = time.monotonic() + timeout
-    # _use_count: references to the tensor's storage-owning TensorImpl; 1 is
-    # the caller's Python object alone
+    # _use_count: references to the tensor's TensorImpl; 1 is the caller's
+    # Python object alone
     while any(t._use_count() > 1 for t in tensors) and time.monotonic() < deadline:
         time.sleep(1e-4)
 
