@@ -102,7 +102,7 @@ def _wait_until_released(tensors: list[Tensor], timeout: float = 5.0) -> None:
     the last, the worker thread would free these Python-made tensors, which
     takes the GIL; during interpreter shutdown that aborts the process
     ("terminate called without an active exception"). That happened at the
-    exit of about one torchrun job in twenty whose DDP model kept the group
+    exit of about one torchrun job in fifteen whose DDP model kept the group
     alive past ``destroy_process_group``. Waiting here (microseconds, when it
     waits at all) leaves the freeing to the calling thread.
 
