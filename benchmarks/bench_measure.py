@@ -621,7 +621,7 @@ def peak_memory_child(chunk: int) -> dict[str, Any]:
             "extra_peak_mib": peak - before, "how": how}  # fmt: skip
 
 
-def bench_peak_memory(threads: int, malloc_setting: str) -> dict[str, Any]:
+def bench_peak_memory(threads: int) -> dict[str, Any]:
     """Run :func:`peak_memory_child` in a fresh subprocess per chunk size.
 
     On a GPU: the CUDA allocator's peak during the call instead, in-process.
@@ -927,7 +927,7 @@ def main(argv: list[str] | None = None) -> int:
     print("timing MNIST-1D data-set GC ...", file=sys.stderr, flush=True)
     mn = bench_mnist1d(budget / 2, lo, hi)
     print("peak memory ...", file=sys.stderr, flush=True)
-    mem = bench_peak_memory(args.threads, args.malloc)
+    mem = bench_peak_memory(args.threads)
 
     result = {
         "meta": {
