@@ -61,3 +61,6 @@ def test_errors():
         gcx.arc_length(lambda t: torch.stack([t, t], 1), 0.0, 1.0, num_points=5)
     with pytest.raises(ValueError, match="NaN"):
         gcx.arc_length(torch.log, -1.0, 1.0, num_points=5)
+    for a, b in ((0.0, math.inf), (-math.inf, 0.0), (math.nan, 1.0)):
+        with pytest.raises(ValueError, match="finite"):
+            gcx.arc_length(torch.sin, a, b)

@@ -70,6 +70,27 @@ def test_metric_projection_is_unbiased_and_options_are_checked():
         GeometricComplexity(model).update(torch.ones(3, 6, dtype=torch.long))
 
 
+def test_metric_clones_measure_the_live_model():
+    # MetricTracker deep-copies its metric each epoch; a copied model would
+    # go on measuring the weights of the epoch it was copied in
+    from torchmetrics.wrappers import MetricTracker
+
+    from geocomplexity.integrations.torchmetrics import GeometricComplexity
+
+    model = _net().double()
+    x = torch.randn(10, 6, dtype=torch.float64)
+    metric = GeometricComplexity(model)
+    assert metric.clone().model is model
+    tracker = MetricTracker(metric, maximize=False)
+    tracker.increment()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2)
+    tracker.update(x)
+    want = measure(model, x, method="exact", progress=False).value
+    torch.testing.assert_close(tracker.compute().item(), want, rtol=1e-12, atol=0)
+
+
 def test_metric_leaves_the_model_alone():
     from geocomplexity.integrations.torchmetrics import GeometricComplexity
 

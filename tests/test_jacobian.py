@@ -342,3 +342,83 @@ def test_train_mode_penalty_graph_survives_and_stats_stay():
     v.sum().backward()
     assert all(torch.equal(a, b) for a, b in zip(model.buffers(), stats, strict=True))
     assert model[0].weight.grad is not None
+
+
+def test_batchnorm_without_running_stats_takes_diagonal_blocks_in_eval_mode():
+    # track_running_stats=False normalises by the batch in eval mode too
+    torch.manual_seed(0)
+    model = (
+        nn.Sequential(
+            nn.Linear(5, 8),
+            nn.BatchNorm1d(8, track_running_stats=False),
+            nn.Tanh(),
+            nn.Linear(8, 3),
+        )
+        .double()
+        .eval()
+    )
+    x = torch.randn(6, 5, dtype=torch.float64)
+    want = diagonal_block_sq_norms(model, x)
+    for method in ("exact", "projection"):
+        kwargs = {"num_probes": 1} if method == "exact" else {"num_probes": 3000}
+        got = gcx.jacobian_sq_norms(
+            model,
+            x,
+            method=method,
+            generator=torch.Generator().manual_seed(0),
+            **kwargs,
+        )
+        assert rel(got, want) < (1e-10 if method == "exact" else 0.1), method
+    assert not model.training
+    with pytest.raises(ValueError, match="track_running_stats"):
+        gcx.jacobian_sq_norms(model, x, method="jvp")
+
+
+@pytest.mark.parametrize("context", ["inference_mode", "no_grad"])
+def test_measures_inside_inference_mode_and_no_grad(context):
+    # a Lightning validation step runs in inference mode, where enable_grad
+    # alone records nothing: every autograd method would read 0
+    model, x = make_case("mlp")
+    want = per_sample_sq_norms(model, x)
+    ctx = torch.inference_mode if context == "inference_mode" else torch.no_grad
+    with ctx():
+        xi = x.clone()  # an inference tensor under inference_mode
+        for method in ("exact", "projection", "jvp"):
+            got = gcx.jacobian_sq_norms(
+                model,
+                xi,
+                method=method,
+                num_probes=4000,
+                generator=torch.Generator().manual_seed(0),
+            )
+            tol = 1e-10 if method == "exact" else 0.1
+            assert rel(got.mean(), want.mean()) < tol, method
+        assert gcx.measure(model, xi, progress=False).value > 0
+
+
+def test_one_unbatched_sample_is_refused_when_input_and_output_sizes_agree():
+    # a Linear autoencoder accepts an unbatched (6,) sample and returns (6,),
+    # which passes the batch-dimension check; it must not give a number
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 3), nn.Tanh(), nn.Linear(3, 6)).double()
+    sample = torch.randn(6, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"x\[None\]"):
+        gcx.jacobian_sq_norms(model, sample)
+    # a genuine batch of scalars still works
+    scalar = nn.Sequential(nn.Unflatten(0, (-1, 1)), nn.Linear(1, 4)).double()
+    with torch.no_grad():
+        scalar[1].weight.copy_(torch.arange(4.0)[:, None])
+    got = gcx.jacobian_sq_norms(scalar, sample)
+    assert torch.allclose(got, torch.full((6,), 14.0, dtype=torch.float64))
+
+
+def test_default_chunk_is_bounded_for_many_outputs():
+    from geocomplexity.jacobian import _default_chunk
+
+    model = nn.Sequential(nn.Linear(2000, 8), nn.Linear(8, 1000))
+    x = torch.zeros(64, 2000)
+    assert _default_chunk(model, 10, x, 10) == 10  # few outputs: all batched
+    assert _default_chunk(model, 1000, x, 1000) == 32  # at most 32 directions
+    big = torch.zeros(4096, 2000)
+    assert _default_chunk(model, 1000, big, 1000) == 8  # 2**26 // (4096 * 2000)
+    assert _default_chunk(model, 1000, torch.zeros(1 << 20, 100), 1000) == 1

@@ -37,6 +37,15 @@ def test_streaming_equals_one_shot_for_every_data_kind():
         assert torch.allclose(r.per_sample, want, rtol=1e-12), name
 
 
+def test_measuring_a_dataset_leaves_the_global_rng_alone():
+    # measure's own DataLoader draws a base seed when iterated
+    model, _ = make_case("mlp")
+    x = torch.randn(20, 7, dtype=torch.float64)
+    state = torch.get_rng_state()
+    gcx.measure(model, TensorDataset(x), batch_size=8, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_max_samples_truncates():
     model, _ = make_case("mlp")
     x = torch.randn(40, 7, dtype=torch.float64)

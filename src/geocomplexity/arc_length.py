@@ -14,6 +14,7 @@ discretises, so minimising GC in 1-D approximately minimises arc length.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -77,14 +78,16 @@ def arc_length(
         An :class:`ArcLength`.
 
     Raises:
-        ValueError: ``b <= a``, fewer than 2 points, wrong output size, or a
-            non-finite value.
+        ValueError: ``b <= a`` or an infinite end, fewer than 2 points, wrong
+            output size, or a non-finite value.
 
     Example:
         >>> r = arc_length(lambda t: 0.75 * t, 0.0, 4.0)  # a 3-4-5 triangle
         >>> round(r.length, 12), round(r.dirichlet, 12)
         (5.0, 5.125)
     """
+    if not (math.isfinite(a) and math.isfinite(b)):
+        raise ValueError(f"the interval must be finite, got a={a}, b={b}")
     if not b > a:
         raise ValueError(f"need a < b, got a={a}, b={b}")
     if not isinstance(num_points, int) or num_points < 2:

@@ -55,7 +55,7 @@ from geocomplexity.probes import (
     input_probes,
     resolve_generator,
 )
-from geocomplexity.state import preserved
+from geocomplexity.state import preserved, untracked_batch_norm
 
 __all__ = ["METHODS", "MODES", "Output", "jacobian_sq_norms", "reverse_sq_norms"]
 
@@ -181,9 +181,40 @@ def _select(model: nn.Module, x: Tensor, output: Output) -> Tensor:
             f"the output has shape {tuple(out.shape)}, with no batch dimension of "
             f"size {B} first; the model must map (B, ...) inputs to (B, ...) outputs"
         )
+    if x.dim() == 1 and B > 1:
+        _check_scalar_batch(model, x, output, out)
     if not torch.is_floating_point(out):
         raise TypeError(f"the output has non-floating dtype {out.dtype}")
     return out.reshape(B, -1)
+
+
+def _check_scalar_batch(
+    model: nn.Module, x: Tensor, output: Output, out: Tensor
+) -> None:
+    """A 1-D ``x`` is a batch of scalars: check the model treats it as one.
+
+    A model that also takes unbatched input (``nn.Linear``) maps one sample of
+    size d to an output of size k; when d == k that passes the batch check and
+    the result would be a wrong number. One forward pass on the first scalar
+    tells the two apart.
+
+    Raises:
+        ValueError: the model fails on, or does not batch, ``x[:1]``.
+    """
+    hint = (
+        f"x has shape {tuple(x.shape)}, which is read as a batch of {x.shape[0]} "
+        "scalar inputs; if it is one sample, add its batch dimension (x[None])"
+    )
+    try:
+        with torch.no_grad():
+            one = _select(model, x[:1], output)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"{hint}: the model fails on x[:1] ({err})") from err
+    if one.shape[1:] != out.shape[1:]:
+        raise ValueError(
+            f"{hint}: the model maps x[:1] to per-sample outputs of size "
+            f"{one.shape[1]}, but x to {out.shape[1]}"
+        )
 
 
 def _vjp_sq_norms(
@@ -298,15 +329,31 @@ def _onehot(B: int, k: int, like: Tensor) -> Callable[[int, int], Tensor]:
     return make
 
 
-def _default_chunk(model: nn.Module, n: int) -> int:
+# batched VJPs hold chunk copies of every activation: at most this many
+# directions, and at most this many elements in chunk · B · max(d, k)
+_MAX_CHUNK = 32
+_CHUNK_ELEMENTS = 1 << 26
+
+
+def _default_chunk(
+    model: nn.Module, n: int, x: Tensor | None = None, k: int = 1
+) -> int:
     """How many VJPs to batch per backward pass when the caller does not say.
 
     Measured on CPU (benchmarks/): batching the k VJPs helps dense layers (larger
     matrix products), while convolutions' batching rules are slower than a loop.
+    Memory grows with the chunk (each direction holds a copy of every
+    activation), and beyond a few dozen directions batching gains nothing, so
+    the chunk is capped at 32 directions and, given the input ``x`` and the
+    output size ``k``, at 2²⁶ elements of chunk · B · max(d, k).
     """
     if n == 1 or any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()):
         return 1
-    return n
+    chunk = min(n, _MAX_CHUNK)
+    if x is not None:
+        width = max(x[0].numel(), k, 1)
+        chunk = min(chunk, max(1, _CHUNK_ELEMENTS // (x.shape[0] * width)))
+    return chunk
 
 
 def _forward_mode(
@@ -372,7 +419,9 @@ def jacobian_sq_norms(
 
     Returns:
         Tensor of shape ``(B,)`` in ``x``'s dtype; each entry is the exact value,
-        or an unbiased estimate averaged over ``num_probes`` probes.
+        or an estimate averaged over ``num_probes`` probes (unbiased for
+        ``"projection"`` and ``"jvp"``; ``"finite_difference"`` adds an
+        O(``eps``) truncation error).
 
     Raises:
         ValueError: unknown method, mode or option; bad input (see
@@ -412,26 +461,39 @@ def jacobian_sq_norms(
             "gradients on non-smooth (ReLU) networks; use 'projection', 'exact' or "
             "'jvp' for a differentiable penalty"
         )
-    if mode == "train" and method in ("jvp", "finite_difference"):
-        raise ValueError(
-            f"method={method!r} perturbs every sample at once, which is wrong when "
-            "train mode couples the samples; use method='exact' or 'projection' "
-            "with mode='train', or mode='eval'"
-        )
-    check_input(x)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    # train mode couples samples through BatchNorm; so does a BatchNorm without
+    # running statistics, which normalises by the batch in eval mode too
+    coupled = mode == "train" or untracked_batch_norm(model)
+    if coupled and method in ("jvp", "finite_difference"):
+        why = (
+            "train mode couples the samples"
+            if mode == "train"
+            else "a BatchNorm without running statistics (track_running_stats="
+            "False) couples the samples even in eval mode"
+        )
+        raise ValueError(
+            f"method={method!r} perturbs every sample at once, which is wrong when "
+            f"{why}; use method='exact' or 'projection'"
+            + (", or mode='eval'" if mode == "train" else "")
+        )
+    check_input(x)
     _check_model_matches(model, x)
 
     B = x.shape[0]
     d = x[0].numel()
-    with preserved(model, mode=mode), torch.enable_grad():
+    # inference mode (a Lightning validation step) records no graph even under
+    # enable_grad, which would read as "the output does not depend on x"
+    with preserved(model, mode=mode), torch.inference_mode(False), torch.enable_grad():
+        if x.is_inference():
+            x = x.clone()  # an inference tensor cannot require grad
         fn = lambda z: _select(model, z, output)  # noqa: E731
         if method in ("exact", "projection"):
             xg = x.detach().requires_grad_(True)
             out = fn(xg)
             k = out.shape[1]
-            if method == "exact" and mode == "eval" and d < k and not create_graph:
+            if method == "exact" and not coupled and d < k and not create_graph:
                 values = _exact_forward_or_none(fn, x, d)
                 if values is not None:
                     return _finite(values)
@@ -440,11 +502,11 @@ def jacobian_sq_norms(
                 xg,
                 out.reshape(B, -1),
                 method=method,
-                coupled=mode == "train",
+                coupled=coupled,
                 num_probes=num_probes,
                 distribution=distribution,
                 chunk_size=chunk_size
-                or (1 if mode == "train" else _default_chunk(model, n_directions)),
+                or (1 if coupled else _default_chunk(model, n_directions, xg, k)),
                 generator=generator,
                 create_graph=create_graph,
             )

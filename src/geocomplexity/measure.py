@@ -161,7 +161,11 @@ def _batches(data: Any, batch_size: int) -> tuple[Iterator[Tensor], int | None]:
     if isinstance(data, Tensor):
         return iter(data.split(batch_size)), len(data)
     if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
-        loader = torch.utils.data.DataLoader(data, batch_size=batch_size)
+        # a private generator: starting the loader's iterator draws a base seed,
+        # which would otherwise come from (and advance) the global RNG
+        loader = torch.utils.data.DataLoader(
+            data, batch_size=batch_size, generator=torch.Generator()
+        )
         return (_first(b) for b in loader), len(data)  # type: ignore[arg-type]
     if isinstance(data, Iterable):
         total = None

@@ -14,7 +14,23 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["kept_buffers", "preserved"]
+__all__ = ["kept_buffers", "preserved", "untracked_batch_norm"]
+
+
+def untracked_batch_norm(model: nn.Module) -> bool:
+    """Whether a BatchNorm of ``model`` keeps no running statistics.
+
+    Such a layer (``track_running_stats=False``) normalises with the batch's own
+    statistics in eval mode too, so the samples of a batch are coupled there
+    and the batch-sum trick for per-sample Jacobians does not apply.
+
+    Returns:
+        ``True`` if any ``_BatchNorm`` submodule has ``running_mean is None``.
+    """
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
+        for m in model.modules()
+    )
 
 
 @contextlib.contextmanager

@@ -33,6 +33,18 @@ from geocomplexity.probes import check_distribution
 __all__ = ["GeometricComplexity"]
 
 
+class _Held:
+    """A reference that ``copy.deepcopy`` keeps: clones measure the same model."""
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Held:
+        return self
+
+
 class GeometricComplexity(Metric):
     r"""The mean of :math:`\|\partial g(x)/\partial x\|_F^2` over every input seen.
 
@@ -44,7 +56,8 @@ class GeometricComplexity(Metric):
 
     Args:
         model: the network ``g`` (logits out). It is held, not registered as a
-            submodule: the metric's ``state_dict`` and ``.to()`` leave it alone.
+            submodule: the metric's ``state_dict`` and ``.to()`` leave it alone,
+            and ``clone()`` (``MetricTracker``) shares it rather than copying.
         method: ``"exact"`` (default), ``"projection"``, ``"jvp"`` or
             ``"finite_difference"``.
         output: what is differentiated (see ``jacobian_sq_norms``).
@@ -92,8 +105,9 @@ class GeometricComplexity(Metric):
             )
         check_distribution(distribution)
         # not a submodule: the metric's state_dict, .to() and .double() must
-        # not reach into the model being measured
-        self.__dict__["model"] = model
+        # not reach into the model being measured; and shared, not copied, by
+        # clone() and deepcopy (MetricTracker copies the metric every epoch)
+        self.__dict__["_held"] = _Held(model)
         self._options = {
             "method": method,
             "output": output,
@@ -107,6 +121,11 @@ class GeometricComplexity(Metric):
         self.add_state("total", default=zero.clone(), dist_reduce_fx="sum")
         self.add_state("total_sq", default=zero.clone(), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    @property
+    def model(self) -> nn.Module:
+        """The measured model (the live one, also in clones of the metric)."""
+        return self.__dict__["_held"].module
 
     def update(self, x: Tensor) -> None:
         """Measure a batch of inputs ``(B, *in_shape)`` and add it to the states."""

@@ -115,8 +115,11 @@ class GeometricComplexity(Regularizer):
         Returns:
             A scalar tensor, differentiable in the parameters.
         """
-        coupled = model.training and any(
-            isinstance(m, _COUPLING) and m.training for m in model.modules()
+        # train-mode BatchNorm couples the samples; so does one without running
+        # statistics, which normalises by the batch in eval mode too
+        coupled = any(
+            isinstance(m, _COUPLING) and (m.training or m.running_mean is None)
+            for m in model.modules()
         )
         B = inputs.shape[0]
         gen = resolve_generator(self.generator or self._fallback, inputs.device)
@@ -137,7 +140,8 @@ class GeometricComplexity(Regularizer):
             if coupled and self.method == "jvp":
                 raise ValueError(
                     "method='jvp' perturbs all samples at once, which is wrong when "
-                    "train-mode BatchNorm couples them; use 'projection' or 'exact'"
+                    "BatchNorm couples them (train mode, or no running statistics); "
+                    "use 'projection' or 'exact'"
                 )
             # a forward pass of its own, in the model's current mode; running
             # statistics are put back so the batch is not counted twice
@@ -165,7 +169,14 @@ class GeometricComplexity(Regularizer):
             coupled=coupled,
             num_probes=self.num_probes,
             distribution=self.distribution,
-            chunk_size=1 if coupled else _default_chunk(model, out.shape[1]),
+            chunk_size=1
+            if coupled
+            else _default_chunk(
+                model,
+                out.shape[1] if self.method == "exact" else self.num_probes,
+                x,
+                out.shape[1],
+            ),
             generator=gen,
             create_graph=True,
         )
