@@ -121,6 +121,85 @@ def test_gc_term_batchnorm_train_mode_uses_diagonal_blocks_and_keeps_stats():
     assert all(torch.equal(a, b) for a, b in zip(model.buffers(), stats, strict=True))
 
 
+@pytest.mark.parametrize("coupling", ["bn_train_in_eval_model", "untracked_bn"])
+def test_gc_term_takes_diagonal_blocks_wherever_batchnorm_couples(coupling):
+    # the model's own flag is not the test: a train-mode BatchNorm inside an
+    # eval-mode model, or one without running statistics, couples the samples
+    torch.manual_seed(0)
+    track = coupling != "untracked_bn"
+    model = (
+        nn.Sequential(
+            nn.Linear(4, 8),
+            nn.BatchNorm1d(8, track_running_stats=track),
+            nn.Tanh(),
+            nn.Linear(8, 3),
+        )
+        .double()
+        .eval()
+    )
+    if track:
+        model[1].train()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    want = diagonal_block_sq_norms(model, x).mean()
+    term = GeometricComplexity(1.0, method="exact")
+    assert torch.isclose(term(model, x), want, rtol=1e-10)
+    xg = x.clone().requires_grad_(True)
+    assert torch.isclose(term(model, xg, outputs=model(xg)), want, rtol=1e-10)
+
+
+def test_gc_term_refuses_outputs_that_do_not_depend_on_the_inputs():
+    # x.requires_grad_() after the forward pass: autograd has no path from x,
+    # and the penalty would silently be 0
+    model, x, y = tanh_mlp()
+    out = model(x)
+    x.requires_grad_(True)
+    with pytest.raises(ValueError, match="before the forward pass"):
+        GeometricComplexity(1.0)(model, x, y, outputs=out)
+    with pytest.raises(ValueError, match="before the forward pass"):
+        GeometricComplexity(1.0, method="exact")(model, x, y, outputs=out)
+
+
+def test_gradient_norm_with_a_parameter_the_loss_does_not_use():
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.idle = nn.Linear(4, 3), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.body(x)
+
+    torch.manual_seed(0)
+    model = Heads().double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    g = torch.autograd.grad(
+        F.cross_entropy(model(x), y), list(model.body.parameters()), create_graph=True
+    )
+    want = sum(t.pow(2).sum() for t in g)
+    for method in ("double_backprop", "finite_difference"):
+        term = GradientNorm(1.0, method=method)
+        assert torch.isclose(term(model, x, y), want, rtol=1e-4), method
+        for p in model.parameters():
+            p.grad = None
+        out = model(x)
+        term.backward(F.cross_entropy(out, y), model, x, y, outputs=out)
+        idle = model.idle.weight.grad  # None, as plain backward leaves it, or 0
+        assert idle is None or torch.count_nonzero(idle) == 0, method
+
+
+def test_gradient_norm_own_forward_pass_keeps_batchnorm_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    stats = [b.clone() for b in model.buffers()]
+    for method in ("double_backprop", "finite_difference"):
+        GradientNorm(1.0, method=method)(model, x, y)
+        assert all(
+            torch.equal(a, b) for a, b in zip(model.buffers(), stats, strict=True)
+        ), method
+
+
 def test_gradcheck_gc_and_gradient_norm_terms():
     torch.manual_seed(0)
     x = torch.randn(3, 3, dtype=torch.float64)
@@ -537,7 +616,21 @@ def test_composition_and_scaling():
     s = SpectralNorm(1.0) + L2(1.0)
     s(model, x, y)
     assert set(s.state_dict()) == {"0", "1"}
-    s.load_state_dict(s.state_dict())
+    fresh = SpectralNorm(1.0) + L2(1.0)
+    fresh.load_state_dict(s.state_dict())  # the same power step follows
+    assert torch.equal(fresh(model, x, y), s(model, x, y))
+    # terms that need no batch compose without one
+    assert torch.isclose((L2(1.0) + 2 * L2(2.0))(model), L2(5.0)(model), rtol=1e-12)
+    # fit keys checkpoints by repr: different terms, different strings
+    a = 2 * (L2(0.1) + SpectralNorm(0.2))
+    b = 2 * L2(0.1) + SpectralNorm(0.2)
+    assert repr(a) != repr(b)
+    for one, other in (
+        (SpectralNorm(1.0), SpectralNorm(1.0, power_iterations=3)),
+        (GradientNorm(1.0), GradientNorm(1.0, eps=1e-2)),
+        (GeometricComplexity(1.0), GeometricComplexity(1.0, distribution="gaussian")),
+    ):
+        assert repr(one) != repr(other)
 
 
 @pytest.mark.parametrize(

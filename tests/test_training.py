@@ -129,6 +129,10 @@ def test_fit_restores_global_rng():
         ({"epochs": 1, "label_noise": 1.5}, "label_noise"),
         ({"epochs": 1, "lr": 0}, "lr"),
         ({"epochs": 1, "input_noise_std": -1}, "input_noise_std"),
+        ({"epochs": 1, "input_noise_std": float("nan")}, "input_noise_std"),
+        ({"epochs": 1, "track_gc_every": 0}, "track_gc_every"),
+        ({"epochs": 1, "gc_subset": -60}, "gc_subset"),
+        ({"epochs": 1, "label_noise": 0.1, "num_classes": 2}, "num_classes=2"),
         ({"epochs": 0}, "positive"),
     ],
 )
@@ -259,3 +263,25 @@ def test_resume_after_an_early_stop_and_a_foreign_checkpoint(tmp_path):
     assert len(again.records) == len(whole.records)
     with pytest.raises(ValueError, match="different run"):
         fit(mlp(), train, test, checkpoint=ckpt, **{**kwargs, "lr": 0.1})
+
+
+def test_a_term_reused_across_runs_gives_each_run_a_new_terms_numbers():
+    # SpectralNorm keeps power-iteration vectors: a second fit with the same
+    # object must not start from the first run's
+    train, _ = problem()
+    kwargs = dict(lr=0.1, batch_size=50, epochs=2, device="cpu", progress=False)
+    term = SpectralNorm(1e-2)
+    first = fit(mlp(), train, regularizer=term, **kwargs)
+    again = fit(mlp(), train, regularizer=term, **kwargs)
+    new = fit(mlp(), train, regularizer=SpectralNorm(1e-2), **kwargs)
+    assert again.final["train_loss"] == new.final["train_loss"]
+    assert first.final["train_loss"] == new.final["train_loss"]
+
+
+def test_input_noise_is_applied_and_seeded():
+    train, _ = problem()
+    kwargs = dict(lr=0.1, batch_size=50, epochs=2, device="cpu", progress=False)
+    clean = fit(mlp(), train, **kwargs).final["train_loss"]
+    noisy = fit(mlp(), train, input_noise_std=0.5, **kwargs).final["train_loss"]
+    again = fit(mlp(), train, input_noise_std=0.5, **kwargs).final["train_loss"]
+    assert noisy != clean and noisy == again

@@ -224,6 +224,7 @@ def _vjp_sq_norms(
     n: int,
     chunk_size: int,
     create_graph: bool,
+    strict: bool = False,
 ) -> Tensor:
     """Σ over n directions of ‖∂⟨out, c⟩/∂x‖² per sample, by the batch-sum trick.
 
@@ -232,7 +233,7 @@ def _vjp_sq_norms(
     """
     B = x.shape[0]
     if not out.requires_grad:  # the output does not depend on x at all
-        return x.new_zeros(B)
+        return _unused(x, strict)
     if n == 1:  # one direction (one probe): no accumulator, fewest small ops
         (g,) = torch.autograd.grad(
             out,
@@ -242,7 +243,7 @@ def _vjp_sq_norms(
             create_graph=create_graph,
             allow_unused=True,
         )
-        return x.new_zeros(B) if g is None else g.reshape(B, -1).pow(2).sum(1)
+        return _unused(x, strict) if g is None else g.reshape(B, -1).pow(2).sum(1)
     total = x.new_zeros(B)
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
@@ -257,8 +258,9 @@ def _vjp_sq_norms(
                 create_graph=create_graph,
                 allow_unused=True,
             )
-            if g is not None:
-                total = total + g.reshape(B, -1).pow(2).sum(1)
+            if g is None:
+                return _unused(x, strict)
+            total = total + g.reshape(B, -1).pow(2).sum(1)
         else:
             (g,) = torch.autograd.grad(
                 out,
@@ -269,9 +271,25 @@ def _vjp_sq_norms(
                 allow_unused=True,
                 is_grads_batched=True,
             )
-            if g is not None:
-                total = total + g.reshape(stop - start, B, -1).pow(2).sum((0, 2))
+            if g is None:
+                return _unused(x, strict)
+            total = total + g.reshape(stop - start, B, -1).pow(2).sum((0, 2))
     return total
+
+
+def _unused(x: Tensor, strict: bool) -> Tensor:
+    """Zeros for an output that does not depend on ``x``, or an error if strict.
+
+    Raises:
+        ValueError: ``strict``: a caller's ``out`` was expected to depend on x.
+    """
+    if strict:
+        raise ValueError(
+            "the outputs handed over do not depend on the inputs: make the inputs "
+            "require grad before the forward pass (x.requires_grad_() before "
+            "model(x)), or leave outputs= out so the term runs its own forward pass"
+        )
+    return x.new_zeros(x.shape[0])
 
 
 def _diag_vjp_sq_norms(
@@ -281,6 +299,7 @@ def _diag_vjp_sq_norms(
     n: int,
     chunk_size: int,
     create_graph: bool,
+    strict: bool = False,
 ) -> Tensor:
     """Like :func:`_vjp_sq_norms`, but per sample: ∂⟨out_i, c_i⟩/∂x_i only.
 
@@ -288,9 +307,9 @@ def _diag_vjp_sq_norms(
     and direction, ``chunk_size`` of them batched per backward pass.
     """
     B, k = out.shape
-    total = x.new_zeros(B)
     if not out.requires_grad:
-        return total
+        return _unused(x, strict)
+    total = x.new_zeros(B)
     c = cotangents(0, n)  # (n, B, k)
     jobs = [(p, i) for p in range(n) for i in range(B)]
     rows = []
@@ -310,7 +329,7 @@ def _diag_vjp_sq_norms(
             is_grads_batched=len(block) > 1,
         )
         if g is None:
-            return total
+            return _unused(x, strict)
         g = g.reshape(len(block), B, -1)
         rows.append((idx, g[torch.arange(len(block)), idx].pow(2).sum(1)))
     for idx, val in rows:
@@ -535,6 +554,7 @@ def reverse_sq_norms(
     chunk_size: int = 1,
     generator: torch.Generator | None = None,
     create_graph: bool = False,
+    strict: bool = False,
 ) -> Tensor:
     """Reverse-mode per-sample norms on a graph the caller already built.
 
@@ -553,9 +573,14 @@ def reverse_sq_norms(
         chunk_size: VJPs per backward pass (1 loops).
         generator: probe randomness.
         create_graph: keep the result differentiable in the parameters.
+        strict: raise, rather than return zeros, when ``out`` does not depend
+            on ``x`` (a caller's forward pass ran before ``x`` required grad).
 
     Returns:
         Per-sample values, shape ``(B,)``.
+
+    Raises:
+        ValueError: ``strict`` and ``out`` does not depend on ``x``.
     """
     B, k = out.shape
     if method == "exact":
@@ -571,9 +596,9 @@ def reverse_sq_norms(
         )
         n, cot = num_probes, lambda a, b: probes[a:b]
     if coupled:
-        values = _diag_vjp_sq_norms(x, out, cot, n, chunk_size, create_graph)
+        values = _diag_vjp_sq_norms(x, out, cot, n, chunk_size, create_graph, strict)
     else:
-        values = _vjp_sq_norms(x, out, cot, n, chunk_size, create_graph)
+        values = _vjp_sq_norms(x, out, cot, n, chunk_size, create_graph, strict)
     return values / num_probes if num_probes > 1 and method == "projection" else values
 
 

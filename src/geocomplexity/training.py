@@ -39,7 +39,8 @@ class History:
         records: per epoch: ``epoch``, ``step``, ``train_loss``, ``train_acc``,
             ``test_loss``, ``test_acc`` (NaN without test data), ``gc_train``,
             ``gc_test`` (NaN when not tracked that epoch), ``penalty`` (mean
-            over the epoch's steps), ``wall_time`` (seconds since the start).
+            over the steps since the previous record: the epoch's, unless
+            ``eval_every > 1``), ``wall_time`` (seconds since the start).
         config: the options of the run.
         effective_label_noise: fraction of training labels that differ from the
             originals (uniform relabelling can draw the true label back).
@@ -251,8 +252,14 @@ def fit(
         raise ValueError("epochs/steps must be positive")
     if not 0 <= label_noise <= 1:
         raise ValueError(f"label_noise must be in [0, 1], got {label_noise!r}")
-    if input_noise_std < 0:
+    if not input_noise_std >= 0:  # NaN too
         raise ValueError(f"input_noise_std must be >= 0, got {input_noise_std!r}")
+    if track_gc_every is not None and track_gc_every < 1:
+        raise ValueError(
+            f"track_gc_every must be positive or None, got {track_gc_every!r}"
+        )
+    if not isinstance(gc_subset, int) or gc_subset < 1:
+        raise ValueError(f"gc_subset must be a positive integer, got {gc_subset!r}")
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
     if eval_every < 1:
@@ -286,6 +293,11 @@ def fit(
     )
     if label_noise > 0:
         k = num_classes or int(y.max().item()) + 1
+        if y.max().item() >= k:
+            raise ValueError(
+                f"num_classes={k}, but the labels go up to {int(y.max().item())}; "
+                "give the true number of classes (or leave it out)"
+            )
         y, history.effective_label_noise = apply_label_noise(y, label_noise, k, gen)
     model.to(dev)
     x, y = x.to(dev), y.to(dev)

@@ -165,7 +165,7 @@ class Sum(Regularizer):
             flat.extend(t.terms if isinstance(t, Sum) else (t,))
         self.terms = tuple(flat)
 
-    def __call__(self, model, inputs, targets=None, *, outputs=None, loss_fn=None):
+    def __call__(self, model, inputs=None, targets=None, *, outputs=None, loss_fn=None):
         return sum(
             t(model, inputs, targets, outputs=outputs, loss_fn=loss_fn)
             for t in self.terms
@@ -196,7 +196,7 @@ class Scaled(Regularizer):
     def __init__(self, term: Regularizer, factor: float) -> None:
         self.term, self.factor = term, check_strength(factor)
 
-    def __call__(self, model, inputs, targets=None, *, outputs=None, loss_fn=None):
+    def __call__(self, model, inputs=None, targets=None, *, outputs=None, loss_fn=None):
         return self.factor * self.term(
             model, inputs, targets, outputs=outputs, loss_fn=loss_fn
         )
@@ -215,4 +215,10 @@ class Scaled(Regularizer):
         self.term.load_state_dict(state)
 
     def __repr__(self) -> str:
-        return f"{self.factor!r} * {self.term!r}"
+        # a sum in parentheses: fit's checkpoints are keyed by this string
+        term = repr(self.term)
+        return (
+            f"{self.factor!r} * ({term})"
+            if isinstance(self.term, Sum)
+            else (f"{self.factor!r} * {term}")
+        )

@@ -135,7 +135,7 @@ class GeometricComplexity(Regularizer):
             and outputs.grad_fn is not None
         ):  # reuse the task loss's forward pass
             out = outputs.reshape(B, -1)
-            values = self._norms(model, x, out, gen, coupled)
+            values = self._norms(model, x, out, gen, coupled, strict=True)
         else:
             if coupled and self.method == "jvp":
                 raise ValueError(
@@ -161,6 +161,7 @@ class GeometricComplexity(Regularizer):
         out: Tensor,
         gen: torch.Generator,
         coupled: bool,
+        strict: bool = False,
     ) -> Tensor:
         return reverse_sq_norms(
             x,
@@ -179,6 +180,7 @@ class GeometricComplexity(Regularizer):
             ),
             generator=gen,
             create_graph=True,
+            strict=strict,
         )
 
     def _jvp(self, model: nn.Module, x: Tensor, gen: torch.Generator) -> Tensor:
@@ -191,5 +193,6 @@ class GeometricComplexity(Regularizer):
     def __repr__(self) -> str:
         return (
             f"GeometricComplexity({self.strength!r}, method={self.method!r}, "
-            f"num_probes={self.num_probes}, subsample={self.subsample})"
+            f"num_probes={self.num_probes}, subsample={self.subsample}, "
+            f"distribution={self.distribution!r})"
         )

@@ -32,6 +32,9 @@ from geocomplexity.state import kept_buffers
 
 __all__ = ["GradientNorm"]
 
+# a parameter the loss does not use (an idle head) has a zero gradient
+_UNUSED_ARE_ZERO = {"allow_unused": True, "materialize_grads": True}
+
 
 class GradientNorm(Regularizer):
     """``strength · ‖∇_θ loss_fn(model(inputs), targets)‖²``.
@@ -74,10 +77,12 @@ class GradientNorm(Regularizer):
         """
         loss_fn, params, loss = self._task(model, inputs, targets, outputs, loss_fn)
         if self.method == "double_backprop":
-            grads = torch.autograd.grad(loss, params, create_graph=True)
+            grads = torch.autograd.grad(
+                loss, params, create_graph=True, **_UNUSED_ARE_ZERO
+            )
             return self.strength * sum(g.pow(2).sum() for g in grads)
         # the caller's backward still needs this graph: retain it
-        grads = torch.autograd.grad(loss, params, retain_graph=True)
+        grads = torch.autograd.grad(loss, params, retain_graph=True, **_UNUSED_ARE_ZERO)
         sq, r, shifted = self._shifted_gradient(model, inputs, targets, loss_fn, grads)
         hg = torch._foreach_sub(shifted, grads)  # r·Hg
         # value λ‖g‖², gradient 2λHg, without a second-order graph
@@ -115,7 +120,7 @@ class GradientNorm(Regularizer):
         # forward and two backward passes, where the surrogate of __call__
         # needs a third backward (the caller's, which recomputes g).
         loss_fn = self._checked(model, targets, loss_fn)
-        grads = torch.autograd.grad(loss, params)
+        grads = torch.autograd.grad(loss, params, **_UNUSED_ARE_ZERO)
         sq, r, shifted = self._shifted_gradient(model, inputs, targets, loss_fn, grads)
         # g + 2λHg = g + c (g' − g) with c = 2λ/r: one lerp per tensor
         with torch.no_grad():
@@ -140,7 +145,9 @@ class GradientNorm(Regularizer):
         if not params:
             raise ValueError("the model has no trainable parameters")
         if outputs is None:
-            outputs = model(inputs)
+            # running statistics put back: the caller's step counts the batch
+            with kept_buffers(model):
+                outputs = model(inputs)
         return loss_fn, params, loss_fn(outputs, targets)
 
     def _checked(
@@ -191,11 +198,15 @@ class GradientNorm(Regularizer):
         }
         with kept_buffers(model), torch.enable_grad():
             out = torch.func.functional_call(model, shifted_params, (inputs,))
-            shifted = torch.autograd.grad(loss_fn(out, targets), moved)
+            shifted = torch.autograd.grad(
+                loss_fn(out, targets), moved, **_UNUSED_ARE_ZERO
+            )
         return sq, r, shifted
 
     def __repr__(self) -> str:
-        return f"GradientNorm({self.strength!r}, method={self.method!r})"
+        return (
+            f"GradientNorm({self.strength!r}, method={self.method!r}, eps={self.eps!r})"
+        )
 
 
 def _refuse_random_forward(model: nn.Module) -> None:

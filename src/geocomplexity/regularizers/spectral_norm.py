@@ -74,6 +74,7 @@ class SpectralNorm(Regularizer):
         if not isinstance(power_iterations, int) or power_iterations < 1:
             raise ValueError("power_iterations must be a positive integer")
         self.conv, self.power_iterations = conv, power_iterations
+        self._given = generator is not None
         self.generator = generator or torch.Generator().manual_seed(0)
         self._vectors: dict[str, tuple[Tensor, Tensor]] = {}
         self._warned = False
@@ -396,8 +397,25 @@ class SpectralNorm(Regularizer):
         }
         self._shapes = dict(state["shapes"])
 
+    def seed(self, generator: torch.Generator) -> None:
+        """Start afresh, as :func:`~geocomplexity.training.fit` does per run.
+
+        The power-iteration vectors and conv input sizes of an earlier run
+        are dropped (they belong to another model or input size), and a term
+        built without a generator starts its own again, so one term reused
+        across runs gives each run the numbers a new term would.
+        """
+        del generator  # the vectors' start is this term's own, as when built
+        self._vectors.clear()
+        self._shapes.clear()
+        if not self._given:
+            self.generator = torch.Generator().manual_seed(0)
+
     def __repr__(self) -> str:
-        return f"SpectralNorm({self.strength!r}, conv={self.conv!r})"
+        return (
+            f"SpectralNorm({self.strength!r}, conv={self.conv!r}, "
+            f"power_iterations={self.power_iterations})"
+        )
 
 
 def _plain(m: nn.Module) -> bool:
