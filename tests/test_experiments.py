@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -107,6 +108,83 @@ def test_claim_check_and_spearman():
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     # ties averaged: scipy.stats.spearmanr([1,2,2,3],[1,3,2,4]) = 0.9486832980505138
     assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(0.9486832980505138)
+    # a diverged run has no rank: ranking NaN last would count for a claim
+    assert math.isnan(spearman([1, 2, 3, 4], [1, 2, 3, float("nan")]))
+
+
+def _width_records(train_err, test_loss, gc):
+    return [
+        {
+            "config": {"experiment": "width-sweep", "seed": 0, "width": w, "n": 100},
+            "result": {
+                "train_err": e,
+                "test_loss": t,
+                "gc_train": g,
+                "train_loss": 0.0,
+                "test_err": 0.0,
+                "gc_test": g,
+                "effective_noise": 0.1,
+            },
+        }
+        for w, e, t, g in zip(
+            (2, 4, 8, 16, 32, 64), train_err, test_loss, gc, strict=True
+        )
+    ]
+
+
+def test_double_descent_claims_fail_without_interpolation_or_second_descent():
+    exp = EXPERIMENTS["double-descent"]
+    # an under-trained sweep: nothing interpolates, loss and GC only rise
+    rising = [1.0, 1.2, 1.4, 1.6, 1.8, 2.0]
+    claims, _ = exp.analyze(
+        _width_records([0.8, 0.7, 0.6, 0.5, 0.4, 0.3], rising, rising), "mnist1d"
+    )
+    verdict = [c.passed for c in claims]
+    assert verdict[:2] == [False, False]  # no threshold; no peak with two arms
+    assert "no width reaches" in claims[0].claim
+    # a peak at the threshold with no second descent: the last width is the peak
+    claims, _ = exp.analyze(
+        _width_records([0.5, 0.3, 0.1, 0.02, 0.0, 0.0], rising, rising), "mnist1d"
+    )
+    assert claims[1].passed is False
+    # genuine double descent passes all four
+    peaked = [1.0, 1.5, 3.0, 5.0, 4.0, 3.0]
+    claims, _ = exp.analyze(
+        _width_records([0.5, 0.3, 0.1, 0.0, 0.0, 0.0], peaked, peaked), "mnist1d"
+    )
+    assert [c.passed for c in claims] == [True] * 4
+
+
+def test_arc_length_energy_claim_compares_with_the_least_energy_interpolant():
+    exp = EXPERIMENTS["arc-length"]
+    x = [-1.0, 0.0, 1.0]
+    y = [0.0, 1.0, 0.0]  # PL interpolant: ∫f'² = 1 + 1 = 2
+
+    def record(dirichlet):
+        return {
+            "config": {"experiment": "arc-length", "seed": 0, "target": "sin"},
+            "result": {
+                "steps": 1,
+                "mse": 0.0,
+                "interpolated": True,
+                "arc": 2.9,
+                "arc_pl": 2 * 2**0.5,
+                "ratio": 1.0,
+                "dirichlet": dirichlet,
+                "dirichlet_gap": 0.01,
+                "max_slope": 1.0,
+                "x": x,
+                "y": y,
+            },
+        }
+
+    # dirichlet = (b - a) + ½∫f'²: 2 + 1.05 is 1.05x the least energy, 2 + 1.2 1.2x
+    claims, rows = exp.analyze([record(3.05)], "1-D synthetic")
+    energy = next(c for c in claims if "Dirichlet energy" in c.claim)
+    assert energy.value == pytest.approx(1.05) and energy.passed
+    claims, _ = exp.analyze([record(3.2)], "1-D synthetic")
+    assert not next(c for c in claims if "Dirichlet energy" in c.claim).passed
+    assert rows[0]["energy_ratio"] == pytest.approx(1.05)
 
 
 def square(run: Run) -> dict:
@@ -223,6 +301,24 @@ def test_cli_report_errors_and_list(tmp_path, capsys):
     assert all(name in listed for name in EXPERIMENTS)
 
 
+def test_report_shows_presets_and_survives_a_truncated_run_file(tmp_path, capsys):
+    argv = ["reproduce", "transfer", "--preset", "smoke", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    runs = tmp_path / "transfer" / "runs"
+    (runs / "ffffffffffffffff.json").write_text('{"config": {"exp')  # cut short
+    capsys.readouterr()
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "smoke" in out
+    claims = json.loads((tmp_path / "transfer" / "claims.json").read_text())
+    assert {c["preset"] for c in claims} == {"smoke"}
+    sweep = json.loads((tmp_path / "transfer" / "sweep.json").read_text())
+    assert (
+        sweep["preset"] == "smoke"
+        and len(sweep["keys"]) == len(list(runs.glob("*.json"))) - 1
+    )
+
+
 def test_console_script_help():
     exe = Path(sys.executable).with_name("geocomplexity")
     out = subprocess.run(
@@ -256,10 +352,12 @@ def test_resnet_double_descent_smoke_on_a_generated_cifar_folder(
     assert len(list((folder / "runs").glob("*.pt"))) == 3  # the trained networks
     record = json.loads(runs[0].read_text())
     assert record["config"]["dataset"] == "cifar10"
+    claims = json.loads((folder / "claims.json").read_text())
+    assert {c["dataset"] for c in claims} == {"cifar10"}  # not --dataset's default
     result = record["result"]
     assert result["gc_train"] > 0 and result["effective_noise"] <= 0.15
     assert [r["epoch"] for r in result["curve"]] == [0, 1, 2]
-    assert len(json.loads((folder / "claims.json").read_text())) == 3
+    assert len(json.loads((folder / "claims.json").read_text())) == 4
     assert (folder / "resnet_double_descent.png").exists()
     assert "curve" not in (folder / "results.csv").read_text().splitlines()[0]
     stamps = {p: p.stat().st_mtime_ns for p in runs}

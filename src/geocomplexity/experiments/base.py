@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import abc
 import csv
+import dataclasses
 import functools
 import io
+import json
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +25,14 @@ from geocomplexity.atomic import write_text
 from geocomplexity.experiments.claims import Claim, write_claims
 from geocomplexity.experiments.runner import Context, Run, run_sweep
 
-__all__ = ["PRESETS", "Experiment", "Outcome", "reproduce_one", "result_rows"]
+__all__ = [
+    "PRESETS",
+    "Experiment",
+    "Outcome",
+    "reproduce_one",
+    "result_rows",
+    "seed_means",
+]
 
 PRESETS = ("smoke", "quick", "paper")
 
@@ -53,6 +63,8 @@ class Experiment(abc.ABC):
     claim: str
     #: whether ``--dataset`` matters (the 1-D experiment uses its own data)
     uses_dataset: bool = True
+    #: the data its claims are labelled with when ``--dataset`` does not matter
+    data_label: str = ""
     #: whether it reads a local data folder (``--data-dir``)
     needs_data_dir: bool = False
     #: the presets ``reproduce all`` runs it in
@@ -100,6 +112,18 @@ def result_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         {**r["config"], **{k: v for k, v in r["result"].items() if k != "curve"}}
         for r in records
     ]
+
+
+def seed_means(
+    rows: Sequence[dict[str, Any]], x: str, y: str
+) -> tuple[list[Any], list[float]]:
+    """The mean of ``y`` over the runs (seeds) at each value of ``x``.
+
+    Returns:
+        The sorted distinct ``x`` values and the mean ``y`` at each.
+    """
+    xs = sorted({r[x] for r in rows})
+    return xs, [statistics.fmean(r[y] for r in rows if r[x] == v) for v in xs]
 
 
 def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -167,11 +191,22 @@ def reproduce_one(
         ray_address=ray_address,
         gpus_per_run=1.0 if context.device.startswith("cuda") else 0.0,
     )
-    claims, rows = experiment.analyze(records, dataset)
+    # an experiment with its own data (1-D, CIFAR-10) labels its claims itself
+    label = dataset if experiment.uses_dataset else experiment.data_label
+    claims, rows = experiment.analyze(records, label)
+    claims = [dataclasses.replace(c, preset=preset) for c in claims]
     suffix = (
         "" if dataset == "mnist1d" or not experiment.uses_dataset else f"-{dataset}"
     )
     _write_csv(directory / f"results{suffix}.csv", rows)
     write_claims(directory / f"claims{suffix}.json", claims)
+    # which runs the claims rest on: the report lists their configs alone
+    write_text(
+        directory / f"sweep{suffix}.json",
+        json.dumps(
+            {"preset": preset, "dataset": label, "keys": [r["key"] for r in records]},
+            indent=1,
+        ),
+    )
     figures = experiment.plot(records, directory, suffix)
     return Outcome(experiment.name, directory, claims, figures)

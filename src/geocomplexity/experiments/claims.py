@@ -31,6 +31,7 @@ class Claim:
         passed: whether ``value`` satisfies ``threshold``.
         n: how many numbers the statistic rests on.
         dataset: the data set it was computed on.
+        preset: the preset of the sweep behind it (``"quick"``, ...).
     """
 
     claim: str
@@ -40,6 +41,7 @@ class Claim:
     passed: bool
     n: int
     dataset: str = ""
+    preset: str = ""
 
     @classmethod
     def check(
@@ -87,15 +89,20 @@ def _ranks(v: torch.Tensor) -> torch.Tensor:
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation (ties averaged); NaN if either is constant.
+    """Spearman's rank correlation (ties averaged).
+
+    NaN if either sequence is constant or holds a NaN: a diverged run has no
+    rank, and ranking it last could count for a claim.
 
     Returns:
-        The correlation in [-1, 1].
+        The correlation in [-1, 1], or NaN.
     """
     a = torch.as_tensor(list(x), dtype=torch.float64)
     b = torch.as_tensor(list(y), dtype=torch.float64)
     if len(a) != len(b):
         raise ValueError("x and y differ in length")
+    if a.isnan().any() or b.isnan().any():
+        return math.nan
     ra, rb = _ranks(a), _ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denom = (ra.pow(2).sum() * rb.pow(2).sum()).sqrt()

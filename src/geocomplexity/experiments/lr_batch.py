@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from geocomplexity.data import load
-from geocomplexity.experiments.base import Experiment, result_rows
+from geocomplexity.experiments.base import Experiment, result_rows, seed_means
 from geocomplexity.experiments.claims import Claim, spearman
 from geocomplexity.experiments.figures import pyplot, save
 from geocomplexity.experiments.runner import Context, Run
@@ -167,15 +167,11 @@ class LrBatch(Experiment):
             (axes[0], "lr", ("batch", base_b), "learning rate"),
             (axes[1], "batch", ("lr", base_lr), "batch size"),
         ):
-            sel = sorted(
-                (r for r in rows if r[fixed[0]] == fixed[1]), key=lambda r: r[key]
-            )
-            ax.plot(
-                [r[key] for r in sel],
-                [r["gc_train"] for r in sel],
-                "o-",
-                label="GC (train)",
-            )
+            sel = [r for r in rows if r[fixed[0]] == fixed[1]]
+            # seed means joined; each run a faint dot
+            xs, gc = seed_means(sel, key, "gc_train")
+            ax.plot(xs, gc, "o-", label="GC (train)")
+            ax.plot([r[key] for r in sel], [r["gc_train"] for r in sel], ".", alpha=0.3)
             ax.set(
                 xscale="log",
                 xlabel=label,
@@ -184,8 +180,7 @@ class LrBatch(Experiment):
             )
             ax2 = ax.twinx()
             ax2.plot(
-                [r[key] for r in sel],
-                [r["test_acc"] for r in sel],
+                *seed_means(sel, key, "test_acc"),
                 "s--",
                 color="C1",
                 label="test accuracy",

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from geocomplexity.data import load
-from geocomplexity.experiments.base import Experiment, result_rows
+from geocomplexity.experiments.base import Experiment, result_rows, seed_means
 from geocomplexity.experiments.claims import Claim, spearman
 from geocomplexity.experiments.figures import pyplot, save
 from geocomplexity.experiments.runner import Context, Run
@@ -57,7 +57,8 @@ _PRESETS = {
 }
 #: a strength is "non-trivial" when it raises the final train loss by this factor
 _NONTRIVIAL = 1.2
-_GC_SUBSET = 1000
+# part of each run's config (and hash): editing one reruns the sweep
+_FIXED = {"lr": 1e-3, "batch": 128, "gc_subset": 1000}
 
 
 def _term(kind: str, strength: float):
@@ -99,6 +100,7 @@ class Regularizers(Experiment):
             "epochs": p["epochs"],
             "width": p["width"],
             "n": p["n"],
+            **_FIXED,
         }
         runs = [
             Run.make(self.name, s, kind="none", strength=0.0, **common)
@@ -126,14 +128,14 @@ class Regularizers(Experiment):
             (x, y),
             (data.x_test, data.y_test),
             optimizer="adam",
-            lr=1e-3,
-            batch_size=128,
+            lr=run["lr"],
+            batch_size=run["batch"],
             epochs=run["epochs"],
             regularizer=None if baseline else _term(kind, strength),
             input_noise_std=strength if kind == "input_noise" else 0.0,
             seed=run.seed,
             track_gc_every=1 if baseline else None,
-            gc_subset=_GC_SUBSET,
+            gc_subset=run["gc_subset"],
             eval_every=1 if baseline else run["epochs"],
             device=context.device,
             progress=False,
@@ -143,7 +145,7 @@ class Regularizers(Experiment):
             "test_acc": h.final["test_acc"],
             "test_loss": h.final["test_loss"],
             "gc_train": measure(
-                model, x[:_GC_SUBSET], method="exact", progress=False
+                model, x[: run["gc_subset"]], method="exact", progress=False
             ).value,
             # the baseline's GC against train loss along training
             "curve": [(r["train_loss"], r["gc_train"]) for r in h.records]
@@ -212,17 +214,19 @@ class Regularizers(Experiment):
                 loss, gc = zip(*r["result"]["curve"], strict=True)
                 axes[1].plot(loss, gc, "k-", lw=1, alpha=0.6)
         for i, kind in enumerate(_STRENGTHS):
-            mine = sorted(
-                (r for r in rows if r["kind"] == kind), key=lambda r: r["strength"]
-            )
-            base = [r for r in rows if r["kind"] == "none"]
-            levels = list(range(len(mine) + len(base)))
+            mine = [r for r in rows if r["kind"] == kind]
+            if not mine:
+                continue
+            # the seed mean at each strength, joined; each seed a faint dot
+            strengths, mean = seed_means(mine, "strength", "gc_train")
+            level = {v: j for j, v in enumerate(strengths)}
+            axes[0].plot(range(len(strengths)), mean, "o-", color=f"C{i}", label=kind)
             axes[0].plot(
-                levels[: len(mine)],
+                [level[r["strength"]] for r in mine],
                 [r["gc_train"] for r in mine],
-                "o-",
+                ".",
                 color=f"C{i}",
-                label=kind,
+                alpha=0.3,
             )
             axes[1].plot(
                 [r["train_loss"] for r in mine],
@@ -233,7 +237,7 @@ class Regularizers(Experiment):
             )
         axes[0].set(
             yscale="log",
-            xlabel="strength level (weakest to strongest)",
+            xlabel="strength level (weakest to strongest; line: seed mean)",
             ylabel="GC (train)",
             title="GC against penalty strength",
         )

@@ -16,6 +16,7 @@ import torch
 
 from geocomplexity.atomic import write_text
 from geocomplexity.experiments.claims import Claim, load_claims
+from geocomplexity.experiments.runner import load_runs
 
 __all__ = ["claims_table", "collect_claims", "write_report"]
 
@@ -38,11 +39,21 @@ def claims_table(claims: list[tuple[str, Claim]]) -> str:
     Returns:
         The table.
     """
-    head = ("experiment", "data", "claim", "statistic", "value", "threshold", "verdict")
+    head = (
+        "experiment",
+        "data",
+        "preset",
+        "claim",
+        "statistic",
+        "value",
+        "threshold",
+        "verdict",
+    )
     rows = [head] + [
         (
             name,
             c.dataset,
+            c.preset,
             c.claim,
             c.statistic,
             f"{c.value:.4g}",
@@ -62,13 +73,29 @@ def claims_table(claims: list[tuple[str, Claim]]) -> str:
     return "\n".join(lines)
 
 
-def _configs(directory: Path) -> tuple[dict[str, list], dict[str, str]]:
-    """Each config key with the values it takes, and one run's versions."""
+def _configs(directory: Path) -> tuple[dict[str, list], dict[str, set[str]]]:
+    """Each config key with the values it takes, and the versions that ran.
+
+    Only the runs behind the claims shown (listed in ``sweep*.json``) count,
+    when those files exist; unreadable run files are skipped, as the runner
+    skips them.
+    """
+    runs = load_runs(directory)
+    keys: set[str] = set()
+    for path in directory.glob("sweep*.json"):
+        try:
+            keys.update(json.loads(path.read_text())["keys"])
+        except (OSError, ValueError, KeyError, TypeError):
+            keys = set(runs)  # an unreadable list: show every run
+            break
     values: dict[str, set] = {}
-    versions: dict[str, str] = {}
-    for path in (directory / "runs").glob("*.json"):
-        record = json.loads(path.read_text())
-        versions = record.get("versions", versions)
+    versions: dict[str, set[str]] = {}
+    for key in sorted(keys or runs):
+        record = runs.get(key)
+        if record is None:
+            continue
+        for k, v in record.get("versions", {}).items():
+            versions.setdefault(k, set()).add(str(v))
         for k, v in record["config"].items():
             values.setdefault(k, set()).add(json.dumps(v))
     return {k: sorted(v) for k, v in sorted(values.items())}, versions
@@ -98,19 +125,20 @@ def write_report(out: Path) -> Path:
         ".pass{background:#dfd}.fail{background:#fdd}img{max-width:100%}</style>",
         "<h1>Geometric complexity: reproduced claims</h1>",
         f"<p>{passed} of {len(claims)} claims hold.</p>",
-        "<table><tr><th>experiment</th><th>data</th><th>claim</th><th>statistic</th>"
+        "<table><tr><th>experiment</th><th>data</th><th>preset</th><th>claim</th>"
+        "<th>statistic</th>"
         "<th>value</th><th>threshold</th><th>n</th><th>verdict</th></tr>",
     ]
     for name, c in claims:
         cls, word = ("pass", "PASS") if c.passed else ("fail", "FAIL")
         parts.append(
             f"<tr class='{cls}'><td>{esc(name)}</td><td>{esc(c.dataset)}</td>"
-            f"<td>{esc(c.claim)}</td><td>{esc(c.statistic)}</td>"
+            f"<td>{esc(c.preset)}</td><td>{esc(c.claim)}</td><td>{esc(c.statistic)}</td>"
             f"<td>{c.value:.4g}</td><td>{esc(c.threshold)}</td><td>{c.n}</td>"
             f"<td>{word}</td></tr>"
         )
     parts.append("</table>")
-    versions: dict[str, str] = {}
+    versions: dict[str, set[str]] = {}
     for directory in sorted({out / name for name, _ in claims}):
         parts.append(f"<h2>{esc(directory.name)}</h2>")
         for png in sorted(directory.glob("*.png")):
@@ -118,7 +146,9 @@ def write_report(out: Path) -> Path:
             parts.append(
                 f"<p><img alt='{esc(png.name)}' src='data:image/png;base64,{data}'></p>"
             )
-        configs, versions = _configs(directory)
+        configs, seen = _configs(directory)
+        for k, v in seen.items():
+            versions.setdefault(k, set()).update(v)
         parts.append("<details><summary>configs</summary><table>")
         parts.extend(
             f"<tr><td>{esc(k)}</td><td>{esc(', '.join(v))}</td></tr>"
@@ -127,7 +157,7 @@ def write_report(out: Path) -> Path:
         parts.append("</table></details>")
     parts.append("<h2>Environment</h2><table>")
     env = {
-        **versions,
+        **{k: ", ".join(sorted(v)) for k, v in sorted(versions.items())},
         "report torch": torch.__version__,
         "report machine": platform.platform(),
     }

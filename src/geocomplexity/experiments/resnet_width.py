@@ -8,7 +8,8 @@ and flips, Adam at lr 1e-4, batch 128. Nakkiran et al. train 4000 epochs; the
 double descent there) and a published reproduction trained 500.
 
 The claims are ``double-descent``'s: test loss peaks at the interpolation
-threshold, GC peaks at the same width, and Spearman(GC, test loss) ≥ 0.7.
+threshold and descends again past it, GC peaks at the same width, and
+Spearman(GC, test loss) ≥ 0.7.
 
 CIFAR-10 is read from ``--data-dir`` (the python-version folder), never
 downloaded. Runs train on ``--device`` (CUDA when present with ``auto``) and
@@ -67,6 +68,7 @@ class ResNetDoubleDescent(DoubleDescent):
         "peak together at the interpolation threshold of the width sweep"
     )
     uses_dataset = False
+    data_label = "cifar10"
     needs_data_dir = True
     in_all = ("paper",)
     _presets = _PRESETS
@@ -98,6 +100,7 @@ class ResNetDoubleDescent(DoubleDescent):
                 lr=1e-4,
                 batch=128,
                 gc_samples=p["gc"],
+                label_noise=_NOISE,
             )
             for k in p["widths"]
             for seed in range(seeds or p["seeds"])
@@ -123,7 +126,7 @@ class ResNetDoubleDescent(DoubleDescent):
             lr=run["lr"],
             batch_size=run["batch"],
             epochs=epochs,
-            label_noise=_NOISE,
+            label_noise=run["label_noise"],
             num_classes=data.num_classes,
             augment=random_crop_flip,
             seed=run.seed,
@@ -136,6 +139,7 @@ class ResNetDoubleDescent(DoubleDescent):
         m = run["gc_samples"]
         return {
             **sweep_result(model, history, x[:m], data.x_test[:m]),
+            "n_train": len(x),
             "device": context.device,
             "curve": [
                 {k: r[k] for k in ("epoch", "train_loss", "test_loss", "train_acc")}
