@@ -302,7 +302,11 @@ def measure(
         progress: show a progress bar; ``None`` shows one on a terminal.
         generator: source of probe randomness (see ``jacobian_sq_norms``).
         output: what is differentiated (see ``jacobian_sq_norms``).
-        mode: ``"eval"`` or ``"train"`` (see ``jacobian_sq_norms``).
+        mode: ``"eval"`` or ``"train"`` (see ``jacobian_sq_norms``). In train
+            mode each batch is normalised by its own statistics, so the value
+            depends on how the data are split into batches, and a last batch of
+            one sample fails in BatchNorm: pick a ``batch_size`` that divides
+            the data.
         num_probes: probes per sample for stochastic methods (default 1; with
             ``"auto"``, chosen from ``rtol``).
         distribution: probe distribution.

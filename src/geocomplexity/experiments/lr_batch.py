@@ -172,8 +172,12 @@ class LrBatch(Experiment):
             xs, gc = seed_means(sel, key, "gc_train")
             ax.plot(xs, gc, "o-", label="GC (train)")
             ax.plot([r[key] for r in sel], [r["gc_train"] for r in sel], ".", alpha=0.3)
+            # the swept values as plain tick labels; log-axis minor labels
+            # (2×10⁻², 3×10⁻², ...) overlap on a short axis
+            ax.set_xscale("log")
+            ax.set_xticks(xs, [f"{v:g}" for v in xs])
+            ax.minorticks_off()
             ax.set(
-                xscale="log",
                 xlabel=label,
                 ylabel="GC at the train-loss target",
                 title=f"{fixed[0]} = {fixed[1]}",
