@@ -91,6 +91,26 @@ def test_metric_clones_measure_the_live_model():
     torch.testing.assert_close(tracker.compute().item(), want, rtol=1e-12, atol=0)
 
 
+def test_metric_in_a_copied_container_measures_the_copied_model():
+    import copy
+
+    from geocomplexity.integrations.torchmetrics import GeometricComplexity
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _net().double()
+            self.metric = GeometricComplexity(self.net)
+
+    holder = Holder()
+    twin = copy.deepcopy(holder)
+    assert twin.metric.model is twin.net and holder.metric.model is holder.net
+    other = _net().double()
+    holder.metric.model = other  # re-pointing the metric is honoured
+    assert holder.metric.model is other
+    assert "model" not in dict(holder.metric.named_children())
+
+
 def test_metric_leaves_the_model_alone():
     from geocomplexity.integrations.torchmetrics import GeometricComplexity
 

@@ -412,6 +412,39 @@ def test_one_unbatched_sample_is_refused_when_input_and_output_sizes_agree():
     assert torch.allclose(got, torch.full((6,), 14.0, dtype=torch.float64))
 
 
+def test_scalar_to_scalar_models_on_a_1d_batch():
+    # (B,) -> (B,): a function of one variable, the 1-D case
+    x = torch.linspace(-1, 1, 7, dtype=torch.float64)
+    for model, slope in (
+        (nn.Tanh(), 1 - torch.tanh(x) ** 2),
+        (_Squeezed(nn.Linear(1, 1).double()), None),
+    ):
+        got = gcx.jacobian_sq_norms(model, x)
+        if slope is None:
+            slope = model.net.weight.detach().reshape(()).expand(7)
+        assert torch.allclose(got, slope**2, rtol=1e-12), model
+        assert gcx.measure(model, x, progress=False).value > 0
+    # train-mode BatchNorm batches scalars too; the check leaves no trace
+    bn = _Squeezed(nn.Sequential(nn.Linear(1, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)))
+    bn = bn.double()
+    stats = [b.clone() for b in bn.buffers()]
+    state = torch.get_rng_state()
+    gcx.jacobian_sq_norms(bn, x, mode="train")
+    assert all(torch.equal(a, b) for a, b in zip(bn.buffers(), stats, strict=True))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+class _Squeezed(nn.Module):
+    """``net(x[:, None]).squeeze(-1)``: a (B,) -> (B,) model."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x[:, None]).squeeze(-1)
+
+
 def test_default_chunk_is_bounded_for_many_outputs():
     from geocomplexity.jacobian import _default_chunk
 

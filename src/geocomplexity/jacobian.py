@@ -55,7 +55,7 @@ from geocomplexity.probes import (
     input_probes,
     resolve_generator,
 )
-from geocomplexity.state import preserved, untracked_batch_norm
+from geocomplexity.state import kept_buffers, preserved, untracked_batch_norm
 
 __all__ = ["METHODS", "MODES", "Output", "jacobian_sq_norms", "reverse_sq_norms"]
 
@@ -181,40 +181,39 @@ def _select(model: nn.Module, x: Tensor, output: Output) -> Tensor:
             f"the output has shape {tuple(out.shape)}, with no batch dimension of "
             f"size {B} first; the model must map (B, ...) inputs to (B, ...) outputs"
         )
-    if x.dim() == 1 and B > 1:
-        _check_scalar_batch(model, x, output, out)
     if not torch.is_floating_point(out):
         raise TypeError(f"the output has non-floating dtype {out.dtype}")
     return out.reshape(B, -1)
 
 
-def _check_scalar_batch(
-    model: nn.Module, x: Tensor, output: Output, out: Tensor
-) -> None:
+def _check_scalar_batch(model: nn.Module, x: Tensor, output: Output) -> None:
     """A 1-D ``x`` is a batch of scalars: check the model treats it as one.
 
     A model that also takes unbatched input (``nn.Linear``) maps one sample of
-    size d to an output of size k; when d == k that passes the batch check and
-    the result would be a wrong number. One forward pass on the first scalar
-    tells the two apart.
+    size d to an output of size k; when d == k that passes every shape check
+    and the result would be a wrong number. A forward pass on the first two
+    scalars (one when B = 2) tells the two apart: an unbatched model fails on
+    it. It runs without a graph, with the RNG and buffers put back, so it
+    leaves no trace.
 
     Raises:
-        ValueError: the model fails on, or does not batch, ``x[:1]``.
+        ValueError: the model fails on the first scalars of ``x``.
     """
-    hint = (
-        f"x has shape {tuple(x.shape)}, which is read as a batch of {x.shape[0]} "
-        "scalar inputs; if it is one sample, add its batch dimension (x[None])"
-    )
+    m = 2 if x.shape[0] > 2 else 1
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
     try:
-        with torch.no_grad():
-            one = _select(model, x[:1], output)
+        with (
+            torch.no_grad(),
+            torch.random.fork_rng(devices=devices),
+            kept_buffers(model),
+        ):
+            _select(model, x[:m], output)
     except (RuntimeError, ValueError) as err:
-        raise ValueError(f"{hint}: the model fails on x[:1] ({err})") from err
-    if one.shape[1:] != out.shape[1:]:
         raise ValueError(
-            f"{hint}: the model maps x[:1] to per-sample outputs of size "
-            f"{one.shape[1]}, but x to {out.shape[1]}"
-        )
+            f"x has shape {tuple(x.shape)}, which is read as a batch of "
+            f"{x.shape[0]} scalar inputs, but the model fails on x[:{m}] ({err}); "
+            "if x is one sample, add its batch dimension (x[None])"
+        ) from err
 
 
 def _vjp_sq_norms(
@@ -285,9 +284,11 @@ def _unused(x: Tensor, strict: bool) -> Tensor:
     """
     if strict:
         raise ValueError(
-            "the outputs handed over do not depend on the inputs: make the inputs "
-            "require grad before the forward pass (x.requires_grad_() before "
-            "model(x)), or leave outputs= out so the term runs its own forward pass"
+            "the outputs handed over do not depend on the inputs (autograd has no "
+            "path from one to the other): make the inputs require grad before the "
+            "forward pass (x.requires_grad_() before model(x)), or leave outputs= "
+            "out so the term runs its own; if the model itself cuts the path "
+            "(no_grad, detach, an integer cast), its GC is 0 by construction"
         )
     return x.new_zeros(x.shape[0])
 
@@ -507,6 +508,8 @@ def jacobian_sq_norms(
     with preserved(model, mode=mode), torch.inference_mode(False), torch.enable_grad():
         if x.is_inference():
             x = x.clone()  # an inference tensor cannot require grad
+        if x.dim() == 1 and x.shape[0] > 1:
+            _check_scalar_batch(model, x, output)
         fn = lambda z: _select(model, z, output)  # noqa: E731
         if method in ("exact", "projection"):
             xg = x.detach().requires_grad_(True)

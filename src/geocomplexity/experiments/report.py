@@ -88,9 +88,11 @@ def _configs(directory: Path) -> tuple[dict[str, list], dict[str, set[str]]]:
         except (OSError, ValueError, KeyError, TypeError):
             keys = set(runs)  # an unreadable list: show every run
             break
+    if not keys & set(runs):  # no list, or its runs were deleted: show all
+        keys = set(runs)
     values: dict[str, set] = {}
     versions: dict[str, set[str]] = {}
-    for key in sorted(keys or runs):
+    for key in sorted(keys):
         record = runs.get(key)
         if record is None:
             continue

@@ -34,7 +34,12 @@ __all__ = ["GeometricComplexity"]
 
 
 class _Held:
-    """A reference that ``copy.deepcopy`` keeps: clones measure the same model."""
+    """The measured model, which ``copy.deepcopy`` does not copy on its own.
+
+    A copy of the metric alone (``clone()``, ``MetricTracker``) measures the
+    same, live model. A copy of a container that holds the model too (a
+    LightningModule, ``AveragedModel``) measures that container's copy of it.
+    """
 
     __slots__ = ("module",)
 
@@ -42,7 +47,8 @@ class _Held:
         self.module = module
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Held:
-        return self
+        copied = memo.get(id(self.module))  # the model, if copied along
+        return self if copied is None else _Held(copied)
 
 
 class GeometricComplexity(Metric):
@@ -126,6 +132,14 @@ class GeometricComplexity(Metric):
     def model(self) -> nn.Module:
         """The measured model (the live one, also in clones of the metric)."""
         return self.__dict__["_held"].module
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # nn.Module would register a new model as a submodule behind the
+        # property's back; hold it instead
+        if name == "model":
+            self.__dict__["_held"] = _Held(value)
+        else:
+            super().__setattr__(name, value)
 
     def update(self, x: Tensor) -> None:
         """Measure a batch of inputs ``(B, *in_shape)`` and add it to the states."""

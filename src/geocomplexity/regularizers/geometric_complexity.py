@@ -112,9 +112,21 @@ class GeometricComplexity(Regularizer):
     ) -> Tensor:
         """The penalty on this batch.
 
+        Under ``torch.no_grad()`` or ``torch.inference_mode()`` (logging a
+        validation value, say) gradients are turned back on for the term
+        alone: the value is right either way.
+
         Returns:
             A scalar tensor, differentiable in the parameters.
         """
+        with torch.inference_mode(False), torch.enable_grad():
+            if inputs.is_inference():
+                inputs = inputs.clone()  # an inference tensor cannot require grad
+            return self._penalty(model, inputs, outputs)
+
+    def _penalty(
+        self, model: nn.Module, inputs: Tensor, outputs: Tensor | None
+    ) -> Tensor:
         # train-mode BatchNorm couples the samples; so does one without running
         # statistics, which normalises by the batch in eval mode too
         coupled = any(

@@ -18,6 +18,8 @@ two-pass structure).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -34,6 +36,22 @@ __all__ = ["GradientNorm"]
 
 # a parameter the loss does not use (an idle head) has a zero gradient
 _UNUSED_ARE_ZERO = {"allow_unused": True, "materialize_grads": True}
+
+
+def _param_grads(
+    loss: Tensor, params: list[Tensor], **kwargs: Any
+) -> tuple[list[Tensor], list[bool]]:
+    """``∂loss/∂params``, zeros for a parameter the loss does not use.
+
+    Returns:
+        The gradients, and which parameters the loss uses.
+    """
+    grads = torch.autograd.grad(loss, params, allow_unused=True, **kwargs)
+    used = [g is not None for g in grads]
+    return [
+        torch.zeros_like(p) if g is None else g
+        for p, g in zip(params, grads, strict=True)
+    ], used
 
 
 class GradientNorm(Regularizer):
@@ -82,11 +100,14 @@ class GradientNorm(Regularizer):
             )
             return self.strength * sum(g.pow(2).sum() for g in grads)
         # the caller's backward still needs this graph: retain it
-        grads = torch.autograd.grad(loss, params, retain_graph=True, **_UNUSED_ARE_ZERO)
+        grads, used = _param_grads(loss, params, retain_graph=True)
         sq, r, shifted = self._shifted_gradient(model, inputs, targets, loss_fn, grads)
         hg = torch._foreach_sub(shifted, grads)  # r·Hg
-        # value λ‖g‖², gradient 2λHg, without a second-order graph
-        link = sum((p * h).sum() for p, h in zip(params, hg, strict=True)) * (2 / r)
+        # value λ‖g‖², gradient 2λHg, without a second-order graph (a parameter
+        # the loss does not use stays out of it, its .grad untouched)
+        link = sum(
+            (p * h).sum() for p, h, u in zip(params, hg, used, strict=True) if u
+        ) * (2 / r)
         return self.strength * (sq + link - link.detach())
 
     def backward(  # noqa: D102 - see Regularizer.backward
@@ -120,12 +141,14 @@ class GradientNorm(Regularizer):
         # forward and two backward passes, where the surrogate of __call__
         # needs a third backward (the caller's, which recomputes g).
         loss_fn = self._checked(model, targets, loss_fn)
-        grads = torch.autograd.grad(loss, params, **_UNUSED_ARE_ZERO)
+        grads, used = _param_grads(loss, params)
         sq, r, shifted = self._shifted_gradient(model, inputs, targets, loss_fn, grads)
         # g + 2λHg = g + c (g' − g) with c = 2λ/r: one lerp per tensor
         with torch.no_grad():
             total = torch._foreach_lerp(grads, shifted, 2 * self.strength / r)
-            for p, t in zip(params, total, strict=True):
+            for p, t, u in zip(params, total, used, strict=True):
+                if not u:  # unused by the loss: .grad left as backward leaves it
+                    continue
                 if p.grad is None:
                     p.grad = t
                 else:
