@@ -92,6 +92,21 @@ def make_case(name: str) -> tuple[nn.Module, torch.Tensor]:
     return m.double(), x.double()
 
 
+def batchnorm_mlp(d_in: int, *, track: bool = True) -> nn.Module:
+    """Linear-BatchNorm-Tanh-Linear to 3 outputs, float64, in eval mode."""
+    torch.manual_seed(0)
+    return (
+        nn.Sequential(
+            nn.Linear(d_in, 8),
+            nn.BatchNorm1d(8, track_running_stats=track),
+            nn.Tanh(),
+            nn.Linear(8, 3),
+        )
+        .double()
+        .eval()
+    )
+
+
 CASES = [
     "mlp",
     "cnn",

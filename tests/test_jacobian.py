@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CASES, DictOut, make_case
+from conftest import CASES, DictOut, batchnorm_mlp, make_case
 from reference import diagonal_block_sq_norms, per_sample_sq_norms
 from torch import nn
 
@@ -346,17 +346,7 @@ def test_train_mode_penalty_graph_survives_and_stats_stay():
 
 def test_batchnorm_without_running_stats_takes_diagonal_blocks_in_eval_mode():
     # track_running_stats=False normalises by the batch in eval mode too
-    torch.manual_seed(0)
-    model = (
-        nn.Sequential(
-            nn.Linear(5, 8),
-            nn.BatchNorm1d(8, track_running_stats=False),
-            nn.Tanh(),
-            nn.Linear(8, 3),
-        )
-        .double()
-        .eval()
-    )
+    model = batchnorm_mlp(5, track=False)
     x = torch.randn(6, 5, dtype=torch.float64)
     want = diagonal_block_sq_norms(model, x)
     for method in ("exact", "projection"):

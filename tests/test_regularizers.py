@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_case
+from conftest import batchnorm_mlp, make_case
 from reference import diagonal_block_sq_norms, per_sample_sq_norms
 from torch import nn
 
@@ -125,18 +125,8 @@ def test_gc_term_batchnorm_train_mode_uses_diagonal_blocks_and_keeps_stats():
 def test_gc_term_takes_diagonal_blocks_wherever_batchnorm_couples(coupling):
     # the model's own flag is not the test: a train-mode BatchNorm inside an
     # eval-mode model, or one without running statistics, couples the samples
-    torch.manual_seed(0)
     track = coupling != "untracked_bn"
-    model = (
-        nn.Sequential(
-            nn.Linear(4, 8),
-            nn.BatchNorm1d(8, track_running_stats=track),
-            nn.Tanh(),
-            nn.Linear(8, 3),
-        )
-        .double()
-        .eval()
-    )
+    model = batchnorm_mlp(4, track=track)
     if track:
         model[1].train()
     x = torch.randn(6, 4, dtype=torch.float64)
