@@ -41,6 +41,7 @@ VJP per sample and direction: :math:`B` times the cost, never the trick.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -184,6 +185,18 @@ def _select(model: nn.Module, x: Tensor, output: Output) -> Tensor:
     if not torch.is_floating_point(out):
         raise TypeError(f"the output has non-floating dtype {out.dtype}")
     return out.reshape(B, -1)
+
+
+def _refuse_coupled(method: str, why: str, alternative: str = "") -> None:
+    """Perturbing every sample at once is wrong where samples are coupled.
+
+    Raises:
+        ValueError: always, naming the reason and the methods that work.
+    """
+    raise ValueError(
+        f"method={method!r} perturbs every sample at once, which is wrong when "
+        f"{why}; use method='exact' or 'projection'{alternative}"
+    )
 
 
 def _check_scalar_batch(model: nn.Module, x: Tensor, output: Output) -> None:
@@ -481,31 +494,33 @@ def jacobian_sq_norms(
             "gradients on non-smooth (ReLU) networks; use 'projection', 'exact' or "
             "'jvp' for a differentiable penalty"
         )
+    if mode == "train" and method in ("jvp", "finite_difference"):
+        _refuse_coupled(method, "train mode couples the samples", ", or mode='eval'")
+    check_input(x)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    # train mode couples samples through BatchNorm; so does a BatchNorm without
-    # running statistics, which normalises by the batch in eval mode too
-    coupled = mode == "train" or untracked_batch_norm(model)
-    if coupled and method in ("jvp", "finite_difference"):
-        why = (
-            "train mode couples the samples"
-            if mode == "train"
-            else "a BatchNorm without running statistics (track_running_stats="
-            "False) couples the samples even in eval mode"
-        )
-        raise ValueError(
-            f"method={method!r} perturbs every sample at once, which is wrong when "
-            f"{why}; use method='exact' or 'projection'"
-            + (", or mode='eval'" if mode == "train" else "")
-        )
-    check_input(x)
     _check_model_matches(model, x)
 
     B = x.shape[0]
     d = x[0].numel()
     # inference mode (a Lightning validation step) records no graph even under
     # enable_grad, which would read as "the output does not depend on x"
-    with preserved(model, mode=mode), torch.inference_mode(False), torch.enable_grad():
+    grad_on = (
+        torch.inference_mode(False)
+        if torch.is_inference_mode_enabled()
+        else contextlib.nullcontext()
+    )
+    with preserved(model, mode=mode) as modules, grad_on, torch.enable_grad():
+        # train mode couples samples through BatchNorm; so does a BatchNorm
+        # without running statistics, which normalises by the batch in eval
+        # mode too
+        coupled = mode == "train" or untracked_batch_norm(modules)
+        if coupled and method in ("jvp", "finite_difference"):
+            _refuse_coupled(
+                method,
+                "a BatchNorm without running statistics (track_running_stats="
+                "False) couples the samples even in eval mode",
+            )
         if x.is_inference():
             x = x.clone()  # an inference tensor cannot require grad
         if x.dim() == 1 and x.shape[0] > 1:

@@ -119,6 +119,8 @@ class GeometricComplexity(Regularizer):
         Returns:
             A scalar tensor, differentiable in the parameters.
         """
+        if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+            return self._penalty(model, inputs, outputs)  # a training step
         with torch.inference_mode(False), torch.enable_grad():
             if inputs.is_inference():
                 inputs = inputs.clone()  # an inference tensor cannot require grad
