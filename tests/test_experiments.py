@@ -69,7 +69,10 @@ def test_claims_are_computed_from_runs_and_can_fail():
                 "depth": depth,
                 "dataset": "mnist1d",
             },
-            "result": {"gc": float(depth) if init == "default" else 1.0 / depth},
+            "result": {
+                "gc": float(depth) if init == "default" else 1.0 / depth,
+                "outputs": 10,
+            },
         }
         for init in ("default", "glorot", "lecun", "he")
         for depth in (1, 2, 4, 8)
@@ -80,6 +83,14 @@ def test_claims_are_computed_from_runs_and_can_fail():
     assert verdict["GC at init falls with depth (glorot init)"] is True
     # He falling like the others would refute "He is the exception"
     assert next(c for c in claims if "He" in c.claim).passed is False
+    # so would He rising, or staying flat far from the predicted 2k = 20
+    for he in (lambda d: 20.0 * d, lambda d: 5.0, lambda d: 19.0 + d / 10):
+        for r in records:
+            if r["config"]["init"] == "he":
+                r["result"]["gc"] = he(r["config"]["depth"])
+        claims, _ = exp.analyze(records, "mnist1d")
+        verdict = next(c for c in claims if "He" in c.claim).passed
+        assert verdict is (he(8) == 19.8), he(8)
 
     transfer = EXPERIMENTS["transfer"]
     bad = [

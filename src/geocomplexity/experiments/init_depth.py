@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from geocomplexity.data import load
-from geocomplexity.experiments.base import Experiment
+from geocomplexity.experiments.base import Experiment, seed_means
 from geocomplexity.experiments.claims import Claim, spearman
 from geocomplexity.experiments.figures import pyplot, save
 from geocomplexity.experiments.runner import Context, Run
@@ -42,7 +42,8 @@ class InitDepth(Experiment):
     name = "init-depth"
     claim = (
         "GC at initialization falls with depth under PyTorch-default, Glorot and "
-        "LeCun init (Spearman <= -0.9); He init is the predicted exception"
+        "LeCun init (Spearman <= -0.9); He init is the predicted exception, its "
+        "mean staying within 2x of 2k at every depth"
     )
 
     def runs(self, preset: str, dataset: str, seeds: int | None) -> list[Run]:  # noqa: D102
@@ -77,12 +78,20 @@ class InitDepth(Experiment):
         t = torch.linspace(0, 1, 101)[:, None]
         with torch.no_grad():
             line = model(x[0] + t * (x[1] - x[0]))[:, 0]
-        return {"gc": gc.value, "gc_stderr": gc.stderr, "slice": line.tolist()}
+        return {
+            "gc": gc.value,
+            "gc_stderr": gc.stderr,
+            "outputs": data.num_classes,
+            "slice": line.tolist(),
+        }
 
     def analyze(  # noqa: D102
         self, records: Sequence[dict[str, Any]], dataset: str
     ) -> tuple[list[Claim], list[dict[str, Any]]]:
         rows = [{**r["config"], "gc": r["result"]["gc"]} for r in records]
+        # k, the number of logits: He init's predicted mean GC is 2k
+        outputs = {r["result"].get("outputs") for r in records} - {None}
+        k = outputs.pop() if len(outputs) == 1 else load(dataset).num_classes
         claims = []
         for init in INITS:
             mine = [r for r in rows if r["init"] == init]
@@ -100,13 +109,19 @@ class InitDepth(Experiment):
                     )
                 )
             else:
+                # not only "does not fall": the mean stays at its prediction,
+                # within a factor of 2 at every depth (seed means)
+                depths, means = seed_means(mine, "depth", "gc")
+                worst = max(max(m, 2 * k) / min(m, 2 * k) for m in means)
                 claims.append(
                     Claim.check(
-                        "He init is the exception: GC at init does not fall with depth",
-                        "Spearman(depth, GC)",
-                        rho,
-                        ">",
-                        -0.9,
+                        f"He init is the exception: GC at init stays near the "
+                        f"predicted 2k = {2 * k} at every depth "
+                        f"({depths[0]}-{depths[-1]})",
+                        "max over depths of the factor between mean GC and 2k",
+                        worst if min(means) > 0 else float("inf"),
+                        "<=",
+                        2.0,
                         len(mine),
                         dataset,
                     )
