@@ -165,6 +165,11 @@ class _WidthSweep(Experiment):
         plt = pyplot()
 
         rows = result_rows(records)
+        # the interpolation threshold (dotted): first width with mean train
+        # error <= 1%, as the claims define it
+        widths, train_err = _means(rows, "train_err")
+        below = [w for w, e in zip(widths, train_err, strict=True) if e <= 0.01]
+        threshold = below[0] if below else None
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
         for ax, keys, label in (
             (axes[0], ("train_loss", "test_loss"), "cross-entropy"),
@@ -181,6 +186,8 @@ class _WidthSweep(Experiment):
                     color=ax.lines[-1].get_color(),
                     alpha=0.3,
                 )
+            if threshold is not None:
+                ax.axvline(threshold, color="k", ls=":", lw=0.8)
             ax.set(xscale="log", xlabel="width", ylabel=label)
             if label == "GC":
                 ax.set_yscale("log")
@@ -190,7 +197,8 @@ class _WidthSweep(Experiment):
         used = records[0]["result"].get("n_train", records[0]["config"]["n"])
         fig.suptitle(
             f"{self.name}: {used or 'all'} training points, "
-            f"effective label noise {noise:.3f}",
+            + ("" if threshold is None else f"interpolation threshold w={threshold}, ")
+            + f"effective label noise {noise:.3f}",
             fontsize=10,
         )
         return save(fig, path)
