@@ -285,3 +285,25 @@ def test_input_noise_is_applied_and_seeded():
     noisy = fit(mlp(), train, input_noise_std=0.5, **kwargs).final["train_loss"]
     again = fit(mlp(), train, input_noise_std=0.5, **kwargs).final["train_loss"]
     assert noisy != clean and noisy == again
+
+
+def test_drop_last_keeps_every_step_at_the_batch_size():
+    train, _ = problem(n=210)  # 4 batches of 50 and one of 10
+    sizes = []
+
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp()
+
+        def forward(self, x):
+            if self.training:
+                sizes.append(len(x))
+            return self.net(x)
+
+    kwargs = dict(lr=0.1, batch_size=50, epochs=2, device="cpu", progress=False)
+    h = fit(Spy(), train, drop_last=True, **kwargs)
+    assert sizes == [50] * 8 and h.final["step"] == 8
+    sizes.clear()
+    h = fit(Spy(), train, **kwargs)
+    assert sizes == [50, 50, 50, 50, 10] * 2 and h.final["step"] == 10

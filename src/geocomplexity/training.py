@@ -168,6 +168,7 @@ def fit(
     | Callable[..., torch.optim.Optimizer] = "sgd",
     lr: float = 0.01,
     batch_size: int | None = 128,
+    drop_last: bool = False,
     epochs: int | None = None,
     steps: int | None = None,
     regularizer: Regularizer | None = None,
@@ -198,6 +199,9 @@ def fit(
             ``"adam"``, a torch optimizer, or ``params -> optimizer``.
         lr: learning rate for the named optimizers.
         batch_size: minibatch size; ``None`` for full batch.
+        drop_last: drop each epoch's last, smaller minibatch (then every step
+            sees ``batch_size`` samples, as learning-rate and batch-size
+            comparisons want; the dropped samples change with the shuffle).
         epochs: epochs to train (one of ``epochs``/``steps``).
         steps: optimizer steps to train (records still come per epoch).
         regularizer: a penalty term added to the loss each step; it reuses the
@@ -272,7 +276,7 @@ def fit(
     loss_fn = loss_fn or F.cross_entropy
     n = len(x)
     bs = n if batch_size is None else min(batch_size, n)
-    per_epoch = math.ceil(n / bs)
+    per_epoch = n // bs if drop_last else math.ceil(n / bs)
     total_steps = steps if steps is not None else epochs * per_epoch  # type: ignore[operator]
     num_epochs = math.ceil(total_steps / per_epoch)
 
@@ -282,6 +286,7 @@ def fit(
             "optimizer": optimizer if isinstance(optimizer, str) else repr(optimizer),
             "lr": lr,
             "batch_size": batch_size,
+            "drop_last": drop_last,
             "epochs": epochs,
             "steps": steps,
             "regularizer": repr(regularizer),
@@ -344,6 +349,8 @@ def fit(
     fingerprint = {
         "samples": n,
         "batch_size": bs,
+        # only when set: checkpoints written before the option still resume
+        **({"drop_last": True} if drop_last else {}),
         "total_steps": total_steps,
         "lr": lr,
         "seed": seed,
@@ -435,6 +442,7 @@ def fit(
                 else (
                     (x[i], y[i])
                     for i in torch.randperm(n, generator=gen).to(dev).split(bs)
+                    if len(i) == bs or not drop_last
                 )
             )
             for xb, yb in batches:

@@ -81,6 +81,9 @@ class LrBatch(Experiment):
                 width=p["width"],
                 base_lr=lr0,
                 base_batch=b0,
+                # every step sees `batch` samples, as in the calibration: a
+                # short last batch would blur the batch-size comparison
+                drop_last=True,
             )
             for lr, b in pairs
             for seed in range(seeds or p["seeds"])
@@ -97,6 +100,7 @@ class LrBatch(Experiment):
             optimizer="sgd",
             lr=run["lr"],
             batch_size=run["batch"],
+            drop_last=run["drop_last"],
             epochs=run["max_epochs"],
             stop_at_train_loss=run["target"],
             eval_every=run["max_epochs"],
