@@ -91,6 +91,13 @@ def test_claims_are_computed_from_runs_and_can_fail():
         claims, _ = exp.analyze(records, "mnist1d")
         verdict = next(c for c in claims if "He" in c.claim).passed
         assert verdict is (he(8) == 19.8), he(8)
+    # a zero or NaN mean at one depth fails, wherever it falls
+    for bad in (0.0, float("nan")):
+        for r in records:
+            if r["config"]["init"] == "he":
+                r["result"]["gc"] = bad if r["config"]["depth"] == 4 else 20.0
+        claims, _ = exp.analyze(records, "mnist1d")
+        assert next(c for c in claims if "He" in c.claim).passed is False, bad
 
     transfer = EXPERIMENTS["transfer"]
     bad = [

@@ -196,6 +196,20 @@ def test_gc_term_value_is_right_under_no_grad_and_inference_mode(context):
                 assert got > 0
 
 
+def test_gc_term_takes_inputs_made_in_inference_mode_in_a_training_step():
+    # a frozen-feature loop: inputs built under inference_mode, the penalty
+    # called with grad on; an inference tensor cannot be made to require grad
+    model, x, y = tanh_mlp()
+    with torch.inference_mode():
+        xi = x.clone()
+    want = per_sample_sq_norms(model, x).mean()
+    for method in ("exact", "jvp"):
+        got = GeometricComplexity(1.0, method=method, num_probes=1)(model, xi, y)
+        assert got.requires_grad, method
+        if method == "exact":
+            assert torch.isclose(got, want, rtol=1e-10)
+
+
 def test_gradient_norm_own_forward_pass_keeps_batchnorm_statistics():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)).double()

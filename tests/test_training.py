@@ -133,6 +133,7 @@ def test_fit_restores_global_rng():
         ({"epochs": 1, "track_gc_every": 0}, "track_gc_every"),
         ({"epochs": 1, "gc_subset": -60}, "gc_subset"),
         ({"epochs": 1, "label_noise": 0.1, "num_classes": 2}, "num_classes=2"),
+        ({"epochs": 1, "drop_last": True, "batch_size": 500}, "drop every sample"),
         ({"epochs": 0}, "positive"),
     ],
 )

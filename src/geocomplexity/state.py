@@ -17,7 +17,7 @@ from torch import nn
 __all__ = ["kept_buffers", "preserved", "untracked_batch_norm"]
 
 
-def untracked_batch_norm(modules: Iterable[nn.Module]) -> bool:
+def untracked_batch_norm(modules: nn.Module | Iterable[nn.Module]) -> bool:
     """Whether one of ``modules`` is a BatchNorm that keeps no running statistics.
 
     Such a layer (``track_running_stats=False``) normalises with the batch's own
@@ -25,12 +25,15 @@ def untracked_batch_norm(modules: Iterable[nn.Module]) -> bool:
     and the batch-sum trick for per-sample Jacobians does not apply.
 
     Args:
-        modules: ``model.modules()``, or the list :func:`preserved` yields
-            (walking a large model's tree costs about a microsecond a module).
+        modules: a model, or its modules as the list :func:`preserved`
+            yields (walking a large model's tree costs about a microsecond a
+            module, so a caller that has the list passes it).
 
     Returns:
         ``True`` if any ``_BatchNorm`` among them has ``running_mean is None``.
     """
+    if isinstance(modules, nn.Module):
+        modules = modules.modules()
     return any(
         isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
         for m in modules

@@ -270,6 +270,11 @@ def fit(
         raise ValueError(f"eval_every must be positive, got {eval_every!r}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be positive or None, got {batch_size!r}")
+    if drop_last and batch_size is not None and batch_size > len(x):
+        raise ValueError(
+            f"drop_last=True with batch_size={batch_size} > {len(x)} training "
+            "samples would drop every sample; lower batch_size"
+        )
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be positive, got {checkpoint_every!r}")
     dev = resolve_device(device)

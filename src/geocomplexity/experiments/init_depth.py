@@ -8,6 +8,7 @@ under He initialization, the predicted exception.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -112,14 +113,20 @@ class InitDepth(Experiment):
                 # not only "does not fall": the mean stays at its prediction,
                 # within a factor of 2 at every depth (seed means)
                 depths, means = seed_means(mine, "depth", "gc")
-                worst = max(max(m, 2 * k) / min(m, 2 * k) for m in means)
+                # a zero, NaN or missing mean fails (max() would skip a NaN)
+                ok = means and all(math.isfinite(m) and m > 0 for m in means)
+                worst = (
+                    max(max(m, 2 * k) / min(m, 2 * k) for m in means)
+                    if ok
+                    else math.inf
+                )
                 claims.append(
                     Claim.check(
                         f"He init is the exception: GC at init stays near the "
-                        f"predicted 2k = {2 * k} at every depth "
-                        f"({depths[0]}-{depths[-1]})",
+                        f"predicted 2k = {2 * k} at every depth"
+                        + (f" ({depths[0]}-{depths[-1]})" if depths else ""),
                         "max over depths of the factor between mean GC and 2k",
-                        worst if min(means) > 0 else float("inf"),
+                        worst,
                         "<=",
                         2.0,
                         len(mine),

@@ -119,7 +119,11 @@ class GeometricComplexity(Regularizer):
         Returns:
             A scalar tensor, differentiable in the parameters.
         """
-        if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+        if (
+            torch.is_grad_enabled()
+            and not torch.is_inference_mode_enabled()
+            and not inputs.is_inference()
+        ):
             return self._penalty(model, inputs, outputs)  # a training step
         with torch.inference_mode(False), torch.enable_grad():
             if inputs.is_inference():
