@@ -445,3 +445,45 @@ def test_default_chunk_is_bounded_for_many_outputs():
     big = torch.zeros(4096, 2000)
     assert _default_chunk(model, 1000, big, 1000) == 8  # 2**26 // (4096 * 2000)
     assert _default_chunk(model, 1000, torch.zeros(1 << 20, 100), 1000) == 1
+
+
+def test_large_rademacher_draws_unpack_balanced_independent_bits():
+    # above _BITS_FROM entries the signs come 63 to a random int64: every bit
+    # position must be a fair coin (a stuck or biased bit would show here)
+    from geocomplexity.probes import _BITS_FROM, _WORD_BITS, draw_probes
+
+    def draw(shape, seed):
+        return draw_probes(
+            "rademacher",
+            shape,
+            dtype=torch.float64,
+            device=torch.device("cpu"),
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    words = 4000
+    v = draw((words * _WORD_BITS,), 0)
+    assert v.numel() >= _BITS_FROM and set(v.unique().tolist()) == {-1.0, 1.0}
+    per_bit = v.reshape(words, _WORD_BITS).mean(0)  # column = bit position
+    assert per_bit.abs().max() < 5 / words**0.5
+    pairs = v.reshape(words, _WORD_BITS)
+    assert (pairs[:, 1:] * pairs[:, :-1]).mean(0).abs().max() < 5 / words**0.5
+    assert torch.equal(v, draw((words * _WORD_BITS,), 0))  # seeded
+    assert not torch.equal(v, draw((words * _WORD_BITS,), 1))
+
+
+def test_projection_with_many_outputs_is_unbiased():
+    # k = 600 outputs, B = 8: 4800 probe entries per draw, the unpacked path
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 32), nn.Tanh(), nn.Linear(32, 600)).double()
+    x = torch.randn(8, 5, dtype=torch.float64)
+    want = per_sample_sq_norms(model, x)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack(
+        [
+            gcx.jacobian_sq_norms(model, x, method="projection", generator=g)
+            for _ in range(400)
+        ]
+    )
+    se = draws.std(0) / 400**0.5
+    assert ((draws.mean(0) - want).abs() < 4 * se).all()
