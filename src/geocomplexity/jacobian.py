@@ -56,7 +56,7 @@ from geocomplexity.probes import (
     input_probes,
     resolve_generator,
 )
-from geocomplexity.state import kept_buffers, preserved, untracked_batch_norm
+from geocomplexity.state import batch_norm_couples, kept_buffers, preserved
 
 __all__ = ["METHODS", "MODES", "Output", "jacobian_sq_norms", "reverse_sq_norms"]
 
@@ -513,8 +513,8 @@ def jacobian_sq_norms(
     with preserved(model, mode=mode) as modules, grad_on, torch.enable_grad():
         # train mode couples samples through BatchNorm; so does a BatchNorm
         # without running statistics, which normalises by the batch in eval
-        # mode too
-        coupled = mode == "train" or untracked_batch_norm(modules)
+        # mode too (here, in eval mode, the only way it can)
+        coupled = mode == "train" or batch_norm_couples(modules)
         if coupled and method in ("jvp", "finite_difference"):
             _refuse_coupled(
                 method,

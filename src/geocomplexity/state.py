@@ -14,15 +14,16 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["kept_buffers", "preserved", "untracked_batch_norm"]
+__all__ = ["batch_norm_couples", "kept_buffers", "preserved"]
 
 
-def untracked_batch_norm(modules: nn.Module | Iterable[nn.Module]) -> bool:
-    """Whether one of ``modules`` is a BatchNorm that keeps no running statistics.
+def batch_norm_couples(modules: nn.Module | Iterable[nn.Module]) -> bool:
+    """Whether a BatchNorm among ``modules`` couples the samples of a batch.
 
-    Such a layer (``track_running_stats=False``) normalises with the batch's own
-    statistics in eval mode too, so the samples of a batch are coupled there
-    and the batch-sum trick for per-sample Jacobians does not apply.
+    A BatchNorm in train mode normalises with the batch's statistics; so does
+    one that keeps no running statistics (``track_running_stats=False``), in
+    eval mode too. Either way the batch-sum trick for per-sample Jacobians
+    does not apply.
 
     Args:
         modules: a model, or its modules as the list :func:`preserved`
@@ -30,12 +31,14 @@ def untracked_batch_norm(modules: nn.Module | Iterable[nn.Module]) -> bool:
             module, so a caller that has the list passes it).
 
     Returns:
-        ``True`` if any ``_BatchNorm`` among them has ``running_mean is None``.
+        ``True`` if any ``_BatchNorm`` among them is training or has
+        ``running_mean is None``.
     """
     if isinstance(modules, nn.Module):
         modules = modules.modules()
     return any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
+        isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and (m.training or m.running_mean is None)
         for m in modules
     )
 

@@ -302,10 +302,11 @@ def fit(
         }
     )
     if label_noise > 0:
-        k = num_classes or int(y.max().item()) + 1
-        if y.max().item() >= k:
+        top = int(y.max().item())
+        k = num_classes or top + 1
+        if top >= k:
             raise ValueError(
-                f"num_classes={k}, but the labels go up to {int(y.max().item())}; "
+                f"num_classes={k}, but the labels go up to {top}; "
                 "give the true number of classes (or leave it out)"
             )
         y, history.effective_label_noise = apply_label_noise(y, label_noise, k, gen)

@@ -96,13 +96,12 @@ class InitDepth(Experiment):
         claims = []
         for init in INITS:
             mine = [r for r in rows if r["init"] == init]
-            rho = spearman([r["depth"] for r in mine], [r["gc"] for r in mine])
             if init in _FALLING:
                 claims.append(
                     Claim.check(
                         f"GC at init falls with depth ({init} init)",
                         "Spearman(depth, GC)",
-                        rho,
+                        spearman([r["depth"] for r in mine], [r["gc"] for r in mine]),
                         "<=",
                         -0.9,
                         len(mine),

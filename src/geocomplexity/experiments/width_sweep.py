@@ -139,6 +139,16 @@ def _means(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]
     return seed_means(rows, "width", key)
 
 
+def _threshold(rows: list[dict[str, Any]]) -> int | None:
+    """Index of the interpolation threshold among the sorted widths.
+
+    The first width whose mean train error is at most 1%; ``None`` where no
+    width interpolates. The claims and the figures share this definition.
+    """
+    _, train_err = _means(rows, "train_err")
+    return next((i for i, e in enumerate(train_err) if e <= 0.01), None)
+
+
 class _WidthSweep(Experiment):
     _presets: dict[str, dict[str, Any]]
 
@@ -165,11 +175,9 @@ class _WidthSweep(Experiment):
         plt = pyplot()
 
         rows = result_rows(records)
-        # the interpolation threshold (dotted): first width with mean train
-        # error <= 1%, as the claims define it
-        widths, train_err = _means(rows, "train_err")
-        below = [w for w, e in zip(widths, train_err, strict=True) if e <= 0.01]
-        threshold = below[0] if below else None
+        # the interpolation threshold, dotted, as the claims define it
+        at = _threshold(rows)
+        threshold = None if at is None else sorted({r["width"] for r in rows})[at]
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
         for ax, keys, label in (
             (axes[0], ("train_loss", "test_loss"), "cross-entropy"),
@@ -220,14 +228,12 @@ class DoubleDescent(_WidthSweep):
     ) -> tuple[list[Claim], list[dict[str, Any]]]:
         rows = result_rows(records)
         widths, test_loss = _means(rows, "test_loss")
-        _, train_err = _means(rows, "train_err")
         _, gc = _means(rows, "gc_train")
         n = len(rows)
-        interp = [i for i, e in enumerate(train_err) if e <= 0.01]
+        threshold = _threshold(rows)
         peak = max(range(len(widths)), key=test_loss.__getitem__)
         gc_peak = max(range(len(widths)), key=gc.__getitem__)
-        if interp:  # no width interpolates: no threshold, the claim fails
-            threshold = interp[0]
+        if threshold is not None:  # none interpolates: the claim fails
             where = f"first width with mean train error <= 1%: w={widths[threshold]}"
             distance = float(abs(peak - threshold))
         else:

@@ -217,8 +217,6 @@ class Scaled(Regularizer):
     def __repr__(self) -> str:
         # a sum in parentheses: fit's checkpoints are keyed by this string
         term = repr(self.term)
-        return (
-            f"{self.factor!r} * ({term})"
-            if isinstance(self.term, Sum)
-            else (f"{self.factor!r} * {term}")
-        )
+        if isinstance(self.term, Sum):
+            term = f"({term})"
+        return f"{self.factor!r} * {term}"

@@ -24,11 +24,9 @@ from geocomplexity.jacobian import (
 )
 from geocomplexity.probes import check_distribution, input_probes, resolve_generator
 from geocomplexity.regularizers.base import LossFn, Regularizer, check_strength
-from geocomplexity.state import kept_buffers
+from geocomplexity.state import batch_norm_couples, kept_buffers
 
 __all__ = ["GeometricComplexity"]
-
-_COUPLING = (nn.modules.batchnorm._BatchNorm,)
 
 
 class GeometricComplexity(Regularizer):
@@ -136,12 +134,7 @@ class GeometricComplexity(Regularizer):
     def _penalty(
         self, model: nn.Module, inputs: Tensor, outputs: Tensor | None
     ) -> Tensor:
-        # train-mode BatchNorm couples the samples; so does one without running
-        # statistics, which normalises by the batch in eval mode too
-        coupled = any(
-            isinstance(m, _COUPLING) and (m.training or m.running_mean is None)
-            for m in model.modules()
-        )
+        coupled = batch_norm_couples(model)
         B = inputs.shape[0]
         gen = resolve_generator(self.generator or self._fallback, inputs.device)
         x = inputs

@@ -34,14 +34,13 @@ from geocomplexity.state import kept_buffers
 
 __all__ = ["GradientNorm"]
 
-# a parameter the loss does not use (an idle head) has a zero gradient
-_UNUSED_ARE_ZERO = {"allow_unused": True, "materialize_grads": True}
-
 
 def _param_grads(
     loss: Tensor, params: list[Tensor], **kwargs: Any
 ) -> tuple[list[Tensor], list[bool]]:
-    """``∂loss/∂params``, zeros for a parameter the loss does not use.
+    """``∂loss/∂params``, zeros where the loss does not use a parameter.
+
+    Plain ``autograd.grad`` refuses such a parameter (an idle head).
 
     Returns:
         The gradients, and which parameters the loss uses.
@@ -95,9 +94,7 @@ class GradientNorm(Regularizer):
         """
         loss_fn, params, loss = self._task(model, inputs, targets, outputs, loss_fn)
         if self.method == "double_backprop":
-            grads = torch.autograd.grad(
-                loss, params, create_graph=True, **_UNUSED_ARE_ZERO
-            )
+            grads, _ = _param_grads(loss, params, create_graph=True)
             return self.strength * sum(g.pow(2).sum() for g in grads)
         # the caller's backward still needs this graph: retain it
         grads, used = _param_grads(loss, params, retain_graph=True)
@@ -194,8 +191,8 @@ class GradientNorm(Regularizer):
         inputs: Tensor,
         targets: Tensor,
         loss_fn: LossFn,
-        grads: tuple[Tensor, ...],
-    ) -> tuple[Tensor, float, tuple[Tensor, ...]]:
+        grads: list[Tensor],
+    ) -> tuple[Tensor, float, list[Tensor]]:
         """``‖g‖²``, ``r = eps / ‖g‖`` and ``g' = ∇L(θ + r g)``.
 
         ``Hg ≈ (g' − g) / r``. The foreach ops touch every tensor in one call:
@@ -221,9 +218,7 @@ class GradientNorm(Regularizer):
         }
         with kept_buffers(model), torch.enable_grad():
             out = torch.func.functional_call(model, shifted_params, (inputs,))
-            shifted = torch.autograd.grad(
-                loss_fn(out, targets), moved, **_UNUSED_ARE_ZERO
-            )
+            shifted, _ = _param_grads(loss_fn(out, targets), moved)
         return sq, r, shifted
 
     def __repr__(self) -> str:
