@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import CASES, DictOut, batchnorm_mlp, make_case
@@ -447,33 +449,50 @@ def test_default_chunk_is_bounded_for_many_outputs():
     assert _default_chunk(model, 1000, torch.zeros(1 << 20, 100), 1000) == 1
 
 
-def test_large_rademacher_draws_unpack_balanced_independent_bits():
-    # above _BITS_FROM entries the signs come 63 to a random int64: every bit
-    # position must be a fair coin (a stuck or biased bit would show here)
-    from geocomplexity.probes import _BITS_FROM, _WORD_BITS, draw_probes
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_rademacher_signs_are_fair_independent_coins(dtype):
+    # the signs come eight to a random byte, through a table of each byte's
+    # bits: every position in the byte must be a fair coin, independent of the
+    # others, and all 256 patterns equally likely (a wrong table row, a stuck
+    # bit or a skewed byte would show here)
+    from geocomplexity.probes import draw_probes
 
     def draw(shape, seed):
         return draw_probes(
             "rademacher",
             shape,
-            dtype=torch.float64,
+            dtype=dtype,
             device=torch.device("cpu"),
             generator=torch.Generator().manual_seed(seed),
         )
 
-    words = 4000
-    v = draw((words * _WORD_BITS,), 0)
-    assert v.numel() >= _BITS_FROM and set(v.unique().tolist()) == {-1.0, 1.0}
-    per_bit = v.reshape(words, _WORD_BITS).mean(0)  # column = bit position
-    assert per_bit.abs().max() < 5 / words**0.5
-    pairs = v.reshape(words, _WORD_BITS)
-    assert (pairs[:, 1:] * pairs[:, :-1]).mean(0).abs().max() < 5 / words**0.5
-    assert torch.equal(v, draw((words * _WORD_BITS,), 0))  # seeded
-    assert not torch.equal(v, draw((words * _WORD_BITS,), 1))
+    groups = 25_600
+    v = draw((groups * 8,), 0)
+    assert v.dtype == dtype and set(v.float().unique().tolist()) == {-1.0, 1.0}
+    bits = v.float().reshape(groups, 8)  # row = one random byte
+    assert bits.mean(0).abs().max() < 5 / groups**0.5
+    corr = (bits.T @ bits / groups).fill_diagonal_(0)
+    assert corr.abs().max() < 5 / groups**0.5
+    # the byte each row spells: chi-square over 256 patterns, 255 degrees of
+    # freedom (mean 255, sd 22.6): 400 is beyond six standard deviations
+    weights = 2 ** torch.arange(8)
+    pattern = ((bits > 0).long() * weights).sum(1)
+    counts = torch.bincount(pattern, minlength=256).double()
+    expected = groups / 256
+    assert ((counts - expected) ** 2 / expected).sum() < 400
+    # consecutive bytes are independent
+    assert (bits[1:] * bits[:-1]).mean(0).abs().max() < 5 / groups**0.5
+    assert torch.equal(v, draw((groups * 8,), 0))  # seeded
+    assert not torch.equal(v, draw((groups * 8,), 1))
+    # any shape and size, a partial byte at the end included
+    for shape in [(1,), (7,), (3, 5, 11), (2, 4097)]:
+        w = draw(shape, 2)
+        assert w.shape == shape and w.abs().eq(1).all()
+        assert torch.equal(w.reshape(-1), draw((math.prod(shape),), 2))
 
 
 def test_projection_with_many_outputs_is_unbiased():
-    # k = 600 outputs, B = 8: 4800 probe entries per draw, the unpacked path
+    # k = 600 outputs, B = 8: 4800 probe entries per draw, 600 random bytes
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 32), nn.Tanh(), nn.Linear(32, 600)).double()
     x = torch.randn(8, 5, dtype=torch.float64)

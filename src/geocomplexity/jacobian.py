@@ -111,23 +111,36 @@ def check_input(x: Any) -> Tensor:
     return x
 
 
-def _check_model_matches(model: nn.Module, x: Tensor) -> None:
+def _check_model_matches(model: nn.Module | list[nn.Module], x: Tensor) -> None:
     """Clear errors for a dtype or device mismatch between model and input.
 
     The first parameter stands for the model: a model that mixes dtypes or
     devices on purpose handles its own casts, and torch reports the rest.
+
+    Args:
+        model: the model, or its modules as :func:`preserved` yields them (the
+            walk is then not repeated: inside a training step, where the
+            interpreter's caches are cold, ``model.parameters()`` alone costs
+            a few percent of a small model's projection).
+        x: the inputs.
     """
-    for p in model.parameters():
-        if p.is_floating_point() and p.dtype != x.dtype:
-            raise TypeError(
-                f"x has dtype {x.dtype} but the model's parameters are {p.dtype}; "
-                f"convert one of them (e.g. x.to({p.dtype}) or model.to({x.dtype}))"
-            )
-        if p.device != x.device:
-            raise ValueError(
-                f"x is on {x.device} but the model is on {p.device}; move one of them"
-            )
-        return
+    modules = model.modules() if isinstance(model, nn.Module) else model
+    for module in modules:
+        for p in module._parameters.values():
+            if p is None:
+                continue
+            if p.is_floating_point() and p.dtype != x.dtype:
+                raise TypeError(
+                    f"x has dtype {x.dtype} but the model's parameters are "
+                    f"{p.dtype}; convert one of them (e.g. x.to({p.dtype}) or "
+                    f"model.to({x.dtype}))"
+                )
+            if p.device != x.device:
+                raise ValueError(
+                    f"x is on {x.device} but the model is on {p.device}; move one "
+                    "of them"
+                )
+            return
 
 
 def _select(model: nn.Module, x: Tensor, output: Output) -> Tensor:
@@ -499,10 +512,9 @@ def jacobian_sq_norms(
     check_input(x)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    _check_model_matches(model, x)
 
     B = x.shape[0]
-    d = x[0].numel()
+    d = math.prod(x.shape[1:])
     # inference mode (a Lightning validation step) records no graph even under
     # enable_grad, which would read as "the output does not depend on x"
     grad_on = (
@@ -511,6 +523,7 @@ def jacobian_sq_norms(
         else contextlib.nullcontext()
     )
     with preserved(model, mode=mode) as modules, grad_on, torch.enable_grad():
+        _check_model_matches(modules, x)
         # train mode couples samples through BatchNorm; so does a BatchNorm
         # without running statistics, which normalises by the batch in eval
         # mode too (here, in eval mode, the only way it can)
