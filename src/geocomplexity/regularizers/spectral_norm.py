@@ -170,11 +170,15 @@ class SpectralNorm(Regularizer):
                 if id(W) not in wanted:
                     continue
                 grad = grad_buffer(W)
-                Av, v = Av.to(grad.dtype), v.to(grad.dtype)
+                if Av.dtype != grad.dtype:  # a half-precision weight
+                    Av, v = Av.to(grad.dtype), v.to(grad.dtype)
                 if operator:
                     self._add_operator_grad(m, Av, v, patches)
                 elif grad.is_contiguous():
-                    grad.view(W.shape[0], -1).addr_(Av, v, alpha=2 * self.strength)
+                    # every call skipped counts on a small model (see
+                    # _hand_steps): a Linear's gradient is already 2-D
+                    g2 = grad if grad.dim() == 2 else grad.view(W.shape[0], -1)
+                    g2.addr_(Av, v, alpha=2 * self.strength)
                 else:
                     grad += (2 * self.strength * torch.outer(Av, v)).view_as(W)
             value = sq if hand else loss.new_zeros(())  # Σσ², as in __call__
@@ -298,8 +302,11 @@ class SpectralNorm(Regularizer):
         steps = []
         for n, m, op in layers:
             W = m.weight.detach()
-            W = W.to(_step_dtype(W.dtype))
-            steps.append((n, m, op, W if op else W.flatten(1)))
+            if W.dtype != (dtype := _step_dtype(W.dtype)):
+                W = W.to(dtype)
+            if not op and W.dim() != 2:
+                W = W.flatten(1)
+            steps.append((n, m, op, W))
         us = [self._vectors[n][0] for n, *_ in steps]
         vs = [self._vectors[n][1] for n, *_ in steps]
         Avs: list[Tensor] = []
