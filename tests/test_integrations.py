@@ -214,6 +214,28 @@ def test_lightning_callback_logs_gc_equal_to_measure():
     assert logged[0]["gc/train"] != logged[1]["gc/train"]  # it trained between
 
 
+def test_lightning_callback_takes_inputs_from_dict_batches():
+    from geocomplexity.integrations.lightning import GeometricComplexityCallback, _take
+
+    class Loader:  # a list would read as several loaders
+        def __init__(self, batches: list) -> None:
+            self.batches = batches
+
+        def __iter__(self):
+            return iter(self.batches)
+
+    x = torch.randn(12, 3)
+    named = Loader(
+        [{"label": torch.zeros(4), "features": x[i : i + 4]} for i in (0, 4, 8)]
+    )
+    assert torch.equal(_take(named, 10, "features"), x[:10])
+    usual = Loader([{"image": x[i : i + 4]} for i in (0, 4, 8)])
+    assert torch.equal(_take(usual, 12), x)
+    with pytest.raises(TypeError, match=r"input_key='label'.*train=\.\.\."):
+        _take(named, 10)
+    assert GeometricComplexityCallback(input_key="features").input_key == "features"
+
+
 def test_lightning_callback_every_n_steps_on_given_subsets():
     from geocomplexity.integrations.lightning import GeometricComplexityCallback
 

@@ -37,6 +37,38 @@ def test_streaming_equals_one_shot_for_every_data_kind():
         assert torch.allclose(r.per_sample, want, rtol=1e-12), name
 
 
+def test_input_key_finds_the_input_in_dict_tuple_and_custom_batches():
+    model, _ = make_case("mlp")
+    x = torch.randn(30, 7, dtype=torch.float64)
+    y = torch.zeros(30, dtype=torch.long)
+    want = per_sample_sq_norms(model, x).mean().item()
+
+    class Dicts(torch.utils.data.Dataset):
+        def __init__(self, key: str) -> None:
+            self.key = key
+
+        def __len__(self) -> int:
+            return 30
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"label": y[i], self.key: x[i]}
+
+    cases = [
+        (Dicts("image"), {}),  # a usual key, found without input_key
+        (Dicts("pixel_values"), {}),
+        (DataLoader(Dicts("features"), batch_size=8), {"input_key": "features"}),
+        ([(y[:16], x[:16]), (y[16:], x[16:])], {"input_key": 1}),
+        (
+            [{"batch": (x[:10],)}, {"batch": (x[10:],)}],
+            {"input_key": lambda b: b["batch"][0]},
+        ),
+    ]
+    for data, kwargs in cases:
+        r = gcx.measure(model, data, method="exact", progress=False, **kwargs)
+        assert r.num_samples == 30
+        assert math.isclose(r.value, want, rel_tol=1e-12)
+
+
 def test_measuring_a_dataset_leaves_the_global_rng_alone():
     # measure's own DataLoader draws a base seed when iterated
     model, _ = make_case("mlp")
@@ -268,7 +300,22 @@ def test_bad_models():
             r"max_samples",
         ),
         (torch.randn(5, 7, dtype=torch.float64), {"rtol": 0}, ValueError, r"rtol"),
-        ([{"x": torch.randn(2, 7)}], {}, TypeError, r"dict with keys \['x'\]"),
+        (
+            [{"features": torch.randn(2, 7)}],
+            {},
+            TypeError,
+            r"dict with keys \['features'\].*input_key='features'",
+        ),
+        ([{"a": torch.randn(2, 7)}], {"input_key": "b"}, TypeError, r"'b' is not in"),
+        ([(torch.randn(2, 7),)], {"input_key": 1}, TypeError, r"1 is not in a tuple"),
+        ([("text", torch.randn(2, 7))], {}, TypeError, r"first element.*str"),
+        ([{"x": [1.0, 2.0]}], {"input_key": "x"}, TypeError, r"\['x'\] is a list"),
+        (
+            torch.randn(5, 7, dtype=torch.float64),
+            {"input_key": 0},
+            ValueError,
+            r"tensor of inputs already",
+        ),
         (42, {}, TypeError, r"tensor, a Dataset or an iterable"),
     ],
 )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,7 +149,18 @@ class GCResult:
         return self.value - half, self.value + half
 
 
-def _batches(data: Any, batch_size: int) -> tuple[Iterator[Tensor], int | None]:
+#: Which part of a batch is the input: a dict key, a tuple or list index, or a
+#: function of the batch; ``None`` reads the batch as :func:`batch_inputs` does.
+InputKey = str | int | Callable[[Any], Tensor] | None
+
+#: Keys under which a dict batch commonly holds its inputs, tried in order
+#: when no ``input_key`` is given.
+INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values")
+
+
+def _batches(
+    data: Any, batch_size: int, input_key: InputKey = None
+) -> tuple[Iterator[Tensor], int | None]:
     """Turn a tensor, a dataset or an iterable of batches into input batches.
 
     Returns:
@@ -159,6 +170,11 @@ def _batches(data: Any, batch_size: int) -> tuple[Iterator[Tensor], int | None]:
         TypeError: ``data`` is none of the supported kinds.
     """
     if isinstance(data, Tensor):
+        if input_key is not None:
+            raise ValueError(
+                "input_key picks the input out of each batch of a Dataset or a "
+                "loader; data is a tensor of inputs already, so leave it out"
+            )
         return iter(data.split(batch_size)), len(data)
     if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
         # a private generator: starting the loader's iterator draws a base seed,
@@ -166,7 +182,7 @@ def _batches(data: Any, batch_size: int) -> tuple[Iterator[Tensor], int | None]:
         loader = torch.utils.data.DataLoader(
             data, batch_size=batch_size, generator=torch.Generator()
         )
-        return (_first(b) for b in loader), len(data)  # type: ignore[arg-type]
+        return (batch_inputs(b, input_key) for b in loader), len(data)  # type: ignore[arg-type]
     if isinstance(data, Iterable):
         total = None
         if isinstance(data, torch.utils.data.DataLoader):
@@ -174,32 +190,66 @@ def _batches(data: Any, batch_size: int) -> tuple[Iterator[Tensor], int | None]:
                 total = len(data.dataset)  # type: ignore[arg-type]
             except TypeError:
                 total = None
-        return (_first(b) for b in data), total
+        return (batch_inputs(b, input_key) for b in data), total
     raise TypeError(
         f"data must be a tensor, a Dataset or an iterable of batches (a "
         f"DataLoader), got {type(data).__name__}"
     )
 
 
-def _first(batch: Any) -> Tensor:
-    """The input of a batch: the batch itself, or the first element of a tuple.
+def batch_inputs(batch: Any, input_key: InputKey = None) -> Tensor:
+    """The input tensor of one batch.
+
+    Args:
+        batch: a tensor, a tuple or list whose first element is the input, or
+            a dict holding it under one of :data:`INPUT_KEYS`.
+        input_key: where the input is instead: a dict key, an index, or a
+            function of the batch.
+
+    Returns:
+        The input tensor ``(B, *in_shape)``.
 
     Raises:
-        TypeError: a dict or another kind of batch.
+        TypeError: the input cannot be found, or is not a tensor.
     """
-    if isinstance(batch, Tensor):
+    if callable(input_key):
+        x = input_key(batch)
+        where = "input_key(batch)"
+    elif input_key is not None:
+        try:
+            x = batch[input_key]
+        except (KeyError, IndexError, TypeError) as err:
+            keys = f" (keys {list(batch)[:8]})" if isinstance(batch, dict) else ""
+            raise TypeError(
+                f"input_key={input_key!r} is not in a {type(batch).__name__} "
+                f"batch{keys}"
+            ) from err
+        where = f"batch[{input_key!r}]"
+    elif isinstance(batch, Tensor):
         return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        return batch[0]
-    if isinstance(batch, dict):
+    elif isinstance(batch, (tuple, list)) and batch:
+        x, where = batch[0], "the first element of the batch"
+    elif isinstance(batch, dict):
+        key = next((k for k in INPUT_KEYS if isinstance(batch.get(k), Tensor)), None)
+        if key is None:
+            raise TypeError(
+                f"a batch is a dict with keys {list(batch)[:8]} and none of the "
+                f"usual input keys {list(INPUT_KEYS)}; name the input with "
+                f"input_key={next(iter(batch), 'key')!r} (or the right key)"
+            )
+        return batch[key]
+    else:
         raise TypeError(
-            f"a batch is a dict with keys {list(batch)[:8]}; pass the inputs alone, "
-            "e.g. data=(b['x'] for b in loader)"
+            f"a batch is a {type(batch).__name__}; expected a tensor, a tuple "
+            "whose first element is the input tensor, or a dict (pass input_key= "
+            "to pick the input)"
         )
-    raise TypeError(
-        f"a batch is a {type(batch).__name__}; expected a tensor or a tuple whose "
-        "first element is the input tensor"
-    )
+    if not isinstance(x, Tensor):
+        raise TypeError(
+            f"{where} is a {type(x).__name__}, not a tensor; pass input_key= to "
+            "pick the input tensor"
+        )
+    return x
 
 
 def _model_device(model: nn.Module) -> torch.device | None:
@@ -281,6 +331,7 @@ def measure(
     eps: float | None = None,
     per_sample: bool = False,
     distributed: bool = False,
+    input_key: InputKey = None,
 ) -> GCResult:
     r"""Geometric complexity of ``model`` over a data set, streamed in batches.
 
@@ -328,6 +379,10 @@ def measure(
             ``drop_last`` for an exact data-set mean. ``False`` (default): this
             process's data alone, so a measurement on rank 0 only never waits
             for the others.
+        input_key: where each batch of a ``Dataset`` or loader holds the
+            input: a dict key (``"pixel_values"``), an index, or a function of
+            the batch. By default the batch itself, a tuple's first element,
+            or a dict's entry under one of :data:`INPUT_KEYS`.
 
     Returns:
         A :class:`GCResult`.
@@ -362,7 +417,7 @@ def measure(
 
     from tqdm.auto import tqdm  # the core's only optional-feeling dependency
 
-    batches, total = _batches(data, batch_size)
+    batches, total = _batches(data, batch_size, input_key)
     if max_samples is not None:
         total = max_samples if total is None else min(total, max_samples)
     device = _model_device(model)

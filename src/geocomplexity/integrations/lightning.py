@@ -25,7 +25,6 @@ Needs ``pip install 'geocomplexity[lightning]'``.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -39,27 +38,23 @@ except ImportError as err:  # pragma: no cover - the message is the point
         "pip install 'geocomplexity[lightning]'"
     ) from err
 
-from geocomplexity.measure import _first, measure
+from geocomplexity.measure import InputKey, batch_inputs, measure
 
 __all__ = ["GeometricComplexityCallback"]
 
 
-def _inputs(batch: Any) -> Tensor:
-    """``measure``'s reading of a batch, plus the usual keys of a dict batch."""
-    if isinstance(batch, dict):
-        for key in ("x", "input", "inputs", "image", "images"):
-            if isinstance(batch.get(key), Tensor):
-                return batch[key]
-    else:
-        with contextlib.suppress(TypeError):
-            return _first(batch)
-    raise TypeError(
-        f"cannot find the inputs in a {type(batch).__name__} batch; pass the "
-        "subsets to GeometricComplexityCallback(train=..., val=...) as tensors"
-    )
+def _inputs(batch: Any, input_key: InputKey = None) -> Tensor:
+    """``measure``'s reading of a batch (see :func:`~geocomplexity.measure`)."""
+    try:
+        return batch_inputs(batch, input_key)
+    except TypeError as err:
+        raise TypeError(
+            f"{err}; or pass the subsets to GeometricComplexityCallback(train=..., "
+            "val=...) as tensors"
+        ) from err
 
 
-def _take(loaders: Any, num_samples: int) -> Tensor | None:
+def _take(loaders: Any, num_samples: int, input_key: InputKey = None) -> Tensor | None:
     """The first ``num_samples`` inputs of a loader (or the first of several)."""
     if loaders is None:
         return None
@@ -79,7 +74,7 @@ def _take(loaders: Any, num_samples: int) -> Tensor | None:
     with torch.random.fork_rng(devices=[]):
         try:
             for batch in loaders:
-                x = _inputs(batch)
+                x = _inputs(batch, input_key)
                 taken.append(x[: num_samples - count].detach().cpu())
                 count += len(taken[-1])
                 if count >= num_samples:
@@ -127,6 +122,9 @@ class GeometricComplexityCallback(Callback):
             works).
         prefix: metric names are ``{prefix}/train``, ``{prefix}/val`` and
             ``{prefix}/train_stderr``, ``{prefix}/val_stderr``.
+        input_key: where a loader's batch holds the input (a dict key, an
+            index, or a function of the batch), as in
+            :func:`geocomplexity.measure`.
         **measure_kwargs: options of :func:`geocomplexity.measure` (``method``
             defaults to ``"exact"``; ``num_probes``, ``output``, ...).
 
@@ -143,6 +141,7 @@ class GeometricComplexityCallback(Callback):
         every_n_epochs: int = 1,
         every_n_steps: int | None = None,
         prefix: str = "gc",
+        input_key: InputKey = None,
         **measure_kwargs: Any,
     ) -> None:
         if num_samples < 1 or every_n_epochs < 1:
@@ -152,7 +151,7 @@ class GeometricComplexityCallback(Callback):
         self.train, self.val = train, val
         self.num_samples = num_samples
         self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
-        self.prefix = prefix
+        self.prefix, self.input_key = prefix, input_key
         self.measure_kwargs = {"method": "exact", **measure_kwargs}
         self._given = (train is not None, val is not None)
         self._last_step = -1  # with gradient accumulation a step spans batches
@@ -160,15 +159,17 @@ class GeometricComplexityCallback(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Fix the subsets the loaders provide."""
         if not self._given[0]:
-            self.train = _take(trainer.train_dataloader, self.num_samples)
+            self.train = _take(
+                trainer.train_dataloader, self.num_samples, self.input_key
+            )
         if not self._given[1] and self.val is None:
-            self.val = _take(trainer.val_dataloaders, self.num_samples)
+            self.val = _take(trainer.val_dataloaders, self.num_samples, self.input_key)
 
     def _log(
         self, trainer: Trainer, pl_module: LightningModule, *, on_step: bool
     ) -> None:
         if not self._given[1] and self.val is None:  # validation set up late
-            self.val = _take(trainer.val_dataloaders, self.num_samples)
+            self.val = _take(trainer.val_dataloaders, self.num_samples, self.input_key)
         rank, world = trainer.global_rank, trainer.world_size
         values: dict[str, float] = {}
         for split, x in (("train", self.train), ("val", self.val)):
