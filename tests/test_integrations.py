@@ -51,6 +51,22 @@ def test_metric_accumulated_over_batches_equals_one_shot():
     assert math.isnan(metric.stderr().item())
 
 
+def test_metric_measures_with_respect_to_an_embedding():
+    from geocomplexity.integrations.torchmetrics import GeometricComplexity
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(20, 4), torch.nn.Flatten(), torch.nn.Linear(12, 3)
+    ).double()
+    tokens = torch.randint(0, 20, (10, 3))
+    metric = GeometricComplexity(model, wrt="0")
+    for batch in tokens.split(4):
+        metric.update(batch)
+    # a linear head on the embedding: GC = ||A||_F^2 exactly
+    want = model[2].weight.pow(2).sum().item()
+    torch.testing.assert_close(metric.compute().item(), want, rtol=1e-12, atol=0)
+
+
 def test_metric_projection_is_unbiased_and_options_are_checked():
     from geocomplexity.integrations.torchmetrics import GeometricComplexity
 

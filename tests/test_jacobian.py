@@ -506,3 +506,124 @@ def test_projection_with_many_outputs_is_unbiased():
     )
     se = draws.std(0) / 400**0.5
     assert ((draws.mean(0) - want).abs() < 4 * se).all()
+
+
+class _Tokens(nn.Module):
+    """Token ids (B, T) -> embedding (B, T, 6) -> a smooth head with 3 outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 6)
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(4 * 6, 16), nn.Tanh(), nn.Linear(16, 3)
+        )
+        self.unused = nn.Linear(2, 2)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(t))
+
+
+def _tokens() -> tuple[_Tokens, torch.Tensor]:
+    torch.manual_seed(0)
+    return _Tokens().double(), torch.randint(0, 50, (9, 4))
+
+
+def test_wrt_an_embedding_measures_the_head_on_token_ids():
+    model, t = _tokens()
+    want = per_sample_sq_norms(model.head, model.embed(t).detach())
+    got = gcx.jacobian_sq_norms(model, t, wrt="embed")
+    assert torch.allclose(got, want, rtol=1e-10, atol=0)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack(
+        [
+            gcx.jacobian_sq_norms(
+                model, t, wrt="embed", method="projection", generator=g
+            )
+            for _ in range(400)
+        ]
+    )
+    se = draws.std(0) / 400**0.5
+    assert ((draws.mean(0) - want).abs() < 4 * se).all()
+    r = gcx.measure(model, t, wrt="embed", batch_size=4, progress=False)
+    assert r.method == "exact" and r.num_samples == 9
+    assert math.isclose(r.value, want.mean().item(), rel_tol=1e-10)
+    # measuring leaves the embedding as it was
+    assert model.embed.weight.grad is None and model.embed.weight.requires_grad
+    # a frozen embedding (no graph to it) works the same
+    model.embed.weight.requires_grad_(False)
+    assert torch.allclose(gcx.jacobian_sq_norms(model, t, wrt="embed"), want)
+    assert not model.embed.weight.requires_grad
+
+
+def test_wrt_penalty_gradient_reaches_the_embedding_weights():
+    # GC with respect to e = embed(t) depends on the embedding weights through
+    # e's value: the penalty's gradient must include that path (finite
+    # differences of the exact GC, float64, smooth head)
+    from geocomplexity.regularizers import GeometricComplexity
+
+    model, t = _tokens()
+    term = GeometricComplexity(1.0, method="exact", wrt="embed")
+    model.zero_grad()
+    term(model, t).backward()
+    W = model.embed.weight
+    analytic = W.grad.clone()
+
+    def gc() -> float:
+        with torch.no_grad():
+            return gcx.geometric_complexity(model, t, wrt="embed").item()
+
+    rows = t.unique()[:3].tolist()
+    h = 1e-6
+    for row in rows:
+        for col in (0, 5):
+            with torch.no_grad():
+                W[row, col] += h
+            up = gc()
+            with torch.no_grad():
+                W[row, col] -= 2 * h
+            down = gc()
+            with torch.no_grad():
+                W[row, col] += h
+            assert math.isclose(
+                analytic[row, col].item(),
+                (up - down) / (2 * h),
+                rel_tol=1e-5,
+                abs_tol=1e-9,
+            )
+    assert analytic[rows].abs().sum() > 0
+    assert not term.reuses_input_grad and "wrt='embed'" in repr(term)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"wrt": "nope"}, ValueError, r"wrt='nope' names no submodule.*embed"),
+        ({"wrt": "unused"}, ValueError, r"did not run"),
+        ({"wrt": "embed", "method": "jvp"}, ValueError, r"wrt= is for"),
+        ({"wrt": "head.3", "output": "head.1"}, ValueError, r"did not run"),
+        ({}, TypeError, r"int64.*wrt='<name of the embedding"),
+    ],
+)
+def test_wrt_errors_name_the_fix(kwargs, error, match):
+    model, t = _tokens()
+    with pytest.raises(error, match=match):
+        gcx.jacobian_sq_norms(model, t, **kwargs)
+
+
+def test_wrt_refuses_a_submodule_that_runs_twice():
+    lin = nn.Linear(3, 3).double()
+    model = nn.Sequential(lin, nn.Tanh(), lin)
+    with pytest.raises(ValueError, match=r"more than once"):
+        gcx.jacobian_sq_norms(model, torch.randn(4, 3, dtype=torch.float64), wrt="0")
+
+
+def test_wrt_in_train_mode_takes_the_diagonal_blocks_after_the_embedding():
+    torch.manual_seed(0)
+    head = nn.Sequential(
+        nn.Flatten(), nn.Linear(12, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)
+    )
+    model = nn.Sequential(nn.Embedding(20, 4), head).double()
+    t = torch.randint(0, 20, (6, 3))
+    want = diagonal_block_sq_norms(head.train(), model[0](t).detach())
+    got = gcx.jacobian_sq_norms(model, t, wrt="0", mode="train")
+    assert torch.allclose(got, want, rtol=1e-10, atol=0)

@@ -76,24 +76,30 @@ class _Captured(Exception):
         self.value = value
 
 
-def check_input(x: Any) -> Tensor:
+def check_input(x: Any, *, differentiated: bool = True) -> Tensor:
     """Validate a batch of inputs.
+
+    Args:
+        x: the batch.
+        differentiated: ``x`` is what the Jacobian is taken with respect to,
+            so it must be floating point. ``False`` where ``wrt=`` names an
+            inner variable instead (token ids into an embedding).
 
     Returns:
         ``x`` unchanged.
 
     Raises:
-        TypeError: not a tensor, or not floating point.
+        TypeError: not a tensor, or not floating point where it must be.
         ValueError: no batch dimension, empty, or NaN/inf entries.
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor of inputs, got {type(x).__name__}")
-    if not torch.is_floating_point(x):
+    if differentiated and not torch.is_floating_point(x):
         raise TypeError(
             f"x has dtype {x.dtype}, but geometric complexity differentiates with "
             "respect to the input, which must be floating point. For token ids or "
-            "other integer inputs, measure on the embeddings: feed the float "
-            "embedded tensor to a model that starts after the embedding layer, or "
+            "other integer inputs, measure with respect to the embeddings: "
+            "wrt='<name of the embedding submodule>' (e.g. wrt='embed'), or "
             "convert the input with x.float() if it is really continuous."
         )
     if x.dim() == 0:
@@ -103,6 +109,8 @@ def check_input(x: Any) -> Tensor:
     # one reduction: a NaN or inf anywhere makes the sum non-finite (a finite
     # sum that overflows only costs the exact count below); the scalar is
     # tested in Python, since torch.isfinite is four kernels even on one number
+    if not torch.is_floating_point(x):
+        return x
     if not math.isfinite(x.sum().item()) and (bad := (~torch.isfinite(x)).sum().item()):
         raise ValueError(
             f"x contains {bad} NaN or infinite entries (of {x.numel()}); "
@@ -129,7 +137,7 @@ def _check_model_matches(model: nn.Module | list[nn.Module], x: Tensor) -> None:
         for p in module._parameters.values():
             if p is None:
                 continue
-            if p.is_floating_point() and p.dtype != x.dtype:
+            if p.is_floating_point() and x.is_floating_point() and p.dtype != x.dtype:
                 raise TypeError(
                     f"x has dtype {x.dtype} but the model's parameters are "
                     f"{p.dtype}; convert one of them (e.g. x.to({p.dtype}) or "
@@ -143,17 +151,26 @@ def _check_model_matches(model: nn.Module | list[nn.Module], x: Tensor) -> None:
             return
 
 
+def _submodule(model: nn.Module, name: str, option: str) -> nn.Module:
+    """``model.get_submodule(name)``, with an error listing valid names.
+
+    Raises:
+        ValueError: no submodule has that name.
+    """
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n]
+        raise ValueError(
+            f"{option}={name!r} names no submodule of the model; "
+            f"valid names include {names[:12]}"
+        ) from None
+
+
 def _select(model: nn.Module, x: Tensor, output: Output) -> Tensor:
     """Run the model and return what is differentiated, flattened to (B, k)."""
     if isinstance(output, str):
-        try:
-            sub = model.get_submodule(output)
-        except AttributeError:
-            names = [n for n, _ in model.named_modules() if n]
-            raise ValueError(
-                f"output={output!r} names no submodule of the model; "
-                f"valid names include {names[:12]}"
-            ) from None
+        sub = _submodule(model, output, "output")
 
         def hook(_module: nn.Module, _args: Any, result: Any) -> None:
             raise _Captured(result)
@@ -198,6 +215,64 @@ def _select(model: nn.Module, x: Tensor, output: Output) -> Tensor:
     if not torch.is_floating_point(out):
         raise TypeError(f"the output has non-floating dtype {out.dtype}")
     return out.reshape(B, -1)
+
+
+def _select_wrt(
+    model: nn.Module, x: Tensor, output: Output, wrt: str
+) -> tuple[Tensor, Tensor]:
+    """Run the model; return submodule ``wrt``'s output and the differentiated one.
+
+    The submodule's output ``e`` (shape ``(B, ...)``) is the variable the
+    Jacobian is taken against: ``∂g/∂e`` with everything before it fixed. It
+    stays in the graph where it depends on parameters (an embedding's
+    weights), so a penalty built on it is differentiable in them too, and is
+    made a leaf that requires grad where it does not (a frozen embedding).
+
+    Returns:
+        ``(e, out)``, ``out`` flattened to ``(B, k)``.
+
+    Raises:
+        ValueError: the submodule does not run exactly once before the output
+            is taken, or its output has no batch dimension.
+        TypeError: its output is not a floating-point tensor.
+    """
+    sub = _submodule(model, wrt, "wrt")
+    seen: list[Tensor] = []
+
+    def hook(_module: nn.Module, _args: Any, result: Any) -> Any:
+        if seen:
+            raise ValueError(
+                f"submodule wrt={wrt!r} ran more than once in the forward pass, "
+                "so its output is no single variable to differentiate against"
+            )
+        if not isinstance(result, Tensor) or not torch.is_floating_point(result):
+            kind = result.dtype if isinstance(result, Tensor) else type(result)
+            raise TypeError(
+                f"submodule wrt={wrt!r} returns {kind}; the variable to "
+                "differentiate against must be a floating-point tensor"
+            )
+        if not result.requires_grad:
+            result = result.detach().requires_grad_(True)
+        seen.append(result)
+        return result
+
+    handle = sub.register_forward_hook(hook)
+    try:
+        out = _select(model, x, output)
+    finally:
+        handle.remove()
+    if not seen:
+        raise ValueError(
+            f"submodule wrt={wrt!r} did not run before the differentiated output "
+            "was taken; name a module the forward pass runs first"
+        )
+    e = seen[0]
+    if e.dim() == 0 or e.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"submodule wrt={wrt!r} returns shape {tuple(e.shape)}, with no batch "
+            f"dimension of size {x.shape[0]} first"
+        )
+    return e, out
 
 
 def _refuse_coupled(method: str, why: str, alternative: str = "") -> None:
@@ -432,6 +507,7 @@ def jacobian_sq_norms(
     eps: float | None = None,
     generator: torch.Generator | None = None,
     create_graph: bool = False,
+    wrt: str | None = None,
 ) -> Tensor:
     r"""Per-sample :math:`\|\partial g(x_i)/\partial x_i\|_F^2` of a model.
 
@@ -462,6 +538,12 @@ def jacobian_sq_norms(
             (the global RNG is never touched).
         create_graph: keep the graph so the result is differentiable in the
             parameters (for regularizers). Not for ``"finite_difference"``.
+        wrt: the name of a submodule whose output ``e_i`` the Jacobian is
+            taken against instead of ``x_i``: :math:`\|\partial g/\partial
+            e_i\|_F^2`, everything before it held fixed. For token ids, name
+            the embedding (``wrt="embed"``); ``x`` may then be integer. The
+            submodule must run once per forward pass, before the output.
+            ``"exact"`` and ``"projection"`` only.
 
     Returns:
         Tensor of shape ``(B,)`` in ``x``'s dtype; each entry is the exact value,
@@ -509,7 +591,14 @@ def jacobian_sq_norms(
         )
     if mode == "train" and method in ("jvp", "finite_difference"):
         _refuse_coupled(method, "train mode couples the samples", ", or mode='eval'")
-    check_input(x)
+    if wrt is not None and method not in ("exact", "projection"):
+        raise ValueError(
+            f"wrt= is for method='exact' or 'projection' (reverse mode); "
+            f"method={method!r} perturbs the model's input"
+        )
+    if wrt is not None and not isinstance(wrt, str):
+        raise TypeError(f"wrt must be a submodule name, got {type(wrt).__name__}")
+    check_input(x, differentiated=wrt is None)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
@@ -540,10 +629,19 @@ def jacobian_sq_norms(
             _check_scalar_batch(model, x, output)
         fn = lambda z: _select(model, z, output)  # noqa: E731
         if method in ("exact", "projection"):
-            xg = x.detach().requires_grad_(True)
-            out = fn(xg)
+            if wrt is None:
+                xg = x.detach().requires_grad_(True)
+                out = fn(xg)
+            else:  # the variable is an inner one: e = submodule output
+                xg, out = _select_wrt(model, x, output, wrt)
             k = out.shape[1]
-            if method == "exact" and not coupled and d < k and not create_graph:
+            if (
+                method == "exact"
+                and wrt is None
+                and not coupled
+                and d < k
+                and not create_graph
+            ):
                 values = _exact_forward_or_none(fn, x, d)
                 if values is not None:
                     return _finite(values)

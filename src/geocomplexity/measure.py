@@ -265,6 +265,7 @@ def _pilot(
     mode: str,
     distribution: str,
     generator: torch.Generator | None,
+    wrt: str | None = None,
 ) -> list[float]:
     """What ``method="auto"`` learns from a batch: ``[k, n·m, n·σ², n]``.
 
@@ -286,6 +287,7 @@ def _pilot(
             mode=mode,
             distribution=distribution,
             generator=generator,
+            wrt=wrt,
         ).double()
         for _ in range(2)
     ]
@@ -332,6 +334,7 @@ def measure(
     per_sample: bool = False,
     distributed: bool = False,
     input_key: InputKey = None,
+    wrt: str | None = None,
 ) -> GCResult:
     r"""Geometric complexity of ``model`` over a data set, streamed in batches.
 
@@ -383,6 +386,9 @@ def measure(
             input: a dict key (``"pixel_values"``), an index, or a function of
             the batch. By default the batch itself, a tuple's first element,
             or a dict's entry under one of :data:`INPUT_KEYS`.
+        wrt: a submodule whose output the Jacobian is taken against instead
+            of the input, such as a token embedding (see
+            ``jacobian_sq_norms``); the data may then be integer.
 
     Returns:
         A :class:`GCResult`.
@@ -433,7 +439,7 @@ def measure(
             x = x[: max_samples - seen]
         if device is not None and x.device != device:
             x = x.to(device)
-        check_input(x)
+        check_input(x, differentiated=wrt is None)
         _check_model_matches(model, x)
         return x
 
@@ -451,7 +457,7 @@ def measure(
             if first is not None:
                 batches = itertools.chain([first], batches)
                 x = prepare(first, 0)
-                pilot = _pilot(model, x, output, mode, distribution, generator)
+                pilot = _pilot(model, x, output, mode, distribution, generator, wrt)
         except Exception as err:  # every rank must reach the gather below
             failure = err
         rows = _distributed.all_gather_rows(
@@ -472,7 +478,7 @@ def measure(
         for batch in batches:
             x = prepare(batch, stats.count)
             if chosen == "auto":
-                pilot = _pilot(model, x, output, mode, distribution, generator)
+                pilot = _pilot(model, x, output, mode, distribution, generator, wrt)
                 chosen, probes = choose(pilot, total or x.shape[0])
             values = jacobian_sq_norms(
                 model,
@@ -485,6 +491,7 @@ def measure(
                 chunk_size=chunk_size,
                 eps=eps,
                 generator=generator,
+                wrt=wrt,
             )
             stats.update(values)
             if per_sample:

@@ -72,6 +72,8 @@ class GeometricComplexity(Metric):
         distribution: probe distribution for the stochastic methods.
         chunk_size: VJPs per backward pass for ``"exact"``.
         generator: probe randomness (give each process its own seed).
+        wrt: a submodule whose output the Jacobian is taken against, such as
+            a token embedding (see ``jacobian_sq_norms``).
         **kwargs: ``torchmetrics.Metric`` options (``sync_on_compute``, ...).
             ``dist_sync_fn`` defaults to :func:`geocomplexity.distributed.all_gather`,
             which, unlike torchmetrics' own, cannot leave gloo's worker thread
@@ -100,6 +102,7 @@ class GeometricComplexity(Metric):
         distribution: str = "rademacher",
         chunk_size: int | None = None,
         generator: torch.Generator | None = None,
+        wrt: str | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("dist_sync_fn", all_gather)
@@ -122,6 +125,7 @@ class GeometricComplexity(Metric):
             "distribution": distribution,
             "chunk_size": chunk_size,
             "generator": generator,
+            "wrt": wrt,
         }
         zero = torch.tensor(0.0, dtype=torch.float64)
         self.add_state("total", default=zero.clone(), dist_reduce_fx="sum")

@@ -20,6 +20,7 @@ from geocomplexity.jacobian import (
     _default_chunk,
     _forward_mode,
     _select,
+    _select_wrt,
     reverse_sq_norms,
 )
 from geocomplexity.probes import check_distribution, input_probes, resolve_generator
@@ -45,6 +46,10 @@ class GeometricComplexity(Regularizer):
             a plain one against 2.1–2.6× for the whole batch (``benchmarks/``).
         distribution: probe distribution.
         generator: randomness for probes and the subsample.
+        wrt: a submodule whose output the Jacobian is taken against, such as
+            a token embedding (see ``jacobian_sq_norms``): the penalty then
+            runs its own forward pass, and the inputs may be integer. The
+            gradient reaches the embedding's weights through that output.
 
     BatchNorm in train mode couples the samples, so there the term takes the
     per-sample diagonal blocks (exact, B times the VJPs) rather than the
@@ -59,6 +64,7 @@ class GeometricComplexity(Regularizer):
         subsample: float = 1.0,
         distribution: str = "rademacher",
         generator: torch.Generator | None = None,
+        wrt: str | None = None,
     ) -> None:
         self.strength = check_strength(strength)
         if method == "finite_difference":
@@ -76,13 +82,19 @@ class GeometricComplexity(Regularizer):
         if not isinstance(num_probes, int) or num_probes < 1:
             raise ValueError(f"num_probes must be a positive integer, got {num_probes}")
         check_distribution(distribution)
+        if wrt is not None and method == "jvp":
+            raise ValueError(
+                "wrt= is for method='projection' or 'exact' (reverse mode); "
+                "'jvp' perturbs the model's input"
+            )
+        self.wrt = wrt
         self.method, self.num_probes, self.subsample = method, num_probes, subsample
         self.distribution, self.generator = distribution, generator
         self._fallback: torch.Generator | None = None
 
     @property
     def reuses_input_grad(self) -> bool:  # type: ignore[override]  # noqa: D102
-        return self.method != "jvp" and self.subsample == 1
+        return self.method != "jvp" and self.subsample == 1 and self.wrt is None
 
     def seed(self, generator: torch.Generator) -> None:  # noqa: D102
         self._fallback = generator
@@ -142,7 +154,11 @@ class GeometricComplexity(Regularizer):
             m = max(1, math.ceil(self.subsample * B))
             idx = torch.randperm(B, generator=gen, device=gen.device)[:m]
             x, outputs = inputs[idx.to(inputs.device)], None
-        if (
+        if self.wrt is not None:  # the inner variable comes from a pass of its own
+            with kept_buffers(model):
+                e, out = _select_wrt(model, x, None, self.wrt)
+                values = self._norms(model, e, out, gen, coupled)
+        elif (
             outputs is not None
             and self.method != "jvp"
             and x.requires_grad
@@ -208,5 +224,9 @@ class GeometricComplexity(Regularizer):
         return (
             f"GeometricComplexity({self.strength!r}, method={self.method!r}, "
             f"num_probes={self.num_probes}, subsample={self.subsample}, "
-            f"distribution={self.distribution!r})"
+            f"distribution={self.distribution!r}"
+            # only when set: checkpoints and run configs are keyed by this
+            # string, and those saved before the option existed still match
+            + ("" if self.wrt is None else f", wrt={self.wrt!r}")
+            + ")"
         )
