@@ -242,12 +242,15 @@ def test_lightning_callback_takes_inputs_from_dict_batches():
 
     x = torch.randn(12, 3)
     named = Loader(
-        [{"label": torch.zeros(4), "features": x[i : i + 4]} for i in (0, 4, 8)]
+        [
+            {"label": torch.zeros(4, dtype=torch.long), "features": x[i : i + 4]}
+            for i in (0, 4, 8)
+        ]
     )
     assert torch.equal(_take(named, 10, "features"), x[:10])
     usual = Loader([{"image": x[i : i + 4]} for i in (0, 4, 8)])
     assert torch.equal(_take(usual, 12), x)
-    with pytest.raises(TypeError, match=r"input_key='label'.*train=\.\.\."):
+    with pytest.raises(TypeError, match=r"input_key='features'.*train=\.\.\."):
         _take(named, 10)
     assert GeometricComplexityCallback(input_key="features").input_key == "features"
 

@@ -491,6 +491,27 @@ def test_rademacher_signs_are_fair_independent_coins(dtype):
         assert torch.equal(w.reshape(-1), draw((math.prod(shape),), 2))
 
 
+def test_sign_table_is_built_on_the_draw_device_and_never_caches_a_fake():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from geocomplexity import probes
+
+    g = torch.Generator().manual_seed(0)
+    key = (torch.float16, torch.device("cpu"))
+    probes._SIGNS.pop(key, None)
+    with FakeTensorMode():  # tracing: the table made here must not be kept
+        probes.draw_probes(
+            "rademacher", (3, 9), dtype=torch.float16, device="cpu", generator=g
+        )
+    assert key not in probes._SIGNS
+    with torch.device("meta"):  # a default device elsewhere does not leak in
+        v = probes.draw_probes(
+            "rademacher", (3, 9), dtype=torch.float16, device=None, generator=g
+        )
+    assert v.device.type == "cpu" and v.abs().eq(1).all()
+    assert type(probes._SIGNS[key]) is torch.Tensor
+
+
 def test_projection_with_many_outputs_is_unbiased():
     # k = 600 outputs, B = 8: 4800 probe entries per draw, 600 random bytes
     torch.manual_seed(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import math
 
 import pytest
@@ -63,10 +64,25 @@ def test_input_key_finds_the_input_in_dict_tuple_and_custom_batches():
             {"input_key": lambda b: b["batch"][0]},
         ),
     ]
+    Pair = collections.namedtuple("Pair", ["label", "inputs"])
+
+    class Feature(collections.UserDict):  # Hugging Face's BatchFeature is one
+        pass
+
+    cases += [
+        ([Feature(pixel_values=x[:20]), Feature(pixel_values=x[20:])], {}),
+        ([Pair(y[:15], x[:15]), Pair(y[15:], x[15:])], {"input_key": "inputs"}),
+    ]
     for data, kwargs in cases:
         r = gcx.measure(model, data, method="exact", progress=False, **kwargs)
         assert r.num_samples == 30
         assert math.isclose(r.value, want, rel_tol=1e-12)
+    # a label-first dict: the suggested key is the floating-point tensor's
+    with pytest.raises(TypeError, match=r"input_key='features'"):
+        gcx.measure(model, [{"label": y[:5], "features": x[:5]}], progress=False)
+    # tensor batches are the inputs: an index would pick the first sample
+    with pytest.raises(TypeError, match=r"inputs already"):
+        gcx.measure(model, [x[:5]], input_key=0, progress=False)
 
 
 def test_measuring_a_dataset_leaves_the_global_rng_alone():

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,9 +202,10 @@ def batch_inputs(batch: Any, input_key: InputKey = None) -> Tensor:
 
     Args:
         batch: a tensor, a tuple or list whose first element is the input, or
-            a dict holding it under one of :data:`INPUT_KEYS`.
-        input_key: where the input is instead: a dict key, an index, or a
-            function of the batch.
+            a mapping (a dict, Hugging Face's ``BatchFeature``) holding it
+            under one of :data:`INPUT_KEYS`.
+        input_key: where the input is instead: a key, an index, an attribute
+            (a namedtuple's field), or a function of the batch.
 
     Returns:
         The input tensor ``(B, *in_shape)``.
@@ -216,33 +217,49 @@ def batch_inputs(batch: Any, input_key: InputKey = None) -> Tensor:
         x = input_key(batch)
         where = "input_key(batch)"
     elif input_key is not None:
+        if isinstance(batch, Tensor):
+            # batch[0] would silently be the first sample
+            raise TypeError(
+                "the batches are tensors, which are the inputs already; leave "
+                "input_key out"
+            )
         try:
             x = batch[input_key]
         except (KeyError, IndexError, TypeError) as err:
-            keys = f" (keys {list(batch)[:8]})" if isinstance(batch, dict) else ""
-            raise TypeError(
-                f"input_key={input_key!r} is not in a {type(batch).__name__} "
-                f"batch{keys}"
-            ) from err
+            if isinstance(input_key, str) and hasattr(batch, input_key):
+                x = getattr(batch, input_key)  # a namedtuple or dataclass field
+            else:
+                keys = (
+                    f" (keys {list(batch)[:8]})" if isinstance(batch, Mapping) else ""
+                )
+                raise TypeError(
+                    f"input_key={input_key!r} is not in a {type(batch).__name__} "
+                    f"batch{keys}"
+                ) from err
         where = f"batch[{input_key!r}]"
     elif isinstance(batch, Tensor):
         return batch
     elif isinstance(batch, (tuple, list)) and batch:
         x, where = batch[0], "the first element of the batch"
-    elif isinstance(batch, dict):
+    elif isinstance(batch, Mapping):
         key = next((k for k in INPUT_KEYS if isinstance(batch.get(k), Tensor)), None)
         if key is None:
+            # suggest the first floating-point tensor: labels are integers
+            tensors = [k for k, v in batch.items() if isinstance(v, Tensor)]
+            floats = [k for k in tensors if torch.is_floating_point(batch[k])]
+            guess = (floats or tensors or list(batch) or ["key"])[0]
             raise TypeError(
-                f"a batch is a dict with keys {list(batch)[:8]} and none of the "
-                f"usual input keys {list(INPUT_KEYS)}; name the input with "
-                f"input_key={next(iter(batch), 'key')!r} (or the right key)"
+                f"a batch is a {type(batch).__name__} with keys {list(batch)[:8]} "
+                f"and no tensor under a usual input key {list(INPUT_KEYS)}; name "
+                f"the input with input_key={guess!r} (or the right key, or a "
+                "function of the batch)"
             )
         return batch[key]
     else:
         raise TypeError(
             f"a batch is a {type(batch).__name__}; expected a tensor, a tuple "
-            "whose first element is the input tensor, or a dict (pass input_key= "
-            "to pick the input)"
+            "whose first element is the input tensor, or a mapping (pass "
+            "input_key= to pick the input)"
         )
     if not isinstance(x, Tensor):
         raise TypeError(

@@ -80,7 +80,7 @@ def draw_probes(
     shape: tuple[int, ...],
     *,
     dtype: torch.dtype,
-    device: torch.device,
+    device: torch.device | str | None,
     generator: torch.Generator,
 ) -> Tensor:
     """Draw probes of ``shape`` with identity second moment along the last dim.
@@ -89,7 +89,7 @@ def draw_probes(
         distribution: one of :data:`DISTRIBUTIONS`.
         shape: ``(..., n)``; each length-``n`` row is one probe.
         dtype: floating dtype of the result.
-        device: device of the result.
+        device: device of the result (``None``: the generator's).
         generator: the source of randomness (drawn on its own device, then moved).
 
     Returns:
@@ -106,7 +106,7 @@ def draw_probes(
             v = v * (n**0.5 / v.norm(dim=-1, keepdim=True))
     # already in dtype; moved only if the generator lives elsewhere (a no-op
     # .to() still costs a dispatch, noticeable on a small model)
-    return v if where == torch.device(device) else v.to(device)
+    return v if device is None or where == torch.device(device) else v.to(device)
 
 
 # every byte's eight signs, one row per byte value: row b holds +1 where bit
@@ -120,9 +120,15 @@ def _sign_table(dtype: torch.dtype, device: torch.device) -> Tensor:
     key = (dtype, device)
     table = _SIGNS.get(key)
     if table is None:
-        bits = torch.arange(256).unsqueeze(1) >> torch.arange(_SIGNS_PER_DRAW)
-        table = (bits & 1).to(dtype).mul_(2).sub_(1).to(device)
-        _SIGNS[key] = table
+        byte = torch.arange(256, device=device).unsqueeze(1)
+        bits = byte >> torch.arange(_SIGNS_PER_DRAW, device=device)
+        table = (bits & 1).to(dtype).mul_(2).sub_(1)
+        # kept only if it is a plain tensor made outside a CUDA graph capture:
+        # a FakeTensor (tracing) or a capture's private memory would break
+        # every later draw
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if type(table) is Tensor and not capturing:
+            _SIGNS[key] = table
     return table
 
 
