@@ -308,3 +308,33 @@ def test_drop_last_keeps_every_step_at_the_batch_size():
     sizes.clear()
     h = fit(Spy(), train, **kwargs)
     assert sizes == [50, 50, 50, 50, 10] * 2 and h.final["step"] == 10
+
+
+def test_fit_trains_on_token_ids_with_gc_taken_at_the_embeddings():
+    import geocomplexity as gcx
+
+    def lm() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Embedding(30, 8), nn.Flatten(), nn.Linear(4 * 8, 16), nn.ReLU(),
+            nn.Linear(16, 5),
+        )  # fmt: skip
+
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 30, (128, 4), generator=g)
+    labels = torch.randint(0, 5, (128,), generator=g)
+    runs = {}
+    for strength in (0.0, 0.3):
+        model = lm()
+        h = fit(
+            model, (tokens, labels), (tokens[:64], labels[:64]), lr=0.1,
+            batch_size=32, epochs=15, seed=0, device="cpu", progress=False,
+            regularizer=GeometricComplexity(strength, wrt="0"),
+            track_gc_every=5, gc_wrt="0",
+        )  # fmt: skip
+        runs[strength] = h.final["gc_train"]
+        want = gcx.measure(model, tokens, wrt="0", progress=False).value
+        assert math.isclose(h.final["gc_train"], want, rel_tol=1e-5)
+        assert math.isfinite(h.final["gc_test"]) and h.final["penalty"] >= 0
+    # the penalty on the embeddings' GC lowers it
+    assert runs[0.3] < 0.8 * runs[0.0], runs

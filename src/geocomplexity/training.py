@@ -180,6 +180,7 @@ def fit(
     track_gc_every: int | None = None,
     eval_every: int = 1,
     gc_subset: int = 512,
+    gc_wrt: str | None = None,
     stop_at_train_loss: float | None = None,
     device: str | torch.device = "auto",
     callbacks: Sequence[Callback] = (),
@@ -219,6 +220,9 @@ def fit(
         track_gc_every: measure exact GC on fixed subsets of train and test
             every this many epochs (and at epoch 0); ``None`` never.
         gc_subset: size of those subsets (their first samples).
+        gc_wrt: track GC with respect to this submodule's output instead of
+            the input (a language model's token embeddings; see
+            :func:`geocomplexity.measure`).
         stop_at_train_loss: stop at the end of the first epoch whose train loss
             (evaluated over the whole set) is at or below this.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ...
@@ -329,10 +333,12 @@ def fit(
         )
         gc_tr = gc_te = math.nan
         if track_gc_every and epoch % track_gc_every == 0:
-            gc_tr = measure(model, x[:gc_subset], method="exact", progress=False).value
+            gc_tr = measure(
+                model, x[:gc_subset], method="exact", progress=False, wrt=gc_wrt
+            ).value
             if xt is not None:
                 gc_te = measure(
-                    model, xt[:gc_subset], method="exact", progress=False
+                    model, xt[:gc_subset], method="exact", progress=False, wrt=gc_wrt
                 ).value
         history.records.append(
             {
