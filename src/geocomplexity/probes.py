@@ -157,7 +157,9 @@ def _rademacher(
     index = torch.empty(-(-n // _SIGNS_PER_DRAW), dtype=torch.int32, device=device)
     index.random_(0, 256, generator=generator)
     signs = _sign_table(dtype, device).index_select(0, index)
-    return signs.reshape(-1)[:n].reshape(shape)
+    if n % _SIGNS_PER_DRAW:  # a partial last byte: drop its extra signs
+        signs = signs.reshape(-1)[:n]
+    return signs.reshape(shape)
 
 
 def input_probes(
