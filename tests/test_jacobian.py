@@ -648,3 +648,41 @@ def test_wrt_in_train_mode_takes_the_diagonal_blocks_after_the_embedding():
     want = diagonal_block_sq_norms(head.train(), model[0](t).detach())
     got = gcx.jacobian_sq_norms(model, t, wrt="0", mode="train")
     assert torch.allclose(got, want, rtol=1e-10, atol=0)
+
+
+def test_wrt_on_a_transformer_encoder_and_its_penalty():
+    # attention, LayerNorm and a learned position table after the embedding;
+    # the penalty double-backpropagates through attention, in train mode
+    from geocomplexity.regularizers import GeometricComplexity
+
+    class TinyLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(40, 16)
+            self.pos = nn.Parameter(0.1 * torch.randn(6, 16))
+            layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True)
+            self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.head = nn.Linear(16, 4)
+
+        def after_embedding(self, e: torch.Tensor) -> torch.Tensor:
+            return self.head(self.enc(e + self.pos).mean(1))
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.after_embedding(self.embed(t))
+
+    torch.manual_seed(0)
+    model = TinyLM().double()
+    t = torch.randint(0, 40, (5, 6))
+
+    class Rest(nn.Module):
+        def forward(self, e: torch.Tensor) -> torch.Tensor:
+            return model.after_embedding(e)
+
+    model.eval()
+    want = per_sample_sq_norms(Rest(), model.embed(t).detach())
+    model.train()
+    got = gcx.jacobian_sq_norms(model, t, wrt="embed")  # eval mode by default
+    assert torch.allclose(got, want, rtol=1e-10, atol=0) and model.training
+    penalty = GeometricComplexity(1e-2, wrt="embed")(model, t)
+    penalty.backward()
+    assert torch.isfinite(penalty) and model.embed.weight.grad.abs().sum() > 0
