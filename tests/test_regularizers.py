@@ -455,6 +455,10 @@ def test_spectral_edge_layers():
     with pytest.warns(UserWarning, match="leaves out transposed convolutions"):
         names = spectral_norms(up, torch.randn(1, 2, 3, 3))
     assert list(names) == ["2"]
+    attention = nn.MultiheadAttention(4, 2)
+    with pytest.warns(UserWarning, match=r"input projections.*query/key/value"):
+        names = spectral_norms(attention)
+    assert list(names) == ["out_proj"]
 
 
 def test_spectral_dense_matches_matrix_norm_and_gradient():

@@ -202,11 +202,16 @@ class SpectralNorm(Regularizer):
                 layers.append((n, m, operator and not isinstance(m, nn.Linear)))
             elif isinstance(m, nn.modules.conv._ConvTransposeNd):
                 skipped.append(n)
+            elif isinstance(m, nn.MultiheadAttention):
+                # its output projection is a Linear (penalised); the query,
+                # key and value projections are bare parameters
+                skipped.append(f"{n} (query/key/value projections)")
         if skipped and not self._warned:
             self._warned = True
             warnings.warn(
-                f"SpectralNorm leaves out transposed convolutions ({skipped[:4]}): "
-                "their norms are not in the penalty, nor in the GC bound",
+                "SpectralNorm leaves out transposed convolutions and attention's "
+                f"input projections ({skipped[:4]}): their norms are not in the "
+                "penalty, nor in the GC bound",
                 stacklevel=3,
             )
         if any(op and n not in self._shapes for n, _, op in layers):
