@@ -65,6 +65,12 @@ def test_metric_measures_with_respect_to_an_embedding():
     # a linear head on the embedding: GC = ||A||_F^2 exactly
     want = model[2].weight.pow(2).sum().item()
     torch.testing.assert_close(metric.compute().item(), want, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match=r"wrt= is for"):
+        GeometricComplexity(model, wrt="0", method="jvp")
+    # a Hugging Face style batch: token ids under "input_ids"
+    batches = [{"input_ids": b, "labels": torch.zeros(len(b))} for b in tokens.split(4)]
+    r = measure(model, batches, wrt="0", progress=False)
+    torch.testing.assert_close(r.value, want, rtol=1e-12, atol=0)
 
 
 def test_metric_projection_is_unbiased_and_options_are_checked():

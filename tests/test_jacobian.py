@@ -622,6 +622,7 @@ def test_wrt_penalty_gradient_reaches_the_embedding_weights():
         ({"wrt": "unused"}, ValueError, r"did not run"),
         ({"wrt": "embed", "method": "jvp"}, ValueError, r"wrt= is for"),
         ({"wrt": "head.3", "output": "head.1"}, ValueError, r"did not run"),
+        ({"wrt": ""}, ValueError, r"whole model"),
         ({}, TypeError, r"int64.*wrt='<name of the embedding"),
     ],
 )
@@ -686,3 +687,49 @@ def test_wrt_on_a_transformer_encoder_and_its_penalty():
     penalty = GeometricComplexity(1e-2, wrt="embed")(model, t)
     penalty.backward()
     assert torch.isfinite(penalty) and model.embed.weight.grad.abs().sum() > 0
+
+
+def test_wrt_holds_when_the_forward_pass_changes_the_variable_in_place():
+    # x *= sqrt(d) after an embedding, or ReLU(inplace=True) after the named
+    # layer: the Jacobian is still taken against the submodule's own output
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(20, 4)
+            self.pos = nn.Parameter(torch.randn(3, 4))
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.Tanh())
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            e = self.embed(t)
+            e *= 3.0
+            e += self.pos
+            return self.head(e)
+
+    torch.manual_seed(0)
+    model = Scaled().double()
+    t = torch.randint(0, 20, (6, 3))
+    e = model.embed(t).detach()
+    want = per_sample_sq_norms(_Call(lambda z: model.head(3.0 * z + model.pos)), e)
+    assert torch.allclose(gcx.jacobian_sq_norms(model, t, wrt="embed"), want)
+    model.requires_grad_(False)  # a frozen embedding: the variable is a leaf
+    assert torch.allclose(gcx.jacobian_sq_norms(model, t, wrt="embed"), want)
+
+    relu = nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=True), nn.Linear(6, 3))
+    relu = relu.double()
+    x = torch.randn(7, 5, dtype=torch.float64)
+    h = relu[0](x).detach()
+    want = per_sample_sq_norms(_Call(lambda z: relu[2](torch.relu(z))), h)
+    assert torch.allclose(gcx.jacobian_sq_norms(relu, x, wrt="0"), want)
+    from geocomplexity.regularizers import GeometricComplexity
+
+    penalty = GeometricComplexity(1.0, method="exact", wrt="0")(relu, x)
+    assert torch.isclose(penalty, want.mean())
+
+
+class _Call(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.fn(z)

@@ -338,3 +338,17 @@ def test_fit_trains_on_token_ids_with_gc_taken_at_the_embeddings():
         assert math.isfinite(h.final["gc_test"]) and h.final["penalty"] >= 0
     # the penalty on the embeddings' GC lowers it
     assert runs[0.3] < 0.8 * runs[0.0], runs
+
+
+def test_fit_on_token_ids_names_the_wrt_options():
+    model = nn.Sequential(nn.Embedding(30, 4), nn.Flatten(), nn.Linear(8, 3))
+    tokens, labels = torch.randint(0, 30, (16, 2)), torch.randint(0, 3, (16,))
+    common = {"epochs": 1, "device": "cpu", "progress": False}
+    with pytest.raises(ValueError, match=r"gc_wrt="):
+        fit(model, (tokens, labels), track_gc_every=1, **common)
+    with pytest.raises(TypeError, match=r"wrt='<embedding"):
+        fit(model, (tokens, labels), regularizer=GeometricComplexity(0.1), **common)
+    with pytest.raises(ValueError, match=r"input_noise_std.*cannot take"):
+        fit(model, (tokens, labels), input_noise_std=0.1, **common)
+    with pytest.raises(TypeError, match=r"wrt='<embedding"):
+        GeometricComplexity(0.1)(model, tokens)

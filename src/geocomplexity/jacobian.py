@@ -236,6 +236,8 @@ def _select_wrt(
             is taken, or its output has no batch dimension.
         TypeError: its output is not a floating-point tensor.
     """
+    if not wrt:  # "" names the model itself: its output against itself
+        raise ValueError("wrt='' names the whole model; name a submodule")
     sub = _submodule(model, wrt, "wrt")
     seen: list[Tensor] = []
 
@@ -254,7 +256,11 @@ def _select_wrt(
         if not result.requires_grad:
             result = result.detach().requires_grad_(True)
         seen.append(result)
-        return result
+        # the model goes on with a copy: an in-place operation later in the
+        # forward pass (x *= sqrt(d), ReLU(inplace=True)) would otherwise
+        # change the variable itself, and the Jacobian would be taken against
+        # the changed value (off by the factor, or the ReLU mask dropped)
+        return result.clone()
 
     handle = sub.register_forward_hook(hook)
     try:

@@ -155,7 +155,7 @@ InputKey = str | int | Callable[[Any], Tensor] | None
 
 #: Keys under which a dict batch commonly holds its inputs, tried in order
 #: when no ``input_key`` is given.
-INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values")
+INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values", "input_ids")
 
 
 def _batches(

@@ -281,6 +281,24 @@ def fit(
         )
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be positive, got {checkpoint_every!r}")
+    if not torch.is_floating_point(x):  # token ids: GC lives at the embeddings
+        if track_gc_every is not None and gc_wrt is None:
+            raise ValueError(
+                f"the inputs are {x.dtype}, and GC differentiates with respect to "
+                "them: pass gc_wrt='<embedding submodule>' to track GC at the "
+                "embeddings"
+            )
+        if regularizer is not None and regularizer.reuses_input_grad:
+            raise TypeError(
+                f"the inputs are {x.dtype}, and the regularizer differentiates "
+                "with respect to them: give its GC term wrt='<embedding "
+                "submodule>' (GeometricComplexity(λ, wrt='embed'))"
+            )
+        if input_noise_std > 0:
+            raise ValueError(
+                f"input_noise_std adds Gaussian noise, which {x.dtype} inputs "
+                "cannot take"
+            )
     dev = resolve_device(device)
     loss_fn = loss_fn or F.cross_entropy
     n = len(x)

@@ -132,6 +132,13 @@ class GeometricComplexity(Regularizer):
         Returns:
             A scalar tensor, differentiable in the parameters.
         """
+        if self.wrt is None and not torch.is_floating_point(inputs):
+            raise TypeError(
+                f"inputs have dtype {inputs.dtype}, but the GC penalty "
+                "differentiates with respect to them; for token ids take it at "
+                "the embeddings: GeometricComplexity(..., wrt='<embedding "
+                "submodule>')"
+            )
         if (
             torch.is_grad_enabled()
             and not torch.is_inference_mode_enabled()
