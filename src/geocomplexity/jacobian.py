@@ -106,11 +106,11 @@ def check_input(x: Any, *, differentiated: bool = True) -> Tensor:
         raise ValueError("x is a scalar; give a batch of shape (B, *input_shape)")
     if x.shape[0] == 0:
         raise ValueError("x is an empty batch (B = 0); give at least one sample")
+    if not torch.is_floating_point(x):  # token ids, with wrt=: always finite
+        return x
     # one reduction: a NaN or inf anywhere makes the sum non-finite (a finite
     # sum that overflows only costs the exact count below); the scalar is
     # tested in Python, since torch.isfinite is four kernels even on one number
-    if not torch.is_floating_point(x):
-        return x
     if not math.isfinite(x.sum().item()) and (bad := (~torch.isfinite(x)).sum().item()):
         raise ValueError(
             f"x contains {bad} NaN or infinite entries (of {x.numel()}); "
