@@ -620,7 +620,7 @@ def test_wrt_penalty_gradient_reaches_the_embedding_weights():
     [
         ({"wrt": "nope"}, ValueError, r"wrt='nope' names no submodule.*embed"),
         ({"wrt": "unused"}, ValueError, r"did not run"),
-        ({"wrt": "embed", "method": "jvp"}, ValueError, r"wrt= is for"),
+        ({"wrt": "embed", "method": "jvp", "mode": "train"}, ValueError, r"couples"),
         ({"wrt": "head.3", "output": "head.1"}, ValueError, r"did not run"),
         ({"wrt": ""}, ValueError, r"whole model"),
         ({}, TypeError, r"int64.*wrt='<name of the embedding"),
@@ -733,3 +733,40 @@ class _Call(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.fn(z)
+
+
+def test_wrt_with_forward_mode_and_finite_difference_probes():
+    # the probes enter at the embedding's output: a tangent for jvp, a step
+    # for finite differences; both estimate the exact value
+    from geocomplexity.regularizers import GeometricComplexity
+
+    model, t = _tokens()
+    want = gcx.jacobian_sq_norms(model, t, wrt="embed")
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack(
+        [
+            gcx.jacobian_sq_norms(model, t, wrt="embed", method="jvp", generator=g)
+            for _ in range(300)
+        ]
+    )
+    se = draws.std(0) / 300**0.5
+    assert ((draws.mean(0) - want).abs() < 4 * se).all()
+
+    # finite differences along the same probes as jvp: equal to O(eps)
+    def along(method: str) -> torch.Tensor:
+        g5 = torch.Generator().manual_seed(5)
+        return gcx.jacobian_sq_norms(
+            model, t, wrt="embed", method=method, num_probes=3, generator=g5
+        )
+
+    assert torch.allclose(along("finite_difference"), along("jvp"), rtol=1e-6)
+    r = gcx.measure(model, t, wrt="embed", method="jvp", num_probes=4, progress=False)
+    assert r.method == "jvp" and r.num_samples == 9
+    # the jvp penalty: unbiased value, gradient into the embedding weights
+    term = GeometricComplexity(1.0, method="jvp", wrt="embed", generator=g)
+    values = torch.stack([term(model, t).detach() for _ in range(300)])
+    assert abs(values.mean() - want.mean()) < 4 * values.std() / 300**0.5
+    model.zero_grad()
+    term(model, t).backward()
+    assert model.embed.weight.grad.abs().sum() > 0
+    assert model.embed.weight.requires_grad

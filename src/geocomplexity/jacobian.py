@@ -217,29 +217,29 @@ def _select(model: nn.Module, x: Tensor, output: Output) -> Tensor:
     return out if out.dim() == 2 else out.reshape(B, -1)
 
 
-def _select_wrt(
-    model: nn.Module, x: Tensor, output: Output, wrt: str
+def _run_at(
+    model: nn.Module,
+    x: Tensor,
+    output: Output,
+    wrt: str,
+    replace: Callable[[Tensor], Tensor],
 ) -> tuple[Tensor, Tensor]:
-    """Run the model; return submodule ``wrt``'s output and the differentiated one.
-
-    The submodule's output ``e`` (shape ``(B, ...)``) is the variable the
-    Jacobian is taken against: ``∂g/∂e`` with everything before it fixed. It
-    stays in the graph where it depends on parameters (an embedding's
-    weights), so a penalty built on it is differentiable in them too, and is
-    made a leaf that requires grad where it does not (a frozen embedding).
+    """Run the model with submodule ``wrt``'s output ``e`` replaced by ``replace(e)``.
 
     Returns:
-        ``(e, out)``, ``out`` flattened to ``(B, k)``.
+        ``(e, out)``: the submodule's own output and the differentiated output,
+        flattened to ``(B, k)``.
 
     Raises:
         ValueError: the submodule does not run exactly once before the output
-            is taken, or its output has no batch dimension.
+            is taken, or its output has no batch dimension of size B.
         TypeError: its output is not a floating-point tensor.
     """
     if not wrt:  # "" names the model itself: its output against itself
         raise ValueError("wrt='' names the whole model; name a submodule")
     sub = _submodule(model, wrt, "wrt")
     seen: list[Tensor] = []
+    B = x.shape[0]
 
     def hook(_module: nn.Module, _args: Any, result: Any) -> Any:
         if seen:
@@ -253,14 +253,13 @@ def _select_wrt(
                 f"submodule wrt={wrt!r} returns {kind}; the variable to "
                 "differentiate against must be a floating-point tensor"
             )
-        if not result.requires_grad:
-            result = result.detach().requires_grad_(True)
+        if result.dim() == 0 or result.shape[0] != B:
+            raise ValueError(
+                f"submodule wrt={wrt!r} returns shape {tuple(result.shape)}, with "
+                f"no batch dimension of size {B} first"
+            )
         seen.append(result)
-        # the model goes on with a copy: an in-place operation later in the
-        # forward pass (x *= sqrt(d), ReLU(inplace=True)) would otherwise
-        # change the variable itself, and the Jacobian would be taken against
-        # the changed value (off by the factor, or the ReLU mask dropped)
-        return result.clone()
+        return replace(result)
 
     handle = sub.register_forward_hook(hook)
     try:
@@ -272,13 +271,86 @@ def _select_wrt(
             f"submodule wrt={wrt!r} did not run before the differentiated output "
             "was taken; name a module the forward pass runs first"
         )
-    e = seen[0]
-    if e.dim() == 0 or e.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"submodule wrt={wrt!r} returns shape {tuple(e.shape)}, with no batch "
-            f"dimension of size {x.shape[0]} first"
-        )
-    return e, out
+    return seen[0], out
+
+
+def _select_wrt(
+    model: nn.Module, x: Tensor, output: Output, wrt: str
+) -> tuple[Tensor, Tensor]:
+    """Run the model; return submodule ``wrt``'s output and the differentiated one.
+
+    The submodule's output ``e`` (shape ``(B, ...)``) is the variable the
+    Jacobian is taken against: ``∂g/∂e`` with everything before it fixed. It
+    stays in the graph where it depends on parameters (an embedding's
+    weights), so a penalty built on it is differentiable in them too, and is
+    made a leaf that requires grad where it does not (a frozen embedding).
+
+    Returns:
+        ``(e, out)``, ``out`` flattened to ``(B, k)``.
+    """
+    held: list[Tensor] = []
+
+    def replace(e: Tensor) -> Tensor:
+        if not e.requires_grad:
+            e = e.detach().requires_grad_(True)
+        held.append(e)
+        # the model goes on with a copy: an in-place operation later in the
+        # forward pass (x *= sqrt(d), ReLU(inplace=True)) would otherwise
+        # change the variable itself, and the Jacobian would be taken against
+        # the changed value (off by the factor, or the ReLU mask dropped)
+        return e.clone()
+
+    _, out = _run_at(model, x, output, wrt, replace)
+    return held[0], out
+
+
+def _probes_at(
+    model: nn.Module,
+    x: Tensor,
+    output: Output,
+    wrt: str,
+    method: str,
+    distribution: str,
+    num_probes: int,
+    eps: float | None,
+    generator: torch.Generator,
+) -> Tensor:
+    """``"jvp"`` or ``"finite_difference"`` with probes ``u`` at ``wrt``'s output.
+
+    Each probe is drawn with the shape of the submodule's output ``e`` once it
+    has run, and enters as ``e``'s tangent (a dual tensor) or as the step
+    ``e + εu``; everything before ``e`` runs unperturbed.
+
+    Returns:
+        Per-sample values ``(B,)``, the mean over probes.
+    """
+    B = x.shape[0]
+    values: Tensor | None = None
+    if method == "jvp":
+        for _ in range(num_probes):
+            with fwAD.dual_level():
+
+                def dual(e: Tensor) -> Tensor:
+                    u = input_probes(distribution, e, 1, generator)[0]
+                    return fwAD.make_dual(e, u)
+
+                _, out = _run_at(model, x, output, wrt, dual)
+                _, t = fwAD.unpack_dual(out)
+            sq = out.new_zeros(B) if t is None else t.reshape(B, -1).pow(2).sum(1)
+            values = sq if values is None else values + sq
+        return values / num_probes  # type: ignore[operator]
+    with torch.no_grad():
+        e, base = _run_at(model, x, output, wrt, lambda e: e)
+        if eps is None:  # as for the input: sqrt(machine eps) times e's RMS
+            scale = e.pow(2).mean().sqrt().item() or 1.0
+            eps = math.sqrt(torch.finfo(e.dtype).eps) * scale
+        step = eps
+        for _ in range(num_probes):
+            u = input_probes(distribution, e, 1, generator)[0]
+            _, out = _run_at(model, x, output, wrt, lambda e, u=u: e + step * u)
+            sq = (out - base).reshape(B, -1).pow(2).sum(1)
+            values = sq if values is None else values + sq
+    return values / (num_probes * eps**2)  # type: ignore[operator]
 
 
 def _refuse_coupled(method: str, why: str, alternative: str = "") -> None:
@@ -552,8 +624,8 @@ def jacobian_sq_norms(
             taken against instead of ``x_i``: :math:`\|\partial g/\partial
             e_i\|_F^2`, everything before it held fixed. For token ids, name
             the embedding (``wrt="embed"``); ``x`` may then be integer. The
-            submodule must run once per forward pass, before the output.
-            ``"exact"`` and ``"projection"`` only.
+            submodule must run once per forward pass, before the output; the
+            probes of ``"jvp"`` and ``"finite_difference"`` enter there.
 
     Returns:
         Tensor of shape ``(B,)`` in ``x``'s dtype; each entry is the exact value,
@@ -601,11 +673,6 @@ def jacobian_sq_norms(
         )
     if mode == "train" and method in ("jvp", "finite_difference"):
         _refuse_coupled(method, "train mode couples the samples", ", or mode='eval'")
-    if wrt is not None and method not in ("exact", "projection"):
-        raise ValueError(
-            f"wrt= is for method='exact' or 'projection' (reverse mode); "
-            f"method={method!r} perturbs the model's input"
-        )
     if wrt is not None and not isinstance(wrt, str):
         raise TypeError(f"wrt must be a submodule name, got {type(wrt).__name__}")
     check_input(x, differentiated=wrt is None)
@@ -666,6 +733,18 @@ def jacobian_sq_norms(
                 or (1 if coupled else _default_chunk(model, n_directions, xg, k)),
                 generator=generator,
                 create_graph=create_graph,
+            )
+        elif wrt is not None:  # probes at the inner variable
+            values = _probes_at(
+                model,
+                x,
+                output,
+                wrt,
+                method,
+                distribution,
+                num_probes,
+                eps,
+                resolve_generator(generator, x.device),
             )
         else:
             gen = resolve_generator(generator, x.device)

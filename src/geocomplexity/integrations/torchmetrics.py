@@ -113,11 +113,6 @@ class GeometricComplexity(Metric):
                 f"{', '.join(map(repr, METHODS))}"
             )
         check_distribution(distribution)
-        if wrt is not None and method not in ("exact", "projection"):
-            raise ValueError(
-                f"wrt= is for method='exact' or 'projection'; method={method!r} "
-                "perturbs the model's input"
-            )
         # not a submodule: the metric's state_dict, .to() and .double() must
         # not reach into the model being measured; and shared, not copied, by
         # clone() and deepcopy (MetricTracker copies the metric every epoch)

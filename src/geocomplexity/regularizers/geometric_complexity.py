@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from geocomplexity.jacobian import (
     _default_chunk,
     _forward_mode,
+    _probes_at,
     _select,
     _select_wrt,
     reverse_sq_norms,
@@ -82,11 +83,6 @@ class GeometricComplexity(Regularizer):
         if not isinstance(num_probes, int) or num_probes < 1:
             raise ValueError(f"num_probes must be a positive integer, got {num_probes}")
         check_distribution(distribution)
-        if wrt is not None and method == "jvp":
-            raise ValueError(
-                "wrt= is for method='projection' or 'exact' (reverse mode); "
-                "'jvp' perturbs the model's input"
-            )
         self.wrt = wrt
         self.method, self.num_probes, self.subsample = method, num_probes, subsample
         self.distribution, self.generator = distribution, generator
@@ -161,10 +157,22 @@ class GeometricComplexity(Regularizer):
             m = max(1, math.ceil(self.subsample * B))
             idx = torch.randperm(B, generator=gen, device=gen.device)[:m]
             x, outputs = inputs[idx.to(inputs.device)], None
+        if coupled and self.method == "jvp":
+            raise ValueError(
+                "method='jvp' perturbs all samples at once, which is wrong when "
+                "BatchNorm couples them (train mode, or no running statistics); "
+                "use 'projection' or 'exact'"
+            )
         if self.wrt is not None:  # the inner variable comes from a pass of its own
             with kept_buffers(model):
-                e, out = _select_wrt(model, x, None, self.wrt)
-                values = self._norms(model, e, out, gen, coupled)
+                if self.method == "jvp":
+                    values = _probes_at(
+                        model, x, None, self.wrt, "jvp", self.distribution,
+                        self.num_probes, None, gen,
+                    )  # fmt: skip
+                else:
+                    e, out = _select_wrt(model, x, None, self.wrt)
+                    values = self._norms(model, e, out, gen, coupled)
         elif (
             outputs is not None
             and self.method != "jvp"
@@ -174,12 +182,6 @@ class GeometricComplexity(Regularizer):
             out = outputs.reshape(B, -1)
             values = self._norms(model, x, out, gen, coupled, strict=True)
         else:
-            if coupled and self.method == "jvp":
-                raise ValueError(
-                    "method='jvp' perturbs all samples at once, which is wrong when "
-                    "BatchNorm couples them (train mode, or no running statistics); "
-                    "use 'projection' or 'exact'"
-                )
             # a forward pass of its own, in the model's current mode; running
             # statistics are put back so the batch is not counted twice
             xg = x.detach().requires_grad_(self.method != "jvp")
