@@ -188,3 +188,43 @@ def test_fit_on_cuda_is_reproducible_and_lowers_the_loss():
     first, second = run(), run()
     assert str(first) == str(second)  # str: the first epoch's penalty is NaN
     assert first[-1]["train_loss"] < first[0]["train_loss"]
+
+
+def test_rademacher_signs_on_a_cuda_generator_are_fair_and_seeded():
+    from geocomplexity.probes import draw_probes
+
+    def draw(seed: int) -> torch.Tensor:
+        g = torch.Generator(device=CUDA).manual_seed(seed)
+        return draw_probes(
+            "rademacher", (4096, 8), dtype=torch.float64, device=CUDA, generator=g
+        )
+
+    v = draw(0)
+    assert v.device.type == "cuda" and v.abs().eq(1).all()
+    assert torch.equal(v, draw(0)) and not torch.equal(v, draw(1))
+    assert v.mean(0).abs().max() < 5 / 4096**0.5  # each bit position fair
+    # a CPU generator with a CUDA result: drawn there, then moved
+    g = torch.Generator().manual_seed(0)
+    w = draw_probes("rademacher", (7, 3), dtype=torch.float32, device=CUDA, generator=g)
+    assert w.device.type == "cuda" and w.abs().eq(1).all()
+
+
+def test_wrt_an_embedding_matches_the_cpu():
+    torch.manual_seed(0)
+    cpu = nn.Sequential(
+        nn.Embedding(30, 4), nn.Flatten(), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 3)
+    ).double()
+    gpu = copy.deepcopy(cpu).to(CUDA)
+    tokens = torch.randint(0, 30, (16, 3))
+    for method in ("exact", "projection", "jvp"):
+        kw = {"method": method, "wrt": "0"}
+        if method != "exact":
+            kw["generator"] = torch.Generator(device=CUDA).manual_seed(0)
+            kw["num_probes"] = 512
+        got = gcx.jacobian_sq_norms(gpu, tokens.to(CUDA), **kw)
+        want = gcx.jacobian_sq_norms(cpu, tokens, wrt="0")
+        tol = 1e-10 if method == "exact" else 0.3
+        torch.testing.assert_close(got.cpu(), want, rtol=tol, atol=0)
+    penalty = GeometricComplexity(1.0, wrt="0")(gpu, tokens.to(CUDA))
+    penalty.backward()
+    assert gpu[0].weight.grad.abs().sum() > 0
