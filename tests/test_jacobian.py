@@ -770,3 +770,42 @@ def test_wrt_with_forward_mode_and_finite_difference_probes():
     term(model, t).backward()
     assert model.embed.weight.grad.abs().sum() > 0
     assert model.embed.weight.requires_grad
+
+
+def test_wrt_probes_leave_the_input_alone_when_the_submodule_returns_it():
+    # Identity returns its input: without a copy, `e *= 3` after it wrote into
+    # x (finite differences then ran on 3x, 9x, ...; jvp overflowed), and a
+    # Tanh followed by an in-place op broke the jvp penalty's backward
+    from geocomplexity.regularizers import GeometricComplexity
+
+    class Net(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner, self.lin = inner, nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            e = self.inner(x)
+            e *= 3.0
+            return torch.tanh(self.lin(e))
+
+    torch.manual_seed(0)
+    model = Net(nn.Identity()).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    before = x.clone()
+    want = gcx.jacobian_sq_norms(model, x, wrt="inner")
+
+    def along(method: str) -> torch.Tensor:
+        g = torch.Generator().manual_seed(3)
+        return gcx.jacobian_sq_norms(
+            model, x, wrt="inner", method=method, num_probes=4000, generator=g
+        )
+
+    jvp, fd = along("jvp"), along("finite_difference")
+    assert torch.equal(x, before)
+    assert torch.allclose(fd, jvp, rtol=1e-6)
+    assert torch.allclose(jvp, want, rtol=0.1)  # 4000 probes: a few % noise
+    torch.manual_seed(0)
+    tanh = Net(nn.Tanh()).double()
+    penalty = GeometricComplexity(1.0, method="jvp", wrt="inner")(tanh, x)
+    penalty.backward()  # a Tanh's backward reads its output, kept unmodified
+    assert torch.isfinite(penalty) and tanh.lin.weight.grad is not None

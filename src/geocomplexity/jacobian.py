@@ -314,12 +314,31 @@ def _probes_at(
     num_probes: int,
     eps: float | None,
     generator: torch.Generator,
+    create_graph: bool = False,
 ) -> Tensor:
     """``"jvp"`` or ``"finite_difference"`` with probes ``u`` at ``wrt``'s output.
 
     Each probe is drawn with the shape of the submodule's output ``e`` once it
     has run, and enters as ``e``'s tangent (a dual tensor) or as the step
-    ``e + εu``; everything before ``e`` runs unperturbed.
+    ``e + εu``; everything before ``e`` runs unperturbed. The model goes on
+    with a copy of ``e`` (see :func:`_select_wrt`): an in-place operation
+    after the submodule would otherwise write into ``e``, and through a
+    submodule that returns its input (``Identity``, ``Flatten``) into ``x``.
+
+    Args:
+        model: the model.
+        x: its input ``(B, ...)``.
+        output: what is differentiated (see :func:`jacobian_sq_norms`).
+        wrt: the submodule whose output is perturbed.
+        method: ``"jvp"`` or ``"finite_difference"``.
+        distribution: probe distribution.
+        num_probes: probes per sample.
+        eps: finite-difference step; ``None`` for ``sqrt(machine eps)``
+            times the RMS of ``e``.
+        generator: probe randomness.
+        create_graph: keep the graph of the jvp values, so they are
+            differentiable in the parameters (the penalty); otherwise the
+            passes run without one.
 
     Returns:
         Per-sample values ``(B,)``, the mean over probes.
@@ -327,12 +346,13 @@ def _probes_at(
     B = x.shape[0]
     values: Tensor | None = None
     if method == "jvp":
+        graph = contextlib.nullcontext() if create_graph else torch.no_grad()
         for _ in range(num_probes):
-            with fwAD.dual_level():
+            with graph, fwAD.dual_level():
 
                 def dual(e: Tensor) -> Tensor:
                     u = input_probes(distribution, e, 1, generator)[0]
-                    return fwAD.make_dual(e, u)
+                    return fwAD.make_dual(e.clone(), u)
 
                 _, out = _run_at(model, x, output, wrt, dual)
                 _, t = fwAD.unpack_dual(out)
@@ -340,7 +360,7 @@ def _probes_at(
             values = sq if values is None else values + sq
         return values / num_probes  # type: ignore[operator]
     with torch.no_grad():
-        e, base = _run_at(model, x, output, wrt, lambda e: e)
+        e, base = _run_at(model, x, output, wrt, lambda e: e.clone())
         if eps is None:  # as for the input: sqrt(machine eps) times e's RMS
             scale = e.pow(2).mean().sqrt().item() or 1.0
             eps = math.sqrt(torch.finfo(e.dtype).eps) * scale
@@ -745,15 +765,18 @@ def jacobian_sq_norms(
                 num_probes,
                 eps,
                 resolve_generator(generator, x.device),
+                create_graph,
             )
         else:
             gen = resolve_generator(generator, x.device)
             u = input_probes(distribution, x, num_probes, gen)
             if method == "jvp":
-                values = (
-                    _forward_mode(fn, x.detach(), lambda i: u[i], num_probes)
-                    / num_probes
-                )
+                # a graph through the parameters only where it is asked for
+                with contextlib.nullcontext() if create_graph else torch.no_grad():
+                    values = (
+                        _forward_mode(fn, x.detach(), lambda i: u[i], num_probes)
+                        / num_probes
+                    )
             else:
                 values = _finite_difference(fn, x.detach(), u, eps)
     if values.requires_grad and not create_graph:

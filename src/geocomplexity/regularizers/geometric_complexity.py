@@ -168,7 +168,7 @@ class GeometricComplexity(Regularizer):
                 if self.method == "jvp":
                     values = _probes_at(
                         model, x, None, self.wrt, "jvp", self.distribution,
-                        self.num_probes, None, gen,
+                        self.num_probes, None, gen, create_graph=True,
                     )  # fmt: skip
                 else:
                     e, out = _select_wrt(model, x, None, self.wrt)
