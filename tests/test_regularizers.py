@@ -754,3 +754,56 @@ def test_penalty_with_batchnorm_backprops_with_task_loss_and_keeps_stats(term, t
     loss = F.cross_entropy(out, y) + term(model, x, y, outputs=out)
     loss.backward()
     assert all(torch.equal(a, b) for a, b in zip(model.buffers(), stats, strict=True))
+
+
+def test_penalties_on_attention_run_its_math_kernel():
+    # in float32 on the CPU, scaled_dot_product_attention takes a fused flash
+    # kernel with no double backward: a penalty's own passes, and fit's task
+    # pass, run attention by its math kernel instead
+    import torch.nn.functional as F
+
+    import geocomplexity as gcx
+    from geocomplexity.regularizers.base import explained
+    from geocomplexity.state import differentiable_attention
+    from geocomplexity.training import fit
+
+    class Attend(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(12, 8)
+            self.attn = nn.TransformerEncoderLayer(
+                8, 2, 16, dropout=0.0, batch_first=True
+            )
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.head(self.attn(self.embed(t)).mean(1))
+
+    torch.manual_seed(0)
+    model = Attend()
+    tokens, labels = torch.randint(0, 12, (16, 5)), torch.randint(0, 3, (16,))
+    gc = gcx.geometric_complexity(model, tokens, wrt="embed", create_graph=True)
+    gc.backward()  # the flash kernel's backward has no derivative
+    jvp = gcx.geometric_complexity(model, tokens, wrt="embed", method="jvp")
+    assert torch.isfinite(jvp)
+    for term in (GeometricComplexity(0.1, wrt="embed"), GradientNorm(0.1)):
+        with differentiable_attention():
+            out = model(tokens)
+        loss = F.cross_entropy(out, labels)
+        term.backward(loss, model, tokens, labels, outputs=out)
+    # a forward pass outside the block: the error says what to do
+    with pytest.raises(RuntimeError, match=r"differentiable_attention\(\)"):
+        out = model(tokens)
+        GradientNorm(0.1).backward(
+            F.cross_entropy(out, labels), model, tokens, labels, outputs=out
+        )
+    # the jvp penalty: PyTorch cannot backpropagate softmax's tangent
+    with pytest.raises(RuntimeError, match=r"method='projection'"):
+        term = GeometricComplexity(0.1, method="jvp", wrt="embed")
+        term.backward(F.cross_entropy(model(tokens), labels), model, tokens, labels)
+    assert explained(RuntimeError("other")).args == ("other",)
+    h = fit(
+        model, (tokens, labels), epochs=2, batch_size=8, device="cpu", progress=False,
+        regularizer=GeometricComplexity(0.1, wrt="embed") + GradientNorm(0.01),
+    )  # fmt: skip
+    assert torch.isfinite(torch.tensor(h.final["penalty"]))

@@ -352,3 +352,18 @@ def test_fit_on_token_ids_names_the_wrt_options():
         fit(model, (tokens, labels), input_noise_std=0.1, **common)
     with pytest.raises(TypeError, match=r"wrt='<embedding"):
         GeometricComplexity(0.1)(model, tokens)
+
+
+def test_language_model_example_runs_and_its_penalty_lowers_gc(capsys):
+    # examples/language_model.py: a transformer on token ids, float32 (flash
+    # attention on the CPU), GC at the embeddings measured and penalised
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "language_model.py"
+    spec = importlib.util.spec_from_file_location("language_model", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    results = example.main(["--epochs", "6"])
+    assert results[0.1][0] < 0.7 * results[0.0][0]  # 0.69 against 1.62 here
+    assert "GC at the embeddings" in capsys.readouterr().out

@@ -56,7 +56,12 @@ from geocomplexity.probes import (
     input_probes,
     resolve_generator,
 )
-from geocomplexity.state import batch_norm_couples, kept_buffers, preserved
+from geocomplexity.state import (
+    batch_norm_couples,
+    differentiable_attention,
+    kept_buffers,
+    preserved,
+)
 
 __all__ = ["METHODS", "MODES", "Output", "jacobian_sq_norms", "reverse_sq_norms"]
 
@@ -314,7 +319,6 @@ def _probes_at(
     num_probes: int,
     eps: float | None,
     generator: torch.Generator,
-    create_graph: bool = False,
 ) -> Tensor:
     """``"jvp"`` or ``"finite_difference"`` with probes ``u`` at ``wrt``'s output.
 
@@ -336,9 +340,6 @@ def _probes_at(
         eps: finite-difference step; ``None`` for ``sqrt(machine eps)``
             times the RMS of ``e``.
         generator: probe randomness.
-        create_graph: keep the graph of the jvp values, so they are
-            differentiable in the parameters (the penalty); otherwise the
-            passes run without one.
 
     Returns:
         Per-sample values ``(B,)``, the mean over probes.
@@ -346,9 +347,10 @@ def _probes_at(
     B = x.shape[0]
     values: Tensor | None = None
     if method == "jvp":
-        graph = contextlib.nullcontext() if create_graph else torch.no_grad()
+        # with grad on, as the caller runs it: under no_grad a transformer
+        # layer takes its fused fast path, which has no forward-mode derivative
         for _ in range(num_probes):
-            with graph, fwAD.dual_level():
+            with fwAD.dual_level():
 
                 def dual(e: Tensor) -> Tensor:
                     u = input_probes(distribution, e, 1, generator)[0]
@@ -707,7 +709,19 @@ def jacobian_sq_norms(
         if torch.is_inference_mode_enabled()
         else contextlib.nullcontext()
     )
-    with preserved(model, mode=mode) as modules, grad_on, torch.enable_grad():
+    # a second derivative (create_graph) or a forward-mode one (jvp) through
+    # attention needs its math kernel: the fused ones have neither
+    attention = (
+        differentiable_attention()
+        if create_graph or method == "jvp"
+        else contextlib.nullcontext()
+    )
+    with (
+        preserved(model, mode=mode) as modules,
+        grad_on,
+        torch.enable_grad(),
+        attention,
+    ):
         _check_model_matches(modules, x)
         # train mode couples samples through BatchNorm; so does a BatchNorm
         # without running statistics, which normalises by the batch in eval
@@ -765,18 +779,15 @@ def jacobian_sq_norms(
                 num_probes,
                 eps,
                 resolve_generator(generator, x.device),
-                create_graph,
             )
         else:
             gen = resolve_generator(generator, x.device)
             u = input_probes(distribution, x, num_probes, gen)
             if method == "jvp":
-                # a graph through the parameters only where it is asked for
-                with contextlib.nullcontext() if create_graph else torch.no_grad():
-                    values = (
-                        _forward_mode(fn, x.detach(), lambda i: u[i], num_probes)
-                        / num_probes
-                    )
+                values = (
+                    _forward_mode(fn, x.detach(), lambda i: u[i], num_probes)
+                    / num_probes
+                )
             else:
                 values = _finite_difference(fn, x.detach(), u, eps)
     if values.requires_grad and not create_graph:

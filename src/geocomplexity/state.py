@@ -14,7 +14,12 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["batch_norm_couples", "kept_buffers", "preserved"]
+__all__ = [
+    "batch_norm_couples",
+    "differentiable_attention",
+    "kept_buffers",
+    "preserved",
+]
 
 
 def batch_norm_couples(modules: nn.Module | Iterable[nn.Module]) -> bool:
@@ -140,3 +145,31 @@ def _set_training(module: nn.Module, flag: bool) -> None:
         module.__dict__["training"] = flag
     else:
         module.training = flag
+
+
+@contextlib.contextmanager
+def differentiable_attention() -> Iterator[None]:
+    """Run attention by its math kernel, which autograd can differentiate twice.
+
+    ``scaled_dot_product_attention``'s fused kernels (flash attention on the
+    CPU in float32, and on CUDA) have no double backward and no forward-mode
+    derivative: a GC or gradient-norm penalty, or the ``"jvp"`` method, fails
+    on a transformer with "derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
+    implemented". The kernel is chosen when the forward pass runs, so the
+    passes that are differentiated twice run inside this block. It costs
+    nothing for models without attention.
+
+    Yields:
+        Nothing.
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: the same switches, under their old name
+        with torch.backends.cuda.sdp_kernel(
+            enable_flash=False, enable_math=True, enable_mem_efficient=False
+        ):
+            yield
+        return
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield

@@ -8,6 +8,7 @@ penalty and the wall time. Same seed, same numbers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from geocomplexity.atomic import write_text, write_with
 from geocomplexity.measure import measure
 from geocomplexity.regularizers.base import LossFn, Regularizer, trainable
-from geocomplexity.state import preserved
+from geocomplexity.state import differentiable_attention, preserved
 
 __all__ = ["History", "apply_label_noise", "fit", "resolve_device"]
 
@@ -341,6 +342,11 @@ def fit(
     params = trainable(model)
     opt = _optimizer(optimizer, params, lr)
     needs_input_grad = regularizer is not None and regularizer.reuses_input_grad
+    # attention by its math kernel when a penalty may backpropagate through
+    # the pass twice (the fused kernels have no double backward)
+    attention = (
+        contextlib.nullcontext if regularizer is None else differentiable_attention
+    )
 
     def record(epoch: int, step: int, penalty: float, t0: float) -> None:
         tr_loss, tr_acc = _evaluate(model, x, y, loss_fn)
@@ -486,7 +492,8 @@ def fit(
                 if needs_input_grad:
                     xb = xb.detach().requires_grad_(True)
                 opt.zero_grad(set_to_none=True)
-                out = model(xb)
+                with attention():  # a penalty differentiates this pass twice
+                    out = model(xb)
                 loss = loss_fn(out, yb)
                 if regularizer is None:
                     loss.backward(inputs=params)

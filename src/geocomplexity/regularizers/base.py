@@ -36,6 +36,34 @@ def grad_buffer(tensor: Tensor) -> Tensor:
     return tensor.grad
 
 
+def explained(err: RuntimeError) -> RuntimeError:
+    """``err`` with the fix added, where it is a known limit of autograd.
+
+    Two failures of a penalty's backward pass on attention models come from
+    PyTorch, not from the model: the fused attention kernels have no double
+    backward, and softmax's forward-mode derivative cannot be backpropagated
+    (the ``"jvp"`` GC penalty). Anything else comes back unchanged.
+
+    Returns:
+        A ``RuntimeError`` naming the fix, or ``err`` itself.
+    """
+    message = str(err)
+    if "scaled_dot_product" in message and "not implemented" in message:
+        return RuntimeError(
+            f"{message}\n\nThe forward pass ran attention through a fused kernel, "
+            "which has no second derivative. Run it under "
+            "geocomplexity.state.differentiable_attention() (fit does), or "
+            "torch.nn.attention.sdpa_kernel(SDPBackend.MATH)."
+        )
+    if "modified by an inplace operation" in message and "output 0 of Exp" in message:
+        return RuntimeError(
+            f"{message}\n\nIf the penalty is GeometricComplexity(method='jvp') on a "
+            "model with softmax (attention): PyTorch cannot backpropagate "
+            "softmax's forward-mode derivative; use method='projection'."
+        )
+    return err
+
+
 def check_strength(strength: float) -> float:
     """Validate a penalty strength.
 
@@ -128,7 +156,10 @@ class Regularizer(abc.ABC):
         penalty = self(model, inputs, targets, outputs=outputs, loss_fn=loss_fn)
         # only the parameters: a penalty may have made the inputs require grad,
         # and their gradient would cost a full extra product per layer
-        (loss + penalty).backward(inputs=params)
+        try:
+            (loss + penalty).backward(inputs=params)
+        except RuntimeError as err:
+            raise explained(err) from err
         return penalty.detach()
 
     def state_dict(self) -> dict[str, Any]:

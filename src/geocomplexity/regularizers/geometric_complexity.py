@@ -26,7 +26,11 @@ from geocomplexity.jacobian import (
 )
 from geocomplexity.probes import check_distribution, input_probes, resolve_generator
 from geocomplexity.regularizers.base import LossFn, Regularizer, check_strength
-from geocomplexity.state import batch_norm_couples, kept_buffers
+from geocomplexity.state import (
+    batch_norm_couples,
+    differentiable_attention,
+    kept_buffers,
+)
 
 __all__ = ["GeometricComplexity"]
 
@@ -140,8 +144,13 @@ class GeometricComplexity(Regularizer):
             and not torch.is_inference_mode_enabled()
             and not inputs.is_inference()
         ):
-            return self._penalty(model, inputs, outputs)  # a training step
-        with torch.inference_mode(False), torch.enable_grad():
+            with differentiable_attention():  # its own passes are differentiated twice
+                return self._penalty(model, inputs, outputs)  # a training step
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            differentiable_attention(),
+        ):
             if inputs.is_inference():
                 inputs = inputs.clone()  # an inference tensor cannot require grad
             return self._penalty(model, inputs, outputs)
@@ -168,7 +177,7 @@ class GeometricComplexity(Regularizer):
                 if self.method == "jvp":
                     values = _probes_at(
                         model, x, None, self.wrt, "jvp", self.distribution,
-                        self.num_probes, None, gen, create_graph=True,
+                        self.num_probes, None, gen,
                     )  # fmt: skip
                 else:
                     e, out = _select_wrt(model, x, None, self.wrt)

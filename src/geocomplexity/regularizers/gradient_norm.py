@@ -30,7 +30,7 @@ from geocomplexity.regularizers.base import (
     check_strength,
     trainable,
 )
-from geocomplexity.state import kept_buffers
+from geocomplexity.state import differentiable_attention, kept_buffers
 
 __all__ = ["GradientNorm"]
 
@@ -165,8 +165,9 @@ class GradientNorm(Regularizer):
         if not params:
             raise ValueError("the model has no trainable parameters")
         if outputs is None:
-            # running statistics put back: the caller's step counts the batch
-            with kept_buffers(model):
+            # running statistics put back: the caller's step counts the batch;
+            # attention by its math kernel, which has a double backward
+            with kept_buffers(model), differentiable_attention():
                 outputs = model(inputs)
         return loss_fn, params, loss_fn(outputs, targets)
 
