@@ -36,9 +36,7 @@ class TinyTransformer(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, WIDTH)
         self.pos = nn.Parameter(0.1 * torch.randn(LENGTH, WIDTH))
-        layer = nn.TransformerEncoderLayer(
-            WIDTH, 2, 32, dropout=0.0, batch_first=True
-        )
+        layer = nn.TransformerEncoderLayer(WIDTH, 2, 32, dropout=0.0, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
         self.head = nn.Linear(WIDTH, 2)
 
