@@ -779,6 +779,13 @@ def test_penalties_on_attention_run_its_math_kernel():
         def forward(self, t: torch.Tensor) -> torch.Tensor:
             return self.head(self.attn(self.embed(t)).mean(1))
 
+    cuda = torch.backends.cuda
+    flags = (cuda.flash_sdp_enabled(), cuda.math_sdp_enabled())
+    with differentiable_attention():
+        assert (cuda.flash_sdp_enabled(), cuda.math_sdp_enabled()) == (False, True)
+    with pytest.raises(KeyError), differentiable_attention():
+        raise KeyError  # the switches come back after an error too
+    assert (cuda.flash_sdp_enabled(), cuda.math_sdp_enabled()) == flags
     torch.manual_seed(0)
     model = Attend()
     tokens, labels = torch.randint(0, 12, (16, 5)), torch.randint(0, 3, (16,))
@@ -807,3 +814,4 @@ def test_penalties_on_attention_run_its_math_kernel():
         regularizer=GeometricComplexity(0.1, wrt="embed") + GradientNorm(0.01),
     )  # fmt: skip
     assert torch.isfinite(torch.tensor(h.final["penalty"]))
+    assert (cuda.flash_sdp_enabled(), cuda.math_sdp_enabled()) == flags

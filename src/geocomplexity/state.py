@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -147,6 +148,25 @@ def _set_training(module: nn.Module, flag: bool) -> None:
         module.training = flag
 
 
+def _attention_switches() -> list[tuple[bool, Any, Any]]:
+    """``(setting, query, switch)`` for each attention kernel this torch has.
+
+    The fused kernels (flash, memory-efficient, cuDNN) are switched off and
+    the math kernel on; the switches are global flags, read on the CPU too.
+    """
+    cuda = torch.backends.cuda
+    found = []
+    for name in ("flash", "mem_efficient", "cudnn", "math"):
+        query = getattr(cuda, f"{name}_sdp_enabled", None)
+        switch = getattr(cuda, f"enable_{name}_sdp", None)
+        if query is not None and switch is not None:
+            found.append((name == "math", query, switch))
+    return found
+
+
+_ATTENTION_SWITCHES = _attention_switches()
+
+
 @contextlib.contextmanager
 def differentiable_attention() -> Iterator[None]:
     """Run attention by its math kernel, which autograd can differentiate twice.
@@ -158,18 +178,19 @@ def differentiable_attention() -> Iterator[None]:
     aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
     implemented". The kernel is chosen when the forward pass runs, so the
     passes that are differentiated twice run inside this block. It costs
-    nothing for models without attention.
+    nothing for models without attention, and a few microseconds to enter:
+    it sets the same switches as ``torch.nn.attention.sdpa_kernel(
+    SDPBackend.MATH)``, directly (that function spends about 40 µs a call in
+    Python, which a small model's training step notices).
 
     Yields:
         Nothing.
     """
+    saved = [query() for _, query, _ in _ATTENTION_SWITCHES]
     try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # torch < 2.3: the same switches, under their old name
-        with torch.backends.cuda.sdp_kernel(
-            enable_flash=False, enable_math=True, enable_mem_efficient=False
-        ):
-            yield
-        return
-    with sdpa_kernel([SDPBackend.MATH]):
+        for setting, _, switch in _ATTENTION_SWITCHES:
+            switch(setting)
         yield
+    finally:
+        for (_, _, switch), was in zip(_ATTENTION_SWITCHES, saved, strict=True):
+            switch(was)
