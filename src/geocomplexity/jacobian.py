@@ -363,16 +363,13 @@ def _probes_at(
         return values / num_probes  # type: ignore[operator]
     with torch.no_grad():
         e, base = _run_at(model, x, output, wrt, lambda e: e.clone())
-        if eps is None:  # as for the input: sqrt(machine eps) times e's RMS
-            scale = e.pow(2).mean().sqrt().item() or 1.0
-            eps = math.sqrt(torch.finfo(e.dtype).eps) * scale
-        step = eps
+        step = _fd_step(e, eps)  # the input's rule, on e
         for _ in range(num_probes):
             u = input_probes(distribution, e, 1, generator)[0]
             _, out = _run_at(model, x, output, wrt, lambda e, u=u: e + step * u)
             sq = (out - base).reshape(B, -1).pow(2).sum(1)
             values = sq if values is None else values + sq
-    return values / (num_probes * eps**2)  # type: ignore[operator]
+    return values / (num_probes * step**2)  # type: ignore[operator]
 
 
 def _refuse_coupled(method: str, why: str, alternative: str = "") -> None:
@@ -576,7 +573,7 @@ def _default_chunk(
         return 1
     chunk = min(n, _MAX_CHUNK)
     if x is not None:
-        width = max(x[0].numel(), k, 1)
+        width = max(math.prod(x.shape[1:]), k, 1)
         chunk = min(chunk, max(1, _CHUNK_ELEMENTS // (x.shape[0] * width)))
     return chunk
 
@@ -872,15 +869,23 @@ def _exact_forward_or_none(
         return None
 
 
+def _fd_step(x: Tensor, eps: float | None) -> float:
+    """The finite-difference step: ``eps``, or by default √(machine eps)·RMS(x).
+
+    sqrt(machine eps) balances truncation (kinks crossed, curvature) against
+    round-off; the RMS makes the step unit-free.
+    """
+    if eps is not None:
+        return eps
+    scale = x.pow(2).mean().sqrt().item() or 1.0
+    return math.sqrt(torch.finfo(x.dtype).eps) * scale
+
+
 def _finite_difference(
     fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor, eps: float | None
 ) -> Tensor:
     """Mean over probes of ‖g(x + εu) − g(x)‖²/ε² per sample (no autograd)."""
-    if eps is None:
-        # sqrt(machine eps) balances truncation (kinks crossed, curvature) against
-        # round-off; scaled by the input's RMS so the step is unit-free.
-        scale = x.pow(2).mean().sqrt().item() or 1.0
-        eps = math.sqrt(torch.finfo(x.dtype).eps) * scale
+    eps = _fd_step(x, eps)
     B = x.shape[0]
     with torch.no_grad():
         base = fn(x)

@@ -20,6 +20,7 @@ from geocomplexity.jacobian import (
     _default_chunk,
     _forward_mode,
     _probes_at,
+    _refuse_coupled,
     _select,
     _select_wrt,
     reverse_sq_norms,
@@ -167,10 +168,8 @@ class GeometricComplexity(Regularizer):
             idx = torch.randperm(B, generator=gen, device=gen.device)[:m]
             x, outputs = inputs[idx.to(inputs.device)], None
         if coupled and self.method == "jvp":
-            raise ValueError(
-                "method='jvp' perturbs all samples at once, which is wrong when "
-                "BatchNorm couples them (train mode, or no running statistics); "
-                "use 'projection' or 'exact'"
+            _refuse_coupled(
+                "jvp", "BatchNorm couples them (train mode, or no running statistics)"
             )
         if self.wrt is not None:  # the inner variable comes from a pass of its own
             with kept_buffers(model):
