@@ -10,8 +10,8 @@ timed in one process with the methods interleaved (see ``bench_measure``). The
 penalty reuses the task loss's forward pass: the inputs require grad and
 ``outputs=`` is handed over, as :func:`geocomplexity.training.fit` does. The
 models are those of ``bench_measure`` in eval mode (BatchNorm with running
-statistics); a train-mode ResNet row shows the exact per-sample path that
-train-mode BatchNorm forces on the GC penalty.
+statistics); a train-mode ResNet column shows what the coupled samples of
+train-mode BatchNorm cost the GC penalty (two sign-paired VJPs a probe).
 """
 
 from __future__ import annotations

@@ -188,6 +188,26 @@ def test_auto_uses_projection_for_large_outputs_and_meets_rtol():
     assert r3.method == "projection" and r3.num_probes == 3
 
 
+def test_auto_in_train_mode_weighs_exacts_per_sample_cost():
+    # coupled samples: exact takes k VJPs per sample (k·B a batch), a probe
+    # two a batch, so auto measures 3 outputs on 64 samples by projection
+    model, _ = make_case("batchnorm")
+    model[3].p = 0.0
+    x = torch.randn(64, 5, dtype=torch.float64)
+    exact = gcx.geometric_complexity(model, x, mode="train").item()
+    g = torch.Generator().manual_seed(0)
+    r = gcx.measure(
+        model, x, mode="train", batch_size=64, rtol=0.02, generator=g, progress=False
+    )
+    assert r.method == "projection" and r.num_probes is not None
+    assert abs(r.value / exact - 1) < 0.08
+    # a batch of 4 costs exact 12 VJPs: cheap enough
+    r4 = gcx.measure(model, x[:8], mode="train", batch_size=4, progress=False)
+    assert r4.method == "exact"
+    # and in eval mode the same model is measured exactly
+    assert gcx.measure(model, x, batch_size=64, progress=False).method == "exact"
+
+
 def test_result_string_and_float():
     model, x = make_case("mlp")
     r = gcx.measure(model, x, progress=False)

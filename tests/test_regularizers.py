@@ -121,6 +121,45 @@ def test_gc_term_batchnorm_train_mode_uses_diagonal_blocks_and_keeps_stats():
     assert all(torch.equal(a, b) for a, b in zip(model.buffers(), stats, strict=True))
 
 
+def test_gc_term_train_mode_projection_gradient_is_unbiased():
+    """The 1-probe penalty in train mode (two sign-paired VJPs) has the exact
+    diagonal-block penalty's parameter gradient in expectation, not the
+    batch-sum trick's."""
+    model, x = make_case("batchnorm")  # 6 samples: strong coupling
+    model[3].p = 0.0
+    model.train()
+    params = list(model.parameters())
+    stats = [b.clone() for b in model.buffers()]
+
+    def flat(value):
+        grads = torch.autograd.grad(value, params, materialize_grads=True)
+        return torch.cat([g.reshape(-1) for g in grads])
+
+    want = flat(GeometricComplexity(1.0, method="exact")(model, x))
+    # the batch-sum trick's expectation, Σ_i Σ_j ‖∂g_j/∂x_i‖² / B, brute force
+    B = x.shape[0]
+    J = torch.autograd.functional.jacobian(
+        lambda z: model(z).reshape(B, -1), x, create_graph=True
+    )
+    batch_sum = flat(J.pow(2).sum() / B)
+    for b, b0 in zip(model.buffers(), stats, strict=True):
+        b.copy_(b0)
+    term = GeometricComplexity(
+        1.0, num_probes=25, generator=torch.Generator().manual_seed(0)
+    )
+    draws = torch.stack([flat(term(model, x)) for _ in range(60)])
+    mean, se = draws.mean(0), draws.std(0) / len(draws) ** 0.5
+    # parameters the penalty cannot move (the bias before BatchNorm, the last
+    # one) have a zero gradient in every draw: no spread, compared directly
+    moved = se > 1e-12
+    assert torch.allclose(mean[~moved], want[~moved], atol=1e-12)
+    z = (mean - want)[moved].abs() / se[moved]
+    assert (z < 4.5).all(), z.max().item()
+    # and it could tell them apart
+    assert ((mean - batch_sum)[moved].abs() / se[moved] > 4.5).any()
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), stats, strict=True))
+
+
 @pytest.mark.parametrize("coupling", ["bn_train_in_eval_model", "untracked_bn"])
 def test_gc_term_takes_diagonal_blocks_wherever_batchnorm_couples(coupling):
     # the model's own flag is not the test: a train-mode BatchNorm inside an

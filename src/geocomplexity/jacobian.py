@@ -34,9 +34,14 @@ methods share one signature:
 
 Train mode (``mode="train"``) couples the samples of a batch through BatchNorm
 statistics; the batch-sum trick would then add cross-sample terms
-:math:`\partial g(x_j)/\partial x_i`. The per-sample path used there takes the
-diagonal block :math:`\partial g(x_i)/\partial x_i` (batch held fixed) with one
-VJP per sample and direction: :math:`B` times the cost, never the trick.
+:math:`\partial g(x_j)/\partial x_i`. What is measured there is the diagonal
+block :math:`\partial g(x_i)/\partial x_i` (batch held fixed). ``"exact"``
+takes it with one VJP per sample and direction, :math:`B` times the cost.
+``"projection"`` takes two VJPs per probe, the second with each sample's probe
+sign-flipped at random, and multiplies them so that the cross-sample terms
+cancel in expectation: unbiased, at twice the uncoupled cost (see
+:func:`_decoupled_vjp_sq_norms`). ``"jvp"`` and ``"finite_difference"`` are
+refused there.
 """
 
 from __future__ import annotations
@@ -540,6 +545,91 @@ def _diag_vjp_sq_norms(
     return total
 
 
+def _decoupled_vjp_sq_norms(
+    x: Tensor,
+    out: Tensor,
+    probes: Tensor,
+    signs: Tensor,
+    chunk_size: int,
+    create_graph: bool,
+    strict: bool = False,
+) -> Tensor:
+    r"""Unbiased per-sample diagonal-block norms on a coupled batch: 2 VJPs a probe.
+
+    With the batch Jacobian's blocks :math:`J_{ji}=\partial\,out_j/\partial x_i`,
+    one VJP of the probes :math:`U` (independent across samples, zero mean,
+    :math:`\mathbb{E}[U_iU_i^\top]=I`) gives :math:`w_i=\sum_j J_{ji}^\top U_j`,
+    and a second one of the same probes with each sample's sign flipped at
+    random, :math:`t\circ U`, gives :math:`w'_i=\sum_l t_l J_{li}^\top U_l`. Then
+
+    .. math::
+        \mathbb{E}_t\bigl[t_i\langle w_i, w'_i\rangle\bigr]
+        =\sum_j \langle J_{ji}^\top U_j, J_{ii}^\top U_i\rangle,\qquad
+        \mathbb{E}_U[\cdot]=\|J_{ii}\|_F^2,
+
+    because :math:`\mathbb{E}[t_it_l]=\delta_{il}` and probes of different
+    samples are independent. The cross-sample blocks the batch-sum trick
+    would add cancel in expectation, at the cost of two VJPs per probe instead
+    of one per probe and sample (:func:`_diag_vjp_sq_norms`). Where samples
+    are in fact independent, :math:`w'_i=t_iw_i` and the estimate is the
+    uncoupled one, :math:`\|w_i\|^2`, exactly.
+
+    Args:
+        x: inputs ``(B, ...)`` requiring grad.
+        out: ``(B, k)``.
+        probes: ``(n, B, k)``.
+        signs: ``(n, B)`` of ±1, independent of ``probes``.
+        chunk_size: VJPs per backward pass; pairs stay together (1 loops).
+        create_graph: keep the result differentiable.
+        strict: raise when ``out`` does not depend on ``x``.
+
+    Returns:
+        Per-sample estimates ``(B,)``, averaged over the ``n`` probes; single
+        ones may be negative, their mean is not.
+    """
+    n, B, _ = probes.shape
+    if not out.requires_grad:
+        return _unused(x, strict)
+    flipped = probes * signs[..., None]
+    pairs = max(1, chunk_size // 2)
+    total = x.new_zeros(B)
+    for start in range(0, n, pairs):
+        stop = min(start + pairs, n)
+        last = stop == n
+        keep = create_graph or not last
+        if chunk_size == 1:  # looped: two plain VJPs
+            g = []
+            for i, c in enumerate((probes[start], flipped[start])):
+                (gi,) = torch.autograd.grad(
+                    out,
+                    x,
+                    c,
+                    retain_graph=keep or i == 0,
+                    create_graph=create_graph,
+                    allow_unused=True,
+                )
+                if gi is None:
+                    return _unused(x, strict)
+                g.append(gi.reshape(B, -1))
+            total = total + signs[start] * (g[0] * g[1]).sum(1)
+            continue
+        c = torch.stack((probes[start:stop], flipped[start:stop]), 1)
+        (g,) = torch.autograd.grad(
+            out,
+            x,
+            c.reshape(-1, *c.shape[2:]),  # (2m, B, k): pairs side by side
+            retain_graph=keep,
+            create_graph=create_graph,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
+        if g is None:
+            return _unused(x, strict)
+        g = g.reshape(stop - start, 2, B, -1)
+        total = total + (signs[start:stop] * (g[:, 0] * g[:, 1]).sum(-1)).sum(0)
+    return total / n
+
+
 def _onehot(B: int, k: int, like: Tensor) -> Callable[[int, int], Tensor]:
     def make(start: int, stop: int) -> Tensor:
         e = like.new_zeros(stop - start, B, k)
@@ -752,7 +842,9 @@ def jacobian_sq_norms(
                 values = _exact_forward_or_none(fn, x, d)
                 if values is not None:
                     return _finite(values)
-            n_directions = k if method == "exact" else num_probes
+            # a coupled batch takes per-sample VJPs (exact; they loop) or two
+            # VJPs a probe (projection; see _decoupled_vjp_sq_norms)
+            n_directions = k if method == "exact" else num_probes * (1 + coupled)
             values = reverse_sq_norms(
                 xg,
                 out,  # (B, k) already
@@ -761,7 +853,11 @@ def jacobian_sq_norms(
                 num_probes=num_probes,
                 distribution=distribution,
                 chunk_size=chunk_size
-                or (1 if coupled else _default_chunk(model, n_directions, xg, k)),
+                or (
+                    1
+                    if coupled and method == "exact"
+                    else _default_chunk(model, n_directions, xg, k)
+                ),
                 generator=generator,
                 create_graph=create_graph,
             )
@@ -843,6 +939,17 @@ def reverse_sq_norms(
             device=out.device,
             generator=gen,
         )
+        if coupled:  # unbiased diagonal blocks from two VJPs per probe
+            signs = draw_probes(
+                "rademacher",
+                (num_probes, B),
+                dtype=out.dtype,
+                device=out.device,
+                generator=gen,
+            )
+            return _decoupled_vjp_sq_norms(
+                x, out, probes, signs, chunk_size, create_graph, strict
+            )
         n, cot = num_probes, lambda a, b: probes[a:b]
     if coupled:
         values = _diag_vjp_sq_norms(x, out, cot, n, chunk_size, create_graph, strict)

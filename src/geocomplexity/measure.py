@@ -29,12 +29,14 @@ from geocomplexity.jacobian import (
     jacobian_sq_norms,
 )
 from geocomplexity.probes import check_distribution
-from geocomplexity.state import preserved
+from geocomplexity.state import batch_norm_couples, preserved
 
 __all__ = ["GCResult", "RunningMean", "geometric_complexity", "measure"]
 
-#: ``method="auto"`` measures exactly when the output has at most this many
-#: entries (exact GC then costs at most this many VJPs per sample).
+#: ``method="auto"`` measures exactly when that costs at most this many VJPs a
+#: batch: an output of at most this many entries (one VJP per entry), unless
+#: the samples are coupled (train mode), where exact costs one VJP per entry
+#: and sample.
 AUTO_EXACT_MAX_OUTPUTS = 32
 
 
@@ -284,17 +286,24 @@ def _pilot(
     generator: torch.Generator | None,
     wrt: str | None = None,
 ) -> list[float]:
-    """What ``method="auto"`` learns from a batch: ``[k, n·m, n·σ², n]``.
+    """What ``method="auto"`` learns from a batch: ``[c, n·m, n·σ², n]``.
 
-    ``k`` is the output size, ``m`` the batch's mean GC and ``σ²`` the mean
-    per-sample probe variance of a two-probe pilot (skipped, zeros, when ``k``
-    is small enough for exact). Sums over ``n`` so ranks can add theirs.
+    ``c`` is exact's cost in probes: the VJPs exact takes on this batch over
+    those one projection probe takes. That is the output size k where samples
+    are independent; where they are coupled (train mode, or a BatchNorm
+    without running statistics), exact takes k VJPs per sample and a probe
+    two VJPs per batch, so c = k·n/2. ``m`` is the batch's mean GC and ``σ²``
+    the mean per-sample probe variance of a two-probe pilot (skipped, zeros,
+    when ``c`` is small enough for exact). Sums over ``n`` so ranks can add
+    theirs.
     """
-    with preserved(model, mode="eval"), torch.no_grad():
+    with preserved(model, mode="eval") as modules, torch.no_grad():
         k = _select(model, x, output).shape[1]
+        coupled = mode == "train" or batch_norm_couples(modules)
     n = x.shape[0]
-    if k <= AUTO_EXACT_MAX_OUTPUTS:
-        return [k, 0.0, 0.0, n]
+    cost = k * n / 2 if coupled else k
+    if cost <= AUTO_EXACT_MAX_OUTPUTS:
+        return [cost, 0.0, 0.0, n]
     pilot = [
         jacobian_sq_norms(
             model,
@@ -310,26 +319,27 @@ def _pilot(
     ]
     m = ((pilot[0] + pilot[1]) / 2).mean().item()
     var = ((pilot[0] - pilot[1]).pow(2) / 2).mean().item()
-    return [k, n * m, n * var, n]
+    return [cost, n * m, n * var, n]
 
 
 def _choose(pilot: list[float], total: int, rtol: float) -> tuple[str, int]:
     """Choose the method for ``method="auto"`` from a :func:`_pilot`.
 
-    Exact when the output is small. Otherwise the pilot's per-sample probe
-    variance σ² gives ``P = ⌈σ² / (N m² rtol²)⌉`` probes, which keep the probe
-    part of the relative standard error of the N-sample mean m below ``rtol``;
-    exact again if that needs as many probes as there are outputs.
+    Exact when it is cheap (its cost ``c`` in probes, see :func:`_pilot`, at
+    most :data:`AUTO_EXACT_MAX_OUTPUTS`). Otherwise the pilot's per-sample
+    probe variance σ² gives ``P = ⌈σ² / (N m² rtol²)⌉`` probes, which keep the
+    probe part of the relative standard error of the N-sample mean m below
+    ``rtol``; exact again if that costs as much as exact.
 
     Returns:
         ``(method, num_probes)``.
     """
-    k, nm, nvar, n = pilot
-    if k <= AUTO_EXACT_MAX_OUTPUTS or n == 0 or nm <= 0:
+    cost, nm, nvar, n = pilot
+    if cost <= AUTO_EXACT_MAX_OUTPUTS or n == 0 or nm <= 0:
         return "exact", 1
     m, var = nm / n, nvar / n
     probes = max(1, math.ceil(var / (total * m**2 * rtol**2)))
-    return ("exact", 1) if probes >= k else ("projection", probes)
+    return ("exact", 1) if probes >= cost else ("projection", probes)
 
 
 def measure(
@@ -365,8 +375,10 @@ def measure(
             element is the input).
         method: ``"auto"`` (exact when the output has at most
             :data:`AUTO_EXACT_MAX_OUTPUTS` entries, else projection with enough
-            probes for a probe-induced relative error below ``rtol``), or any
-            method of :func:`geocomplexity.jacobian_sq_norms`.
+            probes for a probe-induced relative error below ``rtol``; in train
+            mode, where exact takes one VJP per output entry and sample, exact
+            only when that costs at most as many VJPs), or any method of
+            :func:`geocomplexity.jacobian_sq_norms`.
         batch_size: batch size for tensors and datasets (an iterable of
             batches keeps its own).
         max_samples: stop after this many samples.
@@ -481,9 +493,9 @@ def measure(
             [*pilot, total or pilot[3], failure is not None], device
         )
         _distributed.raise_if_failed(rows[:, -1], failure)
-        k = rows[:, 0].max().item()
+        cost = rows[:, 0].max().item()
         summed = rows[:, 1:].sum(0).tolist()
-        chosen, probes = choose([k, *summed[:3]], int(summed[3]))
+        chosen, probes = choose([cost, *summed[:3]], int(summed[3]))
     bar = tqdm(
         total=total,
         unit="sample",

@@ -58,8 +58,12 @@ class GeometricComplexity(Regularizer):
             gradient reaches the embedding's weights through that output.
 
     BatchNorm in train mode couples the samples, so there the term takes the
-    per-sample diagonal blocks (exact, B times the VJPs) rather than the
-    batch-sum trick.
+    per-sample diagonal blocks rather than the batch-sum trick: ``"exact"``
+    with one VJP per sample and output (B times the VJPs), ``"projection"``
+    with two sign-paired VJPs per probe, unbiased (see
+    :func:`geocomplexity.jacobian._decoupled_vjp_sq_norms`). A 1-probe step on
+    a train-mode ResNet-18 costs about 4.6× a plain step this way, against
+    about 56× one VJP per sample.
     """
 
     def __init__(
@@ -218,10 +222,13 @@ class GeometricComplexity(Regularizer):
             num_probes=self.num_probes,
             distribution=self.distribution,
             chunk_size=1
-            if coupled
+            if coupled and self.method == "exact"
             else _default_chunk(
                 model,
-                out.shape[1] if self.method == "exact" else self.num_probes,
+                # coupled projection: two VJPs a probe
+                out.shape[1]
+                if self.method == "exact"
+                else self.num_probes * (1 + coupled),
                 x,
                 out.shape[1],
             ),
