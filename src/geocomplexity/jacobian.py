@@ -668,6 +668,20 @@ def _default_chunk(
     return chunk
 
 
+def _vjp_count(
+    method: str, out_shape: torch.Size, num_probes: int, coupled: bool
+) -> int:
+    """How many VJPs :func:`reverse_sq_norms` takes on an output ``(B, k)``.
+
+    Exact: k, or k per sample where samples are coupled; projection: one per
+    probe, or two where coupled (see :func:`_decoupled_vjp_sq_norms`).
+    """
+    B, k = out_shape
+    if method == "exact":
+        return k * B if coupled else k
+    return num_probes * (2 if coupled else 1)
+
+
 def _forward_mode(
     fn: Callable[[Tensor], Tensor],
     x: Tensor,
@@ -842,9 +856,6 @@ def jacobian_sq_norms(
                 values = _exact_forward_or_none(fn, x, d)
                 if values is not None:
                     return _finite(values)
-            # a coupled batch takes per-sample VJPs (exact; they loop) or two
-            # VJPs a probe (projection; see _decoupled_vjp_sq_norms)
-            n_directions = k if method == "exact" else num_probes * (1 + coupled)
             values = reverse_sq_norms(
                 xg,
                 out,  # (B, k) already
@@ -853,10 +864,8 @@ def jacobian_sq_norms(
                 num_probes=num_probes,
                 distribution=distribution,
                 chunk_size=chunk_size
-                or (
-                    1
-                    if coupled and method == "exact"
-                    else _default_chunk(model, n_directions, xg, k)
+                or _default_chunk(
+                    model, _vjp_count(method, out.shape, num_probes, coupled), xg, k
                 ),
                 generator=generator,
                 create_graph=create_graph,

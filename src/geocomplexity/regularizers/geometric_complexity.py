@@ -23,6 +23,7 @@ from geocomplexity.jacobian import (
     _refuse_coupled,
     _select,
     _select_wrt,
+    _vjp_count,
     reverse_sq_norms,
 )
 from geocomplexity.probes import check_distribution, input_probes, resolve_generator
@@ -221,14 +222,9 @@ class GeometricComplexity(Regularizer):
             coupled=coupled,
             num_probes=self.num_probes,
             distribution=self.distribution,
-            chunk_size=1
-            if coupled and self.method == "exact"
-            else _default_chunk(
+            chunk_size=_default_chunk(
                 model,
-                # coupled projection: two VJPs a probe
-                out.shape[1]
-                if self.method == "exact"
-                else self.num_probes * (1 + coupled),
+                _vjp_count(self.method, out.shape, self.num_probes, coupled),
                 x,
                 out.shape[1],
             ),
