@@ -208,6 +208,27 @@ def test_auto_in_train_mode_weighs_exacts_per_sample_cost():
     assert gcx.measure(model, x, batch_size=64, progress=False).method == "exact"
 
 
+def test_auto_pilot_skipped_on_a_small_batch_weighs_nothing():
+    # under a process group the ranks add their pilots: in train mode exact's
+    # cost grows with the batch, so one rank may pilot and another skip; the
+    # skipped one must not dilute the other's mean and variance
+    from geocomplexity.measure import _choose, _pilot
+
+    model, _ = make_case("batchnorm")
+    model[3].p = 0.0
+    x = torch.randn(68, 5, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    big = _pilot(model, x[:64], None, "train", "rademacher", g)
+    small = _pilot(model, x[64:], None, "train", "rademacher", g)
+    assert big[0] == 3 * 64 / 2 and big[3] == 64
+    assert small == [3 * 4 / 2, 0.0, 0.0, 0]
+    merged = [
+        max(big[0], small[0]),
+        *(a + b for a, b in zip(big[1:], small[1:], strict=True)),
+    ]
+    assert _choose(merged, 68, 0.02) == _choose(big, 68, 0.02)
+
+
 def test_result_string_and_float():
     model, x = make_case("mlp")
     r = gcx.measure(model, x, progress=False)
@@ -272,7 +293,6 @@ def test_bad_inputs(make, error, match):
         ({"chunk_size": 0}, r"chunk_size"),
         ({"eps": -1.0}, r"eps"),
         ({"method": "finite_difference", "create_graph": True}, r"wrong parameter"),
-        ({"method": "jvp", "mode": "train"}, r"couples the samples"),
         ({"output": "nope"}, r"names no submodule"),
         ({"output": 3}, r"output must be"),
     ],

@@ -160,6 +160,34 @@ def test_gc_term_train_mode_projection_gradient_is_unbiased():
     assert all(torch.equal(a, b) for a, b in zip(model.buffers(), stats, strict=True))
 
 
+def test_gc_term_train_mode_jvp_is_unbiased_in_value_and_gradient():
+    """The jvp penalty in train mode: two dual passes per probe, the second
+    with each sample's input probe sign-flipped; the exact diagonal-block
+    penalty in expectation, value and parameter gradient."""
+    model, x = make_case("batchnorm")
+    model[3].p = 0.0
+    model[2] = nn.Tanh()  # smooth: the jvp penalty's gradient is defined
+    model.train()
+    params = list(model.parameters())
+
+    def flat(value):
+        grads = torch.autograd.grad(value, params, materialize_grads=True)
+        return torch.cat([value.detach()[None], *(g.reshape(-1) for g in grads)])
+
+    want = flat(GeometricComplexity(1.0, method="exact")(model, x))
+    term = GeometricComplexity(
+        1.0, method="jvp", num_probes=10, generator=torch.Generator().manual_seed(0)
+    )
+    stats = [b.clone() for b in model.buffers()]
+    draws = torch.stack([flat(term(model, x)) for _ in range(60)])
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), stats, strict=True))
+    mean, se = draws.mean(0), draws.std(0) / len(draws) ** 0.5
+    moved = se > 1e-12
+    assert torch.allclose(mean[~moved], want[~moved], atol=1e-12)
+    z = (mean - want)[moved].abs() / se[moved]
+    assert (z < 4.5).all(), z.max().item()
+
+
 @pytest.mark.parametrize("coupling", ["bn_train_in_eval_model", "untracked_bn"])
 def test_gc_term_takes_diagonal_blocks_wherever_batchnorm_couples(coupling):
     # the model's own flag is not the test: a train-mode BatchNorm inside an
@@ -784,10 +812,6 @@ def test_penalty_with_batchnorm_backprops_with_task_loss_and_keeps_stats(term, t
     )
     x = torch.randn(6, 2, 6, 6, dtype=torch.float64)
     y = torch.randint(0, 3, (6,))
-    if train and isinstance(term, GeometricComplexity) and term.method == "jvp":
-        with pytest.raises(ValueError, match="couples"):
-            term(model, x, y)
-        return
     out = model(x)  # the task forward moves the statistics once, as in training
     stats = [b.clone() for b in model.buffers()]
     loss = F.cross_entropy(out, y) + term(model, x, y, outputs=out)

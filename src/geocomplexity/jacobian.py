@@ -21,7 +21,9 @@ methods share one signature:
 
 ``"jvp"``
     Input-side probes :math:`u`: :math:`\mathbb{E}\|Ju\|^2=\|J\|_F^2`, by
-    forward-mode AD. Its variance grows with the input dimension.
+    forward-mode AD. Its variance grows with the input dimension. With
+    ``create_graph=True`` its passes run layer, batch and instance norm as
+    composite operations (:mod:`geocomplexity.composite_norms`).
 
 ``"finite_difference"``
     :math:`\|g(x+\varepsilon u)-g(x)\|^2/\varepsilon^2` with input probes ``u``:
@@ -40,8 +42,12 @@ takes it with one VJP per sample and direction, :math:`B` times the cost.
 ``"projection"`` takes two VJPs per probe, the second with each sample's probe
 sign-flipped at random, and multiplies them so that the cross-sample terms
 cancel in expectation: unbiased, at twice the uncoupled cost (see
-:func:`_decoupled_vjp_sq_norms`). ``"jvp"`` and ``"finite_difference"`` are
-refused there.
+:func:`_decoupled_vjp_sq_norms`). ``"jvp"`` and ``"finite_difference"`` do the
+same on the input side: two perturbed passes per probe, the second with each
+sample's probe sign-flipped. Dropout is live in train mode, so every method
+measures the network of one dropout mask: the reverse-mode methods run one
+forward pass, and the passes of jvp and finite differences replay the same
+random numbers.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
+from geocomplexity.composite_norms import composite_norms
 from geocomplexity.probes import (
     check_distribution,
     draw_probes,
@@ -324,6 +331,7 @@ def _probes_at(
     num_probes: int,
     eps: float | None,
     generator: torch.Generator,
+    coupled: bool = False,
 ) -> Tensor:
     """``"jvp"`` or ``"finite_difference"`` with probes ``u`` at ``wrt``'s output.
 
@@ -345,48 +353,63 @@ def _probes_at(
         eps: finite-difference step; ``None`` for ``sqrt(machine eps)``
             times the RMS of ``e``.
         generator: probe randomness.
+        coupled: samples interact (train-mode BatchNorm after ``wrt``): two
+            passes per probe, the second with each sample's probe
+            sign-flipped, as in :func:`_forward_mode`.
 
     Returns:
         Per-sample values ``(B,)``, the mean over probes.
     """
     B = x.shape[0]
+    signs = _signs(num_probes, x, generator) if coupled else None
     values: Tensor | None = None
     if method == "jvp":
         # with grad on, as the caller runs it: under no_grad a transformer
         # layer takes its fused fast path, which has no forward-mode derivative
-        for _ in range(num_probes):
+        def pushed(tangent: Callable[[Tensor], Tensor]) -> Tensor:
             with fwAD.dual_level():
-
-                def dual(e: Tensor) -> Tensor:
-                    u = input_probes(distribution, e, 1, generator)[0]
-                    return fwAD.make_dual(e.clone(), u)
-
+                dual = lambda e: fwAD.make_dual(e.clone(), tangent(e))  # noqa: E731
                 _, out = _run_at(model, x, output, wrt, dual)
                 _, t = fwAD.unpack_dual(out)
-            sq = out.new_zeros(B) if t is None else t.reshape(B, -1).pow(2).sum(1)
+            return out.new_zeros(B, 1) if t is None else t.reshape(B, -1)
+
+        for i in range(num_probes):
+            drawn: list[Tensor] = []
+
+            def probe(e: Tensor, drawn: list[Tensor] = drawn) -> Tensor:
+                # drawn once e's shape is known
+                drawn.append(input_probes(distribution, e, 1, generator)[0])
+                return drawn[0]
+
+            if signs is None:
+                sq = pushed(probe).pow(2).sum(1)
+            else:
+                with _replayed(x, coupled):
+                    a = pushed(probe)
+                v = drawn[0] * _per_sample(signs[i], drawn[0])
+                with _replayed(x, coupled, final=i == num_probes - 1):
+                    b = pushed(lambda e, v=v: v)
+                sq = signs[i].to(a.dtype) * (a * b).sum(1)
             values = sq if values is None else values + sq
         return values / num_probes  # type: ignore[operator]
     with torch.no_grad():
-        e, base = _run_at(model, x, output, wrt, lambda e: e.clone())
+        with _replayed(x, coupled):
+            e, base = _run_at(model, x, output, wrt, lambda e: e.clone())
         step = _fd_step(e, eps)  # the input's rule, on e
-        for _ in range(num_probes):
+        for i in range(num_probes):
             u = input_probes(distribution, e, 1, generator)[0]
-            _, out = _run_at(model, x, output, wrt, lambda e, u=u: e + step * u)
-            sq = (out - base).reshape(B, -1).pow(2).sum(1)
+            with _replayed(x, coupled):
+                _, out = _run_at(model, x, output, wrt, lambda e, u=u: e + step * u)
+            a = (out - base).reshape(B, -1)
+            if signs is None:
+                sq = a.pow(2).sum(1)
+            else:
+                v = u * _per_sample(signs[i], u)
+                with _replayed(x, coupled, final=i == num_probes - 1):
+                    _, out = _run_at(model, x, output, wrt, lambda e, v=v: e + step * v)
+                sq = signs[i].to(a.dtype) * (a * (out - base).reshape(B, -1)).sum(1)
             values = sq if values is None else values + sq
     return values / (num_probes * step**2)  # type: ignore[operator]
-
-
-def _refuse_coupled(method: str, why: str, alternative: str = "") -> None:
-    """Perturbing every sample at once is wrong where samples are coupled.
-
-    Raises:
-        ValueError: always, naming the reason and the methods that work.
-    """
-    raise ValueError(
-        f"method={method!r} perturbs every sample at once, which is wrong when "
-        f"{why}; use method='exact' or 'projection'{alternative}"
-    )
 
 
 def _check_scalar_batch(model: nn.Module, x: Tensor, output: Output) -> None:
@@ -545,6 +568,17 @@ def _diag_vjp_sq_norms(
     return total
 
 
+def _signs(n: int, like: Tensor, generator: torch.Generator) -> Tensor:
+    """``(n, B)`` independent random signs, one per probe and sample."""
+    return draw_probes(
+        "rademacher",
+        (n, like.shape[0]),
+        dtype=like.dtype if like.is_floating_point() else torch.get_default_dtype(),
+        device=like.device,
+        generator=generator,
+    )
+
+
 def _decoupled_vjp_sq_norms(
     x: Tensor,
     out: Tensor,
@@ -584,8 +618,9 @@ def _decoupled_vjp_sq_norms(
         strict: raise when ``out`` does not depend on ``x``.
 
     Returns:
-        Per-sample estimates ``(B,)``, averaged over the ``n`` probes; single
-        ones may be negative, their mean is not.
+        Per-sample estimates ``(B,)``, averaged over the ``n`` probes. Where
+        samples are coupled one estimate can be negative (the cross terms have
+        either sign); its expectation is the norm, which is not.
     """
     n, B, _ = probes.shape
     if not out.requires_grad:
@@ -687,16 +722,60 @@ def _forward_mode(
     x: Tensor,
     tangents: Callable[[int], Tensor],
     n: int,
+    signs: Tensor | None = None,
 ) -> Tensor:
-    """Σ over n input directions of ‖J u‖² per sample, one dual forward each."""
+    """Σ over n input directions of ‖J u‖² per sample, one dual forward each.
+
+    With ``signs`` ``(n, B)`` (coupled samples): two dual passes per direction,
+    ``t_i⟨(Ju)_i, (J(t∘u))_i⟩``, which is unbiased for the diagonal block (the
+    input-side twin of :func:`_decoupled_vjp_sq_norms`); the passes draw the
+    same random numbers (one dropout mask).
+    """
     B = x.shape[0]
     total = x.new_zeros(B)
-    for i in range(n):
+
+    def pushed(u: Tensor) -> Tensor | None:
         with fwAD.dual_level():
-            _, t = fwAD.unpack_dual(fn(fwAD.make_dual(x, tangents(i))))
-        if t is not None:
-            total = total + t.reshape(B, -1).pow(2).sum(1)
+            _, t = fwAD.unpack_dual(fn(fwAD.make_dual(x, u)))
+        return None if t is None else t.reshape(B, -1)
+
+    for i in range(n):
+        u = tangents(i)
+        if signs is None:
+            t = pushed(u)
+            if t is not None:
+                total = total + t.pow(2).sum(1)
+            continue
+        with _replayed(x, True):
+            a = pushed(u)
+        with _replayed(x, True, final=i == n - 1):
+            b = pushed(u * _per_sample(signs[i], u))
+        if a is not None and b is not None:
+            total = total + signs[i].to(a.dtype) * (a * b).sum(1)
     return total
+
+
+def _per_sample(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` ``(B,)`` viewed and cast to broadcast against ``like`` ``(B, ...)``."""
+    return t.reshape(-1, *[1] * (like.dim() - 1)).to(like.dtype)
+
+
+def _replayed(
+    x: Tensor, coupled: bool, final: bool = False
+) -> contextlib.AbstractContextManager[Any]:
+    """A block after which the global RNG (x's device's too) is as before it.
+
+    The forward passes of a coupled jvp or finite difference (two or three
+    per probe) must share one dropout mask, as the single forward pass of the
+    reverse-mode methods does: each runs in such a block, so each draws the
+    random numbers the first drew. The ``final`` pass runs as it is, so the
+    RNG moves on by one pass, as after any forward pass. Uncoupled passes
+    (eval mode) run as they are.
+    """
+    if not coupled or final:
+        return contextlib.nullcontext()
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
 
 
 def jacobian_sq_norms(
@@ -728,15 +807,17 @@ def jacobian_sq_norms(
             A string: the output of that submodule (``"features"``), for the GC
             of an embedding; the forward pass stops there.
         mode: ``"eval"`` (default; BatchNorm uses running statistics, dropout is
-            off, samples are independent) or ``"train"`` (batch statistics; the
-            exact per-sample diagonal-block path, B times slower).
+            off, samples are independent) or ``"train"`` (batch statistics and
+            one dropout mask; samples are coupled, and each sample's diagonal
+            block is measured: exact takes k VJPs per sample, B times as many,
+            the probe methods two passes per probe, twice as many).
         num_probes: probes per sample for the stochastic methods.
         distribution: probe distribution, ``"rademacher"`` (default),
             ``"gaussian"`` or ``"sphere"``.
         chunk_size: VJPs batched into one backward pass (``1`` loops; smaller
-            bounds memory). ``None`` picks by model type in eval mode, and loops
-            in train mode (batching per-sample VJPs through BatchNorm hits slow
-            fallbacks).
+            bounds memory). ``None`` picks by model type: up to 32 on dense
+            models, a loop where there are convolutions (their batching rules
+            are slower than a loop on CPU).
         eps: finite-difference step; default ``sqrt(machine eps)`` times the RMS
             of ``x``.
         generator: source of probe randomness; a private OS-seeded one if ``None``
@@ -794,8 +875,6 @@ def jacobian_sq_norms(
             "gradients on non-smooth (ReLU) networks; use 'projection', 'exact' or "
             "'jvp' for a differentiable penalty"
         )
-    if mode == "train" and method in ("jvp", "finite_difference"):
-        _refuse_coupled(method, "train mode couples the samples", ", or mode='eval'")
     if wrt is not None and not isinstance(wrt, str):
         raise TypeError(f"wrt must be a submodule name, got {type(wrt).__name__}")
     check_input(x, differentiated=wrt is None)
@@ -817,10 +896,18 @@ def jacobian_sq_norms(
         if create_graph or method == "jvp"
         else contextlib.nullcontext()
     )
+    # a jvp penalty backpropagates forward-mode derivatives, which PyTorch's
+    # fused layer, batch and instance norm get wrong (see composite_norms)
+    norms = (
+        composite_norms()
+        if create_graph and method == "jvp"
+        else contextlib.nullcontext()
+    )
     with (
         preserved(model, mode=mode) as modules,
         grad_on,
         torch.enable_grad(),
+        norms,
         attention,
     ):
         _check_model_matches(modules, x)
@@ -828,12 +915,6 @@ def jacobian_sq_norms(
         # without running statistics, which normalises by the batch in eval
         # mode too (here, in eval mode, the only way it can)
         coupled = mode == "train" or batch_norm_couples(modules)
-        if coupled and method in ("jvp", "finite_difference"):
-            _refuse_coupled(
-                method,
-                "a BatchNorm without running statistics (track_running_stats="
-                "False) couples the samples even in eval mode",
-            )
         if x.is_inference():
             x = x.clone()  # an inference tensor cannot require grad
         if x.dim() == 1 and x.shape[0] > 1:
@@ -881,17 +962,19 @@ def jacobian_sq_norms(
                 num_probes,
                 eps,
                 resolve_generator(generator, x.device),
+                coupled,
             )
         else:
             gen = resolve_generator(generator, x.device)
             u = input_probes(distribution, x, num_probes, gen)
+            signs = _signs(num_probes, x, gen) if coupled else None
             if method == "jvp":
                 values = (
-                    _forward_mode(fn, x.detach(), lambda i: u[i], num_probes)
+                    _forward_mode(fn, x.detach(), lambda i: u[i], num_probes, signs)
                     / num_probes
                 )
             else:
-                values = _finite_difference(fn, x.detach(), u, eps)
+                values = _finite_difference(fn, x.detach(), u, eps, signs)
     if values.requires_grad and not create_graph:
         values = values.detach()
     return _finite(values)
@@ -920,8 +1003,9 @@ def reverse_sq_norms(
         out: the differentiated output, flattened to ``(B, k)``.
         method: ``"exact"`` (k one-hot directions) or ``"projection"``.
         coupled: samples interact (train-mode BatchNorm): take per-sample
-            diagonal blocks, one VJP per sample and direction, instead of the
-            batch-sum trick.
+            diagonal blocks instead of the batch-sum trick; exact with one VJP
+            per sample and direction, projection with two VJPs per probe
+            (:func:`_decoupled_vjp_sq_norms`).
         num_probes: probes per sample for ``"projection"``.
         distribution: probe distribution.
         chunk_size: VJPs per backward pass (1 loops).
@@ -949,13 +1033,7 @@ def reverse_sq_norms(
             generator=gen,
         )
         if coupled:  # unbiased diagonal blocks from two VJPs per probe
-            signs = draw_probes(
-                "rademacher",
-                (num_probes, B),
-                dtype=out.dtype,
-                device=out.device,
-                generator=gen,
-            )
+            signs = _signs(num_probes, out, gen)
             return _decoupled_vjp_sq_norms(
                 x, out, probes, signs, chunk_size, create_graph, strict
             )
@@ -998,16 +1076,35 @@ def _fd_step(x: Tensor, eps: float | None) -> float:
 
 
 def _finite_difference(
-    fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor, eps: float | None
+    fn: Callable[[Tensor], Tensor],
+    x: Tensor,
+    u: Tensor,
+    eps: float | None,
+    signs: Tensor | None = None,
 ) -> Tensor:
-    """Mean over probes of ‖g(x + εu) − g(x)‖²/ε² per sample (no autograd)."""
+    """Mean over probes of ‖g(x + εu) − g(x)‖²/ε² per sample (no autograd).
+
+    With ``signs`` ``(n, B)`` (coupled samples): ``t_i⟨Δ(u)_i, Δ(t∘u)_i⟩/ε²``
+    with ``Δ(u) = g(x + εu) − g(x)``, every pass drawing the same random
+    numbers (see :func:`_forward_mode`).
+    """
     eps = _fd_step(x, eps)
     B = x.shape[0]
+    coupled = signs is not None
     with torch.no_grad():
-        base = fn(x)
+        with _replayed(x, coupled):
+            base = fn(x)
         total = x.new_zeros(B)
-        for ui in u:
-            total = total + (fn(x + eps * ui) - base).reshape(B, -1).pow(2).sum(1)
+        for i, ui in enumerate(u):
+            with _replayed(x, coupled):
+                a = (fn(x + eps * ui) - base).reshape(B, -1)
+            if signs is None:
+                total = total + a.pow(2).sum(1)
+                continue
+            with _replayed(x, coupled, final=i == len(u) - 1):
+                flipped = x + eps * ui * _per_sample(signs[i], ui)
+                b = (fn(flipped) - base).reshape(B, -1)
+            total = total + signs[i].to(a.dtype) * (a * b).sum(1)
     return total / (u.shape[0] * eps**2)
 
 

@@ -33,10 +33,10 @@ from geocomplexity.state import batch_norm_couples, preserved
 
 __all__ = ["GCResult", "RunningMean", "geometric_complexity", "measure"]
 
-#: ``method="auto"`` measures exactly when that costs at most this many VJPs a
-#: batch: an output of at most this many entries (one VJP per entry), unless
-#: the samples are coupled (train mode), where exact costs one VJP per entry
-#: and sample.
+#: ``method="auto"`` measures exactly when that costs at most this many
+#: projection probes: an output of at most this many entries (exact takes one
+#: VJP per entry, a probe one VJP). Where the samples are coupled (train mode)
+#: exact takes one VJP per entry and sample, and a probe two VJPs a batch.
 AUTO_EXACT_MAX_OUTPUTS = 32
 
 
@@ -293,9 +293,10 @@ def _pilot(
     are independent; where they are coupled (train mode, or a BatchNorm
     without running statistics), exact takes k VJPs per sample and a probe
     two VJPs per batch, so c = k·n/2. ``m`` is the batch's mean GC and ``σ²``
-    the mean per-sample probe variance of a two-probe pilot (skipped, zeros,
-    when ``c`` is small enough for exact). Sums over ``n`` so ranks can add
-    theirs.
+    the mean per-sample probe variance of a two-probe pilot. Sums over ``n``
+    so ranks can add theirs. When ``c`` is small enough for exact, the pilot
+    is skipped and all but ``c`` are zero, ``n`` too, so a rank that skipped
+    it does not dilute another's.
     """
     with preserved(model, mode="eval") as modules, torch.no_grad():
         k = _select(model, x, output).shape[1]
@@ -303,7 +304,9 @@ def _pilot(
     n = x.shape[0]
     cost = k * n / 2 if coupled else k
     if cost <= AUTO_EXACT_MAX_OUTPUTS:
-        return [cost, 0.0, 0.0, n]
+        # no pilot: no samples to weigh in its mean (under a process group,
+        # another rank's larger batch may still choose projection)
+        return [cost, 0.0, 0.0, 0]
     pilot = [
         jacobian_sq_norms(
             model,
@@ -376,8 +379,8 @@ def measure(
         method: ``"auto"`` (exact when the output has at most
             :data:`AUTO_EXACT_MAX_OUTPUTS` entries, else projection with enough
             probes for a probe-induced relative error below ``rtol``; in train
-            mode, where exact takes one VJP per output entry and sample, exact
-            only when that costs at most as many VJPs), or any method of
+            mode, where exact takes k·B VJPs a batch and a probe two, exact
+            only while k·B/2 is at most that number), or any method of
             :func:`geocomplexity.jacobian_sq_norms`.
         batch_size: batch size for tensors and datasets (an iterable of
             batches keeps its own).
@@ -480,17 +483,18 @@ def measure(
 
     if collective and method == "auto":
         # the ranks agree on one method from all their first batches
-        pilot = [0.0, 0.0, 0.0, 0.0]
+        pilot, first_size = [0.0, 0.0, 0.0, 0.0], 0
         try:
             first = next(batches, None)
             if first is not None:
                 batches = itertools.chain([first], batches)
                 x = prepare(first, 0)
+                first_size = x.shape[0]
                 pilot = _pilot(model, x, output, mode, distribution, generator, wrt)
         except Exception as err:  # every rank must reach the gather below
             failure = err
         rows = _distributed.all_gather_rows(
-            [*pilot, total or pilot[3], failure is not None], device
+            [*pilot, total or first_size, failure is not None], device
         )
         _distributed.raise_if_failed(rows[:, -1], failure)
         cost = rows[:, 0].max().item()

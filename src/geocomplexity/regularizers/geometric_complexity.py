@@ -16,13 +16,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from geocomplexity.composite_norms import composite_norms
 from geocomplexity.jacobian import (
     _default_chunk,
     _forward_mode,
     _probes_at,
-    _refuse_coupled,
     _select,
     _select_wrt,
+    _signs,
     _vjp_count,
     reverse_sq_norms,
 )
@@ -62,9 +63,14 @@ class GeometricComplexity(Regularizer):
     per-sample diagonal blocks rather than the batch-sum trick: ``"exact"``
     with one VJP per sample and output (B times the VJPs), ``"projection"``
     with two sign-paired VJPs per probe, unbiased (see
-    :func:`geocomplexity.jacobian._decoupled_vjp_sq_norms`). A 1-probe step on
-    a train-mode ResNet-18 costs about 4.6× a plain step this way, against
+    :func:`geocomplexity.jacobian._decoupled_vjp_sq_norms`), and ``"jvp"``
+    with two sign-paired dual passes per probe. A 1-probe step on a
+    train-mode ResNet-18 costs about 4.6× a plain step this way, against
     about 56× one VJP per sample.
+
+    The ``"jvp"`` penalty runs layer, batch and instance norm as composite
+    operations (:mod:`geocomplexity.composite_norms`): backpropagating
+    PyTorch's fused kernels' forward-mode derivatives gives wrong gradients.
     """
 
     def __init__(
@@ -172,17 +178,14 @@ class GeometricComplexity(Regularizer):
             m = max(1, math.ceil(self.subsample * B))
             idx = torch.randperm(B, generator=gen, device=gen.device)[:m]
             x, outputs = inputs[idx.to(inputs.device)], None
-        if coupled and self.method == "jvp":
-            _refuse_coupled(
-                "jvp", "BatchNorm couples them (train mode, or no running statistics)"
-            )
         if self.wrt is not None:  # the inner variable comes from a pass of its own
             with kept_buffers(model):
                 if self.method == "jvp":
-                    values = _probes_at(
-                        model, x, None, self.wrt, "jvp", self.distribution,
-                        self.num_probes, None, gen,
-                    )  # fmt: skip
+                    with composite_norms():  # see _jvp
+                        values = _probes_at(
+                            model, x, None, self.wrt, "jvp", self.distribution,
+                            self.num_probes, None, gen, coupled,
+                        )  # fmt: skip
                 else:
                     e, out = _select_wrt(model, x, None, self.wrt)
                     values = self._norms(model, e, out, gen, coupled)
@@ -200,7 +203,7 @@ class GeometricComplexity(Regularizer):
             xg = x.detach().requires_grad_(self.method != "jvp")
             with kept_buffers(model):
                 if self.method == "jvp":
-                    values = self._jvp(model, xg, gen)
+                    values = self._jvp(model, xg, gen, coupled)
                 else:
                     out = _select(model, xg, None)
                     values = self._norms(model, xg, out, gen, coupled)
@@ -233,11 +236,20 @@ class GeometricComplexity(Regularizer):
             strict=strict,
         )
 
-    def _jvp(self, model: nn.Module, x: Tensor, gen: torch.Generator) -> Tensor:
+    def _jvp(
+        self, model: nn.Module, x: Tensor, gen: torch.Generator, coupled: bool
+    ) -> Tensor:
         u = input_probes(self.distribution, x, self.num_probes, gen)
-        total = _forward_mode(
-            lambda z: _select(model, z, None), x, lambda i: u[i], self.num_probes
-        )
+        # backpropagating a tangent through PyTorch's fused layer, batch or
+        # instance norm gives wrong gradients: their composite forms do not
+        with composite_norms():
+            total = _forward_mode(
+                lambda z: _select(model, z, None),
+                x,
+                lambda i: u[i],
+                self.num_probes,
+                _signs(self.num_probes, x, gen) if coupled else None,
+            )
         return total / self.num_probes
 
     def __repr__(self) -> str:
