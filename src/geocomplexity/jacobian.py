@@ -23,7 +23,7 @@ methods share one signature:
     Input-side probes :math:`u`: :math:`\mathbb{E}\|Ju\|^2=\|J\|_F^2`, by
     forward-mode AD. Its variance grows with the input dimension. With
     ``create_graph=True`` its passes run layer, batch and instance norm as
-    composite operations (:mod:`geocomplexity.composite_norms`).
+    composite operations (:mod:`geocomplexity.composite_ops`).
 
 ``"finite_difference"``
     :math:`\|g(x+\varepsilon u)-g(x)\|^2/\varepsilon^2` with input probes ``u``:
@@ -61,7 +61,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from geocomplexity.composite_norms import composite_norms
+from geocomplexity.composite_ops import composite_ops
 from geocomplexity.probes import (
     check_distribution,
     draw_probes,
@@ -897,9 +897,9 @@ def jacobian_sq_norms(
         else contextlib.nullcontext()
     )
     # a jvp penalty backpropagates forward-mode derivatives, which PyTorch's
-    # fused layer, batch and instance norm get wrong (see composite_norms)
+    # fused layer, batch and instance norm get wrong (see composite_ops)
     norms = (
-        composite_norms()
+        composite_ops()
         if create_graph and method == "jvp"
         else contextlib.nullcontext()
     )

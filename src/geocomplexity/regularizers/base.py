@@ -42,7 +42,9 @@ def explained(err: RuntimeError) -> RuntimeError:
     Two failures of a penalty's backward pass on attention models come from
     PyTorch, not from the model: the fused attention kernels have no double
     backward, and softmax's forward-mode derivative cannot be backpropagated
-    (the ``"jvp"`` GC penalty). Anything else comes back unchanged.
+    (the ``"jvp"`` GC penalty, which reroutes the softmax calls it can reach
+    to a composite, :mod:`geocomplexity.composite_ops`, but not one made
+    inside another C++ kernel). Anything else comes back unchanged.
 
     Returns:
         A ``RuntimeError`` naming the fix, or ``err`` itself.
@@ -58,8 +60,9 @@ def explained(err: RuntimeError) -> RuntimeError:
     if "modified by an inplace operation" in message and "output 0 of Exp" in message:
         return RuntimeError(
             f"{message}\n\nIf the penalty is GeometricComplexity(method='jvp') on a "
-            "model with softmax (attention): PyTorch cannot backpropagate "
-            "softmax's forward-mode derivative; use method='projection'."
+            "model with softmax: PyTorch cannot backpropagate the fused softmax's "
+            "forward-mode derivative, and this one runs inside a kernel that "
+            "geocomplexity.composite_ops cannot reroute; use method='projection'."
         )
     return err
 

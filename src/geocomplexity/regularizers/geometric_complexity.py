@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from geocomplexity.composite_norms import composite_norms
+from geocomplexity.composite_ops import composite_ops
 from geocomplexity.jacobian import (
     _default_chunk,
     _forward_mode,
@@ -69,7 +69,7 @@ class GeometricComplexity(Regularizer):
     about 56× one VJP per sample.
 
     The ``"jvp"`` penalty runs layer, batch and instance norm as composite
-    operations (:mod:`geocomplexity.composite_norms`): backpropagating
+    operations (:mod:`geocomplexity.composite_ops`): backpropagating
     PyTorch's fused kernels' forward-mode derivatives gives wrong gradients.
     """
 
@@ -181,7 +181,7 @@ class GeometricComplexity(Regularizer):
         if self.wrt is not None:  # the inner variable comes from a pass of its own
             with kept_buffers(model):
                 if self.method == "jvp":
-                    with composite_norms():  # see _jvp
+                    with composite_ops():  # see _jvp
                         values = _probes_at(
                             model, x, None, self.wrt, "jvp", self.distribution,
                             self.num_probes, None, gen, coupled,
@@ -242,7 +242,7 @@ class GeometricComplexity(Regularizer):
         u = input_probes(self.distribution, x, self.num_probes, gen)
         # backpropagating a tangent through PyTorch's fused layer, batch or
         # instance norm gives wrong gradients: their composite forms do not
-        with composite_norms():
+        with composite_ops():
             total = _forward_mode(
                 lambda z: _select(model, z, None),
                 x,

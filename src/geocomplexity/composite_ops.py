@@ -1,0 +1,321 @@
+r"""Operations rewritten from primitives, for the jvp penalty.
+
+A ``"jvp"`` GC penalty pushes a tangent through the model by forward-mode AD and
+then backpropagates the tangent's norm to the parameters. For some of PyTorch's
+fused kernels that second step is wrong or fails (PyTorch 2.13):
+
+- ``layer_norm``, ``batch_norm`` with batch statistics and ``instance_norm``:
+  their forward-mode derivatives are right, but the mean and inverse standard
+  deviation they save enter the backward pass as constants, so the parameter
+  gradients come out wrong, silently (the gradient of :math:`\|Ju\|^2` through
+  a ``LayerNorm`` was off by a factor of three against central differences;
+  pytorch/pytorch#196699, #196700);
+- ``softmax``, ``log_softmax`` and ``logsumexp`` fail ("modified by an inplace
+  operation"), and with them ``scaled_dot_product_attention`` and every
+  transformer.
+
+Their double backward (the ``"projection"`` and ``"exact"`` penalties) is
+right, and so are ``group_norm``, ``rms_norm``, ``batch_norm`` with running
+statistics and the activations, pools, convolutions and recurrent layers
+checked against central differences.
+
+:func:`composite_ops` reroutes the affected functions, for the duration of a
+block, to the same arithmetic written with primitive operations (mean,
+variance, reciprocal square root, exponential, matrix products), whose
+derivatives of every order autograd knows. The rerouting works on the
+functional calls (``torch.nn.functional``, ``torch``, ``Tensor`` methods), so
+it covers the ``torch.nn`` modules and custom modules that call them; an
+operation called from inside another C++ kernel is out of its reach.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["composite_ops"]
+
+
+# the functions as torch defines them, captured before any block patches them
+_F_SOFTMAX, _F_LOG_SOFTMAX = F.softmax, F.log_softmax
+_F_BATCH_NORM, _F_INSTANCE_NORM = F.batch_norm, F.instance_norm
+
+
+def _normalise(x: Tensor, dims: Sequence[int], eps: float) -> tuple[Tensor, Tensor]:
+    """``(x − mean)/√(var + eps)`` over ``dims`` (biased variance), and the mean."""
+    mean = x.mean(dims, keepdim=True)
+    var = x.var(dims, unbiased=False, keepdim=True)
+    return (x - mean) * torch.rsqrt(var + eps), mean
+
+
+def _affine(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """Per-channel scale and shift; channels on dim 1."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        x = x * weight.reshape(shape)
+    if bias is not None:
+        x = x + bias.reshape(shape)
+    return x
+
+
+def _update(running: Tensor | None, value: Tensor, momentum: float | None) -> None:
+    """``running ← (1 − m)·running + m·value``, as BatchNorm does; in place."""
+    if running is not None:
+        with torch.no_grad():
+            running.mul_(1 - (momentum or 0.0)).add_(
+                value.to(running.dtype), alpha=momentum or 0.0
+            )
+
+
+def _layer_norm(
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    dims = tuple(range(-len(normalized_shape), 0))
+    out, _ = _normalise(input, dims, eps)
+    if weight is not None:
+        out = out * weight
+    return out if bias is None else out + bias
+
+
+def _batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    if not training and running_mean is not None and running_var is not None:
+        # running statistics: an affine map, whose fused formulas are right
+        return _F_BATCH_NORM(
+            input, running_mean, running_var, weight, bias, False, momentum, eps
+        )
+    per_channel = input.numel() // input.shape[1]
+    if training and per_channel == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input "
+            f"size {tuple(input.shape)}"
+        )
+    dims = (0, *range(2, input.dim()))
+    out, mean = _normalise(input, dims, eps)
+    if training:
+        var = input.detach().var(dims, unbiased=True)
+        _update(running_mean, mean.detach().flatten(), momentum)
+        _update(running_var, var, momentum)
+    return _affine(out, weight, bias)
+
+
+def _instance_norm(
+    input: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    if not use_input_stats:  # running statistics: an affine map
+        return _F_INSTANCE_NORM(
+            input, running_mean, running_var, weight, bias, False, momentum, eps
+        )
+    dims = tuple(range(2, input.dim()))
+    out, mean = _normalise(input, dims, eps)
+    # the running statistics average each sample's (as aten::instance_norm)
+    _update(running_mean, mean.detach().flatten(1).mean(0), momentum)
+    if running_var is not None:
+        var = input.detach().var(dims, unbiased=True).mean(0)
+        _update(running_var, var, momentum)
+    return _affine(out, weight, bias)
+
+
+def _shifted(input: Tensor, dim: int) -> Tensor:
+    """``input − max`` along ``dim``, the max held constant (it cancels)."""
+    top = input.detach().amax(dim, keepdim=True)
+    return input - top.masked_fill(~torch.isfinite(top), 0)
+
+
+def _softmax(
+    input: Tensor,
+    dim: int | None = None,
+    _stacklevel: int = 3,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    if dim is None:  # the deprecated implicit dimension: left to torch
+        return _F_SOFTMAX(input, dim, _stacklevel, dtype)
+    if dtype is not None:
+        input = input.to(dtype)
+    e = _shifted(input, dim).exp()
+    return e / e.sum(dim, keepdim=True)
+
+
+def _log_softmax(
+    input: Tensor,
+    dim: int | None = None,
+    _stacklevel: int = 3,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    if dim is None:
+        return _F_LOG_SOFTMAX(input, dim, _stacklevel, dtype)
+    if dtype is not None:
+        input = input.to(dtype)
+    z = _shifted(input, dim)
+    return z - z.exp().sum(dim, keepdim=True).log()
+
+
+def _softmax_method(
+    input: Tensor, dim: int, dtype: torch.dtype | None = None
+) -> Tensor:
+    """``torch.softmax`` and ``Tensor.softmax``: no ``_stacklevel``."""
+    return _softmax(input, dim, dtype=dtype)
+
+
+def _log_softmax_method(
+    input: Tensor, dim: int, dtype: torch.dtype | None = None
+) -> Tensor:
+    return _log_softmax(input, dim, dtype=dtype)
+
+
+def _logsumexp(input: Tensor, dim: Any, keepdim: bool = False) -> Tensor:
+    top = input.detach().amax(dim, keepdim=True)
+    top = top.masked_fill(~torch.isfinite(top), 0)
+    out = (input - top).exp().sum(dim, keepdim=True).log() + top
+    return out if keepdim else out.squeeze(dim)
+
+
+def _attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """``softmax(q kᵀ · scale + mask) v``, as PyTorch's math kernel computes it."""
+    L, S = query.shape[-2], key.shape[-2]
+    if enable_gqa and key.dim() >= 3 and key.shape[-3] != query.shape[-3]:
+        repeat = query.shape[-3] // key.shape[-3]
+        key = key.repeat_interleave(repeat, -3)
+        value = value.repeat_interleave(repeat, -3)
+    scale = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scores = query @ key.transpose(-2, -1) * scale
+    if is_causal:
+        keep = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    weights = _softmax(scores, -1)
+    if dropout_p > 0:
+        weights = F.dropout(weights, dropout_p)
+    return weights @ value
+
+
+_COMPOSITES = {
+    F.layer_norm: _layer_norm,
+    F.batch_norm: _batch_norm,
+    F.instance_norm: _instance_norm,
+    F.softmax: _softmax,
+    torch.softmax: _softmax_method,
+    Tensor.softmax: _softmax_method,
+    F.log_softmax: _log_softmax,
+    torch.log_softmax: _log_softmax_method,
+    Tensor.log_softmax: _log_softmax_method,
+    torch.logsumexp: _logsumexp,
+    Tensor.logsumexp: _logsumexp,
+    F.scaled_dot_product_attention: _attention,
+}
+
+
+#: Python functions of ``torch.nn.functional`` that call the functions above by
+#: their module-level names: a mode does not see calls made inside a call it
+#: handles, so these run with those names pointing at the composites.
+_DECOMPOSED = {F.multi_head_attention_forward}
+_PATCHED = {
+    name: _COMPOSITES[getattr(F, name)]
+    for name in (
+        "layer_norm",
+        "batch_norm",
+        "instance_norm",
+        "softmax",
+        "log_softmax",
+        "scaled_dot_product_attention",
+    )
+}
+
+
+@contextlib.contextmanager
+def _functional_patched() -> Iterator[None]:
+    """``torch.nn.functional``'s names for the fused ops point at composites.
+
+    Process-wide while it lasts (one call of a :data:`_DECOMPOSED` function):
+    another thread calling these functions meanwhile gets the composites too,
+    which compute the same values.
+    """
+    saved = {name: getattr(F, name) for name in _PATCHED}
+    try:
+        for name, composite in _PATCHED.items():
+            setattr(F, name, composite)
+        yield
+    finally:
+        for name, original in saved.items():
+            setattr(F, name, original)
+
+
+class _Composites(TorchFunctionMode):
+    """Reroutes the fused operations to :data:`_COMPOSITES`."""
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        composite = _COMPOSITES.get(func)
+        if composite is not None:
+            return composite(*args, **kwargs)
+        if func in _DECOMPOSED:  # nn.MultiheadAttention's functional form
+            with _functional_patched():
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def composite_ops() -> _Composites:
+    """A block in which normalisations, softmax and attention run as composites.
+
+    For passes whose forward-mode derivative is backpropagated (the ``"jvp"``
+    GC penalty): see the module docstring. Outside such passes the fused
+    kernels are right and faster.
+
+    Returns:
+        A context manager.
+
+    Example:
+        >>> import torch
+        >>> ln = torch.nn.LayerNorm(4)
+        >>> x = torch.randn(3, 4)
+        >>> with composite_ops():
+        ...     y = ln(x)
+        >>> torch.allclose(y, ln(x), atol=1e-6)
+        True
+    """
+    return _Composites()

@@ -1,0 +1,242 @@
+"""Composite operations: same values and buffers, right jvp-penalty gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import geocomplexity as gcx
+from geocomplexity.composite_ops import composite_ops
+from geocomplexity.regularizers import GeometricComplexity
+
+
+def _norms() -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    torch.manual_seed(0)
+    layers = {
+        "layer_norm": (nn.LayerNorm(6), torch.randn(5, 6)),
+        "layer_norm_2d": (nn.LayerNorm((3, 4)), torch.randn(5, 2, 3, 4)),
+        "layer_norm_plain": (
+            nn.LayerNorm(6, elementwise_affine=False),
+            torch.randn(5, 6),
+        ),
+        "batch_norm_train": (nn.BatchNorm1d(6).train(), torch.randn(5, 6)),
+        "batch_norm2d_train": (nn.BatchNorm2d(3).train(), torch.randn(4, 3, 5, 5)),
+        "batch_norm_eval": (nn.BatchNorm1d(6).eval(), torch.randn(5, 6)),
+        "batch_norm_untracked": (
+            nn.BatchNorm1d(6, track_running_stats=False).eval(),
+            torch.randn(5, 6),
+        ),
+        "batch_norm_cumulative": (
+            nn.BatchNorm1d(6, momentum=None).train(),
+            torch.randn(5, 6),
+        ),
+        "instance_norm": (nn.InstanceNorm1d(3, affine=True), torch.randn(4, 3, 7)),
+        "instance_norm_tracked": (
+            nn.InstanceNorm2d(3, affine=True, track_running_stats=True).train(),
+            torch.randn(4, 3, 5, 5),
+        ),
+        "instance_norm_running": (
+            nn.InstanceNorm1d(3, track_running_stats=True).eval(),
+            torch.randn(4, 3, 7),
+        ),
+    }
+    for module, _ in layers.values():
+        module.double()
+        with torch.no_grad():
+            for p in module.parameters():
+                p.normal_()
+            for name, b in module.named_buffers():
+                if name == "running_mean":
+                    b.normal_()
+                elif name == "running_var":
+                    b.uniform_(0.5, 2.0)
+    return {k: (m, x.double() * 2 + 1) for k, (m, x) in layers.items()}
+
+
+NORMS = list(_norms())
+
+
+@pytest.mark.parametrize("name", NORMS)
+def test_same_values_and_running_statistics_as_the_fused_kernels(name):
+    module, x = _norms()[name]
+    fused = copy.deepcopy(module)
+    with composite_ops():
+        got = module(x)
+        got = module(x + 0.5)  # twice: the running statistics move on
+    fused(x)
+    want = fused(x + 0.5)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    for (n, a), b in zip(module.named_buffers(), fused.buffers(), strict=True):
+        assert torch.allclose(a.double(), b.double(), rtol=1e-12, atol=1e-12), n
+
+
+def _softmax_family() -> dict[str, object]:
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    q, k, v = (torch.randn(2, 3, 4, 8, dtype=torch.float64) for _ in range(3))
+    k1, v1 = (torch.randn(2, 1, 6, 8, dtype=torch.float64) for _ in range(2))
+    keep = torch.rand(4, 4) > 0.3
+    keep[:, 0] = True  # every query sees a key
+    bias = torch.randn(4, 4, dtype=torch.float64)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True).double()
+    t = torch.randn(2, 5, 8, dtype=torch.float64)
+    enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    enc.double()
+    return {
+        "F.softmax": lambda: F.softmax(x, -1),
+        "F.softmax dtype": lambda: F.softmax(x.float(), 1, dtype=torch.float64),
+        "torch.softmax": lambda: torch.softmax(x, 1, torch.float64),
+        "Tensor.softmax": lambda: x.softmax(0),
+        "F.log_softmax": lambda: F.log_softmax(x, -1),
+        "torch.log_softmax": lambda: torch.log_softmax(x, 0),
+        "Tensor.log_softmax": lambda: x.log_softmax(1),
+        "torch.logsumexp": lambda: torch.logsumexp(x, -1),
+        "Tensor.logsumexp": lambda: x.logsumexp((1, 2), keepdim=True),
+        "logsumexp -inf": lambda: (
+            torch.tensor([[-torch.inf] * 3, [0.0, 1, 2]]).double().logsumexp(1)
+        ),
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+        "sdpa causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "sdpa bool mask": lambda: F.scaled_dot_product_attention(q, k, v, keep),
+        "sdpa float mask, scale": lambda: F.scaled_dot_product_attention(
+            q, k, v, bias, scale=0.3
+        ),
+        "sdpa grouped": lambda: F.scaled_dot_product_attention(
+            q, k1, v1, enable_gqa=True
+        ),
+        "sdpa causal, 4 queries 6 keys": lambda: F.scaled_dot_product_attention(
+            q, k1.expand(2, 3, 6, 8), v1.expand(2, 3, 6, 8), is_causal=True
+        ),
+        "MultiheadAttention": lambda: mha(t, t, t, need_weights=False)[0],
+        "MultiheadAttention weights": lambda: mha(t, t, t)[1],
+        "TransformerEncoderLayer": lambda: enc(t),
+    }
+
+
+@pytest.mark.parametrize("name", list(_softmax_family()))
+def test_softmax_and_attention_give_the_fused_values(name):
+    call = _softmax_family()[name]
+    want = call()
+    with composite_ops():
+        got = call()
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    # the functional names point at torch's own functions again
+    assert F.softmax.__module__ == "torch.nn.functional"
+    assert F.scaled_dot_product_attention.__name__ == "scaled_dot_product_attention"
+
+
+def test_batch_of_one_in_train_mode_is_refused_as_by_torch():
+    with composite_ops(), pytest.raises(ValueError, match="more than 1 value"):
+        nn.BatchNorm1d(3).train()(torch.randn(1, 3))
+
+
+class _Attend(nn.Module):
+    """Embedding-free attention block on (B, 5, 4) inputs, then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(x).mean(1))
+
+
+def _model(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A float64 model through the named operation, its input, a weight."""
+    torch.manual_seed(1)
+    if name == "attention":
+        model = _Attend().double().eval()
+        x = torch.randn(3, 5, 4, dtype=torch.float64)
+        return model, x, model.enc.self_attn.in_proj_weight  # before the softmax
+    if name == "log_softmax":
+        first = nn.Linear(4, 5)
+        model = nn.Sequential(first, nn.Tanh(), nn.Linear(5, 3), nn.LogSoftmax(-1))
+        return model.double(), torch.randn(4, 4, dtype=torch.float64), first.weight
+    norm, x = _norms()[name]
+    d = x.shape[1]
+    first = nn.Linear(d, d) if x.dim() == 2 else nn.Conv1d(d, d, 3, padding=1)
+    head = (
+        nn.Linear(d, 2)
+        if x.dim() == 2
+        else nn.Sequential(nn.Flatten(), nn.Linear(d * x.shape[2], 2))
+    )
+    return nn.Sequential(first, norm, nn.Tanh(), head).double(), x, first.weight
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "layer_norm",
+        "batch_norm_train",
+        "instance_norm",
+        "batch_norm_eval",
+        "log_softmax",
+        "attention",
+    ],
+)
+def test_jvp_penalty_gradient_matches_central_differences(name):
+    """∂/∂θ of the jvp penalty with its probes fixed, against central
+    differences: wrong by O(1) through the fused layer, batch (batch
+    statistics) and instance norm, and failing through softmax, without the
+    composite forms."""
+    model, x, weight = _model(name)
+    stats = {n: b.clone() for n, b in model.named_buffers()}
+
+    def penalty() -> torch.Tensor:
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(stats[n])
+        term = GeometricComplexity(
+            1.0, method="jvp", num_probes=2, generator=torch.Generator().manual_seed(3)
+        )
+        return term(model, x)
+
+    (grad,) = torch.autograd.grad(penalty(), weight)
+    h = 1e-6
+    flat = weight.detach().view(-1)
+    for i in range(0, flat.numel(), max(1, flat.numel() // 6)):
+        with torch.no_grad():
+            flat[i] += h
+        up = penalty().item()
+        with torch.no_grad():
+            flat[i] -= 2 * h
+        down = penalty().item()
+        with torch.no_grad():
+            flat[i] += h
+        fd = (up - down) / (2 * h)
+        assert abs(grad.view(-1)[i].item() - fd) < 1e-5 * (1 + abs(fd)), (i, fd)
+
+
+def test_patched_names_come_back_after_an_error():
+    from geocomplexity.composite_ops import _functional_patched
+
+    before = F.scaled_dot_product_attention
+    with pytest.raises(KeyError), _functional_patched():
+        assert F.scaled_dot_product_attention is not before
+        raise KeyError
+    assert F.scaled_dot_product_attention is before
+
+
+def test_jvp_measurement_needs_no_composite_forms():
+    # first-order forward AD through the fused kernels is right: measuring
+    # with jvp (no create_graph) runs them as they are
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 2))
+    model.double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    kw = dict(num_probes=3)
+    jvp = gcx.jacobian_sq_norms(
+        model, x, method="jvp", generator=torch.Generator().manual_seed(0), **kw
+    )
+    fd = gcx.jacobian_sq_norms(
+        model,
+        x,
+        method="finite_difference",
+        generator=torch.Generator().manual_seed(0),
+        **kw,
+    )
+    assert torch.allclose(jvp, fd, rtol=1e-6)
