@@ -28,6 +28,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_measure.py
 	$(PY) benchmarks/bench_regularizers.py
+	$(PY) benchmarks/bench_coupled.py
 	$(PY) benchmarks/bench_measure.py --malloc default --out benchmarks/results/measure_glibc_default.json
 	$(PY) benchmarks/bench_regularizers.py --malloc default --out benchmarks/results/regularizers_glibc_default.json
 
