@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -144,3 +146,23 @@ def write_fake_cifar(root, n=20, seed=0):
 def fake_cifar(tmp_path):
     """A generated CIFAR-10 folder: 20 images per batch."""
     return write_fake_cifar(tmp_path / "cifar-10-batches-py")
+
+
+def jvp_and_finite_difference(
+    model: nn.Module, x: torch.Tensor, **kwargs: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``jacobian_sq_norms`` by jvp and by finite differences, 3 probes each,
+    the same probes for both (one seed): equal to O(eps) where both are right."""
+    import geocomplexity as gcx
+
+    return tuple(  # type: ignore[return-value]
+        gcx.jacobian_sq_norms(
+            model,
+            x,
+            method=method,
+            num_probes=3,
+            generator=torch.Generator().manual_seed(1),
+            **kwargs,
+        )
+        for method in ("jvp", "finite_difference")
+    )

@@ -8,9 +8,9 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import jvp_and_finite_difference
 from torch import nn
 
-import geocomplexity as gcx
 from geocomplexity.composite_ops import composite_ops
 from geocomplexity.regularizers import GeometricComplexity
 
@@ -229,17 +229,7 @@ def test_jvp_measurement_needs_no_composite_forms():
     model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 2))
     model.double()
     x = torch.randn(5, 4, dtype=torch.float64)
-    kw = dict(num_probes=3)
-    jvp = gcx.jacobian_sq_norms(
-        model, x, method="jvp", generator=torch.Generator().manual_seed(0), **kw
-    )
-    fd = gcx.jacobian_sq_norms(
-        model,
-        x,
-        method="finite_difference",
-        generator=torch.Generator().manual_seed(0),
-        **kw,
-    )
+    jvp, fd = jvp_and_finite_difference(model, x)
     assert torch.allclose(jvp, fd, rtol=1e-6)
 
 

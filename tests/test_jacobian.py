@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import CASES, DictOut, batchnorm_mlp, make_case
+from conftest import CASES, DictOut, batchnorm_mlp, jvp_and_finite_difference, make_case
 from reference import diagonal_block_sq_norms, per_sample_sq_norms
 from torch import nn
 
@@ -99,62 +99,34 @@ def test_train_mode_takes_diagonal_blocks_not_the_batch_sum():
     assert rel(gcx.jacobian_sq_norms(model, x), want) > 1e-3
 
 
-def cross_sample_sq_norms(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Σ_j ‖∂g(x)_j/∂x_i‖²: what the batch-sum projection estimates per sample."""
+def all_at_once_sq_norms(model: nn.Module, x: torch.Tensor, side: str) -> torch.Tensor:
+    """What a probe of every sample at once estimates where samples are coupled.
+
+    Output side (the batch-sum projection): Σ_j ‖∂g(x)_j/∂x_i‖²; input side
+    (jvp, finite differences): Σ_j ‖∂g(x)_i/∂x_j‖². Buffers are restored.
+    """
     B = x.shape[0]
+    saved = [b.clone() for b in model.buffers()]
     J = torch.autograd.functional.jacobian(
         lambda z: model(z.reshape(x.shape)).reshape(B, -1), x.reshape(B, -1)
     )  # (B, k, B, d)
-    return J.pow(2).sum((0, 1, 3))
+    for b, b0 in zip(model.buffers(), saved, strict=True):
+        b.copy_(b0)
+    return J.pow(2).sum((0, 1, 3) if side == "output" else (1, 2, 3))
 
 
-def test_train_mode_projection_is_unbiased_where_the_batch_sum_is_not():
-    """Two VJPs a probe, the second with each sample's probe sign-flipped: the
-    cross-sample blocks cancel in expectation, per sample, not only on average."""
+@pytest.mark.parametrize("method", ["projection", "jvp", "finite_difference"])
+def test_train_mode_probes_are_unbiased_where_probing_all_at_once_is_not(method):
+    """Two passes a probe, the second with each sample's probe sign-flipped
+    (output side for projection, input side for jvp and finite differences):
+    the cross-sample blocks cancel in expectation, per sample, not only on
+    average."""
     model, x = make_case("batchnorm")  # 6 samples: strong coupling
     model[3].p = 0.0
-    want = diagonal_block_sq_norms(model, x)
-    stats = [b.clone() for b in model.buffers()]
-    batch_sum = cross_sample_sq_norms(model, x)
-    for b, b0 in zip(model.buffers(), stats, strict=True):
-        b.copy_(b0)
-    g = torch.Generator().manual_seed(0)
-    draws = torch.stack(
-        [
-            gcx.jacobian_sq_norms(
-                model, x, method="projection", mode="train", num_probes=50, generator=g
-            )
-            for _ in range(40)
-        ]
-    )
-    mean, se = draws.mean(0), draws.std(0) / math.sqrt(len(draws))
-    assert ((mean - want).abs() < 4 * se).all(), ((mean - want) / se).tolist()
-    # the test has the power to see the batch-sum trick's bias
-    assert ((mean - batch_sum).abs() > 4 * se).any()
-
-
-def input_side_sq_norms(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Σ_j ‖∂g(x)_i/∂x_j‖²: what an input-side probe of every sample at once
-    (jvp, finite differences) estimates per sample where samples are coupled."""
-    B = x.shape[0]
-    J = torch.autograd.functional.jacobian(
-        lambda z: model(z.reshape(x.shape)).reshape(B, -1), x.reshape(B, -1)
-    )  # (B, k, B, d)
-    return J.pow(2).sum((1, 2, 3))
-
-
-@pytest.mark.parametrize("method", ["jvp", "finite_difference"])
-def test_train_mode_input_side_probes_are_unbiased(method):
-    """jvp and finite differences perturb every sample at once; in train mode
-    each probe takes a second pass with each sample's probe sign-flipped, and
-    the cross-sample terms cancel in expectation, as for projection."""
-    model, x = make_case("batchnorm")
-    model[3].p = 0.0
     stats = [b.clone() for b in model.buffers()]
     want = diagonal_block_sq_norms(model, x)
-    all_at_once = input_side_sq_norms(model, x)
-    for b, b0 in zip(model.buffers(), stats, strict=True):
-        b.copy_(b0)
+    side = "output" if method == "projection" else "input"
+    all_at_once = all_at_once_sq_norms(model, x, side)
     g = torch.Generator().manual_seed(0)
     draws = torch.stack(
         [
@@ -166,6 +138,7 @@ def test_train_mode_input_side_probes_are_unbiased(method):
     )
     mean, se = draws.mean(0), draws.std(0) / math.sqrt(len(draws))
     assert ((mean - want).abs() < 4 * se).all(), ((mean - want) / se).tolist()
+    # the test has the power to see the bias of probing all at once
     assert ((mean - all_at_once).abs() > 4 * se).any()
     assert all(torch.equal(a, b) for a, b in zip(model.buffers(), stats, strict=True))
 
@@ -180,17 +153,7 @@ def test_train_mode_passes_share_one_dropout_mask():
         nn.Linear(16, 3),
     ).double()  # fmt: skip
     x = torch.randn(8, 5, dtype=torch.float64)
-    kw = dict(mode="train", num_probes=3)
-    jvp = gcx.jacobian_sq_norms(
-        model, x, method="jvp", generator=torch.Generator().manual_seed(1), **kw
-    )
-    fd = gcx.jacobian_sq_norms(
-        model,
-        x,
-        method="finite_difference",
-        generator=torch.Generator().manual_seed(1),
-        **kw,
-    )
+    jvp, fd = jvp_and_finite_difference(model, x, mode="train")
     assert rel(fd, jvp) < 1e-5
 
 
@@ -449,7 +412,7 @@ def test_batchnorm_without_running_stats_takes_diagonal_blocks_in_eval_mode():
     model = batchnorm_mlp(5, track=False)
     x = torch.randn(6, 5, dtype=torch.float64)
     want = diagonal_block_sq_norms(model, x)
-    all_at_once = input_side_sq_norms(model, x)  # what jvp would take uncoupled
+    all_at_once = all_at_once_sq_norms(model, x, "input")  # jvp, uncoupled
     assert rel(all_at_once, want) > 0.2
     probes = {"exact": 1, "projection": 3000, "jvp": 500}  # jvp: 2 passes a probe
     for method, n in probes.items():
