@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import jvp_and_finite_difference
 from torch import nn
 
+import geocomplexity as gcx
 from geocomplexity.composite_ops import composite_ops
 from geocomplexity.regularizers import GeometricComplexity
 
@@ -81,10 +82,14 @@ def _softmax_family() -> dict[str, object]:
     q, k, v = (torch.randn(2, 3, 4, 8, dtype=torch.float64) for _ in range(3))
     k1, v1 = (torch.randn(2, 1, 6, 8, dtype=torch.float64) for _ in range(2))
     keep = torch.rand(4, 4) > 0.3
-    keep[:, 0] = True  # every query sees a key
+    keep[:, 0] = True  # every query sees a key ...
+    blind = keep.clone()
+    blind[2] = False  # ... but here query 2 sees none: its output is 0
     bias = torch.randn(4, 4, dtype=torch.float64)
     mha = nn.MultiheadAttention(8, 2, batch_first=True).double()
     t = torch.randn(2, 5, 8, dtype=torch.float64)
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1] = True  # the second sequence is all padding
     enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
     enc.double()
     return {
@@ -103,6 +108,12 @@ def _softmax_family() -> dict[str, object]:
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
         "sdpa causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
         "sdpa bool mask": lambda: F.scaled_dot_product_attention(q, k, v, keep),
+        "sdpa query that sees no key": lambda: F.scaled_dot_product_attention(
+            q, k, v, blind
+        ),
+        "MultiheadAttention padded key": lambda: mha(
+            t, t, t, key_padding_mask=pad, need_weights=False
+        )[0],
         "sdpa float mask, scale": lambda: F.scaled_dot_product_attention(
             q, k, v, bias, scale=0.3
         ),
@@ -323,3 +334,88 @@ def test_penalty_gradients_through_common_ops(op, method):
             model.mix[i, j] += h
         fd = (up - down) / (2 * h)
         assert abs(grad[i, j].item() - fd) < 1e-5 * (1 + abs(fd)), (i, j, fd)
+
+
+@pytest.mark.parametrize("layer", ["layer_norm", "batch_norm", "instance_norm"])
+def test_half_precision_input_keeps_its_dtype_with_float32_weights(layer):
+    # mixed precision: bfloat16 activations, float32 norm weights; the fused
+    # kernels return bfloat16, computed in float32
+    torch.manual_seed(0)
+    norm = {
+        "layer_norm": nn.LayerNorm(6),
+        "batch_norm": nn.BatchNorm1d(6).train(),
+        "instance_norm": nn.InstanceNorm1d(6, affine=True),
+    }[layer]
+    x = torch.randn(4, 6, 5) if layer == "instance_norm" else torch.randn(4, 6)
+    x = x.bfloat16()
+    fused = copy.deepcopy(norm)
+    with composite_ops():
+        got = norm(x)
+    want = fused(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), want.float(), atol=1e-2)
+    for a, b in zip(norm.buffers(), fused.buffers(), strict=True):
+        assert a.dtype == b.dtype and torch.allclose(a.float(), b.float(), atol=1e-5)
+
+
+def test_jvp_penalty_on_attention_with_a_fully_padded_sequence_is_finite():
+    # a query that may see no key: the fused kernel gives it 0; 0/0 in a
+    # composite softmax would make the penalty NaN
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(4, 2, batch_first=True).double()
+    pad = torch.zeros(3, 5, dtype=torch.bool)
+    pad[2] = True
+
+    class Padded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mha = mha
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.mha(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    model = Padded()
+    for method in ("jvp", "projection"):
+        term = GeometricComplexity(1.0, method=method)
+        value = term(model, x)
+        (grad,) = torch.autograd.grad(value, mha.in_proj_weight)
+        assert torch.isfinite(value) and torch.isfinite(grad).all(), method
+
+
+def test_patching_survives_overlapping_threads():
+    # two overlapping blocks (threads): the first in patches, the last out
+    # restores; a naive save-and-restore would leave the composites in place
+    import threading
+
+    from geocomplexity.composite_ops import _functional_patched
+
+    original = F.scaled_dot_product_attention
+    inside, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with _functional_patched():
+            inside.set()
+            release.wait(5)
+
+    worker = threading.Thread(target=hold)
+    worker.start()
+    inside.wait(5)
+    with _functional_patched():
+        assert F.scaled_dot_product_attention is not original
+    assert F.scaled_dot_product_attention is not original  # the worker is inside
+    release.set()
+    worker.join(5)
+    assert F.scaled_dot_product_attention is original
+
+
+def test_jvp_penalty_refuses_data_parallel():
+    # its replicas run in threads of their own, which the rerouting does not
+    # reach: the fused norms there would give wrong gradients, silently
+    model = nn.DataParallel(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)))
+    x = torch.randn(5, 3)
+    with pytest.raises(ValueError, match="DistributedDataParallel"):
+        GeometricComplexity(1.0, method="jvp")(model, x)
+    with pytest.raises(ValueError, match="DistributedDataParallel"):
+        gcx.jacobian_sq_norms(model, x, method="jvp", create_graph=True)
+    assert torch.isfinite(GeometricComplexity(1.0)(model, x))  # projection

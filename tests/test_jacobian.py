@@ -157,6 +157,37 @@ def test_train_mode_passes_share_one_dropout_mask():
     assert rel(fd, jvp) < 1e-5
 
 
+@pytest.mark.parametrize("generator", ["own", "global"])
+def test_train_mode_wrt_passes_share_one_dropout_mask(generator):
+    # the same with the probes entering at a submodule (wrt=), and with the
+    # global generator as the probes' source: drawing probes from it between
+    # the passes must not move the state the passes replay
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(5, 16), nn.Dropout(0.5), nn.BatchNorm1d(16), nn.Tanh(),
+        nn.Dropout(0.5), nn.Linear(16, 3),
+    ).double()  # fmt: skip
+    x = torch.randn(8, 5, dtype=torch.float64)
+    values = []
+    for method in ("jvp", "finite_difference"):
+        gen = torch.Generator().manual_seed(1)
+        if generator == "global":
+            torch.manual_seed(1)
+            gen = torch.default_generator
+        values.append(
+            gcx.jacobian_sq_norms(
+                model,
+                x,
+                method=method,
+                mode="train",
+                wrt="1",
+                num_probes=3,
+                generator=gen,
+            )
+        )
+    assert rel(values[1], values[0]) < 1e-5
+
+
 @pytest.mark.parametrize("chunk_size", [None, 1, 2, 5])
 def test_train_mode_projection_is_the_plain_one_on_independent_samples(chunk_size):
     # no coupling (no BatchNorm, no dropout): the flipped VJP is t_i times the

@@ -25,13 +25,17 @@ variance, reciprocal square root, exponential, matrix products), whose
 derivatives of every order autograd knows. The rerouting works on the
 functional calls (``torch.nn.functional``, ``torch``, ``Tensor`` methods), so
 it covers the ``torch.nn`` modules and custom modules that call them; an
-operation called from inside another C++ kernel is out of its reach.
+operation called from inside another C++ kernel is out of its reach. The
+rerouting holds in the thread that enters the block: ``nn.DataParallel``, which
+runs its replicas in threads of its own, is refused by the jvp penalty
+(:func:`refuse_other_threads`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -40,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["composite_ops"]
+__all__ = ["composite_ops", "refuse_other_threads"]
 
 
 # the functions as torch defines them, captured before any block patches them
@@ -48,8 +52,18 @@ _F_SOFTMAX, _F_LOG_SOFTMAX = F.softmax, F.log_softmax
 _F_BATCH_NORM, _F_INSTANCE_NORM = F.batch_norm, F.instance_norm
 
 
+def _wide(x: Tensor) -> Tensor:
+    """``x`` in float32 where it is half precision, as the fused kernels count."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _normalise(x: Tensor, dims: Sequence[int], eps: float) -> tuple[Tensor, Tensor]:
-    """``(x − mean)/√(var + eps)`` over ``dims`` (biased variance), and the mean."""
+    """``(x − mean)/√(var + eps)`` over ``dims`` (biased variance), and the mean.
+
+    Half-precision ``x`` is normalised in float32; the callers cast the result
+    back to ``x``'s dtype, as the fused kernels return it.
+    """
+    x = _wide(x)
     mean = x.mean(dims, keepdim=True)
     var = x.var(dims, unbiased=False, keepdim=True)
     return (x - mean) * torch.rsqrt(var + eps), mean
@@ -85,7 +99,9 @@ def _layer_norm(
     out, _ = _normalise(input, dims, eps)
     if weight is not None:
         out = out * weight
-    return out if bias is None else out + bias
+    if bias is not None:
+        out = out + bias
+    return out.to(input.dtype)
 
 
 def _batch_norm(
@@ -112,10 +128,10 @@ def _batch_norm(
     dims = (0, *range(2, input.dim()))
     out, mean = _normalise(input, dims, eps)
     if training:
-        var = input.detach().var(dims, unbiased=True)
+        var = _wide(input.detach()).var(dims, unbiased=True)
         _update(running_mean, mean.detach().flatten(), momentum)
         _update(running_var, var, momentum)
-    return _affine(out, weight, bias)
+    return _affine(out, weight, bias).to(input.dtype)
 
 
 def _instance_norm(
@@ -137,9 +153,9 @@ def _instance_norm(
     # the running statistics average each sample's (as aten::instance_norm)
     _update(running_mean, mean.detach().flatten(1).mean(0), momentum)
     if running_var is not None:
-        var = input.detach().var(dims, unbiased=True).mean(0)
+        var = _wide(input.detach()).var(dims, unbiased=True).mean(0)
         _update(running_var, var, momentum)
-    return _affine(out, weight, bias)
+    return _affine(out, weight, bias).to(input.dtype)
 
 
 def _shifted(input: Tensor, dim: int) -> Tensor:
@@ -221,8 +237,12 @@ def _attention(
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
-            scores = scores + attn_mask
-    weights = _softmax(scores, -1)
+            scores = scores + attn_mask.to(scores.dtype)
+    # a query that may see no key gets zero output, as the fused kernels give
+    # it, not softmax's 0/0; its scores are filled first, so no NaN reaches
+    # the backward pass either
+    blind = scores.detach().amax(-1, keepdim=True) == float("-inf")
+    weights = _softmax(scores.masked_fill(blind, 0), -1).masked_fill(blind, 0)
     if dropout_p > 0:
         weights = F.dropout(weights, dropout_p)
     return weights @ value
@@ -261,22 +281,35 @@ _PATCHED = {
 }
 
 
+_PATCH_LOCK = threading.Lock()
+_patch_depth = 0
+_unpatched: dict[str, Any] = {}
+
+
 @contextlib.contextmanager
 def _functional_patched() -> Iterator[None]:
     """``torch.nn.functional``'s names for the fused ops point at composites.
 
     Process-wide while it lasts (one call of a :data:`_DECOMPOSED` function):
     another thread calling these functions meanwhile gets the composites too,
-    which compute the same values.
+    which compute the same values. Overlapping blocks (threads, nesting)
+    count: the first one in patches, the last one out restores.
     """
-    saved = {name: getattr(F, name) for name in _PATCHED}
+    global _patch_depth
+    with _PATCH_LOCK:
+        if _patch_depth == 0:
+            _unpatched.update({name: getattr(F, name) for name in _PATCHED})
+            for name, composite in _PATCHED.items():
+                setattr(F, name, composite)
+        _patch_depth += 1
     try:
-        for name, composite in _PATCHED.items():
-            setattr(F, name, composite)
         yield
     finally:
-        for name, original in saved.items():
-            setattr(F, name, original)
+        with _PATCH_LOCK:
+            _patch_depth -= 1
+            if _patch_depth == 0:
+                for name, original in _unpatched.items():
+                    setattr(F, name, original)
 
 
 class _Composites(TorchFunctionMode):
@@ -297,6 +330,23 @@ class _Composites(TorchFunctionMode):
             with _functional_patched():
                 return func(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+def refuse_other_threads(model: torch.nn.Module) -> None:
+    """Refuse a model whose forward pass runs in other threads (DataParallel).
+
+    Raises:
+        ValueError: ``model`` contains an ``nn.DataParallel``.
+    """
+    if any(isinstance(m, torch.nn.DataParallel) for m in model.modules()):
+        raise ValueError(
+            "the 'jvp' GC penalty reroutes the fused layer, batch and instance "
+            "norm and softmax, whose forward-mode derivatives PyTorch "
+            "backpropagates wrongly, in the thread that runs it; "
+            "nn.DataParallel runs its replicas in threads of their own, where "
+            "the fused kernels would give wrong gradients: use "
+            "DistributedDataParallel, or method='projection'"
+        )
 
 
 def composite_ops() -> _Composites:

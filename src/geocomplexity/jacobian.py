@@ -61,7 +61,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from geocomplexity.composite_ops import composite_ops
+from geocomplexity.composite_ops import composite_ops, refuse_other_threads
 from geocomplexity.probes import (
     check_distribution,
     draw_probes,
@@ -361,6 +361,8 @@ def _probes_at(
         Per-sample values ``(B,)``, the mean over probes.
     """
     B = x.shape[0]
+    if coupled:
+        generator = _apart_from_global(generator)
     signs = _signs(num_probes, x, generator) if coupled else None
     values: Tensor | None = None
     if method == "jvp":
@@ -760,6 +762,30 @@ def _per_sample(t: Tensor, like: Tensor) -> Tensor:
     return t.reshape(-1, *[1] * (like.dim() - 1)).to(like.dtype)
 
 
+def _apart_from_global(generator: torch.Generator) -> torch.Generator:
+    """``generator``, or a copy of it where it is the global RNG of its device.
+
+    The passes of a coupled jvp or finite difference replay the global RNG
+    (:func:`_replayed`); probes drawn from it between the passes would move
+    the state the passes replay, and be rolled back with it (the same probe
+    drawn again). A copy of the global generator draws the same probes
+    without touching the global state.
+    """
+    device = generator.device
+    default = (
+        torch.default_generator
+        if device.type == "cpu"
+        else torch.cuda.default_generators[device.index or 0]
+        if device.type == "cuda" and torch.cuda.is_initialized()
+        else None
+    )
+    if generator is not default:
+        return generator
+    copy = torch.Generator(device=device)
+    copy.set_state(generator.get_state())
+    return copy
+
+
 def _replayed(
     x: Tensor, coupled: bool, final: bool = False
 ) -> contextlib.AbstractContextManager[Any]:
@@ -774,8 +800,12 @@ def _replayed(
     """
     if not coupled or final:
         return contextlib.nullcontext()
-    devices = [x.device.index or 0] if x.device.type == "cuda" else []
-    return torch.random.fork_rng(devices=devices)
+    if x.device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    # the CPU's RNG and that of x's accelerator (CUDA, MPS, XPU, ...)
+    return torch.random.fork_rng(
+        devices=[x.device.index or 0], device_type=x.device.type
+    )
 
 
 def jacobian_sq_norms(
@@ -898,11 +928,10 @@ def jacobian_sq_norms(
     )
     # a jvp penalty backpropagates forward-mode derivatives, which PyTorch's
     # fused layer, batch and instance norm get wrong (see composite_ops)
-    norms = (
-        composite_ops()
-        if create_graph and method == "jvp"
-        else contextlib.nullcontext()
-    )
+    norms = contextlib.nullcontext()
+    if create_graph and method == "jvp":
+        refuse_other_threads(model)
+        norms = composite_ops()
     with (
         preserved(model, mode=mode) as modules,
         grad_on,
@@ -966,6 +995,8 @@ def jacobian_sq_norms(
             )
         else:
             gen = resolve_generator(generator, x.device)
+            if coupled:
+                gen = _apart_from_global(gen)
             u = input_probes(distribution, x, num_probes, gen)
             signs = _signs(num_probes, x, gen) if coupled else None
             if method == "jvp":

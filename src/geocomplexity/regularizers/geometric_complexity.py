@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from geocomplexity.composite_ops import composite_ops
+from geocomplexity.composite_ops import composite_ops, refuse_other_threads
 from geocomplexity.jacobian import (
+    _apart_from_global,
     _default_chunk,
     _forward_mode,
     _probes_at,
@@ -171,6 +172,8 @@ class GeometricComplexity(Regularizer):
         self, model: nn.Module, inputs: Tensor, outputs: Tensor | None
     ) -> Tensor:
         coupled = batch_norm_couples(model)
+        if self.method == "jvp":
+            refuse_other_threads(model)
         B = inputs.shape[0]
         gen = resolve_generator(self.generator or self._fallback, inputs.device)
         x = inputs
@@ -239,6 +242,8 @@ class GeometricComplexity(Regularizer):
     def _jvp(
         self, model: nn.Module, x: Tensor, gen: torch.Generator, coupled: bool
     ) -> Tensor:
+        if coupled:  # its passes replay the global RNG: draw apart from it
+            gen = _apart_from_global(gen)
         u = input_probes(self.distribution, x, self.num_probes, gen)
         # backpropagating a tangent through PyTorch's fused layer, batch or
         # instance norm gives wrong gradients: their composite forms do not
