@@ -228,3 +228,78 @@ def test_wrt_an_embedding_matches_the_cpu():
     penalty = GeometricComplexity(1.0, wrt="0")(gpu, tokens.to(CUDA))
     penalty.backward()
     assert gpu[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("wrt", [None, "1"])
+def test_train_mode_passes_replay_the_cuda_rng(wrt):
+    # dropout on the GPU draws from the CUDA generator: the passes of a
+    # coupled jvp and finite difference must replay it, so both use one mask
+    # and agree along the same probes (a CUDA generator for those, and the
+    # global one, which they must not disturb)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(5, 16), nn.Dropout(0.5), nn.BatchNorm1d(16), nn.Tanh(),
+        nn.Dropout(0.5), nn.Linear(16, 3),
+    ).double().to(CUDA)  # fmt: skip
+    x = torch.randn(8, 5, dtype=torch.float64, device=CUDA)
+    for source in ("own", "global"):
+        values = []
+        for method in ("jvp", "finite_difference"):
+            gen = torch.Generator(device=CUDA).manual_seed(1)
+            if source == "global":
+                torch.cuda.manual_seed(1)
+                gen = torch.cuda.default_generators[0]
+            values.append(
+                gcx.jacobian_sq_norms(
+                    model,
+                    x,
+                    method=method,
+                    mode="train",
+                    wrt=wrt,
+                    num_probes=3,
+                    generator=gen,
+                )
+            )
+        assert torch.allclose(values[0], values[1], rtol=1e-5), source
+
+
+def test_train_mode_projection_and_the_composite_jvp_penalty_on_cuda():
+    # sign-paired VJPs on independent samples are the plain estimate exactly;
+    # the jvp penalty through train-mode BatchNorm and LayerNorm (composite
+    # ops) has the gradient central differences give
+    mlp_model, x = make_case("mlp")
+    mlp_model, x = mlp_model.double().to(CUDA), x.double().to(CUDA)
+    seeded = lambda: torch.Generator(device=CUDA).manual_seed(4)  # noqa: E731
+    kw = dict(method="projection", num_probes=3)
+    paired = gcx.jacobian_sq_norms(mlp_model, x, mode="train", generator=seeded(), **kw)
+    plain = gcx.jacobian_sq_norms(mlp_model, x, generator=seeded(), **kw)
+    assert torch.allclose(paired, plain, rtol=1e-12)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 8),
+        nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3),
+    ).double().to(CUDA).train()  # fmt: skip
+    xb = torch.randn(6, 5, dtype=torch.float64, device=CUDA)
+    stats = {n: b.clone() for n, b in model.named_buffers()}
+
+    def penalty() -> torch.Tensor:
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(stats[n])
+        term = GeometricComplexity(1.0, method="jvp", num_probes=2, generator=seeded())
+        return term(model, xb)
+
+    weight = model[0].weight
+    (grad,) = torch.autograd.grad(penalty(), weight)
+    flat, h = weight.detach().view(-1), 1e-6
+    for i in range(0, flat.numel(), 7):
+        with torch.no_grad():
+            flat[i] += h
+        up = penalty().item()
+        with torch.no_grad():
+            flat[i] -= 2 * h
+        down = penalty().item()
+        with torch.no_grad():
+            flat[i] += h
+        fd = (up - down) / (2 * h)
+        assert abs(grad.view(-1)[i].item() - fd) < 1e-5 * (1 + abs(fd)), (i, fd)
