@@ -11,6 +11,8 @@ from reference import diagonal_block_sq_norms, per_sample_sq_norms
 from torch import nn
 
 import geocomplexity as gcx
+from geocomplexity.jacobian import samples_interact
+from geocomplexity.regularizers import GeometricComplexity
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -901,3 +903,102 @@ def test_wrt_probes_leave_the_input_alone_when_the_submodule_returns_it():
     penalty = GeometricComplexity(1.0, method="jvp", wrt="inner")(tanh, x)
     penalty.backward()  # a Tanh's backward reads its output, kept unmodified
     assert torch.isfinite(penalty) and tanh.lin.weight.grad is not None
+
+
+class _BatchCentred(nn.Module):
+    """Subtracts the batch mean after a layer: samples coupled, no BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inner(x))
+        return self.head(h - h.mean(0, keepdim=True))
+
+
+def _misused_attention() -> nn.Module:
+    # batch-first input to an attention layer left at batch_first=False: it
+    # attends across the batch, a classic bug that couples the samples
+    class Attend(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 2)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+    return Attend()
+
+
+@pytest.mark.parametrize("name", ["centred", "attention across the batch"])
+def test_layers_that_mix_samples_are_detected_without_batchnorm(name):
+    """The batch-sum trick is never used where samples are coupled: a layer
+    that mixes them, whatever its type, takes the diagonal blocks."""
+    torch.manual_seed(0)
+    model = (_BatchCentred() if name == "centred" else _misused_attention()).double()
+    model.eval()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    if name != "centred":
+        x = torch.randn(5, 3, 4, dtype=torch.float64)
+    want = diagonal_block_sq_norms(model, x)
+    batch_sum = all_at_once_sq_norms(model, x, "output")
+    assert rel(batch_sum, want) > 0.01  # the trick would be wrong here
+    assert samples_interact(model, x)
+    got = gcx.jacobian_sq_norms(model, x)
+    assert rel(got, want) < 1e-10
+    # the penalty too
+    pen = GeometricComplexity(1.0, method="exact")(model, x)
+    assert torch.isclose(pen, want.mean(), rtol=1e-10)
+
+
+def test_sample_interaction_check_runs_once_and_leaves_no_trace():
+    from geocomplexity.jacobian import samples_interact
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 8), nn.Dropout(0.5), nn.Tanh(), nn.Linear(8, 2)
+    ).double().train()  # fmt: skip
+    calls = []
+    model[0].register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(6, 4, dtype=torch.float64)
+    rng = torch.get_rng_state()
+    assert not samples_interact(model, x)  # dropout: the same mask, no mixing
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert len(calls) == 2
+    assert not samples_interact(model, x)
+    assert len(calls) == 2  # remembered
+    model.eval()
+    assert not samples_interact(model, x)  # another mode: checked again
+    assert len(calls) == 4
+    assert not samples_interact(model, x[:1])  # one sample mixes with nothing
+    # a callable output may mix samples itself: checked on every call
+    centre = lambda o: o - o.mean(0)  # noqa: E731
+    assert samples_interact(model, x, output=centre)
+
+
+def test_mixing_after_the_embedding_is_detected_with_wrt():
+    torch.manual_seed(0)
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.rest = _BatchCentred()
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.rest(self.embed(t).sum(1))
+
+    model = Tokens().double().eval()
+    t = torch.randint(0, 10, (5, 3))
+    e = model.embed(t).detach()
+
+    class Rest(nn.Module):
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return model.rest(z.sum(1))
+
+    want = diagonal_block_sq_norms(Rest(), e)
+    got = gcx.jacobian_sq_norms(model, t, wrt="embed")
+    assert rel(got, want) < 1e-10
