@@ -48,19 +48,12 @@ sample's probe sign-flipped. Dropout is live in train mode, so every method
 measures the network of one dropout mask: the reverse-mode methods run one
 forward pass, and the passes of jvp and finite differences replay the same
 random numbers.
-
-Other layers can couple the samples too (a custom batch normalisation,
-attention across the batch dimension, message passing in a graph). Before the
-first measurement of a model in eval mode, :func:`samples_interact` moves one
-sample and watches the others (two forward passes without a graph, remembered
-per model); where they move, the coupled path is taken in eval mode as well.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -82,14 +75,7 @@ from geocomplexity.state import (
     preserved,
 )
 
-__all__ = [
-    "METHODS",
-    "MODES",
-    "Output",
-    "jacobian_sq_norms",
-    "reverse_sq_norms",
-    "samples_interact",
-]
+__all__ = ["METHODS", "MODES", "Output", "jacobian_sq_norms", "reverse_sq_norms"]
 
 METHODS = ("exact", "projection", "jvp", "finite_difference")
 MODES = ("eval", "train")
@@ -776,75 +762,6 @@ def _per_sample(t: Tensor, like: Tensor) -> Tensor:
     return t.reshape(-1, *[1] * (like.dim() - 1)).to(like.dtype)
 
 
-def _samples_interact(
-    model: nn.Module, x: Tensor, output: Output, wrt: str | None
-) -> bool:
-    """Whether moving sample 0 moves another sample's output: two passes.
-
-    The batch-sum trick needs each output row to depend on its own input row
-    alone. BatchNorm with batch statistics is known by its type
-    (:func:`geocomplexity.state.batch_norm_couples`); this catches any other
-    layer that mixes the samples of a batch: a custom batch normalisation,
-    attention over the batch dimension (``nn.MultiheadAttention`` given
-    batch-first input without ``batch_first=True``), message passing between
-    the nodes of a graph. Sample 0 (at ``wrt``'s output, where given) is
-    replaced by ``1 − x₀/2``; the passes run without a graph, replay the same
-    random numbers and write no running statistics, so they leave no trace.
-    Any difference counts, so nondeterministic kernels can only err towards
-    the coupled path, which is right either way.
-    """
-
-    def nudged(v: Tensor) -> Tensor:
-        v = v.clone()
-        v[0] = 1 - v[0] / 2
-        return v
-
-    with torch.no_grad(), kept_buffers(model):
-        with _replayed(x, True):
-            base = (
-                _select(model, x, output)
-                if wrt is None
-                else _run_at(model, x, output, wrt, lambda e: e.clone())[1]
-            )
-        with _replayed(x, True):
-            moved = (
-                _select(model, nudged(x), output)
-                if wrt is None
-                else _run_at(model, x, output, wrt, nudged)[1]
-            )
-    return not torch.equal(base[1:], moved[1:])
-
-
-#: model -> {(training flags, wrt, output name): whether its samples interact}
-_INTERACTION: weakref.WeakKeyDictionary[nn.Module, dict[Any, bool]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def samples_interact(
-    model: nn.Module, x: Tensor, output: Output = None, wrt: str | None = None
-) -> bool:
-    """:func:`_samples_interact`, remembered per model, mode and target.
-
-    A model's layers decide it, not the batch, so the two passes run once per
-    model, training flag, ``wrt`` and submodule ``output``; a callable
-    ``output`` (which may itself mix samples) is checked on every call.
-    Batches of one sample have nothing to mix.
-
-    Returns:
-        ``True`` where the batch-sum trick would be wrong.
-    """
-    if x.shape[0] < 2:
-        return False
-    if output is not None and not isinstance(output, str):
-        return _samples_interact(model, x, output, wrt)
-    key = (model.training, wrt, output)
-    known = _INTERACTION.setdefault(model, {})
-    if key not in known:
-        known[key] = _samples_interact(model, x, output, wrt)
-    return known[key]
-
-
 def _apart_from_global(generator: torch.Generator) -> torch.Generator:
     """``generator``, or a copy of it where it is the global RNG of its device.
 
@@ -1031,8 +948,6 @@ def jacobian_sq_norms(
             x = x.clone()  # an inference tensor cannot require grad
         if x.dim() == 1 and x.shape[0] > 1:
             _check_scalar_batch(model, x, output)
-        # any other layer that mixes samples (checked once per model)
-        coupled = coupled or samples_interact(model, x, output, wrt)
         fn = lambda z: _select(model, z, output)  # noqa: E731
         if method in ("exact", "projection"):
             if wrt is None:

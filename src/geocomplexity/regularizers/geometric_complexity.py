@@ -27,7 +27,6 @@ from geocomplexity.jacobian import (
     _signs,
     _vjp_count,
     reverse_sq_norms,
-    samples_interact,
 )
 from geocomplexity.probes import check_distribution, input_probes, resolve_generator
 from geocomplexity.regularizers.base import LossFn, Regularizer, check_strength
@@ -69,10 +68,6 @@ class GeometricComplexity(Regularizer):
     with two sign-paired dual passes per probe. A 1-probe step on a
     train-mode ResNet-18 costs about 4.6× a plain step this way, against
     about 56× one VJP per sample.
-
-    Other layers that mix samples are found by
-    :func:`geocomplexity.jacobian.samples_interact` (two forward passes on the
-    first call for a model, remembered) and take the same paths.
 
     The ``"jvp"`` penalty runs layer, batch and instance norm as composite
     operations (:mod:`geocomplexity.composite_ops`): backpropagating
@@ -186,8 +181,6 @@ class GeometricComplexity(Regularizer):
             m = max(1, math.ceil(self.subsample * B))
             idx = torch.randperm(B, generator=gen, device=gen.device)[:m]
             x, outputs = inputs[idx.to(inputs.device)], None
-        # any other layer that mixes samples: two passes, once per model
-        coupled = coupled or samples_interact(model, x, None, self.wrt)
         if self.wrt is not None:  # the inner variable comes from a pass of its own
             with kept_buffers(model):
                 if self.method == "jvp":
