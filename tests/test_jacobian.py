@@ -901,3 +901,60 @@ def test_wrt_probes_leave_the_input_alone_when_the_submodule_returns_it():
     penalty = GeometricComplexity(1.0, method="jvp", wrt="inner")(tanh, x)
     penalty.backward()  # a Tanh's backward reads its output, kept unmodified
     assert torch.isfinite(penalty) and tanh.lin.weight.grad is not None
+
+
+class _BatchCentred(nn.Module):
+    """Subtracts the batch mean after a layer: samples coupled, no BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inner(x))
+        return self.head(h - h.mean(0, keepdim=True))
+
+
+def test_coupled_option_for_layers_that_mix_samples_without_batchnorm():
+    """A layer of another type that mixes samples is not recognised; with
+    coupled=True every path takes the diagonal blocks (measure, the metric
+    and the penalty too), and coupled=False where BatchNorm couples is refused."""
+    from geocomplexity.integrations.torchmetrics import (
+        GeometricComplexity as GeometricComplexityMetric,
+    )
+    from geocomplexity.regularizers import GeometricComplexity
+
+    torch.manual_seed(0)
+    model = _BatchCentred().double().eval()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    want = diagonal_block_sq_norms(model, x)
+    assert rel(all_at_once_sq_norms(model, x, "output"), want) > 0.01
+    assert rel(gcx.jacobian_sq_norms(model, x, coupled=True), want) < 1e-10
+    g = torch.Generator().manual_seed(0)
+    for method in ("projection", "jvp", "finite_difference"):
+        est = torch.stack(
+            [
+                gcx.jacobian_sq_norms(
+                    model, x, method=method, coupled=True, num_probes=20, generator=g
+                )
+                for _ in range(20)
+            ]
+        )
+        se = est.std(0) / math.sqrt(len(est))
+        assert ((est.mean(0) - want).abs() < 4.5 * se).all(), method
+    r = gcx.measure(model, x, batch_size=6, coupled=True, progress=False)
+    assert r.method == "exact" and math.isclose(
+        r.value, want.mean().item(), rel_tol=1e-10
+    )
+    metric = GeometricComplexityMetric(model, coupled=True)
+    metric.update(x)
+    assert math.isclose(metric.compute().item(), want.mean().item(), rel_tol=1e-10)
+    pen = GeometricComplexity(1.0, method="exact", coupled=True)(model, x)
+    assert torch.isclose(pen, want.mean(), rtol=1e-10)
+    assert "coupled=True" in repr(GeometricComplexity(1.0, coupled=True))
+    bn = batchnorm_mlp(4, track=False)
+    with pytest.raises(ValueError, match="coupled=False"):
+        gcx.jacobian_sq_norms(bn, x, coupled=False)
+    with pytest.raises(ValueError, match="coupled=False"):
+        GeometricComplexity(1.0, coupled=False)(bn, x)

@@ -762,6 +762,24 @@ def _per_sample(t: Tensor, like: Tensor) -> Tensor:
     return t.reshape(-1, *[1] * (like.dim() - 1)).to(like.dtype)
 
 
+def _coupled(asked: bool | None, batch_norm: bool) -> bool:
+    """The ``coupled=`` option against what the model's layers say.
+
+    Raises:
+        ValueError: ``asked`` is ``False`` where BatchNorm (or train mode)
+            couples the samples.
+    """
+    if asked is None:
+        return batch_norm
+    if asked is False and batch_norm:
+        raise ValueError(
+            "coupled=False, but a BatchNorm normalises by the batch (train mode, "
+            "or no running statistics), which couples the samples; leave "
+            "coupled unset, or measure in eval mode with running statistics"
+        )
+    return bool(asked)
+
+
 def _apart_from_global(generator: torch.Generator) -> torch.Generator:
     """``generator``, or a copy of it where it is the global RNG of its device.
 
@@ -822,6 +840,7 @@ def jacobian_sq_norms(
     generator: torch.Generator | None = None,
     create_graph: bool = False,
     wrt: str | None = None,
+    coupled: bool | None = None,
 ) -> Tensor:
     r"""Per-sample :math:`\|\partial g(x_i)/\partial x_i\|_F^2` of a model.
 
@@ -860,6 +879,13 @@ def jacobian_sq_norms(
             the embedding (``wrt="embed"``); ``x`` may then be integer. The
             submodule must run once per forward pass, before the output; the
             probes of ``"jvp"`` and ``"finite_difference"`` enter there.
+        coupled: whether the samples of a batch interact, so that the
+            per-sample diagonal blocks must be taken instead of the batch-sum
+            trick. ``None`` (default): where ``mode="train"`` or a BatchNorm
+            normalises by the batch. ``True``: for a layer of another type
+            that mixes samples (a batch normalisation of your own, message
+            passing between graph nodes), which is not recognised. ``False``
+            where a BatchNorm couples them is refused.
 
     Returns:
         Tensor of shape ``(B,)`` in ``x``'s dtype; each entry is the exact value,
@@ -943,7 +969,7 @@ def jacobian_sq_norms(
         # train mode couples samples through BatchNorm; so does a BatchNorm
         # without running statistics, which normalises by the batch in eval
         # mode too (here, in eval mode, the only way it can)
-        coupled = mode == "train" or batch_norm_couples(modules)
+        coupled = _coupled(coupled, mode == "train" or batch_norm_couples(modules))
         if x.is_inference():
             x = x.clone()  # an inference tensor cannot require grad
         if x.dim() == 1 and x.shape[0] > 1:

@@ -24,6 +24,7 @@ from geocomplexity.jacobian import (
     METHODS,
     Output,
     _check_model_matches,
+    _coupled,
     _select,
     check_input,
     jacobian_sq_norms,
@@ -285,6 +286,7 @@ def _pilot(
     distribution: str,
     generator: torch.Generator | None,
     wrt: str | None = None,
+    coupled: bool | None = None,
 ) -> list[float]:
     """What ``method="auto"`` learns from a batch: ``[c, n·m, n·σ², n]``.
 
@@ -300,7 +302,7 @@ def _pilot(
     """
     with preserved(model, mode="eval") as modules, torch.no_grad():
         k = _select(model, x, output).shape[1]
-        coupled = mode == "train" or batch_norm_couples(modules)
+        coupled = _coupled(coupled, mode == "train" or batch_norm_couples(modules))
     n = x.shape[0]
     cost = k * n / 2 if coupled else k
     if cost <= AUTO_EXACT_MAX_OUTPUTS:
@@ -317,6 +319,7 @@ def _pilot(
             distribution=distribution,
             generator=generator,
             wrt=wrt,
+            coupled=coupled,
         ).double()
         for _ in range(2)
     ]
@@ -365,6 +368,7 @@ def measure(
     distributed: bool = False,
     input_key: InputKey = None,
     wrt: str | None = None,
+    coupled: bool | None = None,
 ) -> GCResult:
     r"""Geometric complexity of ``model`` over a data set, streamed in batches.
 
@@ -421,6 +425,9 @@ def measure(
         wrt: a submodule whose output the Jacobian is taken against instead
             of the input, such as a token embedding (see
             ``jacobian_sq_norms``); the data may then be integer.
+        coupled: whether the samples of a batch interact (see
+            ``jacobian_sq_norms``): ``True`` for a layer other than BatchNorm
+            that mixes them.
 
     Returns:
         A :class:`GCResult`.
@@ -490,7 +497,9 @@ def measure(
                 batches = itertools.chain([first], batches)
                 x = prepare(first, 0)
                 first_size = x.shape[0]
-                pilot = _pilot(model, x, output, mode, distribution, generator, wrt)
+                pilot = _pilot(
+                    model, x, output, mode, distribution, generator, wrt, coupled
+                )
         except Exception as err:  # every rank must reach the gather below
             failure = err
         rows = _distributed.all_gather_rows(
@@ -511,7 +520,9 @@ def measure(
         for batch in batches:
             x = prepare(batch, stats.count)
             if chosen == "auto":
-                pilot = _pilot(model, x, output, mode, distribution, generator, wrt)
+                pilot = _pilot(
+                    model, x, output, mode, distribution, generator, wrt, coupled
+                )
                 chosen, probes = choose(pilot, total or x.shape[0])
             values = jacobian_sq_norms(
                 model,
@@ -525,6 +536,7 @@ def measure(
                 eps=eps,
                 generator=generator,
                 wrt=wrt,
+                coupled=coupled,
             )
             stats.update(values)
             if per_sample:

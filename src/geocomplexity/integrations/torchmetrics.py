@@ -74,6 +74,8 @@ class GeometricComplexity(Metric):
         generator: probe randomness (give each process its own seed).
         wrt: a submodule whose output the Jacobian is taken against, such as
             a token embedding (see ``jacobian_sq_norms``).
+        coupled: whether the samples of a batch interact (see
+            ``jacobian_sq_norms``).
         **kwargs: ``torchmetrics.Metric`` options (``sync_on_compute``, ...).
             ``dist_sync_fn`` defaults to :func:`geocomplexity.distributed.all_gather`,
             which, unlike torchmetrics' own, cannot leave gloo's worker thread
@@ -103,6 +105,7 @@ class GeometricComplexity(Metric):
         chunk_size: int | None = None,
         generator: torch.Generator | None = None,
         wrt: str | None = None,
+        coupled: bool | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("dist_sync_fn", all_gather)
@@ -126,6 +129,7 @@ class GeometricComplexity(Metric):
             "chunk_size": chunk_size,
             "generator": generator,
             "wrt": wrt,
+            "coupled": coupled,
         }
         zero = torch.tensor(0.0, dtype=torch.float64)
         self.add_state("total", default=zero.clone(), dist_reduce_fx="sum")

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from geocomplexity.composite_ops import composite_ops, refuse_other_threads
 from geocomplexity.jacobian import (
     _apart_from_global,
+    _coupled,
     _default_chunk,
     _forward_mode,
     _probes_at,
@@ -59,6 +60,10 @@ class GeometricComplexity(Regularizer):
             a token embedding (see ``jacobian_sq_norms``): the penalty then
             runs its own forward pass, and the inputs may be integer. The
             gradient reaches the embedding's weights through that output.
+        coupled: whether the samples of a batch interact (see
+            ``jacobian_sq_norms``): ``None`` recognises BatchNorm with batch
+            statistics; ``True`` for a layer of another type that mixes
+            samples.
 
     BatchNorm in train mode couples the samples, so there the term takes the
     per-sample diagonal blocks rather than the batch-sum trick: ``"exact"``
@@ -83,6 +88,7 @@ class GeometricComplexity(Regularizer):
         distribution: str = "rademacher",
         generator: torch.Generator | None = None,
         wrt: str | None = None,
+        coupled: bool | None = None,
     ) -> None:
         self.strength = check_strength(strength)
         if method == "finite_difference":
@@ -100,7 +106,9 @@ class GeometricComplexity(Regularizer):
         if not isinstance(num_probes, int) or num_probes < 1:
             raise ValueError(f"num_probes must be a positive integer, got {num_probes}")
         check_distribution(distribution)
-        self.wrt = wrt
+        if coupled not in (None, True, False):
+            raise TypeError(f"coupled must be None, True or False, got {coupled!r}")
+        self.wrt, self.coupled = wrt, coupled
         self.method, self.num_probes, self.subsample = method, num_probes, subsample
         self.distribution, self.generator = distribution, generator
         self._fallback: torch.Generator | None = None
@@ -171,7 +179,7 @@ class GeometricComplexity(Regularizer):
     def _penalty(
         self, model: nn.Module, inputs: Tensor, outputs: Tensor | None
     ) -> Tensor:
-        coupled = batch_norm_couples(model)
+        coupled = _coupled(self.coupled, batch_norm_couples(model))
         if self.method == "jvp":
             refuse_other_threads(model)
         B = inputs.shape[0]
@@ -265,5 +273,6 @@ class GeometricComplexity(Regularizer):
             # only when set: checkpoints and run configs are keyed by this
             # string, and those saved before the option existed still match
             + ("" if self.wrt is None else f", wrt={self.wrt!r}")
+            + ("" if self.coupled is None else f", coupled={self.coupled!r}")
             + ")"
         )
