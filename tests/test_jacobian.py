@@ -958,3 +958,26 @@ def test_coupled_option_for_layers_that_mix_samples_without_batchnorm():
         gcx.jacobian_sq_norms(bn, x, coupled=False)
     with pytest.raises(ValueError, match="coupled=False"):
         GeometricComplexity(1.0, coupled=False)(bn, x)
+
+
+def test_coupled_false_in_train_mode_for_dropout_alone():
+    # train mode is taken as coupled when not told otherwise; a model whose
+    # only train-mode layer is dropout may say coupled=False: the batch-sum
+    # trick with one mask, exactly the diagonal blocks (here they are all)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3)
+    ).double()  # fmt: skip
+    x = torch.randn(6, 4, dtype=torch.float64)
+    torch.manual_seed(1)
+    fast = gcx.jacobian_sq_norms(model, x, mode="train", coupled=False)
+    torch.manual_seed(1)
+    slow = gcx.jacobian_sq_norms(model, x, mode="train")
+    assert rel(fast, slow) < 1e-12
+    r = gcx.measure(model, x, mode="train", coupled=False, progress=False)
+    assert r.method == "exact"  # auto: k = 3 VJPs, not k·B
+    bn, xb = make_case("batchnorm")
+    with pytest.raises(ValueError, match="coupled=False"):
+        gcx.jacobian_sq_norms(bn, xb, mode="train", coupled=False)
+    with pytest.raises(ValueError, match="coupled=False"):
+        gcx.measure(bn, xb, mode="train", coupled=False, progress=False)

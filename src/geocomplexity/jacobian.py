@@ -762,15 +762,21 @@ def _per_sample(t: Tensor, like: Tensor) -> Tensor:
     return t.reshape(-1, *[1] * (like.dim() - 1)).to(like.dtype)
 
 
-def _coupled(asked: bool | None, batch_norm: bool) -> bool:
+def _coupled(asked: bool | None, batch_norm: bool, train: bool = False) -> bool:
     """The ``coupled=`` option against what the model's layers say.
 
+    Args:
+        asked: the option; ``None`` decides from the other two.
+        batch_norm: a BatchNorm normalises by the batch, a known coupling.
+        train: train mode, taken as coupled when not told otherwise (a layer
+            of any type may use batch statistics there); ``coupled=False``
+            overrides it, for a model whose only train-mode layer is dropout.
+
     Raises:
-        ValueError: ``asked`` is ``False`` where BatchNorm (or train mode)
-            couples the samples.
+        ValueError: ``asked`` is ``False`` where BatchNorm couples the samples.
     """
     if asked is None:
-        return batch_norm
+        return batch_norm or train
     if asked is False and batch_norm:
         raise ValueError(
             "coupled=False, but a BatchNorm normalises by the batch (train mode, "
@@ -884,8 +890,10 @@ def jacobian_sq_norms(
             trick. ``None`` (default): where ``mode="train"`` or a BatchNorm
             normalises by the batch. ``True``: for a layer of another type
             that mixes samples (a batch normalisation of your own, message
-            passing between graph nodes), which is not recognised. ``False``
-            where a BatchNorm couples them is refused.
+            passing between graph nodes), which is not recognised. ``False``:
+            the batch-sum trick in train mode, for a model whose train-mode
+            layers are dropout alone (B times faster for exact); refused
+            where a BatchNorm couples the samples.
 
     Returns:
         Tensor of shape ``(B,)`` in ``x``'s dtype; each entry is the exact value,
@@ -969,7 +977,7 @@ def jacobian_sq_norms(
         # train mode couples samples through BatchNorm; so does a BatchNorm
         # without running statistics, which normalises by the batch in eval
         # mode too (here, in eval mode, the only way it can)
-        coupled = _coupled(coupled, mode == "train" or batch_norm_couples(modules))
+        coupled = _coupled(coupled, batch_norm_couples(modules), mode == "train")
         if x.is_inference():
             x = x.clone()  # an inference tensor cannot require grad
         if x.dim() == 1 and x.shape[0] > 1:

@@ -302,7 +302,12 @@ def _pilot(
     """
     with preserved(model, mode="eval") as modules, torch.no_grad():
         k = _select(model, x, output).shape[1]
-        coupled = _coupled(coupled, mode == "train" or batch_norm_couples(modules))
+        # the forward ran in eval mode: in train mode any BatchNorm couples
+        batch_norm = batch_norm_couples(modules) or (
+            mode == "train"
+            and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules)
+        )
+        coupled = _coupled(coupled, batch_norm, mode == "train")
     n = x.shape[0]
     cost = k * n / 2 if coupled else k
     if cost <= AUTO_EXACT_MAX_OUTPUTS:
