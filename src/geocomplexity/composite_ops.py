@@ -27,8 +27,8 @@ functional calls (``torch.nn.functional``, ``torch``, ``Tensor`` methods), so
 it covers the ``torch.nn`` modules and custom modules that call them; an
 operation called from inside another C++ kernel is out of its reach. The
 rerouting holds in the thread that enters the block: ``nn.DataParallel``, which
-runs its replicas in threads of its own, is refused by the jvp penalty
-(:func:`refuse_other_threads`).
+runs its replicas in threads of their own, is refused when the block is
+entered for a model (``composite_ops(model)``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["composite_ops", "refuse_other_threads"]
+__all__ = ["composite_ops"]
 
 
 # the functions as torch defines them, captured before any block patches them
@@ -332,7 +332,7 @@ class _Composites(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def refuse_other_threads(model: torch.nn.Module) -> None:
+def _refuse_other_threads(model: torch.nn.Module) -> None:
     """Refuse a model whose forward pass runs in other threads (DataParallel).
 
     Raises:
@@ -349,15 +349,23 @@ def refuse_other_threads(model: torch.nn.Module) -> None:
         )
 
 
-def composite_ops() -> _Composites:
+def composite_ops(model: torch.nn.Module | None = None) -> _Composites:
     """A block in which normalisations, softmax and attention run as composites.
 
     For passes whose forward-mode derivative is backpropagated (the ``"jvp"``
     GC penalty): see the module docstring. Outside such passes the fused
     kernels are right and faster.
 
+    Args:
+        model: the model the block will run, if it is to be checked: one
+            whose forward pass runs in other threads (``nn.DataParallel``),
+            which the rerouting does not reach, is refused.
+
     Returns:
         A context manager.
+
+    Raises:
+        ValueError: ``model`` contains an ``nn.DataParallel``.
 
     Example:
         >>> import torch
@@ -368,4 +376,6 @@ def composite_ops() -> _Composites:
         >>> torch.allclose(y, ln(x), atol=1e-6)
         True
     """
+    if model is not None:
+        _refuse_other_threads(model)
     return _Composites()

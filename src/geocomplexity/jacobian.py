@@ -61,7 +61,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from geocomplexity.composite_ops import composite_ops, refuse_other_threads
+from geocomplexity.composite_ops import composite_ops
 from geocomplexity.probes import (
     check_distribution,
     draw_probes,
@@ -757,6 +757,33 @@ def _forward_mode(
     return total
 
 
+def _input_side(
+    fn: Callable[[Tensor], Tensor],
+    x: Tensor,
+    method: str,
+    distribution: str,
+    num_probes: int,
+    eps: float | None,
+    generator: torch.Generator,
+    coupled: bool,
+) -> Tensor:
+    """``"jvp"`` or ``"finite_difference"`` with probes at the input, per sample.
+
+    Coupled samples take two passes per probe, the second with each sample's
+    probe sign-flipped (:func:`_forward_mode`, :func:`_finite_difference`).
+
+    Returns:
+        The mean over ``num_probes`` probes, shape ``(B,)``.
+    """
+    if coupled:  # the passes replay the global RNG: draw apart from it
+        generator = _apart_from_global(generator)
+    u = input_probes(distribution, x, num_probes, generator)
+    signs = _signs(num_probes, x, generator) if coupled else None
+    if method == "jvp":
+        return _forward_mode(fn, x, lambda i: u[i], num_probes, signs) / num_probes
+    return _finite_difference(fn, x, u, eps, signs)
+
+
 def _per_sample(t: Tensor, like: Tensor) -> Tensor:
     """``t`` ``(B,)`` viewed and cast to broadcast against ``like`` ``(B, ...)``."""
     return t.reshape(-1, *[1] * (like.dim() - 1)).to(like.dtype)
@@ -964,8 +991,7 @@ def jacobian_sq_norms(
     # fused layer, batch and instance norm get wrong (see composite_ops)
     norms = contextlib.nullcontext()
     if create_graph and method == "jvp":
-        refuse_other_threads(model)
-        norms = composite_ops()
+        norms = composite_ops(model)
     with (
         preserved(model, mode=mode) as modules,
         grad_on,
@@ -1028,18 +1054,16 @@ def jacobian_sq_norms(
                 coupled,
             )
         else:
-            gen = resolve_generator(generator, x.device)
-            if coupled:
-                gen = _apart_from_global(gen)
-            u = input_probes(distribution, x, num_probes, gen)
-            signs = _signs(num_probes, x, gen) if coupled else None
-            if method == "jvp":
-                values = (
-                    _forward_mode(fn, x.detach(), lambda i: u[i], num_probes, signs)
-                    / num_probes
-                )
-            else:
-                values = _finite_difference(fn, x.detach(), u, eps, signs)
+            values = _input_side(
+                fn,
+                x.detach(),
+                method,
+                distribution,
+                num_probes,
+                eps,
+                resolve_generator(generator, x.device),
+                coupled,
+            )
     if values.requires_grad and not create_graph:
         values = values.detach()
     return _finite(values)

@@ -300,14 +300,11 @@ def _pilot(
     is skipped and all but ``c`` are zero, ``n`` too, so a rank that skipped
     it does not dilute another's.
     """
-    with preserved(model, mode="eval") as modules, torch.no_grad():
+    # in the measuring mode, so that train-mode BatchNorm reads as coupling;
+    # buffers and the RNG come back (preserved)
+    with preserved(model, mode=mode) as modules, torch.no_grad():
         k = _select(model, x, output).shape[1]
-        # the forward ran in eval mode: in train mode any BatchNorm couples
-        batch_norm = batch_norm_couples(modules) or (
-            mode == "train"
-            and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules)
-        )
-        coupled = _coupled(coupled, batch_norm, mode == "train")
+        coupled = _coupled(coupled, batch_norm_couples(modules), mode == "train")
     n = x.shape[0]
     cost = k * n / 2 if coupled else k
     if cost <= AUTO_EXACT_MAX_OUTPUTS:

@@ -11,25 +11,24 @@ fraction of the batch through its own smaller forward pass.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from geocomplexity.composite_ops import composite_ops, refuse_other_threads
+from geocomplexity.composite_ops import composite_ops
 from geocomplexity.jacobian import (
-    _apart_from_global,
     _coupled,
     _default_chunk,
-    _forward_mode,
+    _input_side,
     _probes_at,
     _select,
     _select_wrt,
-    _signs,
     _vjp_count,
     reverse_sq_norms,
 )
-from geocomplexity.probes import check_distribution, input_probes, resolve_generator
+from geocomplexity.probes import check_distribution, resolve_generator
 from geocomplexity.regularizers.base import LossFn, Regularizer, check_strength
 from geocomplexity.state import (
     batch_norm_couples,
@@ -180,8 +179,20 @@ class GeometricComplexity(Regularizer):
         self, model: nn.Module, inputs: Tensor, outputs: Tensor | None
     ) -> Tensor:
         coupled = _coupled(self.coupled, batch_norm_couples(model))
-        if self.method == "jvp":
-            refuse_other_threads(model)
+        # backpropagating a tangent through PyTorch's fused layer, batch or
+        # instance norm gives wrong gradients: the jvp passes run composites
+        norms = composite_ops(model) if self.method == "jvp" else nullcontext()
+        with norms:
+            return self.strength * self._values(model, inputs, outputs, coupled)
+
+    def _values(
+        self,
+        model: nn.Module,
+        inputs: Tensor,
+        outputs: Tensor | None,
+        coupled: bool,
+    ) -> Tensor:
+        """The batch mean of the per-sample norms, by the term's method."""
         B = inputs.shape[0]
         gen = resolve_generator(self.generator or self._fallback, inputs.device)
         x = inputs
@@ -192,11 +203,10 @@ class GeometricComplexity(Regularizer):
         if self.wrt is not None:  # the inner variable comes from a pass of its own
             with kept_buffers(model):
                 if self.method == "jvp":
-                    with composite_ops():  # see _jvp
-                        values = _probes_at(
-                            model, x, None, self.wrt, "jvp", self.distribution,
-                            self.num_probes, None, gen, coupled,
-                        )  # fmt: skip
+                    values = _probes_at(
+                        model, x, None, self.wrt, "jvp", self.distribution,
+                        self.num_probes, None, gen, coupled,
+                    )  # fmt: skip
                 else:
                     e, out = _select_wrt(model, x, None, self.wrt)
                     values = self._norms(model, e, out, gen, coupled)
@@ -214,11 +224,14 @@ class GeometricComplexity(Regularizer):
             xg = x.detach().requires_grad_(self.method != "jvp")
             with kept_buffers(model):
                 if self.method == "jvp":
-                    values = self._jvp(model, xg, gen, coupled)
+                    values = _input_side(
+                        lambda z: _select(model, z, None), xg, "jvp",
+                        self.distribution, self.num_probes, None, gen, coupled,
+                    )  # fmt: skip
                 else:
                     out = _select(model, xg, None)
                     values = self._norms(model, xg, out, gen, coupled)
-        return self.strength * values.mean()
+        return values.mean()
 
     def _norms(
         self,
@@ -246,24 +259,6 @@ class GeometricComplexity(Regularizer):
             create_graph=True,
             strict=strict,
         )
-
-    def _jvp(
-        self, model: nn.Module, x: Tensor, gen: torch.Generator, coupled: bool
-    ) -> Tensor:
-        if coupled:  # its passes replay the global RNG: draw apart from it
-            gen = _apart_from_global(gen)
-        u = input_probes(self.distribution, x, self.num_probes, gen)
-        # backpropagating a tangent through PyTorch's fused layer, batch or
-        # instance norm gives wrong gradients: their composite forms do not
-        with composite_ops():
-            total = _forward_mode(
-                lambda z: _select(model, z, None),
-                x,
-                lambda i: u[i],
-                self.num_probes,
-                _signs(self.num_probes, x, gen) if coupled else None,
-            )
-        return total / self.num_probes
 
     def __repr__(self) -> str:
         return (
