@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_case
+from conftest import assert_central_differences, make_case
 from torch import nn
 
 import geocomplexity as gcx
@@ -290,16 +290,4 @@ def test_train_mode_projection_and_the_composite_jvp_penalty_on_cuda():
         return term(model, xb)
 
     weight = model[0].weight
-    (grad,) = torch.autograd.grad(penalty(), weight)
-    flat, h = weight.detach().view(-1), 1e-6
-    for i in range(0, flat.numel(), 7):
-        with torch.no_grad():
-            flat[i] += h
-        up = penalty().item()
-        with torch.no_grad():
-            flat[i] -= 2 * h
-        down = penalty().item()
-        with torch.no_grad():
-            flat[i] += h
-        fd = (up - down) / (2 * h)
-        assert abs(grad.view(-1)[i].item() - fd) < 1e-5 * (1 + abs(fd)), (i, fd)
+    assert_central_differences(penalty, weight, range(0, weight.numel(), 7))
