@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
 
 import pytest
@@ -120,6 +121,27 @@ def _softmax_family() -> dict[str, object]:
         "sdpa grouped": lambda: F.scaled_dot_product_attention(
             q, k1, v1, enable_gqa=True
         ),
+        "sdpa grouped, 1 key head, 3 value heads": lambda: (
+            F.scaled_dot_product_attention(
+                q, k1, v1.expand(2, 3, 6, 8), enable_gqa=True
+            )
+        ),
+        "sdpa with no keys": lambda: F.scaled_dot_product_attention(
+            q, k[..., :0, :], v[..., :0, :]
+        ),
+        "softmax over an empty dim": lambda: x[..., :0].softmax(-1),
+        "logsumexp over an empty dim": lambda: x[..., :0].logsumexp(-1),
+        "torch.special.softmax": lambda: torch.special.softmax(x, 1),
+        "torch.special.log_softmax": lambda: torch.special.log_softmax(x, 0),
+        "torch.special.logsumexp": lambda: torch.special.logsumexp(x, (0, 2)),
+        "F.softmin": lambda: F.softmin(x, -1),
+        "F.gumbel_softmax": lambda: _seeded(lambda: F.gumbel_softmax(x, 0.5)),
+        "F.gumbel_softmax hard": lambda: _seeded(
+            lambda: F.gumbel_softmax(x, hard=True, dim=1)
+        ),
+        "torch.logsumexp out=": lambda: torch.logsumexp(
+            x, -1, out=torch.empty(3, 4, dtype=torch.float64)
+        ),
         "sdpa causal, 4 queries 6 keys": lambda: F.scaled_dot_product_attention(
             q, k1.expand(2, 3, 6, 8), v1.expand(2, 3, 6, 8), is_causal=True
         ),
@@ -127,6 +149,12 @@ def _softmax_family() -> dict[str, object]:
         "MultiheadAttention weights": lambda: mha(t, t, t)[1],
         "TransformerEncoderLayer": lambda: enc(t),
     }
+
+
+def _seeded(draw: Callable[[], torch.Tensor]) -> torch.Tensor:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return draw()
 
 
 @pytest.mark.parametrize("name", list(_softmax_family()))
@@ -144,6 +172,72 @@ def test_softmax_and_attention_give_the_fused_values(name):
 def test_batch_of_one_in_train_mode_is_refused_as_by_torch():
     with composite_ops(), pytest.raises(ValueError, match="more than 1 value"):
         nn.BatchNorm1d(3).train()(torch.randn(1, 3))
+
+
+def test_one_spatial_element_is_refused_as_by_torch():
+    # instance statistics over one value: torch refuses; the composite gave
+    # the bias and a NaN running variance
+    norm = nn.InstanceNorm1d(3, track_running_stats=True).train()
+    with composite_ops(), pytest.raises(ValueError, match="more than 1 spatial"):
+        norm(torch.randn(4, 3, 1))
+    assert torch.equal(norm.running_var, torch.ones(3))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: F.batch_norm(torch.randn(2, 3), torch.zeros(3), None, training=True),
+        lambda: F.batch_norm(torch.randn(2, 3), None, None, training=False),
+        lambda: F.batch_norm(torch.randn(2, 3), None, None, training=True, eps=0.0),
+        lambda: F.instance_norm(torch.randn(2, 3, 4), None, torch.ones(3)),
+        lambda: F.layer_norm(torch.randn(2, 3), (4,)),
+        lambda: F.layer_norm(torch.randn(2, 3), (3,), torch.ones(1)),
+        lambda: F.layer_norm(torch.randn(2, 3), ()),
+    ],
+    ids=[
+        "running mean without variance",
+        "eval without running statistics",
+        "eps 0 in training",
+        "running variance without mean",
+        "normalized_shape not the input's",
+        "weight not of normalized_shape",
+        "empty normalized_shape",
+    ],
+)
+def test_arguments_torch_refuses_are_refused(call):
+    with pytest.raises((ValueError, RuntimeError)) as fused:
+        call()
+    with (
+        composite_ops(),
+        pytest.raises(fused.type, match=re.escape(str(fused.value)[:30])),
+    ):
+        call()
+
+
+@pytest.mark.parametrize("layer", ["batch_norm", "instance_norm"])
+def test_empty_batch_leaves_running_statistics_as_torch_does(layer):
+    norm = {
+        "batch_norm": nn.BatchNorm1d(3),
+        "instance_norm": nn.InstanceNorm1d(3, track_running_stats=True),
+    }[layer].train()
+    x = torch.randn(0, 3, 5) if layer == "batch_norm" else torch.randn(2, 3, 0)
+    with composite_ops():
+        assert norm(x).shape == x.shape
+    assert torch.equal(norm.running_mean, torch.zeros(3))
+    assert torch.equal(norm.running_var, torch.ones(3))
+
+
+def test_softmax_edge_rows_as_torch():
+    inf = float("inf")
+    x = torch.tensor([[1.0, inf], [-inf, -inf], [0.0, -inf], [2.0, 1.0]])
+    for f in (
+        lambda: F.softmax(x, -1),
+        lambda: F.log_softmax(x, -1),
+        lambda: x.logsumexp(-1),
+    ):
+        with composite_ops():
+            got = f()
+        assert torch.allclose(got, f(), equal_nan=True)
 
 
 class _Attend(nn.Module):
@@ -262,13 +356,23 @@ def _ops() -> dict[str, object]:
         "conv1d": lambda h: F.conv1d(torch.tanh(h), kernel, padding=1),
         "interpolate": lambda h: F.interpolate(torch.tanh(h), scale_factor=2),
         "normalize": lambda h: F.normalize(h, dim=1),
+        "special.logsumexp": lambda h: torch.special.logsumexp(h, -1),
+        "softmin": lambda h: F.softmin(h, 1),
+        "gumbel_softmax": lambda h: _seeded(lambda: F.gumbel_softmax(h)),
         "layer_norm": lambda h: F.layer_norm(h, (6,)),
+        "torch.layer_norm": lambda h: torch.layer_norm(h, (6,)),
         "group_norm": lambda h: F.group_norm(h, 2),
         "rms_norm": lambda h: F.rms_norm(h, (6,)),
         "batch_norm (batch statistics)": lambda h: F.batch_norm(
             h, None, None, training=True
         ),
+        "torch.batch_norm (batch statistics)": lambda h: torch.batch_norm(
+            h, None, None, None, None, True, 0.1, 1e-5, False
+        ),
         "instance_norm": F.instance_norm,
+        "torch.instance_norm": lambda h: torch.instance_norm(
+            h, None, None, None, None, True, 0.1, 1e-5, False
+        ),
         "lstm": lambda h: lstm(h.transpose(1, 2))[0],
         "gru": lambda h: gru(h.transpose(1, 2))[0],
         "multihead attention": lambda h: mha(h, h, h, need_weights=False)[0],
@@ -333,6 +437,45 @@ def test_half_precision_input_keeps_its_dtype_with_float32_weights(layer):
     assert torch.allclose(got.float(), want.float(), atol=1e-2)
     for a, b in zip(norm.buffers(), fused.buffers(), strict=True):
         assert a.dtype == b.dtype and torch.allclose(a.float(), b.float(), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("op", ["softmax", "log_softmax", "attention"])
+def test_half_precision_softmax_counts_in_float32(op, dtype):
+    # as the fused kernels: counted in float32, rounded once to the dtype
+    torch.manual_seed(0)
+    x = (torch.randn(6, 37) * 4).to(dtype)
+    q, k, v = (torch.randn(2, 2, 9, 16).to(dtype) for _ in range(3))
+    call = {
+        "softmax": lambda t: F.softmax(t(x), -1),
+        "log_softmax": lambda t: F.log_softmax(t(x), -1),
+        "attention": lambda t: F.scaled_dot_product_attention(t(q), t(k), t(v)),
+    }[op]
+    exact = call(lambda t: t.float())
+    want = call(lambda t: t)
+    with composite_ops():
+        got = call(lambda t: t)
+    assert got.dtype == want.dtype == dtype
+    fused_error = (want.float() - exact).abs().max()
+    assert (got.float() - exact).abs().max() <= 1.25 * fused_error
+
+
+def test_running_statistics_of_a_half_precision_model_round_once():
+    # as the fused kernel: (1 - m)·running + m·batch counted in float32,
+    # rounded once (three roundings in float16 were an ulp off)
+    dtype = torch.float16
+    torch.manual_seed(0)
+    norm = nn.BatchNorm1d(3).to(dtype).train()
+    with torch.no_grad():
+        norm.running_mean.normal_()
+    fused = copy.deepcopy(norm)
+    for seed in range(5):
+        x = torch.randn(8, 3, 5, generator=torch.Generator().manual_seed(seed))
+        with composite_ops():
+            norm(x.to(dtype))
+        fused(x.to(dtype))
+    for a, b in zip(norm.buffers(), fused.buffers(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_jvp_penalty_on_attention_with_a_fully_padded_sequence_is_finite():

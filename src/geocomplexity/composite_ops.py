@@ -23,12 +23,12 @@ checked against central differences.
 block, to the same arithmetic written with primitive operations (mean,
 variance, reciprocal square root, exponential, matrix products), whose
 derivatives of every order autograd knows. The rerouting works on the
-functional calls (``torch.nn.functional``, ``torch``, ``Tensor`` methods), so
-it covers the ``torch.nn`` modules and custom modules that call them; an
-operation called from inside another C++ kernel is out of its reach. The
-rerouting holds in the thread that enters the block: ``nn.DataParallel``, which
-runs its replicas in threads of their own, is refused when the block is
-entered for a model (``composite_ops(model)``).
+functional calls (``torch.nn.functional``, ``torch``, ``torch.special``,
+``Tensor`` methods), so it covers the ``torch.nn`` modules and custom modules
+that call them; an operation called from inside another C++ kernel is out of
+its reach. The rerouting holds in the thread that enters the block:
+``nn.DataParallel``, which runs its replicas in threads of their own, is
+refused when the block is entered for a model (``composite_ops(model)``).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -48,13 +49,31 @@ __all__ = ["composite_ops"]
 
 
 # the functions as torch defines them, captured before any block patches them
-_F_SOFTMAX, _F_LOG_SOFTMAX = F.softmax, F.log_softmax
+_F_SOFTMAX, _F_LOG_SOFTMAX, _F_SOFTMIN = F.softmax, F.log_softmax, F.softmin
 _F_BATCH_NORM, _F_INSTANCE_NORM = F.batch_norm, F.instance_norm
+_TORCH_LAYER_NORM = torch.layer_norm
+_TORCH_BATCH_NORM, _TORCH_INSTANCE_NORM = torch.batch_norm, torch.instance_norm
 
 
 def _wide(x: Tensor) -> Tensor:
     """``x`` in float32 where it is half precision, as the fused kernels count."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _wide_unless_autocast(x: Tensor) -> Tensor:
+    """:func:`_wide`, except under autocast, whose casts the primitives follow.
+
+    The fused softmax and attention count half precision in float32 and
+    return it; under autocast (CUDA's runs softmax in float32) the
+    primitives are left to autocast's own casts.
+    """
+    try:
+        autocast = torch.is_autocast_enabled(x.device.type)
+    except TypeError:  # torch < 2.4 asks about CUDA only: as if on
+        autocast = True
+    except RuntimeError:  # a device without autocast (meta)
+        autocast = False
+    return x if autocast else _wide(x)
 
 
 def _normalise(x: Tensor, dims: Sequence[int], eps: float) -> tuple[Tensor, Tensor]:
@@ -79,13 +98,16 @@ def _affine(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     return x
 
 
-def _update(running: Tensor | None, value: Tensor, momentum: float | None) -> None:
-    """``running ← (1 − m)·running + m·value``, as BatchNorm does; in place."""
+def _update(running: Tensor | None, value: Tensor, momentum: float) -> None:
+    """``running ← (1 − m)·running + m·value``, as BatchNorm does; in place.
+
+    Counted in float32 at least and rounded once, as the fused kernels do
+    half-precision running statistics.
+    """
     if running is not None:
         with torch.no_grad():
-            running.mul_(1 - (momentum or 0.0)).add_(
-                value.to(running.dtype), alpha=momentum or 0.0
-            )
+            wide = _wide(running)
+            running.copy_(wide * (1 - momentum) + value.to(wide.dtype) * momentum)
 
 
 def _layer_norm(
@@ -95,13 +117,83 @@ def _layer_norm(
     bias: Tensor | None = None,
     eps: float = 1e-5,
 ) -> Tensor:
-    dims = tuple(range(-len(normalized_shape), 0))
+    shape = tuple(normalized_shape)
+    if (
+        not shape
+        or input.dim() < len(shape)
+        or tuple(input.shape[input.dim() - len(shape) :]) != shape
+        or any(p is not None and tuple(p.shape) != shape for p in (weight, bias))
+    ):  # shapes torch refuses: its own error
+        return _TORCH_LAYER_NORM(input, normalized_shape, weight, bias, eps)
+    dims = tuple(range(-len(shape), 0))
     out, _ = _normalise(input, dims, eps)
     if weight is not None:
         out = out * weight
     if bias is not None:
         out = out + bias
     return out.to(input.dtype)
+
+
+def _torch_layer_norm(
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    cudnn_enable: bool = True,
+) -> Tensor:
+    return _layer_norm(input, normalized_shape, weight, bias, eps)
+
+
+def _to_fused(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float | None,
+    dims: Sequence[int],
+) -> bool:
+    """Whether batch or instance norm, batch statistics over ``dims``, is torch's.
+
+    Where torch refuses the arguments (its own error then), where nothing is
+    normalised (an empty input, whose running statistics torch leaves as they
+    are, or not, for an empty batch of instances), and where each statistic
+    is over one value (the output is the bias, and no derivative goes through
+    the statistics).
+    """
+    return (
+        input.dim() < 2
+        or input.dim() <= max(dims)
+        or momentum is None
+        or (running_mean is None) != (running_var is None)
+        or input.numel() == 0
+        or math.prod(input.shape[d] for d in dims) == 1
+    )
+
+
+def _torch_batch_norm(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    cudnn_enabled: bool = True,
+) -> Tensor:
+    """``torch.batch_norm``'s argument order; no checks of its own, as torch's."""
+    dims = (0, *range(2, max(input.dim(), 2)))
+    if not training or _to_fused(input, running_mean, running_var, momentum, dims):
+        # running statistics: an affine map, whose fused formulas are right
+        return _TORCH_BATCH_NORM(
+            input, weight, bias, running_mean, running_var, training, momentum,
+            eps, cudnn_enabled,
+        )  # fmt: skip
+    out, mean = _normalise(input, dims, eps)
+    var = _wide(input.detach()).var(dims, unbiased=True)
+    _update(running_mean, mean.detach().flatten(), momentum)
+    _update(running_var, var, momentum)
+    return _affine(out, weight, bias).to(input.dtype)
 
 
 def _batch_norm(
@@ -111,25 +203,48 @@ def _batch_norm(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     training: bool = False,
-    momentum: float | None = 0.1,
+    momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> Tensor:
-    if not training and running_mean is not None and running_var is not None:
-        # running statistics: an affine map, whose fused formulas are right
+    if (
+        not training
+        or input.dim() < 2
+        or eps <= 0
+        or input.shape[0] * math.prod(input.shape[2:]) == 1
+    ):  # running statistics (an affine map), or what F.batch_norm refuses
         return _F_BATCH_NORM(
-            input, running_mean, running_var, weight, bias, False, momentum, eps
+            input, running_mean, running_var, weight, bias, training, momentum, eps
         )
-    per_channel = input.numel() // input.shape[1]
-    if training and per_channel == 1:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got input "
-            f"size {tuple(input.shape)}"
-        )
-    dims = (0, *range(2, input.dim()))
+    return _torch_batch_norm(
+        input, weight, bias, running_mean, running_var, training, momentum, eps
+    )
+
+
+def _torch_instance_norm(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    use_input_stats: bool,
+    momentum: float,
+    eps: float,
+    cudnn_enabled: bool = True,
+) -> Tensor:
+    """``torch.instance_norm``'s argument order; no checks of its own."""
+    dims = tuple(range(2, max(input.dim(), 3)))
+    if not use_input_stats or _to_fused(
+        input, running_mean, running_var, momentum, dims
+    ):  # running statistics: an affine map
+        return _TORCH_INSTANCE_NORM(
+            input, weight, bias, running_mean, running_var, use_input_stats,
+            momentum, eps, cudnn_enabled,
+        )  # fmt: skip
     out, mean = _normalise(input, dims, eps)
-    if training:
-        var = _wide(input.detach()).var(dims, unbiased=True)
-        _update(running_mean, mean.detach().flatten(), momentum)
+    # the running statistics average each sample's (as aten::instance_norm)
+    if running_mean is not None and running_var is not None:
+        var = _wide(input.detach()).var(dims, unbiased=True).mean(0)
+        _update(running_mean, mean.detach().flatten(1).mean(0), momentum)
         _update(running_var, var, momentum)
     return _affine(out, weight, bias).to(input.dtype)
 
@@ -144,24 +259,34 @@ def _instance_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> Tensor:
-    if not use_input_stats:  # running statistics: an affine map
+    if not use_input_stats or math.prod(input.shape[2:]) == 1:
+        # running statistics (an affine map), or one spatial element, which
+        # F.instance_norm refuses
         return _F_INSTANCE_NORM(
-            input, running_mean, running_var, weight, bias, False, momentum, eps
-        )
-    dims = tuple(range(2, input.dim()))
-    out, mean = _normalise(input, dims, eps)
-    # the running statistics average each sample's (as aten::instance_norm)
-    _update(running_mean, mean.detach().flatten(1).mean(0), momentum)
-    if running_var is not None:
-        var = _wide(input.detach()).var(dims, unbiased=True).mean(0)
-        _update(running_var, var, momentum)
-    return _affine(out, weight, bias).to(input.dtype)
+            input, running_mean, running_var, weight, bias, use_input_stats,
+            momentum, eps,
+        )  # fmt: skip
+    return _torch_instance_norm(
+        input, weight, bias, running_mean, running_var, use_input_stats,
+        momentum, eps,
+    )  # fmt: skip
+
+
+def _top(input: Tensor, dim: Any) -> Tensor:
+    """The max along ``dim`` (kept), held constant; 0 along an empty ``dim``."""
+    if input.numel() == 0:
+        return input.detach().sum(dim, keepdim=True)
+    return input.detach().amax(dim, keepdim=True)
 
 
 def _shifted(input: Tensor, dim: int) -> Tensor:
-    """``input − max`` along ``dim``, the max held constant (it cancels)."""
-    top = input.detach().amax(dim, keepdim=True)
-    return input - top.masked_fill(~torch.isfinite(top), 0)
+    """``input − max`` along ``dim``, the max held constant (it cancels).
+
+    As in the fused kernels, a row of ``-inf`` is shifted by 0 and one with
+    ``+inf`` by ``+inf`` (NaN then, as torch gives it).
+    """
+    top = _top(input, dim)
+    return input - top.masked_fill(top == float("-inf"), 0)
 
 
 def _softmax(
@@ -174,8 +299,10 @@ def _softmax(
         return _F_SOFTMAX(input, dim, _stacklevel, dtype)
     if dtype is not None:
         input = input.to(dtype)
-    e = _shifted(input, dim).exp()
-    return e / e.sum(dim, keepdim=True)
+    x = _wide_unless_autocast(input)
+    e = _shifted(x, dim).exp()
+    out = e / e.sum(dim, keepdim=True)
+    return out if x is input else out.to(input.dtype)
 
 
 def _log_softmax(
@@ -188,8 +315,42 @@ def _log_softmax(
         return _F_LOG_SOFTMAX(input, dim, _stacklevel, dtype)
     if dtype is not None:
         input = input.to(dtype)
-    z = _shifted(input, dim)
-    return z - z.exp().sum(dim, keepdim=True).log()
+    x = _wide_unless_autocast(input)
+    z = _shifted(x, dim)
+    out = z - z.exp().sum(dim, keepdim=True).log()
+    return out if x is input else out.to(input.dtype)
+
+
+def _softmin(
+    input: Tensor,
+    dim: int | None = None,
+    _stacklevel: int = 3,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    if dim is None:
+        return _F_SOFTMIN(input, dim, _stacklevel, dtype)
+    return _softmax(-input, dim, dtype=dtype)
+
+
+def _gumbel_softmax(
+    logits: Tensor,
+    tau: float = 1,
+    hard: bool = False,
+    eps: float = 1e-10,
+    dim: int = -1,
+) -> Tensor:
+    """``F.gumbel_softmax`` (same draws), its softmax the composite one."""
+    if eps != 1e-10:
+        warnings.warn("`eps` parameter is deprecated and has no effect.", stacklevel=3)
+    fresh = torch.empty_like(logits, memory_format=torch.legacy_contiguous_format)
+    soft = _softmax((logits - fresh.exponential_().log()) / tau, dim)
+    if not hard:
+        return soft
+    index = soft.max(dim, keepdim=True)[1]
+    one_hot = torch.zeros_like(
+        logits, memory_format=torch.legacy_contiguous_format
+    ).scatter_(dim, index, 1.0)
+    return one_hot - soft.detach() + soft
 
 
 def _softmax_method(
@@ -206,7 +367,8 @@ def _log_softmax_method(
 
 
 def _logsumexp(input: Tensor, dim: Any, keepdim: bool = False) -> Tensor:
-    top = input.detach().amax(dim, keepdim=True)
+    """As ``aten::logsumexp`` counts it, in ``input``'s dtype."""
+    top = _top(input, dim)
     top = top.masked_fill(~torch.isfinite(top), 0)
     out = (input - top).exp().sum(dim, keepdim=True).log() + top
     return out if keepdim else out.squeeze(dim)
@@ -224,10 +386,13 @@ def _attention(
 ) -> Tensor:
     """``softmax(q kᵀ · scale + mask) v``, as PyTorch's math kernel computes it."""
     L, S = query.shape[-2], key.shape[-2]
-    if enable_gqa and key.dim() >= 3 and key.shape[-3] != query.shape[-3]:
-        repeat = query.shape[-3] // key.shape[-3]
-        key = key.repeat_interleave(repeat, -3)
-        value = value.repeat_interleave(repeat, -3)
+    if enable_gqa and key.dim() >= 3:  # each key and value head serves a group
+        key = key.repeat_interleave(query.shape[-3] // key.shape[-3], -3)
+        value = value.repeat_interleave(query.shape[-3] // value.shape[-3], -3)
+    dtype = query.dtype
+    query = _wide_unless_autocast(query)
+    if query.dtype != dtype:  # half precision, counted in float32
+        key, value = key.to(query.dtype), value.to(query.dtype)
     scale = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
     scores = query @ key.transpose(-2, -1) * scale
     if is_causal:
@@ -241,25 +406,34 @@ def _attention(
     # a query that may see no key gets zero output, as the fused kernels give
     # it, not softmax's 0/0; its scores are filled first, so no NaN reaches
     # the backward pass either
-    blind = scores.detach().amax(-1, keepdim=True) == float("-inf")
+    blind = (scores.detach() == float("-inf")).all(-1, keepdim=True)
     weights = _softmax(scores.masked_fill(blind, 0), -1).masked_fill(blind, 0)
     if dropout_p > 0:
         weights = F.dropout(weights, dropout_p)
-    return weights @ value
+    out = weights @ value
+    return out if query.dtype == dtype else out.to(dtype)
 
 
 _COMPOSITES = {
     F.layer_norm: _layer_norm,
+    torch.layer_norm: _torch_layer_norm,
     F.batch_norm: _batch_norm,
+    torch.batch_norm: _torch_batch_norm,
     F.instance_norm: _instance_norm,
+    torch.instance_norm: _torch_instance_norm,
     F.softmax: _softmax,
     torch.softmax: _softmax_method,
     Tensor.softmax: _softmax_method,
+    torch.special.softmax: _softmax_method,
     F.log_softmax: _log_softmax,
     torch.log_softmax: _log_softmax_method,
     Tensor.log_softmax: _log_softmax_method,
+    torch.special.log_softmax: _log_softmax_method,
+    F.softmin: _softmin,
+    F.gumbel_softmax: _gumbel_softmax,
     torch.logsumexp: _logsumexp,
     Tensor.logsumexp: _logsumexp,
+    torch.special.logsumexp: _logsumexp,
     F.scaled_dot_product_attention: _attention,
 }
 
@@ -324,7 +498,7 @@ class _Composites(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         composite = _COMPOSITES.get(func)
-        if composite is not None:
+        if composite is not None and kwargs.get("out") is None:
             return composite(*args, **kwargs)
         if func in _DECOMPOSED:  # nn.MultiheadAttention's functional form
             with _functional_patched():
