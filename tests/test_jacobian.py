@@ -188,6 +188,26 @@ def test_train_mode_wrt_passes_share_one_dropout_mask(generator):
     assert rel(values[1], values[0]) < 1e-5
 
 
+@pytest.mark.parametrize("method", ["projection", "jvp", "finite_difference"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_the_global_generator_draws_fresh_probes_on_every_coupled_call(method, mode):
+    # the global generator as the probes' source, where the call restores the
+    # global RNG (train mode) or replays it (coupled jvp and finite
+    # differences): it still moves past what it seeded, so that successive
+    # calls draw new probes (measure's pilot compares two), reproducibly
+    # from torch.manual_seed
+    model, x = make_case("batchnorm")
+    if mode == "eval":  # a BatchNorm without running statistics couples here
+        model[1].running_mean = model[1].running_var = None
+    kwargs = dict(method=method, mode=mode, generator=torch.default_generator)
+    torch.manual_seed(0)
+    first = gcx.jacobian_sq_norms(model, x, **kwargs)
+    second = gcx.jacobian_sq_norms(model, x, **kwargs)
+    assert not torch.equal(first, second)
+    torch.manual_seed(0)
+    assert torch.equal(gcx.jacobian_sq_norms(model, x, **kwargs), first)
+
+
 @pytest.mark.parametrize("chunk_size", [None, 1, 2, 5])
 def test_train_mode_projection_is_the_plain_one_on_independent_samples(chunk_size):
     # no coupling (no BatchNorm, no dropout): the flipped VJP is t_i times the

@@ -208,6 +208,19 @@ def test_auto_in_train_mode_weighs_exacts_per_sample_cost():
     assert gcx.measure(model, x, batch_size=64, progress=False).method == "exact"
 
 
+def test_auto_pilot_in_train_mode_sees_the_probe_noise_of_the_global_generator():
+    # train mode restores the global RNG after each call: with it as the
+    # probes' source the pilot's two calls must still draw different probes,
+    # or it sees no variance and measures with one probe
+    from geocomplexity.measure import _pilot
+
+    model, _ = make_case("batchnorm")
+    x = torch.randn(64, 5, dtype=torch.float64)
+    torch.manual_seed(0)
+    pilot = _pilot(model, x, None, "train", "rademacher", torch.default_generator)
+    assert pilot[3] == 64 and pilot[2] > 0
+
+
 def test_auto_pilot_skipped_on_a_small_batch_weighs_nothing():
     # under a process group the ranks add their pilots: in train mode exact's
     # cost grows with the batch, so one rank may pilot and another skip; the

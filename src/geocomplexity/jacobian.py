@@ -814,13 +814,17 @@ def _coupled(asked: bool | None, batch_norm: bool, train: bool = False) -> bool:
 
 
 def _apart_from_global(generator: torch.Generator) -> torch.Generator:
-    """``generator``, or a copy of it where it is the global RNG of its device.
+    """``generator``, or a private one seeded from it where it is the global RNG.
 
     The passes of a coupled jvp or finite difference replay the global RNG
-    (:func:`_replayed`); probes drawn from it between the passes would move
-    the state the passes replay, and be rolled back with it (the same probe
-    drawn again). A copy of the global generator draws the same probes
-    without touching the global state.
+    (:func:`_replayed`), and a train-mode call restores it afterwards
+    (:func:`preserved`): probes drawn from the global generator there would be
+    rolled back with it, so that the next pass, or the next call, drew the
+    same ones again (and the pilot of ``measure(method="auto")`` saw no probe
+    variance). One draw from the global generator, taken before any pass and
+    kept, seeds a private generator instead: successive calls draw fresh
+    probes, reproducibly from ``torch.manual_seed``, and the probes come from
+    a stream apart from the one the passes' dropout masks replay.
     """
     device = generator.device
     default = (
@@ -832,9 +836,10 @@ def _apart_from_global(generator: torch.Generator) -> torch.Generator:
     )
     if generator is not default:
         return generator
-    copy = torch.Generator(device=device)
-    copy.set_state(generator.get_state())
-    return copy
+    seed = torch.empty((), dtype=torch.int64, device=device).random_(
+        generator=generator
+    )
+    return torch.Generator(device=device).manual_seed(int(seed.item()))
 
 
 def _replayed(
@@ -903,7 +908,11 @@ def jacobian_sq_norms(
         eps: finite-difference step; default ``sqrt(machine eps)`` times the RMS
             of ``x``.
         generator: source of probe randomness; a private OS-seeded one if ``None``
-            (the global RNG is never touched).
+            (the global RNG is never touched). Given the global generator
+            (``torch.default_generator``) itself, the probes move it on: by
+            their draws, or, where the call restores or replays the global
+            RNG (train mode; coupled jvp and finite differences), by one draw
+            that seeds them.
         create_graph: keep the graph so the result is differentiable in the
             parameters (for regularizers). Not for ``"finite_difference"``.
         wrt: the name of a submodule whose output ``e_i`` the Jacobian is
@@ -992,6 +1001,10 @@ def jacobian_sq_norms(
     norms = contextlib.nullcontext()
     if create_graph and method == "jvp":
         norms = composite_ops(model)
+    if mode == "train" and generator is not None and method != "exact":
+        # the global RNG comes back as found (preserved): probes drawn from it
+        # would be drawn again by the next call; one kept draw seeds them
+        generator = _apart_from_global(generator)
     with (
         preserved(model, mode=mode) as modules,
         grad_on,
