@@ -511,6 +511,123 @@ def test_finite_difference_gradient_norm_refuses_dropout_and_survives_flat_point
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
 
 
+@pytest.mark.parametrize(
+    "layer",
+    [
+        lambda: nn.MultiheadAttention(4, 2, dropout=0.3, batch_first=True),
+        lambda: nn.LSTM(4, 4, num_layers=2, dropout=0.3, batch_first=True),
+        lambda: nn.RReLU(),
+    ],
+    ids=["attention_dropout", "recurrent_dropout", "rrelu"],
+)
+def test_finite_difference_gradient_norm_refuses_every_random_forward(layer):
+    """Randomness inside a layer other than nn.Dropout (attention's and stacked
+    recurrent layers' dropout, RReLU's slopes) makes (g' − g)/r noise too: the
+    gradient was off by several times its size."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer, self.head = layer(), nn.Linear(4, 3)
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            if isinstance(self.layer, nn.MultiheadAttention):
+                z = self.layer(z, z, z)[0]
+            elif isinstance(self.layer, nn.LSTM):
+                z = self.layer(z)[0]
+            else:
+                z = self.layer(z)
+            return self.head(z.mean(1))
+
+    torch.manual_seed(0)
+    model = Net().double()
+    x, y = torch.randn(6, 5, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    term = GradientNorm(0.1, method="finite_difference", eps=1e-6)
+    with pytest.raises(ValueError, match="train mode"):
+        term(model, x, y)
+    out = model(x)
+    with pytest.raises(ValueError, match="train mode"):
+        term.backward(F.cross_entropy(out, y), model, x, y, outputs=out)
+    model.eval()  # deterministic: the finite difference agrees with autograd
+    fd = grads(term(model, x, y), model)
+    assert rel(fd, grads(GradientNorm(0.1)(model, x, y), model)) < 1e-5
+
+
+def test_finite_difference_gradient_norm_with_sparse_gradients():
+    """A sparse embedding gradient: densified, as autograd's sum would be."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(8, 3)
+    ).double()
+    ids, y = torch.randint(0, 10, (5, 2)), torch.randint(0, 3, (5,))
+
+    def grads_of(term, fused: bool) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(ids), y).backward()  # a sparse .grad to add to
+        out = model(ids)
+        loss = F.cross_entropy(out, y)
+        if fused:
+            term.backward(loss, model, ids, y, outputs=out)
+        else:
+            (loss + term(model, ids, y, outputs=out)).backward()
+        return torch.cat([p.grad.to_dense().flatten() for p in model.parameters()])
+
+    exact = grads_of(GradientNorm(0.3), False)
+    for fused in (True, False):
+        fd = GradientNorm(0.3, method="finite_difference", eps=1e-6)
+        assert rel(grads_of(fd, fused), exact) < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # the hook's deprecation
+@pytest.mark.parametrize("hooked", [False, True], ids=["parametrization", "hook"])
+@pytest.mark.parametrize("reuse", [False, True], ids=["own_pass", "outputs"])
+def test_gradient_norm_double_backprop_through_weight_norm(hooked, reuse):
+    """PyTorch's fused weight norm has a wrong double backward (its saved norms
+    enter as constants): double backprop's gradient of ‖∇L‖² was off by about
+    a quarter. It must match the finite difference, which needs first-order
+    derivatives only, also where the caller hands over its outputs."""
+    model, x, y = tanh_mlp()
+    norm = (
+        torch.nn.utils.weight_norm
+        if hooked
+        else torch.nn.utils.parametrizations.weight_norm
+    )
+    model[0], model[2] = norm(model[0]), norm(model[2])
+
+    def grads_of(term) -> torch.Tensor:
+        out = model(x) if reuse else None
+        return grads(term(model, x, y, outputs=out), model)
+
+    exact = grads_of(GradientNorm(0.3))
+    fd = grads_of(GradientNorm(0.3, method="finite_difference", eps=1e-6))
+    assert rel(exact, fd) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: L2(0.3),
+        lambda: SpectralNorm(0.3),
+        lambda: GradientNorm(0.3, method="finite_difference", eps=1e-6),
+    ],
+    ids=["l2", "spectral", "gradient_norm_fd"],
+)
+def test_fused_backward_takes_params_as_an_iterator(make):
+    """params=model.parameters() (an iterator) as a list: the fused steps walk
+    the parameters twice, and the spectral term dropped its gradient."""
+    model, x, y = tanh_mlp()
+
+    def step(params) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        make().backward(
+            F.cross_entropy(out, y), model, x, y, outputs=out, params=params
+        )
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    torch.testing.assert_close(step(model.parameters()), step(list(model.parameters())))
+
+
 # -- SpectralNorm ------------------------------------------------------------------
 
 
@@ -526,6 +643,48 @@ def test_spectral_edge_layers():
     with pytest.warns(UserWarning, match=r"input projections.*query/key/value"):
         names = spectral_norms(attention)
     assert list(names) == ["out_proj"]
+
+
+def test_spectral_leaves_out_a_conv_layer_the_forward_pass_does_not_call():
+    """An idle conv layer has no input size, hence no operator norm: it is left
+    out with a warning (it raised a bare KeyError), in both paths and after a
+    state round trip; an idle Linear layer is still penalised."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(2, 3, 3), nn.Linear(27, 2)
+            self.idle_conv, self.idle_linear = nn.Conv2d(3, 3, 3), nn.Linear(3, 3)
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return self.head(self.conv(z).flatten(1))
+
+    torch.manual_seed(0)
+    model = Net().double()
+    x, y = torch.randn(4, 2, 5, 5, dtype=torch.float64), torch.randint(0, 2, (4,))
+    with pytest.warns(UserWarning, match=r"did not call \(\['idle_conv'\]\)"):
+        assert list(spectral_norms(model, x)) == ["conv", "head", "idle_linear"]
+    fused = SpectralNorm(0.3)
+    with pytest.warns(UserWarning, match="idle_conv"):
+        fused(model, x)
+    plain, restored, twin = SpectralNorm(0.3), SpectralNorm(0.3), SpectralNorm(0.3)
+    for term in (plain, restored, twin):
+        term.load_state_dict(fused.state_dict())
+    assert torch.equal(restored(model), plain(model, x))  # no batch needed again
+    model.zero_grad()
+    out = model(x)
+    value = fused.backward(F.cross_entropy(out, y), model, x, y, outputs=out)
+    fused_grads = {n: p.grad for n, p in model.named_parameters()}
+    model.zero_grad()
+    out = model(x)
+    want = twin(model, x, y, outputs=out)  # the same step as the fused one
+    (F.cross_entropy(out, y) + want).backward()
+    torch.testing.assert_close(value, want.detach())
+    for n, p in model.named_parameters():
+        if n.startswith("idle_conv"):  # not penalised: untouched
+            assert p.grad is None and fused_grads[n] is None
+        elif n != "idle_linear.bias":
+            torch.testing.assert_close(fused_grads[n], p.grad)
 
 
 def test_spectral_dense_matches_matrix_norm_and_gradient():

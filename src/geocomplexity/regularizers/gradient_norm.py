@@ -18,11 +18,14 @@ two-pass structure).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.weight_norm import WeightNorm
+from torch.overrides import TorchFunctionMode
 
 from geocomplexity.regularizers.base import (
     LossFn,
@@ -40,7 +43,9 @@ def _param_grads(
 ) -> tuple[list[Tensor], list[bool]]:
     """``∂loss/∂params``, zeros where the loss does not use a parameter.
 
-    Plain ``autograd.grad`` refuses such a parameter (an idle head).
+    Plain ``autograd.grad`` refuses such a parameter (an idle head). A sparse
+    gradient (an ``Embedding(sparse=True)``) comes back dense: the norms and
+    sums of the finite difference have no sparse kernels.
 
     Returns:
         The gradients, and which parameters the loss uses.
@@ -48,13 +53,18 @@ def _param_grads(
     grads = torch.autograd.grad(loss, params, allow_unused=True, **kwargs)
     used = [g is not None for g in grads]
     return [
-        torch.zeros_like(p) if g is None else g
+        torch.zeros_like(p) if g is None else g.to_dense() if g.is_sparse else g
         for p, g in zip(params, grads, strict=True)
     ], used
 
 
 class GradientNorm(Regularizer):
     """``strength · ‖∇_θ loss_fn(model(inputs), targets)‖²``.
+
+    On a model with ``torch.nn.utils`` weight norm, ``"double_backprop"`` runs
+    a forward pass of its own rather than reuse ``outputs``, with the weight
+    norm written from primitives: PyTorch's fused one has a wrong double
+    backward, which made the penalty's gradient wrong.
 
     Args:
         strength: λ ≥ 0.
@@ -119,8 +129,8 @@ class GradientNorm(Regularizer):
         params: list[Tensor] | None = None,
     ) -> Tensor:
         own = trainable(model)
-        if params is None:
-            params = own
+        # a list: the parameters are walked twice (an iterator would be spent)
+        params = own if params is None else list(params)
         if self.method != "finite_difference" or [id(p) for p in params] != [
             id(p) for p in own
         ]:
@@ -148,6 +158,8 @@ class GradientNorm(Regularizer):
                     continue
                 if p.grad is None:
                     p.grad = t
+                elif p.grad.is_sparse:  # made dense, as autograd's sum would be
+                    p.grad = t.add_(p.grad)
                 else:
                     p.grad += t
         return (self.strength * sq).detach()
@@ -164,10 +176,18 @@ class GradientNorm(Regularizer):
         params = trainable(model)
         if not params:
             raise ValueError("the model has no trainable parameters")
-        if outputs is None:
+        # PyTorch's fused weight norm has a wrong double backward: the
+        # parameter gradient of ‖∇L‖² through it is off. Double backprop then
+        # runs a forward pass of its own with the composite weight norm
+        composite = self.method == "double_backprop" and _weight_normed(model)
+        if outputs is None or composite:
             # running statistics put back: the caller's step counts the batch;
             # attention by its math kernel, which has a double backward
-            with kept_buffers(model), differentiable_attention():
+            with (
+                kept_buffers(model),
+                differentiable_attention(),
+                _CompositeWeightNorm() if composite else nullcontext(),
+            ):
                 outputs = model(inputs)
         return loss_fn, params, loss_fn(outputs, targets)
 
@@ -228,22 +248,64 @@ class GradientNorm(Regularizer):
         )
 
 
+_PARAMETRIZED_WEIGHT_NORM = getattr(
+    torch.nn.utils.parametrizations, "_WeightNorm", WeightNorm
+)
+
+
+def _weight_normed(model: nn.Module) -> bool:
+    """Whether ``model`` computes a weight by ``torch.nn.utils`` weight norm."""
+    return any(
+        isinstance(m, _PARAMETRIZED_WEIGHT_NORM)
+        or any(isinstance(h, WeightNorm) for h in m._forward_pre_hooks.values())
+        for m in model.modules()
+    )
+
+
+class _CompositeWeightNorm(TorchFunctionMode):
+    """``torch._weight_norm`` from primitives, whose double backward is right.
+
+    The fused kernel (``dim`` first or last) saves the norms it computes and
+    its double backward takes them as constants: the second derivative in
+    ``v`` comes out wrong (``gradgradcheck`` fails, PyTorch 2.13), and with it
+    the gradient of ``‖∇L‖²``. This is the formula PyTorch itself uses for the
+    other dims.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch._weight_norm:
+            v, g, *rest = args
+            dim = rest[0] if rest else kwargs.get("dim", 0)
+            return v * (g / torch.norm_except_dim(v, 2, dim))
+        return func(*args, **kwargs)
+
+
 def _refuse_random_forward(model: nn.Module) -> None:
     """The finite difference compares two forward passes: they must agree.
 
     Raises:
         ValueError: a dropout layer in train mode would draw a different mask
-            for the shifted pass, and (g' − g)/r would be mask noise.
+            for the shifted pass, and (g' − g)/r would be mask noise. So
+            would the dropout inside attention and stacked recurrent layers,
+            and RReLU's random slopes.
     """
-    live = [
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
-    ]
+    live = [name for name, m in model.named_modules() if m.training and _random(m)]
     if live:
         raise ValueError(
             f"GradientNorm(method='finite_difference') differences two forward "
             f"passes, and dropout in train mode ({', '.join(live[:4])}) draws a "
-            "new mask for the second: use method='double_backprop', or put the "
-            "dropout layers in eval mode"
+            "new mask (RReLU new slopes) for the second: use "
+            "method='double_backprop', or put those layers in eval mode"
         )
+
+
+def _random(m: nn.Module) -> bool:
+    """Whether ``m`` (in train mode) draws random numbers in its forward pass."""
+    if isinstance(m, nn.modules.dropout._DropoutNd):
+        return m.p > 0
+    if isinstance(m, nn.MultiheadAttention):
+        return m.dropout > 0
+    if isinstance(m, nn.RNNBase):  # dropout between stacked layers only
+        return m.dropout > 0 and m.num_layers > 1
+    return isinstance(m, nn.RReLU)

@@ -67,8 +67,8 @@ class L2(Regularizer):
         # weight's .grad in one fused call: no graph for the penalty, whose
         # nodes (and the sum of two gradients per weight) cost as much as the
         # penalty itself on a small model
-        if params is None:
-            params = trainable(model)
+        # a list: the parameters are walked twice (an iterator would be spent)
+        params = trainable(model) if params is None else list(params)
         weights = self._weights(model)  # leaves: parameters() yields no others
         wanted = {id(p) for p in params}
         loss.backward(inputs=params)

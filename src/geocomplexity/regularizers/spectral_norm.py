@@ -140,8 +140,8 @@ class SpectralNorm(Regularizer):
         # with no temporary to add. A weight that is computed (a
         # parametrization, a weight-norm hook) or a conv with another padding
         # mode goes through autograd with the task loss instead.
-        if params is None:
-            params = trainable(model)
+        # a list: the parameters are walked twice (an iterator would be spent)
+        params = trainable(model) if params is None else list(params)
         layers = self._layers(model, inputs)
         if not layers:
             raise ValueError("the model has no Linear or Conv layer to penalise")
@@ -221,6 +221,23 @@ class SpectralNorm(Regularizer):
                     "pass a batch of inputs on the first call"
                 )
             self._record_shapes(model, inputs[:1])
+            # a conv layer the forward pass does not call has no input size
+            # (None): it is left out, as it is out of the function and its GC
+            unseen = [n for n, _, op in layers if op and n not in self._shapes]
+            if unseen:
+                self._shapes.update(dict.fromkeys(unseen))
+                warnings.warn(
+                    "SpectralNorm leaves out conv layers that the forward pass did "
+                    f"not call ({unseen[:4]}): their operator norm depends on an "
+                    "input size",
+                    stacklevel=3,
+                )
+        if None in self._shapes.values():
+            layers = [
+                (n, m, op)
+                for n, m, op in layers
+                if not op or self._shapes[n] is not None
+            ]
         # first vectors drawn in layer order, whatever order the steps run in
         vectors = self._vectors
         for name, m, operator in layers:
@@ -393,7 +410,8 @@ class SpectralNorm(Regularizer):
 
         Returns:
             ``{"vectors": {name: (u, v)}, "shapes": {name: shape}}``: ``v`` a
-            unit vector, ``u = W v`` (unnormalised; only its direction is used).
+            unit vector, ``u = W v`` (unnormalised; only its direction is used);
+            the shape ``None`` for a conv layer the forward pass does not call.
         """
         return {
             "vectors": {
