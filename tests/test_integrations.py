@@ -149,6 +149,25 @@ def test_metric_leaves_the_model_alone():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_metric_sums_stay_float64_when_a_container_changes_dtype():
+    # Lightning's "bf16-true" precision calls module.to(torch.bfloat16), which
+    # torchmetrics' dtype guard lets through: bfloat16 sums would stop growing
+    from geocomplexity.integrations.torchmetrics import GeometricComplexity
+
+    model = _net()
+    metric = GeometricComplexity(model)
+    torch.nn.ModuleDict({"gc": metric}).to(torch.bfloat16)
+    assert metric.total.dtype == metric.total_sq.dtype == torch.float64
+    model.float()
+    x = torch.randn(2000, 6)
+    for batch in x.split(10):
+        metric.update(batch)
+    want = measure(model, x, method="exact", progress=False).value
+    torch.testing.assert_close(metric.compute().item(), want, rtol=1e-6, atol=0)
+    metric.set_dtype(torch.float32)  # the explicit way still converts
+    assert metric.total.dtype == torch.float32
+
+
 # -- Lightning -----------------------------------------------------------------
 
 

@@ -103,6 +103,57 @@ def test_max_samples_truncates():
     assert math.isclose(r.value, want, rel_tol=1e-12)
 
 
+def test_a_loader_counts_its_samplers_samples_not_the_data_sets():
+    # auto sizes its probes by the sample count; under a process group the
+    # ranks add theirs, so a DistributedSampler's loader must count its shard
+    from torch.utils.data import DistributedSampler
+
+    from geocomplexity.measure import _batches
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 32), nn.Tanh(), nn.Linear(32, 200)).double()
+    x = torch.randn(400, 5, dtype=torch.float64)
+    data = TensorDataset(x)
+    shard = DistributedSampler(data, num_replicas=2, rank=0, shuffle=False)
+    loader = DataLoader(data, batch_size=100, sampler=shard)
+    assert _batches(loader, 1)[1] == 200
+    dropped = DataLoader(TensorDataset(x[:53]), batch_size=10, drop_last=True)
+    assert _batches(dropped, 1)[1] == 50
+    r = gcx.measure(
+        model, loader, generator=torch.Generator().manual_seed(0), progress=False
+    )
+    sliced = gcx.measure(
+        model,
+        x[0::2],
+        batch_size=100,
+        generator=torch.Generator().manual_seed(0),
+        progress=False,
+    )
+    assert r.method == sliced.method == "projection"
+    assert r.num_probes == sliced.num_probes and r.value == sliced.value
+
+
+def test_an_empty_tensor_shard_joins_the_merge(monkeypatch):
+    # x[rank::world] of fewer samples than ranks is empty on some rank: that
+    # rank adds nothing, the others' result stands (a fake two-rank gather)
+    import geocomplexity.distributed as dist
+
+    model, _ = make_case("mlp")
+    x = torch.randn(9, 7, dtype=torch.float64)
+    other = RunningMean()
+    other.update(per_sample_sq_norms(model, x))
+    row = [other.count, other.mean, other.m2, 0.0]
+    monkeypatch.setattr(dist, "active", lambda distributed: distributed)
+    monkeypatch.setattr(
+        dist,
+        "all_gather_rows",
+        lambda mine, device=None: torch.tensor([row, mine], dtype=torch.float64),
+    )
+    r = gcx.measure(model, x[:0], method="exact", distributed=True, progress=False)
+    assert r.num_samples == 9
+    assert math.isclose(r.value, other.mean, rel_tol=1e-12)
+
+
 def test_running_mean_merge_is_exact_and_stable():
     torch.manual_seed(0)
     v = torch.randn(1000, dtype=torch.float64) * 1e-3 + 1e6  # large mean, small spread
@@ -250,6 +301,8 @@ def test_result_string_and_float():
     lo, hi = r.confidence_interval()
     assert lo < r.value < hi
     assert math.isclose(hi - r.value, 1.959964 * r.stderr, rel_tol=1e-6)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        r.confidence_interval(95)  # a percentage would give NaN bounds
 
 
 def test_progress_bar_shows_on_request(capsys):
@@ -386,6 +439,7 @@ def test_bad_models():
             r"tensor of inputs already",
         ),
         (42, {}, TypeError, r"tensor, a Dataset or an iterable"),
+        (torch.tensor(1.0, dtype=torch.float64), {}, ValueError, r"scalar tensor"),
     ],
 )
 def test_measure_bad_input(data, kwargs, error, match):

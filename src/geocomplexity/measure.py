@@ -144,9 +144,17 @@ class GCResult:
     def confidence_interval(self, level: float = 0.95) -> tuple[float, float]:
         """Normal-approximation interval ``value ± z·stderr``.
 
+        Args:
+            level: the coverage, strictly between 0 and 1 (0.95, not 95).
+
         Returns:
             ``(low, high)``.
+
+        Raises:
+            ValueError: ``level`` is not strictly between 0 and 1.
         """
+        if not 0 < level < 1:
+            raise ValueError(f"level must be strictly between 0 and 1, got {level!r}")
         z = math.sqrt(2) * torch.erfinv(torch.tensor(level, dtype=torch.float64))
         half = z.item() * self.stderr
         return self.value - half, self.value + half
@@ -178,7 +186,13 @@ def _batches(
                 "input_key picks the input out of each batch of a Dataset or a "
                 "loader; data is a tensor of inputs already, so leave it out"
             )
-        return iter(data.split(batch_size)), len(data)
+        if data.dim() == 0:
+            raise ValueError(
+                "data is a scalar tensor; give inputs of shape (N, *in_shape)"
+            )
+        # no batch at all for no samples: under a process group a rank's shard
+        # (x[rank::world]) may be empty, and an empty batch would be an error
+        return iter(data.split(batch_size) if len(data) else ()), len(data)
     if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
         # a private generator: starting the loader's iterator draws a base seed,
         # which would otherwise come from (and advance) the global RNG
@@ -187,17 +201,33 @@ def _batches(
         )
         return (batch_inputs(b, input_key) for b in loader), len(data)  # type: ignore[arg-type]
     if isinstance(data, Iterable):
-        total = None
-        if isinstance(data, torch.utils.data.DataLoader):
-            try:
-                total = len(data.dataset)  # type: ignore[arg-type]
-            except TypeError:
-                total = None
+        total = _loader_samples(data)
         return (batch_inputs(b, input_key) for b in data), total
     raise TypeError(
         f"data must be a tensor, a Dataset or an iterable of batches (a "
         f"DataLoader), got {type(data).__name__}"
     )
+
+
+def _loader_samples(data: Iterable[Any]) -> int | None:
+    """How many samples a ``DataLoader`` yields, if that is known.
+
+    Its sampler's length, less a dropped last batch: a ``DistributedSampler``
+    gives this rank's shard, not the data set (``method="auto"`` sums the
+    ranks' counts, and an overcount would choose too few probes). ``None``
+    for other iterables and for batch samplers of the caller's own.
+    """
+    if not isinstance(data, torch.utils.data.DataLoader):
+        return None
+    try:
+        if isinstance(data.dataset, torch.utils.data.IterableDataset):
+            return len(data.dataset)  # type: ignore[arg-type]
+        if data.batch_size is None:  # a batch sampler of its own, or no batching
+            return None
+        n = len(data.sampler)  # type: ignore[arg-type]
+    except TypeError:  # no length
+        return None
+    return n - n % data.batch_size if data.drop_last else n
 
 
 def batch_inputs(batch: Any, input_key: InputKey = None) -> Tensor:

@@ -149,6 +149,20 @@ class GeometricComplexity(Metric):
         else:
             super().__setattr__(name, value)
 
+    def _apply(self, fn: Any, exclude_state: Any = "") -> nn.Module:
+        # torchmetrics converts states' dtypes only through set_dtype(), but
+        # its guard misses .to(dtype), which a container's .to(torch.bfloat16)
+        # (Lightning's "bf16-true" precision) reaches the metric by: the sums
+        # would become bfloat16 and stop growing. Such a call moves them only.
+        if self._dtype_convert:
+            return super()._apply(fn, exclude_state)
+
+        def move(t: Tensor) -> Tensor:
+            probe = fn(t.new_empty(0))
+            return fn(t) if probe.dtype == t.dtype else t.to(probe.device)
+
+        return super()._apply(move, exclude_state)
+
     def update(self, x: Tensor) -> None:
         """Measure a batch of inputs ``(B, *in_shape)`` and add it to the states."""
         values = jacobian_sq_norms(self.model, x, **self._options)
