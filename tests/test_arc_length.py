@@ -64,3 +64,10 @@ def test_errors():
     for a, b in ((0.0, math.inf), (-math.inf, 0.0), (math.nan, 1.0)):
         with pytest.raises(ValueError, match="finite"):
             gcx.arc_length(torch.sin, a, b)
+
+
+def test_tensor_ends_give_float64_numbers():
+    """0-d tensor ends (``x.min()``, ``x.max()``) are numbers, not float32 tensors."""
+    r = gcx.arc_length(lambda t: t**2, torch.tensor(0.0), torch.tensor(1.0))
+    assert all(type(v) is float for v in (r.length, r.dirichlet, r.a, r.b))
+    assert r.dirichlet == pytest.approx(1 + 2 / 3, rel=1e-8)

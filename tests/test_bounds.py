@@ -101,3 +101,28 @@ def test_norm_bounds_dominate_gc_in_order():
         b = norm_bounds(model)
         assert gc <= b["frobenius_spectral"] <= b["frobenius"]
         assert gc <= b["lipschitz"]
+
+
+def test_transfer_holds_where_a_bias_free_layer_is_dead():
+    """A dead ReLU layer without biases: f is flat in x, T_l = ∞ (not 0/0 = NaN)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 3, bias=False), nn.ReLU(), nn.Linear(3, 3, bias=False),
+        nn.ReLU(), nn.Linear(3, 2, bias=False),
+    ).double()  # fmt: skip
+    with torch.no_grad():  # the second layer's units are dead on every input
+        model[2].weight.copy_(-model[0].weight.abs().sum(1).expand(3, 3).T)
+    x = torch.randn(20, 4, dtype=torch.float64)
+    t = transfer_bound(model, x)
+    assert (t.input_grad_sq == 0).all() and not t.t_sq.isnan().any()
+    assert t.holds.all() and (t.bound == 0).all()
+    # x = 0 without biases: every h_l = 0 and T_l = 0; the bound is vacuous
+    t = transfer_bound(model, torch.zeros(2, 4, dtype=torch.float64))
+    assert t.holds.all() and not t.bound.isnan().any()
+
+
+def test_norm_bounds_refuse_an_elu_steeper_than_one():
+    model = nn.Sequential(nn.Linear(1, 1), nn.ELU(alpha=3.0), nn.Linear(1, 1))
+    with pytest.raises(TypeError, match="ELU"):
+        norm_bounds(model)
+    norm_bounds(nn.Sequential(nn.Linear(1, 1), nn.ELU(), nn.Linear(1, 1)))

@@ -458,3 +458,22 @@ def test_random_crop_flip_is_a_crop_and_flip_of_each_image():
     assert 0 < flips < 16  # both happen
     again = random_crop_flip(x, torch.Generator().manual_seed(0), padding=2)
     assert torch.equal(out, again)
+
+
+def test_a_corrupted_run_file_reruns_and_run_files_are_readable(tmp_path):
+    from geocomplexity.experiments.runner import load_runs
+
+    runs = [Run.make("toy", 0, x=i) for i in range(3)]
+    run_sweep(runs, square, tmp_path, progress=False)
+    files = sorted((tmp_path / "runs").glob("*.json"))
+    umask = os.umask(0)
+    os.umask(umask)
+    # mkstemp makes 0600 temporaries: a result must get a plain file's mode
+    assert {f.stat().st_mode & 0o777 for f in files} == {0o666 & ~umask}
+    # a failing disk: not UTF-8, or JSON that is not a run's record
+    for garbage in (b"\xff\xfe\x00\x81", b"[1, 2]", b'{"config": {}}', b"null"):
+        files[0].write_bytes(garbage)
+        assert len(load_runs(tmp_path)) == 2
+        records = run_sweep(runs, square, tmp_path, progress=False)
+        assert [r["result"]["y"] for r in records] == [0, 1, 4]
+        assert len(load_runs(tmp_path)) == 3

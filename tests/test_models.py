@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from geocomplexity.models import PreActResNet18, mlp
+from geocomplexity.models import PreActResNet18, cnn, mlp
 
 
 @pytest.mark.parametrize(
@@ -37,6 +37,19 @@ def test_mlp_is_seeded_and_leaves_global_rng_alone():
         mlp(5, [7], 3, init="orthogonal")
     with pytest.raises(ValueError, match="unknown activation"):
         mlp(5, [7], 3, activation="swish")
+
+
+def test_builders_leave_the_cuda_generators_alone(monkeypatch):
+    # torch.manual_seed would reseed every CUDA generator too (or queue it
+    # until CUDA starts), and fork_rng(devices=[]) puts back the CPU's only
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)
+    a, b = cnn(1, 3, width=4, seed=2), cnn(1, 3, width=4, seed=2)
+    mlp(5, [7], 3, seed=1)
+    assert seeded == []
+    assert all(
+        torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True)
+    )
 
 
 def test_preact_resnet18_widths():

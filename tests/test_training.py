@@ -120,6 +120,14 @@ def test_fit_restores_global_rng():
     assert torch.equal(torch.get_rng_state(), state)
 
 
+def test_fit_on_the_cpu_leaves_the_cuda_generators_alone(monkeypatch):
+    """fork_rng restores the CPU's and the run's device's generators only."""
+    train, model, seeded = problem()[0], mlp(), []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)
+    fit(model, train, epochs=1, progress=False, device="cpu")
+    assert seeded == []  # a reseeded GPU would stay reseeded
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -264,6 +272,11 @@ def test_resume_after_an_early_stop_and_a_foreign_checkpoint(tmp_path):
     assert len(again.records) == len(whole.records)
     with pytest.raises(ValueError, match="different run"):
         fit(mlp(), train, test, checkpoint=ckpt, **{**kwargs, "lr": 0.1})
+    # the early stop ended that run: one without it (or with another
+    # threshold) would be handed the stopped run's history as its own
+    for stop in (None, 0.5):
+        with pytest.raises(ValueError, match="different run"):
+            fit(mlp(), train, checkpoint=ckpt, **{**kwargs, "stop_at_train_loss": stop})
 
 
 def test_a_term_reused_across_runs_gives_each_run_a_new_terms_numbers():

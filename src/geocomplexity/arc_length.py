@@ -86,6 +86,7 @@ def arc_length(
         >>> round(r.length, 12), round(r.dirichlet, 12)
         (5.0, 5.125)
     """
+    a, b = float(a), float(b)  # a 0-d tensor would make the sums tensors
     if not (math.isfinite(a) and math.isfinite(b)):
         raise ValueError(f"the interval must be finite, got a={a}, b={b}")
     if not b > a:
@@ -116,4 +117,4 @@ def arc_length(
     dt, dy = t.diff(), y.diff()
     length = torch.sqrt(dt**2 + dy**2).sum().item()
     dirichlet = (b - a) + 0.5 * (dy**2 / dt).sum().item()
-    return ArcLength(length, dirichlet, float(a), float(b), num_points)
+    return ArcLength(length, dirichlet, a, b, num_points)

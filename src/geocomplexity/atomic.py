@@ -7,6 +7,7 @@ one, even if the writing process is killed mid-write.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -15,17 +16,34 @@ from typing import BinaryIO
 __all__ = ["write_text", "write_with"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+#: What ``open(path, "w")`` would give a new file: mkstemp's temporaries are
+#: 0600, and a rename keeps that, which would hide results from the group.
+_NEW_FILE_MODE = 0o666 & ~_umask()
+
+
 def write_with(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Fill ``path`` through ``write(file)`` on a hidden temporary, then rename.
 
     The temporary sits beside ``path`` (a rename never crosses file systems),
     has a unique name, so parallel writers never share one, and does not end in
     the target's suffix, so globs skip it. It is flushed to disk before the
-    rename and removed if ``write`` fails.
+    rename and removed if ``write`` fails. The file gets the permissions a plain
+    ``open`` would give it (those of the file it replaces, else the umask's).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        mode = _NEW_FILE_MODE
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, mode)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -185,19 +185,26 @@ def transfer_bound(model: nn.Module, x: Tensor) -> TransferBound:
             ],
             dim=1,
         )
-    bound = param_sq / t_sq.sum(1, keepdim=True)
+    total = t_sq.sum(1, keepdim=True)
+    # every T_l = 0 (no biases and every h_l = 0, so x = 0): then the gradient
+    # with respect to the parameters vanishes too, and the theorem says 0 <= 0
+    # of the input gradient, which it leaves unbounded
+    bound = torch.where(total == 0, math.inf, param_sq / total)
     return TransferBound(input_sq.detach(), param_sq.detach(), t_sq, bound.detach())
 
 
 def _t_sq(lin: nn.Linear, h: Tensor, jac_norm: Tensor) -> Tensor:
     """T_l² per sample.
 
-    Infinite where h_l does not depend on x: then f does not either, and the
-    bound is 0, equal to the left side.
+    Infinite where h_l does not depend on x, or W_l = 0: then f does not
+    depend on x either, and the bound is 0, equal to the left side. That holds
+    for 0/0 too (a bias-free layer whose input is a dead ReLU layer's output),
+    which division alone would make NaN.
     """
     w = torch.linalg.matrix_norm(lin.weight.detach(), ord=2)
     bias = 1.0 if lin.bias is not None else 0.0
-    return (bias + h.pow(2).sum(1)) / (w**2 * jac_norm**2)
+    den = w**2 * jac_norm**2
+    return torch.where(den == 0, math.inf, (bias + h.pow(2).sum(1)) / den)
 
 
 def _jacobian_opnorm(model: nn.Sequential, x: Tensor, layer: int) -> Tensor:
@@ -236,6 +243,8 @@ def norm_bounds(model: nn.Module) -> dict[str, float]:
     layers = _linear_layers(model, _ONE_LIPSCHITZ)
     if any(isinstance(m, nn.LeakyReLU) and abs(m.negative_slope) > 1 for m in model):
         raise TypeError("a LeakyReLU with |slope| > 1 is not 1-Lipschitz")
+    if any(isinstance(m, nn.ELU) and abs(m.alpha) > 1 for m in model):
+        raise TypeError("an ELU with |alpha| > 1 is not 1-Lipschitz")
     with torch.no_grad():
         spec = [
             torch.linalg.matrix_norm(lin.weight, ord=2).item() ** 2 for lin in layers

@@ -51,7 +51,9 @@ def mlp(
     sizes = [d_in, *widths, d_out]
     layers: list[nn.Module] = []
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # PyTorch's default init draws from the global RNG
+        # PyTorch's default init draws from the global CPU RNG; torch.manual_seed
+        # would also reseed the CUDA generators, which fork_rng does not restore
+        torch.default_generator.manual_seed(seed)
         for i, (a, b) in enumerate(itertools.pairwise(sizes)):
             layers.append(nn.Linear(a, b, bias=bias))
             if i < len(sizes) - 2:
@@ -96,7 +98,7 @@ def cnn(
         ]
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU's only, as above
         return nn.Sequential(
             *stage(in_channels, width),
             *stage(width, 2 * width),

@@ -387,6 +387,13 @@ def fit(
         "batch_size": bs,
         # only when set: checkpoints written before the option still resume
         **({"drop_last": True} if drop_last else {}),
+        # an early-stopped checkpoint is a finished run: one without the
+        # threshold, or with another, must not be handed its history
+        **(
+            {"stop_at_train_loss": stop_at_train_loss}
+            if stop_at_train_loss is not None
+            else {}
+        ),
         "total_steps": total_steps,
         "lr": lr,
         "seed": seed,
@@ -427,7 +434,12 @@ def fit(
     if dev.type == "cuda":
         devices = [dev.index if dev.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+        # seed only the generators fork_rng restores: torch.manual_seed would
+        # reseed every CUDA device, a CPU run's included, and leave them so
+        torch.default_generator.manual_seed(seed)
+        for index in devices:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
         model.train()
         resumed = (
             _load_checkpoint(Path(checkpoint))

@@ -115,7 +115,9 @@ class ResNetDoubleDescent(DoubleDescent):
             idx = torch.randperm(len(x), generator=g)[: run["n"]]
             x, y = x[idx], y[idx]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(run.seed)  # the initialization
+            # the initialization, on the CPU: seed only the generator that
+            # fork_rng restores (torch.manual_seed reseeds CUDA's too)
+            torch.default_generator.manual_seed(run.seed)
             model = PreActResNet18(run["width"], data.num_classes)
         epochs = run["epochs"]
         history = fit(

@@ -196,7 +196,8 @@ def load_runs(directory: Path) -> dict[str, dict[str, Any]]:
     """Every finished run in ``directory/runs``, keyed by config hash.
 
     Unreadable files (a run killed mid-write leaves only a temporary file, never
-    a broken JSON, but a disk can still fail) are skipped, so they rerun.
+    a broken JSON, but a disk can still fail: truncated, not UTF-8, or JSON
+    that is not a run's record) are skipped, so they rerun.
 
     Returns:
         ``{key: record}``.
@@ -205,9 +206,10 @@ def load_runs(directory: Path) -> dict[str, dict[str, Any]]:
     for path in sorted((directory / "runs").glob("*.json")):
         try:
             record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):  # JSONDecodeError, UnicodeDecodeError
             continue
-        runs[record["key"]] = record
+        if isinstance(record, dict) and isinstance(record.get("key"), str):
+            runs[record["key"]] = record
     return runs
 
 
