@@ -71,3 +71,28 @@ def test_cifar10_refuses_planted_pickles_and_bad_folders(tmp_path):
     )
     with pytest.raises(ValueError, match=r"\(N, 3072\)"):
         load_cifar10(root)
+
+
+def test_cifar10_refuses_labels_and_pixels_outside_the_format(tmp_path):
+    import pickle
+
+    import pytest
+
+    from geocomplexity.data import load_cifar10
+
+    root = write_fake_cifar(tmp_path / "c")
+    pixels = np.zeros((2, 3072), dtype=np.uint8)
+    bad = {
+        "labels 0-9": [
+            {b"data": pixels, b"labels": [0, 17]},  # passed, then failed each run
+            {b"data": pixels, b"labels": [-1, 3]},
+            {b"data": pixels, b"labels": [0.5, 1.5]},  # quietly truncated
+        ],
+        "N labels": [{b"data": pixels, b"labels": [[0, 1], [2, 3]]}],
+        "0-255": [{b"data": np.full((2, 3072), 1e9), b"labels": [0, 1]}],
+    }
+    for match, batches in bad.items():
+        for batch in batches:
+            (root / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
+            with pytest.raises(ValueError, match=match):
+                load_cifar10(root)

@@ -477,3 +477,102 @@ def test_a_corrupted_run_file_reruns_and_run_files_are_readable(tmp_path):
         records = run_sweep(runs, square, tmp_path, progress=False)
         assert [r["result"]["y"] for r in records] == [0, 1, 4]
         assert len(load_runs(tmp_path)) == 3
+
+
+def test_a_nan_run_or_a_concave_fit_fails_the_claims_it_touches():
+    nan = float("nan")
+    # arc length: a diverged smooth-target run (NaN ratio) is not skipped by max()
+    arc = EXPERIMENTS["arc-length"]
+
+    def arc_record(ratio):
+        return {
+            "config": {"experiment": "arc-length", "seed": 0, "target": "sin"},
+            "result": {
+                "steps": 1,
+                "mse": 0.0,
+                "interpolated": True,
+                "arc": 2.9,
+                "arc_pl": 2.8,
+                "ratio": ratio,
+                "dirichlet": 3.05,
+                "dirichlet_gap": 0.01,
+                "max_slope": 1.0,
+                "x": [-1.0, 0.0, 1.0],
+                "y": [0.0, 1.0, 0.0],
+            },
+        }
+
+    claims, _ = arc.analyze([arc_record(1.02), arc_record(nan)], "1-D synthetic")
+    assert math.isnan(claims[0].value) and claims[0].passed is False
+    # double descent: a NaN test loss at the widest width leaves no peak and no
+    # second descent to speak of (it passed all four claims but Spearman before)
+    dd = EXPERIMENTS["double-descent"]
+    peaked = [1.0, 1.5, 3.0, 5.0, 4.0, 3.0]
+    records = _width_records([0.5, 0.3, 0.1, 0.0, 0.0, 0.0], peaked, peaked)
+    assert all(c.passed for c in dd.analyze(records, "mnist1d")[0])
+    records[-1]["result"]["test_loss"] = nan
+    claims, _ = dd.analyze(records, "mnist1d")
+    assert [c.passed for c in claims] == [False] * 4
+    assert all(math.isnan(c.value) for c in claims)
+    # u-curve: an inverted U has no fitted minimum, inside the range or not
+    u = EXPERIMENTS["u-curve"]
+    cap = [1.0, 2.0, 2.6, 2.8, 2.6, 2.0]
+    gc = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
+    claims, _ = u.analyze(_width_records([0.0] * 6, cap, gc), "mnist1d")
+    assert [c.passed for c in claims] == [False] * 4
+    cup = [3.0, 2.0, 1.5, 1.2, 1.6, 2.2]
+    claims, _ = u.analyze(_width_records([0.0] * 6, cup, gc), "mnist1d")
+    assert [c.passed for c in claims] == [True] * 4
+    # a NaN test loss or GC fails every u-curve claim instead of stopping the
+    # analysis (LAPACK refuses a NaN) or being dropped from it
+    for key in ("test_loss", "gc_train"):
+        records = _width_records([0.0] * 6, cup, gc)
+        records[2]["result"][key] = nan
+        claims, _ = u.analyze(records, "mnist1d")
+        assert [c.passed for c in claims] == [False] * 4, key
+
+
+def test_figures_are_written_atomically(tmp_path):
+    from geocomplexity.experiments.figures import pyplot, save
+
+    plt = pyplot()
+    path = tmp_path / "figure.png"
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    save(fig, path)
+    first = path.read_bytes()
+    assert first.startswith(b"\x89PNG")
+
+    fig, ax = plt.subplots()
+
+    def killed_mid_write(target, **kwargs):
+        with open(target, "wb") if isinstance(target, (str, Path)) else target as f:
+            f.write(b"\x89PN")  # half a file, then the process dies
+        raise KeyboardInterrupt
+
+    fig.savefig = killed_mid_write
+    with pytest.raises(KeyboardInterrupt):
+        save(fig, path)
+    assert path.read_bytes() == first  # the old figure, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["figure.png"]
+
+
+def test_missing_matplotlib_fails_before_any_run(tmp_path, capsys, monkeypatch):
+    from geocomplexity.experiments import reproduce_one
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
+    out = tmp_path / "out"
+    argv = ["reproduce", "transfer", "--preset", "smoke", "--dataset", "digits"]
+    assert main([*argv, "--out", str(out)]) == 2
+    assert "pip install 'geocomplexity[plot]'" in capsys.readouterr().err
+    assert not out.exists()  # nothing ran
+    with pytest.raises(ImportError, match="matplotlib"):
+        reproduce_one(EXPERIMENTS["transfer"], out, preset="smoke", progress=False)
+    assert not list(out.glob("*/runs/*.json"))
+
+
+def test_transfer_runs_hash_their_learning_rate_and_batch_size():
+    # the README: a run's config holds the learning rate and batch size, so
+    # editing one reruns the runs it shapes instead of reusing stale results
+    for run in EXPERIMENTS["transfer"].runs("smoke", "mnist1d", None):
+        assert run["lr"] == 1e-3 and run["batch"] == 128

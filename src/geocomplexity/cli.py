@@ -169,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         names = [args.name]
     # every check before any run: a bad folder fails in a second, not an hour in
+    try:
+        from geocomplexity.experiments.figures import pyplot
+
+        pyplot()  # each experiment ends with its figures
+    except ImportError as err:
+        return _error(str(err))
     for name in names:
         try:
             EXPERIMENTS[name].check(Context(device, args.data_dir))

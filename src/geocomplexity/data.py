@@ -174,10 +174,32 @@ def _cifar_batch(path: Path) -> tuple[Tensor, Tensor]:
         raise ValueError(f"{path} is not a CIFAR-10 batch (no data/labels)")
     data = np.asarray(d[b"data"])
     labels = np.asarray(d[b"labels"])
-    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+    if (
+        data.ndim != 2
+        or data.shape[1] != 3072
+        or labels.ndim != 1
+        or len(labels) != len(data)
+        or len(data) == 0
+    ):
         raise ValueError(
             f"{path}: expected data of shape (N, 3072) and N labels, got "
             f"{data.shape} and {labels.shape}"
+        )
+    # what would pass the shapes and fail (or quietly mislead) every run later:
+    # labels outside the 10 classes, fractional labels, pixels outside 0-255
+    if not np.issubdtype(labels.dtype, np.integer) or not (
+        labels.min() >= 0 and labels.max() <= 9
+    ):
+        raise ValueError(
+            f"{path}: expected integer labels 0-9, got {labels.dtype} from "
+            f"{labels.min()} to {labels.max()}"
+        )
+    if not np.issubdtype(data.dtype, np.integer) or not (
+        data.min() >= 0 and data.max() <= 255
+    ):
+        raise ValueError(
+            f"{path}: expected pixels as integers 0-255, got {data.dtype} from "
+            f"{data.min()} to {data.max()}"
         )
     x = torch.as_tensor(data.reshape(-1, 3, 32, 32), dtype=torch.float32) / 255.0
     return x, torch.as_tensor(labels, dtype=torch.int64)

@@ -196,7 +196,7 @@ class ArcLengthExperiment(Experiment):
             Claim.check(
                 "smooth target: arc length within 1.1x the shortest interpolant's",
                 "max over runs of arc(NN) / arc(PL interpolant)",
-                max(r["ratio"] for r in sin),
+                _max(r["ratio"] for r in sin),
                 "<=",
                 1.1,
                 len(sin),

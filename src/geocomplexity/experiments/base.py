@@ -23,6 +23,7 @@ from typing import Any
 
 from geocomplexity.atomic import write_text
 from geocomplexity.experiments.claims import Claim, write_claims
+from geocomplexity.experiments.figures import pyplot
 from geocomplexity.experiments.runner import Context, Run, run_sweep
 
 __all__ = [
@@ -173,12 +174,17 @@ def reproduce_one(
 
     Returns:
         The :class:`Outcome`.
+
+    Raises:
+        ImportError: matplotlib, which draws the figures, is missing (raised
+            before any run).
     """
     from geocomplexity.training import resolve_device
 
     directory = out / experiment.name
     context = Context(str(resolve_device(device)), data_dir, directory / "runs")
     experiment.check(context)
+    pyplot()  # the figures need matplotlib: say so before the runs, not after
     runs = experiment.runs(preset, dataset, seeds)
     records = run_sweep(
         runs,

@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from geocomplexity.atomic import write_with
+
 __all__ = ["pyplot", "save"]
 
 
@@ -33,12 +35,17 @@ def pyplot() -> Any:
 
 
 def save(fig: Any, path: Path, dpi: int = 100) -> Path:
-    """Lay out, write and close a figure.
+    """Lay out, write (atomically, as a PNG) and close a figure.
+
+    A sweep killed while a figure is written leaves the previous figure, never
+    a truncated one that the report would embed.
 
     Returns:
         ``path``.
     """
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    pyplot().close(fig)
+    try:
+        write_with(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+    finally:
+        pyplot().close(fig)
     return path

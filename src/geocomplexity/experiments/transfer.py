@@ -51,6 +51,9 @@ class Transfer(Experiment):
                 widths=p["widths"],
                 epochs=p["epochs"] if stage == "trained" else 0,
                 samples=p["samples"],
+                # part of the config (and hash): editing one reruns the runs
+                lr=1e-3,
+                batch=128,
             )
             for stage in ("init", "trained")
             for seed in range(seeds or p["seeds"])
@@ -67,14 +70,14 @@ class Transfer(Experiment):
                 model,
                 (data.x_train, data.y_train),
                 optimizer="adam",
-                lr=1e-3,
-                batch_size=128,
+                lr=run["lr"],
+                batch_size=run["batch"],
                 epochs=run["epochs"],
                 seed=run.seed,
                 device=context.device,
                 progress=False,
             )
-        # every available sample, train then test, up to the preset's count
+        # every available sample, test then train, up to the preset's count
         x = torch.cat([data.x_test, data.x_train])[: run["samples"]].double()
         t = transfer_bound(model.cpu().double(), x)
         ratio = t.tightness.flatten()

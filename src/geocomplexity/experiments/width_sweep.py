@@ -149,6 +149,13 @@ def _threshold(rows: list[dict[str, Any]]) -> int | None:
     return next((i for i, e in enumerate(train_err) if e <= 0.01), None)
 
 
+def _argmax(values: Sequence[float]) -> int | None:
+    """Index of the largest value; ``None`` if any is NaN (``max`` skips a NaN)."""
+    if not values or any(math.isnan(v) for v in values):
+        return None
+    return max(range(len(values)), key=values.__getitem__)
+
+
 class _WidthSweep(Experiment):
     _presets: dict[str, dict[str, Any]]
 
@@ -231,21 +238,29 @@ class DoubleDescent(_WidthSweep):
         _, gc = _means(rows, "gc_train")
         n = len(rows)
         threshold = _threshold(rows)
-        peak = max(range(len(widths)), key=test_loss.__getitem__)
-        gc_peak = max(range(len(widths)), key=gc.__getitem__)
+        # a NaN mean (a diverged run) leaves no peak: the claims on it fail
+        peak, gc_peak = _argmax(test_loss), _argmax(gc)
         if threshold is not None:  # none interpolates: the claim fails
             where = f"first width with mean train error <= 1%: w={widths[threshold]}"
-            distance = float(abs(peak - threshold))
         else:
-            where, distance = "no width reaches mean train error <= 1%", math.nan
+            where = "no width reaches mean train error <= 1%"
+        distance = (
+            math.nan if threshold is None or peak is None else abs(peak - threshold)
+        )
         # a peak, not an edge of the sweep: test loss lower on both sides of it
         # (a curve that only rises, or only falls, has no double descent)
-        top = test_loss[peak]
-        arms = min(top - test_loss[0], top - test_loss[-1]) / top if top > 0 else 0.0
+        if peak is None:
+            arms = math.nan
+        else:
+            top = test_loss[peak]
+            arms = (
+                min(top - test_loss[0], top - test_loss[-1]) / top if top > 0 else 0.0
+            )
+        at = {i: f"w={widths[i]}" for i in range(len(widths))}
         claims = [
             Claim.check(
                 f"test loss peaks at the interpolation threshold ({where}; peak "
-                f"at w={widths[peak]})",
+                f"at {at.get(peak, 'no width: a NaN test loss')})",
                 "grid steps between the test-loss peak and the threshold",
                 distance,
                 "<=",
@@ -265,9 +280,10 @@ class DoubleDescent(_WidthSweep):
                 dataset,
             ),
             Claim.check(
-                f"GC peaks at the same width as test loss (w={widths[gc_peak]})",
+                "GC peaks at the same width as test loss "
+                f"({at.get(gc_peak, 'no GC peak: a NaN GC')})",
                 "grid steps between the GC peak and the test-loss peak",
-                abs(gc_peak - peak),
+                math.nan if peak is None or gc_peak is None else abs(gc_peak - peak),
                 "<=",
                 1,
                 n,
@@ -292,7 +308,13 @@ class DoubleDescent(_WidthSweep):
 
 
 def _quadratic(u: list[float], v: list[float]) -> tuple[float, float, float]:
-    """Least-squares ``v ≈ a u² + b u + c``."""
+    """Least-squares ``v ≈ a u² + b u + c``; NaNs if a value is not finite.
+
+    (LAPACK's least squares fails outright on a NaN: a diverged run would stop
+    the analysis instead of failing its claims.)
+    """
+    if not all(math.isfinite(t) for t in [*u, *v]):
+        return math.nan, math.nan, math.nan
     U = torch.tensor(u, dtype=torch.float64)
     A = torch.stack([U**2, U, torch.ones_like(U)], 1)
     coef = torch.linalg.lstsq(A, torch.tensor(v, dtype=torch.float64)[:, None])
@@ -313,16 +335,18 @@ class UCurve(_WidthSweep):
     def analyze(  # noqa: D102
         self, records: Sequence[dict[str, Any]], dataset: str
     ) -> tuple[list[Claim], list[dict[str, Any]]]:
-        rows = [
-            r for r in result_rows(records) if r["gc_train"] > 0
-        ]  # dead nets: no GC
+        # dead nets (GC 0) have no log GC; a NaN (a diverged run) stays and
+        # fails every claim, as min() and max() would skip it
+        rows = [r for r in result_rows(records) if not r["gc_train"] <= 0]
         logs = [math.log(r["gc_train"]) for r in rows]
         loss = [r["test_loss"] for r in rows]
         a, b, _ = _quadratic(logs, loss)
-        vertex = -b / (2 * a) if a != 0 else math.nan
+        # only a convex fit has a minimum: a concave one's vertex is its maximum
+        vertex = -b / (2 * a) if a > 0 else math.nan
         lo, hi = min(logs), max(logs)
         best = min(range(len(rows)), key=loss.__getitem__)
         simplest = min(range(len(rows)), key=logs.__getitem__)
+        finite = not any(math.isnan(v) for v in logs + loss)
         n = len(rows)
         claims = [
             Claim.check(
@@ -355,7 +379,9 @@ class UCurve(_WidthSweep):
             Claim.check(
                 "the lowest test loss is not the lowest-GC model",
                 "GC of the best model / lowest GC",
-                rows[best]["gc_train"] / rows[simplest]["gc_train"],
+                rows[best]["gc_train"] / rows[simplest]["gc_train"]
+                if finite
+                else math.nan,
                 ">",
                 1.0,
                 n,
