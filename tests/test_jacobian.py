@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -1001,3 +1002,86 @@ def test_coupled_false_in_train_mode_for_dropout_alone():
         gcx.jacobian_sq_norms(bn, xb, mode="train", coupled=False)
     with pytest.raises(ValueError, match="coupled=False"):
         gcx.measure(bn, xb, mode="train", coupled=False, progress=False)
+
+
+@pytest.mark.parametrize("method", ["exact", "projection", "jvp", "finite_difference"])
+def test_half_precision_sums_over_probes_keep_their_precision(method):
+    # the per-sample sum over probes (over output chunks for exact) runs in
+    # float32: a bfloat16 running sum stops growing once its spacing exceeds
+    # the terms (here 500 probes lost a tenth of their sum; 2,000, half)
+    torch.manual_seed(0)
+    # exact: d = k = 400, so 400 reverse-mode directions, one at a time
+    d = 400 if method == "exact" else 8
+    model = nn.Sequential(nn.Linear(d, 16), nn.Tanh(), nn.Linear(16, 400))
+    model = model.to(torch.bfloat16)
+    x = torch.randn(5, d).to(torch.bfloat16)
+    wide = copy.deepcopy(model).double()  # the same weights, in float64
+
+    def measured(m: nn.Module, z: torch.Tensor) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)  # the same probes for both
+        return gcx.jacobian_sq_norms(
+            m, z, method=method, num_probes=500, chunk_size=1, generator=g
+        )
+
+    got, want = measured(model, x), measured(wide, x.double())
+    assert got.dtype == torch.bfloat16
+    # finite differences in bfloat16 carry their own O(sqrt(eps)) error
+    assert rel(got.double(), want) < (0.04 if method == "finite_difference" else 0.01)
+
+
+def test_float16_finite_difference_step_beyond_256():
+    # the default step's RMS of x is taken in float32: in float16 x**2
+    # overflowed beyond |x| = 256, and the step became inf
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1).half()
+    x = torch.full((3, 2), 300.0, dtype=torch.float16)
+
+    def measured(method: str) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        return gcx.jacobian_sq_norms(
+            model, x, method=method, num_probes=5, generator=g
+        ).float()
+
+    assert torch.allclose(measured("finite_difference"), measured("jvp"), rtol=0.05)
+
+
+def test_finite_difference_step_follows_autocast():
+    # a float32 input through a bfloat16 autocast model: float32's step,
+    # divided by its square, turned bfloat16 round-off into 50 times the GC
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    x = torch.randn(5, 6)
+
+    def measured() -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        return gcx.jacobian_sq_norms(
+            model, x, method="finite_difference", num_probes=200, generator=g
+        )
+
+    want = measured()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = measured()
+    assert rel(got, want) < 0.1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"coupled": "no"}, TypeError, "coupled must be None, True or False"),
+        ({"coupled": 0}, TypeError, "coupled must be None, True or False"),
+        ({"num_probes": True}, ValueError, "num_probes must be a positive"),
+    ],
+)
+def test_malformed_options_are_refused(kwargs, error, match):
+    # bool("no") is True, and coupled=0 passed the BatchNorm check, giving the
+    # batch-sum trick on coupled samples
+    model = batchnorm_mlp(5, track=False)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    with pytest.raises(error, match=match):
+        gcx.jacobian_sq_norms(model, x, method="projection", **kwargs)
+
+
+def test_meta_inputs_are_refused_with_a_clear_error():
+    model = nn.Linear(4, 3, device="meta")
+    with pytest.raises(ValueError, match="meta device"):
+        gcx.jacobian_sq_norms(model, torch.randn(5, 4, device="meta"))

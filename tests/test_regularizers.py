@@ -1047,3 +1047,19 @@ def test_penalties_on_attention_run_its_math_kernel():
     )  # fmt: skip
     assert torch.isfinite(torch.tensor(h.final["penalty"]))
     assert (cuda.flash_sdp_enabled(), cuda.math_sdp_enabled()) == flags
+
+
+def test_gc_term_refuses_outputs_that_are_no_tensor_and_a_malformed_coupled():
+    # a dict handed over as outputs= failed with "'dict' object has no
+    # attribute 'grad_fn'"; coupled=0 passed the check and then skipped the
+    # refusal of coupled=False where BatchNorm couples the samples
+    model, x, y = tanh_mlp()
+    xg = x.clone().requires_grad_(True)
+    out = {"logits": model(xg)}
+    with pytest.raises(TypeError, match=r"outputs=out\['logits'\]"):
+        GeometricComplexity(1.0)(model, xg, y, outputs=out)
+    want = GeometricComplexity(1.0, method="exact")(model, x)
+    got = GeometricComplexity(1.0, method="exact")(model, xg, outputs=out["logits"])
+    assert torch.isclose(got, want, rtol=1e-10)
+    with pytest.raises(TypeError, match="coupled must be None, True or False"):
+        GeometricComplexity(1.0, coupled=0)

@@ -123,6 +123,11 @@ def check_input(x: Any, *, differentiated: bool = True) -> Tensor:
         raise ValueError("x is a scalar; give a batch of shape (B, *input_shape)")
     if x.shape[0] == 0:
         raise ValueError("x is an empty batch (B = 0); give at least one sample")
+    if x.is_meta:
+        raise ValueError(
+            "x is on the meta device, which holds shapes but no values; "
+            "materialise the model and its inputs on a real device"
+        )
     if not torch.is_floating_point(x):  # token ids, with wrt=: always finite
         return x
     # one reduction: a NaN or inf anywhere makes the sum non-finite (a finite
@@ -392,12 +397,12 @@ def _probes_at(
                 with _replayed(x, coupled, final=i == num_probes - 1):
                     b = pushed(lambda e, v=v: v)
                 sq = signs[i].to(a.dtype) * (a * b).sum(1)
-            values = sq if values is None else values + sq
-        return values / num_probes  # type: ignore[operator]
+            values = _wide(sq) if values is None else values + sq
+        return _narrow(values / num_probes, sq.dtype)  # type: ignore[operator]
     with torch.no_grad():
         with _replayed(x, coupled):
             e, base = _run_at(model, x, output, wrt, lambda e: e.clone())
-        step = _fd_step(e, eps)  # the input's rule, on e
+        step = _fd_step(e, eps, base)  # the input's rule, on e
         for i in range(num_probes):
             u = input_probes(distribution, e, 1, generator)[0]
             with _replayed(x, coupled):
@@ -410,8 +415,8 @@ def _probes_at(
                 with _replayed(x, coupled, final=i == num_probes - 1):
                     _, out = _run_at(model, x, output, wrt, lambda e, v=v: e + step * v)
                 sq = signs[i].to(a.dtype) * (a * (out - base).reshape(B, -1)).sum(1)
-            values = sq if values is None else values + sq
-    return values / (num_probes * step**2)  # type: ignore[operator]
+            values = _wide(sq) if values is None else values + sq
+    return _narrow(values / (num_probes * step**2), sq.dtype)  # type: ignore[operator]
 
 
 def _check_scalar_batch(model: nn.Module, x: Tensor, output: Output) -> None:
@@ -475,7 +480,7 @@ def _vjp_sq_norms(
         # each skipped view counts on a small model (see the README's
         # performance notes): inside a training step a call costs 5-40 µs
         return (g if g.dim() == 2 else g.reshape(B, -1)).pow(2).sum(1)
-    total = x.new_zeros(B)
+    total = _accumulator(x, B)
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
         c = cotangents(start, stop)
@@ -505,7 +510,29 @@ def _vjp_sq_norms(
             if g is None:
                 return _unused(x, strict)
             total = total + g.reshape(stop - start, B, -1).pow(2).sum((0, 2))
-    return total
+    return _narrow(total, x.dtype)
+
+
+def _accumulator(like: Tensor, n: int) -> Tensor:
+    """Zeros ``(n,)`` to sum per-sample terms over probes or directions in.
+
+    In ``like``'s dtype, or float32 where that is narrower: a float16 or
+    bfloat16 running sum stops growing once its spacing exceeds the terms
+    added (2,000 bfloat16 jvp probes summed to less than half their total).
+    :func:`_narrow` casts the result back.
+    """
+    narrow = like.dtype.itemsize < 4
+    return like.new_zeros(n, dtype=torch.float32 if narrow else like.dtype)
+
+
+def _wide(t: Tensor) -> Tensor:
+    """``t``, in float32 where its dtype is narrower (see :func:`_accumulator`)."""
+    return t.float() if t.dtype.itemsize < 4 else t
+
+
+def _narrow(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``; no dispatch where it already is."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _unused(x: Tensor, strict: bool) -> Tensor:
@@ -542,7 +569,7 @@ def _diag_vjp_sq_norms(
     B, k = out.shape
     if not out.requires_grad:
         return _unused(x, strict)
-    total = x.new_zeros(B)
+    total = _accumulator(x, B)
     c = cotangents(0, n)  # (n, B, k)
     jobs = [(p, i) for p in range(n) for i in range(B)]
     rows = []
@@ -566,8 +593,8 @@ def _diag_vjp_sq_norms(
         g = g.reshape(len(block), B, -1)
         rows.append((idx, g[torch.arange(len(block)), idx].pow(2).sum(1)))
     for idx, val in rows:
-        total = total.index_add(0, idx, val)
-    return total
+        total = total.index_add(0, idx, val.to(total.dtype))
+    return _narrow(total, x.dtype)
 
 
 def _signs(n: int, like: Tensor, generator: torch.Generator) -> Tensor:
@@ -629,7 +656,7 @@ def _decoupled_vjp_sq_norms(
         return _unused(x, strict)
     flipped = probes * signs[..., None]
     pairs = max(1, chunk_size // 2)
-    total = x.new_zeros(B)
+    total = _accumulator(x, B)
     for start in range(0, n, pairs):
         stop = min(start + pairs, n)
         last = stop == n
@@ -664,7 +691,7 @@ def _decoupled_vjp_sq_norms(
             return _unused(x, strict)
         g = g.reshape(stop - start, 2, B, -1)
         total = total + (signs[start:stop] * (g[:, 0] * g[:, 1]).sum(-1)).sum(0)
-    return total / n
+    return _narrow(total / n, x.dtype)
 
 
 def _onehot(B: int, k: int, like: Tensor) -> Callable[[int, int], Tensor]:
@@ -734,7 +761,7 @@ def _forward_mode(
     same random numbers (one dropout mask).
     """
     B = x.shape[0]
-    total = x.new_zeros(B)
+    total = _accumulator(x, B)
 
     def pushed(u: Tensor) -> Tensor | None:
         with fwAD.dual_level():
@@ -754,7 +781,7 @@ def _forward_mode(
             b = pushed(u * _per_sample(signs[i], u))
         if a is not None and b is not None:
             total = total + signs[i].to(a.dtype) * (a * b).sum(1)
-    return total
+    return _narrow(total, x.dtype)
 
 
 def _input_side(
@@ -800,10 +827,14 @@ def _coupled(asked: bool | None, batch_norm: bool, train: bool = False) -> bool:
             overrides it, for a model whose only train-mode layer is dropout.
 
     Raises:
+        TypeError: ``asked`` is not ``None``, ``True`` or ``False``.
         ValueError: ``asked`` is ``False`` where BatchNorm couples the samples.
     """
     if asked is None:
         return batch_norm or train
+    if not isinstance(asked, bool):
+        # bool("no") is True, and 0 would pass the BatchNorm check below
+        raise TypeError(f"coupled must be None, True or False, got {asked!r}")
     if asked is False and batch_norm:
         raise ValueError(
             "coupled=False, but a BatchNorm normalises by the batch (train mode, "
@@ -906,7 +937,8 @@ def jacobian_sq_norms(
             models, a loop where there are convolutions (their batching rules
             are slower than a loop on CPU).
         eps: finite-difference step; default ``sqrt(machine eps)`` times the RMS
-            of ``x``.
+            of ``x``, the machine eps of the coarsest precision the model
+            computes in (``x``'s, its output's or autocast's).
         generator: source of probe randomness; a private OS-seeded one if ``None``
             (the global RNG is never touched). Given the global generator
             (``torch.default_generator``) itself, the probes move it on: by
@@ -961,7 +993,11 @@ def jacobian_sq_norms(
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose 'eval' or 'train'")
     check_distribution(distribution)
-    if not isinstance(num_probes, int) or num_probes < 1:
+    if (
+        not isinstance(num_probes, int)
+        or isinstance(num_probes, bool)
+        or num_probes < 1
+    ):
         raise ValueError(f"num_probes must be a positive integer, got {num_probes!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(
@@ -1165,16 +1201,38 @@ def _exact_forward_or_none(
         return None
 
 
-def _fd_step(x: Tensor, eps: float | None) -> float:
+def _fd_step(x: Tensor, eps: float | None, out: Tensor | None = None) -> float:
     """The finite-difference step: ``eps``, or by default √(machine eps)·RMS(x).
 
     sqrt(machine eps) balances truncation (kinks crossed, curvature) against
-    round-off; the RMS makes the step unit-free.
+    round-off; the RMS makes the step unit-free. The machine eps is that of
+    the coarsest precision the pass computes in: ``x``'s, the output's, or
+    autocast's (a float32 input through a bfloat16 autocast model, whose
+    round-off float32's step, divided by its square, made 50 times the GC).
     """
     if eps is not None:
         return eps
-    scale = x.pow(2).mean().sqrt().item() or 1.0
-    return math.sqrt(torch.finfo(x.dtype).eps) * scale
+    # in float32 at least: a float16 square overflows beyond |x| = 256
+    scale = _wide(x).pow(2).mean().sqrt().item() or 1.0
+    dtypes = (x.dtype, None if out is None else out.dtype, _autocast_dtype(x))
+    unit = max(torch.finfo(d).eps for d in dtypes if d is not None)
+    return math.sqrt(unit) * scale
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast computes in on ``x``'s device; ``None`` where it is off."""
+    device = x.device.type
+    try:
+        if torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+    except (TypeError, AttributeError):  # torch < 2.4 asks about CUDA only
+        if device == "cpu" and torch.is_autocast_cpu_enabled():
+            return torch.get_autocast_cpu_dtype()
+        if device == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+    except RuntimeError:  # a device without autocast
+        pass
+    return None
 
 
 def _finite_difference(
@@ -1190,13 +1248,13 @@ def _finite_difference(
     with ``Δ(u) = g(x + εu) − g(x)``, every pass drawing the same random
     numbers (see :func:`_forward_mode`).
     """
-    eps = _fd_step(x, eps)
     B = x.shape[0]
     coupled = signs is not None
     with torch.no_grad():
         with _replayed(x, coupled):
             base = fn(x)
-        total = x.new_zeros(B)
+        eps = _fd_step(x, eps, base)
+        total = _accumulator(x, B)
         for i, ui in enumerate(u):
             with _replayed(x, coupled):
                 a = (fn(x + eps * ui) - base).reshape(B, -1)
@@ -1207,7 +1265,7 @@ def _finite_difference(
                 flipped = x + eps * ui * _per_sample(signs[i], ui)
                 b = (fn(flipped) - base).reshape(B, -1)
             total = total + signs[i].to(a.dtype) * (a * b).sum(1)
-    return total / (u.shape[0] * eps**2)
+    return _narrow(total / (u.shape[0] * eps**2), x.dtype)
 
 
 def _finite(values: Tensor) -> Tensor:

@@ -105,7 +105,7 @@ class GeometricComplexity(Regularizer):
         if not isinstance(num_probes, int) or num_probes < 1:
             raise ValueError(f"num_probes must be a positive integer, got {num_probes}")
         check_distribution(distribution)
-        if coupled not in (None, True, False):
+        if coupled is not None and not isinstance(coupled, bool):
             raise TypeError(f"coupled must be None, True or False, got {coupled!r}")
         self.wrt, self.coupled = wrt, coupled
         self.method, self.num_probes, self.subsample = method, num_probes, subsample
@@ -213,6 +213,7 @@ class GeometricComplexity(Regularizer):
         elif (
             outputs is not None
             and self.method != "jvp"
+            and _reusable(outputs)
             and x.requires_grad
             and outputs.grad_fn is not None
         ):  # reuse the task loss's forward pass
@@ -271,3 +272,18 @@ class GeometricComplexity(Regularizer):
             + ("" if self.coupled is None else f", coupled={self.coupled!r}")
             + ")"
         )
+
+
+def _reusable(outputs: Any) -> bool:
+    """Whether ``outputs`` is a tensor, the one kind the penalty can reuse.
+
+    Raises:
+        TypeError: a dict, tuple or other container, with the fix.
+    """
+    if isinstance(outputs, Tensor):
+        return True
+    raise TypeError(
+        f"outputs is a {type(outputs).__name__}; hand over the output tensor the "
+        "penalty differentiates (outputs=out['logits'] for a model that returns a "
+        "dict), with inputs that required grad in the forward pass"
+    )
