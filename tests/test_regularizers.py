@@ -1056,10 +1056,123 @@ def test_gc_term_refuses_outputs_that_are_no_tensor_and_a_malformed_coupled():
     model, x, y = tanh_mlp()
     xg = x.clone().requires_grad_(True)
     out = {"logits": model(xg)}
-    with pytest.raises(TypeError, match=r"outputs=out\['logits'\]"):
+    with pytest.raises(TypeError, match=r"output=lambda o: o\['logits'\]"):
         GeometricComplexity(1.0)(model, xg, y, outputs=out)
     want = GeometricComplexity(1.0, method="exact")(model, x)
     got = GeometricComplexity(1.0, method="exact")(model, xg, outputs=out["logits"])
     assert torch.isclose(got, want, rtol=1e-10)
     with pytest.raises(TypeError, match="coupled must be None, True or False"):
         GeometricComplexity(1.0, coupled=0)
+
+
+class _DictModel(nn.Module):
+    """A model that returns a dict, as Hugging Face models do."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.inner(x)
+        return {"logits": logits, "twice": 2 * logits}
+
+
+def _logits(o: dict[str, torch.Tensor]) -> torch.Tensor:
+    return o["logits"]
+
+
+@pytest.mark.parametrize("method", ["exact", "projection", "jvp"])
+def test_gc_term_output_picks_what_is_differentiated(method):
+    # output= as in jacobian_sq_norms: a function of the model's output (applied
+    # to outputs= when handed over) or a submodule's name; value and gradient
+    # are those of the term on the plain model
+    inner, x, _ = tanh_mlp()
+    model = _DictModel(inner)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+
+    def value_and_grad(term, m, **kwargs):
+        for p in inner.parameters():
+            p.grad = None
+        v = term(m, kwargs.pop("xg", x), **kwargs)
+        v.backward()
+        return v.detach(), [  # the last bias leaves GC alone: no gradient
+            torch.zeros_like(p) if p.grad is None else p.grad.clone()
+            for p in inner.parameters()
+        ]
+
+    want = value_and_grad(GeometricComplexity(1.0, method, generator=g()), inner)
+    got = [
+        value_and_grad(
+            GeometricComplexity(1.0, method, generator=g(), output=_logits), model
+        ),
+        value_and_grad(
+            GeometricComplexity(1.0, method, generator=g(), output="inner"), model
+        ),
+    ]
+    xg = x.clone().requires_grad_(True)
+    out = model(xg)
+    got.append(
+        value_and_grad(
+            GeometricComplexity(1.0, method, generator=g(), output=_logits),
+            model,
+            xg=xg,
+            outputs=out,
+        )
+    )
+    for value, grads in got:
+        assert torch.allclose(value, want[0], rtol=1e-10)
+        for a, b in zip(grads, want[1], strict=True):
+            assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)
+    twice = GeometricComplexity(1.0, method, generator=g(), output=lambda o: o["twice"])
+    assert torch.allclose(twice(model, x), 4 * want[0], rtol=1e-10)
+
+
+def test_gc_term_output_option_in_training_and_repr():
+    # a named submodule needs the term's own forward pass, so fit must not
+    # make the inputs require grad for it; the repr keys checkpoints, so it
+    # names a function, never by its memory address
+    by_name = GeometricComplexity(1.0, output="inner")
+    by_function = GeometricComplexity(1.0, output=_logits)
+    assert not by_name.reuses_input_grad and by_function.reuses_input_grad
+    assert repr(by_name).endswith("output='inner')")
+    assert repr(by_function).endswith("output=test_regularizers._logits)")
+    assert "0x" not in repr(GeometricComplexity(1.0, output=lambda o: o["a"]))
+    with pytest.raises(TypeError, match="output must be None, a callable"):
+        GeometricComplexity(1.0, output=3)
+    inner, x, y = tanh_mlp()
+    with pytest.raises(TypeError, match="submodule 'inner' returns a tuple"):
+        gcx.jacobian_sq_norms(_Pair(inner), x, output="inner")
+    # a training step's fast path (Regularizer.backward, as fit() calls it)
+    # on a dict-returning model, reusing the step's forward pass
+    model, term = _DictModel(inner), GeometricComplexity(1.0, "exact", output=_logits)
+    xg = x.clone().requires_grad_(True)
+    out = model(xg)
+    loss = F.cross_entropy(out["logits"], y)
+    params = list(inner.parameters())
+    value = term.backward(loss, model, xg, y, outputs=out, params=params)
+    got = [p.grad.clone() for p in params]
+    want = torch.autograd.grad(
+        F.cross_entropy(inner(x), y) + GeometricComplexity(1.0, "exact")(inner, x),
+        params,
+    )
+    assert torch.isclose(value, GeometricComplexity(1.0, "exact")(inner, x))
+    for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)
+
+
+class _Pair(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = _Twice(inner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)[0]
+
+
+class _Twice(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.m = inner
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.m(x), self.m(x)

@@ -208,6 +208,12 @@ def _select(model: nn.Module, x: Tensor, output: Output) -> Tensor:
             )
         finally:
             handle.remove()
+        if not isinstance(out, Tensor):  # output= callables act on the model's
+            raise TypeError(
+                f"submodule {output!r} returns a {type(out).__name__}, not a "
+                "tensor; name a submodule that returns the tensor to measure, or "
+                "pass output= a function of the model's output"
+            )
     else:
         out = model(x)
         if output is not None:
@@ -217,6 +223,17 @@ def _select(model: nn.Module, x: Tensor, output: Output) -> Tensor:
                     f"name of a submodule; got {type(output).__name__}"
                 )
             out = output(out)
+    return _flat_output(out, x.shape[0])
+
+
+def _flat_output(out: Any, B: int) -> Tensor:
+    """The differentiated output ``(B, ...)`` checked and flattened to ``(B, k)``.
+
+    Raises:
+        TypeError: ``out`` is no tensor (a dict or tuple: the hint names
+            ``output=``), or not floating point.
+        ValueError: its first dimension is not the batch of size ``B``.
+    """
     if not isinstance(out, Tensor):
         hint = ""
         if isinstance(out, dict):
@@ -228,7 +245,6 @@ def _select(model: nn.Module, x: Tensor, output: Output) -> Tensor:
             f"the differentiated output is a {type(out).__name__}{hint}, not a tensor; "
             "pass output= to pick the tensor to measure"
         )
-    B = x.shape[0]
     if out.dim() == 0 or out.shape[0] != B:
         raise ValueError(
             f"the output has shape {tuple(out.shape)}, with no batch dimension of "

@@ -1,6 +1,7 @@
 """Geometric complexity as a ``torchmetrics.Metric``.
 
-The state is a sum and a count (``dist_reduce_fx="sum"``), so the value is the
+The states are sums: of the per-sample values, of their squares (for the
+standard error) and a count (``dist_reduce_fx="sum"``), so the value is the
 exact data-set mean however the data are split across batches and processes::
 
     metric = GeometricComplexity(model)

@@ -19,8 +19,10 @@ from torch import Tensor, nn
 
 from geocomplexity.composite_ops import composite_ops
 from geocomplexity.jacobian import (
+    Output,
     _coupled,
     _default_chunk,
+    _flat_output,
     _input_side,
     _probes_at,
     _select,
@@ -51,8 +53,8 @@ class GeometricComplexity(Regularizer):
         subsample: fraction of the batch in (0, 1] to penalise; below 1 the term
             runs its own forward pass on that many samples, drawn at random.
             It saves less than the fraction suggests where small batches run
-            inefficiently: on a 2-core CPU, 0.25 made a training step 1.7–2.3×
-            a plain one against 2.1–2.6× for the whole batch (``benchmarks/``).
+            inefficiently: on a 2-core CPU, 0.25 made a training step 1.6–2.1×
+            a plain one against 2.1–2.4× for the whole batch (``benchmarks/``).
         distribution: probe distribution.
         generator: randomness for probes and the subsample.
         wrt: a submodule whose output the Jacobian is taken against, such as
@@ -63,6 +65,11 @@ class GeometricComplexity(Regularizer):
             ``jacobian_sq_norms``): ``None`` recognises BatchNorm with batch
             statistics; ``True`` for a layer of another type that mixes
             samples.
+        output: what is differentiated, as in ``jacobian_sq_norms``: the
+            model's output (``None``), a function of it (a dict entry:
+            ``lambda o: o["logits"]``), applied to ``outputs`` when they are
+            handed over, or the name of a submodule, whose output needs a
+            forward pass of the term's own.
 
     BatchNorm in train mode couples the samples, so there the term takes the
     per-sample diagonal blocks rather than the batch-sum trick: ``"exact"``
@@ -70,8 +77,8 @@ class GeometricComplexity(Regularizer):
     with two sign-paired VJPs per probe, unbiased (see
     :func:`geocomplexity.jacobian._decoupled_vjp_sq_norms`), and ``"jvp"``
     with two sign-paired dual passes per probe. A 1-probe step on a
-    train-mode ResNet-18 costs about 4.6× a plain step this way, against
-    about 56× one VJP per sample.
+    train-mode ResNet-18 costs about 4.3–4.6× a plain step this way, against
+    about 53–56× with one VJP per sample (``benchmarks/bench_coupled.py``).
 
     The ``"jvp"`` penalty runs layer, batch and instance norm as composite
     operations (:mod:`geocomplexity.composite_ops`): backpropagating
@@ -88,6 +95,7 @@ class GeometricComplexity(Regularizer):
         generator: torch.Generator | None = None,
         wrt: str | None = None,
         coupled: bool | None = None,
+        output: Output = None,
     ) -> None:
         self.strength = check_strength(strength)
         if method == "finite_difference":
@@ -107,14 +115,24 @@ class GeometricComplexity(Regularizer):
         check_distribution(distribution)
         if coupled is not None and not isinstance(coupled, bool):
             raise TypeError(f"coupled must be None, True or False, got {coupled!r}")
-        self.wrt, self.coupled = wrt, coupled
+        if not (output is None or isinstance(output, str) or callable(output)):
+            raise TypeError(
+                "output must be None, a callable on the model's output, or the "
+                f"name of a submodule; got {type(output).__name__}"
+            )
+        self.wrt, self.coupled, self.output = wrt, coupled, output
         self.method, self.num_probes, self.subsample = method, num_probes, subsample
         self.distribution, self.generator = distribution, generator
         self._fallback: torch.Generator | None = None
 
     @property
     def reuses_input_grad(self) -> bool:  # type: ignore[override]  # noqa: D102
-        return self.method != "jvp" and self.subsample == 1 and self.wrt is None
+        return (
+            self.method != "jvp"
+            and self.subsample == 1
+            and self.wrt is None
+            and not isinstance(self.output, str)
+        )
 
     def seed(self, generator: torch.Generator) -> None:  # noqa: D102
         self._fallback = generator
@@ -204,20 +222,14 @@ class GeometricComplexity(Regularizer):
             with kept_buffers(model):
                 if self.method == "jvp":
                     values = _probes_at(
-                        model, x, None, self.wrt, "jvp", self.distribution,
+                        model, x, self.output, self.wrt, "jvp", self.distribution,
                         self.num_probes, None, gen, coupled,
                     )  # fmt: skip
                 else:
-                    e, out = _select_wrt(model, x, None, self.wrt)
+                    e, out = _select_wrt(model, x, self.output, self.wrt)
                     values = self._norms(model, e, out, gen, coupled)
-        elif (
-            outputs is not None
-            and self.method != "jvp"
-            and _reusable(outputs)
-            and x.requires_grad
-            and outputs.grad_fn is not None
-        ):  # reuse the task loss's forward pass
-            out = outputs.reshape(B, -1)
+        elif (out := self._reused(x, outputs)) is not None:
+            # the task loss's forward pass
             values = self._norms(model, x, out, gen, coupled, strict=True)
         else:
             # a forward pass of its own, in the model's current mode; running
@@ -226,13 +238,32 @@ class GeometricComplexity(Regularizer):
             with kept_buffers(model):
                 if self.method == "jvp":
                     values = _input_side(
-                        lambda z: _select(model, z, None), xg, "jvp",
+                        lambda z: _select(model, z, self.output), xg, "jvp",
                         self.distribution, self.num_probes, None, gen, coupled,
                     )  # fmt: skip
                 else:
-                    out = _select(model, xg, None)
+                    out = _select(model, xg, self.output)
                     values = self._norms(model, xg, out, gen, coupled)
         return values.mean()
+
+    def _reused(self, x: Tensor, outputs: Any) -> Tensor | None:
+        """The handed-over ``outputs`` as ``(B, k)``, where they can be reused.
+
+        They can where the inputs required grad in that forward pass and the
+        method is a reverse-mode one; ``output=`` a callable is applied to
+        them (a submodule's output is not among them).
+        """
+        if (
+            outputs is None
+            or self.method == "jvp"
+            or isinstance(self.output, str)
+            or not x.requires_grad
+        ):
+            return None
+        out = _flat_output(
+            outputs if self.output is None else self.output(outputs), x.shape[0]
+        )
+        return out if out.grad_fn is not None else None
 
     def _norms(
         self,
@@ -270,20 +301,19 @@ class GeometricComplexity(Regularizer):
             # string, and those saved before the option existed still match
             + ("" if self.wrt is None else f", wrt={self.wrt!r}")
             + ("" if self.coupled is None else f", coupled={self.coupled!r}")
+            + ("" if self.output is None else f", output={_named(self.output)}")
             + ")"
         )
 
 
-def _reusable(outputs: Any) -> bool:
-    """Whether ``outputs`` is a tensor, the one kind the penalty can reuse.
+def _named(output: Output) -> str:
+    """``output`` as the repr shows it: a function by its qualified name.
 
-    Raises:
-        TypeError: a dict, tuple or other container, with the fix.
+    Not its default repr, whose memory address would change from run to run
+    and key a resumed run's checkpoint apart from the run that wrote it.
     """
-    if isinstance(outputs, Tensor):
-        return True
-    raise TypeError(
-        f"outputs is a {type(outputs).__name__}; hand over the output tensor the "
-        "penalty differentiates (outputs=out['logits'] for a model that returns a "
-        "dict), with inputs that required grad in the forward pass"
-    )
+    if isinstance(output, str):
+        return repr(output)
+    module = getattr(output, "__module__", None)
+    name = getattr(output, "__qualname__", None) or type(output).__qualname__
+    return f"{module}.{name}" if module else name
