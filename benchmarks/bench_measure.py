@@ -23,8 +23,9 @@ random N(0, 1) inputs and random labels, every model in eval mode):
   on a few samples and scaled to the batch.
 
 Each method gets two warm-up calls, then repeats are interleaved (one call of
-every method per round, the order rotated each round) so that drift (thermal,
-other processes) hits all methods alike; the median is reported. Rounds continue
+every method per round, in a fresh seeded random order each round) so that drift
+(thermal, other processes) hits all methods alike and no method always runs
+right after the same one; the median is reported. Rounds continue
 until a per-model time budget runs out, between a minimum and maximum count.
 
 Also measured: the exact data-set GC of MNIST-1D's 4000 training points with
@@ -395,14 +396,18 @@ def time_interleaved(
             continue
         m.calls = max(1, min(50, round(min_sample_s / max(once, 1e-6))))
     live = [name for name, m in methods.items() if m.error is None]
+    # a fresh random order each round, seeded so runs are comparable: a rotation
+    # keeps every method behind the same (memory-heavy, cache-evicting)
+    # predecessor in all rounds but one, which would bias the paired ratios
+    order_rng = random.Random(0)
     start = time.perf_counter()
     rounds = 0
     while rounds < max_rounds and (
         rounds < min_rounds or time.perf_counter() - start < budget_s
     ):
-        # rotate the order so no method always follows the same (memory-heavy) one
-        shift = rounds % len(live)
-        for name in live[shift:] + live[:shift]:
+        order = live[:]
+        order_rng.shuffle(order)
+        for name in order:
             m = methods[name]
             sync()
             t0 = time.perf_counter()
@@ -412,6 +417,24 @@ def time_interleaved(
             m.samples.append((time.perf_counter() - t0) / m.calls)
         rounds += 1
     return rounds
+
+
+#: Relative error above which a correctness check is flagged (float32; loose
+#: enough for TF32 convolutions on a GPU, far below what a wrong path gives).
+CHECK_TOL = 1e-2
+
+
+def rel_err(value: Tensor, ref: Tensor) -> float:
+    """``|value - ref| / |ref|`` of two scalars, as a float."""
+    return ((value.detach() - ref.detach()).abs() / ref.detach().abs()).item()
+
+
+def warn_check(name: str, check: dict[str, float]) -> None:
+    """Warn on stderr about every check beyond :data:`CHECK_TOL`."""
+    for what, err in check.items():
+        if not err <= CHECK_TOL:  # NaN too
+            print(f"warning: {name}: {what} = {err:.3g}: the timed paths disagree",
+                  file=sys.stderr)  # fmt: skip
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -461,6 +484,15 @@ def bench_model(case: Case, budget_s: float, min_rounds: int, max_rounds: int,
     ref_naive = naive_sq_norms(model, x_naive)
     rel = (exact[:n_naive] - ref_naive).abs() / ref_naive
     check["max_rel_err_exact_vs_naive"] = rel.max().item()
+    # the other timed exact paths (both chunk sizes, the bare loop) must give the
+    # same GC too: a fast but wrong path would otherwise look good
+    gc_exact = exact.mean()
+    for c in (1, k):
+        v = geocomplexity.geometric_complexity(model, x, method="exact", chunk_size=c)
+        check[f"rel_err_exact_chunk_size={c}"] = rel_err(v, gc_exact)
+    if methods[BARE["exact"]].error is None:
+        check["rel_err_bare_loop_of_k_vjps"] = rel_err(bare_exact(model, x)(), gc_exact)
+    warn_check(case.name, check)
 
     fwd_bwd = methods["fwd+bwd"].median_ms
     forward = methods["forward"].median_ms
@@ -773,7 +805,9 @@ def check_floors(models: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 "bare_paired": bare_ci, "bare_verdict": verdict(bare, bare_ci, limit),
             }  # fmt: skip
             if method == "exact":
-                v = best[ratio_field]
+                # the same statistic as ``value``: the paired median where it exists
+                best_ci = best["paired"][ratio_field]
+                v = best[ratio_field] if best_ci is None else best_ci[0]
                 row["value_fastest_chunk"] = v
                 row["pass_fastest_chunk"] = None if v is None else bool(v <= limit)
             floors.append(row)
@@ -877,12 +911,20 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     mem = result.get("peak_memory")
     if mem:
+        cuda = meta.get("device", "cpu") != "cpu"
+        how = (
+            "CUDA allocator's peak during the call minus what was allocated "
+            "before it, in-process after a warm-up call"
+            if cuda
+            else "peak RSS during the call minus RSS before it, fresh warmed-up "
+            "process each"
+        )
+        peak = "peak allocated MiB" if cuda else "peak RSS MiB"
         lines += [
             "",
-            f"Peak memory of exact GC, {mem['model']} B={mem['batch']} (peak RSS "
-            "during the call minus RSS before it, fresh warmed-up process each):",
+            f"Peak memory of exact GC, {mem['model']} B={mem['batch']} ({how}):",
             "",
-            "| chunk_size | extra peak MiB | peak RSS MiB |",
+            f"| chunk_size | extra peak MiB | {peak} |",
             "|---:|---:|---:|",
         ]
         for r in mem["rows"]:

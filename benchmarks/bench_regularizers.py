@@ -37,8 +37,10 @@ from bench_measure import (
     paired_interval,
     rademacher,
     ratio,
+    rel_err,
     time_interleaved,
     verdict,
+    warn_check,
 )
 from torch import Tensor, nn
 
@@ -63,17 +65,22 @@ FLOORS = {
     "gradient_norm_finite_difference": 2.2,
     "spectral_norm": 1.15,
 }
+LAMBDA = 1e-3  # the strength of the terms with a bare reference (see terms())
+# the bare penalties that differentiate the task loss's forward pass in the input
+BARE_REUSE = ("gc_projection_1", "gc_exact")
 
 
 def terms() -> dict[str, Regularizer]:
-    g = torch.Generator().manual_seed(0)
+    # on the benchmark's device, as the bare references' generator is: a CPU
+    # generator with CUDA inputs draws on the host and copies (a stream sync)
+    g = torch.Generator(device=bench_measure.DEVICE).manual_seed(0)
     return {
-        "gc_projection_1": GeometricComplexity(1e-3, generator=g),
+        "gc_projection_1": GeometricComplexity(LAMBDA, generator=g),
         "gc_projection_1_subsample_0.25": GeometricComplexity(
-            1e-3, subsample=0.25, generator=g
+            LAMBDA, subsample=0.25, generator=g
         ),
-        "gc_exact": GeometricComplexity(1e-3, method="exact"),
-        "gradient_norm_double_backprop": GradientNorm(1e-3),
+        "gc_exact": GeometricComplexity(LAMBDA, method="exact"),
+        "gradient_norm_double_backprop": GradientNorm(LAMBDA),
         "gradient_norm_finite_difference": GradientNorm(
             1e-3, method="finite_difference"
         ),
@@ -102,6 +109,38 @@ def step(
     return run
 
 
+def bare_penalty(
+    which: str,
+    model: nn.Module,
+    x: Tensor,
+    xb: Tensor,
+    out: Tensor,
+    loss: Tensor,
+    params: list[Tensor],
+    g: torch.Generator,
+) -> Tensor:
+    """The penalty of :func:`bare_step` (before λ), on its forward pass ``out``."""
+    if which == "gradient_norm_double_backprop":
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        return sum(gr.pow(2).sum() for gr in grads)
+    if which == "gc_projection_1_subsample_0.25":  # its own quarter forward
+        m = -(-len(x) // 4)
+        idx = torch.randperm(len(x), generator=g, device=x.device)[:m]
+        xs = x[idx].requires_grad_(True)
+        outs = model(xs)
+        (u,) = torch.autograd.grad(outs, xs, rademacher(outs, g), create_graph=True)
+        return u.pow(2).sum() / m
+    if which == "gc_exact":
+        cots = [torch.zeros_like(out) for _ in range(out.shape[1])]
+        for j, c in enumerate(cots):
+            c[:, j] = 1
+    else:
+        cots = [rademacher(out, g)]
+    return sum(
+        torch.autograd.grad(out, xb, c, create_graph=True)[0].pow(2).sum() for c in cots
+    ) / len(x)
+
+
 def bare_step(model: nn.Module, x: Tensor, y: Tensor, which: str) -> Callable[[], None]:
     """The same step written with bare autograd, for the penalties with a floor.
 
@@ -116,38 +155,54 @@ def bare_step(model: nn.Module, x: Tensor, y: Tensor, which: str) -> Callable[[]
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=0.0)
     g = torch.Generator(device=x.device).manual_seed(0)
-    lam = 1e-3
 
     def run() -> None:
         opt.zero_grad(set_to_none=True)
-        xb = x.detach().requires_grad_(which in ("gc_projection_1", "gc_exact"))
+        xb = x.detach().requires_grad_(which in BARE_REUSE)
         out = model(xb)
         loss = F.cross_entropy(out, y)
-        if which == "gradient_norm_double_backprop":
-            grads = torch.autograd.grad(loss, params, create_graph=True)
-            penalty = sum(gr.pow(2).sum() for gr in grads)
-        elif which == "gc_projection_1_subsample_0.25":  # its own quarter forward
-            m = -(-len(x) // 4)
-            idx = torch.randperm(len(x), generator=g, device=x.device)[:m]
-            xs = x[idx].requires_grad_(True)
-            outs = model(xs)
-            (u,) = torch.autograd.grad(outs, xs, rademacher(outs, g), create_graph=True)
-            penalty = u.pow(2).sum() / m
-        else:
-            if which == "gc_exact":
-                cots = [torch.zeros_like(out) for _ in range(out.shape[1])]
-                for j, c in enumerate(cots):
-                    c[:, j] = 1
-            else:
-                cots = [rademacher(out, g)]
-            penalty = sum(
-                torch.autograd.grad(out, xb, c, create_graph=True)[0].pow(2).sum()
-                for c in cots
-            ) / len(x)
-        (loss + lam * penalty).backward(inputs=params)
+        penalty = bare_penalty(which, model, x, xb, out, loss, params, g)
+        (loss + LAMBDA * penalty).backward(inputs=params)
         opt.step()
 
     return run
+
+
+def check_against_bare(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, float]:
+    """Relative errors of the library's deterministic penalties against the bare.
+
+    The value and its parameter gradient, for the penalties whose bare reference
+    computes the same number (the projections draw different probes): a fast
+    but wrong penalty would otherwise look good.
+    """
+    params = list(model.parameters())
+    lib_terms = terms()
+    check = {}
+    for which in ("gc_exact", "gradient_norm_double_backprop"):
+        term = lib_terms[which]
+        got = []
+        for bare in (False, True):
+            reuse = which in BARE_REUSE if bare else term.reuses_input_grad
+            xb = x.detach().requires_grad_(reuse)
+            out = model(xb)
+            loss = F.cross_entropy(out, y)
+            if bare:  # the generator goes unused: these penalties draw nothing
+                g = torch.Generator(device=x.device)
+                pen = LAMBDA * bare_penalty(which, model, x, xb, out, loss, params, g)
+            else:
+                pen = term(model, xb, y, outputs=out)
+            grads = torch.autograd.grad(pen, params, allow_unused=True)
+            flat = torch.cat(
+                [
+                    (torch.zeros_like(p) if gr is None else gr).flatten()
+                    for p, gr in zip(params, grads, strict=True)
+                ]
+            )
+            got.append((pen.detach(), flat))
+        (v, gv), (ref, gref) = got
+        check[f"{which}: rel_err_value"] = rel_err(v, ref)
+        check[f"{which}: rel_err_grad"] = ((gv - gref).norm() / gref.norm()).item()
+    return check
 
 
 def quarter_pass(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], None]:
@@ -226,7 +281,12 @@ def bench_case(
             # a reference, not judged: would bare autograd meet the floor?
             rows[name]["reference_verdict"] = judged
     label = case.name + (" (train mode)" if train else "")
-    return {"name": label, "batch": len(case.x), "rounds": n, "methods": rows}
+    record = {"name": label, "batch": len(case.x), "rounds": n, "methods": rows}
+    if not train and only is None:
+        # the library's penalties must compute what their bare references do
+        record["check"] = check_against_bare(model, case.x, case.y)
+        warn_check(label, record["check"])
+    return record
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -285,8 +345,10 @@ def main(argv: list[str] | None = None) -> int:
         cases[key] = bench_case(key, budget, rounds)
     if "d" in args.models:
         print("timing model d in train mode ...", file=sys.stderr)
+        # the same rounds as the other cases: at least 6, or there is no paired
+        # 95% interval and a verdict would rest on the point value alone
         cases["d_train"] = bench_case(
-            "d", budget, (3, 6), train=True, only=("gc_projection_1", "spectral_norm")
+            "d", budget, rounds, train=True, only=("gc_projection_1", "spectral_norm")
         )
     result = {
         "benchmark": "regularized training step ÷ plain training step",

@@ -9,7 +9,7 @@
 # it lacks, so `prepare` copies it from this checkout's virtual environment. Each
 # step has its own time limit and writes its log to OUT (at most 8 files come
 # back: 5 logs, 2 JSON results and summary.txt); a failing step does not stop
-# the others. The steps:
+# the others. The limits add up to 550 s, inside one 600 s device command. The steps:
 #   1. tests/test_cuda.py and the CUDA cases of the training tests (CUDA vs CPU
 #      in float64, the CUDA RNG, autocast, fit on CUDA);
 #   2. benchmarks/bench_measure.py --device cuda --quick;
@@ -53,20 +53,20 @@ $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cu
          torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO CUDA")' \
     | tee -a "$summary"
 
-step tests 180 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+step tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py \
     tests/test_training.py -k "cuda"
-step bench_measure 150 $PY benchmarks/bench_measure.py --device cuda --quick \
+step bench_measure 120 $PY benchmarks/bench_measure.py --device cuda --quick \
     --threads 8 --out "$OUT/measure_cuda.json"
-step bench_regularizers 150 $PY benchmarks/bench_regularizers.py --device cuda \
+step bench_regularizers 130 $PY benchmarks/bench_regularizers.py --device cuda \
     --quick --threads 8 --out "$OUT/regularizers_cuda.json"
 
 cifar=$(mktemp -d)/cifar-10-batches-py
 $PY -c "import sys; sys.path.insert(0, 'tests')
 from pathlib import Path; from conftest import write_fake_cifar
 write_fake_cifar(Path('$cifar'), n=64)"
-step resnet_smoke 120 $PY -m geocomplexity.cli reproduce resnet-double-descent \
+step resnet_smoke 90 $PY -m geocomplexity.cli reproduce resnet-double-descent \
     --preset smoke --device cuda --workers 1 --data-dir "$cifar" --out "$(mktemp -d)"
-step ddp 90 $PY -m torch.distributed.run --standalone --nproc_per_node 1 \
+step ddp 60 $PY -m torch.distributed.run --standalone --nproc_per_node 1 \
     examples/ddp.py
 
 cat "$summary"
