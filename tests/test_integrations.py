@@ -319,6 +319,51 @@ def test_lightning_callback_leaves_training_alone_and_logs_once_per_step():
     assert steps == [1, 2]  # once per optimizer step, not once per batch
 
 
+def test_lightning_callback_resumed_run_does_not_log_the_resumed_step_again(
+    tmp_path,
+):
+    from geocomplexity.integrations.lightning import GeometricComplexityCallback
+
+    L, Memory, Module, train, val, x = _lightning_setup()
+
+    def fit(epochs, **kwargs):
+        logger = Memory()
+        callback = GeometricComplexityCallback(x[:10], every_n_steps=1)
+        trainer = _trainer(L, logger, callback, accumulate_grad_batches=3)
+        trainer.fit_loop.max_epochs = epochs
+        trainer.fit(Module(), train, val, **kwargs)
+        return trainer, [s for s, m in logger.rows if "gc/train" in m]
+
+    first, steps = fit(1)  # one optimizer step per epoch: 3 batches, 3 accumulated
+    assert steps == [1]
+    first.save_checkpoint(tmp_path / "last.ckpt")
+    # the first batch after resuming ends at step 1 again, which was logged
+    _, steps = fit(2, ckpt_path=tmp_path / "last.ckpt")
+    assert steps == [2]
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"method": "jvp", "num_probes": 4}, {"output": "net.2"}]
+)
+def test_lightning_callback_measures_a_compiled_module(kwargs):
+    # Lightning compiles the module's forward; a compiled graph has no
+    # forward-mode derivative and ignores hooks added after it was compiled
+    from geocomplexity.integrations.lightning import GeometricComplexityCallback
+
+    if not hasattr(torch.compiler, "set_stance"):
+        pytest.skip("torch.compiler.set_stance is torch >= 2.6")
+    L, Memory, Module, train, val, x = _lightning_setup()
+    logger, module = Memory(), Module()
+    callback = GeometricComplexityCallback(x[:10], **kwargs)
+    compiled = torch.compile(module, backend="aot_eager")
+    _trainer(L, logger, callback).fit(compiled, train, val)
+    logged = [m["gc/train"] for _, m in logger.rows if "gc/train" in m]
+    assert len(logged) == 2 and all(math.isfinite(v) for v in logged)
+    if "output" in kwargs:  # the last layer's output is the model's
+        want = measure(module, x[:10], method="exact", progress=False).value
+        assert logged[-1] == pytest.approx(want, rel=1e-6)
+
+
 # -- torchrun / DDP --------------------------------------------------------------
 
 
@@ -377,6 +422,66 @@ def test_torchrun_example_runs():
     assert len(measured) == 2 and measured[0] == measured[1]
     assert any(line.startswith("single process:") for line in lines)
     assert sum(line.startswith("epoch") for line in lines) == 2
+
+
+LIGHTNING_DDP = """
+import json, sys
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+from geocomplexity import measure
+from geocomplexity.integrations.lightning import GeometricComplexityCallback
+
+class Module(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(),
+                                       torch.nn.Linear(16, 3))
+    def forward(self, x):
+        return self.net(x)
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+    def validation_step(self, batch, batch_idx):
+        pass
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+g = torch.Generator().manual_seed(0)
+x, y = torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g)
+callback = GeometricComplexityCallback(num_samples=int(sys.argv[2]))
+trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp",
+                    logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                    enable_model_summary=False, callbacks=[callback])
+module = Module()
+loader = lambda n: DataLoader(TensorDataset(x[:n], y[:n]), batch_size=8)
+trainer.fit(module, loader(40), loader(12))
+if trainer.is_global_zero:
+    with open(sys.argv[1], "w") as f:
+        json.dump({
+            "logged": trainer.callback_metrics["gc/val"].item(),
+            "n": len(callback.val),
+            "first": torch.equal(callback.val, x[: len(callback.val)]),
+            "want": measure(module, x[: len(callback.val)], method="exact").value,
+        }, f)
+"""
+
+
+@pytest.mark.slow
+def test_lightning_callback_under_ddp_measures_the_loaders_first_inputs(tmp_path):
+    # each rank's loader yields its DistributedSampler shard: the subset is
+    # still the first num_samples inputs of the loader, the same on every rank
+    # (5 of the 12: each rank's shard has 6, so a take from a shard differs)
+    num_samples = 5
+    script = tmp_path / "fit.py"
+    script.write_text(LIGHTNING_DDP)
+    out = tmp_path / "out.json"
+    proc = _torchrun(str(script), str(out), str(num_samples))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert d["n"] == min(num_samples, 12) and d["first"]  # the whole small set
+    assert d["logged"] == pytest.approx(d["want"], rel=1e-5)
 
 
 @pytest.mark.parametrize("entry", ["measure", "metric"])
@@ -456,6 +561,27 @@ def test_ray_executor_gives_the_local_results_in_the_same_run_files(tmp_path):
         for d in ("local", "ray")
     ]
     assert claims[0] == claims[1]
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+def test_ray_executor_keeps_the_other_runs_when_one_fails(tmp_path):
+    pytest.importorskip("ray")
+    from geocomplexity.experiments.runner import Run, load_runs, run_sweep
+
+    def fn(run):  # defined here: Ray sends it by value
+        import time
+
+        if run["fails"]:
+            raise ArithmeticError("diverged")
+        time.sleep(2)  # still running when the failure comes in
+        return {"ok": True}
+
+    runs = [Run.make("t", fails=True), Run.make("t", fails=False)]
+    with pytest.raises(ArithmeticError, match="diverged"):
+        run_sweep(runs, fn, tmp_path, workers=2, executor="ray", progress=False)
+    # the run that did not fail finished and was stored, so a rerun skips it
+    assert list(load_runs(tmp_path)) == [runs[1].key]
 
 
 def test_ray_missing_is_a_clear_error(tmp_path, monkeypatch, capsys):

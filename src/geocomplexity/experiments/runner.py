@@ -171,6 +171,9 @@ def _run_ray(
 
     The driver writes the run files (a cluster's nodes need not share a disk
     with it); a run whose task is lost is simply not stored, so it reruns.
+    A run that fails stops no other: the rest finish and are stored, and the
+    first failure is raised at the end. On Ctrl-C the runs already finished
+    are stored and the rest are cancelled.
     """
     ray = _ray(address)
     # locally, `workers` runs at a time with their share of the cores, as the
@@ -180,16 +183,35 @@ def _run_ray(
     task = ray.remote(num_cpus=threads, num_gpus=gpus)(_ray_record)
     setting = malloc.tuned()
     pending = {task.remote(fn, run, threads, setting): run for run in todo}
+    failures: list[Exception] = []
+
+    def collect(ref: Any) -> None:
+        run = pending.pop(ref)
+        try:
+            record = ray.get(ref)
+        except Exception as err:  # this run failed: the others are kept
+            failures.append(err)
+            return
+        on_done(_store(record, folder / f"{run.key}.json"))
+
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
-                run = pending.pop(ref)
-                on_done(_store(ray.get(ref), folder / f"{run.key}.json"))
+                collect(ref)
     except BaseException:
-        for ref in pending:  # Ctrl-C: stop what is still running
+        # Ctrl-C: keep what has finished, stop what is still running
+        if pending:
+            ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+            for ref in ready:
+                collect(ref)
+        for ref in pending:
             ray.cancel(ref, force=True)
         raise
+    if failures:
+        if len(failures) > 1 and hasattr(failures[0], "add_note"):  # Python 3.11+
+            failures[0].add_note(f"{len(failures) - 1} other run(s) failed too")
+        raise failures[0]
 
 
 def load_runs(directory: Path) -> dict[str, dict[str, Any]]:

@@ -25,6 +25,7 @@ Needs ``pip install 'geocomplexity[lightning]'``.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -85,6 +86,46 @@ def _take(loaders: Any, num_samples: int, input_key: InputKey = None) -> Tensor 
     return torch.cat(taken) if taken else None
 
 
+def _shared(x: Tensor | None, num_samples: int) -> Tensor | None:
+    """One subset for every rank, from each rank's take of its own loader.
+
+    Under DDP, Lightning hands each rank a ``DistributedSampler``'s shard of
+    a loader: rank ``r`` of ``W`` yields the loader's inputs ``r, r + W, ...``.
+    Interleaving the ranks' takes restores the loader's order, so every rank
+    holds the first ``num_samples`` inputs one process would have taken.
+    Where every rank took the same inputs (a loader that is not sharded),
+    they are kept once.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    takes: list[Tensor | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(takes, x)
+    found = [t for t in takes if t is not None]
+    if not found:
+        return None
+    if len(found) == len(takes) and all(
+        t.shape == found[0].shape and torch.equal(t, found[0]) for t in found
+    ):
+        return found[0]
+    rows = [t[i] for i in range(max(map(len, found))) for t in found if i < len(t)]
+    return torch.stack(rows[:num_samples])
+
+
+def _eager() -> contextlib.AbstractContextManager[Any]:
+    """A block where compiled modules run their Python code (torch >= 2.6).
+
+    Lightning fits a ``torch.compile``-d module by compiling its ``forward``;
+    a compiled graph has no batched backward (the exact method's), no
+    forward-mode derivative (``"jvp"``) and ignores hooks added after it was
+    compiled (``output=``, ``wrt=``). Measured eagerly, the values are the
+    same.
+    """
+    stance = getattr(torch.compiler, "set_stance", None)
+    return contextlib.nullcontext() if stance is None else stance("force_eager")
+
+
 def _generators(loader: Any) -> list[torch.Generator]:
     """The generators a DataLoader and its samplers draw from."""
     found: list[torch.Generator] = []
@@ -105,8 +146,10 @@ class GeometricComplexityCallback(Callback):
 
     The subsets are fixed once: given here, or the first ``num_samples`` inputs
     the train and validation loaders yield when training starts (a shuffled
-    loader's first batches, then kept). Under DDP each rank measures its share
-    of the subset and the ranks merge, so the logged value is the subset's.
+    loader's first batches, then kept). Under DDP, where each rank's loader
+    yields its shard, the ranks' takes are interleaved back into the loader's
+    order, so every rank holds the same subset; each rank measures its share
+    of it and the ranks merge, so the logged value is the subset's.
 
     Args:
         train: inputs ``(N, *in_shape)`` for ``gc/train``; ``None`` takes them
@@ -156,32 +199,40 @@ class GeometricComplexityCallback(Callback):
         self._given = (train is not None, val is not None)
         self._last_step = -1  # with gradient accumulation a step spans batches
 
+    def _subset(self, trainer: Trainer, loaders: Any) -> Tensor | None:
+        """The first inputs of ``loaders``, the same on every rank."""
+        x = _take(loaders, self.num_samples, self.input_key)
+        # every rank gets here (on_train_start, _log), each with its shard
+        return _shared(x, self.num_samples) if trainer.world_size > 1 else x
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Fix the subsets the loaders provide."""
+        # a run resumed at step S logged S before its checkpoint; with gradient
+        # accumulation the first batches after resuming end at S again
+        self._last_step = trainer.global_step
         if not self._given[0]:
-            self.train = _take(
-                trainer.train_dataloader, self.num_samples, self.input_key
-            )
+            self.train = self._subset(trainer, trainer.train_dataloader)
         if not self._given[1] and self.val is None:
-            self.val = _take(trainer.val_dataloaders, self.num_samples, self.input_key)
+            self.val = self._subset(trainer, trainer.val_dataloaders)
 
     def _log(
         self, trainer: Trainer, pl_module: LightningModule, *, on_step: bool
     ) -> None:
         if not self._given[1] and self.val is None:  # validation set up late
-            self.val = _take(trainer.val_dataloaders, self.num_samples, self.input_key)
+            self.val = self._subset(trainer, trainer.val_dataloaders)
         rank, world = trainer.global_rank, trainer.world_size
         values: dict[str, float] = {}
         for split, x in (("train", self.train), ("val", self.val)):
             if x is None:
                 continue
-            result = measure(
-                pl_module,
-                x[rank::world],  # each rank its share; measure merges them
-                progress=False,
-                distributed=world > 1,
-                **self.measure_kwargs,
-            )
+            with _eager():
+                result = measure(
+                    pl_module,
+                    x[rank::world],  # each rank its share; measure merges them
+                    progress=False,
+                    distributed=world > 1,
+                    **self.measure_kwargs,
+                )
             values[f"{self.prefix}/{split}"] = result.value
             values[f"{self.prefix}/{split}_stderr"] = result.stderr
         if on_step:
