@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from geocomplexity import measure
+from geocomplexity import jacobian_sq_norms, measure
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -600,3 +601,40 @@ def test_ray_missing_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert "pip install 'geocomplexity[ray]'" in capsys.readouterr().err
     assert main(["reproduce", "transfer", "--ray-address", "x:1"]) == 2
     assert "--executor ray" in capsys.readouterr().err
+
+
+def test_wrapped_models_are_measured_through_the_module_they_wrap(tmp_path):
+    # DDP's forward broadcasts buffers (a collective: a hang where ranks
+    # measure different numbers of batches) and a compiled graph has no
+    # forward-mode derivative and ignores hooks added later (output=): both
+    # are measured through the module they wrap, names with or without the
+    # wrapper's prefix
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)
+    )
+    model.eval()
+    x = torch.randn(16, 4)
+    want = jacobian_sq_norms(model, x, output="2")
+    compiled = torch.compile(model, backend="aot_eager")
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    jvp = jacobian_sq_norms(model, x, method="jvp", output="2", generator=g())
+    for name in ("2", "_orig_mod.2"):
+        got = jacobian_sq_norms(compiled, x, method="jvp", output=name, generator=g())
+        assert torch.allclose(got, jvp, rtol=1e-5)
+        assert torch.allclose(jacobian_sq_norms(compiled, x, output=name), want)
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(model)
+        calls = []
+        ddp._sync_buffers = lambda *a, **k: calls.append(1)
+        ddp._sync_params_and_buffers = lambda *a, **k: calls.append(1)
+        result = measure(ddp, x, output="module.2", progress=False)
+        assert result.value == pytest.approx(want.mean().item(), rel=1e-5)
+        assert calls == []  # no collective from measuring
+    finally:
+        dist.destroy_process_group()

@@ -173,6 +173,36 @@ def _check_model_matches(model: nn.Module | list[nn.Module], x: Tensor) -> None:
             return
 
 
+def unwrapped(
+    model: nn.Module, output: Output = None, wrt: str | None = None
+) -> tuple[nn.Module, Output, str | None]:
+    """The module a ``DistributedDataParallel`` or ``torch.compile`` wrapper runs.
+
+    Both compute the same function as the module they wrap, but measuring
+    through them goes wrong: DDP's forward pass broadcasts the buffers
+    (a collective that hangs where ranks measure different numbers of batches,
+    and overwrites this rank's BatchNorm statistics), and a compiled graph has
+    no batched backward, no forward-mode derivative, and ignores hooks added
+    after it was compiled (``output=``, ``wrt=``). Submodule names may be given
+    with the wrapper's prefix (``"module.features"``) or without it.
+
+    Returns:
+        ``(module, output, wrt)``, the names relative to the module.
+    """
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            inner, prefix = model.module, "module."
+        elif hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+            inner, prefix = model._orig_mod, "_orig_mod."
+        else:
+            return model, output, wrt
+        if isinstance(output, str) and output.startswith(prefix):
+            output = output[len(prefix) :]
+        if wrt is not None and wrt.startswith(prefix):
+            wrt = wrt[len(prefix) :]
+        model = inner
+
+
 def _submodule(model: nn.Module, name: str, option: str) -> nn.Module:
     """``model.get_submodule(name)``, with an error listing valid names.
 
@@ -1032,6 +1062,7 @@ def jacobian_sq_norms(
     check_input(x, differentiated=wrt is None)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model, output, wrt = unwrapped(model, output, wrt)
 
     d = math.prod(x.shape[1:])
     # inference mode (a Lightning validation step) records no graph even under

@@ -28,6 +28,7 @@ from geocomplexity.jacobian import (
     _select,
     check_input,
     jacobian_sq_norms,
+    unwrapped,
 )
 from geocomplexity.probes import check_distribution
 from geocomplexity.state import batch_norm_couples, preserved
@@ -493,6 +494,10 @@ def measure(
         raise ValueError(f"num_probes must be a positive integer, got {num_probes!r}")
 
     from tqdm.auto import tqdm  # the core's only optional-feeling dependency
+
+    # DDP's forward pass would broadcast buffers (a collective) on every batch
+    if isinstance(model, nn.Module):
+        model, output, wrt = unwrapped(model, output, wrt)
 
     batches, total = _batches(data, batch_size, input_key)
     if max_samples is not None:
