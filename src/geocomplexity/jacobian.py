@@ -192,7 +192,8 @@ def unwrapped(
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             inner, prefix = model.module, "module."
-        elif hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+        # the type's name first: a missing attribute costs a Module an exception
+        elif type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
             inner, prefix = model._orig_mod, "_orig_mod."
         else:
             return model, output, wrt
