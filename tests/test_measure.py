@@ -154,6 +154,28 @@ def test_an_empty_tensor_shard_joins_the_merge(monkeypatch):
     assert math.isclose(r.value, other.mean, rel_tol=1e-12)
 
 
+@pytest.mark.parametrize("method", ["auto", "exact"])
+def test_bad_data_on_one_rank_still_joins_the_gather(monkeypatch, method):
+    # the other ranks wait in the gather: a rank whose data cannot even be
+    # batched must get there too, and raise with everyone (a fake two ranks)
+    import geocomplexity.distributed as dist
+
+    model, _ = make_case("mlp")
+    gathered = []
+
+    def gather(mine, device=None):
+        gathered.append(mine)
+        return torch.tensor([[0.0] * len(mine), mine], dtype=torch.float64)
+
+    monkeypatch.setattr(dist, "active", lambda distributed: distributed)
+    monkeypatch.setattr(dist, "all_gather_rows", gather)
+    with pytest.raises(ValueError, match="scalar tensor"):
+        gcx.measure(
+            model, torch.tensor(1.0), method=method, distributed=True, progress=False
+        )
+    assert gathered and gathered[0][-1]  # it joined, flagged as failed
+
+
 def test_running_mean_merge_is_exact_and_stable():
     torch.manual_seed(0)
     v = torch.randn(1000, dtype=torch.float64) * 1e-3 + 1e6  # large mean, small spread

@@ -499,12 +499,19 @@ def measure(
     if isinstance(model, nn.Module):
         model, output, wrt = unwrapped(model, output, wrt)
 
-    batches, total = _batches(data, batch_size, input_key)
+    collective = _distributed.active(distributed)
+    failure: BaseException | None = None
+    batches: Iterator[Tensor]
+    try:
+        batches, total = _batches(data, batch_size, input_key)
+    except Exception as err:
+        if not collective:
+            raise
+        # raised on every rank at the first gather: the others would wait there
+        failure, batches, total = err, iter(()), None
     if max_samples is not None:
         total = max_samples if total is None else min(total, max_samples)
     device = _model_device(model)
-    collective = _distributed.active(distributed)
-    failure: BaseException | None = None
     stats = RunningMean()
     kept: list[Tensor] = []
     chosen, probes = method, num_probes or 1
