@@ -459,6 +459,25 @@ def test_train_mode_penalty_graph_survives_and_stats_stay():
     assert model[0].weight.grad is not None
 
 
+def test_train_mode_writes_back_no_unchanged_buffer_that_holds_a_nan():
+    """An unchanged buffer holding a NaN (running statistics after an overflow)
+    is not copied back: the write would bump its version and break the task
+    loss's graph, where BatchNorm saved it."""
+    from geocomplexity.state import preserved
+
+    bn = nn.BatchNorm1d(3)
+    with torch.no_grad():
+        bn.running_var[0] = math.nan
+    x = torch.randn(4, 3, requires_grad=True)
+    loss = bn(x).pow(2).sum()
+    version = bn.running_var._version
+    with preserved(bn, mode="train"):
+        bn(x)
+    assert bn.running_var._version == version
+    loss.backward()
+    assert x.grad is not None
+
+
 def test_batchnorm_without_running_stats_takes_diagonal_blocks_in_eval_mode():
     # track_running_stats=False normalises by the batch in eval mode too
     model = batchnorm_mlp(5, track=False)

@@ -99,7 +99,7 @@ def preserved(model: nn.Module, *, mode: str) -> Iterator[list[nn.Module]]:
             module.training = flag
         with torch.no_grad():
             for buf, value in saved:
-                if not torch.equal(buf, value):
+                if not _same(buf, value):
                     buf.copy_(value)
 
 
@@ -132,6 +132,20 @@ def kept_buffers(model: nn.Module) -> Iterator[None]:
     finally:
         for m in bns:
             m.track_running_stats = True
+
+
+def _same(buf: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether ``buf`` still holds ``value`` exactly, NaN matching NaN.
+
+    ``torch.equal`` calls NaN unequal to itself, so an unchanged buffer that
+    holds a NaN (running statistics after a step that overflowed) would be
+    written back, bumping its version and breaking a graph that saved it.
+    """
+    if torch.equal(buf, value):
+        return True
+    if not (buf.is_floating_point() or buf.is_complex()):
+        return False
+    return torch.allclose(buf, value, rtol=0.0, atol=0.0, equal_nan=True)
 
 
 def _set_training(module: nn.Module, flag: bool) -> None:
