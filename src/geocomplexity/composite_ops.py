@@ -56,8 +56,11 @@ _TORCH_BATCH_NORM, _TORCH_INSTANCE_NORM = torch.batch_norm, torch.instance_norm
 
 
 def _wide(x: Tensor) -> Tensor:
-    """``x`` in float32 where it is half precision, as the fused kernels count."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    """``x`` in float32 where it is a narrower float, as the fused kernels count.
+
+    Also what :mod:`geocomplexity.jacobian` sums half-precision terms in.
+    """
+    return x.float() if x.is_floating_point() and x.dtype.itemsize < 4 else x
 
 
 def _wide_unless_autocast(x: Tensor) -> Tensor:
@@ -289,6 +292,26 @@ def _shifted(input: Tensor, dim: int) -> Tensor:
     return input - top.masked_fill(top == float("-inf"), 0)
 
 
+def _exp_normalised(
+    input: Tensor, dim: int, dtype: torch.dtype | None, log: bool
+) -> Tensor:
+    """Softmax (or, with ``log``, log-softmax) along ``dim`` from primitives.
+
+    Cast to ``dtype`` first, as torch does; half precision is counted in
+    float32 outside autocast and rounded once at the end.
+    """
+    if dtype is not None:
+        input = input.to(dtype)
+    x = _wide_unless_autocast(input)
+    z = _shifted(x, dim)
+    if log:
+        out = z - z.exp().sum(dim, keepdim=True).log()
+    else:
+        e = z.exp()
+        out = e / e.sum(dim, keepdim=True)
+    return out if x is input else out.to(input.dtype)
+
+
 def _softmax(
     input: Tensor,
     dim: int | None = None,
@@ -297,12 +320,7 @@ def _softmax(
 ) -> Tensor:
     if dim is None:  # the deprecated implicit dimension: left to torch
         return _F_SOFTMAX(input, dim, _stacklevel, dtype)
-    if dtype is not None:
-        input = input.to(dtype)
-    x = _wide_unless_autocast(input)
-    e = _shifted(x, dim).exp()
-    out = e / e.sum(dim, keepdim=True)
-    return out if x is input else out.to(input.dtype)
+    return _exp_normalised(input, dim, dtype, log=False)
 
 
 def _log_softmax(
@@ -313,12 +331,7 @@ def _log_softmax(
 ) -> Tensor:
     if dim is None:
         return _F_LOG_SOFTMAX(input, dim, _stacklevel, dtype)
-    if dtype is not None:
-        input = input.to(dtype)
-    x = _wide_unless_autocast(input)
-    z = _shifted(x, dim)
-    out = z - z.exp().sum(dim, keepdim=True).log()
-    return out if x is input else out.to(input.dtype)
+    return _exp_normalised(input, dim, dtype, log=True)
 
 
 def _softmin(

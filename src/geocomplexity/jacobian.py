@@ -61,7 +61,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from geocomplexity.composite_ops import composite_ops
+from geocomplexity.composite_ops import _wide, composite_ops
 from geocomplexity.probes import (
     check_distribution,
     draw_probes,
@@ -220,6 +220,19 @@ def _submodule(model: nn.Module, name: str, option: str) -> nn.Module:
         ) from None
 
 
+def check_output(output: Any) -> None:
+    """Refuse an ``output=`` that is not None, a callable or a submodule name.
+
+    Raises:
+        TypeError: anything else.
+    """
+    if not (output is None or isinstance(output, str) or callable(output)):
+        raise TypeError(
+            "output must be None, a callable on the model's output, or the "
+            f"name of a submodule; got {type(output).__name__}"
+        )
+
+
 def _select(model: nn.Module, x: Tensor, output: Output) -> Tensor:
     """Run the model and return what is differentiated, flattened to (B, k)."""
     if isinstance(output, str):
@@ -248,11 +261,7 @@ def _select(model: nn.Module, x: Tensor, output: Output) -> Tensor:
     else:
         out = model(x)
         if output is not None:
-            if not callable(output):
-                raise TypeError(
-                    "output must be None, a callable on the model's output, or the "
-                    f"name of a submodule; got {type(output).__name__}"
-                )
+            check_output(output)
             out = output(out)
     return _flat_output(out, x.shape[0])
 
@@ -568,13 +577,7 @@ def _accumulator(like: Tensor, n: int) -> Tensor:
     added (2,000 bfloat16 jvp probes summed to less than half their total).
     :func:`_narrow` casts the result back.
     """
-    narrow = like.dtype.itemsize < 4
-    return like.new_zeros(n, dtype=torch.float32 if narrow else like.dtype)
-
-
-def _wide(t: Tensor) -> Tensor:
-    """``t``, in float32 where its dtype is narrower (see :func:`_accumulator`)."""
-    return t.float() if t.dtype.itemsize < 4 else t
+    return _wide(like.new_zeros(n))
 
 
 def _narrow(t: Tensor, dtype: torch.dtype) -> Tensor:

@@ -28,6 +28,7 @@ from geocomplexity.jacobian import (
     _select,
     _select_wrt,
     _vjp_count,
+    check_output,
     reverse_sq_norms,
 )
 from geocomplexity.probes import check_distribution, resolve_generator
@@ -115,11 +116,7 @@ class GeometricComplexity(Regularizer):
         check_distribution(distribution)
         if coupled is not None and not isinstance(coupled, bool):
             raise TypeError(f"coupled must be None, True or False, got {coupled!r}")
-        if not (output is None or isinstance(output, str) or callable(output)):
-            raise TypeError(
-                "output must be None, a callable on the model's output, or the "
-                f"name of a submodule; got {type(output).__name__}"
-            )
+        check_output(output)
         self.wrt, self.coupled, self.output = wrt, coupled, output
         self.method, self.num_probes, self.subsample = method, num_probes, subsample
         self.distribution, self.generator = distribution, generator
