@@ -1,8 +1,9 @@
 """Run by tests/test_integrations.py under torchrun (2 processes, gloo, CPU).
 
 Each rank measures its shard, updates a torchmetrics metric, and takes one DDP
-step with an exact GC penalty; rank 0 writes what it saw, beside the
-single-process values, to the JSON file named on the command line.
+step with an exact GC penalty and with each gradient norm; rank 0 writes what
+it saw, beside the single-process values, to the JSON file named on the command
+line.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from geocomplexity import measure
 from geocomplexity.integrations.torchmetrics import GeometricComplexity as Metric
-from geocomplexity.regularizers import GeometricComplexity
+from geocomplexity.regularizers import GeometricComplexity, GradientNorm
 
 
 def net(d_out: int = 3) -> torch.nn.Module:
@@ -104,6 +105,28 @@ def main(path: str) -> None:
     lf = F.cross_entropy(of, y[:36]) + penalty(ref, xf, y[:36], outputs=of)
     lf.backward()
     out["single_grads"] = [p.grad.flatten().tolist() for p in ref.parameters()]
+
+    # GradientNorm: the norm of the ranks' mean gradient (the one DDP steps
+    # on), not the mean of the ranks' norms; each way of calling it, and for
+    # the finite difference DDP's all-reduce must see the penalty's gradient
+    out["gn_rel_err"] = {}
+    for method in ("double_backprop", "finite_difference"):
+        term = GradientNorm(0.5, method=method)
+        for how in ("call", "backward"):
+            for unused in (False, True):
+                model = DistributedDataParallel(net(), find_unused_parameters=unused)
+                ref = net()
+                for m, (xb, yb) in ((model, half), (ref, (x[:36], y[:36]))):
+                    o = m(xb)
+                    task = F.cross_entropy(o, yb)
+                    if how == "call":
+                        (task + term(m, xb, yb, outputs=o)).backward()
+                    else:
+                        term.backward(task, m, xb, yb, outputs=o)
+                grads = [torch.cat([p.grad.flatten() for p in m.parameters()])
+                         for m in (model, ref)]  # fmt: skip
+                err = ((grads[0] - grads[1]).norm() / grads[1].norm()).item()
+                out["gn_rel_err"][f"{method} {how} unused={unused}"] = err
     if rank == 0:
         with open(path, "w") as f:
             json.dump(out, f)

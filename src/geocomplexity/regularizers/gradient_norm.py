@@ -14,6 +14,13 @@ uses first-order autograd only: :math:`Hg \approx (\nabla L(\theta + r g) -
 surrogate whose value is :math:`\lambda\|g\|^2` and whose gradient is
 :math:`2\lambda Hg` (the "gradient norm penalty" of Zhao et al. 2022 and SAM's
 two-pass structure).
+
+Under ``DistributedDataParallel`` the step follows the ranks' mean gradient
+:math:`\bar g`, so the penalty is :math:`\lambda\|\bar g\|^2`, the same
+value and the same averaged gradient as one process on the whole batch: the
+ranks' gradients are averaged (by a differentiable all-reduce for double
+backprop) before they are squared. The mean of the ranks' own
+:math:`\|g_r\|^2` would be larger by their variance.
 """
 
 from __future__ import annotations
@@ -22,8 +29,10 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils.weight_norm import WeightNorm
 from torch.overrides import TorchFunctionMode
 
@@ -58,8 +67,47 @@ def _param_grads(
     ], used
 
 
+def _ddp_group(model: nn.Module) -> Any:
+    """The process group whose mean gradient a DDP model steps on, or ``None``.
+
+    ``None`` also for a group of one rank, where the mean is the gradient.
+    """
+    if not isinstance(model, DistributedDataParallel) or not dist.is_initialized():
+        return None
+    group = model.process_group
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _rank_mean(grads: list[Tensor], group: Any, differentiable: bool) -> list[Tensor]:
+    """The ranks' mean of ``grads``: one all-reduce of their concatenation.
+
+    ``differentiable``: through an all-reduce whose backward all-reduces the
+    incoming gradient, so that ``‖ḡ‖²`` backpropagates
+    ``2 H_r ḡ`` on each rank (and DDP's average of those is ``2 H ḡ``).
+    """
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    if differentiable:
+        # the functional collective has an autograd formula (a sum all-reduce
+        # of the incoming gradient); torch.distributed.nn's is deprecated
+        from torch.distributed import _functional_collectives as funcol
+
+        flat = funcol.wait_tensor(funcol.all_reduce(flat, "sum", group))
+    else:
+        flat = flat.clone()
+        dist.all_reduce(flat, group=group)
+    flat = flat / dist.get_world_size(group)
+    return [
+        t.view_as(g)
+        for t, g in zip(flat.split([g.numel() for g in grads]), grads, strict=True)
+    ]
+
+
 class GradientNorm(Regularizer):
     """``strength · ‖∇_θ loss_fn(model(inputs), targets)‖²``.
+
+    Under ``DistributedDataParallel`` (``model`` the DDP wrapper), ``∇_θ`` is
+    the ranks' mean gradient, the one the step takes, so penalty and averaged
+    gradient equal one process's on the whole batch.
 
     On a model with ``torch.nn.utils`` weight norm, ``"double_backprop"`` runs
     a forward pass of its own rather than reuse ``outputs``, with the weight
@@ -103,12 +151,20 @@ class GradientNorm(Regularizer):
             ValueError: no targets, or no trainable parameters.
         """
         loss_fn, params, loss = self._task(model, inputs, targets, outputs, loss_fn)
+        group = _ddp_group(model)
         if self.method == "double_backprop":
             grads, _ = _param_grads(loss, params, create_graph=True)
+            if group is not None:
+                grads = _rank_mean(grads, group, differentiable=True)
             return self.strength * sum(g.pow(2).sum() for g in grads)
         # the caller's backward still needs this graph: retain it
         grads, used = _param_grads(loss, params, retain_graph=True)
-        sq, r, shifted = self._shifted_gradient(model, inputs, targets, loss_fn, grads)
+        # under DDP the step (and so the shift) is along the ranks' mean ḡ;
+        # this rank's difference (g_r' − g_r)/r is its H_r ḡ, which DDP averages
+        direction = grads if group is None else _rank_mean(grads, group, False)
+        sq, r, shifted = self._shifted_gradient(
+            model, inputs, targets, loss_fn, direction
+        )
         hg = torch._foreach_sub(shifted, grads)  # r·Hg
         # value λ‖g‖², gradient 2λHg, without a second-order graph (a parameter
         # the loss does not use stays out of it, its .grad untouched)
@@ -131,9 +187,13 @@ class GradientNorm(Regularizer):
         own = trainable(model)
         # a list: the parameters are walked twice (an iterator would be spent)
         params = own if params is None else list(params)
-        if self.method != "finite_difference" or [id(p) for p in params] != [
-            id(p) for p in own
-        ]:
+        # the hand-assembled .grad below would bypass DDP's all-reduce (and its
+        # reducer, which waits for a backward pass): DDP takes the surrogate
+        if (
+            self.method != "finite_difference"
+            or [id(p) for p in params] != [id(p) for p in own]
+            or _ddp_group(model) is not None
+        ):
             return super().backward(
                 loss,
                 model,
@@ -217,7 +277,11 @@ class GradientNorm(Regularizer):
         """``‖g‖²``, ``r = eps / ‖g‖`` and ``g' = ∇L(θ + r g)``.
 
         ``Hg ≈ (g' − g) / r``. The foreach ops touch every tensor in one call:
-        on small models, per-tensor calls cost more than the arithmetic.
+        on small models, per-tensor calls cost more than the arithmetic. A DDP
+        model's shifted pass runs the module it wraps: DDP's own forward would
+        broadcast buffers and prepare its reducer for a backward pass of the
+        shifted graph, which with ``find_unused_parameters`` finds none of the
+        real parameters used.
         """
         # norms in float32 at least: a float16 ‖g‖ underflows long before g does
         norms = [
@@ -231,6 +295,8 @@ class GradientNorm(Regularizer):
         r = self.eps / norm
         # θ + r·g through functional_call: no in-place change to the parameters,
         # whose versions the caller's graph checks; running statistics restored
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         with torch.no_grad():
             moved = torch._foreach_add([p for _, p in named], grads, alpha=r)
