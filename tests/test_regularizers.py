@@ -1176,3 +1176,47 @@ class _Twice(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.m(x), self.m(x)
+
+
+@pytest.mark.parametrize("how", ["wrapper", "in place"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: GeometricComplexity(0.5, method="exact"),
+        lambda: GeometricComplexity(
+            0.5, method="projection", generator=torch.Generator().manual_seed(3)
+        ),
+        lambda: GeometricComplexity(
+            0.5, method="jvp", generator=torch.Generator().manual_seed(3)
+        ),
+        lambda: GradientNorm(0.5),
+        lambda: GradientNorm(0.5, method="finite_difference"),
+    ],
+    ids=["gc-exact", "gc-projection", "gc-jvp", "gn-double-backprop", "gn-fd"],
+)
+def test_penalties_on_a_compiled_model_have_the_eager_gradient(make, how):
+    # a compiled graph's backward is not differentiable again: through it the
+    # GC penalty had no parameter gradient at all (the step was a plain one),
+    # jvp had no forward-mode derivative, and double backprop raised
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+
+    x = torch.randn(
+        12, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    y = torch.arange(12) % 3
+    grads = []
+    for compile_it in (False, True):
+        model = net()
+        run = model
+        if compile_it and how == "wrapper":
+            run = torch.compile(model, backend="aot_eager")
+        elif compile_it:
+            model.compile(backend="aot_eager")
+        xg = x.clone().requires_grad_(True)
+        outputs = run(xg)
+        term = make()
+        term.backward(F.cross_entropy(outputs, y), run, xg, y, outputs=outputs)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-12)

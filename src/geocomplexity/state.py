@@ -17,7 +17,9 @@ from torch import nn
 
 __all__ = [
     "batch_norm_couples",
+    "compiled",
     "differentiable_attention",
+    "eager",
     "kept_buffers",
     "preserved",
 ]
@@ -208,3 +210,34 @@ def differentiable_attention() -> Iterator[None]:
     finally:
         for (_, _, switch), was in zip(_ATTENTION_SWITCHES, saved, strict=True):
             switch(was)
+
+
+def compiled(modules: nn.Module | Iterable[nn.Module]) -> bool:
+    """Whether a module among ``modules`` runs a ``torch.compile`` graph.
+
+    A ``torch.compile(module)`` wrapper, or a module compiled in place
+    (``module.compile()``).
+
+    Args:
+        modules: a model, or the list of its modules (as for
+            :func:`batch_norm_couples`).
+    """
+    if isinstance(modules, nn.Module):
+        modules = modules.modules()
+    return any(
+        type(m).__name__ == "OptimizedModule" or m._compiled_call_impl is not None
+        for m in modules
+    )
+
+
+def eager() -> contextlib.AbstractContextManager[Any]:
+    """A block where compiled modules and functions run their Python code.
+
+    A compiled graph's backward cannot be differentiated again (a GC or
+    gradient-norm penalty's parameter gradient), has no batched backward and
+    no forward-mode derivative, and ignores hooks added after compiling; run
+    eagerly, the function is the same. ``torch.compiler.set_stance`` exists
+    from torch 2.6; before it, a null context.
+    """
+    stance = getattr(torch.compiler, "set_stance", None)
+    return contextlib.nullcontext() if stance is None else stance("force_eager")

@@ -25,7 +25,6 @@ Needs ``pip install 'geocomplexity[lightning]'``.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -40,6 +39,7 @@ except ImportError as err:  # pragma: no cover - the message is the point
     ) from err
 
 from geocomplexity.measure import InputKey, batch_inputs, measure
+from geocomplexity.state import eager
 
 __all__ = ["GeometricComplexityCallback"]
 
@@ -111,19 +111,6 @@ def _shared(x: Tensor | None, num_samples: int) -> Tensor | None:
         return found[0]
     rows = [t[i] for i in range(max(map(len, found))) for t in found if i < len(t)]
     return torch.stack(rows[:num_samples])
-
-
-def _eager() -> contextlib.AbstractContextManager[Any]:
-    """A block where compiled modules run their Python code (torch >= 2.6).
-
-    Lightning fits a ``torch.compile``-d module by compiling its ``forward``;
-    a compiled graph has no batched backward (the exact method's), no
-    forward-mode derivative (``"jvp"``) and ignores hooks added after it was
-    compiled (``output=``, ``wrt=``). Measured eagerly, the values are the
-    same.
-    """
-    stance = getattr(torch.compiler, "set_stance", None)
-    return contextlib.nullcontext() if stance is None else stance("force_eager")
 
 
 def _generators(loader: Any) -> list[torch.Generator]:
@@ -225,7 +212,7 @@ class GeometricComplexityCallback(Callback):
         for split, x in (("train", self.train), ("val", self.val)):
             if x is None:
                 continue
-            with _eager():
+            with eager():
                 result = measure(
                     pl_module,
                     x[rank::world],  # each rank its share; measure merges them

@@ -35,7 +35,9 @@ from geocomplexity.probes import check_distribution, resolve_generator
 from geocomplexity.regularizers.base import LossFn, Regularizer, check_strength
 from geocomplexity.state import (
     batch_norm_couples,
+    compiled,
     differentiable_attention,
+    eager,
     kept_buffers,
 )
 
@@ -84,6 +86,11 @@ class GeometricComplexity(Regularizer):
     The ``"jvp"`` penalty runs layer, batch and instance norm as composite
     operations (:mod:`geocomplexity.composite_ops`): backpropagating
     PyTorch's fused kernels' forward-mode derivatives gives wrong gradients.
+
+    On a ``torch.compile``-d model (a wrapper, or a module compiled in place)
+    the term runs a forward pass of its own, eagerly, and does not reuse
+    ``outputs``: a compiled graph's backward cannot be differentiated again,
+    and through it the penalty had no parameter gradient at all.
     """
 
     def __init__(
@@ -193,11 +200,18 @@ class GeometricComplexity(Regularizer):
     def _penalty(
         self, model: nn.Module, inputs: Tensor, outputs: Tensor | None
     ) -> Tensor:
-        coupled = _coupled(self.coupled, batch_norm_couples(model))
+        modules = list(model.modules())
+        coupled = _coupled(self.coupled, batch_norm_couples(modules))
         # backpropagating a tangent through PyTorch's fused layer, batch or
         # instance norm gives wrong gradients: the jvp passes run composites
         norms = composite_ops(model) if self.method == "jvp" else nullcontext()
-        with norms:
+        # a compiled graph's VJP is not differentiable again (nor does it have
+        # a forward-mode derivative): outputs from it would give a penalty with
+        # no parameter gradient, so the term's own passes run eagerly
+        stance = nullcontext()
+        if compiled(modules):
+            outputs, stance = None, eager()
+        with norms, stance:
             return self.strength * self._values(model, inputs, outputs, coupled)
 
     def _values(

@@ -42,7 +42,7 @@ from geocomplexity.regularizers.base import (
     check_strength,
     trainable,
 )
-from geocomplexity.state import differentiable_attention, kept_buffers
+from geocomplexity.state import compiled, differentiable_attention, eager, kept_buffers
 
 __all__ = ["GradientNorm"]
 
@@ -113,6 +113,8 @@ class GradientNorm(Regularizer):
     a forward pass of its own rather than reuse ``outputs``, with the weight
     norm written from primitives: PyTorch's fused one has a wrong double
     backward, which made the penalty's gradient wrong.
+    On a ``torch.compile``-d model it runs its own forward pass eagerly: a
+    compiled graph's backward cannot be differentiated again.
 
     Args:
         strength: λ ≥ 0.
@@ -240,13 +242,17 @@ class GradientNorm(Regularizer):
         # parameter gradient of ‖∇L‖² through it is off. Double backprop then
         # runs a forward pass of its own with the composite weight norm
         composite = self.method == "double_backprop" and _weight_normed(model)
-        if outputs is None or composite:
+        # a compiled graph's backward cannot be differentiated again: double
+        # backprop runs a forward pass of its own, eagerly
+        uncompiled = self.method == "double_backprop" and compiled(model)
+        if outputs is None or composite or uncompiled:
             # running statistics put back: the caller's step counts the batch;
             # attention by its math kernel, which has a double backward
             with (
                 kept_buffers(model),
                 differentiable_attention(),
                 _CompositeWeightNorm() if composite else nullcontext(),
+                eager() if uncompiled else nullcontext(),
             ):
                 outputs = model(inputs)
         return loss_fn, params, loss_fn(outputs, targets)
