@@ -151,10 +151,14 @@ def transfer_bound(model: nn.Module, x: Tensor) -> TransferBound:
     h_in: list[Tensor] = []
     z_out: list[Tensor] = []
 
-    def keep(_m: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
+    def keep(_m: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> Tensor:
         h_in.append(args[0])
         out.retain_grad()
         z_out.append(out)
+        # the rest of the network gets a copy: an in-place activation
+        # (ReLU(inplace=True)) would otherwise overwrite z_l, and the gradient
+        # retained on it would be ∂f/∂σ(z_l), not δ_l = ∂f/∂z_l
+        return out.clone()
 
     with preserved(model, mode="eval"), torch.enable_grad():
         handles = [lin.register_forward_hook(keep) for lin in layers]
