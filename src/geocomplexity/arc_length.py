@@ -116,5 +116,7 @@ def arc_length(
         raise ValueError("f returned NaN or infinite values on [a, b]")
     dt, dy = t.diff(), y.diff()
     length = torch.sqrt(dt**2 + dy**2).sum().item()
-    dirichlet = (b - a) + 0.5 * (dy**2 / dt).sum().item()
+    # the grid's own span: in float32 its ends are a and b rounded, and b - a
+    # could put the Dirichlet side below the length it bounds
+    dirichlet = (t[-1] - t[0]).item() + 0.5 * (dy**2 / dt).sum().item()
     return ArcLength(length, dirichlet, a, b, num_points)
