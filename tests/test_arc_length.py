@@ -93,3 +93,14 @@ def test_dirichlet_never_below_length_on_a_float32_grid(ends):
     """
     r = gcx.arc_length(_Flat(), *ends, num_points=11)
     assert r.dirichlet == r.length and r.relative_gap == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_grid_the_dtype_cannot_resolve_is_an_error_not_nan(dtype):
+    """10 001 points on [-1, 1] repeat in half precision: Δx = 0 gave a NaN."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1)).to(dtype)
+    with pytest.raises(ValueError, match=r"distinct.*fewer points"):
+        gcx.arc_length(net, -1.0, 1.0)
+    r = gcx.arc_length(net, -1.0, 1.0, num_points=101)
+    assert math.isfinite(r.dirichlet) and r.dirichlet >= r.length

@@ -78,8 +78,9 @@ def arc_length(
         An :class:`ArcLength`.
 
     Raises:
-        ValueError: ``b <= a`` or an infinite end, fewer than 2 points, wrong
-            output size, or a non-finite value.
+        ValueError: ``b <= a`` or an infinite end, fewer than 2 points, grid
+            points that repeat in ``dtype``, wrong output size, or a
+            non-finite value.
 
     Example:
         >>> r = arc_length(lambda t: 0.75 * t, 0.0, 4.0)  # a 3-4-5 triangle
@@ -98,10 +99,19 @@ def arc_length(
         dtype = dtype or (p.dtype if p is not None else torch.float64)
         device = p.device if p is not None else torch.device("cpu")
         t = torch.linspace(a, b, num_points, dtype=dtype, device=device)
+    else:
+        t = torch.linspace(a, b, num_points, dtype=dtype or torch.float64)
+    if not (steps := t.diff() > 0).all():
+        # repeated points make Δx = 0 and the Dirichlet sum 0/0
+        raise ValueError(
+            f"only {int(steps.sum()) + 1} of the {num_points} grid points on "
+            f"[{a}, {b}] are distinct in {t.dtype}; use fewer points "
+            "(num_points=...) or a wider dtype"
+        )
+    if isinstance(f, nn.Module):
         with preserved(f, mode="eval"), torch.no_grad():
             y = f(t[:, None])
     else:
-        t = torch.linspace(a, b, num_points, dtype=dtype or torch.float64)
         with torch.no_grad():
             y = f(t)
     if not isinstance(y, Tensor) or y.numel() != num_points:
