@@ -250,10 +250,11 @@ def norm_bounds(model: nn.Module) -> dict[str, float]:
     if any(isinstance(m, nn.ELU) and abs(m.alpha) > 1 for m in model):
         raise TypeError("an ELU with |alpha| > 1 is not 1-Lipschitz")
     with torch.no_grad():
-        spec = [
-            torch.linalg.matrix_norm(lin.weight, ord=2).item() ** 2 for lin in layers
-        ]
-        frob = [lin.weight.pow(2).sum().item() for lin in layers]
+        # in float64 whatever the weights' dtype: float32 sums round the
+        # bounds below the GC they bound where they are tight (one layer)
+        weights = [lin.weight.to(torch.float64) for lin in layers]
+        spec = [torch.linalg.matrix_norm(w, ord=2).item() ** 2 for w in weights]
+        frob = [w.pow(2).sum().item() for w in weights]
     d, k = layers[0].in_features, layers[-1].out_features
     return {
         "frobenius_spectral": frob[-1] * math.prod(spec[:-1]),
