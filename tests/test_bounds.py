@@ -169,3 +169,13 @@ def test_norm_bounds_of_float32_weights_are_not_rounded_to_float32():
         spec = torch.linalg.matrix_norm(w, ord=2).item() ** 2
         assert b["lipschitz"] == pytest.approx(5 * spec, rel=1e-14)
         assert min(b.values()) >= exact.item() * (1 - 1e-15)
+
+
+def test_transfer_refuses_a_layer_used_twice():
+    """Shared weights (one Linear twice) are outside the theorem: ∇_W f is then a
+    sum over uses. It failed with zip()'s "argument 2 is longer than argument 1".
+    """
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.ReLU(), lin, nn.ReLU(), nn.Linear(4, 2)).double()
+    with pytest.raises(TypeError, match="more than once"):
+        transfer_bound(model, torch.randn(3, 4, dtype=torch.float64))

@@ -130,8 +130,8 @@ def transfer_bound(model: nn.Module, x: Tensor) -> TransferBound:
     """Evaluate the transfer theorem on a dense network, per sample and output.
 
     Args:
-        model: an ``nn.Sequential`` of ``Linear`` layers and elementwise
-            activations; measured in eval mode and left as found.
+        model: an ``nn.Sequential`` of ``Linear`` layers, each used once, and
+            elementwise activations; measured in eval mode and left as found.
         x: inputs ``(B, d)``.
 
     Returns:
@@ -145,6 +145,11 @@ def transfer_bound(model: nn.Module, x: Tensor) -> TransferBound:
         True
     """
     layers = _linear_layers(model)
+    if len({id(lin) for lin in layers}) < len(layers):
+        raise TypeError(
+            "a Linear layer appears more than once in the network (shared "
+            "weights); the transfer theorem needs every layer to have its own"
+        )
     check_input(x)
     x = x.detach().reshape(x.shape[0], -1)
     B = x.shape[0]
