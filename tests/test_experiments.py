@@ -173,6 +173,31 @@ def test_double_descent_claims_fail_without_interpolation_or_second_descent():
     assert [c.passed for c in claims] == [True] * 4
 
 
+def test_double_descent_gc_claim_fails_when_gc_only_rises():
+    # test loss double-descends, but GC rises with width all the way: its
+    # largest value is the widest net's, an edge of the sweep, not a peak (it
+    # passed, one grid step from the loss peak, and Spearman 0.90 passed too)
+    exp = EXPERIMENTS["double-descent"]
+    loss = [1.0, 1.5, 3.0, 5.0, 6.0, 5.0]
+    train_err = [0.5, 0.3, 0.1, 0.0, 0.0, 0.0]
+    claims, _ = exp.analyze(
+        _width_records(train_err, loss, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]), "mnist1d"
+    )
+    assert [c.passed for c in claims[:2]] == [True, True]
+    assert claims[2].passed is False and math.isnan(claims[2].value)
+    assert "no GC peak" in claims[2].claim
+    # a GC maximum barely above the widest net's is no peak either
+    claims, _ = exp.analyze(
+        _width_records(train_err, loss, [1.0, 2.0, 3.0, 4.0, 5.0, 4.9]), "mnist1d"
+    )
+    assert claims[2].passed is False
+    # GC that peaks with test loss and falls again passes
+    claims, _ = exp.analyze(
+        _width_records(train_err, loss, [1.0, 2.0, 3.0, 4.0, 6.0, 4.0]), "mnist1d"
+    )
+    assert claims[2].passed is True and claims[2].value == 0
+
+
 def test_arc_length_energy_claim_compares_with_the_least_energy_interpolant():
     exp = EXPERIMENTS["arc-length"]
     x = [-1.0, 0.0, 1.0]

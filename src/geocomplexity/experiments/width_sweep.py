@@ -9,7 +9,8 @@ the true class, is recorded).
   peaks at the interpolation threshold, where train error first reaches 0, and
   descends again past it (the peak stands at least 10% above both ends of the
   sweep; no interpolating width fails the first claim); GC peaks at the same
-  width; GC and test loss move together across widths.
+  width (its peak, too, at least 10% above both ends: GC that only rises with
+  width has none); GC and test loss move together across widths.
 - ``u-curve`` (the whole training set, so the under-parameterised arm exists):
   test loss against GC is a U, a convex fit in log GC whose minimum lies inside
   the observed range and is not the lowest-GC model.
@@ -156,6 +157,23 @@ def _argmax(values: Sequence[float]) -> int | None:
     return max(range(len(values)), key=values.__getitem__)
 
 
+#: a peak stands at least this far above both ends of the sweep (relative)
+_RISE = 0.1
+
+
+def _rise(values: Sequence[float], peak: int | None) -> float:
+    """How far ``values[peak]`` stands above both ends, relative to itself.
+
+    ``min(top - first, top - last) / top``: at most 0 where the largest value is
+    an end of the sweep (a curve that only rises, or only falls, has no peak);
+    NaN without a peak.
+    """
+    if peak is None:
+        return math.nan
+    top = values[peak]
+    return min(top - values[0], top - values[-1]) / top if top > 0 else 0.0
+
+
 class _WidthSweep(Experiment):
     _presets: dict[str, dict[str, Any]]
 
@@ -249,14 +267,20 @@ class DoubleDescent(_WidthSweep):
         )
         # a peak, not an edge of the sweep: test loss lower on both sides of it
         # (a curve that only rises, or only falls, has no double descent)
-        if peak is None:
-            arms = math.nan
-        else:
-            top = test_loss[peak]
-            arms = (
-                min(top - test_loss[0], top - test_loss[-1]) / top if top > 0 else 0.0
-            )
+        arms = _rise(test_loss, peak)
         at = {i: f"w={widths[i]}" for i in range(len(widths))}
+        # GC's largest value is a peak only where it stands above both ends, as
+        # test loss must: GC that only rises with width has no peak to share
+        if gc_peak is None:
+            gc_where = "no GC peak: a NaN GC"
+        elif not _rise(gc, gc_peak) >= _RISE:
+            gc_where = (
+                f"no GC peak: its largest value, at w={widths[gc_peak]}, stands "
+                f"less than {_RISE:.0%} above an end of the sweep"
+            )
+            gc_peak = None
+        else:
+            gc_where = f"w={widths[gc_peak]}"
         claims = [
             Claim.check(
                 f"test loss peaks at the interpolation threshold ({where}; peak "
@@ -275,14 +299,14 @@ class DoubleDescent(_WidthSweep):
                 "min(peak - narrowest, peak - widest) / peak, test loss (seed means)",
                 arms,
                 ">=",
-                0.1,
+                _RISE,
                 len(widths),
                 dataset,
             ),
             Claim.check(
-                "GC peaks at the same width as test loss "
-                f"({at.get(gc_peak, 'no GC peak: a NaN GC')})",
-                "grid steps between the GC peak and the test-loss peak",
+                f"GC peaks at the same width as test loss ({gc_where})",
+                f"grid steps between the GC peak (>= {_RISE:.0%} above both ends) "
+                "and the test-loss peak",
                 math.nan if peak is None or gc_peak is None else abs(gc_peak - peak),
                 "<=",
                 1,
