@@ -557,6 +557,22 @@ def test_a_nan_run_or_a_concave_fit_fails_the_claims_it_touches():
         assert [c.passed for c in claims] == [False] * 4, key
 
 
+def test_u_curve_keeps_a_dead_net_in_results_csv():
+    # a dead net (every ReLU off: GC 0) has no log GC and stays out of the fit,
+    # but it is a finished run: results.csv, one row per run, must show it
+    u = EXPERIMENTS["u-curve"]
+    cup = [3.0, 2.0, 1.5, 1.2, 1.6, 2.2]
+    gc = [0.0, 2.0, 4.0, 8.0, 16.0, 32.0]
+    records = _width_records([0.0] * 6, cup, gc)
+    claims, rows = u.analyze(records, "mnist1d")
+    assert [r["width"] for r in rows] == [2, 4, 8, 16, 32, 64]
+    assert rows[0]["gc_train"] == 0.0
+    # the claims rest on the five live nets, as before
+    assert {c.n for c in claims} == {5}
+    live, _ = u.analyze(records[1:], "mnist1d")
+    assert [c.value for c in claims] == pytest.approx([c.value for c in live])
+
+
 def test_figures_are_written_atomically(tmp_path):
     from geocomplexity.experiments.figures import pyplot, save
 

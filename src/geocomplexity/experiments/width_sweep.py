@@ -360,8 +360,10 @@ class UCurve(_WidthSweep):
         self, records: Sequence[dict[str, Any]], dataset: str
     ) -> tuple[list[Claim], list[dict[str, Any]]]:
         # dead nets (GC 0) have no log GC; a NaN (a diverged run) stays and
-        # fails every claim, as min() and max() would skip it
-        rows = [r for r in result_rows(records) if not r["gc_train"] <= 0]
+        # fails every claim, as min() and max() would skip it. Every run stays
+        # in results.csv, dead or not
+        every = result_rows(records)
+        rows = [r for r in every if not r["gc_train"] <= 0]
         logs = [math.log(r["gc_train"]) for r in rows]
         loss = [r["test_loss"] for r in rows]
         a, b, _ = _quadratic(logs, loss)
@@ -412,7 +414,7 @@ class UCurve(_WidthSweep):
                 dataset,
             ),
         ]
-        return claims, rows
+        return claims, every
 
     def plot(  # noqa: D102
         self, records: Sequence[dict[str, Any]], directory: Path, suffix: str
