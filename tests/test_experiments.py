@@ -598,6 +598,27 @@ def test_figures_are_written_atomically(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["figure.png"]
 
 
+def test_figures_leave_the_callers_matplotlib_backend_alone(tmp_path):
+    # a notebook (inline backend) or a script that chose its backend and then
+    # draws the experiments' figures keeps its backend: it was switched to Agg
+    script = textwrap.dedent(f"""
+        import matplotlib
+        matplotlib.use("svg")
+        import matplotlib.pyplot
+        from pathlib import Path
+        from geocomplexity.experiments.figures import pyplot, save
+        fig, ax = pyplot().subplots()
+        ax.plot([0, 1], [0, 1])
+        save(fig, Path({str(tmp_path / "f.png")!r}))
+        print(matplotlib.get_backend())
+    """)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "svg"
+    assert (tmp_path / "f.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_missing_matplotlib_fails_before_any_run(tmp_path, capsys, monkeypatch):
     from geocomplexity.experiments import reproduce_one
 

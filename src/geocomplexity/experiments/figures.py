@@ -5,6 +5,7 @@ matplotlib is an optional dependency, imported here only when a figure is drawn.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,11 @@ __all__ = ["pyplot", "save"]
 
 
 def pyplot() -> Any:
-    """``matplotlib.pyplot`` on the non-interactive Agg backend.
+    """``matplotlib.pyplot``, on the non-interactive Agg backend if it is new.
+
+    Where pyplot is already imported, its backend (a notebook's, a script's)
+    is the caller's choice and is left alone: the figures are written with
+    ``savefig``, which any backend can do, and closed.
 
     Returns:
         The pyplot module.
@@ -28,7 +33,8 @@ def pyplot() -> Any:
         raise ImportError(
             "figures need matplotlib: pip install 'geocomplexity[plot]'"
         ) from err
-    matplotlib.use("Agg")
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
