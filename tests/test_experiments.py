@@ -334,6 +334,15 @@ def test_cli_bad_arguments_exit_2(argv, match, capsys):
     assert re.search(match, capsys.readouterr().err, re.S)
 
 
+def test_cli_out_that_cannot_be_a_folder_exits_2(tmp_path, capsys):
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    for out in (taken, taken / "below"):
+        argv = ["reproduce", "transfer", "--preset", "smoke", "--malloc", "default"]
+        assert main([*argv, "--out", str(out)]) == 2
+        assert re.search(rf"--out {re.escape(str(out))}: ", capsys.readouterr().err)
+
+
 def test_cli_report_errors_and_list(tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "no such folder" in capsys.readouterr().err

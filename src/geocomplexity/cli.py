@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script.
 
     Returns:
-        The exit status: 0 on success, 2 for bad arguments or a missing folder.
+        The exit status: 0 on success, 2 for bad arguments, a missing folder or
+        an output folder that cannot be made.
     """
     args = _parser().parse_args(argv)  # exits with status 2 on bad arguments
     from geocomplexity.experiments import EXPERIMENTS, reproduce_one
@@ -197,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
             )
     elif args.ray_address is not None:
         return _error("--ray-address needs --executor ray")
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file in the way, no permission: before any run
+        return _error(f"--out {args.out}: {err.strerror or err}; name a folder")
     start = time.perf_counter()
     for name in names:
         outcome = reproduce_one(
