@@ -491,14 +491,20 @@ def test_lightning_callback_under_ddp_measures_the_loaders_first_inputs(tmp_path
     assert d["logged"] == pytest.approx(d["want"], rel=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["gloo", None])
 @pytest.mark.parametrize("entry", ["measure", "metric"])
-def test_gloo_worker_never_frees_the_gathered_tensors(tmp_path, monkeypatch, entry):
+def test_gloo_worker_never_frees_the_gathered_tensors(
+    tmp_path, monkeypatch, entry, backend
+):
     """A gloo worker that drops its work late must not free Python tensors.
 
     The fake collective below is the real one plus a thread that holds the
     finished work for 50 ms, as a descheduled gloo worker does; the gathered
     tensors must come back only once that thread has let go. Both gathers are
     checked: ``measure``'s, and the one the torchmetrics metric syncs with.
+    A group made without naming a backend (``init_process_group()``, as
+    torchrun scripts often do) runs CPU tensors through gloo too, though its
+    backend reads ``"undefined"``.
     """
     import threading
 
@@ -516,7 +522,7 @@ def test_gloo_worker_never_frees_the_gathered_tensors(tmp_path, monkeypatch, ent
         threading.Timer(0.05, held.clear).start()
 
     store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    dist.init_process_group(backend, store=store, rank=0, world_size=1)
     try:
         monkeypatch.setattr(dist, "all_gather", late_worker)
         if entry == "measure":

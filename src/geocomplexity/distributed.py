@@ -89,7 +89,9 @@ def all_gather(tensor: Tensor, group: Any = None) -> list[Tensor]:
     mine = tensor.clone(memory_format=torch.contiguous_format)
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, mine, group=group)
-    if dist.get_backend(group) == "gloo":
+    # gloo runs it: the group's backend, or the CPU's in a group that names
+    # none (init_process_group() reads "undefined", and takes gloo for the CPU)
+    if mine.device.type == "cpu" or dist.get_backend(group) == "gloo":
         _wait_until_released([mine, *gathered])
     return gathered
 
