@@ -650,3 +650,37 @@ def test_wrapped_models_are_measured_through_the_module_they_wrap(tmp_path):
         assert calls == []  # no collective from measuring
     finally:
         dist.destroy_process_group()
+
+
+def test_jvp_penalty_through_ddp_that_sinks_its_outputs_is_a_clear_error(tmp_path):
+    # DDP's find_unused_parameters (and static_graph) hook on the outputs has
+    # no forward-mode derivative: the jvp penalty failed with PyTorch's "You
+    # must implement the jvp function for custom autograd.Function"
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from geocomplexity.regularizers import GeometricComplexity
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        for kwargs in ({"find_unused_parameters": True}, {"static_graph": True}):
+            ddp = DistributedDataParallel(
+                nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)), **kwargs
+            )
+            with pytest.raises(ValueError, match="find_unused_parameters=False"):
+                GeometricComplexity(1.0, method="jvp")(ddp, x)
+        # without the hook it runs, and the reverse-mode penalties run either way
+        ddp = DistributedDataParallel(
+            nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        )
+        assert GeometricComplexity(1.0, method="jvp")(ddp, x).item() > 0
+        sinks = DistributedDataParallel(
+            nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)),
+            find_unused_parameters=True,
+        )
+        assert GeometricComplexity(1.0, method="exact")(sinks, x).item() > 0
+    finally:
+        dist.destroy_process_group()

@@ -200,6 +200,15 @@ class GeometricComplexity(Regularizer):
     def _penalty(
         self, model: nn.Module, inputs: Tensor, outputs: Tensor | None
     ) -> Tensor:
+        if self.method == "jvp" and _sinks_outputs(model):
+            raise ValueError(
+                "the jvp GC penalty runs a forward-mode pass through the model, "
+                "and DistributedDataParallel with find_unused_parameters=True or "
+                "static_graph=True passes the outputs through a hook that has no "
+                "forward-mode derivative; use method='projection' or 'exact' "
+                "(they reuse the task loss's outputs), or find_unused_parameters="
+                "False"
+            )
         modules = list(model.modules())
         coupled = _coupled(self.coupled, batch_norm_couples(modules))
         # backpropagating a tangent through PyTorch's fused layer, batch or
@@ -315,6 +324,17 @@ class GeometricComplexity(Regularizer):
             + ("" if self.output is None else f", output={_named(self.output)}")
             + ")"
         )
+
+
+def _sinks_outputs(model: nn.Module) -> bool:
+    """Whether a DDP model runs its outputs through its ``_DDPSink`` function.
+
+    It does to find unused parameters, and under a static graph (its first
+    iteration at least); the function has no forward-mode derivative.
+    """
+    return isinstance(model, nn.parallel.DistributedDataParallel) and bool(
+        model.find_unused_parameters or model.static_graph
+    )
 
 
 def _named(output: Output) -> str:
