@@ -647,3 +647,27 @@ def test_transfer_runs_hash_their_learning_rate_and_batch_size():
     # editing one reruns the runs it shapes instead of reusing stale results
     for run in EXPERIMENTS["transfer"].runs("smoke", "mnist1d", None):
         assert run["lr"] == 1e-3 and run["batch"] == 128
+
+
+def test_cli_device_cuda_on_a_ray_cluster_needs_no_gpu_on_the_driver(
+    tmp_path, monkeypatch
+):
+    # the runs train on the cluster's nodes; the driver's own CUDA is beside
+    # the point (it refused with "use --device cpu", which would train on CPU)
+    import torch
+
+    import geocomplexity.experiments as experiments
+
+    pytest.importorskip("ray")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    seen = {}
+
+    def fake(experiment, out, **kwargs):
+        seen.update(kwargs)
+        return experiments.Outcome("transfer", out, claims=[], figures=[])
+
+    monkeypatch.setattr(experiments, "reproduce_one", fake)
+    argv = ["reproduce", "transfer", "--device", "cuda", "--out", str(tmp_path)]
+    argv += ["--executor", "ray", "--ray-address", "ray://head:10001"]
+    assert main(argv) == 0
+    assert seen["device"] == "cuda" and seen["executor"] == "ray"

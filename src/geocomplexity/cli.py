@@ -160,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     from geocomplexity.experiments import Context
     from geocomplexity.training import resolve_device
 
-    if args.device == "cuda" and not torch.cuda.is_available():
+    # on a Ray cluster the runs train on its nodes: the driver may have no GPU
+    remote = args.executor == "ray" and args.ray_address is not None
+    if args.device == "cuda" and not torch.cuda.is_available() and not remote:
         return _error("--device cuda, but torch sees no CUDA device; use --device cpu")
     device = str(resolve_device(args.device))
     if args.name == "all":
