@@ -380,3 +380,19 @@ def test_language_model_example_runs_and_its_penalty_lowers_gc(capsys):
     results = example.main(["--epochs", "6"])
     assert results[0.1][0] < 0.7 * results[0.0][0]  # 0.69 against 1.62 here
     assert "GC at the embeddings" in capsys.readouterr().out
+
+
+def test_an_optimizer_class_is_built_with_the_given_lr(tmp_path):
+    # optimizer=torch.optim.SGD was called as params -> optimizer, so it ran
+    # at SGD's default lr (1e-3) while the history recorded lr=0.3
+    train, _ = problem()
+    kwargs = dict(lr=0.3, batch_size=50, epochs=2, device="cpu", progress=False)
+    named = fit(mlp(), train, optimizer="sgd", **kwargs)
+    by_class = fit(mlp(), train, optimizer=torch.optim.SGD, **kwargs)
+    assert by_class.config["lr"] == 0.3
+    assert by_class["train_loss"] == named["train_loss"]
+    # and a checkpoint knows which class wrote it (every class was "type")
+    ckpt = tmp_path / "run.pt"
+    fit(mlp(), train, optimizer=torch.optim.SGD, checkpoint=ckpt, **kwargs)
+    with pytest.raises(ValueError, match="different run"):
+        fit(mlp(), train, optimizer=torch.optim.Adam, checkpoint=ckpt, **kwargs)

@@ -122,6 +122,10 @@ def _optimizer(
 ) -> torch.optim.Optimizer:
     if isinstance(optimizer, torch.optim.Optimizer):
         return optimizer
+    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+        # a class is callable too, but params -> optimizer would build it at
+        # its own default learning rate, not at lr
+        return optimizer(params, lr=lr)
     if optimizer == "sgd":  # no momentum: implicit regularization depends on it
         return torch.optim.SGD(params, lr=lr)
     if optimizer == "adam":
@@ -129,8 +133,8 @@ def _optimizer(
     if callable(optimizer):
         return optimizer(params)
     raise ValueError(
-        f"unknown optimizer {optimizer!r}; choose 'sgd', 'adam', a torch optimizer, "
-        "or a function of the parameters that returns one"
+        f"unknown optimizer {optimizer!r}; choose 'sgd', 'adam', a torch optimizer "
+        "or its class, or a function of the parameters that returns one"
     )
 
 
@@ -198,8 +202,9 @@ def fit(
         test: optional ``(x, y)`` evaluated each epoch.
         optimizer: ``"sgd"`` (plain, no momentum; the default because implicit
             gradient regularization is a property of plain gradient descent),
-            ``"adam"``, a torch optimizer, or ``params -> optimizer``.
-        lr: learning rate for the named optimizers.
+            ``"adam"``, a torch optimizer, a torch optimizer class (built with
+            ``lr``, e.g. ``torch.optim.AdamW``), or ``params -> optimizer``.
+        lr: learning rate for the named optimizers and an optimizer class.
         batch_size: minibatch size; ``None`` for full batch.
         drop_last: drop each epoch's last, smaller minibatch (then every step
             sees ``batch_size`` samples, as learning-rate and batch-size
@@ -401,6 +406,8 @@ def fit(
         "input_noise_std": input_noise_std,
         "optimizer": optimizer
         if isinstance(optimizer, str)
+        else optimizer.__name__
+        if isinstance(optimizer, type)
         else type(optimizer).__name__,
         "regularizer": repr(regularizer),
     }
