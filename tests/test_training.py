@@ -396,3 +396,22 @@ def test_an_optimizer_class_is_built_with_the_given_lr(tmp_path):
     fit(mlp(), train, optimizer=torch.optim.SGD, checkpoint=ckpt, **kwargs)
     with pytest.raises(ValueError, match="different run"):
         fit(mlp(), train, optimizer=torch.optim.Adam, checkpoint=ckpt, **kwargs)
+
+
+def test_accuracy_is_nan_where_the_targets_are_not_class_indices():
+    # regression and class-probability targets were recorded as 0% accurate
+    # (train_acc 0.0 beside a train loss of 0.2)
+    import torch.nn.functional as F
+
+    (x, y), _ = problem()
+    kwargs = dict(lr=0.5, batch_size=50, epochs=2, device="cpu", progress=False)
+    one_hot = F.one_hot(y, 4).float()
+    h = fit(mlp(), (x, one_hot), (x, one_hot), **kwargs)
+    assert all(math.isnan(v) for v in h["train_acc"] + h["test_acc"])
+    assert h.final["train_loss"] < h.records[0]["train_loss"]
+    target = x[:, :4].cumsum(1)  # (B, 4), a regression
+    h = fit(mlp(), (x, target), loss_fn=F.mse_loss, **kwargs)
+    assert all(math.isnan(v) for v in h["train_acc"])
+    # class indices still give the accuracy
+    h = fit(mlp(), (x, y), **kwargs)
+    assert 0.4 < h.final["train_acc"] <= 1

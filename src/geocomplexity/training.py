@@ -38,7 +38,9 @@ class History:
 
     Attributes:
         records: per epoch: ``epoch``, ``step``, ``train_loss``, ``train_acc``,
-            ``test_loss``, ``test_acc`` (NaN without test data), ``gc_train``,
+            ``test_loss``, ``test_acc`` (NaN without test data; the accuracies
+            are NaN unless the targets are class indices ``(N,)`` for
+            ``(N, k)`` logits), ``gc_train``,
             ``gc_test`` (NaN when not tracked that epoch), ``penalty`` (mean
             over the steps since the previous record: the epoch's, unless
             ``eval_every > 1``), ``wall_time`` (seconds since the start).
@@ -154,13 +156,17 @@ def _evaluate(
     model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, batch_size: int = 2048
 ) -> tuple[float, float]:
     loss, correct = 0.0, 0
+    # accuracy needs class indices: regression or class-probability targets
+    # have none, and their accuracy is NaN rather than 0
+    indices = y.dim() == 1 and not y.is_floating_point()
     with preserved(model, mode="eval"):
         for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
             out = model(xb)
             loss += loss_fn(out, yb).item() * len(xb)
-            if out.dim() == 2 and yb.dim() == 1:
+            indices = indices and out.dim() == 2
+            if indices:
                 correct += (out.argmax(1) == yb).sum().item()
-    return loss / len(x), correct / len(x)
+    return loss / len(x), correct / len(x) if indices else math.nan
 
 
 def fit(
