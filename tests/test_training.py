@@ -415,3 +415,16 @@ def test_accuracy_is_nan_where_the_targets_are_not_class_indices():
     # class indices still give the accuracy
     h = fit(mlp(), (x, y), **kwargs)
     assert 0.4 < h.final["train_acc"] <= 1
+
+
+def test_gc_is_tracked_every_track_gc_every_epochs_whatever_eval_every():
+    # GC was measured only at recorded epochs: with eval_every=2 and
+    # track_gc_every=3 it came at epoch 0 and never again in 5 epochs
+    train, _ = problem()
+    h = fit(
+        mlp(), train, epochs=5, eval_every=2, track_gc_every=3, device="cpu",
+        progress=False,
+    )  # fmt: skip
+    tracked = [r["epoch"] for r in h.records if not math.isnan(r["gc_train"])]
+    assert tracked == [0, 3]
+    assert [r["epoch"] for r in h.records] == [0, 2, 3, 4, 5]

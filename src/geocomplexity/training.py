@@ -227,8 +227,8 @@ def fit(
         seed: seeds shuffling, noise, probes and the model's own randomness
             (dropout); the global RNG state is restored afterwards.
         eval_every: record (evaluate train and test sets) every this many
-            epochs, and at the first and last; long full-batch runs use it to
-            avoid evaluating every epoch.
+            epochs, and at the first and last and wherever GC is tracked; long
+            full-batch runs use it to avoid evaluating every epoch.
         track_gc_every: measure exact GC on fixed subsets of train and test
             every this many epochs (and at epoch 0); ``None`` never.
         gc_subset: size of those subsets (their first samples).
@@ -535,7 +535,9 @@ def fit(
                 and _evaluate(model, x, y, loss_fn)[0] <= stop_at_train_loss
             )
             last = reached or step >= total_steps
-            if epoch % eval_every == 0 or last:
+            # GC is measured in a record: an epoch it is due is recorded too
+            gc_due = track_gc_every is not None and epoch % track_gc_every == 0
+            if epoch % eval_every == 0 or gc_due or last:
                 pen_mean = (
                     pen_sum.item() / pen_count if pen_sum is not None else math.nan
                 )
