@@ -428,3 +428,22 @@ def test_gc_is_tracked_every_track_gc_every_epochs_whatever_eval_every():
     tracked = [r["epoch"] for r in h.records if not math.isnan(r["gc_train"])]
     assert tracked == [0, 3]
     assert [r["epoch"] for r in h.records] == [0, 2, 3, 4, 5]
+
+
+def test_a_checkpoint_is_refused_by_a_run_that_records_otherwise(tmp_path):
+    # a finished checkpoint without GC tracking was handed to a run that asked
+    # for it: every gc_train NaN, silently (and eval_every likewise)
+    train, _ = problem()
+    ckpt = tmp_path / "run.pt"
+    kwargs = dict(lr=0.1, batch_size=50, epochs=2, device="cpu", progress=False)
+    fit(mlp(), train, checkpoint=ckpt, **kwargs)
+    for other in ({"track_gc_every": 1}, {"eval_every": 2}, {"gc_subset": 64}):
+        with pytest.raises(ValueError, match="different run"):
+            fit(mlp(), train, checkpoint=ckpt, **kwargs, **other)
+    again = fit(mlp(), train, checkpoint=ckpt, **kwargs)  # the same call resumes
+    assert len(again.records) == 3
+    # a checkpoint written before these options were checked still resumes
+    state = torch.load(ckpt, weights_only=True)
+    del state["recording"]
+    torch.save(state, ckpt)
+    assert len(fit(mlp(), train, checkpoint=ckpt, **kwargs).records) == 3

@@ -417,10 +417,20 @@ def fit(
         else type(optimizer).__name__,
         "regularizer": repr(regularizer),
     }
+    # what shapes the records a resumed (or finished) run hands back; kept
+    # beside the fingerprint, and checked only where a checkpoint has it, so
+    # checkpoints written before it still resume
+    recording = {
+        "eval_every": eval_every,
+        "track_gc_every": track_gc_every,
+        "gc_subset": gc_subset,
+        "gc_wrt": gc_wrt,
+    }
 
     def save(epoch: int, step: int, pen_sum: Tensor | None, pen_count: int) -> None:
         state = {
             "fingerprint": fingerprint,
+            "recording": recording,
             "penalty_sum": pen_sum,
             "penalty_count": pen_count,
             "epoch": epoch,
@@ -459,10 +469,17 @@ def fit(
             if checkpoint is not None and Path(checkpoint).is_file()
             else None
         )
-        if resumed is not None and resumed.get("fingerprint") != fingerprint:
+        if resumed is not None and (
+            resumed.get("fingerprint") != fingerprint
+            or resumed.get("recording", recording) != recording
+        ):
+            theirs = {
+                **(resumed.get("fingerprint") or {}),
+                **(resumed.get("recording") or {}),
+            }
             raise ValueError(
                 f"checkpoint {checkpoint} was written by a different run "
-                f"({resumed.get('fingerprint')} != {fingerprint}); delete it or "
+                f"({theirs} != { ({**fingerprint, **recording}) }); delete it or "
                 "pass another checkpoint path"
             )
         if resumed is None:
