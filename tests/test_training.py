@@ -447,3 +447,24 @@ def test_a_checkpoint_is_refused_by_a_run_that_records_otherwise(tmp_path):
     del state["recording"]
     torch.save(state, ckpt)
     assert len(fit(mlp(), train, checkpoint=ckpt, **kwargs).records) == 3
+
+
+def test_numpy_scalar_options_train_and_serialise(tmp_path):
+    # a sweep's np.int64 epochs trained an epoch and then crashed writing its
+    # checkpoint (int64 is not JSON serializable); np.int64 batch_size and
+    # seed crashed at the start inside torch
+    np = pytest.importorskip("numpy")
+    train, _ = problem()
+    plain = dict(lr=0.25, batch_size=50, epochs=2, seed=3)
+    numpy_ = dict(
+        lr=np.float32(0.25), batch_size=np.int64(50), epochs=np.int64(2),
+        seed=np.int64(3),
+    )  # fmt: skip
+    common = dict(device="cpu", progress=False)
+    want = fit(mlp(), train, **plain, **common)
+    got = fit(mlp(), train, checkpoint=tmp_path / "run.pt", **numpy_, **common)
+    assert got["train_loss"] == want["train_loss"]
+    again = fit(mlp(), train, checkpoint=tmp_path / "run.pt", **numpy_, **common)
+    assert again["train_loss"] == want["train_loss"]  # weights_only loads it
+    back = History.from_json(got.to_json())
+    assert back.config["epochs"] == 2 and back.config["batch_size"] == 50

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
+import operator
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -260,6 +262,22 @@ def fit(
     """
     from tqdm.auto import tqdm
 
+    # a sweep's numpy scalars (np.int64 epochs) as Python numbers: History's
+    # JSON and a weights_only checkpoint take no numpy type
+    epochs, steps, batch_size, track_gc_every = (
+        None if v is None else operator.index(v)
+        for v in (epochs, steps, batch_size, track_gc_every)
+    )
+    seed, eval_every, checkpoint_every = (
+        operator.index(v) for v in (seed, eval_every, checkpoint_every)
+    )
+    if isinstance(gc_subset, numbers.Integral):
+        gc_subset = operator.index(gc_subset)
+    lr, input_noise_std, label_noise = (
+        float(v) for v in (lr, input_noise_std, label_noise)
+    )
+    if stop_at_train_loss is not None:
+        stop_at_train_loss = float(stop_at_train_loss)
     x, y = train
     if len(x) == 0 or len(x) != len(y):
         raise ValueError(
