@@ -128,6 +128,15 @@ def test_fit_on_the_cpu_leaves_the_cuda_generators_alone(monkeypatch):
     assert seeded == []  # a reseeded GPU would stay reseeded
 
 
+def test_fit_refuses_an_empty_or_ragged_test_set():
+    # an empty test set (load_digits(test_fraction=0)'s) crashed with
+    # ZeroDivisionError in the first evaluation
+    train, (xt, yt) = problem()
+    for test in ((xt[:0], yt[:0]), (xt, yt[:50])):
+        with pytest.raises(ValueError, match="test must be"):
+            fit(mlp(), train, test, epochs=1, progress=False, device="cpu")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

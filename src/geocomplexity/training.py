@@ -284,6 +284,11 @@ def fit(
             f"train must be (x, y) with the same non-zero length, got {len(x)} "
             f"and {len(y)}"
         )
+    if test is not None and (len(test[0]) == 0 or len(test[0]) != len(test[1])):
+        raise ValueError(
+            f"test must be (x, y) with the same non-zero length, got "
+            f"{len(test[0])} and {len(test[1])}; pass test=None for no test set"
+        )
     if (epochs is None) == (steps is None):
         raise ValueError("give exactly one of epochs= or steps=")
     if (epochs is not None and epochs < 1) or (steps is not None and steps < 1):
