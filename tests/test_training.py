@@ -477,3 +477,18 @@ def test_numpy_scalar_options_train_and_serialise(tmp_path):
     assert again["train_loss"] == want["train_loss"]  # weights_only loads it
     back = History.from_json(got.to_json())
     assert back.config["epochs"] == 2 and back.config["batch_size"] == 50
+
+
+def test_label_noise_refuses_targets_that_are_not_class_indices():
+    # one-hot targets failed with a shape mismatch, or where 4 rows of 4 were
+    # chosen (label_noise=0.02 of 200) were "relabelled" silently by writing
+    # an index (0 or 1: y.max() + 1 classes) into every entry of a row
+    import torch.nn.functional as F
+
+    (x, y), _ = problem()
+    one_hot = F.one_hot(y, 4).float()
+    with pytest.raises(ValueError, match="class indices"):
+        fit(mlp(), (x, one_hot), epochs=1, label_noise=0.02, progress=False,
+            device="cpu")  # fmt: skip
+    with pytest.raises(ValueError, match="class indices"):
+        apply_label_noise(one_hot, 0.2, 4, torch.Generator().manual_seed(0))

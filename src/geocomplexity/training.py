@@ -109,7 +109,16 @@ def apply_label_noise(
 
     Returns:
         ``(noisy labels, effective rate)``.
+
+    Raises:
+        ValueError: ``y`` is not a vector of integer class indices.
     """
+    if y.dim() != 1 or y.is_floating_point() or y.is_complex():
+        raise ValueError(
+            f"label noise relabels class indices, a vector of integers; got "
+            f"{y.dtype} targets of shape {tuple(y.shape)} (one-hot targets: "
+            "pass y.argmax(1))"
+        )
     n = len(y)
     chosen = torch.randperm(n, generator=generator)[: round(fraction * n)]
     noisy = y.clone()
