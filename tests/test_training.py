@@ -492,3 +492,26 @@ def test_label_noise_refuses_targets_that_are_not_class_indices():
             device="cpu")  # fmt: skip
     with pytest.raises(ValueError, match="class indices"):
         apply_label_noise(one_hot, 0.2, 4, torch.Generator().manual_seed(0))
+
+
+def test_an_optimizer_instance_is_recorded_and_checked_by_its_own_lr(tmp_path):
+    # with optimizer=SGD(params, lr=0.3), History.config said lr=0.01 (fit's
+    # unused default), and a checkpoint of it resumed a run given lr=0.05,
+    # which then trained at the checkpoint's 0.3 (load_state_dict restores it)
+    train, _ = problem()
+    kwargs = dict(batch_size=50, device="cpu", progress=False)
+
+    def sgd(lr):
+        return lambda params: torch.optim.SGD(params, lr=lr)
+
+    model = mlp()
+    h = fit(model, train, optimizer=torch.optim.SGD(model.parameters(), lr=0.3),
+            epochs=1, **kwargs)  # fmt: skip
+    assert h.config["lr"] == 0.3
+    assert fit(mlp(), train, optimizer=sgd(0.3), epochs=1, **kwargs).config["lr"] == 0.3
+    ckpt = tmp_path / "run.pt"
+    fit(mlp(), train, optimizer=sgd(0.3), epochs=2, checkpoint=ckpt, **kwargs)
+    with pytest.raises(ValueError, match="different run"):
+        fit(mlp(), train, optimizer=sgd(0.05), epochs=2, checkpoint=ckpt, **kwargs)
+    again = fit(mlp(), train, optimizer=sgd(0.3), epochs=2, checkpoint=ckpt, **kwargs)
+    assert len(again.records) == 3

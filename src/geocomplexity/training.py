@@ -151,6 +151,18 @@ def _optimizer(
     )
 
 
+#: The optimizer settings a resumed run must share with its checkpoint (an
+#: optimizer's load_state_dict would quietly put the checkpoint's back).
+_HYPERPARAMETERS = (
+    "lr", "momentum", "dampening", "nesterov", "weight_decay", "betas", "eps",
+    "alpha", "centered", "amsgrad", "maximize",
+)  # fmt: skip
+
+
+def _hyperparameters(groups: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: g[k] for k in _HYPERPARAMETERS if k in g} for g in groups]
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"`` is CUDA when torch sees a device, else the CPU.
 
@@ -384,6 +396,11 @@ def fit(
         regularizer.seed(reg_gen)
     params = trainable(model)
     opt = _optimizer(optimizer, params, lr)
+    if not isinstance(optimizer, (str, type)):
+        # an optimizer, or a function that builds one, sets its own rate
+        lrs = [float(g["lr"]) for g in opt.param_groups]
+        history.config["lr"] = lrs[0] if len(set(lrs)) == 1 else lrs
+    hyperparameters = _hyperparameters(opt.param_groups)
     needs_input_grad = regularizer is not None and regularizer.reuses_input_grad
     # attention by its math kernel when a penalty may backpropagate through
     # the pass twice (the fused kernels have no double backward)
@@ -501,18 +518,29 @@ def fit(
             if checkpoint is not None and Path(checkpoint).is_file()
             else None
         )
+        theirs_hyper = (
+            _hyperparameters(resumed["optimizer"].get("param_groups", []))
+            if resumed is not None and isinstance(resumed.get("optimizer"), dict)
+            else None
+        )
         if resumed is not None and (
             resumed.get("fingerprint") != fingerprint
             or resumed.get("recording", recording) != recording
+            or theirs_hyper != hyperparameters
         ):
             theirs = {
                 **(resumed.get("fingerprint") or {}),
                 **(resumed.get("recording") or {}),
+                "optimizer settings": theirs_hyper,
+            }
+            mine = {
+                **fingerprint,
+                **recording,
+                "optimizer settings": hyperparameters,
             }
             raise ValueError(
                 f"checkpoint {checkpoint} was written by a different run "
-                f"({theirs} != { ({**fingerprint, **recording}) }); delete it or "
-                "pass another checkpoint path"
+                f"({theirs} != {mine}); delete it or pass another checkpoint path"
             )
         if resumed is None:
             record(0, 0, math.nan, t0)
