@@ -628,6 +628,54 @@ def test_fused_backward_takes_params_as_an_iterator(make):
     torch.testing.assert_close(step(model.parameters()), step(list(model.parameters())))
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: L2(0.3),
+        lambda: SpectralNorm(0.3),
+        lambda: SpectralNorm(0.3),
+        lambda: GradientNorm(0.3, method="finite_difference", eps=1e-6),
+    ],
+    ids=["l2", "spectral_dense", "spectral_conv", "gradient_norm_fd"],
+)
+def test_fused_backward_runs_the_hooks_on_parameter_gradients(make, request):
+    """A hook on a parameter's gradient (a rescaling, a gradient mask, an
+    optimizer step after accumulation) sees what loss + term's backward hands
+    it: the hand-written gradients of the fused steps bypassed the hooks (a
+    halving hook left the L2 gradient 0.86 of the gradient's norm off, and no
+    post-accumulate hook fired for the finite difference)."""
+    case = tanh_cnn if "conv" in request.node.callspec.id else tanh_mlp
+    model, x, y = case()
+    params = list(model.parameters())
+    seen: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+    fused = [True]  # the step running, for the hooks
+    for p in params:
+        p.register_hook(lambda g: 0.5 * g)
+        p.register_post_accumulate_grad_hook(
+            lambda p: seen[fused[0]].append(p.grad.clone())
+        )
+
+    def step(fused: bool) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        term = make()  # fresh: the spectral term's vectors are state
+        if fused:
+            term.backward(loss, model, x, y, outputs=out)
+        else:
+            (loss + term(model, x, y, outputs=out)).backward(inputs=params)
+        return torch.cat([p.grad.flatten() for p in params])
+
+    g1 = step(True)
+    fused[0] = False
+    g2 = step(False)
+    torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-12)
+    # each hook fired once, on the whole gradient
+    assert len(seen[True]) == len(seen[False]) == len(params)
+    for a, b in zip(seen[True], seen[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 # -- SpectralNorm ------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LossFn", "Regularizer", "grad_buffer", "trainable"]
+__all__ = ["LossFn", "Regularizer", "grad_buffer", "hooked", "trainable"]
 
 #: ``loss_fn(outputs, targets) -> scalar``; cross-entropy when not given.
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -34,6 +34,17 @@ def grad_buffer(tensor: Tensor) -> Tensor:
     if tensor.grad is None:
         tensor.grad = torch.zeros_like(tensor)
     return tensor.grad
+
+
+def hooked(tensor: Tensor) -> bool:
+    """Whether a hook is registered on ``tensor``'s gradient.
+
+    ``register_hook`` (a rescaling, a gradient mask) or
+    ``register_post_accumulate_grad_hook`` (an optimizer step in the backward
+    pass). A term that writes a gradient into ``.grad`` by hand would bypass
+    them: where there is one, it goes through autograd instead.
+    """
+    return bool(tensor._backward_hooks or tensor._post_accumulate_grad_hooks)
 
 
 def explained(err: RuntimeError) -> RuntimeError:

@@ -40,6 +40,7 @@ from geocomplexity.regularizers.base import (
     LossFn,
     Regularizer,
     check_strength,
+    hooked,
     trainable,
 )
 from geocomplexity.state import compiled, differentiable_attention, eager, kept_buffers
@@ -190,11 +191,13 @@ class GradientNorm(Regularizer):
         # a list: the parameters are walked twice (an iterator would be spent)
         params = own if params is None else list(params)
         # the hand-assembled .grad below would bypass DDP's all-reduce (and its
-        # reducer, which waits for a backward pass): DDP takes the surrogate
+        # reducer, which waits for a backward pass), and the hooks on the
+        # parameters' gradients: those take the surrogate
         if (
             self.method != "finite_difference"
             or [id(p) for p in params] != [id(p) for p in own]
             or _ddp_group(model) is not None
+            or any(hooked(p) for p in params)
         ):
             return super().backward(
                 loss,

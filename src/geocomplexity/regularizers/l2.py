@@ -18,6 +18,7 @@ from geocomplexity.regularizers.base import (
     Regularizer,
     check_strength,
     grad_buffer,
+    hooked,
     trainable,
 )
 
@@ -71,6 +72,17 @@ class L2(Regularizer):
         params = trainable(model) if params is None else list(params)
         weights = self._weights(model)  # leaves: parameters() yields no others
         wanted = {id(p) for p in params}
+        if any(hooked(w) for w in weights if id(w) in wanted):
+            # a hook on a weight's gradient sees the whole of it: through autograd
+            return super().backward(
+                loss,
+                model,
+                inputs,
+                targets,
+                outputs=outputs,
+                loss_fn=loss_fn,
+                params=params,
+            )
         loss.backward(inputs=params)
         with torch.no_grad():
             mine, grads = [], []

@@ -35,6 +35,7 @@ from geocomplexity.regularizers.base import (
     Regularizer,
     check_strength,
     grad_buffer,
+    hooked,
     trainable,
 )
 from geocomplexity.state import preserved
@@ -138,19 +139,22 @@ class SpectralNorm(Regularizer):
         # convolutions by hand: a power step without a graph, then the
         # gradient 2λ·(Wv)vᵀ (or 2λ·conv_weight(v, Av)) straight into W.grad,
         # with no temporary to add. A weight that is computed (a
-        # parametrization, a weight-norm hook) or a conv with another padding
-        # mode goes through autograd with the task loss instead.
+        # parametrization, a weight-norm hook), one with a hook on its gradient
+        # or a conv with another padding mode goes through autograd with the
+        # task loss instead.
         # a list: the parameters are walked twice (an iterator would be spent)
         params = trainable(model) if params is None else list(params)
         layers = self._layers(model, inputs)
         if not layers:
             raise ValueError("the model has no Linear or Conv layer to penalise")
-        # a leaf weight's gradient can be written directly
+        # a leaf weight's gradient can be written directly, unless a hook on
+        # it must see the whole gradient
         hand: list[tuple[str, nn.Module, bool]] = []
         rest: list[tuple[str, nn.Module, bool]] = []
         for layer in layers:
             _, m, op = layer
-            leaf = m.weight.grad_fn is None and (not op or _plain(m))
+            W = m.weight
+            leaf = W.grad_fn is None and (not op or _plain(m)) and not hooked(W)
             (hand if leaf else rest).append(layer)
         graph = [
             (self._operator(n, m) if op else self._dense(n, m)).pow(2)
