@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils.stateless import _reparametrize_module
 from torch.nn.utils.weight_norm import WeightNorm
 from torch.overrides import TorchFunctionMode
 
@@ -302,8 +303,9 @@ class GradientNorm(Regularizer):
         if norm == 0:  # a flat point: Hg·0 = 0, and no step to take
             return sq, 1.0, grads
         r = self.eps / norm
-        # θ + r·g through functional_call: no in-place change to the parameters,
-        # whose versions the caller's graph checks; running statistics restored
+        # θ + r·g swapped in as functional_call does: no in-place change to the
+        # parameters, whose versions the caller's graph checks; running
+        # statistics restored
         if isinstance(model, DistributedDataParallel):
             model = model.module
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -312,8 +314,15 @@ class GradientNorm(Regularizer):
         shifted_params = {
             n: t.requires_grad_(True) for (n, _), t in zip(named, moved, strict=True)
         }
-        with kept_buffers(model), torch.enable_grad():
-            out = torch.func.functional_call(model, shifted_params, (inputs,))
+        # the backward pass inside the block too: activation checkpointing
+        # recomputes a block's forward pass there, with the parameters the
+        # module holds then
+        with (
+            kept_buffers(model),
+            torch.enable_grad(),
+            _reparametrize_module(model, shifted_params, tie_weights=True),
+        ):
+            out = model(inputs)
             shifted, _ = _param_grads(loss_fn(out, targets), moved)
         return sq, r, shifted
 
