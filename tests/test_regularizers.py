@@ -553,6 +553,45 @@ def test_finite_difference_gradient_norm_refuses_every_random_forward(layer):
     assert rel(fd, grads(GradientNorm(0.1)(model, x, y), model)) < 1e-5
 
 
+class _RunningCenter(nn.Module):
+    """Subtracts a running mean of its inputs that it updates in train mode."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(d, dtype=torch.float64))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                self.mean.lerp_(z.mean(0), 0.5)
+        return z - self.mean
+
+
+@pytest.mark.parametrize("layer", ["spectral_norm", "running_center"])
+def test_finite_difference_gradient_norm_refuses_a_forward_that_updates_buffers(
+    layer,
+):
+    """A layer that updates a buffer in its forward pass (spectral norm's power
+    iteration in train mode, a running mean) runs the shifted pass with other
+    buffers than the caller's: (g' − g)/r differenced that change too, and the
+    penalty's gradient was off by 2.4 times its size (spectral norm, eps=1e-6)
+    and 57 times (a running mean, the default eps)."""
+    model, x, y = tanh_mlp()
+    if layer == "spectral_norm":
+        torch.nn.utils.parametrizations.spectral_norm(model[2])
+    else:
+        model.insert(1, _RunningCenter(8))
+    term = GradientNorm(0.3, method="finite_difference", eps=1e-6)
+    with pytest.raises(ValueError, match="updates buffer"):
+        term(model, x, y)
+    out = model(x)
+    with pytest.raises(ValueError, match="updates buffer"):
+        term.backward(F.cross_entropy(out, y), model, x, y, outputs=out)
+    model.eval()  # the buffers are fixed: the finite difference agrees
+    exact = grads(GradientNorm(0.3)(model, x, y), model)
+    assert rel(grads(term(model, x, y), model), exact) < 1e-5
+
+
 def test_finite_difference_gradient_norm_with_sparse_gradients():
     """A sparse embedding gradient: densified, as autograd's sum would be."""
     torch.manual_seed(0)

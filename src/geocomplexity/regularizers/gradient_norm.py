@@ -314,6 +314,9 @@ class GradientNorm(Regularizer):
         shifted_params = {
             n: t.requires_grad_(True) for (n, _), t in zip(named, moved, strict=True)
         }
+        # a buffer the shifted pass writes (a write bumps its version) was
+        # another in that pass than in the caller's
+        versions = [b._version for b in model.buffers()]
         # the backward pass inside the block too: activation checkpointing
         # recomputes a block's forward pass there, with the parameters the
         # module holds then
@@ -324,6 +327,7 @@ class GradientNorm(Regularizer):
         ):
             out = model(inputs)
             shifted, _ = _param_grads(loss_fn(out, targets), moved)
+        _refuse_written_buffers(model, versions)
         return sq, r, shifted
 
     def __repr__(self) -> str:
@@ -381,6 +385,34 @@ def _refuse_random_forward(model: nn.Module) -> None:
             f"passes, and dropout in train mode ({', '.join(live[:4])}) draws a "
             "new mask (RReLU new slopes) for the second: use "
             "method='double_backprop', or put those layers in eval mode"
+        )
+
+
+def _refuse_written_buffers(model: nn.Module, versions: list[int]) -> None:
+    """The finite difference's second pass must use the first pass's buffers.
+
+    Raises:
+        ValueError: the forward pass wrote a buffer (``versions`` are the
+            buffers' versions before it): spectral norm's power iteration or
+            a running statistic of a custom layer, in train mode. The shifted
+            pass then ran with other buffers than the caller's, and
+            (g' − g)/r differenced that change too: the gradient was off by
+            up to thousands of times its size. (BatchNorm writes nothing
+            there: see :func:`~geocomplexity.state.kept_buffers`.)
+    """
+    written = [
+        name
+        for (name, b), v in zip(model.named_buffers(), versions, strict=True)
+        if b._version != v
+    ]
+    if written:
+        raise ValueError(
+            "GradientNorm(method='finite_difference') differences two forward "
+            f"passes, and the model's forward pass updates buffers "
+            f"({', '.join(written[:4])}): the second pass ran with other "
+            "buffers than the first (spectral norm's power iteration, a running "
+            "statistic). Use method='double_backprop', or put those layers in "
+            "eval mode"
         )
 
 
