@@ -592,6 +592,26 @@ def test_finite_difference_gradient_norm_refuses_a_forward_that_updates_buffers(
     assert rel(grads(term(model, x, y), model), exact) < 1e-5
 
 
+@pytest.mark.parametrize("how", ["bfloat16", "float16", "autocast"])
+def test_finite_difference_gradient_norm_refuses_half_precision(how):
+    """In half precision the two gradients' round-off, divided by the step,
+    swamps Hg: the penalty's gradient came out 1.0 (bfloat16), 0.37 (float16)
+    and 2.2 (float32 weights under bfloat16 autocast) times its size off, at
+    the default step, and no step gave better than 7%."""
+    model, x, y = tanh_mlp()
+    dtype = torch.float32 if how == "autocast" else getattr(torch, how)
+    model, x = model.to(dtype), x.to(dtype)
+    term = GradientNorm(0.3, method="finite_difference")
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=how == "autocast"):
+        with pytest.raises(ValueError, match="double_backprop"):
+            term(model, x, y)
+        out = model(x)
+        with pytest.raises(ValueError, match="double_backprop"):
+            term.backward(F.cross_entropy(out, y), model, x, y, outputs=out)
+        assert GradientNorm(0.3)(model, x, y) > 0  # double backprop is fine
+    assert term(model.float(), x.float(), y) > 0  # float32 is fine
+
+
 def test_finite_difference_gradient_norm_with_sparse_gradients():
     """A sparse embedding gradient: densified, as autograd's sum would be."""
     torch.manual_seed(0)
