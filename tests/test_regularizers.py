@@ -677,6 +677,30 @@ def test_finite_difference_gradient_norm_through_activation_checkpointing():
     assert rel(fused - task, exact) < 1e-5
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: L2(0.3),
+        lambda: SpectralNorm(0.3),
+        lambda: GradientNorm(0.3),
+        lambda: GradientNorm(0.3, method="finite_difference", eps=1e-6),
+        lambda: GeometricComplexity(0.3, method="exact") + L2(0.3),
+    ],
+    ids=["l2", "spectral", "gradient_norm", "gradient_norm_fd", "gc_plus_l2"],
+)
+def test_penalties_refuse_reentrant_activation_checkpointing(make):
+    """A block checkpointed with use_reentrant=True hides its parameters from
+    autograd.grad and backward(inputs=...): its layers got no task gradient in
+    a fused L2 or spectral step, and none in the gradient norm (whose value
+    was 0.49 for 0.65), silently. Now an error names the fix."""
+    model, x, y = tanh_mlp()
+    ckpt = _Checkpointed(model, reentrant=True)
+    xg = x.clone().requires_grad_(True)  # as fit hands it over
+    out = ckpt(xg)
+    with pytest.raises(RuntimeError, match="use_reentrant=False"):
+        make().backward(F.cross_entropy(out, y), ckpt, xg, y, outputs=out)
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # the hook's deprecation
 @pytest.mark.parametrize("hooked", [False, True], ids=["parametrization", "hook"])
 @pytest.mark.parametrize("reuse", [False, True], ids=["own_pass", "outputs"])

@@ -15,7 +15,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LossFn", "Regularizer", "grad_buffer", "hooked", "trainable"]
+__all__ = [
+    "LossFn",
+    "Regularizer",
+    "backward_into",
+    "grad_buffer",
+    "hooked",
+    "refuse_reentrant_checkpoint",
+    "trainable",
+]
 
 #: ``loss_fn(outputs, targets) -> scalar``; cross-entropy when not given.
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -45,6 +53,53 @@ def hooked(tensor: Tensor) -> bool:
     them: where there is one, it goes through autograd instead.
     """
     return bool(tensor._backward_hooks or tensor._post_accumulate_grad_hooks)
+
+
+def backward_into(loss: Tensor, params: list[Tensor]) -> None:
+    """``loss.backward(inputs=params)``, which refuses what it cannot see through.
+
+    A block run by ``torch.utils.checkpoint`` with ``use_reentrant=True``
+    hides its parameters from a backward pass told its inputs: they get no
+    gradient, silently. A parameter whose ``.grad`` the pass left as it was
+    (the same tensor at the same version) sends this to look for one.
+
+    Raises:
+        RuntimeError: see :func:`refuse_reentrant_checkpoint`.
+    """
+    before = [(g := p.grad, None if g is None else g._version) for p in params]
+    loss.backward(inputs=params)
+    for p, (g, version) in zip(params, before, strict=True):
+        if p.grad is g and (g is None or g._version == version):
+            refuse_reentrant_checkpoint(loss)
+            return
+
+
+def refuse_reentrant_checkpoint(root: Tensor) -> None:
+    """Refuse a graph with a block checkpointed by ``use_reentrant=True``.
+
+    Such a block runs its forward pass without a graph, and its parameters
+    are reached only by a plain ``backward()``: ``torch.autograd.grad`` and
+    ``backward(inputs=...)``, which the terms take, skip them (PyTorch
+    raises only where the block lies on the way to a requested tensor).
+
+    Raises:
+        RuntimeError: ``root``'s graph has such a block.
+    """
+    seen, stack = set(), [root.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "CheckpointFunctionBackward":
+            raise RuntimeError(
+                "the model runs torch.utils.checkpoint with use_reentrant=True, "
+                "whose checkpointed parameters a gradient taken for chosen "
+                "tensors (a penalty's autograd.grad, backward(inputs=params)) "
+                "does not reach: they would get no gradient. Pass "
+                "use_reentrant=False to checkpoint"
+            )
+        stack.extend(n for n, _ in node.next_functions)
 
 
 def explained(err: RuntimeError) -> RuntimeError:
@@ -171,7 +226,7 @@ class Regularizer(abc.ABC):
         # only the parameters: a penalty may have made the inputs require grad,
         # and their gradient would cost a full extra product per layer
         try:
-            (loss + penalty).backward(inputs=params)
+            backward_into(loss + penalty, params)
         except RuntimeError as err:
             raise explained(err) from err
         return penalty.detach()

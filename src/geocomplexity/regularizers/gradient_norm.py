@@ -43,6 +43,7 @@ from geocomplexity.regularizers.base import (
     Regularizer,
     check_strength,
     hooked,
+    refuse_reentrant_checkpoint,
     trainable,
 )
 from geocomplexity.state import compiled, differentiable_attention, eager, kept_buffers
@@ -61,9 +62,15 @@ def _param_grads(
 
     Returns:
         The gradients, and which parameters the loss uses.
+
+    Raises:
+        RuntimeError: a parameter only looks unused, hidden in a block
+            checkpointed with ``use_reentrant=True``.
     """
     grads = torch.autograd.grad(loss, params, allow_unused=True, **kwargs)
     used = [g is not None for g in grads]
+    if not all(used):  # unused, or hidden in a reentrant checkpoint
+        refuse_reentrant_checkpoint(loss)
     return [
         torch.zeros_like(p) if g is None else g.to_dense() if g.is_sparse else g
         for p, g in zip(params, grads, strict=True)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from geocomplexity.regularizers.base import (
     LossFn,
     Regularizer,
+    backward_into,
     check_strength,
     grad_buffer,
     hooked,
@@ -83,7 +84,7 @@ class L2(Regularizer):
                 loss_fn=loss_fn,
                 params=params,
             )
-        loss.backward(inputs=params)
+        backward_into(loss, params)
         with torch.no_grad():
             mine, grads = [], []
             for w in weights:

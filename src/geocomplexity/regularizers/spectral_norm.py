@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from geocomplexity.regularizers.base import (
     LossFn,
     Regularizer,
+    backward_into,
     check_strength,
     grad_buffer,
     hooked,
@@ -161,7 +162,7 @@ class SpectralNorm(Regularizer):
             for n, m, op in rest
         ]
         total = loss + self.strength * sum(graph) if graph else loss
-        total.backward(inputs=params)
+        backward_into(total, params)
         # the hand-made steps after the task backward: their temporaries (a
         # conv's patches) are not held through it
         wanted = {id(p) for p in params}
