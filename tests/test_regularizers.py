@@ -701,6 +701,21 @@ def test_penalties_refuse_reentrant_activation_checkpointing(make):
         make().backward(F.cross_entropy(out, y), ckpt, xg, y, outputs=out)
 
 
+def test_jvp_penalty_through_activation_checkpointing_names_the_fix():
+    """A checkpointed block recomputes its forward pass in the backward pass,
+    without the jvp passes' tangents: PyTorch's CheckpointError ("a different
+    number of tensors was saved") did not say that the penalty's method is
+    the cause, nor what to use instead."""
+    model, x, y = tanh_mlp()
+    ckpt = _Checkpointed(model, reentrant=False)
+    term = GeometricComplexity(
+        0.3, method="jvp", generator=torch.Generator().manual_seed(0)
+    )
+    out = ckpt(x)
+    with pytest.raises(RuntimeError, match="method='projection'"):
+        term.backward(F.cross_entropy(out, y), ckpt, x, y, outputs=out)
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # the hook's deprecation
 @pytest.mark.parametrize("hooked", [False, True], ids=["parametrization", "hook"])
 @pytest.mark.parametrize("reuse", [False, True], ids=["own_pass", "outputs"])

@@ -110,7 +110,9 @@ def explained(err: RuntimeError) -> RuntimeError:
     backward, and softmax's forward-mode derivative cannot be backpropagated
     (the ``"jvp"`` GC penalty, which reroutes the softmax calls it can reach
     to a composite, :mod:`geocomplexity.composite_ops`, but not one made
-    inside another C++ kernel). Anything else comes back unchanged.
+    inside another C++ kernel). A third: activation checkpointing recomputes
+    a block's forward pass without the ``"jvp"`` penalty's tangents.
+    Anything else comes back unchanged.
 
     Returns:
         A ``RuntimeError`` naming the fix, or ``err`` itself.
@@ -129,6 +131,13 @@ def explained(err: RuntimeError) -> RuntimeError:
             "model with softmax: PyTorch cannot backpropagate the fused softmax's "
             "forward-mode derivative, and this one runs inside a kernel that "
             "geocomplexity.composite_ops cannot reroute; use method='projection'."
+        )
+    if "torch.utils.checkpoint" in message and "recomputation" in message:
+        return RuntimeError(
+            f"{message}\n\nIf the penalty is GeometricComplexity(method='jvp') on "
+            "a model with activation checkpointing: the checkpointed blocks "
+            "recompute their forward pass in the backward pass without the jvp "
+            "passes' tangents; use method='projection' or 'exact'."
         )
     return err
 
