@@ -244,6 +244,28 @@ def test_gradient_norm_with_a_parameter_the_loss_does_not_use():
         assert model.body.weight.grad is not None, method
 
 
+@pytest.mark.parametrize("source", ["functional_call", "detached"])
+def test_gradient_norm_refuses_outputs_that_use_none_of_the_parameters(source):
+    """Outputs computed with other parameters (torch.func.functional_call, as
+    in meta-learning) or detached: the loss depends on none of the model's
+    parameters. Double backprop gave a penalty of exactly 0, silently; the
+    finite difference failed with "'float' object has no attribute 'detach'"."""
+    model, x, y = tanh_mlp()
+    if source == "functional_call":
+        own = {
+            n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()
+        }
+        out = torch.func.functional_call(model, own, (x,))
+    else:
+        out = model(x).detach()
+    for method in ("double_backprop", "finite_difference"):
+        term = GradientNorm(0.3, method=method)
+        with pytest.raises(ValueError, match="none of the model's trainable"):
+            term(model, x, y, outputs=out)
+        with pytest.raises(ValueError, match="none of the model's trainable"):
+            term.backward(F.cross_entropy(out, y), model, x, y, outputs=out)
+
+
 @pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
 def test_gc_term_value_is_right_under_no_grad_and_inference_mode(context):
     # logging the penalty in a validation step must not read 0

@@ -66,11 +66,27 @@ def _param_grads(
     Raises:
         RuntimeError: a parameter only looks unused, hidden in a block
             checkpointed with ``use_reentrant=True``.
+        ValueError: the loss uses none of ``params``.
     """
-    grads = torch.autograd.grad(loss, params, allow_unused=True, **kwargs)
+    grads = (
+        torch.autograd.grad(loss, params, allow_unused=True, **kwargs)
+        if loss.requires_grad
+        else [None] * len(params)
+    )
     used = [g is not None for g in grads]
     if not all(used):  # unused, or hidden in a reentrant checkpoint
-        refuse_reentrant_checkpoint(loss)
+        if loss.grad_fn is not None:
+            refuse_reentrant_checkpoint(loss)
+        if not any(used):
+            raise ValueError(
+                "the task loss depends on none of the model's trainable "
+                "parameters, so its gradient norm would be 0: were the outputs "
+                "handed over computed with other parameters (by "
+                "torch.func.functional_call, or a copy of the model) or "
+                "detached? Hand over model(inputs)'s, or leave outputs= out. "
+                "(Under torch.no_grad() no loss has a gradient: take the "
+                "penalty outside it.)"
+            )
     return [
         torch.zeros_like(p) if g is None else g.to_dense() if g.is_sparse else g
         for p, g in zip(params, grads, strict=True)
