@@ -634,6 +634,32 @@ def test_finite_difference_gradient_norm_refuses_half_precision(how):
     assert term(model.float(), x.float(), y) > 0  # float32 is fine
 
 
+def test_finite_difference_gradient_norm_runs_the_gradient_hooks_at_both_points():
+    """A hook on the parameters' gradients (here a halving) acts on g = ∇L(θ):
+    the shifted gradient ∇L(θ + r g), taken at fresh tensors, went without it,
+    and (g' − g)/r carried (1 − ½)·g/r: the penalty's gradient was 10⁵ times
+    double backprop's size off. Both gradients now pass through the hooks."""
+    model, x, y = tanh_mlp()
+    params = list(model.parameters())
+    for p in params:
+        p.register_hook(lambda g: 0.5 * g)
+
+    def step(term, fused: bool) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        if fused:
+            term.backward(loss, model, x, y, outputs=out)
+        else:
+            (loss + term(model, x, y, outputs=out)).backward()
+        return torch.cat([p.grad.flatten() for p in params])
+
+    exact = step(GradientNorm(0.3), False)
+    fd = GradientNorm(0.3, method="finite_difference", eps=1e-6)
+    assert rel(step(fd, False), exact) < 1e-5
+    assert rel(step(fd, True), exact) < 1e-5
+
+
 def test_finite_difference_gradient_norm_with_sparse_gradients():
     """A sparse embedding gradient: densified, as autograd's sum would be."""
     torch.manual_seed(0)

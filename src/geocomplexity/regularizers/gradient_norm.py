@@ -339,6 +339,10 @@ class GradientNorm(Regularizer):
         shifted_params = {
             n: t.requires_grad_(True) for (n, _), t in zip(named, moved, strict=True)
         }
+        # g went through the hooks on the parameters' gradients: g' must too
+        for (_, p), t in zip(named, moved, strict=True):
+            for hook in (p._backward_hooks or {}).values():
+                t.register_hook(hook)
         # a buffer the shifted pass writes (a write bumps its version) was
         # another in that pass than in the caller's
         versions = [b._version for b in model.buffers()]
