@@ -764,6 +764,27 @@ def test_jvp_penalty_through_activation_checkpointing_names_the_fix():
         term.backward(F.cross_entropy(out, y), ckpt, x, y, outputs=out)
 
 
+# the jvp passes' input needs no grad, which the reentrant checkpoint warns of
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+@pytest.mark.parametrize("setup", ["full_backward_hook", "reentrant_checkpoint"])
+def test_jvp_penalty_names_the_fix_for_a_function_without_forward_mode(setup):
+    """A full backward hook (register_full_backward_hook, say for logging) or
+    a reentrant checkpoint runs the layer through a custom autograd.Function,
+    which has no forward-mode derivative: PyTorch's "You must implement the
+    jvp function for custom autograd.Function" did not say where the Function
+    came from, nor that another method works."""
+    model, x, y = tanh_mlp()
+    if setup == "full_backward_hook":
+        model[0].register_full_backward_hook(lambda *_: None)
+    else:
+        model = _Checkpointed(model, reentrant=True)
+    term = GeometricComplexity(0.3, method="jvp")
+    with pytest.raises(NotImplementedError, match="method='projection'"):
+        term(model, x, y)
+    if setup == "full_backward_hook":  # the reverse-mode penalty works there
+        assert GeometricComplexity(0.3, method="exact")(model, x, y) > 0
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # the hook's deprecation
 @pytest.mark.parametrize("hooked", [False, True], ids=["parametrization", "hook"])
 @pytest.mark.parametrize("reuse", [False, True], ids=["own_pass", "outputs"])

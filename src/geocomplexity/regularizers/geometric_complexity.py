@@ -220,8 +220,21 @@ class GeometricComplexity(Regularizer):
         stance = nullcontext()
         if compiled(modules):
             outputs, stance = None, eager()
-        with norms, stance:
-            return self.strength * self._values(model, inputs, outputs, coupled)
+        try:
+            with norms, stance:
+                return self.strength * self._values(model, inputs, outputs, coupled)
+        except NotImplementedError as err:
+            if self.method == "jvp" and "custom autograd.Function" in str(err):
+                raise NotImplementedError(
+                    f"{err}\n\nThe model runs a custom autograd.Function without a "
+                    "forward-mode derivative, which the 'jvp' GC penalty needs: "
+                    "one of your own, or one PyTorch adds (a module with a full "
+                    "backward hook, register_full_backward_hook; a block under "
+                    "torch.utils.checkpoint with use_reentrant=True). Use "
+                    "method='projection' or 'exact' (and checkpoint with "
+                    "use_reentrant=False)."
+                ) from err
+            raise
 
     def _values(
         self,
