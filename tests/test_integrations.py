@@ -169,6 +169,42 @@ def test_metric_sums_stay_float64_when_a_container_changes_dtype():
     assert metric.total.dtype == torch.float32
 
 
+def test_metrics_of_other_models_in_a_collection_keep_their_own_states():
+    # MetricCollection puts metrics whose states agree (allclose) after the
+    # first update in one compute group and then updates only the first: a
+    # metric of an EMA copy (equal to the model at the start) reported the
+    # model's value from then on
+    import copy
+
+    from torchmetrics import MetricCollection
+
+    from geocomplexity.integrations.torchmetrics import GeometricComplexity
+
+    model = _net().double()
+    ema = copy.deepcopy(model)
+    x = torch.randn(12, 6, dtype=torch.float64)
+    metrics = MetricCollection(
+        {
+            "ema": GeometricComplexity(ema),
+            "live": GeometricComplexity(model),
+            "same": GeometricComplexity(model),  # measures alike: may share
+        }
+    )
+    metrics.update(x[:4])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2)
+    metrics.update(x[4:])
+    got = {k: v.item() for k, v in metrics.compute().items()}
+    old = jacobian_sq_norms(ema, x)
+    new = jacobian_sq_norms(model, x)
+    live = torch.cat([old[:4], new[4:]]).mean().item()
+    torch.testing.assert_close(got["ema"], old.mean().item(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(got["live"], live, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got["same"], live, rtol=1e-12, atol=0)
+    assert ["live", "same"] in metrics.compute_groups.values()
+
+
 # -- Lightning -----------------------------------------------------------------
 
 

@@ -52,6 +52,43 @@ class _Held:
         return self if copied is None else _Held(copied)
 
 
+class _Measurement:
+    """What a metric measures: its model (by identity) and its options."""
+
+    __slots__ = ("metric",)
+
+    def __init__(self, metric: GeometricComplexity) -> None:
+        self.metric = metric
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Measurement):
+            return NotImplemented
+        a, b = self.metric, other.metric
+        return a.model is b.model and a._options == b._options
+
+    def __hash__(self) -> int:
+        return id(self.metric.model)
+
+
+class _States(dict):
+    """The metric's state defaults (torchmetrics' ``_defaults``).
+
+    ``MetricCollection`` puts metrics whose states agree (``allclose``) after
+    the first update in one compute group, and from then on updates only the
+    group's first metric; it tells metrics apart by ``_defaults.keys()``.
+    These keys name what is measured too, so only metrics that measure alike
+    (the same model, the same options) share their states: a metric of an EMA
+    copy, equal to the model when the first batch is measured, keeps its own.
+    """
+
+    def __init__(self, defaults: dict[str, Any], metric: GeometricComplexity) -> None:
+        super().__init__(defaults)
+        self.metric = metric
+
+    def keys(self) -> Any:
+        return {*super().keys(), _Measurement(self.metric)}
+
+
 class GeometricComplexity(Metric):
     r"""The mean of :math:`\|\partial g(x)/\partial x\|_F^2` over every input seen.
 
@@ -136,6 +173,7 @@ class GeometricComplexity(Metric):
         self.add_state("total", default=zero.clone(), dist_reduce_fx="sum")
         self.add_state("total_sq", default=zero.clone(), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0), dist_reduce_fx="sum")
+        self._defaults = _States(self._defaults, self)
 
     @property
     def model(self) -> nn.Module:
