@@ -379,6 +379,28 @@ def test_lightning_callback_resumed_run_does_not_log_the_resumed_step_again(
     assert steps == [2]
 
 
+@pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
+def test_lightning_callback_measures_at_the_trainers_precision(precision):
+    # the trainer converts the model and each step's inputs; the callback's
+    # float32 subsets (taken from the loader, or given) met a float64 or
+    # bfloat16 model: a TypeError at the first epoch's end
+    from geocomplexity.integrations.lightning import GeometricComplexityCallback
+
+    L, Memory, Module, train, val, x = _lightning_setup()
+    taken = GeometricComplexityCallback(num_samples=16)
+    given = GeometricComplexityCallback(x[:10], prefix="given")
+    logger, module = Memory(), Module()
+    trainer = _trainer(L, logger, [taken, given], precision=precision)
+    trainer.fit_loop.max_epochs = 1
+    trainer.fit(module, train, val)
+    dtype = next(module.parameters()).dtype
+    assert dtype == (torch.float64 if precision == "64-true" else torch.bfloat16)
+    logged = [m for _, m in logger.rows if "gc/train" in m][-1]
+    for name, subset in (("gc/train", taken.train), ("given/train", x[:10])):
+        want = measure(module, subset.to(dtype), method="exact", progress=False)
+        assert logged[name] == pytest.approx(want.value, rel=1e-6)  # logged as float32
+
+
 @pytest.mark.parametrize(
     "kwargs", [{"method": "jvp", "num_probes": 4}, {"output": "net.2"}]
 )

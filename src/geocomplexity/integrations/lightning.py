@@ -212,10 +212,13 @@ class GeometricComplexityCallback(Callback):
         for split, x in (("train", self.train), ("val", self.val)):
             if x is None:
                 continue
+            # as the trainer converts each step's inputs: float64 for
+            # "64-true", bfloat16 for "bf16-true", unchanged for mixed precision
+            x = trainer.precision_plugin.convert_input(x[rank::world])
             with eager():
                 result = measure(
                     pl_module,
-                    x[rank::world],  # each rank its share; measure merges them
+                    x,  # each rank its share; measure merges them
                     progress=False,
                     distributed=world > 1,
                     **self.measure_kwargs,
