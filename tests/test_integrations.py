@@ -135,6 +135,42 @@ def test_metric_in_a_copied_container_measures_the_copied_model():
     assert "model" not in dict(holder.metric.named_children())
 
 
+def test_metric_made_before_its_model_in_a_copied_container_measures_the_copy():
+    # the copy resolved the model when the metric was copied: a container that
+    # registers the metric before the model (or an AveragedModel of one) had
+    # a copy whose metric measured the original model
+    import copy
+    import pickle
+
+    from torch.optim.swa_utils import AveragedModel
+
+    from geocomplexity.integrations.torchmetrics import GeometricComplexity
+
+    class MetricFirst(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.metric = GeometricComplexity(net)
+            self.net = net
+
+    holder = MetricFirst(_net().double())
+    twin = copy.deepcopy(holder)
+    assert twin.metric.model is twin.net and holder.metric.model is holder.net
+    averaged = AveragedModel(holder)
+    assert averaged.module.metric.model is averaged.module.net
+    x = torch.randn(5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        twin.net[0].weight.mul_(3)
+    twin.metric.update(x)
+    want = measure(twin.net, x, method="exact", progress=False).value
+    torch.testing.assert_close(twin.metric.compute().item(), want, rtol=1e-12, atol=0)
+    assert holder.metric.clone().model is holder.net  # a metric alone shares
+    pair = torch.nn.ModuleDict(
+        {"metric": GeometricComplexity(twin.net), "net": twin.net}
+    )
+    loaded = pickle.loads(pickle.dumps(copy.deepcopy(pair)))  # a copy, unresolved
+    assert loaded["metric"].model is loaded["net"]
+
+
 def test_metric_leaves_the_model_alone():
     from geocomplexity.integrations.torchmetrics import GeometricComplexity
 

@@ -39,17 +39,30 @@ class _Held:
 
     A copy of the metric alone (``clone()``, ``MetricTracker``) measures the
     same, live model. A copy of a container that holds the model too (a
-    LightningModule, ``AveragedModel``) measures that container's copy of it.
+    LightningModule, ``AveragedModel``) measures that container's copy of it,
+    whether the container copies the model before or after the metric: a
+    copy looks the model up in the copy's memo when first used.
     """
 
-    __slots__ = ("module",)
+    __slots__ = ("_memo", "_module")
 
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
+    def __init__(self, module: nn.Module, memo: dict[int, Any] | None = None) -> None:
+        self._module = module
+        self._memo = memo  # the deepcopy this came from, until resolved
+
+    @property
+    def module(self) -> nn.Module:
+        if self._memo is not None:  # the model, if the deepcopy copied it
+            self._module = self._memo.get(id(self._module), self._module)
+            self._memo = None
+        return self._module
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Held:
-        copied = memo.get(id(self.module))  # the model, if copied along
-        return self if copied is None else _Held(copied)
+        # the container may copy the model only after the metric
+        return _Held(self.module, memo)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _Held, (self.module,)
 
 
 class _Measurement:
