@@ -392,6 +392,41 @@ def test_lightning_callback_leaves_training_alone_and_logs_once_per_step():
     assert steps == [1, 2]  # once per optimizer step, not once per batch
 
 
+def test_lightning_callback_leaves_numpy_and_python_randomness_alone():
+    # taking the subsets runs the loader, whose augmentations may draw from
+    # numpy's or Python's global generator (seeded by seed_everything): the
+    # training run then saw other noise than it would without the callback
+    import random
+
+    import numpy as np
+    from torch.utils.data import DataLoader, Dataset
+
+    from geocomplexity.integrations.lightning import GeometricComplexityCallback
+
+    class Noisy(Dataset):
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            noise = random.gauss(0, 1) + np.random.normal()
+            return self.x[i] + float(noise), self.y[i]
+
+    def train(callback):
+        L, Memory, Module, loader, val, _ = _lightning_setup()
+        noisy = DataLoader(Noisy(*loader.dataset.tensors), batch_size=32)
+        random.seed(0)
+        np.random.seed(0)
+        module = Module()
+        _trainer(L, Memory(), callback or []).fit(module, noisy, val)
+        return torch.cat([p.flatten() for p in module.parameters()])
+
+    plain = train(None)
+    assert torch.equal(plain, train(GeometricComplexityCallback(num_samples=8)))
+
+
 def test_lightning_callback_resumed_run_does_not_log_the_resumed_step_again(
     tmp_path,
 ):

@@ -25,8 +25,10 @@ Needs ``pip install 'geocomplexity[lightning]'``.
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -68,10 +70,12 @@ def _take(loaders: Any, num_samples: int, input_key: InputKey = None) -> Tensor 
     taken: list[Tensor] = []
     count = 0
     # iterating a loader draws its shuffle and worker seeds from the global RNG
-    # or from its own generators: put them all back, or adding the callback
-    # would change the training run
+    # or from its own generators, and its augmentations may draw from numpy's
+    # or Python's: put them all back, or adding the callback would change the
+    # training run
     generators = _generators(loaders)
     states = [g.get_state() for g in generators]
+    np_state, py_state = np.random.get_state(), random.getstate()
     with torch.random.fork_rng(devices=[]):
         try:
             for batch in loaders:
@@ -83,6 +87,8 @@ def _take(loaders: Any, num_samples: int, input_key: InputKey = None) -> Tensor 
         finally:
             for g, state in zip(generators, states, strict=True):
                 g.set_state(state)
+            np.random.set_state(np_state)
+            random.setstate(py_state)
     return torch.cat(taken) if taken else None
 
 
