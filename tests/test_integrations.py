@@ -427,6 +427,34 @@ def test_lightning_callback_leaves_numpy_and_python_randomness_alone():
     assert torch.equal(plain, train(GeometricComplexityCallback(num_samples=8)))
 
 
+def test_lightning_callback_leaves_a_loader_with_persistent_workers_alone():
+    # a loader with persistent workers has one iterator, which the trainer
+    # starts before on_train_start: taking the subset reset it, and the first
+    # epoch trained on 2 batches instead of 3, neither of them its own
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from geocomplexity.integrations.lightning import _take
+
+    def loader():
+        data = TensorDataset(torch.arange(12.0).unsqueeze(1))
+        g = torch.Generator().manual_seed(0)
+        return DataLoader(
+            data,
+            batch_size=4,
+            shuffle=True,
+            generator=g,
+            num_workers=1,
+            persistent_workers=True,
+        )
+
+    want = [b[0] for b in loader()]
+    watched = loader()
+    epoch = iter(watched)  # as the trainer's fit loop does
+    first = next(epoch)[0]
+    assert _take(watched, 6).unique().numel() == 6
+    assert all(map(torch.equal, [first, *(b[0] for b in epoch)], want))
+
+
 def test_lightning_callback_resumed_run_does_not_log_the_resumed_step_again(
     tmp_path,
 ):

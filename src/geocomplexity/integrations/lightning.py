@@ -76,9 +76,17 @@ def _take(loaders: Any, num_samples: int, input_key: InputKey = None) -> Tensor 
     generators = _generators(loaders)
     states = [g.get_state() for g in generators]
     np_state, py_state = np.random.get_state(), random.getstate()
+    # a loader with persistent workers hands out one iterator, which the
+    # trainer has started already: iterating the loader would reset it, and
+    # the epoch would lose batches. Take from an iterator of our own instead.
+    persistent = getattr(loaders, "persistent_workers", False) and hasattr(
+        loaders, "_get_iterator"
+    )
+    batches = None
     with torch.random.fork_rng(devices=[]):
         try:
-            for batch in loaders:
+            batches = loaders._get_iterator() if persistent else iter(loaders)
+            for batch in batches:
                 x = _inputs(batch, input_key)
                 taken.append(x[: num_samples - count].detach().cpu())
                 count += len(taken[-1])
@@ -89,6 +97,8 @@ def _take(loaders: Any, num_samples: int, input_key: InputKey = None) -> Tensor 
                 g.set_state(state)
             np.random.set_state(np_state)
             random.setstate(py_state)
+            if persistent:  # its workers, now, not when it is collected
+                getattr(batches, "_shutdown_workers", lambda: None)()
     return torch.cat(taken) if taken else None
 
 
