@@ -373,6 +373,27 @@ def test_lightning_callback_every_n_steps_on_given_subsets():
         GeometricComplexityCallback(every_n_steps=0)
 
 
+def test_lightning_callback_takes_measures_options_or_refuses_them_up_front():
+    # progress=True (an option of measure) crashed at the first epoch's end
+    # with "got multiple values for keyword argument 'progress'", as did a
+    # misspelt option, after an epoch of training
+    from geocomplexity.integrations.lightning import GeometricComplexityCallback
+
+    L, Memory, Module, train, val, x = _lightning_setup()
+    callback = GeometricComplexityCallback(x[:10], progress=False, batch_size=4)
+    logger, module = Memory(), Module()
+    trainer = _trainer(L, logger, callback)
+    trainer.fit_loop.max_epochs = 1
+    trainer.fit(module, train, val)
+    logged = [m["gc/train"] for _, m in logger.rows if "gc/train" in m]
+    want = measure(module, x[:10], method="exact", progress=False).value
+    assert logged == [pytest.approx(want, rel=1e-6)]
+    with pytest.raises(TypeError, match="num_probe"):
+        GeometricComplexityCallback(num_probe=4)
+    with pytest.raises(TypeError, match="distributed"):
+        GeometricComplexityCallback(distributed=True)
+
+
 def test_lightning_callback_leaves_training_alone_and_logs_once_per_step():
     from geocomplexity.integrations.lightning import GeometricComplexityCallback
 

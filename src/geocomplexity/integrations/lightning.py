@@ -25,6 +25,7 @@ Needs ``pip install 'geocomplexity[lightning]'``.
 
 from __future__ import annotations
 
+import inspect
 import random
 from typing import Any
 
@@ -44,6 +45,9 @@ from geocomplexity.measure import InputKey, batch_inputs, measure
 from geocomplexity.state import eager
 
 __all__ = ["GeometricComplexityCallback"]
+
+# the arguments of measure() the callback fills in itself
+_SET_HERE = frozenset({"model", "data", "distributed"})
 
 
 def _inputs(batch: Any, input_key: InputKey = None) -> Tensor:
@@ -172,10 +176,13 @@ class GeometricComplexityCallback(Callback):
             index, or a function of the batch), as in
             :func:`geocomplexity.measure`.
         **measure_kwargs: options of :func:`geocomplexity.measure` (``method``
-            defaults to ``"exact"``; ``num_probes``, ``output``, ...).
+            defaults to ``"exact"``, ``progress`` to ``False``; ``num_probes``,
+            ``output``, ...).
 
     Raises:
         ValueError: a non-positive schedule or subset size.
+        TypeError: an option ``measure`` does not take, or one the callback
+            sets itself (``distributed``).
     """
 
     def __init__(
@@ -198,7 +205,17 @@ class GeometricComplexityCallback(Callback):
         self.num_samples = num_samples
         self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
         self.prefix, self.input_key = prefix, input_key
-        self.measure_kwargs = {"method": "exact", **measure_kwargs}
+        # checked now, not after the first epoch of training
+        options = set(inspect.signature(measure).parameters) - _SET_HERE
+        unknown = sorted(set(measure_kwargs) - options)
+        if unknown:
+            raise TypeError(
+                f"GeometricComplexityCallback got {', '.join(unknown)}: the "
+                "options it passes on to geocomplexity.measure are "
+                f"{', '.join(sorted(options))} (it sets "
+                f"{', '.join(sorted(_SET_HERE))} itself)"
+            )
+        self.measure_kwargs = {"method": "exact", "progress": False, **measure_kwargs}
         self._given = (train is not None, val is not None)
         self._last_step = -1  # with gradient accumulation a step spans batches
 
@@ -235,7 +252,6 @@ class GeometricComplexityCallback(Callback):
                 result = measure(
                     pl_module,
                     x,  # each rank its share; measure merges them
-                    progress=False,
                     distributed=world > 1,
                     **self.measure_kwargs,
                 )
