@@ -394,6 +394,44 @@ def test_lightning_callback_takes_measures_options_or_refuses_them_up_front():
         GeometricComplexityCallback(distributed=True)
 
 
+def test_lightning_callback_refuses_monitors_that_would_read_last_epochs_value(
+    tmp_path,
+):
+    # validation runs before on_train_epoch_end, where the callback logs: a
+    # ModelCheckpoint or EarlyStopping that acts after validation (validation
+    # every 2 epochs, say) ranked the epoch-1 model by epoch 0's gc/val
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    from geocomplexity.integrations.lightning import GeometricComplexityCallback
+
+    L, Memory, Module, train, val, _ = _lightning_setup()
+
+    def fit(monitor):
+        trainer = L.Trainer(
+            max_epochs=2,
+            accelerator="cpu",
+            logger=Memory(),
+            callbacks=[GeometricComplexityCallback(num_samples=16), monitor],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            check_val_every_n_epoch=2,
+        )
+        trainer.fit(Module(), train, val)
+        return trainer
+
+    folder = tmp_path / "late"
+    with pytest.raises(ValueError, match="save_on_train_epoch_end=True"):
+        fit(ModelCheckpoint(folder, monitor="gc/val"))
+    with pytest.raises(ValueError, match="check_on_train_epoch_end=True"):
+        fit(EarlyStopping(monitor="gc/val_stderr"))
+    checkpoint = ModelCheckpoint(
+        tmp_path, monitor="gc/val", save_top_k=-1, save_on_train_epoch_end=True
+    )
+    trainer = fit(checkpoint)
+    assert checkpoint.current_score == trainer.callback_metrics["gc/val"]
+    fit(ModelCheckpoint(tmp_path / "other", monitor="val_loss"))  # not ours
+
+
 def test_lightning_callback_leaves_training_alone_and_logs_once_per_step():
     from geocomplexity.integrations.lightning import GeometricComplexityCallback
 

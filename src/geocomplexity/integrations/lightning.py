@@ -35,6 +35,7 @@ from torch import Tensor
 
 try:
     from lightning.pytorch import Callback, LightningModule, Trainer
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 except ImportError as err:  # pragma: no cover - the message is the point
     raise ImportError(
         "geocomplexity.integrations.lightning needs Lightning: "
@@ -169,7 +170,10 @@ class GeometricComplexityCallback(Callback):
             schedule is then off); these values go to the trainer's loggers
             directly, at ``trainer.global_step``, while the epoch schedule logs
             through ``pl_module.log`` (so ``ModelCheckpoint(monitor="gc/val")``
-            works).
+            works; where validation does not run every epoch, pass it
+            ``save_on_train_epoch_end=True``, or it would read the previous
+            epoch's value, and ``check_on_train_epoch_end=True`` to
+            ``EarlyStopping``).
         prefix: metric names are ``{prefix}/train``, ``{prefix}/val`` and
             ``{prefix}/train_stderr``, ``{prefix}/val_stderr``.
         input_key: where a loader's batch holds the input (a dict key, an
@@ -180,7 +184,9 @@ class GeometricComplexityCallback(Callback):
             ``output``, ...).
 
     Raises:
-        ValueError: a non-positive schedule or subset size.
+        ValueError: a non-positive schedule or subset size; when training
+            starts, a ``ModelCheckpoint`` or ``EarlyStopping`` monitoring these
+            values after validation.
         TypeError: an option ``measure`` does not take, or one the callback
             sets itself (``distributed``).
     """
@@ -225,8 +231,43 @@ class GeometricComplexityCallback(Callback):
         # every rank gets here (on_train_start, _log), each with its shard
         return _shared(x, self.num_samples) if trainer.world_size > 1 else x
 
+    def _check_monitors(self, trainer: Trainer) -> None:
+        """Refuse a checkpoint or early stop that would read a stale value.
+
+        Validation at an epoch's end runs before ``on_train_epoch_end``, where
+        the values are logged: a callback that acts after validation would
+        rank each epoch by the previous epoch's value.
+        """
+        if self.every_n_steps is not None:  # not in callback_metrics at all
+            return
+        ours = {
+            f"{self.prefix}/{split}{part}"
+            for split in ("train", "val")
+            for part in ("", "_stderr")
+        }
+        for callback in trainer.callbacks:
+            if getattr(callback, "monitor", None) not in ours:
+                continue
+            if isinstance(callback, ModelCheckpoint):
+                late = not callback._should_save_on_train_epoch_end(trainer)
+                fix = "save_on_train_epoch_end=True"
+            elif isinstance(callback, EarlyStopping):
+                late = not callback._check_on_train_epoch_end
+                fix = "check_on_train_epoch_end=True"
+            else:
+                continue
+            if late:
+                name = type(callback).__name__
+                raise ValueError(
+                    f"{name}(monitor={callback.monitor!r}) acts after "
+                    "validation, which runs before GeometricComplexityCallback "
+                    "logs at the training epoch's end: it would rank each epoch "
+                    f"by the previous epoch's value. Pass {name}(..., {fix})"
+                )
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Fix the subsets the loaders provide."""
+        self._check_monitors(trainer)
         # a run resumed at step S logged S before its checkpoint; with gradient
         # accumulation the first batches after resuming end at S again
         self._last_step = trainer.global_step
