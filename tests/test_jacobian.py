@@ -34,7 +34,7 @@ def test_exact_forward_mode_path_is_used_and_exact(monkeypatch):
     calls = []
     real = jacobian._forward_mode
     monkeypatch.setattr(
-        jacobian, "_forward_mode", lambda *a: calls.append(1) or real(*a)
+        jacobian, "_forward_mode", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     got = gcx.jacobian_sq_norms(model, x)
     assert calls, "the forward-mode path was not taken for d < k"
@@ -1021,6 +1021,37 @@ def test_coupled_false_in_train_mode_for_dropout_alone():
         gcx.jacobian_sq_norms(bn, xb, mode="train", coupled=False)
     with pytest.raises(ValueError, match="coupled=False"):
         gcx.measure(bn, xb, mode="train", coupled=False, progress=False)
+
+
+@pytest.mark.parametrize("method", ["exact", "jvp", "finite_difference"])
+def test_coupled_false_in_train_mode_passes_share_one_dropout_mask(method):
+    # with coupled=False the passes of jvp and finite differences, and exact's
+    # forward-mode passes (d < k), still run the network of one dropout mask:
+    # for a model whose only train-mode layer is dropout, the values are those
+    # of the coupled estimators, which replay one mask (the same probes; for
+    # independent samples t_i·<a_i, t_i·a_i> = ‖a_i‖²). Each pass with its
+    # own mask made the finite difference 1e15 and exact up to 2x off
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(3, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 10)
+    ).double()  # fmt: skip
+    x = torch.randn(6, 3, dtype=torch.float64)
+    values = []
+    for coupled in (None, False):
+        torch.manual_seed(1)
+        values.append(
+            gcx.jacobian_sq_norms(
+                model,
+                x,
+                method=method,
+                mode="train",
+                coupled=coupled,
+                num_probes=3,
+                generator=torch.Generator().manual_seed(2),
+            )
+        )
+    tol = 1e-6 if method == "finite_difference" else 1e-12
+    assert rel(values[1], values[0]) < tol
 
 
 @pytest.mark.parametrize("method", ["exact", "projection", "jvp", "finite_difference"])

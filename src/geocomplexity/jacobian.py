@@ -393,6 +393,7 @@ def _probes_at(
     eps: float | None,
     generator: torch.Generator,
     coupled: bool = False,
+    replay: bool = False,
 ) -> Tensor:
     """``"jvp"`` or ``"finite_difference"`` with probes ``u`` at ``wrt``'s output.
 
@@ -417,11 +418,14 @@ def _probes_at(
         coupled: samples interact (train-mode BatchNorm after ``wrt``): two
             passes per probe, the second with each sample's probe
             sign-flipped, as in :func:`_forward_mode`.
+        replay: every pass draws the random numbers the first drew (one
+            dropout mask; train mode); implied by ``coupled``.
 
     Returns:
         Per-sample values ``(B,)``, the mean over probes.
     """
     B = x.shape[0]
+    replay = replay or coupled
     if coupled:
         generator = _apart_from_global(generator)
     signs = _signs(num_probes, x, generator) if coupled else None
@@ -445,30 +449,32 @@ def _probes_at(
                 return drawn[0]
 
             if signs is None:
-                sq = pushed(probe).pow(2).sum(1)
+                with _replayed(x, replay, final=i == num_probes - 1):
+                    sq = pushed(probe).pow(2).sum(1)
             else:
-                with _replayed(x, coupled):
+                with _replayed(x, replay):
                     a = pushed(probe)
                 v = drawn[0] * _per_sample(signs[i], drawn[0])
-                with _replayed(x, coupled, final=i == num_probes - 1):
+                with _replayed(x, replay, final=i == num_probes - 1):
                     b = pushed(lambda e, v=v: v)
                 sq = signs[i].to(a.dtype) * (a * b).sum(1)
             values = _wide(sq) if values is None else values + sq
         return _narrow(values / num_probes, sq.dtype)  # type: ignore[operator]
     with torch.no_grad():
-        with _replayed(x, coupled):
+        with _replayed(x, replay):
             e, base = _run_at(model, x, output, wrt, lambda e: e.clone())
         step = _fd_step(e, eps, base)  # the input's rule, on e
         for i in range(num_probes):
             u = input_probes(distribution, e, 1, generator)[0]
-            with _replayed(x, coupled):
+            last = signs is None and i == num_probes - 1
+            with _replayed(x, replay, final=last):
                 _, out = _run_at(model, x, output, wrt, lambda e, u=u: e + step * u)
             a = (out - base).reshape(B, -1)
             if signs is None:
                 sq = a.pow(2).sum(1)
             else:
                 v = u * _per_sample(signs[i], u)
-                with _replayed(x, coupled, final=i == num_probes - 1):
+                with _replayed(x, replay, final=i == num_probes - 1):
                     _, out = _run_at(model, x, output, wrt, lambda e, v=v: e + step * v)
                 sq = signs[i].to(a.dtype) * (a * (out - base).reshape(B, -1)).sum(1)
             values = _wide(sq) if values is None else values + sq
@@ -802,13 +808,15 @@ def _forward_mode(
     tangents: Callable[[int], Tensor],
     n: int,
     signs: Tensor | None = None,
+    replay: bool = False,
 ) -> Tensor:
     """Σ over n input directions of ‖J u‖² per sample, one dual forward each.
 
     With ``signs`` ``(n, B)`` (coupled samples): two dual passes per direction,
     ``t_i⟨(Ju)_i, (J(t∘u))_i⟩``, which is unbiased for the diagonal block (the
-    input-side twin of :func:`_decoupled_vjp_sq_norms`); the passes draw the
-    same random numbers (one dropout mask).
+    input-side twin of :func:`_decoupled_vjp_sq_norms`). With ``signs`` or
+    ``replay`` (train mode) the passes draw the same random numbers (one
+    dropout mask).
     """
     B = x.shape[0]
     total = _accumulator(x, B)
@@ -818,10 +826,12 @@ def _forward_mode(
             _, t = fwAD.unpack_dual(fn(fwAD.make_dual(x, u)))
         return None if t is None else t.reshape(B, -1)
 
+    replay = replay or signs is not None
     for i in range(n):
         u = tangents(i)
         if signs is None:
-            t = pushed(u)
+            with _replayed(x, replay, final=i == n - 1):
+                t = pushed(u)
             if t is not None:
                 total = total + t.pow(2).sum(1)
             continue
@@ -843,11 +853,14 @@ def _input_side(
     eps: float | None,
     generator: torch.Generator,
     coupled: bool,
+    replay: bool = False,
 ) -> Tensor:
     """``"jvp"`` or ``"finite_difference"`` with probes at the input, per sample.
 
     Coupled samples take two passes per probe, the second with each sample's
     probe sign-flipped (:func:`_forward_mode`, :func:`_finite_difference`).
+    With ``replay`` (train mode) or ``coupled`` every pass draws the random
+    numbers the first drew: one dropout mask.
 
     Returns:
         The mean over ``num_probes`` probes, shape ``(B,)``.
@@ -857,8 +870,9 @@ def _input_side(
     u = input_probes(distribution, x, num_probes, generator)
     signs = _signs(num_probes, x, generator) if coupled else None
     if method == "jvp":
-        return _forward_mode(fn, x, lambda i: u[i], num_probes, signs) / num_probes
-    return _finite_difference(fn, x, u, eps, signs)
+        values = _forward_mode(fn, x, lambda i: u[i], num_probes, signs, replay)
+        return values / num_probes
+    return _finite_difference(fn, x, u, eps, signs, replay)
 
 
 def _per_sample(t: Tensor, like: Tensor) -> Tensor:
@@ -924,18 +938,18 @@ def _apart_from_global(generator: torch.Generator) -> torch.Generator:
 
 
 def _replayed(
-    x: Tensor, coupled: bool, final: bool = False
+    x: Tensor, replay: bool, final: bool = False
 ) -> contextlib.AbstractContextManager[Any]:
     """A block after which the global RNG (x's device's too) is as before it.
 
-    The forward passes of a coupled jvp or finite difference (two or three
-    per probe) must share one dropout mask, as the single forward pass of the
-    reverse-mode methods does: each runs in such a block, so each draws the
-    random numbers the first drew. The ``final`` pass runs as it is, so the
-    RNG moves on by one pass, as after any forward pass. Uncoupled passes
-    (eval mode) run as they are.
+    The forward passes of a jvp or finite difference in train mode (coupled
+    or not) or on coupled samples must share one dropout mask, as the single
+    forward pass of the reverse-mode methods does: each runs in such a block,
+    so each draws the random numbers the first drew. The ``final`` pass runs
+    as it is, so the RNG moves on by one pass, as after any forward pass.
+    Without ``replay`` (eval mode) the passes run as they are.
     """
-    if not coupled or final:
+    if not replay or final:
         return contextlib.nullcontext()
     if x.device.type == "cpu":
         return torch.random.fork_rng(devices=[])
@@ -1104,6 +1118,9 @@ def jacobian_sq_norms(
         # without running statistics, which normalises by the batch in eval
         # mode too (here, in eval mode, the only way it can)
         coupled = _coupled(coupled, batch_norm_couples(modules), mode == "train")
+        # the passes of the forward-mode and finite-difference methods run the
+        # network of one dropout mask where dropout is live, coupled or not
+        replay = coupled or mode == "train"
         if x.is_inference():
             x = x.clone()  # an inference tensor cannot require grad
         if x.dim() == 1 and x.shape[0] > 1:
@@ -1112,7 +1129,10 @@ def jacobian_sq_norms(
         if method in ("exact", "projection"):
             if wrt is None:
                 xg = x.detach().requires_grad_(True)
-                out = fn(xg)
+                # exact may go on by forward-mode passes (d < k): they replay
+                # this pass's random numbers, so all share its dropout mask
+                with _replayed(x, replay and method == "exact" and not coupled):
+                    out = fn(xg)
             else:  # the variable is an inner one: e = submodule output
                 xg, out = _select_wrt(model, x, output, wrt)
             k = out.shape[1]
@@ -1123,7 +1143,7 @@ def jacobian_sq_norms(
                 and d < k
                 and not create_graph
             ):
-                values = _exact_forward_or_none(fn, x, d)
+                values = _exact_forward_or_none(fn, x, d, replay)
                 if values is not None:
                     return _finite(values)
             values = reverse_sq_norms(
@@ -1152,6 +1172,7 @@ def jacobian_sq_norms(
                 eps,
                 resolve_generator(generator, x.device),
                 coupled,
+                replay,
             )
         else:
             values = _input_side(
@@ -1163,6 +1184,7 @@ def jacobian_sq_norms(
                 eps,
                 resolve_generator(generator, x.device),
                 coupled,
+                replay,
             )
     if values.requires_grad and not create_graph:
         values = values.detach()
@@ -1235,9 +1257,12 @@ def reverse_sq_norms(
 
 
 def _exact_forward_or_none(
-    fn: Callable[[Tensor], Tensor], x: Tensor, d: int
+    fn: Callable[[Tensor], Tensor], x: Tensor, d: int, replay: bool = False
 ) -> Tensor | None:
-    """Exact norms by d forward-mode passes; ``None`` if forward AD is missing."""
+    """Exact norms by d forward-mode passes; ``None`` if forward AD is missing.
+
+    With ``replay`` (train mode) the passes share one dropout mask.
+    """
     shape = x.shape
 
     def basis(i: int) -> Tensor:
@@ -1247,7 +1272,7 @@ def _exact_forward_or_none(
 
     try:
         with torch.no_grad():
-            return _forward_mode(fn, x.detach(), basis, d)
+            return _forward_mode(fn, x.detach(), basis, d, replay=replay)
     except (NotImplementedError, RuntimeError):
         return None
 
@@ -1292,27 +1317,30 @@ def _finite_difference(
     u: Tensor,
     eps: float | None,
     signs: Tensor | None = None,
+    replay: bool = False,
 ) -> Tensor:
     """Mean over probes of ‖g(x + εu) − g(x)‖²/ε² per sample (no autograd).
 
     With ``signs`` ``(n, B)`` (coupled samples): ``t_i⟨Δ(u)_i, Δ(t∘u)_i⟩/ε²``
-    with ``Δ(u) = g(x + εu) − g(x)``, every pass drawing the same random
-    numbers (see :func:`_forward_mode`).
+    with ``Δ(u) = g(x + εu) − g(x)``. With ``signs`` or ``replay`` (train
+    mode) every pass draws the same random numbers (see
+    :func:`_forward_mode`).
     """
     B = x.shape[0]
-    coupled = signs is not None
+    replay = replay or signs is not None
     with torch.no_grad():
-        with _replayed(x, coupled):
+        with _replayed(x, replay):
             base = fn(x)
         eps = _fd_step(x, eps, base)
         total = _accumulator(x, B)
         for i, ui in enumerate(u):
-            with _replayed(x, coupled):
+            last = signs is None and i == len(u) - 1
+            with _replayed(x, replay, final=last):
                 a = (fn(x + eps * ui) - base).reshape(B, -1)
             if signs is None:
                 total = total + a.pow(2).sum(1)
                 continue
-            with _replayed(x, coupled, final=i == len(u) - 1):
+            with _replayed(x, replay, final=i == len(u) - 1):
                 flipped = x + eps * ui * _per_sample(signs[i], ui)
                 b = (fn(flipped) - base).reshape(B, -1)
             total = total + signs[i].to(a.dtype) * (a * b).sum(1)
