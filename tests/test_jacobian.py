@@ -447,6 +447,41 @@ def test_no_side_effects(name):
         assert torch.equal(torch.get_rng_state(), rng), kwargs
 
 
+class Counted(nn.Module):
+    """A linear layer that counts its calls in a buffer, in any mode."""
+
+    def __init__(self, in_place: bool = True) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+        self.in_place = in_place
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_place:
+            self.calls += 1
+        else:
+            self.calls = self.calls + 1
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("method", ["exact", "projection", "jvp", "finite_difference"])
+def test_a_buffer_a_forward_pass_writes_is_put_back(method):
+    # a module that writes a buffer in every forward pass (a call counter, an
+    # EMA of its inputs, a quantization observer): an eval-mode measurement
+    # left it moved by its passes (1, 2, 3 or 5 calls counted); a buffer
+    # replaced by a new tensor was not put back in train mode either
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    for in_place in (True, False):
+        model = Counted(in_place).double()
+        calls = model.calls
+        for mode in ("eval", "train"):
+            gcx.jacobian_sq_norms(model, x, method=method, mode=mode, num_probes=2)
+            assert model.calls is calls and calls.item() == 0, (in_place, mode)
+            gcx.measure(model, x, method=method, mode=mode, progress=False)
+            assert model.calls is calls and calls.item() == 0, (in_place, mode)
+
+
 def test_train_mode_penalty_graph_survives_and_stats_stay():
     """mode='train' with create_graph: the result can be backpropagated (no
     buffer saved in its graph was written to) and running stats do not move."""

@@ -1,9 +1,10 @@
 """Leave a model exactly as it was found: modes, buffers and the global RNG.
 
 Measuring geometric complexity must not disturb what it measures. Running a
-model in eval mode (the default) touches nothing but the ``training`` flags;
-running it in train mode moves BatchNorm running statistics and draws dropout
-masks from the global generator. :func:`preserved` undoes all of that.
+model in eval mode (the default) touches the ``training`` flags, and the
+buffers of modules that write one in every pass (a call counter); running it
+in train mode moves BatchNorm running statistics and draws dropout masks from
+the global generator. :func:`preserved` undoes all of that.
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ def preserved(model: nn.Module, *, mode: str) -> Iterator[list[nn.Module]]:
     In train mode every buffer (BatchNorm ``running_mean``, ``running_var``,
     ``num_batches_tracked``) is snapshot and put back, and the global RNG state
     (CPU, and CUDA for the model's devices) is restored, so dropout leaves no
-    trace. Eval mode touches only the ``training`` flags.
+    trace. In eval mode BatchNorm writes nothing and dropout draws nothing;
+    the buffers of other modules (a call counter, an EMA, a quantization
+    observer may write one in any mode) are put back if they changed.
 
     Args:
         model: the module; every submodule's own ``training`` flag is restored,
@@ -72,8 +75,15 @@ def preserved(model: nn.Module, *, mode: str) -> Iterator[list[nn.Module]]:
     modules = [m for m, _ in flags]
     train = mode == "train"
     if not train:
-        # eval mode moves no buffer and, for standard modules, draws no random
-        # number: skip the snapshots, which cost as much as a small forward pass
+        # eval mode moves no BatchNorm statistics and, for standard modules,
+        # draws no random number: skip the RNG snapshot and BatchNorm's
+        # buffers, which cost as much as a small forward pass; a buffer of
+        # another module may be written in any mode (a call counter)
+        saved = _snapshot(
+            m
+            for m in modules
+            if m._buffers and not isinstance(m, nn.modules.batchnorm._BatchNorm)
+        )
         try:
             for module, flag in flags:
                 if flag:
@@ -83,11 +93,12 @@ def preserved(model: nn.Module, *, mode: str) -> Iterator[list[nn.Module]]:
             for module, flag in flags:
                 if module.training != flag:
                     _set_training(module, flag)
+            _put_back(saved)
         return
     # BatchNorm writes nothing (see kept_buffers); any other buffer a custom
     # module changes is copied back, and only if it changed, so that buffers
     # saved in a graph the caller still differentiates keep their versions
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    saved = _snapshot(modules)
     tensors = [*model.parameters(), *model.buffers()]
     cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
     try:
@@ -99,10 +110,37 @@ def preserved(model: nn.Module, *, mode: str) -> Iterator[list[nn.Module]]:
     finally:
         for module, flag in flags:
             module.training = flag
-        with torch.no_grad():
-            for buf, value in saved:
-                if not _same(buf, value):
-                    buf.copy_(value)
+        _put_back(saved)
+
+
+_Snapshot = list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]]
+
+
+def _snapshot(modules: Iterable[nn.Module]) -> _Snapshot:
+    """``(module, name, buffer, copy)`` for every buffer the modules own."""
+    return [
+        (m, name, b, b.detach().clone())
+        for m in modules
+        for name, b in m._buffers.items()
+        if b is not None
+    ]
+
+
+def _put_back(saved: _Snapshot) -> None:
+    """Put each buffer back as it was: the same tensor, holding the same values.
+
+    A buffer replaced by a new tensor (``self.calls = self.calls + 1``) gets
+    its own tensor back; one written in place gets its values back, copied
+    only where they changed.
+    """
+    if not saved:
+        return
+    with torch.no_grad():
+        for module, name, buf, value in saved:
+            if module._buffers.get(name) is not buf:
+                module._buffers[name] = buf
+            if not _same(buf, value):
+                buf.copy_(value)
 
 
 @contextlib.contextmanager
