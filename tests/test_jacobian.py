@@ -482,6 +482,27 @@ def test_a_buffer_a_forward_pass_writes_is_put_back(method):
             assert model.calls is calls and calls.item() == 0, (in_place, mode)
 
 
+def test_train_mode_passes_start_from_the_buffers_found():
+    # spectral normalisation runs a power iteration on its buffers in every
+    # train-mode pass, so each pass of jvp or finite differences had a weight
+    # of its own: the finite difference took the change of weight between
+    # its passes for a derivative (400x the GC), and exact's forward-mode
+    # passes (d < k) measured other weights than its reverse-mode pass
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        spectral_norm(nn.Linear(3, 16)), nn.Tanh(), nn.Linear(16, 10)
+    ).double()  # fmt: skip
+    x = torch.randn(6, 3, dtype=torch.float64)
+    kwargs = dict(mode="train", coupled=False)
+    jvp, fd = jvp_and_finite_difference(model, x, **kwargs)
+    assert rel(fd, jvp) < 1e-5
+    forward = gcx.jacobian_sq_norms(model, x, **kwargs)  # d = 3 < k = 10
+    reverse = gcx.jacobian_sq_norms(model, x, mode="train")  # one pass
+    assert rel(forward, reverse) < 1e-12
+
+
 def test_train_mode_penalty_graph_survives_and_stats_stay():
     """mode='train' with create_graph: the result can be backpropagated (no
     buffer saved in its graph was written to) and running stats do not move."""

@@ -73,6 +73,7 @@ from geocomplexity.state import (
     differentiable_attention,
     kept_buffers,
     preserved,
+    rewound,
 )
 
 __all__ = ["METHODS", "MODES", "Output", "jacobian_sq_norms", "reverse_sq_norms"]
@@ -1112,6 +1113,7 @@ def jacobian_sq_norms(
         torch.enable_grad(),
         norms,
         attention,
+        contextlib.ExitStack() as stack,
     ):
         _check_model_matches(modules, x)
         # train mode couples samples through BatchNorm; so does a BatchNorm
@@ -1119,8 +1121,11 @@ def jacobian_sq_norms(
         # mode too (here, in eval mode, the only way it can)
         coupled = _coupled(coupled, batch_norm_couples(modules), mode == "train")
         # the passes of the forward-mode and finite-difference methods run the
-        # network of one dropout mask where dropout is live, coupled or not
+        # network of one dropout mask where dropout is live, coupled or not,
+        # each from the buffers found (a power iteration writes them)
         replay = coupled or mode == "train"
+        if replay:
+            stack.enter_context(rewound(model, modules))
         if x.is_inference():
             x = x.clone()  # an inference tensor cannot require grad
         if x.dim() == 1 and x.shape[0] > 1:

@@ -23,6 +23,7 @@ __all__ = [
     "eager",
     "kept_buffers",
     "preserved",
+    "rewound",
 ]
 
 
@@ -141,6 +142,39 @@ def _put_back(saved: _Snapshot) -> None:
                 module._buffers[name] = buf
             if not _same(buf, value):
                 buf.copy_(value)
+
+
+@contextlib.contextmanager
+def rewound(model: nn.Module, modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Every forward pass of ``model`` in the block starts from the buffers found.
+
+    For the several passes that one measurement makes (jvp, finite
+    differences) in train mode: a module that writes a buffer in each pass
+    (spectral normalisation's power iteration, an EMA) would otherwise give
+    each pass a different function, and a finite difference would take the
+    change between passes for a derivative. BatchNorm is left out: under
+    :func:`kept_buffers`, and in eval mode, it writes nothing.
+
+    Args:
+        model: the module whose calls are rewound (a forward pre-hook).
+        modules: its modules, as :func:`preserved` yields them.
+
+    Yields:
+        Nothing.
+    """
+    saved = _snapshot(
+        m
+        for m in modules
+        if m._buffers and not isinstance(m, nn.modules.batchnorm._BatchNorm)
+    )
+    if not saved:
+        yield
+        return
+    handle = model.register_forward_pre_hook(lambda *_: _put_back(saved), prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextlib.contextmanager
