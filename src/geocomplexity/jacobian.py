@@ -1132,14 +1132,19 @@ def jacobian_sq_norms(
             _check_scalar_batch(model, x, output)
         fn = lambda z: _select(model, z, output)  # noqa: E731
         if method in ("exact", "projection"):
-            if wrt is None:
-                xg = x.detach().requires_grad_(True)
-                # exact may go on by forward-mode passes (d < k): they replay
-                # this pass's random numbers, so all share its dropout mask
-                with _replayed(x, replay and method == "exact" and not coupled):
-                    out = fn(xg)
-            else:  # the variable is an inner one: e = submodule output
-                xg, out = _select_wrt(model, x, output, wrt)
+
+            def forward() -> tuple[Tensor, Tensor]:
+                # replayed: the RNG after it is as before, so that exact's
+                # forward-mode passes (d < k), or a pass that starts over,
+                # share its dropout mask
+                with _replayed(x, replay):
+                    if wrt is None:
+                        xg = x.detach().requires_grad_(True)
+                        return xg, fn(xg)
+                    # the variable is an inner one: e = submodule output
+                    return _select_wrt(model, x, output, wrt)
+
+            xg, out = forward()
             k = out.shape[1]
             if (
                 method == "exact"
@@ -1151,20 +1156,49 @@ def jacobian_sq_norms(
                 values = _exact_forward_or_none(fn, x, d, replay)
                 if values is not None:
                     return _finite(values)
-            values = reverse_sq_norms(
-                xg,
-                out,  # (B, k) already
-                method=method,
-                coupled=coupled,
-                num_probes=num_probes,
-                distribution=distribution,
-                chunk_size=chunk_size
-                or _default_chunk(
-                    model, _vjp_count(method, out.shape, num_probes, coupled), xg, k
-                ),
-                generator=generator,
-                create_graph=create_graph,
+            chunk = chunk_size or _default_chunk(
+                model, _vjp_count(method, out.shape, num_probes, coupled), xg, k
             )
+            drawn = None
+            if method == "projection":
+                generator = resolve_generator(generator, xg.device)
+                if chunk > 1:  # to draw the same probes if it starts over
+                    drawn = generator.get_state()
+
+            def reverse(xg: Tensor, out: Tensor, chunk: int) -> Tensor:
+                return reverse_sq_norms(
+                    xg,
+                    out,  # (B, k) already
+                    method=method,
+                    coupled=coupled,
+                    num_probes=num_probes,
+                    distribution=distribution,
+                    chunk_size=chunk,
+                    generator=generator,
+                    create_graph=create_graph,
+                )
+
+            try:
+                values = reverse(xg, out, chunk)
+            except RuntimeError as err:
+                # a random operation in the backward pass (dropout, which
+                # activation checkpointing recomputes there) has no batching
+                # rule: start over with one VJP at a time, the same probes
+                # and the same dropout mask
+                if chunk == 1 or "random operations inside of vmap" not in str(err):
+                    raise
+                if chunk_size is not None:
+                    raise ValueError(
+                        f"chunk_size={chunk_size} batches the VJPs, but the "
+                        "backward pass draws random numbers (dropout inside "
+                        "activation checkpointing, recomputed there), which "
+                        "batched VJPs cannot; pass chunk_size=1 (or leave it "
+                        "unset), or measure in eval mode"
+                    ) from err
+                del out
+                if drawn is not None:
+                    generator.set_state(drawn)  # type: ignore[union-attr]
+                values = reverse(*forward(), 1)
         elif wrt is not None:  # probes at the inner variable
             values = _probes_at(
                 model,
