@@ -85,6 +85,30 @@ def test_input_key_finds_the_input_in_dict_tuple_and_custom_batches():
         gcx.measure(model, [x[:5]], input_key=0, progress=False)
 
 
+def test_an_iterable_dataset_without_a_length_is_batched_like_one_with():
+    # an IterableDataset yields samples, not batches: one without __len__
+    # was iterated as if each sample were a batch, so a (T, d) sequence read
+    # as T samples of a token-wise model: GC 1/T of the right value, T·N
+    # samples counted
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x = torch.randn(10, 5, 4, dtype=torch.float64)
+    want = per_sample_sq_norms(model, x).mean().item()
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(zip(x, torch.zeros(10), strict=True))
+
+    class Sized(Stream):
+        def __len__(self) -> int:
+            return 10
+
+    for data in (Sized(), Stream()):
+        r = gcx.measure(model, data, method="exact", batch_size=4, progress=False)
+        assert r.num_samples == 10, type(data).__name__
+        assert math.isclose(r.value, want, rel_tol=1e-12), type(data).__name__
+
+
 def test_measuring_a_dataset_leaves_the_global_rng_alone():
     # measure's own DataLoader draws a base seed when iterated
     model, _ = make_case("mlp")

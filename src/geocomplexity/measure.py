@@ -194,13 +194,17 @@ def _batches(
         # no batch at all for no samples: under a process group a rank's shard
         # (x[rank::world]) may be empty, and an empty batch would be an error
         return iter(data.split(batch_size) if len(data) else ()), len(data)
-    if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
+    if isinstance(data, torch.utils.data.IterableDataset) or (
+        isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__")
+    ):
         # a private generator: starting the loader's iterator draws a base seed,
-        # which would otherwise come from (and advance) the global RNG
+        # which would otherwise come from (and advance) the global RNG. An
+        # IterableDataset yields samples too, with or without a length
         loader = torch.utils.data.DataLoader(
             data, batch_size=batch_size, generator=torch.Generator()
         )
-        return (batch_inputs(b, input_key) for b in loader), len(data)  # type: ignore[arg-type]
+        total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
+        return (batch_inputs(b, input_key) for b in loader), total
     if isinstance(data, Iterable):
         total = _loader_samples(data)
         return (batch_inputs(b, input_key) for b in data), total
@@ -410,9 +414,10 @@ def measure(
 
     Args:
         model: maps ``(B, *in_shape)`` to ``(B, *out_shape)``; left as found.
-        data: a tensor ``(N, *in_shape)``, a map-style ``Dataset``, or any
-            iterable of batches such as a ``DataLoader`` (a tuple batch's first
-            element is the input).
+        data: a tensor ``(N, *in_shape)``, a ``Dataset`` (map-style or
+            iterable: either yields samples, batched by ``batch_size``), or any
+            other iterable of batches such as a ``DataLoader`` (a tuple batch's
+            first element is the input).
         method: ``"auto"`` (exact when the output has at most
             :data:`AUTO_EXACT_MAX_OUTPUTS` entries, else projection with enough
             probes for a probe-induced relative error below ``rtol``; in train
