@@ -157,6 +157,29 @@ def test_a_loader_counts_its_samplers_samples_not_the_data_sets():
     assert r.num_probes == sliced.num_probes and r.value == sliced.value
 
 
+def test_a_loader_of_an_iterable_dataset_counts_what_it_yields():
+    # auto sizes its probes by the sample count (P ∝ 1/N): a loader over a
+    # sized IterableDataset that drops its last batch yields fewer samples
+    # than the data set holds (8 of 10: ~20% too few probes for rtol), and
+    # one that does not batch (batch_size=None) may yield batches, which
+    # len() then counts
+    from geocomplexity.measure import _batches
+
+    x = torch.randn(10, 3)
+
+    class Sized(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(x)
+
+        def __len__(self) -> int:
+            return 10
+
+    dropped = DataLoader(Sized(), batch_size=4, drop_last=True)
+    assert _batches(dropped, 1)[1] == 8 == sum(len(b) for b in dropped)
+    assert _batches(DataLoader(Sized(), batch_size=4), 1)[1] == 10
+    assert _batches(DataLoader(Sized(), batch_size=None), 1)[1] is None
+
+
 def test_an_empty_tensor_shard_joins_the_merge(monkeypatch):
     # x[rank::world] of fewer samples than ranks is empty on some rank: that
     # rank adds nothing, the others' result stands (a fake two-rank gather)

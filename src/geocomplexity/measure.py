@@ -224,12 +224,13 @@ def _loader_samples(data: Iterable[Any]) -> int | None:
     """
     if not isinstance(data, torch.utils.data.DataLoader):
         return None
+    if data.batch_size is None:  # a batch sampler of its own, or no batching
+        return None
     try:
         if isinstance(data.dataset, torch.utils.data.IterableDataset):
-            return len(data.dataset)  # type: ignore[arg-type]
-        if data.batch_size is None:  # a batch sampler of its own, or no batching
-            return None
-        n = len(data.sampler)  # type: ignore[arg-type]
+            n = len(data.dataset)  # type: ignore[arg-type]
+        else:
+            n = len(data.sampler)  # type: ignore[arg-type]
     except TypeError:  # no length
         return None
     return n - n % data.batch_size if data.drop_last else n
