@@ -255,6 +255,34 @@ def test_output_independent_of_input_gives_zero():
     assert gcx.jacobian_sq_norms(Const(), x).abs().max() == 0
 
 
+@pytest.mark.parametrize("method", ["exact", "projection"])
+def test_a_forward_pass_under_no_grad_is_refused_not_read_as_zero(method):
+    # a model whose forward runs under torch.no_grad() (a frozen feature
+    # extractor, a predict-style wrapper) gives autograd no path from x to
+    # the output: exact and projection read GC = 0 ± 0 where it is ‖W‖_F²
+    # (jvp and finite differences, which no_grad does not stop, got it)
+    class NoGrad(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        @torch.no_grad()
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x)
+
+    class Zeros(nn.Module):  # truly constant: GC 0, no error
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.new_zeros(x.shape[0], 3)
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"no_grad.*method='jvp'"):
+        gcx.jacobian_sq_norms(NoGrad().double(), x, method=method)
+    with pytest.raises(ValueError, match=r"no_grad"):
+        gcx.measure(NoGrad().double(), x, progress=False)
+    assert gcx.jacobian_sq_norms(Zeros(), x, method=method).abs().max() == 0
+
+
 @pytest.mark.parametrize(
     ("method", "distribution"),
     [

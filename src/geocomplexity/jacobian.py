@@ -1156,6 +1156,8 @@ def jacobian_sq_norms(
                 values = _exact_forward_or_none(fn, x, d, replay)
                 if values is not None:
                     return _finite(values)
+            if wrt is None and not out.requires_grad:
+                _check_cut_path(fn, x, out, replay)
             chunk = chunk_size or _default_chunk(
                 model, _vjp_count(method, out.shape, num_probes, coupled), xg, k
             )
@@ -1293,6 +1295,34 @@ def reverse_sq_norms(
     else:
         values = _vjp_sq_norms(x, out, cot, n, chunk_size, create_graph, strict)
     return values / num_probes if num_probes > 1 and method == "projection" else values
+
+
+def _check_cut_path(
+    fn: Callable[[Tensor], Tensor], x: Tensor, out: Tensor, replay: bool
+) -> None:
+    """Refuse an output with no autograd path from ``x`` that moves with ``x``.
+
+    The reverse-mode methods would read such an output's Jacobian as zero.
+    One pass at ``x`` plus a small random step (the private generator's, so
+    the global RNG is not drawn from) tells a constant output, whose GC is
+    zero, from a forward pass that runs under ``torch.no_grad()`` or
+    detaches.
+
+    Raises:
+        ValueError: the output changes with ``x``.
+    """
+    u = input_probes("gaussian", x, 1, resolve_generator(None, x.device))[0]
+    with torch.no_grad(), _replayed(x, replay):
+        moved = fn(x.detach() + _fd_step(x, None, out) * u)
+    if not torch.equal(moved, out.detach()):
+        raise ValueError(
+            "the model's output changes with x but autograd has no path from x "
+            "to it: its forward pass runs under torch.no_grad() or "
+            "inference_mode, or detaches, so 'exact' and 'projection' would "
+            "read GC = 0. Take the no_grad or detach out of the forward pass, "
+            "or measure with method='jvp' (which no_grad does not stop) or "
+            "method='finite_difference'"
+        )
 
 
 def _exact_forward_or_none(
