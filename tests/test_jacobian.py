@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -529,6 +530,35 @@ def test_train_mode_passes_start_from_the_buffers_found():
     forward = gcx.jacobian_sq_norms(model, x, **kwargs)  # d = 3 < k = 10
     reverse = gcx.jacobian_sq_norms(model, x, mode="train")  # one pass
     assert rel(forward, reverse) < 1e-12
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_a_torchscript_model_is_measured_and_left_as_found(mode):
+    # its modules keep their buffers in no plain dict, and take no hooks
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)
+    ).double()  # fmt: skip
+    x = torch.randn(6, 5, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script
+        scripted = torch.jit.script(model)
+    stats = [b.clone() for b in scripted.buffers()]
+    for method in ("exact", "finite_difference"):
+        got, want = (
+            gcx.jacobian_sq_norms(
+                m,
+                x,
+                method=method,
+                mode=mode,
+                generator=torch.Generator().manual_seed(0),
+            )
+            for m in (scripted, model)
+        )
+        assert rel(got, want) < (1e-12 if method == "exact" else 1e-6)
+    assert all(
+        torch.equal(a, b) for a, b in zip(scripted.buffers(), stats, strict=True)
+    )
 
 
 class Checkpointed(nn.Module):

@@ -138,7 +138,8 @@ def _put_back(saved: _Snapshot) -> None:
         return
     with torch.no_grad():
         for module, name, buf, value in saved:
-            if module._buffers.get(name) is not buf:
+            # _buffers is no dict in a TorchScript module: no .get
+            if name not in module._buffers or module._buffers[name] is not buf:
                 module._buffers[name] = buf
             if not _same(buf, value):
                 buf.copy_(value)
@@ -167,7 +168,7 @@ def rewound(model: nn.Module, modules: Iterable[nn.Module]) -> Iterator[None]:
         for m in modules
         if m._buffers and not isinstance(m, nn.modules.batchnorm._BatchNorm)
     )
-    if not saved:
+    if not saved or isinstance(model, torch.jit.ScriptModule):  # no hooks there
         yield
         return
     handle = model.register_forward_pre_hook(lambda *_: _put_back(saved), prepend=True)
