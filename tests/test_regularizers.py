@@ -1475,3 +1475,23 @@ def test_penalties_on_a_compiled_model_have_the_eager_gradient(make, how):
         term.backward(F.cross_entropy(outputs, y), run, xg, y, outputs=outputs)
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["projection", "exact"])
+def test_gc_penalty_refuses_a_model_that_cuts_the_path_from_its_inputs(method):
+    # a feature extractor run under no_grad: the penalty's own forward pass
+    # read its GC as 0 (and no gradient reached the head), silently
+    class Frozen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            with torch.no_grad():
+                h = self.features(x)
+            return self.head(torch.tanh(h))
+
+    model = Frozen()
+    x = torch.randn(6, 4)
+    with pytest.raises(ValueError, match="take the cut out"):
+        GeometricComplexity(1.0, method=method)(model, x)

@@ -600,11 +600,13 @@ def _unused(x: Tensor, strict: bool) -> Tensor:
     """
     if strict:
         raise ValueError(
-            "the outputs handed over do not depend on the inputs (autograd has no "
-            "path from one to the other): make the inputs require grad before the "
-            "forward pass (x.requires_grad_() before model(x)), or leave outputs= "
-            "out so the term runs its own; if the model itself cuts the path "
-            "(no_grad, detach, an integer cast), its GC is 0 by construction"
+            "the outputs do not depend on the inputs as autograd sees them (it "
+            "has no path from one to the other). Where the outputs were handed "
+            "over: make the inputs require grad before the forward pass "
+            "(x.requires_grad_() before model(x)), or leave outputs= out so the "
+            "term runs its own. Where the model itself cuts the path (a forward "
+            "pass under torch.no_grad(), a detach, an integer cast), the penalty "
+            "cannot see GC through the cut and would be 0: take the cut out"
         )
     return x.new_zeros(x.shape[0])
 

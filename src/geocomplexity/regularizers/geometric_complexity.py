@@ -260,7 +260,7 @@ class GeometricComplexity(Regularizer):
                     )  # fmt: skip
                 else:
                     e, out = _select_wrt(model, x, self.output, self.wrt)
-                    values = self._norms(model, e, out, gen, coupled)
+                    values = self._norms(model, e, out, gen, coupled, strict=True)
         elif (out := self._reused(x, outputs)) is not None:
             # the task loss's forward pass
             values = self._norms(model, x, out, gen, coupled, strict=True)
@@ -276,7 +276,9 @@ class GeometricComplexity(Regularizer):
                     )  # fmt: skip
                 else:
                     out = _select(model, xg, self.output)
-                    values = self._norms(model, xg, out, gen, coupled)
+                    # a model that cuts the path from x (no_grad inside) would
+                    # read as a penalty of 0, whatever its GC: refused
+                    values = self._norms(model, xg, out, gen, coupled, strict=True)
         return values.mean()
 
     def _reused(self, x: Tensor, outputs: Any) -> Tensor | None:
