@@ -145,6 +145,12 @@ class GCResult:
     def confidence_interval(self, level: float = 0.95) -> tuple[float, float]:
         """Normal-approximation interval ``value ± z·stderr``.
 
+        The normal approximation needs enough samples: per-sample squared
+        Jacobian norms are skewed, and on a handful of samples the interval
+        covers less than ``level`` (a 95% interval for 1-probe projection
+        covered about 80% of repeated runs at 4 samples, 85% at 8, 96% at
+        64). Read it on tens of samples or more.
+
         Args:
             level: the coverage, strictly between 0 and 1 (0.95, not 95).
 
