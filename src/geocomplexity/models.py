@@ -1,4 +1,10 @@
-"""Model builders for the experiments, seeded without touching the global RNG."""
+"""Model builders for the experiments.
+
+The builder functions (:func:`mlp`, :func:`cnn`) take a seed and leave the
+global RNG alone; :class:`PreActResNet18` is a module class, initialised from
+the global RNG as any ``nn.Module`` is (seed it inside
+``torch.random.fork_rng()``, as the ResNet experiment does).
+"""
 
 from __future__ import annotations
 
