@@ -291,3 +291,16 @@ def test_train_mode_projection_and_the_composite_jvp_penalty_on_cuda():
 
     weight = model[0].weight
     assert_central_differences(penalty, weight, range(0, weight.numel(), 7))
+
+
+def test_initialize_with_a_cpu_generator_gives_cuda_weights_the_cpu_draws():
+    # normal_ on CUDA weights refused a CPU generator ("Expected a 'cuda'
+    # device type for generator"): the draws are now made on the generator's
+    # device and copied, the same weights as on the CPU
+    from geocomplexity.models import initialize
+
+    cpu = nn.Linear(5, 7)
+    gpu = nn.Linear(5, 7).cuda()
+    for m in (cpu, gpu):
+        initialize(m, "he", torch.Generator().manual_seed(3))
+    torch.testing.assert_close(gpu.weight.cpu(), cpu.weight, rtol=0, atol=0)

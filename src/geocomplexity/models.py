@@ -123,6 +123,9 @@ def initialize(model: nn.Module, scheme: str, generator: torch.Generator) -> Non
     - ``"lecun"``: N(0, 1/fan_in), zero biases.
     - ``"he"``: N(0, 2/fan_in), zero biases.
 
+    The draws come from ``generator`` on its own device and are copied to the
+    weights', so a seed gives the same weights on the CPU and on a GPU.
+
     Raises:
         ValueError: unknown scheme.
     """
@@ -139,7 +142,13 @@ def initialize(model: nn.Module, scheme: str, generator: torch.Generator) -> Non
                     "lecun": 1 / fan_in,
                     "he": 2 / fan_in,
                 }[scheme]
-                m.weight.normal_(0.0, math.sqrt(var), generator=generator)
+                if m.weight.device == generator.device:
+                    m.weight.normal_(0.0, math.sqrt(var), generator=generator)
+                else:  # a CPU generator for CUDA weights: the same draws, moved
+                    w = torch.empty(
+                        m.weight.shape, dtype=m.weight.dtype, device=generator.device
+                    )
+                    m.weight.copy_(w.normal_(0.0, math.sqrt(var), generator=generator))
                 if m.bias is not None:
                     m.bias.zero_()
 
