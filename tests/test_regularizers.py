@@ -1089,6 +1089,44 @@ def test_spectral_under_autocast_then_without():
     term.backward(F.cross_entropy(model(x), y), model, x)
 
 
+@pytest.mark.parametrize("how", ["call", "fused", "spectral_norms"])
+def test_spectral_leaves_a_spectral_normalised_layers_buffers_alone(how):
+    """A layer under torch's own spectral_norm parametrization runs a power step
+    on its buffers each time its weight is read in train mode: the term read it
+    three to five times a call, so measuring (spectral_norms) or penalising
+    moved the model's u and v, and with them the function the model computes;
+    and each read saw another weight, so the fused step and the call disagreed
+    (value 1e-8, gradient 6e-5 apart)."""
+    model, x, y = tanh_mlp()
+    torch.nn.utils.parametrizations.spectral_norm(model[2])
+    model.train()
+    twin = copy.deepcopy(model)
+    out = model(x)  # the model's own step on its buffers
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    term = SpectralNorm(0.3)
+    if how == "call":
+        value = term(model, x)
+        (F.cross_entropy(out, y) + value).backward()
+    elif how == "fused":
+        value = term.backward(F.cross_entropy(out, y), model, x, y, outputs=out)
+    else:
+        spectral_norms(model)
+    for n, b in model.named_buffers():
+        assert torch.equal(b, buffers[n]), n
+    if how == "spectral_norms":
+        return
+    out = twin(x)  # the other path, from the same state
+    other = SpectralNorm(0.3)
+    if how == "call":
+        want = other.backward(F.cross_entropy(out, y), twin, x, y, outputs=out)
+    else:
+        want = other(twin, x)
+        (F.cross_entropy(out, y) + want).backward()
+    torch.testing.assert_close(value.detach(), want.detach(), rtol=1e-13, atol=0)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-11, atol=1e-14)
+
+
 def test_l2_fused_step_with_sparse_gradients():
     """A sparse embedding gradient: the fused step densifies it as autograd does."""
     torch.manual_seed(0)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from geocomplexity.regularizers.base import (
     LossFn,
@@ -39,7 +40,7 @@ from geocomplexity.regularizers.base import (
     hooked,
     trainable,
 )
-from geocomplexity.state import preserved
+from geocomplexity.state import _put_back, _snapshot, preserved
 
 __all__ = ["SpectralNorm", "spectral_norms"]
 
@@ -118,11 +119,17 @@ class SpectralNorm(Regularizer):
             ValueError: an operator-norm conv layer whose input size is unknown.
         """
         out = {}
-        for name, m, operator in self._layers(model, inputs):
-            if operator:
-                out[name] = self._operator(name, m)
-            else:
-                out[name] = self._dense(name, m)
+        kept: list[Any] = []
+        try:
+            layers = self._layers(model, inputs, kept)
+            with _read_once(layers, kept):
+                for name, m, operator in layers:
+                    if operator:
+                        out[name] = self._operator(name, m)
+                    else:
+                        out[name] = self._dense(name, m)
+        finally:
+            _put_back(kept)
         return out
 
     def backward(  # noqa: D102 - see Regularizer.backward
@@ -145,7 +152,20 @@ class SpectralNorm(Regularizer):
         # task loss instead.
         # a list: the parameters are walked twice (an iterator would be spent)
         params = trainable(model) if params is None else list(params)
-        layers = self._layers(model, inputs)
+        kept: list[Any] = []
+        try:
+            layers = self._layers(model, inputs, kept)
+            with _read_once(layers, kept):
+                return self._backward(loss, params, layers)
+        finally:
+            _put_back(kept)
+
+    def _backward(
+        self,
+        loss: Tensor,
+        params: list[Tensor],
+        layers: list[tuple[str, nn.Module, bool]],
+    ) -> Tensor:
         if not layers:
             raise ValueError("the model has no Linear or Conv layer to penalise")
         # a leaf weight's gradient can be written directly, unless a hook on
@@ -192,9 +212,15 @@ class SpectralNorm(Regularizer):
         return self.strength * value
 
     def _layers(
-        self, model: nn.Module, inputs: Tensor | None
+        self, model: nn.Module, inputs: Tensor | None, kept: list[Any]
     ) -> list[tuple[str, nn.Module, bool]]:
         """``(name, module, operator norm?)`` of every Linear and Conv layer.
+
+        ``kept`` gets a snapshot of the buffers of the layers' weight
+        parametrizations, taken before any weight is read, for the caller to
+        put back: reading a weight computed by torch's ``spectral_norm``
+        parametrization in train mode runs a power step on its buffers, which
+        would change the model's function.
 
         Raises:
             ValueError: an operator-norm conv layer whose input size is unknown.
@@ -205,6 +231,8 @@ class SpectralNorm(Regularizer):
         for n, m in model.named_modules():  # one walk: this runs every step
             if isinstance(m, _PENALISED):
                 layers.append((n, m, operator and not isinstance(m, nn.Linear)))
+                if parametrize.is_parametrized(m, "weight"):
+                    kept.extend(_snapshot(m.parametrizations.weight.modules()))
             elif isinstance(m, nn.modules.conv._ConvTransposeNd):
                 skipped.append(n)
             elif isinstance(m, nn.MultiheadAttention):
@@ -451,6 +479,27 @@ class SpectralNorm(Regularizer):
             f"SpectralNorm({self.strength!r}, conv={self.conv!r}, "
             f"power_iterations={self.power_iterations})"
         )
+
+
+@contextlib.contextmanager
+def _read_once(layers: list[tuple[str, nn.Module, bool]], kept: list[Any]) -> Any:
+    """Each parametrized weight computed once, from the buffers found.
+
+    ``kept`` is :meth:`SpectralNorm._layers`' snapshot of the parametrizations'
+    buffers (empty where none has any). Put back first (the layers were read
+    once already), then every weight read in the block is one tensor, computed
+    with grad as the model's next forward pass would compute it: a power step
+    of torch's ``spectral_norm`` per read would give each read another weight.
+    """
+    if not kept:
+        yield
+        return
+    _put_back(kept)
+    with parametrize.cached():
+        for _, m, _ in layers:
+            if parametrize.is_parametrized(m, "weight"):
+                m.weight  # noqa: B018 - computed into the cache, with grad
+        yield
 
 
 def _plain(m: nn.Module) -> bool:
