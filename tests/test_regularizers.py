@@ -1127,6 +1127,77 @@ def test_spectral_leaves_a_spectral_normalised_layers_buffers_alone(how):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-11, atol=1e-14)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # the hook's deprecation
+@pytest.mark.parametrize("order", ["fused", "call", "call_first"])
+def test_spectral_weight_norm_hook_matches_the_parametrization(order):
+    """torch.nn.utils.weight_norm (a forward pre-hook) sets ``m.weight`` in each
+    forward pass; the term read that attribute. The first call's probe for conv
+    input sizes ran the model under no_grad, which left a weight with no graph:
+    the conv layer's penalty sent no gradient to weight_g, weight_v (0 where
+    the gradient's norm is 0.29 in the fused step). And a penalty taken before
+    the step's forward pass ('call_first') read the last step's freed graph
+    and raised. The hook must give what the parametrization gives."""
+    hook, x, y = tanh_cnn()
+    param = copy.deepcopy(hook)
+    for i in (0, 3):
+        hook[i] = torch.nn.utils.weight_norm(hook[i])
+        param[i] = torch.nn.utils.parametrizations.weight_norm(param[i])
+    terms = {id(hook): SpectralNorm(0.3), id(param): SpectralNorm(0.3)}
+
+    def step(model: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        term = terms[id(model)]
+        if order == "call_first":
+            value = term(model, x)
+            (value + F.cross_entropy(model(x), y)).backward()
+        else:
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            if order == "fused":
+                value = term.backward(loss, model, x, y, outputs=out)
+            else:
+                value = term(model, x, y, outputs=out)
+                (loss + value).backward()
+        return value.detach(), [p.grad.clone() for p in model.parameters()]
+
+    for _ in range(2):
+        (a, ga), (b, gb) = step(hook), step(param)
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
+        # weight_g, weight_v and original0, original1: the same order
+        for p, q in zip(ga, gb, strict=True):
+            torch.testing.assert_close(p.view_as(q), q, rtol=1e-11, atol=1e-14)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # the hook's deprecation
+def test_spectral_with_the_spectral_norm_hook():
+    """torch.nn.utils.spectral_norm (a hook, its power step in place on the
+    layer's buffers): a penalty taken before the step's forward pass read the
+    weight the last pass left, whose graph was freed, and raised. It must run
+    and leave the hook's buffers alone; after the forward pass the call agrees
+    with the fused step."""
+    model, x, y = tanh_mlp()
+    model[2] = torch.nn.utils.spectral_norm(model[2])
+    twin = copy.deepcopy(model)
+    term, other = SpectralNorm(0.3), SpectralNorm(0.3)
+    for _ in range(2):
+        model.zero_grad()
+        twin.zero_grad()
+        out = model(x)
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
+        value = term(model, x, y, outputs=out)
+        for n, b in model.named_buffers():
+            assert torch.equal(b, buffers[n]), n
+        (value + F.cross_entropy(out, y)).backward()
+        out = twin(x)
+        want = other.backward(F.cross_entropy(out, y), twin, x, y, outputs=out)
+        torch.testing.assert_close(value.detach(), want, rtol=1e-13, atol=0)
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-11, atol=1e-14)
+    for _ in range(2):  # the penalty first
+        value = term(model, x)
+        (value + F.cross_entropy(model(x), y)).backward()
+
+
 def test_l2_fused_step_with_sparse_gradients():
     """A sparse embedding gradient: the fused step densifies it as autograd does."""
     torch.manual_seed(0)

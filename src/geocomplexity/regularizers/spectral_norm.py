@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm as _SpectralNormHook
+from torch.nn.utils.weight_norm import WeightNorm as _WeightNormHook
 
 from geocomplexity.regularizers.base import (
     LossFn,
@@ -301,12 +303,21 @@ class SpectralNorm(Regularizer):
             for n, m in model.named_modules()
             if isinstance(m, _CONV)
         ]
+        # a weight_norm or spectral_norm hook sets its weight in each pass: here
+        # one with no graph, which the caller's weight would be left as
+        computed = [
+            (m, h.name, getattr(m, h.name))
+            for m in model.modules()
+            for h in _weight_hooks(m)
+        ]
         try:
             with preserved(model, mode="eval"), torch.no_grad():
                 model(x)
         finally:
             for h in handles:
                 h.remove()
+            for m, name, weight in computed:
+                setattr(m, name, weight)
 
     def _init(
         self,
@@ -483,23 +494,61 @@ class SpectralNorm(Regularizer):
 
 @contextlib.contextmanager
 def _read_once(layers: list[tuple[str, nn.Module, bool]], kept: list[Any]) -> Any:
-    """Each parametrized weight computed once, from the buffers found.
+    """Each computed weight computed once, from the buffers found.
 
     ``kept`` is :meth:`SpectralNorm._layers`' snapshot of the parametrizations'
     buffers (empty where none has any). Put back first (the layers were read
     once already), then every weight read in the block is one tensor, computed
     with grad as the model's next forward pass would compute it: a power step
     of torch's ``spectral_norm`` per read would give each read another weight.
+
+    A ``torch.nn.utils.weight_norm`` or ``spectral_norm`` hook leaves in
+    ``m.weight`` what the last forward pass computed, whose graph may be freed
+    (a penalty taken before the step's forward pass) or never made (under
+    no_grad): the block sees it computed afresh, and it is put back after.
     """
-    if not kept:
+    computed = [
+        (m, h, m.weight)
+        for _, m, _ in layers
+        if m._forward_pre_hooks
+        for h in _weight_hooks(m)
+    ]
+    if not kept and not computed:
         yield
         return
-    _put_back(kept)
-    with parametrize.cached():
-        for _, m, _ in layers:
-            if parametrize.is_parametrized(m, "weight"):
-                m.weight  # noqa: B018 - computed into the cache, with grad
-        yield
+    try:
+        for m, h, _ in computed:
+            if isinstance(h, _SpectralNormHook):
+                # as the pass in m's mode: in train mode a power step (whose
+                # u, v the weight's graph holds cloned: the next pass writes
+                # the buffers in place), on buffers put back after
+                saved = _snapshot([m])
+                fresh = h.compute_weight(m, do_power_iteration=m.training)
+                _put_back(saved)
+            else:
+                fresh = h.compute_weight(m)
+            setattr(m, h.name, fresh)
+        if not kept:
+            yield
+            return
+        _put_back(kept)
+        with parametrize.cached():
+            for _, m, _ in layers:
+                if parametrize.is_parametrized(m, "weight"):
+                    m.weight  # noqa: B018 - computed into the cache, with grad
+            yield
+    finally:
+        for m, h, weight in computed:
+            setattr(m, h.name, weight)
+
+
+def _weight_hooks(m: nn.Module) -> list[Any]:
+    """``m``'s ``torch.nn.utils`` ``weight_norm``/``spectral_norm`` hooks on weight."""
+    return [
+        h
+        for h in m._forward_pre_hooks.values()
+        if isinstance(h, (_WeightNormHook, _SpectralNormHook)) and h.name == "weight"
+    ]
 
 
 def _plain(m: nn.Module) -> bool:
