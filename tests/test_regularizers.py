@@ -1198,6 +1198,29 @@ def test_spectral_with_the_spectral_norm_hook():
         (value + F.cross_entropy(model(x), y)).backward()
 
 
+def test_spectral_state_of_another_model_is_refused():
+    """Vectors loaded from another model's term, or kept after a layer was
+    replaced, do not fit the weights: the power step raised torch's bare
+    'size mismatch, got input (4), mat (6x8), vec (8)'. The error names the fix."""
+    model, x, _ = tanh_mlp()
+    term = SpectralNorm(0.3)
+    term(model, x)
+    other = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    loaded = SpectralNorm(0.3)
+    loaded.load_state_dict(term.state_dict())
+    with pytest.raises(ValueError, match=r"layer '0'.*another model.*seed\(\)"):
+        loaded(other)
+    model[2] = nn.Linear(8, 7).double()  # a new head
+    with pytest.raises(ValueError, match=r"layer '2'.*another model"):
+        term.backward(model(x).sum(), model, x)
+    conv, cx, _ = tanh_cnn()
+    term = SpectralNorm(0.3)
+    term(conv, cx)
+    conv[0] = nn.Conv2d(2, 4, 3, padding=1).double()
+    with pytest.raises(ValueError, match=r"layer '0'.*another model"):
+        term(conv, cx)
+
+
 def test_l2_fused_step_with_sparse_gradients():
     """A sparse embedding gradient: the fused step densifies it as autograd does."""
     torch.manual_seed(0)

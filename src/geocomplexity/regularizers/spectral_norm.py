@@ -278,6 +278,14 @@ class SpectralNorm(Regularizer):
         for name, m, operator in layers:
             W = m.weight
             dtype, uv = _step_dtype(W.dtype), vectors.get(name)
+            if uv is not None and not _fits(uv, W, operator):
+                raise ValueError(
+                    f"SpectralNorm's power-iteration vectors for layer {name!r} "
+                    f"(shapes {tuple(uv[1].shape)} -> {tuple(uv[0].shape)}) do "
+                    f"not fit its weight {tuple(W.shape)}: the term's state "
+                    "belongs to another model. Use a new term (or call seed()) "
+                    "for this model"
+                )
             if uv is not None and all(
                 t.dtype == dtype and t.device == W.device for t in uv
             ):
@@ -549,6 +557,14 @@ def _weight_hooks(m: nn.Module) -> list[Any]:
         for h in m._forward_pre_hooks.values()
         if isinstance(h, (_WeightNormHook, _SpectralNormHook)) and h.name == "weight"
     ]
+
+
+def _fits(uv: tuple[Tensor, Tensor], W: Tensor, operator: bool) -> bool:
+    """Whether ``(u, v)`` fit the weight: rows and columns (channels for a conv)."""
+    u, v = uv
+    if operator:  # (1, C_out, …) and (1, C_in, …); groups: W is (C_out, C_in/g, …)
+        return u.shape[:2] == (1, W.shape[0]) and v.shape[1] % W.shape[1] == 0
+    return u.shape == (W.shape[0],) and v.shape == (math.prod(W.shape[1:]),)
 
 
 def _plain(m: nn.Module) -> bool:
