@@ -60,8 +60,10 @@ class SpectralNorm(Regularizer):
 
     Args:
         strength: λ ≥ 0.
-        conv: ``"operator"`` (the convolution's operator norm) or ``"reshaped"``
-            (the reshaped kernel's norm).
+        conv: ``"operator"`` (the convolution's operator norm at the input
+            size the layer had on the first call; later ``inputs`` of another
+            size do not change it: make a new term, or :meth:`seed` it, for
+            another size) or ``"reshaped"`` (the reshaped kernel's norm).
         power_iterations: steps per call (1 follows the paper's recipe).
         generator: randomness for the initial vectors.
     """
