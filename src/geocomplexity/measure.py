@@ -41,6 +41,12 @@ __all__ = ["GCResult", "RunningMean", "geometric_complexity", "measure"]
 #: exact takes one VJP per entry and sample, and a probe two VJPs a batch.
 AUTO_EXACT_MAX_OUTPUTS = 32
 
+#: ``method="auto"`` pilots on successive batches until it has seen this many
+#: samples (or the data end): the number of probes grows with the pilot's
+#: σ²/m², and from one small batch that ratio is so noisy that the achieved
+#: relative error exceeded ``rtol`` by half (batches of 4) to a quarter (8).
+AUTO_PILOT_SAMPLES = 64
+
 
 def geometric_complexity(model: nn.Module, x: Tensor, **kwargs: Any) -> Tensor:
     r"""GC of ``model`` on one batch: the mean of :func:`jacobian_sq_norms`.
@@ -445,7 +451,10 @@ def measure(
         num_probes: probes per sample for stochastic methods (default 1; with
             ``"auto"``, chosen from ``rtol``).
         distribution: probe distribution.
-        rtol: target relative standard error of the probe noise for ``"auto"``.
+        rtol: target relative standard error of the probe noise for ``"auto"``,
+            which sizes the probes by a two-probe pilot on the first batches
+            (at least :data:`AUTO_PILOT_SAMPLES` samples where the data have
+            them).
         chunk_size: VJPs per backward pass (see ``jacobian_sq_norms``).
         eps: finite-difference step.
         per_sample: keep every per-sample value in the result (this process's
@@ -565,6 +574,28 @@ def measure(
         cost = rows[:, 0].max().item()
         summed = rows[:, 1:].sum(0).tolist()
         chosen, probes = choose([cost, *summed[:3]], int(summed[3]))
+    elif method == "auto":
+        # pilot on successive batches (kept, measured below) until it has seen
+        # AUTO_PILOT_SAMPLES samples; it sums them as the ranks' pilots are
+        pilot, seen, piloted = [0.0, 0.0, 0.0, 0], 0, []
+        for batch in batches:
+            x = prepare(batch, seen)
+            piloted.append(x)
+            seen += x.shape[0]
+            one = _pilot(model, x, output, mode, distribution, generator, wrt, coupled)
+            pilot = [
+                max(pilot[0], one[0]),
+                *(a + b for a, b in zip(pilot[1:], one[1:], strict=True)),
+            ]
+            if (
+                one[3] == 0  # exact is cheap on this batch: no pilot
+                or pilot[3] >= AUTO_PILOT_SAMPLES
+                or (max_samples is not None and seen >= max_samples)
+            ):
+                break
+        if piloted:
+            chosen, probes = choose(pilot, total or seen)
+            batches = itertools.chain(piloted, batches)
     bar = tqdm(
         total=total,
         unit="sample",
@@ -575,11 +606,6 @@ def measure(
     try:
         for batch in batches:
             x = prepare(batch, stats.count)
-            if chosen == "auto":
-                pilot = _pilot(
-                    model, x, output, mode, distribution, generator, wrt, coupled
-                )
-                chosen, probes = choose(pilot, total or x.shape[0])
             values = jacobian_sq_norms(
                 model,
                 x,
