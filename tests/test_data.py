@@ -87,9 +87,15 @@ def test_cifar10_refuses_labels_and_pixels_outside_the_format(tmp_path):
             {b"data": pixels, b"labels": [0, 17]},  # passed, then failed each run
             {b"data": pixels, b"labels": [-1, 3]},
             {b"data": pixels, b"labels": [0.5, 1.5]},  # quietly truncated
+            # class names: the message's range raised a bare UFuncTypeError
+            {b"data": pixels, b"labels": [b"cat", b"dog"]},
+            {b"data": pixels, b"labels": ["cat", "dog"]},
         ],
         "N labels": [{b"data": pixels, b"labels": [[0, 1], [2, 3]]}],
-        "0-255": [{b"data": np.full((2, 3072), 1e9), b"labels": [0, 1]}],
+        "0-255": [
+            {b"data": np.full((2, 3072), 1e9), b"labels": [0, 1]},
+            {b"data": np.full((2, 3072), b"x"), b"labels": [0, 1]},
+        ],
     }
     for match, batches in bad.items():
         for batch in batches:

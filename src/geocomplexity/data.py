@@ -12,6 +12,7 @@ import pickle
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -161,6 +162,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def _value_range(a: Any) -> str:
+    """`` from MIN to MAX`` of a numeric array; empty for class names, objects."""
+    import numpy as np
+
+    if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+        return ""
+    return f" from {a.min()} to {a.max()}"
+
+
 def _cifar_batch(path: Path) -> tuple[Tensor, Tensor]:
     import numpy as np
 
@@ -191,15 +201,15 @@ def _cifar_batch(path: Path) -> tuple[Tensor, Tensor]:
         labels.min() >= 0 and labels.max() <= 9
     ):
         raise ValueError(
-            f"{path}: expected integer labels 0-9, got {labels.dtype} from "
-            f"{labels.min()} to {labels.max()}"
+            f"{path}: expected integer labels 0-9, got {labels.dtype}"
+            f"{_value_range(labels)}"
         )
     if not np.issubdtype(data.dtype, np.integer) or not (
         data.min() >= 0 and data.max() <= 255
     ):
         raise ValueError(
-            f"{path}: expected pixels as integers 0-255, got {data.dtype} from "
-            f"{data.min()} to {data.max()}"
+            f"{path}: expected pixels as integers 0-255, got {data.dtype}"
+            f"{_value_range(data)}"
         )
     x = torch.as_tensor(data.reshape(-1, 3, 32, 32), dtype=torch.float32) / 255.0
     return x, torch.as_tensor(labels, dtype=torch.int64)
