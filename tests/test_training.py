@@ -515,3 +515,30 @@ def test_an_optimizer_instance_is_recorded_and_checked_by_its_own_lr(tmp_path):
         fit(mlp(), train, optimizer=sgd(0.05), epochs=2, checkpoint=ckpt, **kwargs)
     again = fit(mlp(), train, optimizer=sgd(0.3), epochs=2, checkpoint=ckpt, **kwargs)
     assert len(again.records) == 3
+
+
+def _jitter(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return x + 0.1 * torch.randn(x.shape, generator=generator)
+
+
+def test_a_checkpoint_is_refused_by_a_run_that_augments_otherwise(tmp_path):
+    # a finished checkpoint of a run without augmentation was handed to a run
+    # with it (or the reverse) as its own: its numbers, no training, no error
+    train, _ = problem()
+    kwargs = dict(lr=0.1, batch_size=50, epochs=2, device="cpu", progress=False)
+    plain, augmented = tmp_path / "plain.pt", tmp_path / "augmented.pt"
+    fit(mlp(), train, checkpoint=plain, **kwargs)
+    fit(mlp(), train, checkpoint=augmented, augment=_jitter, **kwargs)
+    with pytest.raises(ValueError, match="different run"):
+        fit(mlp(), train, checkpoint=plain, augment=_jitter, **kwargs)
+    with pytest.raises(ValueError, match="different run"):
+        fit(mlp(), train, checkpoint=augmented, **kwargs)
+    # the same calls resume, and a checkpoint written before the option
+    assert len(fit(mlp(), train, checkpoint=plain, **kwargs).records) == 3
+    again = fit(mlp(), train, checkpoint=augmented, augment=_jitter, **kwargs)
+    assert len(again.records) == 3
+    state = torch.load(augmented, weights_only=True)
+    del state["augment"]
+    torch.save(state, augmented)  # a long ResNet run killed before the check
+    again = fit(mlp(), train, checkpoint=augmented, augment=_jitter, **kwargs)
+    assert len(again.records) == 3

@@ -475,11 +475,22 @@ def fit(
         "gc_subset": gc_subset,
         "gc_wrt": gc_wrt,
     }
+    # the augmentation, by name (a partial's arguments are not compared), None
+    # without: kept beside the fingerprint and checked only where a checkpoint
+    # has it, so one written before it still resumes; a finished run without
+    # augmentation must not be handed to a run with it, nor the reverse
+    augmentation = (
+        None
+        if augment is None
+        else f"{getattr(augment, '__module__', None)}."
+        f"{getattr(augment, '__qualname__', type(augment).__name__)}"
+    )
 
     def save(epoch: int, step: int, pen_sum: Tensor | None, pen_count: int) -> None:
         state = {
             "fingerprint": fingerprint,
             "recording": recording,
+            "augment": augmentation,
             "penalty_sum": pen_sum,
             "penalty_count": pen_count,
             "epoch": epoch,
@@ -526,16 +537,19 @@ def fit(
         if resumed is not None and (
             resumed.get("fingerprint") != fingerprint
             or resumed.get("recording", recording) != recording
+            or resumed.get("augment", augmentation) != augmentation
             or theirs_hyper != hyperparameters
         ):
             theirs = {
                 **(resumed.get("fingerprint") or {}),
                 **(resumed.get("recording") or {}),
+                "augment": resumed.get("augment", augmentation),
                 "optimizer settings": theirs_hyper,
             }
             mine = {
                 **fingerprint,
                 **recording,
+                "augment": augmentation,
                 "optimizer settings": hyperparameters,
             }
             raise ValueError(
