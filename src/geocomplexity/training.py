@@ -240,8 +240,11 @@ def fit(
             comparisons want; the dropped samples change with the shuffle).
         epochs: epochs to train (one of ``epochs``/``steps``).
         steps: optimizer steps to train (records still come per epoch).
-        regularizer: a penalty term added to the loss each step; it reuses the
-            step's forward pass.
+        regularizer: a penalty term added to the loss each step; it is handed
+            the step's forward pass, which it reuses where it can (not the
+            ``"jvp"`` GC penalty, ``subsample < 1``, ``wrt=`` or a submodule
+            ``output=``: those run passes of their own, with their own
+            dropout masks).
         loss_fn: ``loss_fn(outputs, targets)``; cross-entropy by default.
         input_noise_std: std of Gaussian noise added to each training batch.
         label_noise: fraction of training labels relabelled uniformly at random,
