@@ -118,6 +118,32 @@ def test_measuring_a_dataset_leaves_the_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), state)
 
 
+def test_measuring_a_loader_leaves_the_global_rng_alone():
+    # iterating the caller's DataLoader draws its base seed (and a shuffling
+    # sampler's permutation) from the global RNG: measuring between epochs
+    # changed the order of every later epoch of a training loop
+    from torch.utils.data import DataLoader
+
+    model, _ = make_case("mlp")
+    x = torch.randn(20, 7, dtype=torch.float64)
+    for shuffle in (False, True):
+        loader = DataLoader(TensorDataset(x), batch_size=8, shuffle=shuffle)
+        state = torch.get_rng_state()
+        r = gcx.measure(model, loader, progress=False)
+        assert r.num_samples == 20
+        assert torch.equal(torch.get_rng_state(), state), shuffle
+    # probes drawn from the global generator on purpose still move it
+    loader = DataLoader(TensorDataset(x), batch_size=8)
+    gcx.measure(
+        model,
+        loader,
+        method="projection",
+        progress=False,
+        generator=torch.default_generator,
+    )
+    assert not torch.equal(torch.get_rng_state(), state)
+
+
 def test_max_samples_truncates():
     model, _ = make_case("mlp")
     x = torch.randn(40, 7, dtype=torch.float64)

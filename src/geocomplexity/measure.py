@@ -10,12 +10,15 @@ output dimension; for a classifier ``g`` is the logit network.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+import random
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -224,11 +227,43 @@ def _batches(
         return (batch_inputs(b, input_key) for b in loader), total
     if isinstance(data, Iterable):
         total = _loader_samples(data)
-        return (batch_inputs(b, input_key) for b in data), total
+        return (batch_inputs(b, input_key) for b in _rng_kept(data)), total
     raise TypeError(
         f"data must be a tensor, a Dataset or an iterable of batches (a "
         f"DataLoader), got {type(data).__name__}"
     )
+
+
+@contextlib.contextmanager
+def _global_rngs_kept() -> Iterator[None]:
+    """Put torch's (CPU), numpy's and Python's global RNG states back after."""
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+
+def _rng_kept(data: Iterable[Any]) -> Iterator[Any]:
+    """The batches of the caller's iterable, its global RNG draws undone.
+
+    Starting a ``DataLoader``'s iterator draws a base seed from the global RNG,
+    and a shuffling sampler its permutation (a dataset may draw its own
+    augmentation): measuring between the epochs of a training loop would
+    change every later epoch's order. Only the iteration is rewound, so probes
+    drawn from ``generator=torch.default_generator`` still move it.
+    """
+    with _global_rngs_kept():
+        it = iter(data)
+    while True:
+        with _global_rngs_kept():
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+        yield batch
 
 
 def _loader_samples(data: Iterable[Any]) -> int | None:
