@@ -614,6 +614,26 @@ def test_finite_difference_gradient_norm_refuses_a_forward_that_updates_buffers(
     assert rel(grads(term(model, x, y), model), exact) < 1e-5
 
 
+@pytest.mark.parametrize("layer", ["spectral_norm", "running_center"])
+def test_a_refused_finite_difference_gradient_norm_puts_the_buffers_back(layer):
+    """The refusal above came after the shifted pass had written the buffers
+    (a second power-iteration step, a second running-mean update): the call
+    raised and left the model's buffers moved by a pass of its own."""
+    model, x, y = tanh_mlp()
+    if layer == "spectral_norm":
+        torch.nn.utils.parametrizations.spectral_norm(model[2])
+    else:
+        model.insert(1, _RunningCenter(8))
+    term = GradientNorm(0.3, method="finite_difference", eps=1e-6)
+    out = model(x)  # the caller's pass: its writes are the step's own
+    found = [(b, b.clone()) for b in model.buffers()]
+    with pytest.raises(ValueError, match="updates buffer"):
+        term.backward(F.cross_entropy(out, y), model, x, y, outputs=out)
+    assert [b for b, _ in found] == list(model.buffers())
+    for b, was in found:
+        assert torch.equal(b, was)
+
+
 @pytest.mark.parametrize("how", ["bfloat16", "float16", "autocast"])
 def test_finite_difference_gradient_norm_refuses_half_precision(how):
     """In half precision the two gradients' round-off, divided by the step,

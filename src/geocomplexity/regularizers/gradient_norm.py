@@ -46,7 +46,14 @@ from geocomplexity.regularizers.base import (
     refuse_reentrant_checkpoint,
     trainable,
 )
-from geocomplexity.state import compiled, differentiable_attention, eager, kept_buffers
+from geocomplexity.state import (
+    _put_back,
+    _snapshot,
+    compiled,
+    differentiable_attention,
+    eager,
+    kept_buffers,
+)
 
 __all__ = ["GradientNorm"]
 
@@ -346,6 +353,13 @@ class GradientNorm(Regularizer):
         # a buffer the shifted pass writes (a write bumps its version) was
         # another in that pass than in the caller's
         versions = [b._version for b in model.buffers()]
+        # and on refusal put back as found: the call raises, so its own pass
+        # must leave no trace (BatchNorm writes nothing, see kept_buffers)
+        saved = _snapshot(
+            m
+            for m in model.modules()
+            if m._buffers and not isinstance(m, nn.modules.batchnorm._BatchNorm)
+        )
         # the backward pass inside the block too: activation checkpointing
         # recomputes a block's forward pass there, with the parameters the
         # module holds then
@@ -356,7 +370,11 @@ class GradientNorm(Regularizer):
         ):
             out = model(inputs)
             shifted, _ = _param_grads(loss_fn(out, targets), moved)
-        _refuse_written_buffers(model, versions)
+        try:
+            _refuse_written_buffers(model, versions)
+        except ValueError:
+            _put_back(saved)
+            raise
         return sq, r, shifted
 
     def __repr__(self) -> str:
