@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 import torch
 from conftest import write_fake_cifar
 
@@ -102,3 +103,20 @@ def test_cifar10_refuses_labels_and_pixels_outside_the_format(tmp_path):
             (root / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
             with pytest.raises(ValueError, match=match):
                 load_cifar10(root)
+
+
+def test_load_digits_refuses_a_test_fraction_outside_0_1():
+    pytest.importorskip("sklearn")
+    from geocomplexity.data import load_digits
+
+    # 1.0 or more left the training set empty, 0 the test set, with no error
+    for bad in (0.0, 1.0, 1.5, -0.2, float("nan")):
+        with pytest.raises(ValueError, match="test_fraction"):
+            load_digits(test_fraction=bad)
+
+
+def test_load_mnist1d_refuses_a_sample_count_below_one():
+    # 0 to 9 raised numpy's 'need at least one array to stack'
+    for bad in (0, -5, 5):
+        with pytest.raises(ValueError, match="num_samples"):
+            load_mnist1d(num_samples=bad)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import io
+import numbers
 import pickle
 import random
 from dataclasses import dataclass
@@ -64,8 +65,15 @@ def load_mnist1d(num_samples: int = 5000, seed: int = 42) -> Split:
 
     Raises:
         ImportError: the optional ``mnist1d`` package is missing.
+        ValueError: ``num_samples`` below 10 (one per class).
     """
     import numpy as np
+
+    if not isinstance(num_samples, numbers.Integral) or num_samples < 10:
+        raise ValueError(
+            f"num_samples must be an integer >= 10 (MNIST-1D is drawn class by "
+            f"class, 10 classes), got {num_samples!r}"
+        )
 
     try:
         from mnist1d.data import get_dataset_args, make_dataset
@@ -101,7 +109,13 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Split:
 
     Raises:
         ImportError: scikit-learn is missing.
+        ValueError: ``test_fraction`` not strictly between 0 and 1.
     """
+    if not 0 < test_fraction < 1:
+        raise ValueError(
+            f"test_fraction must be strictly between 0 and 1 (both splits "
+            f"non-empty), got {test_fraction!r}"
+        )
     try:
         from sklearn.datasets import load_digits as sk_load_digits
     except ImportError as err:
@@ -113,6 +127,11 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Split:
     y = torch.as_tensor(d.target, dtype=torch.int64)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     n_test = round(test_fraction * len(x))
+    if not 0 < n_test < len(x):
+        raise ValueError(
+            f"test_fraction={test_fraction!r} leaves {n_test} of {len(x)} images "
+            f"for the test set; both splits must be non-empty"
+        )
     test, train = order[:n_test], order[n_test:]
     return Split(x[train], y[train], x[test], y[test], num_classes=10)
 
