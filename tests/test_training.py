@@ -542,3 +542,22 @@ def test_a_checkpoint_is_refused_by_a_run_that_augments_otherwise(tmp_path):
     torch.save(state, augmented)  # a long ResNet run killed before the check
     again = fit(mlp(), train, checkpoint=augmented, augment=_jitter, **kwargs)
     assert len(again.records) == 3
+
+
+def test_fit_refuses_non_finite_inputs_and_a_train_that_is_not_a_pair():
+    # a NaN in the training (or test) inputs ran to the end and returned a
+    # history of NaN losses; a bare tensor or a DataLoader for train= raised
+    # 'too many values to unpack (expected 2)'
+    (x, y), (xt, yt) = problem()
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="train inputs contain 1 NaN"):
+        fit(mlp(), (bad, y), epochs=1, progress=False, device="cpu")
+    bad_test = xt.clone()
+    bad_test[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="test inputs contain 1 NaN"):
+        fit(mlp(), (x, y), (bad_test, yt), epochs=1, progress=False, device="cpu")
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y))
+    for train in (x, loader, (x, y, y)):
+        with pytest.raises(TypeError, match=r"train must be a pair \(x, y\)"):
+            fit(mlp(), train, epochs=1, progress=False, device="cpu")

@@ -302,6 +302,30 @@ def fit(
     )
     if stop_at_train_loss is not None:
         stop_at_train_loss = float(stop_at_train_loss)
+    for name, pair in (("train", train), ("test", test)):
+        if pair is None and name == "test":
+            continue
+        if not (
+            isinstance(pair, (tuple, list))
+            and len(pair) == 2
+            and all(isinstance(t, Tensor) for t in pair)
+        ):
+            got = type(pair).__name__
+            if isinstance(pair, (tuple, list)):
+                got += f" of length {len(pair)}"
+            raise TypeError(
+                f"{name} must be a pair (x, y) of tensors, got {got}; "
+                f"for a DataLoader or Dataset, stack it first (fit shuffles and "
+                f"batches the tensors itself)"
+            )
+        px = pair[0]
+        if px.is_floating_point() or px.is_complex():
+            bad = int((~torch.isfinite(px)).sum())
+            if bad:
+                raise ValueError(
+                    f"{name} inputs contain {bad} NaN or infinite entries (of "
+                    f"{px.numel()}); clean or drop those samples before training"
+                )
     x, y = train
     if len(x) == 0 or len(x) != len(y):
         raise ValueError(
