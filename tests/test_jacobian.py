@@ -1292,3 +1292,12 @@ def test_meta_inputs_are_refused_with_a_clear_error():
     model = nn.Linear(4, 3, device="meta")
     with pytest.raises(ValueError, match="meta device"):
         gcx.jacobian_sq_norms(model, torch.randn(5, 4, device="meta"))
+
+
+def test_a_generator_that_is_not_a_torch_generator_is_refused():
+    # generator=0 (a seed where a Generator belongs) raised AttributeError:
+    # 'int' object has no attribute 'device' from deep in the probe code
+    model = torch.nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    with pytest.raises(TypeError, match=r"generator must be a torch\.Generator"):
+        gcx.jacobian_sq_norms(model, x, method="projection", generator=0)

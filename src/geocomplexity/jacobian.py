@@ -1072,6 +1072,12 @@ def jacobian_sq_norms(
         )
     if eps is not None and not eps > 0:
         raise ValueError(f"eps must be positive, got {eps!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got "
+            f"{type(generator).__name__}; for a seed, pass "
+            f"torch.Generator().manual_seed({generator!r})"
+        )
     if method == "finite_difference" and create_graph:
         raise ValueError(
             "method='finite_difference' measures GC but gives wrong parameter "
