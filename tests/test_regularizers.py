@@ -1647,3 +1647,13 @@ def test_gc_penalty_refuses_a_model_that_cuts_the_path_from_its_inputs(method):
     x = torch.randn(6, 4)
     with pytest.raises(ValueError, match="take the cut out"):
         GeometricComplexity(1.0, method=method)(model, x)
+
+
+def test_gc_penalty_names_outputs_of_another_batch():
+    # outputs= of another batch read as "the model must map (B, ...) inputs to
+    # (B, ...) outputs", blaming the model instead of the argument
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(6, 4, requires_grad=True)
+    other = model(torch.randn(5, 4, requires_grad=True))
+    with pytest.raises(ValueError, match="outputs= has shape"):
+        GeometricComplexity(1.0)(model, x, outputs=other)

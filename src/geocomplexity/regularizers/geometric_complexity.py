@@ -295,9 +295,16 @@ class GeometricComplexity(Regularizer):
             or not x.requires_grad
         ):
             return None
-        out = _flat_output(
-            outputs if self.output is None else self.output(outputs), x.shape[0]
-        )
+        picked = outputs if self.output is None else self.output(outputs)
+        B = x.shape[0]
+        if isinstance(picked, Tensor) and (picked.dim() == 0 or picked.shape[0] != B):
+            # the model maps batches fine: the outputs are another batch's
+            raise ValueError(
+                f"outputs= has shape {tuple(picked.shape)}, but the inputs are a "
+                f"batch of {B}: hand over the outputs of model(inputs) for this "
+                "batch (or leave outputs= out)"
+            )
+        out = _flat_output(picked, B)
         return out if out.grad_fn is not None else None
 
     def _norms(
