@@ -571,3 +571,12 @@ def test_auto_pilots_on_enough_samples_when_batches_are_small(monkeypatch):
         errors.append(r.value / exact - 1 if r.method == "projection" else 0.0)
     # achieved relative error near the promise (its RMS over 40 runs)
     assert math.sqrt(sum(e * e for e in errors) / len(errors)) < 1.3 * 0.02
+
+
+def test_measure_of_one_unbatched_sample_says_to_add_the_batch_dimension():
+    # auto's pilot read a 1-D sample as a batch of scalars and failed with
+    # "the model must map (B, ...) inputs to (B, ...) outputs", without the
+    # x[None] hint geometric_complexity gives
+    model = nn.Linear(4, 3)
+    with pytest.raises(ValueError, match=r"x\[None\]"):
+        gcx.measure(model, torch.randn(4), progress=False)

@@ -27,6 +27,7 @@ from geocomplexity.jacobian import (
     METHODS,
     Output,
     _check_model_matches,
+    _check_scalar_batch,
     _coupled,
     _select,
     check_input,
@@ -388,6 +389,8 @@ def _pilot(
     is skipped and all but ``c`` are zero, ``n`` too, so a rank that skipped
     it does not dilute another's.
     """
+    if x.dim() == 1 and x.shape[0] > 1:  # scalars, or one unbatched sample?
+        _check_scalar_batch(model, x, output)
     # in the measuring mode, so that train-mode BatchNorm reads as coupling;
     # buffers and the RNG come back (preserved)
     with preserved(model, mode=mode) as modules, torch.no_grad():
