@@ -94,6 +94,33 @@ def test_metric_projection_is_unbiased_and_options_are_checked():
         GeometricComplexity(model).update(torch.ones(3, 6, dtype=torch.long))
 
 
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [
+        (("not a model",), {}, TypeError, "torch.nn.Module"),
+        ((), {"num_probes": 0}, ValueError, "num_probes"),
+        ((), {"num_probes": 2.5}, ValueError, "num_probes"),
+        ((), {"mode": "Train"}, ValueError, "unknown mode 'Train'"),
+        ((), {"output": "9"}, ValueError, "output='9' names no submodule"),
+        ((), {"output": 3}, TypeError, "output must be"),
+        ((), {"wrt": "embed"}, ValueError, "wrt='embed' names no submodule"),
+        ((), {"wrt": 3}, TypeError, "wrt must be"),
+        ((), {"chunk_size": 0}, ValueError, "chunk_size"),
+        ((), {"generator": 0}, TypeError, "generator"),
+        ((), {"coupled": "yes"}, TypeError, "coupled"),
+        ((), {"distribution": "normal"}, ValueError, "distribution"),
+    ],
+)
+def test_metric_refuses_bad_options_when_made_not_at_first_update(
+    args, kwargs, error, match
+):
+    # each was accepted by the constructor and failed only at update()
+    from geocomplexity.integrations.torchmetrics import GeometricComplexity
+
+    with pytest.raises(error, match=match):
+        GeometricComplexity(*(args or (_net(),)), **kwargs)
+
+
 def test_metric_clones_measure_the_live_model():
     # MetricTracker deep-copies its metric each epoch; a copied model would
     # go on measuring the weights of the epoch it was copied in

@@ -962,6 +962,90 @@ def _replayed(
     )
 
 
+def check_options(
+    *,
+    method: str = "exact",
+    mode: str = "eval",
+    num_probes: int = 1,
+    distribution: str = "rademacher",
+    chunk_size: int | None = None,
+    eps: float | None = None,
+    generator: torch.Generator | None = None,
+    create_graph: bool = False,
+    wrt: str | None = None,
+    output: Output = None,
+    coupled: bool | None = None,
+) -> None:
+    """The checks of :func:`jacobian_sq_norms`' options that need no model or input.
+
+    For code that takes these options now and measures later (the torchmetrics
+    metric, the Lightning callback): a bad value fails where it is given.
+
+    Raises:
+        ValueError: an unknown method, mode or distribution; a count or step
+            that is not positive.
+        TypeError: a generator, ``wrt``, ``output`` or ``coupled`` of the
+            wrong type.
+    """
+    if method not in METHODS:
+        raise ValueError(
+            f"unknown method {method!r}; choose one of {', '.join(map(repr, METHODS))}"
+            " (or 'auto' in geocomplexity.measure)"
+        )
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose 'eval' or 'train'")
+    check_distribution(distribution)
+    if (
+        not isinstance(num_probes, int)
+        or isinstance(num_probes, bool)
+        or num_probes < 1
+    ):
+        raise ValueError(f"num_probes must be a positive integer, got {num_probes!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(
+            f"chunk_size must be a positive integer or None, got {chunk_size!r}"
+        )
+    if eps is not None and not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got "
+            f"{type(generator).__name__}; for a seed, pass "
+            f"torch.Generator().manual_seed({generator!r})"
+        )
+    if method == "finite_difference" and create_graph:
+        raise ValueError(
+            "method='finite_difference' measures GC but gives wrong parameter "
+            "gradients on non-smooth (ReLU) networks; use 'projection', 'exact' or "
+            "'jvp' for a differentiable penalty"
+        )
+    check_output(output)
+    if coupled is not None and not isinstance(coupled, bool):
+        raise TypeError(f"coupled must be None, True or False, got {coupled!r}")
+    if wrt is not None and not isinstance(wrt, str):
+        raise TypeError(f"wrt must be a submodule name, got {type(wrt).__name__}")
+
+
+def check_names(
+    model: nn.Module, output: Output = None, wrt: str | None = None
+) -> None:
+    """Refuse an ``output=`` or ``wrt=`` that names no submodule of ``model``.
+
+    Raises:
+        TypeError: ``model`` is not a module.
+        ValueError: a name that is no submodule (the error lists valid ones).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model, output, wrt = unwrapped(model, output, wrt)
+    if isinstance(output, str):
+        _submodule(model, output, "output")
+    if wrt is not None:
+        if not wrt:
+            raise ValueError("wrt='' names the whole model; name a submodule")
+        _submodule(model, wrt, "wrt")
+
+
 def jacobian_sq_norms(
     model: nn.Module,
     x: Tensor,
@@ -1052,40 +1136,17 @@ def jacobian_sq_norms(
         >>> torch.allclose(v, A.pow(2).sum().expand(4))
         True
     """
-    if method not in METHODS:
-        raise ValueError(
-            f"unknown method {method!r}; choose one of {', '.join(map(repr, METHODS))}"
-            " (or 'auto' in geocomplexity.measure)"
-        )
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose 'eval' or 'train'")
-    check_distribution(distribution)
-    if (
-        not isinstance(num_probes, int)
-        or isinstance(num_probes, bool)
-        or num_probes < 1
-    ):
-        raise ValueError(f"num_probes must be a positive integer, got {num_probes!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(
-            f"chunk_size must be a positive integer or None, got {chunk_size!r}"
-        )
-    if eps is not None and not eps > 0:
-        raise ValueError(f"eps must be positive, got {eps!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"generator must be a torch.Generator or None, got "
-            f"{type(generator).__name__}; for a seed, pass "
-            f"torch.Generator().manual_seed({generator!r})"
-        )
-    if method == "finite_difference" and create_graph:
-        raise ValueError(
-            "method='finite_difference' measures GC but gives wrong parameter "
-            "gradients on non-smooth (ReLU) networks; use 'projection', 'exact' or "
-            "'jvp' for a differentiable penalty"
-        )
-    if wrt is not None and not isinstance(wrt, str):
-        raise TypeError(f"wrt must be a submodule name, got {type(wrt).__name__}")
+    check_options(
+        method=method,
+        mode=mode,
+        num_probes=num_probes,
+        distribution=distribution,
+        chunk_size=chunk_size,
+        eps=eps,
+        generator=generator,
+        create_graph=create_graph,
+        wrt=wrt,
+    )
     check_input(x, differentiated=wrt is None)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

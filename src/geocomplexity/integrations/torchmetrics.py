@@ -28,8 +28,12 @@ except ImportError as err:  # pragma: no cover - the message is the point
     ) from err
 
 from geocomplexity.distributed import all_gather
-from geocomplexity.jacobian import METHODS, Output, jacobian_sq_norms
-from geocomplexity.probes import check_distribution
+from geocomplexity.jacobian import (
+    Output,
+    check_names,
+    check_options,
+    jacobian_sq_norms,
+)
 
 __all__ = ["GeometricComplexity"]
 
@@ -133,7 +137,11 @@ class GeometricComplexity(Metric):
             to free the gathered tensors (a crash when that happens at exit).
 
     Raises:
-        ValueError: an unknown method or distribution.
+        ValueError: an unknown method, mode or distribution; a non-positive
+            ``num_probes`` or ``chunk_size``; an ``output`` or ``wrt`` that
+            names no submodule of the model.
+        TypeError: a model that is not an ``nn.Module``; a ``generator``,
+            ``output``, ``wrt`` or ``coupled`` of the wrong type.
     """
 
     is_differentiable = False
@@ -161,12 +169,20 @@ class GeometricComplexity(Metric):
     ) -> None:
         kwargs.setdefault("dist_sync_fn", all_gather)
         super().__init__(**kwargs)
-        if method not in METHODS:
-            raise ValueError(
-                f"unknown method {method!r}; choose one of "
-                f"{', '.join(map(repr, METHODS))}"
-            )
-        check_distribution(distribution)
+        # every option checked now, against the model too, not at the
+        # first update (an epoch into training)
+        check_options(
+            method=method,
+            mode=mode,
+            num_probes=num_probes,
+            distribution=distribution,
+            chunk_size=chunk_size,
+            generator=generator,
+            wrt=wrt,
+            output=output,
+            coupled=coupled,
+        )
+        check_names(model, output, wrt)
         # not a submodule: the metric's state_dict, .to() and .double() must
         # not reach into the model being measured; and shared, not copied, by
         # clone() and deepcopy (MetricTracker copies the metric every epoch)
