@@ -421,6 +421,55 @@ def test_lightning_callback_takes_measures_options_or_refuses_them_up_front():
         GeometricComplexityCallback(distributed=True)
 
 
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [
+        ((), {"method": "exactt"}, ValueError, "unknown method 'exactt'"),
+        ((), {"wrt": 3}, TypeError, "wrt must be"),
+        ((), {"mode": "Train"}, ValueError, "unknown mode"),
+        ((), {"num_probes": 0}, ValueError, "num_probes"),
+        ((), {"generator": 0}, TypeError, "generator"),
+        ((), {"num_samples": 2.5}, ValueError, "num_samples must be a positive"),
+        ((), {"every_n_steps": 2.5}, ValueError, "every_n_steps"),
+        (([[0.0] * 6] * 4,), {}, TypeError, r"train=.*must be a torch.Tensor"),
+        ((torch.full((4, 6), float("nan")),), {}, ValueError, r"train=.*NaN"),
+        ((torch.ones(4, 6, dtype=torch.long),), {}, TypeError, r"train=.*dtype"),
+        ((torch.ones(0, 6),), {}, ValueError, r"train=.*empty"),
+        ((None, torch.tensor(1.0)), {}, ValueError, r"val=.*scalar"),
+    ],
+)
+def test_lightning_callback_refuses_bad_values_when_made(args, kwargs, error, match):
+    # each was accepted and failed only after the first training epoch
+    from geocomplexity.integrations.lightning import GeometricComplexityCallback
+
+    with pytest.raises(error, match=match):
+        GeometricComplexityCallback(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [
+        ((), {"output": "9"}, "output='9' names no submodule"),
+        ((), {"wrt": "embed"}, "wrt='embed' names no submodule"),
+        ((torch.ones(6),), {}, r"train=.*add its batch dimension"),
+    ],
+)
+def test_lightning_callback_checks_against_the_model_before_the_first_epoch(
+    args, kwargs, match
+):
+    from geocomplexity.integrations.lightning import GeometricComplexityCallback
+
+    L, Memory, Module, train, val, _ = _lightning_setup()
+    callback = GeometricComplexityCallback(*args, **kwargs)
+    module = Module()
+    steps = []
+    module.training_step = lambda *a, **k: steps.append(1)  # no epoch runs
+    trainer = _trainer(L, Memory(), callback)
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(module, train, val)
+    assert steps == []
+
+
 def test_lightning_callback_refuses_monitors_that_would_read_last_epochs_value(
     tmp_path,
 ):

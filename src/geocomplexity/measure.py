@@ -31,10 +31,10 @@ from geocomplexity.jacobian import (
     _coupled,
     _select,
     check_input,
+    check_options,
     jacobian_sq_norms,
     unwrapped,
 )
-from geocomplexity.probes import check_distribution
 from geocomplexity.state import batch_norm_couples, preserved
 
 __all__ = ["GCResult", "RunningMean", "geometric_complexity", "measure"]
@@ -441,6 +441,67 @@ def _choose(pilot: list[float], total: int, rtol: float) -> tuple[str, int]:
     return ("exact", 1) if probes >= cost else ("projection", probes)
 
 
+def check_measure_options(
+    *,
+    method: str = "auto",
+    batch_size: int = 256,
+    max_samples: int | None = None,
+    rtol: float = 0.01,
+    num_probes: int | None = None,
+    distribution: str = "rademacher",
+    mode: str = "eval",
+    chunk_size: int | None = None,
+    eps: float | None = None,
+    generator: torch.Generator | None = None,
+    output: Output = None,
+    wrt: str | None = None,
+    coupled: bool | None = None,
+    **_: Any,
+) -> None:
+    """The checks of :func:`measure`'s options that need no model or data.
+
+    For code that takes these options now and measures later (the Lightning
+    callback); other keyword arguments are ignored.
+
+    Raises:
+        ValueError: an unknown method, mode or distribution; a count, size,
+            tolerance or step that is not positive.
+        TypeError: a generator, ``output``, ``wrt`` or ``coupled`` of the
+            wrong type.
+    """
+    if method != "auto" and method not in METHODS:
+        raise ValueError(
+            f"unknown method {method!r}; choose 'auto' or one of "
+            f"{', '.join(map(repr, METHODS))}"
+        )
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if max_samples is not None and (
+        not isinstance(max_samples, int) or max_samples < 1
+    ):
+        raise ValueError(f"max_samples must be a positive integer, got {max_samples!r}")
+    if not rtol > 0:
+        raise ValueError(f"rtol must be positive, got {rtol!r}")
+    if num_probes is not None and (
+        not isinstance(num_probes, int)
+        or isinstance(num_probes, bool)
+        or num_probes < 1
+    ):
+        raise ValueError(f"num_probes must be a positive integer, got {num_probes!r}")
+    check_options(
+        method="exact" if method == "auto" else method,
+        mode=mode,
+        num_probes=num_probes or 1,
+        distribution=distribution,
+        chunk_size=chunk_size,
+        eps=eps,
+        generator=generator,
+        wrt=wrt,
+        output=output,
+        coupled=coupled,
+    )
+
+
 def measure(
     model: nn.Module,
     data: Any,
@@ -540,22 +601,21 @@ def measure(
         >>> result.num_samples, result.method
         (100, 'exact')
     """
-    if method != "auto" and method not in METHODS:
-        raise ValueError(
-            f"unknown method {method!r}; choose 'auto' or one of "
-            f"{', '.join(map(repr, METHODS))}"
-        )
-    check_distribution(distribution)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if max_samples is not None and (
-        not isinstance(max_samples, int) or max_samples < 1
-    ):
-        raise ValueError(f"max_samples must be a positive integer, got {max_samples!r}")
-    if not rtol > 0:
-        raise ValueError(f"rtol must be positive, got {rtol!r}")
-    if num_probes is not None and (not isinstance(num_probes, int) or num_probes < 1):
-        raise ValueError(f"num_probes must be a positive integer, got {num_probes!r}")
+    check_measure_options(
+        method=method,
+        batch_size=batch_size,
+        max_samples=max_samples,
+        rtol=rtol,
+        num_probes=num_probes,
+        distribution=distribution,
+        mode=mode,
+        chunk_size=chunk_size,
+        eps=eps,
+        generator=generator,
+        output=output,
+        wrt=wrt,
+        coupled=coupled,
+    )
 
     from tqdm.auto import tqdm  # the core's only optional-feeling dependency
 

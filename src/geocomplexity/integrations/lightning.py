@@ -42,7 +42,13 @@ except ImportError as err:  # pragma: no cover - the message is the point
         "pip install 'geocomplexity[lightning]'"
     ) from err
 
-from geocomplexity.measure import InputKey, batch_inputs, measure
+from geocomplexity.jacobian import _check_scalar_batch, check_input, check_names
+from geocomplexity.measure import (
+    InputKey,
+    batch_inputs,
+    check_measure_options,
+    measure,
+)
 from geocomplexity.state import eager
 
 __all__ = ["GeometricComplexityCallback"]
@@ -184,11 +190,15 @@ class GeometricComplexityCallback(Callback):
             ``output``, ...).
 
     Raises:
-        ValueError: a non-positive schedule or subset size; when training
-            starts, a ``ModelCheckpoint`` or ``EarlyStopping`` monitoring these
-            values after validation.
+        ValueError: a schedule or subset size that is not a positive integer;
+            a bad option value (see :func:`~geocomplexity.measure`); an empty
+            or non-finite subset; when fitting starts, an ``output`` or ``wrt``
+            that names no submodule, a 1-D subset the model does not read as
+            a batch of scalars, a ``ModelCheckpoint`` or ``EarlyStopping``
+            monitoring these values after validation.
         TypeError: an option ``measure`` does not take, or one the callback
-            sets itself (``distributed``).
+            sets itself (``distributed``); a subset that is not a floating
+            point tensor (integer where ``wrt`` is given).
     """
 
     def __init__(
@@ -203,10 +213,15 @@ class GeometricComplexityCallback(Callback):
         input_key: InputKey = None,
         **measure_kwargs: Any,
     ) -> None:
-        if num_samples < 1 or every_n_epochs < 1:
-            raise ValueError("num_samples and every_n_epochs must be positive")
-        if every_n_steps is not None and every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be positive, got {every_n_steps}")
+        for name, value in (
+            ("num_samples", num_samples),
+            ("every_n_epochs", every_n_epochs),
+            ("every_n_steps", every_n_steps),
+        ):
+            if value is None and name == "every_n_steps":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.train, self.val = train, val
         self.num_samples = num_samples
         self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
@@ -222,6 +237,17 @@ class GeometricComplexityCallback(Callback):
                 f"{', '.join(sorted(_SET_HERE))} itself)"
             )
         self.measure_kwargs = {"method": "exact", "progress": False, **measure_kwargs}
+        check_measure_options(**self.measure_kwargs)
+        for split, x in (("train", train), ("val", val)):
+            if x is None:
+                continue
+            try:
+                check_input(x, differentiated=measure_kwargs.get("wrt") is None)
+            except (TypeError, ValueError) as err:
+                raise type(err)(
+                    f"GeometricComplexityCallback({split}=...): {err}; or pass "
+                    f"{split}=None to take the inputs from the {split} loader"
+                ) from None
         self._given = (train is not None, val is not None)
         self._last_step = -1  # with gradient accumulation a step spans batches
 
@@ -264,6 +290,21 @@ class GeometricComplexityCallback(Callback):
                     "logs at the training epoch's end: it would rank each epoch "
                     f"by the previous epoch's value. Pass {name}(..., {fix})"
                 )
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Check what needs the model before the first epoch, not after it."""
+        output = self.measure_kwargs.get("output")
+        check_names(pl_module, output, self.measure_kwargs.get("wrt"))
+        for split, x in (("train", self.train), ("val", self.val)):
+            # one sample (d,) or a batch of scalars? a forward pass tells
+            if x is not None and x.dim() == 1 and x.shape[0] > 1:
+                x = trainer.precision_plugin.convert_input(x[:3])
+                try:
+                    _check_scalar_batch(pl_module, x.to(pl_module.device), output)
+                except ValueError as err:
+                    raise ValueError(
+                        f"GeometricComplexityCallback({split}=...): {err}"
+                    ) from None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Fix the subsets the loaders provide."""
