@@ -343,6 +343,54 @@ def test_cli_out_that_cannot_be_a_folder_exits_2(tmp_path, capsys):
         assert re.search(rf"--out {re.escape(str(out))}: ", capsys.readouterr().err)
 
 
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        # each was silently ignored: the run went ahead without it
+        (
+            ["reproduce", "arc-length", "--dataset", "digits"],
+            "--dataset digits: arc-length does not take a data set",
+        ),
+        (
+            ["reproduce", "resnet-double-descent", "--dataset", "digits"],
+            "--dataset digits: .*cifar10",
+        ),
+        (
+            ["reproduce", "init-depth", "--data-dir", "{tmp}"],
+            "--data-dir .*: init-depth reads no data folder",
+        ),
+        (
+            ["reproduce", "all", "--preset", "quick", "--data-dir", "{tmp}"],
+            "--data-dir .*: `all` at --preset quick reads no data folder",
+        ),
+        # named the folder but not the option
+        (
+            ["reproduce", "resnet-double-descent", "--data-dir", "{tmp}/nowhere"],
+            "--data-dir .*nowhere: no CIFAR-10 folder",
+        ),
+        (
+            ["reproduce", "resnet-double-descent", "--data-dir", "{tmp}/a-file"],
+            "--data-dir .*a-file: no CIFAR-10 folder",
+        ),
+    ],
+)
+def test_cli_options_the_experiment_does_not_read_exit_2(
+    tmp_path, argv, match, capsys, monkeypatch
+):
+    import geocomplexity.experiments
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("a run started")
+
+    monkeypatch.setattr(geocomplexity.experiments, "reproduce_one", no_run)
+    (tmp_path / "a-file").write_text("")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    out = tmp_path / "out"
+    assert main([*argv, "--malloc", "default", "--out", str(out)]) == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not out.exists()  # nothing ran
+
+
 def test_cli_report_errors_and_list(tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "no such folder" in capsys.readouterr().err

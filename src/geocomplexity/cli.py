@@ -42,7 +42,12 @@ def _parser() -> argparse.ArgumentParser:
         default="quick",
         help="smoke: seconds; quick: minutes (default); paper: more",
     )
-    rep.add_argument("--dataset", choices=DATASETS, default="mnist1d")
+    rep.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default=None,
+        help="the data set of the experiments that take one (default: mnist1d)",
+    )
     rep.add_argument(
         "--out",
         type=Path,
@@ -171,6 +176,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{n}: not in `all` at --preset {args.preset}; run it by name")
     else:
         names = [args.name]
+    # an option the chosen experiments do not read would be silently ignored
+    if args.name != "all" and args.dataset is not None:
+        exp = EXPERIMENTS[args.name]
+        if not exp.uses_dataset:
+            return _error(
+                f"--dataset {args.dataset}: {args.name} does not take a data set "
+                f"(it runs on {exp.data_label or 'its own data'}); drop --dataset"
+            )
+    if args.data_dir is not None and not any(
+        EXPERIMENTS[n].needs_data_dir for n in names
+    ):
+        readers = [n for n, e in EXPERIMENTS.items() if e.needs_data_dir]
+        where = f"`all` at --preset {args.preset}" if args.name == "all" else args.name
+        return _error(
+            f"--data-dir {args.data_dir}: {where} reads no data folder (only "
+            f"{', '.join(readers)} does); drop --data-dir"
+        )
     # every check before any run: a bad folder fails in a second, not an hour in
     try:
         from geocomplexity.experiments.figures import pyplot
@@ -182,9 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             EXPERIMENTS[name].check(Context(device, args.data_dir))
         except (OSError, ValueError) as err:
-            return _error(str(err))
+            if args.data_dir is None or "--data-dir" in str(err):
+                return _error(str(err))
+            return _error(f"--data-dir {args.data_dir}: {err}")
         except Exception as err:  # a planted pickle raises UnpicklingError
-            return _error(f"{args.data_dir}: {err}")
+            return _error(f"--data-dir {args.data_dir}: {err}")
     if args.malloc == "tuned":
         from geocomplexity.malloc import tune_malloc
 
@@ -210,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             EXPERIMENTS[name],
             args.out,
             preset=args.preset,
-            dataset=args.dataset,
+            dataset=args.dataset or "mnist1d",
             seeds=args.seeds,
             workers=workers,
             device=device,
