@@ -401,6 +401,15 @@ def test_cli_report_errors_and_list(tmp_path, capsys):
     assert all(name in listed for name in EXPERIMENTS)
 
 
+def test_cli_report_on_a_cut_short_claims_file_exits_2(tmp_path, capsys):
+    # a traceback (JSONDecodeError), exit 1, before
+    (tmp_path / "transfer").mkdir()
+    (tmp_path / "transfer" / "claims.json").write_text('{"pre')
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"transfer/claims\.json cannot be read.*reproduce transfer", err)
+
+
 def test_report_shows_presets_and_survives_a_truncated_run_file(tmp_path, capsys):
     argv = ["reproduce", "transfer", "--preset", "smoke", "--out", str(tmp_path)]
     assert main(argv) == 0

@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         try:
             path = write_report(args.dir)
-        except FileNotFoundError as err:
+        except (FileNotFoundError, ValueError) as err:
             print(f"geocomplexity: error: {err}", file=sys.stderr)
             return 2
         print(claims_table(collect_claims(args.dir)))

@@ -26,10 +26,22 @@ def collect_claims(out: Path) -> list[tuple[str, Claim]]:
 
     Returns:
         The claims in experiment order.
+
+    Raises:
+        ValueError: a claims file that cannot be read (cut short by an
+            interrupted run, say), named with how to rewrite it.
     """
     found = []
     for path in sorted(out.glob("*/claims*.json")):
-        found.extend((path.parent.name, c) for c in load_claims(path))
+        try:
+            claims = load_claims(path)
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(
+                f"{path} cannot be read ({type(err).__name__}: {err}); rerun "
+                f"`geocomplexity reproduce {path.parent.name}` with --out "
+                f"{out} (finished runs are kept) to rewrite it, or delete it"
+            ) from None
+        found.extend((path.parent.name, c) for c in claims)
     return found
 
 
