@@ -179,3 +179,11 @@ def test_transfer_refuses_a_layer_used_twice():
     model = nn.Sequential(lin, nn.ReLU(), lin, nn.ReLU(), nn.Linear(4, 2)).double()
     with pytest.raises(TypeError, match="more than once"):
         transfer_bound(model, torch.randn(3, 4, dtype=torch.float64))
+
+
+def test_transfer_bound_names_a_wrong_input_shape():
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    with pytest.raises(
+        RuntimeError, match=r"forward pass failed on inputs of shape \(8, 5\)"
+    ):
+        transfer_bound(net, torch.randn(8, 5))

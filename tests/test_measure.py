@@ -580,3 +580,19 @@ def test_measure_of_one_unbatched_sample_says_to_add_the_batch_dimension():
     model = nn.Linear(4, 3)
     with pytest.raises(ValueError, match=r"x\[None\]"):
         gcx.measure(model, torch.randn(4), progress=False)
+
+
+@pytest.mark.parametrize("how", ["geometric_complexity", "measure", "jvp"])
+def test_a_wrong_feature_count_names_the_input_shape(how):
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x = torch.randn(8, 5)  # the model takes 3 features
+    with pytest.raises(RuntimeError) as info:
+        if how == "measure":
+            gcx.measure(model, x)
+        else:
+            method = "jvp" if how == "jvp" else "exact"
+            gcx.geometric_complexity(model, x, method=method)
+    message = str(info.value)
+    assert "forward pass failed on inputs of shape (8, 5)" in message
+    assert "check the input's shape" in message.lower()
+    assert "mat1 and mat2" in message  # torch's own message is kept

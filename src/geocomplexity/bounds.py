@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from geocomplexity.jacobian import check_input
+from geocomplexity.jacobian import check_input, forward_failed
 from geocomplexity.state import preserved
 
 __all__ = ["TransferBound", "norm_bounds", "transfer_bound"]
@@ -170,6 +170,8 @@ def transfer_bound(model: nn.Module, x: Tensor) -> TransferBound:
         try:
             xg = x.clone().requires_grad_(True)
             out = model(xg).reshape(B, -1)
+        except RuntimeError as err:
+            raise forward_failed(err, x) from err
         finally:
             for handle in handles:
                 handle.remove()

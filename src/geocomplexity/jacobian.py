@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -84,6 +85,41 @@ MODES = ("eval", "train")
 #: What is differentiated: ``None`` (the model's output), a callable applied to
 #: the output, or the name of a submodule whose output is taken.
 Output = str | Callable[[Any], Tensor] | None
+
+
+#: torch's messages for an input whose shape the model's layers cannot take
+_SHAPE_MESSAGES = re.compile(
+    r"cannot be multiplied|size mismatch|must match the size|expected input"
+    r"|is invalid for input of size|should contain \d+ elements|channels"
+    r"|Expected \d+D|to have \d+ channels|normalized_shape",
+    re.IGNORECASE,
+)
+
+
+class ForwardFailed(RuntimeError):
+    """The model's forward pass failed on the inputs' shape (torch's message kept)."""
+
+
+def forward_failed(err: RuntimeError, x: Tensor) -> RuntimeError:
+    """``err`` naming the inputs' shape, where torch refused it; else ``err``.
+
+    A layer given inputs of the wrong shape (a wrong feature count) fails deep
+    in torch ("mat1 and mat2 shapes cannot be multiplied") without saying that
+    the input is at fault. The message is kept, so that a caller matching on
+    it still matches.
+    """
+    if (
+        isinstance(err, ForwardFailed)
+        or type(err) is not RuntimeError
+        or not _SHAPE_MESSAGES.search(str(err))
+    ):
+        return err
+    return ForwardFailed(
+        f"the model's forward pass failed on inputs of shape {tuple(x.shape)}: "
+        f"{err}\nCheck the input's shape: it must be (B, *in_shape), a batch "
+        "first, then the shape the model's first layer takes (e.g. (B, "
+        "in_features) for a Linear)"
+    )
 
 
 class _Captured(Exception):
@@ -247,6 +283,8 @@ def _select(model: nn.Module, x: Tensor, output: Output) -> Tensor:
             model(x)
         except _Captured as captured:
             out = captured.value
+        except RuntimeError as err:
+            raise forward_failed(err, x) from err
         else:
             raise ValueError(
                 f"submodule {output!r} did not run during the forward pass"
@@ -260,7 +298,10 @@ def _select(model: nn.Module, x: Tensor, output: Output) -> Tensor:
                 "pass output= a function of the model's output"
             )
     else:
-        out = model(x)
+        try:
+            out = model(x)
+        except RuntimeError as err:
+            raise forward_failed(err, x) from err
         if output is not None:
             check_output(output)
             out = output(out)
