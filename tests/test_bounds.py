@@ -187,3 +187,10 @@ def test_transfer_bound_names_a_wrong_input_shape():
         RuntimeError, match=r"forward pass failed on inputs of shape \(8, 5\)"
     ):
         transfer_bound(net, torch.randn(8, 5))
+
+
+def test_transfer_bound_names_a_dtype_mismatch():
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x = torch.randn(8, 3, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"x has dtype torch.float64 but the model"):
+        transfer_bound(net, x)

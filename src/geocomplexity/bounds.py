@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from geocomplexity.jacobian import check_input, forward_failed
+from geocomplexity.jacobian import _check_model_matches, check_input, forward_failed
 from geocomplexity.state import preserved
 
 __all__ = ["TransferBound", "norm_bounds", "transfer_bound"]
@@ -151,6 +151,7 @@ def transfer_bound(model: nn.Module, x: Tensor) -> TransferBound:
             "weights); the transfer theorem needs every layer to have its own"
         )
     check_input(x)
+    _check_model_matches(model, x)
     x = x.detach().reshape(x.shape[0], -1)
     B = x.shape[0]
     h_in: list[Tensor] = []
