@@ -561,3 +561,13 @@ def test_fit_refuses_non_finite_inputs_and_a_train_that_is_not_a_pair():
     for train in (x, loader, (x, y, y)):
         with pytest.raises(TypeError, match=r"train must be a pair \(x, y\)"):
             fit(mlp(), train, epochs=1, progress=False, device="cpu")
+
+
+@pytest.mark.parametrize("name", ["epochs", "batch_size", "seed", "steps"])
+def test_fit_names_an_integer_option_given_as_a_float(name):
+    train, _ = problem()
+    kwargs = {"steps": 2} if name == "steps" else {"epochs": 1}
+    kwargs[name] = 3.0
+    with pytest.raises(ValueError, match=rf"{name} must be an integer.*3\.0"):
+        fit(mlp(), train, progress=False, device="cpu", **kwargs)
+

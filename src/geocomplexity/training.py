@@ -192,6 +192,28 @@ def _evaluate(
     return loss / len(x), correct / len(x) if indices else math.nan
 
 
+def _integer(name: str, value: Any, optional: bool = True) -> Any:
+    """``value`` as a Python ``int`` (``None`` where ``optional``), or a clear error.
+
+    A sweep's numpy scalars (np.int64 epochs) come back as Python ints:
+    History's JSON and a weights_only checkpoint take no numpy type.
+
+    Raises:
+        ValueError: a float (``3.0``), a bool or any other non-integer, named.
+    """
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        hint = ""
+        if isinstance(value, float) and value.is_integer():
+            hint = f"; pass {name}={int(value)}"
+        raise ValueError(
+            f"{name} must be an integer{' or None' if optional else ''}, got "
+            f"{value!r} ({type(value).__name__}){hint}"
+        )
+    return int(value)
+
+
 def fit(
     model: nn.Module,
     train: tuple[Tensor, Tensor],
@@ -288,13 +310,14 @@ def fit(
 
     # a sweep's numpy scalars (np.int64 epochs) as Python numbers: History's
     # JSON and a weights_only checkpoint take no numpy type
-    epochs, steps, batch_size, track_gc_every = (
-        None if v is None else operator.index(v)
-        for v in (epochs, steps, batch_size, track_gc_every)
-    )
-    seed, eval_every, checkpoint_every = (
-        operator.index(v) for v in (seed, eval_every, checkpoint_every)
-    )
+    # (a float such as 3.0 is refused by name)
+    epochs = _integer("epochs", epochs)
+    steps = _integer("steps", steps)
+    batch_size = _integer("batch_size", batch_size)
+    track_gc_every = _integer("track_gc_every", track_gc_every)
+    seed = _integer("seed", seed, optional=False)
+    eval_every = _integer("eval_every", eval_every, optional=False)
+    checkpoint_every = _integer("checkpoint_every", checkpoint_every, optional=False)
     if isinstance(gc_subset, numbers.Integral):
         gc_subset = operator.index(gc_subset)
     lr, input_noise_std, label_noise = (
