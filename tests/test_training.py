@@ -571,3 +571,12 @@ def test_fit_names_an_integer_option_given_as_a_float(name):
     with pytest.raises(ValueError, match=rf"{name} must be an integer.*3\.0"):
         fit(mlp(), train, progress=False, device="cpu", **kwargs)
 
+
+def test_fit_refuses_a_regularizer_that_is_not_a_term():
+    train, _ = problem()
+
+    def penalty(model, x):
+        return sum(p.pow(2).sum() for p in model.parameters())
+
+    with pytest.raises(TypeError, match=r"regularizer must be a geocomplexity"):
+        fit(mlp(), train, epochs=1, regularizer=penalty, progress=False, device="cpu")

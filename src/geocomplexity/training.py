@@ -362,6 +362,12 @@ def fit(
         )
     if (epochs is None) == (steps is None):
         raise ValueError("give exactly one of epochs= or steps=")
+    if regularizer is not None and not isinstance(regularizer, Regularizer):
+        raise TypeError(
+            "regularizer must be a geocomplexity.regularizers.Regularizer (a "
+            "term such as GeometricComplexity(0.01), or a sum of terms), got "
+            f"{type(regularizer).__name__} {regularizer!r}"
+        )
     if (epochs is not None and epochs < 1) or (steps is not None and steps < 1):
         raise ValueError("epochs/steps must be positive")
     if not 0 <= label_noise <= 1:
