@@ -596,3 +596,16 @@ def test_a_wrong_feature_count_names_the_input_shape(how):
     assert "forward pass failed on inputs of shape (8, 5)" in message
     assert "check the input's shape" in message.lower()
     assert "mat1 and mat2" in message  # torch's own message is kept
+
+
+def test_a_bool_batch_size_and_a_non_bool_create_graph_are_refused():
+    model = nn.Linear(3, 2)
+    x = torch.randn(8, 3)
+    with pytest.raises(
+        ValueError, match=r"batch_size must be a positive integer, got True"
+    ):
+        gcx.measure(model, x, batch_size=True)
+    with pytest.raises(
+        TypeError, match=r"create_graph must be True or False, got 'no'"
+    ):
+        gcx.geometric_complexity(model, x, create_graph="no")

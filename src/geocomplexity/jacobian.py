@@ -1054,6 +1054,8 @@ def check_options(
             f"{type(generator).__name__}; for a seed, pass "
             f"torch.Generator().manual_seed({generator!r})"
         )
+    if not isinstance(create_graph, bool):
+        raise TypeError(f"create_graph must be True or False, got {create_graph!r}")
     if method == "finite_difference" and create_graph:
         raise ValueError(
             "method='finite_difference' measures GC but gives wrong parameter "

@@ -474,7 +474,11 @@ def check_measure_options(
             f"unknown method {method!r}; choose 'auto' or one of "
             f"{', '.join(map(repr, METHODS))}"
         )
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if (
+        not isinstance(batch_size, int)
+        or isinstance(batch_size, bool)
+        or batch_size < 1
+    ):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if max_samples is not None and (
         not isinstance(max_samples, int) or max_samples < 1
