@@ -1657,3 +1657,10 @@ def test_gc_penalty_names_outputs_of_another_batch():
     other = model(torch.randn(5, 4, requires_grad=True))
     with pytest.raises(ValueError, match="outputs= has shape"):
         GeometricComplexity(1.0)(model, x, outputs=other)
+
+
+def test_a_loader_where_a_batch_belongs_is_refused():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    loader = torch.utils.data.DataLoader(torch.randn(8, 3), batch_size=4)
+    with pytest.raises(TypeError, match=r"inputs as a tensor batch.*DataLoader"):
+        GeometricComplexity(0.1)(model, loader)

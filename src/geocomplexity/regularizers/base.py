@@ -142,6 +142,28 @@ def explained(err: RuntimeError) -> RuntimeError:
     return err
 
 
+def check_batch(inputs: Any, term: str, *, tensor: bool = True) -> None:
+    """Refuse what is no batch: a loader where a tensor belongs.
+
+    Args:
+        inputs: the batch handed to the term.
+        term: the term's name, for the message.
+        tensor: whether ``inputs`` must be a tensor (a term that only hands
+            them to the model may take a dict of tensors).
+
+    Raises:
+        TypeError: ``inputs`` is no tensor where one is needed.
+    """
+    if not isinstance(inputs, Tensor):
+        if tensor:
+            raise TypeError(
+                f"{term} takes inputs as a tensor batch (B, *in_shape), got "
+                f"{type(inputs).__name__}; for a DataLoader, call the term on "
+                "each batch: for x, y in loader: term(model, x, y)"
+            )
+        return
+
+
 def check_strength(strength: float) -> float:
     """Validate a penalty strength.
 

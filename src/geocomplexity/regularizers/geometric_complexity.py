@@ -32,7 +32,12 @@ from geocomplexity.jacobian import (
     reverse_sq_norms,
 )
 from geocomplexity.probes import check_distribution, resolve_generator
-from geocomplexity.regularizers.base import LossFn, Regularizer, check_strength
+from geocomplexity.regularizers.base import (
+    LossFn,
+    Regularizer,
+    check_batch,
+    check_strength,
+)
 from geocomplexity.state import (
     batch_norm_couples,
     compiled,
@@ -174,6 +179,7 @@ class GeometricComplexity(Regularizer):
         Returns:
             A scalar tensor, differentiable in the parameters.
         """
+        check_batch(inputs, "GeometricComplexity")
         if self.wrt is None and not torch.is_floating_point(inputs):
             raise TypeError(
                 f"inputs have dtype {inputs.dtype}, but the GC penalty "
