@@ -1664,3 +1664,17 @@ def test_a_loader_where_a_batch_belongs_is_refused():
     loader = torch.utils.data.DataLoader(torch.randn(8, 3), batch_size=4)
     with pytest.raises(TypeError, match=r"inputs as a tensor batch.*DataLoader"):
         GeometricComplexity(0.1)(model, loader)
+
+
+@pytest.mark.parametrize("method", ["double_backprop", "finite_difference"])
+def test_an_empty_batch_is_refused(method):
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(0, 3), torch.zeros(0, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"empty batch \(inputs of shape \(0, 3\)\)"):
+        GeometricComplexity(0.1)(model, x)
+    term = GradientNorm(0.1, method=method)
+    with pytest.raises(ValueError, match=r"empty batch"):
+        term(model, x, y)
+    loss = model(x).sum()
+    with pytest.raises(ValueError, match=r"empty batch"):
+        term.backward(loss, model, x, y)

@@ -143,7 +143,9 @@ def explained(err: RuntimeError) -> RuntimeError:
 
 
 def check_batch(inputs: Any, term: str, *, tensor: bool = True) -> None:
-    """Refuse what is no batch: a loader where a tensor belongs.
+    """Refuse what is no batch: a loader where a tensor belongs, an empty batch.
+
+    From the shape alone (no device sync).
 
     Args:
         inputs: the batch handed to the term.
@@ -153,6 +155,7 @@ def check_batch(inputs: Any, term: str, *, tensor: bool = True) -> None:
 
     Raises:
         TypeError: ``inputs`` is no tensor where one is needed.
+        ValueError: an empty batch (no sample).
     """
     if not isinstance(inputs, Tensor):
         if tensor:
@@ -162,6 +165,12 @@ def check_batch(inputs: Any, term: str, *, tensor: bool = True) -> None:
                 "each batch: for x, y in loader: term(model, x, y)"
             )
         return
+    if inputs.dim() > 0 and inputs.shape[0] == 0:
+        raise ValueError(
+            f"{term} got an empty batch (inputs of shape {tuple(inputs.shape)}): "
+            "the penalty is a mean over the batch and has no value on no "
+            "sample; skip empty batches"
+        )
 
 
 def check_strength(strength: float) -> float:

@@ -41,6 +41,7 @@ from geocomplexity.jacobian import _autocast_dtype
 from geocomplexity.regularizers.base import (
     LossFn,
     Regularizer,
+    check_batch,
     check_strength,
     hooked,
     refuse_reentrant_checkpoint,
@@ -185,6 +186,7 @@ class GradientNorm(Regularizer):
         Raises:
             ValueError: no targets, or no trainable parameters.
         """
+        check_batch(inputs, "GradientNorm", tensor=False)
         loss_fn, params, loss = self._task(model, inputs, targets, outputs, loss_fn)
         group = _ddp_group(model)
         if self.method == "double_backprop":
@@ -219,6 +221,7 @@ class GradientNorm(Regularizer):
         loss_fn: LossFn | None = None,
         params: list[Tensor] | None = None,
     ) -> Tensor:
+        check_batch(inputs, "GradientNorm", tensor=False)
         own = trainable(model)
         # a list: the parameters are walked twice (an iterator would be spent)
         params = own if params is None else list(params)
