@@ -1678,3 +1678,17 @@ def test_an_empty_batch_is_refused(method):
     loss = model(x).sum()
     with pytest.raises(ValueError, match=r"empty batch"):
         term.backward(loss, model, x, y)
+
+
+def test_state_of_another_combination_of_terms_is_refused():
+    two = GeometricComplexity(0.1) + L2(0.1)
+    three = two + L2(0.2)
+    with pytest.raises(ValueError, match=r"holds terms \['0', '1', '2'\].*another"):
+        two.load_state_dict(three.state_dict())
+    with pytest.raises(ValueError, match=r"missing \['0', '1'\].*another combination"):
+        two.load_state_dict(GeometricComplexity(0.1).state_dict())
+    with pytest.raises(ValueError, match=r"term 1 \(L2.*another combination"):
+        two.load_state_dict((GeometricComplexity(0.1) + SpectralNorm(0.1)).state_dict())
+    with pytest.raises(ValueError, match=r"no 'vectors' or 'shapes'.*another term"):
+        SpectralNorm(0.1).load_state_dict({})
+    two.load_state_dict(two.state_dict())  # its own state still loads

@@ -280,8 +280,18 @@ class Regularizer(abc.ABC):
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        del state
+        """Restore what :meth:`state_dict` returned.
+
+        Raises:
+            ValueError: state where this term keeps none (another term's).
+        """
+        if state:
+            raise ValueError(
+                f"{self!r} keeps no state, but was given state with keys "
+                f"{sorted(state)}: the state comes from another term (or "
+                "another combination of terms); load it into the one it was "
+                "saved from"
+            )
 
     def __add__(self, other: Regularizer) -> Regularizer:
         if not isinstance(other, Regularizer):
@@ -323,8 +333,24 @@ class Sum(Regularizer):
         return {str(i): t.state_dict() for i, t in enumerate(self.terms)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        expected = [str(i) for i in range(len(self.terms))]
+        if sorted(state) != sorted(expected):
+            missing = [k for k in expected if k not in state]
+            raise ValueError(
+                f"the state holds terms {sorted(state)}, but {self!r} has "
+                f"{len(self.terms)} ({expected}; missing {missing}): the state "
+                "comes from another combination of terms; load it into the "
+                "sum it was saved from"
+            )
         for i, t in enumerate(self.terms):
-            t.load_state_dict(state[str(i)])
+            try:
+                t.load_state_dict(state[str(i)])
+            except (KeyError, ValueError) as err:
+                raise ValueError(
+                    f"term {i} ({t!r}) of {self!r} cannot load its part of the "
+                    f"state: {err}; the state comes from another combination "
+                    "of terms"
+                ) from err
 
     def __repr__(self) -> str:
         return " + ".join(map(repr, self.terms))

@@ -475,7 +475,20 @@ class SpectralNorm(Regularizer):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output."""
+        """Restore :meth:`state_dict`'s output.
+
+        Raises:
+            ValueError: the state lacks ``"vectors"`` or ``"shapes"``
+                (another term's).
+        """
+        missing = [k for k in ("vectors", "shapes") if k not in state]
+        if missing:
+            raise ValueError(
+                f"the state has no {' or '.join(map(repr, missing))} (keys "
+                f"{sorted(state)}): it is not a SpectralNorm term's state but "
+                "another term's (or another combination of terms'); load the "
+                "state this term's state_dict() returned"
+            )
         self._vectors = {
             n: (u.clone(), v.clone()) for n, (u, v) in state["vectors"].items()
         }
