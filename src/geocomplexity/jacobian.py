@@ -116,7 +116,7 @@ def forward_failed(err: RuntimeError, x: Tensor) -> RuntimeError:
         return err
     return ForwardFailed(
         f"the model's forward pass failed on inputs of shape {tuple(x.shape)}: "
-        f"{err}\nCheck the input's shape: it must be (B, *in_shape), a batch "
+        f"{err}. Check the input's shape: it must be (B, *in_shape), a batch "
         "first, then the shape the model's first layer takes (e.g. (B, "
         "in_features) for a Linear)"
     )
