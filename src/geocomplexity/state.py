@@ -23,7 +23,10 @@ __all__ = [
     "eager",
     "kept_buffers",
     "preserved",
+    "put_back",
     "rewound",
+    "snapshot",
+    "written_buffers",
 ]
 
 
@@ -80,11 +83,7 @@ def preserved(model: nn.Module, *, mode: str) -> Iterator[list[nn.Module]]:
         # draws no random number: skip the RNG snapshot and BatchNorm's
         # buffers, which cost as much as a small forward pass; a buffer of
         # another module may be written in any mode (a call counter)
-        saved = _snapshot(
-            m
-            for m in modules
-            if m._buffers and not isinstance(m, nn.modules.batchnorm._BatchNorm)
-        )
+        saved = written_buffers(modules)
         try:
             for module, flag in flags:
                 if flag:
@@ -94,12 +93,12 @@ def preserved(model: nn.Module, *, mode: str) -> Iterator[list[nn.Module]]:
             for module, flag in flags:
                 if module.training != flag:
                     _set_training(module, flag)
-            _put_back(saved)
+            put_back(saved)
         return
     # BatchNorm writes nothing (see kept_buffers); any other buffer a custom
     # module changes is copied back, and only if it changed, so that buffers
     # saved in a graph the caller still differentiates keep their versions
-    saved = _snapshot(modules)
+    saved = snapshot(modules)
     tensors = [*model.parameters(), *model.buffers()]
     cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
     try:
@@ -111,13 +110,13 @@ def preserved(model: nn.Module, *, mode: str) -> Iterator[list[nn.Module]]:
     finally:
         for module, flag in flags:
             module.training = flag
-        _put_back(saved)
+        put_back(saved)
 
 
 _Snapshot = list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]]
 
 
-def _snapshot(modules: Iterable[nn.Module]) -> _Snapshot:
+def snapshot(modules: Iterable[nn.Module]) -> _Snapshot:
     """``(module, name, buffer, copy)`` for every buffer the modules own."""
     return [
         (m, name, b, b.detach().clone())
@@ -127,7 +126,22 @@ def _snapshot(modules: Iterable[nn.Module]) -> _Snapshot:
     ]
 
 
-def _put_back(saved: _Snapshot) -> None:
+def written_buffers(modules: Iterable[nn.Module]) -> _Snapshot:
+    """A snapshot of the buffers a forward pass may write outside BatchNorm.
+
+    A call counter, an EMA, spectral normalisation's power iteration may write
+    theirs in any mode; BatchNorm writes nothing in eval mode or under
+    :func:`kept_buffers`, and its buffers are left out (copying them costs as
+    much as a small forward pass). :func:`put_back` restores them.
+    """
+    return snapshot(
+        m
+        for m in modules
+        if m._buffers and not isinstance(m, nn.modules.batchnorm._BatchNorm)
+    )
+
+
+def put_back(saved: _Snapshot) -> None:
     """Put each buffer back as it was: the same tensor, holding the same values.
 
     A buffer replaced by a new tensor (``self.calls = self.calls + 1``) gets
@@ -163,15 +177,11 @@ def rewound(model: nn.Module, modules: Iterable[nn.Module]) -> Iterator[None]:
     Yields:
         Nothing.
     """
-    saved = _snapshot(
-        m
-        for m in modules
-        if m._buffers and not isinstance(m, nn.modules.batchnorm._BatchNorm)
-    )
+    saved = written_buffers(modules)
     if not saved or isinstance(model, torch.jit.ScriptModule):  # no hooks there
         yield
         return
-    handle = model.register_forward_pre_hook(lambda *_: _put_back(saved), prepend=True)
+    handle = model.register_forward_pre_hook(lambda *_: put_back(saved), prepend=True)
     try:
         yield
     finally:

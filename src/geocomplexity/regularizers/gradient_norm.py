@@ -48,12 +48,12 @@ from geocomplexity.regularizers.base import (
     trainable,
 )
 from geocomplexity.state import (
-    _put_back,
-    _snapshot,
     compiled,
     differentiable_attention,
     eager,
     kept_buffers,
+    put_back,
+    written_buffers,
 )
 
 __all__ = ["GradientNorm"]
@@ -358,11 +358,7 @@ class GradientNorm(Regularizer):
         versions = [b._version for b in model.buffers()]
         # and on refusal put back as found: the call raises, so its own pass
         # must leave no trace (BatchNorm writes nothing, see kept_buffers)
-        saved = _snapshot(
-            m
-            for m in model.modules()
-            if m._buffers and not isinstance(m, nn.modules.batchnorm._BatchNorm)
-        )
+        saved = written_buffers(model.modules())
         # the backward pass inside the block too: activation checkpointing
         # recomputes a block's forward pass there, with the parameters the
         # module holds then
@@ -376,7 +372,7 @@ class GradientNorm(Regularizer):
         try:
             _refuse_written_buffers(model, versions)
         except ValueError:
-            _put_back(saved)
+            put_back(saved)
             raise
         return sq, r, shifted
 

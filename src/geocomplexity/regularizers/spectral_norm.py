@@ -42,7 +42,7 @@ from geocomplexity.regularizers.base import (
     hooked,
     trainable,
 )
-from geocomplexity.state import _put_back, _snapshot, preserved
+from geocomplexity.state import preserved, put_back, snapshot
 
 __all__ = ["SpectralNorm", "spectral_norms"]
 
@@ -133,7 +133,7 @@ class SpectralNorm(Regularizer):
                     else:
                         out[name] = self._dense(name, m)
         finally:
-            _put_back(kept)
+            put_back(kept)
         return out
 
     def backward(  # noqa: D102 - see Regularizer.backward
@@ -162,7 +162,7 @@ class SpectralNorm(Regularizer):
             with _read_once(layers, kept):
                 return self._backward(loss, params, layers)
         finally:
-            _put_back(kept)
+            put_back(kept)
 
     def _backward(
         self,
@@ -236,7 +236,7 @@ class SpectralNorm(Regularizer):
             if isinstance(m, _PENALISED):
                 layers.append((n, m, operator and not isinstance(m, nn.Linear)))
                 if parametrize.is_parametrized(m, "weight"):
-                    kept.extend(_snapshot(m.parametrizations.weight.modules()))
+                    kept.extend(snapshot(m.parametrizations.weight.modules()))
             elif isinstance(m, nn.modules.conv._ConvTransposeNd):
                 skipped.append(n)
             elif isinstance(m, nn.MultiheadAttention):
@@ -545,16 +545,16 @@ def _read_once(layers: list[tuple[str, nn.Module, bool]], kept: list[Any]) -> An
                 # as the pass in m's mode: in train mode a power step (whose
                 # u, v the weight's graph holds cloned: the next pass writes
                 # the buffers in place), on buffers put back after
-                saved = _snapshot([m])
+                saved = snapshot([m])
                 fresh = h.compute_weight(m, do_power_iteration=m.training)
-                _put_back(saved)
+                put_back(saved)
             else:
                 fresh = h.compute_weight(m)
             setattr(m, h.name, fresh)
         if not kept:
             yield
             return
-        _put_back(kept)
+        put_back(kept)
         with parametrize.cached():
             for _, m, _ in layers:
                 if parametrize.is_parametrized(m, "weight"):
