@@ -144,6 +144,19 @@ def test_measuring_a_loader_leaves_the_global_rng_alone():
     assert not torch.equal(torch.get_rng_state(), state)
 
 
+def test_measuring_a_loader_leaves_its_own_generator_alone():
+    # a loader seeded with a generator of its own draws its shuffle and base
+    # seed from that generator: measuring it moved it on, and the training
+    # loop's next epoch saw another order
+    model, _ = make_case("mlp")
+    x = torch.randn(20, 7, dtype=torch.float64)
+    g = torch.Generator().manual_seed(5)
+    loader = DataLoader(TensorDataset(x), batch_size=8, shuffle=True, generator=g)
+    state = g.get_state()
+    gcx.measure(model, loader, progress=False)
+    assert torch.equal(g.get_state(), state)
+
+
 def test_max_samples_truncates():
     model, _ = make_case("mlp")
     x = torch.randn(40, 7, dtype=torch.float64)

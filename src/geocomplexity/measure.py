@@ -10,15 +10,12 @@ output dimension; for a classifier ``g`` is the logit network.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
-import random
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -35,7 +32,12 @@ from geocomplexity.jacobian import (
     jacobian_sq_norms,
     unwrapped,
 )
-from geocomplexity.state import batch_norm_couples, preserved
+from geocomplexity.state import (
+    batch_norm_couples,
+    loader_generators,
+    preserved,
+    rngs_kept,
+)
 
 __all__ = ["GCResult", "RunningMean", "geometric_complexity", "measure"]
 
@@ -235,31 +237,21 @@ def _batches(
     )
 
 
-@contextlib.contextmanager
-def _global_rngs_kept() -> Iterator[None]:
-    """Put torch's (CPU), numpy's and Python's global RNG states back after."""
-    np_state, py_state = np.random.get_state(), random.getstate()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            yield
-    finally:
-        np.random.set_state(np_state)
-        random.setstate(py_state)
-
-
 def _rng_kept(data: Iterable[Any]) -> Iterator[Any]:
-    """The batches of the caller's iterable, its global RNG draws undone.
+    """The batches of the caller's iterable, its RNG draws undone.
 
-    Starting a ``DataLoader``'s iterator draws a base seed from the global RNG,
-    and a shuffling sampler its permutation (a dataset may draw its own
-    augmentation): measuring between the epochs of a training loop would
-    change every later epoch's order. Only the iteration is rewound, so probes
-    drawn from ``generator=torch.default_generator`` still move it.
+    Starting a ``DataLoader``'s iterator draws a base seed from the global RNG
+    (or the loader's own generator), and a shuffling sampler its permutation
+    (a dataset may draw its own augmentation): measuring between the epochs
+    of a training loop would change every later epoch's order. Only the
+    iteration is rewound, so probes drawn from
+    ``generator=torch.default_generator`` still move it.
     """
-    with _global_rngs_kept():
+    generators = loader_generators(data)
+    with rngs_kept(generators):
         it = iter(data)
     while True:
-        with _global_rngs_kept():
+        with rngs_kept(generators):
             try:
                 batch = next(it)
             except StopIteration:

@@ -10,9 +10,11 @@ the global generator. :func:`preserved` undoes all of that.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+import random
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,9 +24,11 @@ __all__ = [
     "differentiable_attention",
     "eager",
     "kept_buffers",
+    "loader_generators",
     "preserved",
     "put_back",
     "rewound",
+    "rngs_kept",
     "snapshot",
     "written_buffers",
 ]
@@ -324,3 +328,42 @@ def eager() -> contextlib.AbstractContextManager[Any]:
     """
     stance = getattr(torch.compiler, "set_stance", None)
     return contextlib.nullcontext() if stance is None else stance("force_eager")
+
+
+def loader_generators(loader: Any) -> list[torch.Generator]:
+    """The generators a ``DataLoader`` and its samplers draw from (maybe none)."""
+    found: list[torch.Generator] = []
+    for owner in (
+        loader,
+        getattr(loader, "sampler", None),
+        getattr(loader, "batch_sampler", None),
+        getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+    ):
+        g = getattr(owner, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not f for f in found):
+            found.append(g)
+    return found
+
+
+@contextlib.contextmanager
+def rngs_kept(generators: Sequence[torch.Generator] = ()) -> Iterator[None]:
+    """A block after which the RNGs are as before it.
+
+    Torch's global CPU generator, numpy's and Python's (a dataset's
+    augmentation may draw from any of them), and ``generators`` (a loader's
+    own, :func:`loader_generators`): iterating the caller's loader to measure
+    it, or to take a subset, must not change what training draws next.
+
+    Yields:
+        Nothing.
+    """
+    states = [g.get_state() for g in generators]
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        for g, state in zip(generators, states, strict=True):
+            g.set_state(state)
+        np.random.set_state(np_state)
+        random.setstate(py_state)

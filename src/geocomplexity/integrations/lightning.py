@@ -26,10 +26,8 @@ Needs ``pip install 'geocomplexity[lightning]'``.
 from __future__ import annotations
 
 import inspect
-import random
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -49,7 +47,7 @@ from geocomplexity.measure import (
     check_measure_options,
     measure,
 )
-from geocomplexity.state import eager
+from geocomplexity.state import eager, loader_generators, rngs_kept
 
 __all__ = ["GeometricComplexityCallback"]
 
@@ -84,9 +82,6 @@ def _take(loaders: Any, num_samples: int, input_key: InputKey = None) -> Tensor 
     # or from its own generators, and its augmentations may draw from numpy's
     # or Python's: put them all back, or adding the callback would change the
     # training run
-    generators = _generators(loaders)
-    states = [g.get_state() for g in generators]
-    np_state, py_state = np.random.get_state(), random.getstate()
     # a loader with persistent workers hands out one iterator, which the
     # trainer has started already: iterating the loader would reset it, and
     # the epoch would lose batches. Take from an iterator of our own instead.
@@ -94,7 +89,7 @@ def _take(loaders: Any, num_samples: int, input_key: InputKey = None) -> Tensor 
         loaders, "_get_iterator"
     )
     batches = None
-    with torch.random.fork_rng(devices=[]):
+    with rngs_kept(loader_generators(loaders)):
         try:
             batches = loaders._get_iterator() if persistent else iter(loaders)
             for batch in batches:
@@ -104,10 +99,6 @@ def _take(loaders: Any, num_samples: int, input_key: InputKey = None) -> Tensor 
                 if count >= num_samples:
                     break
         finally:
-            for g, state in zip(generators, states, strict=True):
-                g.set_state(state)
-            np.random.set_state(np_state)
-            random.setstate(py_state)
             if persistent:  # its workers, now, not when it is collected
                 getattr(batches, "_shutdown_workers", lambda: None)()
     return torch.cat(taken) if taken else None
@@ -138,21 +129,6 @@ def _shared(x: Tensor | None, num_samples: int) -> Tensor | None:
         return found[0]
     rows = [t[i] for i in range(max(map(len, found))) for t in found if i < len(t)]
     return torch.stack(rows[:num_samples])
-
-
-def _generators(loader: Any) -> list[torch.Generator]:
-    """The generators a DataLoader and its samplers draw from."""
-    found: list[torch.Generator] = []
-    for owner in (
-        loader,
-        getattr(loader, "sampler", None),
-        getattr(loader, "batch_sampler", None),
-        getattr(getattr(loader, "batch_sampler", None), "sampler", None),
-    ):
-        g = getattr(owner, "generator", None)
-        if isinstance(g, torch.Generator) and all(g is not f for f in found):
-            found.append(g)
-    return found
 
 
 class GeometricComplexityCallback(Callback):
