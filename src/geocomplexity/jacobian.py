@@ -924,6 +924,17 @@ def _per_sample(t: Tensor, like: Tensor) -> Tensor:
     return t.reshape(-1, *[1] * (like.dim() - 1)).to(like.dtype)
 
 
+def _check_coupled(asked: Any) -> None:
+    """Refuse a ``coupled=`` that is not ``None``, ``True`` or ``False``.
+
+    Raises:
+        TypeError: anything else (``bool("no")`` is True, and ``0`` would pass
+            :func:`_coupled`'s BatchNorm check).
+    """
+    if asked is not None and not isinstance(asked, bool):
+        raise TypeError(f"coupled must be None, True or False, got {asked!r}")
+
+
 def _coupled(asked: bool | None, batch_norm: bool, train: bool = False) -> bool:
     """The ``coupled=`` option against what the model's layers say.
 
@@ -940,9 +951,7 @@ def _coupled(asked: bool | None, batch_norm: bool, train: bool = False) -> bool:
     """
     if asked is None:
         return batch_norm or train
-    if not isinstance(asked, bool):
-        # bool("no") is True, and 0 would pass the BatchNorm check below
-        raise TypeError(f"coupled must be None, True or False, got {asked!r}")
+    _check_coupled(asked)
     if asked is False and batch_norm:
         raise ValueError(
             "coupled=False, but a BatchNorm normalises by the batch (train mode, "
@@ -1063,8 +1072,7 @@ def check_options(
             "'jvp' for a differentiable penalty"
         )
     check_output(output)
-    if coupled is not None and not isinstance(coupled, bool):
-        raise TypeError(f"coupled must be None, True or False, got {coupled!r}")
+    _check_coupled(coupled)
     if wrt is not None and not isinstance(wrt, str):
         raise TypeError(f"wrt must be a submodule name, got {type(wrt).__name__}")
 

@@ -478,16 +478,10 @@ def check_measure_options(
         raise ValueError(f"max_samples must be a positive integer, got {max_samples!r}")
     if not rtol > 0:
         raise ValueError(f"rtol must be positive, got {rtol!r}")
-    if num_probes is not None and (
-        not isinstance(num_probes, int)
-        or isinstance(num_probes, bool)
-        or num_probes < 1
-    ):
-        raise ValueError(f"num_probes must be a positive integer, got {num_probes!r}")
     check_options(
         method="exact" if method == "auto" else method,
         mode=mode,
-        num_probes=num_probes or 1,
+        num_probes=1 if num_probes is None else num_probes,
         distribution=distribution,
         chunk_size=chunk_size,
         eps=eps,

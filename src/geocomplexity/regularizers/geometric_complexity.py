@@ -28,10 +28,10 @@ from geocomplexity.jacobian import (
     _select,
     _select_wrt,
     _vjp_count,
-    check_output,
+    check_options,
     reverse_sq_norms,
 )
-from geocomplexity.probes import check_distribution, resolve_generator
+from geocomplexity.probes import resolve_generator
 from geocomplexity.regularizers.base import (
     LossFn,
     Regularizer,
@@ -123,12 +123,15 @@ class GeometricComplexity(Regularizer):
             )
         if not 0 < subsample <= 1:
             raise ValueError(f"subsample must be in (0, 1], got {subsample!r}")
-        if not isinstance(num_probes, int) or num_probes < 1:
-            raise ValueError(f"num_probes must be a positive integer, got {num_probes}")
-        check_distribution(distribution)
-        if coupled is not None and not isinstance(coupled, bool):
-            raise TypeError(f"coupled must be None, True or False, got {coupled!r}")
-        check_output(output)
+        check_options(
+            method=method,
+            num_probes=num_probes,
+            distribution=distribution,
+            generator=generator,
+            wrt=wrt,
+            output=output,
+            coupled=coupled,
+        )
         self.wrt, self.coupled, self.output = wrt, coupled, output
         self.method, self.num_probes, self.subsample = method, num_probes, subsample
         self.distribution, self.generator = distribution, generator
