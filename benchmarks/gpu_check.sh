@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks in one prepared run, for a session that is lent a CUDA machine.
 #
-#   benchmarks/gpu_check.sh prepare      # here: copies mnist1d into .gpu/ (ignored)
+#   benchmarks/gpu_check.sh prepare      # here: copies mnist1d into .gpu/ (ignored;
+#                                        # from .venv/bin/python, or PY if set)
 #   benchmarks/gpu_check.sh run [OUT]    # there: carry .gpu; about 6-9 minutes
 #
 # The machine's own python3 (with a CUDA build of torch, numpy, scipy, pytest,
@@ -20,9 +21,17 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = prepare ]; then
-    site=$(.venv/bin/python -c 'import mnist1d, os; print(os.path.dirname(os.path.dirname(mnist1d.__file__)))')
+    # every failure here is fatal: a .gpu/ without mnist1d reported as prepared
+    # surfaced only on the GPU, after bench_measure had timed every model
+    py=${PY:-.venv/bin/python}
+    if ! site=$("$py" -c 'import mnist1d, os; print(os.path.dirname(os.path.dirname(mnist1d.__file__)))'); then
+        echo "$0 prepare: $py cannot import mnist1d; run it where the virtual" \
+            "environment is (.venv with the test extras), or set PY" >&2
+        exit 1
+    fi
     mkdir -p .gpu/site
-    cp -r "$site/mnist1d" .gpu/site/
+    rm -rf .gpu/site/mnist1d
+    cp -r "$site/mnist1d" .gpu/site/ || exit 1
     echo "prepared .gpu/site/mnist1d: name .gpu in the device run's carry"
     exit 0
 fi
@@ -51,6 +60,11 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log, summarise
 
 $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
          torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO CUDA")' \
+    | tee -a "$summary"
+# without mnist1d, bench_measure times every model and then dies at its MNIST-1D
+# stage without writing its JSON: say so at the top of the summary
+$PY -c 'import mnist1d' > /dev/null 2>&1 \
+    || echo "WARNING: mnist1d does not import: run '$0 prepare' and carry .gpu" \
     | tee -a "$summary"
 
 step tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py \
