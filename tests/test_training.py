@@ -253,6 +253,49 @@ def test_checkpoint_resume_gives_the_uninterrupted_numbers(tmp_path, kind, devic
     assert torch.equal(next(again_model.parameters()), next(whole_model.parameters()))
 
 
+@pytest.mark.parametrize("stamped", [True, False])
+def test_a_cuda_checkpoint_resumes_on_the_cpu(tmp_path, stamped):
+    """A checkpoint written on CUDA, read on a machine training on the CPU.
+
+    Its fallback penalty generator's state is a CUDA generator's (16 bytes:
+    seed and offset), which a CPU generator refuses ("Expected a
+    CPUGeneratorImplState of size 5056"): resuming a GPU sweep's run on the
+    CPU, even one that had finished, raised that RuntimeError. The run now
+    carries on with the device's random streams started afresh, and says so.
+    ``stamped``: the checkpoint names its device type; without (written before
+    it did), a CUDA RNG state in it tells.
+    """
+    train, test = problem()
+    ckpt = tmp_path / "run.pt"
+    common = dict(
+        batch_size=48, epochs=4, seed=5, progress=False, device="cpu", checkpoint=ckpt
+    )
+
+    def stop_at_epoch_2(history, model):
+        if history.final["epoch"] == 2:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        fit(mlp(), train, test, callbacks=[stop_at_epoch_2], **common)
+    # as fit saves it on CUDA: both device-side states are a CUDA generator's
+    state = torch.load(ckpt, weights_only=True)
+    cuda_state = torch.zeros(16, dtype=torch.uint8)
+    state["cuda_rng"], state["reg_generator"] = cuda_state, cuda_state.clone()
+    if stamped:
+        state["device_type"] = "cuda"
+    else:
+        state.pop("device_type", None)
+    torch.save(state, ckpt)
+    cpu_rng = torch.get_rng_state()
+    with pytest.warns(UserWarning, match="written on cuda, resumed on cpu"):
+        resumed = fit(mlp(), train, test, **common)
+    assert [r["epoch"] for r in resumed.records] == [0, 1, 2, 3, 4]
+    assert torch.equal(torch.get_rng_state(), cpu_rng)
+    # the checkpoint it finished is the CPU's: handed back without a warning
+    again = fit(mlp(), train, test, **common)
+    assert str(again.records) == str(resumed.records)  # str: NaN penalties
+
+
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     train, _ = problem()
     bad = tmp_path / "run.pt"

@@ -14,6 +14,7 @@ import math
 import numbers
 import operator
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -295,7 +296,9 @@ def fit(
             far, written atomically every ``checkpoint_every`` epochs and at the
             end, loaded with ``weights_only=True``. A run that is killed resumes
             where its last checkpoint left it and gives the numbers an
-            uninterrupted run gives.
+            uninterrupted run gives (on the same kind of device: resumed on
+            another, a CUDA checkpoint on the CPU say, it carries on with that
+            device's random streams started afresh, and warns).
         checkpoint_every: epochs between checkpoints.
         progress: progress bar over epochs; ``None`` on a terminal.
 
@@ -555,6 +558,7 @@ def fit(
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
             "labels": y,
+            "device_type": dev.type,
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
             "generator": gen.get_state(),
@@ -621,13 +625,30 @@ def fit(
             opt.load_state_dict(resumed["optimizer"])
             y = resumed["labels"].to(dev)
             torch.set_rng_state(resumed["rng"])
-            if resumed["cuda_rng"] is not None:
-                torch.cuda.set_rng_state(resumed["cuda_rng"], dev)
+            # the device's own streams (dropout's, the penalty's fallback
+            # generator) resume on that kind of device alone: a CUDA
+            # generator's state is not a CPU one's. Checkpoints written before
+            # "device_type" held a CUDA state exactly when they were on CUDA
+            written_on = resumed.get(
+                "device_type", "cpu" if resumed["cuda_rng"] is None else "cuda"
+            )
+            if written_on == dev.type:
+                if resumed["cuda_rng"] is not None:
+                    torch.cuda.set_rng_state(resumed["cuda_rng"], dev)
+                reg_gen.set_state(resumed["reg_generator"])
+            else:
+                warnings.warn(
+                    f"checkpoint {checkpoint} was written on {written_on}, "
+                    f"resumed on {dev.type}: the model, optimizer, labels and "
+                    "data order carry over, but the device's random streams "
+                    "(dropout, penalty probes) start afresh from the seed, so "
+                    "the numbers are not those of an uninterrupted run",
+                    stacklevel=2,
+                )
             pen_count = resumed["penalty_count"]
             if resumed["penalty_sum"] is not None:
                 pen_sum = resumed["penalty_sum"].to(dev)
             gen.set_state(resumed["generator"])
-            reg_gen.set_state(resumed["reg_generator"])
             if regularizer is not None:
                 regularizer.load_state_dict(resumed["regularizer"])
             done = History.from_json(resumed["history"])
