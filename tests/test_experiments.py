@@ -434,6 +434,14 @@ def test_console_script_help():
         [str(exe), "reproduce", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "--preset" in out and "--workers" in out
+    # python -m geocomplexity is the same command (it had no __main__)
+    out = subprocess.run(
+        [sys.executable, "-m", "geocomplexity", "list"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.startswith("arc-length")
 
 
 def test_resnet_double_descent_smoke_on_a_generated_cifar_folder(

@@ -1,6 +1,6 @@
 """The ``geocomplexity`` command: list, reproduce and report the paper's claims.
 
-Examples::
+Examples (``python -m geocomplexity`` runs it too)::
 
     geocomplexity list
     geocomplexity reproduce init-depth --preset smoke --out results
@@ -102,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
         "default: glibc's own settings",
     )
     report = sub.add_parser("report", help="write DIR/report.html and print claims")
-    report.add_argument("dir", type=Path)
+    report.add_argument("dir", type=Path, help="a folder `reproduce` wrote (its --out)")
     return parser
 
 
