@@ -1281,6 +1281,11 @@ def test_composition_and_scaling():
     assert torch.equal(fresh(model, x, y), s(model, x, y))
     # terms that need no batch compose without one
     assert torch.isclose((L2(1.0) + 2 * L2(2.0))(model), L2(5.0)(model), rtol=1e-12)
+    # sum() starts from 0: a list of terms adds up (it raised TypeError)
+    terms = [L2(1.0), 2 * L2(2.0)]
+    assert repr(sum(terms)) == repr(terms[0] + terms[1])
+    with pytest.raises(TypeError):
+        1 + L2(1.0)
     # fit keys checkpoints by repr: different terms, different strings
     a = 2 * (L2(0.1) + SpectralNorm(0.2))
     b = 2 * L2(0.1) + SpectralNorm(0.2)

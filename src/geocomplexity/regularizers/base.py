@@ -298,6 +298,12 @@ class Regularizer(abc.ABC):
             return NotImplemented
         return Sum((self, other))
 
+    def __radd__(self, other: Any) -> Regularizer:
+        # 0 + term: the start of sum(terms)
+        if isinstance(other, (int, float)) and other == 0:
+            return self
+        return NotImplemented
+
     def __mul__(self, factor: float) -> Regularizer:
         if not isinstance(factor, (int, float)):
             return NotImplemented
