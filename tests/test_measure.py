@@ -448,7 +448,11 @@ def _mlp() -> tuple[nn.Module, torch.Tensor]:
         (lambda x: x.long(), TypeError, r"integer|int64.*embedd"),
         (lambda x: x[:0], ValueError, r"empty"),
         (lambda x: x[0, 0], ValueError, r"scalar"),
-        (lambda x: x.numpy(), TypeError, r"torch.Tensor"),
+        (lambda x: x.numpy(), TypeError, r"torch.Tensor.*torch.as_tensor\(x"),
+        (lambda x: x.tolist(), TypeError, r"got list; convert.*torch.as_tensor"),
+        # a loader's (inputs, targets) batch handed over whole
+        (lambda x: (x, x[:, 0].long()), TypeError, r"tuple of 2 tensors.*first"),
+        (lambda x: TensorDataset(x), TypeError, r"geocomplexity.measure\(model"),
     ],
 )
 def test_bad_inputs(make, error, match):
@@ -506,6 +510,28 @@ def test_bad_models():
         gcx.jacobian_sq_norms(lambda z: z, x)
 
 
+def test_newcomer_mistakes_name_the_fix():
+    model, x = _mlp()
+    # the arguments swapped: measure raised AttributeError ('Tensor' object has
+    # no attribute 'parameters'), and a plain function the same
+    with pytest.raises(TypeError, match=r"got Tensor; the arguments are \(model"):
+        gcx.measure(x, model, progress=False)
+    with pytest.raises(TypeError, match=r"nn.Module, got function"):
+        gcx.measure(lambda z: model(z), x, progress=False)
+    with pytest.raises(TypeError, match=r"got Sequential; the arguments are"):
+        gcx.jacobian_sq_norms(x, model)
+    # one unbatched sample handed to the GC penalty, whose model takes one too:
+    # the output has no batch dimension, and the message says how to add it
+    from geocomplexity.regularizers import GeometricComplexity
+
+    with pytest.raises(ValueError, match=r"no batch dimension.*x\[None\]"):
+        GeometricComplexity(1.0)(nn.Linear(7, 3).double(), x[0])
+    with pytest.raises(ValueError, match=r"0.95 for 95%"):
+        gcx.measure(model, x, progress=False).confidence_interval(95)
+    with pytest.raises(ValueError, match=r"meta device.*materialise"):
+        gcx.jacobian_sq_norms(nn.Linear(7, 3, device="meta").double(), x)
+
+
 @pytest.mark.parametrize(
     ("data", "kwargs", "error", "match"),
     [
@@ -547,6 +573,22 @@ def test_bad_models():
             r"tensor of inputs already",
         ),
         (42, {}, TypeError, r"tensor, a Dataset or an iterable"),
+        # read row by row, each row as a batch ("a batch is a ndarray"; "the
+        # first element of the batch is a float"), or (x, y), fit's form, as
+        # two batches, the targets measured as inputs
+        (
+            torch.randn(5, 7, dtype=torch.float64).numpy(),
+            {},
+            TypeError,
+            r"numpy.ndarray.*torch.as_tensor\(data",
+        ),
+        ([[0.0] * 7] * 5, {}, TypeError, r"list of numbers.*torch.as_tensor"),
+        (
+            (torch.randn(5, 7, dtype=torch.float64), torch.zeros(5).long()),
+            {},
+            TypeError,
+            r"shapes \(5, 7\), \(5,\).*inputs alone.*TensorDataset",
+        ),
         (torch.tensor(1.0, dtype=torch.float64), {}, ValueError, r"scalar tensor"),
     ],
 )

@@ -130,6 +130,25 @@ class _Captured(Exception):
         self.value = value
 
 
+def _not_a_tensor_hint(x: Any) -> str:
+    """The fix for inputs that are no tensor, as a clause for an error message."""
+    if isinstance(x, nn.Module):
+        return "; the arguments are (model, x), the model first"
+    if isinstance(x, (tuple, list)) and x and all(isinstance(t, Tensor) for t in x):
+        return (
+            f" of {len(x)} tensors; pass the input tensor alone (an (inputs, "
+            "targets) batch's first element), or torch.stack a list of samples"
+        )
+    if isinstance(x, (tuple, list)) or hasattr(x, "__array__"):
+        return "; convert it with torch.as_tensor(x, dtype=torch.float32)"
+    if isinstance(x, (torch.utils.data.DataLoader, torch.utils.data.Dataset)):
+        return (
+            "; a batch goes here: for a whole data set, use "
+            "geocomplexity.measure(model, data)"
+        )
+    return ""
+
+
 def check_input(x: Any, *, differentiated: bool = True) -> Tensor:
     """Validate a batch of inputs.
 
@@ -147,7 +166,10 @@ def check_input(x: Any, *, differentiated: bool = True) -> Tensor:
         ValueError: no batch dimension, empty, or NaN/inf entries.
     """
     if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor of inputs, got {type(x).__name__}")
+        raise TypeError(
+            f"x must be a torch.Tensor of inputs, got {type(x).__name__}"
+            + _not_a_tensor_hint(x)
+        )
     if differentiated and not torch.is_floating_point(x):
         raise TypeError(
             f"x has dtype {x.dtype}, but geometric complexity differentiates with "
@@ -202,10 +224,16 @@ def _check_model_matches(model: nn.Module | list[nn.Module], x: Tensor) -> None:
                     f"{p.dtype}; convert one of them (e.g. x.to({p.dtype}) or "
                     f"model.to({x.dtype}))"
                 )
+            if p.is_meta:
+                raise ValueError(
+                    "the model is on the meta device, which holds shapes but no "
+                    "values; materialise it (model.to_empty(device=...), then "
+                    "load its weights)"
+                )
             if p.device != x.device:
                 raise ValueError(
                     f"x is on {x.device} but the model is on {p.device}; move one "
-                    "of them"
+                    f"of them (e.g. x.to({str(p.device)!r}))"
                 )
             return
 
@@ -330,7 +358,8 @@ def _flat_output(out: Any, B: int) -> Tensor:
     if out.dim() == 0 or out.shape[0] != B:
         raise ValueError(
             f"the output has shape {tuple(out.shape)}, with no batch dimension of "
-            f"size {B} first; the model must map (B, ...) inputs to (B, ...) outputs"
+            f"size {B} first; the model must map (B, ...) inputs to (B, ...) outputs "
+            "(if the input is one sample, add its batch dimension: x[None])"
         )
     if not torch.is_floating_point(out):
         raise TypeError(f"the output has non-floating dtype {out.dtype}")

@@ -178,7 +178,10 @@ class GCResult:
             ValueError: ``level`` is not strictly between 0 and 1.
         """
         if not 0 < level < 1:
-            raise ValueError(f"level must be strictly between 0 and 1, got {level!r}")
+            hint = f" ({level / 100:g} for {level:g}%)" if 1 < level < 100 else ""
+            raise ValueError(
+                f"level must be strictly between 0 and 1, got {level!r}{hint}"
+            )
         z = math.sqrt(2) * torch.erfinv(torch.tensor(level, dtype=torch.float64))
         half = z.item() * self.stderr
         return self.value - half, self.value + half
@@ -202,7 +205,8 @@ def _batches(
         An iterator of input tensors and the number of samples if known.
 
     Raises:
-        TypeError: ``data`` is none of the supported kinds.
+        TypeError: ``data`` is none of the supported kinds, or one a newcomer
+            mistakes for them (see :func:`_check_not_arrays`).
     """
     if isinstance(data, Tensor):
         if input_key is not None:
@@ -217,6 +221,7 @@ def _batches(
         # no batch at all for no samples: under a process group a rank's shard
         # (x[rank::world]) may be empty, and an empty batch would be an error
         return iter(data.split(batch_size) if len(data) else ()), len(data)
+    _check_not_arrays(data)
     if isinstance(data, torch.utils.data.IterableDataset) or (
         isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__")
     ):
@@ -235,6 +240,56 @@ def _batches(
         f"data must be a tensor, a Dataset or an iterable of batches (a "
         f"DataLoader), got {type(data).__name__}"
     )
+
+
+def _check_not_arrays(data: Any) -> None:
+    """Refuse data a newcomer hands over that would be misread as batches.
+
+    An array or nested list of numbers would be iterated row by row, each row
+    read as a batch; ``(x, y)``, the form :func:`geocomplexity.training.fit`
+    takes, would be read as two batches, the targets measured as inputs.
+
+    Raises:
+        TypeError: a numpy array (anything with ``__array__``), a list of
+            numbers, or a tuple of tensors of different ranks (inputs and
+            targets).
+    """
+    kind = type(data).__name__
+    if hasattr(data, "__array__") and not isinstance(data, torch.utils.data.Dataset):
+        raise TypeError(
+            f"data is a {type(data).__module__}.{kind}, not a tensor; convert it "
+            "to a tensor of inputs (N, *in_shape): torch.as_tensor(data, "
+            "dtype=torch.float32)"
+        )
+    if (
+        isinstance(data, (list, tuple))
+        and data
+        and (
+            isinstance(data[0], (int, float))
+            or (
+                isinstance(data[0], (list, tuple))
+                and data[0]
+                and isinstance(data[0][0], (int, float))
+            )
+        )
+    ):
+        raise TypeError(
+            f"data is a {kind} of numbers; convert it to a tensor of inputs "
+            "(N, *in_shape): torch.as_tensor(data, dtype=torch.float32)"
+        )
+    if (
+        isinstance(data, (list, tuple))
+        and len(data) > 1
+        and all(isinstance(t, Tensor) for t in data)
+        and len({t.dim() for t in data}) > 1
+    ):
+        shapes = ", ".join(str(tuple(t.shape)) for t in data)
+        raise TypeError(
+            f"data is a {kind} of tensors of shapes {shapes}, which measure "
+            "reads as a sequence of batches of inputs; for (inputs, targets), "
+            "pass the inputs alone (measure(model, x)) or a "
+            "TensorDataset(x, y)"
+        )
 
 
 def _rng_kept(data: Iterable[Any]) -> Iterator[Any]:
@@ -582,6 +637,10 @@ def measure(
 
     Raises:
         ValueError: empty data, unknown method, bad options or inputs.
+        TypeError: a model that is not an ``nn.Module``; data that is no
+            tensor, ``Dataset`` or iterable of batches (a numpy array, a list
+            of numbers, an ``(inputs, targets)`` tuple: each error names the
+            fix); integer inputs without ``wrt=``.
 
     Example:
         >>> import torch
@@ -609,9 +668,15 @@ def measure(
 
     from tqdm.auto import tqdm  # the core's only optional-feeling dependency
 
+    if not isinstance(model, nn.Module):
+        swapped = ""
+        if isinstance(data, nn.Module):
+            swapped = "; the arguments are (model, data)"
+        raise TypeError(
+            f"model must be a torch.nn.Module, got {type(model).__name__}{swapped}"
+        )
     # DDP's forward pass would broadcast buffers (a collective) on every batch
-    if isinstance(model, nn.Module):
-        model, output, wrt = unwrapped(model, output, wrt)
+    model, output, wrt = unwrapped(model, output, wrt)
 
     collective = _distributed.active(distributed)
     failure: BaseException | None = None
