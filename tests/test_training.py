@@ -604,6 +604,27 @@ def test_fit_refuses_non_finite_inputs_and_a_train_that_is_not_a_pair():
     for train in (x, loader, (x, y, y)):
         with pytest.raises(TypeError, match=r"train must be a pair \(x, y\)"):
             fit(mlp(), train, epochs=1, progress=False, device="cpu")
+    # the message names the fix for each ("got tuple of length 2" did not say
+    # that numpy arrays were the fault; a tensor alone was told to "stack it")
+    with pytest.raises(TypeError, match=r"\(ndarray, ndarray\); convert.*as_tensor"):
+        fit(mlp(), (x.numpy(), y.numpy()), epochs=1, progress=False, device="cpu")
+    with pytest.raises(TypeError, match=r"got Tensor; give the targets too"):
+        fit(mlp(), x, epochs=1, progress=False, device="cpu")
+
+
+def test_float_class_labels_with_the_default_loss_name_the_fix():
+    # cross-entropy's own RuntimeError: "expected target dtype to be Long or
+    # Byte, but got Float", after the setup, naming neither y.long() nor loss_fn
+    (x, y), (xt, yt) = problem()
+    kwargs = dict(epochs=1, progress=False, device="cpu")
+    with pytest.raises(TypeError, match=r"train targets.*y\.long\(\).*loss_fn="):
+        fit(mlp(), (x, y.float()), **kwargs)
+    with pytest.raises(TypeError, match=r"test targets are torch.float32"):
+        fit(mlp(), (x, y), (xt, yt.float()), **kwargs)
+    # a loss of one's own takes float targets as they are
+    import torch.nn.functional as F
+
+    fit(mlp(), (x, y.float()), loss_fn=lambda o, t: F.mse_loss(o[:, 0], t), **kwargs)
 
 
 @pytest.mark.parametrize("name", ["epochs", "batch_size", "seed", "steps"])

@@ -337,12 +337,23 @@ def fit(
             and all(isinstance(t, Tensor) for t in pair)
         ):
             got = type(pair).__name__
-            if isinstance(pair, (tuple, list)):
+            fix = (
+                "for a DataLoader or Dataset, stack it first (fit shuffles and "
+                "batches the tensors itself)"
+            )
+            if isinstance(pair, (tuple, list)) and len(pair) == 2:
+                # numpy arrays or lists: "got tuple of length 2" named no fault
+                got += f" of ({', '.join(type(t).__name__ for t in pair)})"
+                fix = (
+                    "convert them with torch.as_tensor (the inputs as float32, "
+                    "class labels as int64)"
+                )
+            elif isinstance(pair, (tuple, list)):
                 got += f" of length {len(pair)}"
+            elif isinstance(pair, Tensor):
+                fix = f"give the targets too: {name}=(x, y)"
             raise TypeError(
-                f"{name} must be a pair (x, y) of tensors, got {got}; "
-                f"for a DataLoader or Dataset, stack it first (fit shuffles and "
-                f"batches the tensors itself)"
+                f"{name} must be a pair (x, y) of tensors, got {got}; {fix}"
             )
         px = pair[0]
         if px.is_floating_point() or px.is_complex():
@@ -414,6 +425,18 @@ def fit(
                 f"input_noise_std adds Gaussian noise, which {x.dtype} inputs "
                 "cannot take"
             )
+    if loss_fn is None:
+        for name, pair in (("train", train), ("test", test)):
+            if pair is not None and pair[1].dim() == 1 and pair[1].is_floating_point():
+                # cross-entropy's own error names no fix ("expected target dtype
+                # to be Long or Byte, but got Float")
+                raise TypeError(
+                    f"{name} targets are {pair[1].dtype} of shape "
+                    f"{tuple(pair[1].shape)}, but the default loss, cross-entropy, "
+                    "takes class indices: convert them with y.long(), or pass "
+                    "loss_fn= (e.g. torch.nn.functional.mse_loss for regression, "
+                    "with targets shaped as the outputs)"
+                )
     dev = resolve_device(device)
     loss_fn = loss_fn or F.cross_entropy
     n = len(x)
