@@ -1152,7 +1152,7 @@ def jacobian_sq_norms(
         method: ``"exact"``, ``"projection"``, ``"jvp"`` or ``"finite_difference"``
             (see the module docstring).
         output: what is differentiated. ``None``: the model's output. A callable:
-            applied to the output (``torch.softmax``, ``lambda o: o["logits"]``).
+            applied to the output (``torch.nn.Softmax(-1)``, ``lambda o: o["logits"]``).
             A string: the output of that submodule (``"features"``), for the GC
             of an embedding; the forward pass stops there.
         mode: ``"eval"`` (default; BatchNorm uses running statistics, dropout is
