@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import pytest
 
 from geocomplexity.cli import main
 from geocomplexity.experiments import EXPERIMENTS, Claim, Run, run_sweep, spearman
+from geocomplexity.experiments.base import Experiment, result_rows
 
 
 def test_reproduce_all_smoke_and_report(tmp_path, capsys):
@@ -293,6 +295,53 @@ def test_kill_9_mid_sweep_then_resume(tmp_path):
     )
     assert len(calls) == 40 - finished
     assert [r["result"]["y"] for r in records] == [2 * i for i in range(40)]
+
+
+class _ListParam(Experiment):
+    """A toy experiment whose config holds a list, as transfer's ``hidden`` does."""
+
+    name = "list-param"
+    claim = "none"
+
+    def runs(self, preset, dataset, seeds):
+        return [Run.make(self.name, s, hidden=[32, 32]) for s in range(2)]
+
+    def execute(self, run, context):
+        return {"sizes": (run.seed, 2), "y": 0.1 * run.seed}
+
+    def analyze(self, records, dataset):
+        return [], result_rows(records)
+
+    def plot(self, records, directory, suffix):
+        return []
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_resumed_sweep_writes_the_files_an_uninterrupted_one_writes(
+    tmp_path, workers
+):
+    # the records a sweep computes and those a resumed sweep reads back were
+    # not the same: a list parameter stayed a tuple in memory and came back a
+    # list from JSON, so results.csv said "(32, 32)" after an uninterrupted
+    # run and "[32, 32]" after its rerun (transfer's hidden sizes)
+    from geocomplexity.experiments import reproduce_one
+
+    exp = _ListParam()
+    runs = exp.runs("smoke", "mnist1d", None)
+    fresh = run_sweep(
+        runs, functools.partial(exp.execute, context=None), tmp_path / "a",
+        workers=workers, progress=False,
+    )  # fmt: skip
+    read = run_sweep(
+        runs, lambda r: pytest.fail("a finished run was recomputed"), tmp_path / "a",
+        progress=False,
+    )  # fmt: skip
+    assert fresh == read
+    reproduce_one(exp, tmp_path, preset="smoke", workers=workers, progress=False)
+    csv = (tmp_path / exp.name / "results.csv").read_bytes()
+    reproduce_one(exp, tmp_path, preset="smoke", workers=workers, progress=False)
+    assert (tmp_path / exp.name / "results.csv").read_bytes() == csv
+    assert b'"[32, 32]"' in csv
 
 
 def test_parallel_workers_give_the_same_results(tmp_path):

@@ -115,8 +115,15 @@ def _record(fn: Callable[[Run], dict[str, Any]], run: Run) -> dict[str, Any]:
 
 
 def _store(record: dict[str, Any], path: Path) -> dict[str, Any]:
-    write_text(path, json.dumps(record, indent=1, allow_nan=True))
-    return record
+    """Write ``record`` to ``path``; return it as a resumed sweep will read it.
+
+    JSON has no tuples (a list parameter is frozen into one): the record handed
+    on is the file's, so an uninterrupted sweep and its rerun analyse the same
+    records and write the same ``results.csv``.
+    """
+    text = json.dumps(record, indent=1, allow_nan=True)
+    write_text(path, text)
+    return json.loads(text)
 
 
 def _execute(
