@@ -696,6 +696,31 @@ def test_u_curve_keeps_a_dead_net_in_results_csv():
     assert [c.value for c in claims] == pytest.approx([c.value for c in live])
 
 
+def test_the_u_curve_fit_is_exact_and_the_same_every_time():
+    # the u-curve claims are a least-squares quadratic in log GC: LAPACK's
+    # moved in the last bits with the operands' place in memory (6 distinct
+    # results in 200 calls on the smoke sweep's four points), so rerunning
+    # `reproduce` on finished runs rewrote claims.json with other values
+    import torch
+
+    from geocomplexity.experiments.width_sweep import _quadratic
+
+    u = [0.9432729949966062, 2.3792765456489895, 5.927880330744198, 4.508705338753891]
+    v = [2.2100841999053955, 1.8288121223449707, 3.8007757663726807, 2.4037373065948486]
+    seen, kept = set(), []
+    for i in range(200):
+        kept.append(torch.empty(3 * i + 1, dtype=torch.float64))  # shift addresses
+        seen.add(_quadratic(u, v))
+    assert len(seen) == 1
+    A = torch.tensor([[t * t, t, 1.0] for t in u], dtype=torch.float64)
+    ref = torch.linalg.lstsq(A, torch.tensor(v, dtype=torch.float64)[:, None])
+    assert next(iter(seen)) == pytest.approx(ref.solution[:, 0].tolist(), rel=1e-12)
+    # points on a parabola with float-exact coefficients give them exactly
+    xs = [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert _quadratic(xs, [0.5 * t * t - 2 * t + 3 for t in xs]) == (0.5, -2.0, 3.0)
+    assert all(math.isnan(c) for c in _quadratic(xs, [*xs[:4], math.nan]))
+
+
 def test_figures_are_written_atomically(tmp_path):
     from geocomplexity.experiments.figures import pyplot, save
 

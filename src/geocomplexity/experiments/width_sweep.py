@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -334,11 +335,36 @@ class DoubleDescent(_WidthSweep):
 def _quadratic(u: list[float], v: list[float]) -> tuple[float, float, float]:
     """Least-squares ``v ≈ a u² + b u + c``; NaNs if a value is not finite.
 
-    (LAPACK's least squares fails outright on a NaN: a diverged run would stop
-    the analysis instead of failing its claims.)
+    Solved exactly, in rationals, from the normal equations and rounded once:
+    the same runs give the same coefficients to the last bit, so the claims a
+    rerun writes from saved runs are the ones the first run wrote (LAPACK's
+    least squares moves in the last bits with the operands' alignment in
+    memory). Fewer than three distinct ``u`` leave the fit undetermined; that
+    case keeps LAPACK's basic solution. (LAPACK fails outright on a NaN: a
+    diverged run would stop the analysis instead of failing its claims.)
     """
     if not all(math.isfinite(t) for t in [*u, *v]):
         return math.nan, math.nan, math.nan
+    if len(set(u)) >= 3:
+        # floats are exact rationals: (AᵀA) x = Aᵀv with A's rows (u², u, 1)
+        rows = [[Fraction(t) ** 2, Fraction(t), Fraction(1)] for t in u]
+        system = [
+            [sum(r[i] * r[j] for r in rows) for j in range(3)]
+            + [sum(r[i] * Fraction(t) for r, t in zip(rows, v, strict=True))]
+            for i in range(3)
+        ]
+        for col in range(3):  # Gauss-Jordan; AᵀA is positive definite here
+            pivot = system[col][col]
+            system[col] = [e / pivot for e in system[col]]
+            for row in range(3):
+                if row != col:
+                    factor = system[row][col]
+                    system[row] = [
+                        e - factor * p
+                        for e, p in zip(system[row], system[col], strict=True)
+                    ]
+        a, b, c = (float(system[i][3]) for i in range(3))
+        return a, b, c
     U = torch.tensor(u, dtype=torch.float64)
     A = torch.stack([U**2, U, torch.ones_like(U)], 1)
     coef = torch.linalg.lstsq(A, torch.tensor(v, dtype=torch.float64)[:, None])
