@@ -304,6 +304,36 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         fit(mlp(), train, epochs=1, checkpoint=bad, device="cpu", progress=False)
 
 
+def test_a_file_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
+    # a tensor or a model's bare state_dict at the checkpoint path raised an
+    # AttributeError ('Tensor' object has no attribute 'get'), and a
+    # checkpoint missing a key a KeyError, instead of saying what to do
+    train, _ = problem()
+    kwargs = dict(epochs=1, device="cpu", progress=False)
+    path = tmp_path / "run.pt"
+    for other in (torch.zeros(3), [1, 2], mlp().state_dict()):
+        torch.save(other, path)
+        with pytest.raises(ValueError, match="not a checkpoint written by fit"):
+            fit(mlp(), train, checkpoint=path, **kwargs)
+    path.unlink()
+    fit(mlp(), train, checkpoint=path, **kwargs)
+    state = torch.load(path, weights_only=True)
+    del state["penalty_sum"]
+    torch.save(state, path)
+    with pytest.raises(
+        ValueError, match=r"not a checkpoint written by fit \(no penalty_sum\)"
+    ):
+        fit(mlp(), train, checkpoint=path, **kwargs)
+    # a folder fails before training, not at the first save an epoch later
+    calls = []
+    with pytest.raises(ValueError, match="is a folder"):
+        fit(
+            mlp(), train, checkpoint=tmp_path,
+            callbacks=[lambda h, m: calls.append(1)], **kwargs,
+        )  # fmt: skip
+    assert calls == []
+
+
 def test_resume_after_an_early_stop_and_a_foreign_checkpoint(tmp_path):
     train, test = problem()
     ckpt = tmp_path / "run.pt"

@@ -407,6 +407,12 @@ def fit(
         )
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be positive, got {checkpoint_every!r}")
+    if checkpoint is not None and Path(checkpoint).is_dir():
+        # found now, not at the first save an epoch of training later
+        raise ValueError(
+            f"checkpoint {checkpoint} is a folder; name a file in it "
+            f"({Path(checkpoint) / 'run.pt'}, say)"
+        )
     if not torch.is_floating_point(x):  # token ids: GC lives at the embeddings
         if track_gc_every is not None and gc_wrt is None:
             raise ValueError(
@@ -743,11 +749,36 @@ def fit(
     return history
 
 
+#: What every checkpoint :func:`fit` writes holds (``recording`` and
+#: ``augment`` came later and are optional: older checkpoints still resume).
+_CHECKPOINT_KEYS = (
+    "fingerprint", "penalty_sum", "penalty_count", "epoch", "step", "elapsed",
+    "model", "optimizer", "labels", "rng", "cuda_rng", "generator",
+    "reg_generator", "regularizer", "history",
+)  # fmt: skip
+
+
 def _load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         # weights_only: a checkpoint is data, never code
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(
             f"cannot resume from {path}: {err}. Delete the file to start over."
         ) from err
+    # another file at that path (a model's bare state_dict, a tensor) would
+    # fail as an AttributeError or KeyError halfway through restoring it
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"cannot resume from {path}: it holds a {type(state).__name__}, not "
+            "a checkpoint written by fit. Delete the file to start over, or "
+            "pass another checkpoint path."
+        )
+    missing = [k for k in _CHECKPOINT_KEYS if k not in state]
+    if missing:
+        raise ValueError(
+            f"cannot resume from {path}: it is not a checkpoint written by fit "
+            f"(no {', '.join(missing)}). Delete the file to start over, or pass "
+            "another checkpoint path."
+        )
+    return state
