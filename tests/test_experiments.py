@@ -619,7 +619,16 @@ def test_a_corrupted_run_file_reruns_and_run_files_are_readable(tmp_path):
     # mkstemp makes 0600 temporaries: a result must get a plain file's mode
     assert {f.stat().st_mode & 0o777 for f in files} == {0o666 & ~umask}
     # a failing disk: not UTF-8, or JSON that is not a run's record
-    for garbage in (b"\xff\xfe\x00\x81", b"[1, 2]", b'{"config": {}}', b"null"):
+    # (a record that has its key but lacks its result, or its config, stopped
+    # the analysis with a KeyError instead of rerunning)
+    whole = json.loads(files[0].read_text())
+    partial = [
+        json.dumps({k: v for k, v in whole.items() if k != drop}).encode()
+        for drop in ("result", "config")
+    ]
+    for garbage in (
+        b"\xff\xfe\x00\x81", b"[1, 2]", b'{"config": {}}', b"null", *partial
+    ):  # fmt: skip
         files[0].write_bytes(garbage)
         assert len(load_runs(tmp_path)) == 2
         records = run_sweep(runs, square, tmp_path, progress=False)

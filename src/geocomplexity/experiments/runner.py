@@ -237,7 +237,14 @@ def load_runs(directory: Path) -> dict[str, dict[str, Any]]:
             record = json.loads(path.read_text())
         except (OSError, ValueError):  # JSONDecodeError, UnicodeDecodeError
             continue
-        if isinstance(record, dict) and isinstance(record.get("key"), str):
+        if (
+            isinstance(record, dict)
+            and isinstance(record.get("key"), str)
+            # the analysis reads both: a record without them would stop it
+            # with a KeyError instead of rerunning the run
+            and isinstance(record.get("config"), dict)
+            and isinstance(record.get("result"), dict)
+        ):
             runs[record["key"]] = record
     return runs
 
