@@ -254,7 +254,7 @@ def test_checkpoint_resume_gives_the_uninterrupted_numbers(tmp_path, kind, devic
 
 
 @pytest.mark.parametrize("stamped", [True, False])
-def test_a_cuda_checkpoint_resumes_on_the_cpu(tmp_path, stamped):
+def test_a_cuda_checkpoint_resumes_on_the_cpu(tmp_path, stamped, monkeypatch):
     """A checkpoint written on CUDA, read on a machine training on the CPU.
 
     Its fallback penalty generator's state is a CUDA generator's (16 bytes:
@@ -287,10 +287,15 @@ def test_a_cuda_checkpoint_resumes_on_the_cpu(tmp_path, stamped):
         state.pop("device_type", None)
     torch.save(state, ckpt)
     cpu_rng = torch.get_rng_state()
+    # a CPU run draws nothing from CUDA and fork_rng(devices=[]) restores no
+    # CUDA generator: setting one would move the caller's CUDA RNG for good
+    cuda_sets = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda *a: cuda_sets.append(a))
     with pytest.warns(UserWarning, match="written on cuda, resumed on cpu"):
         resumed = fit(mlp(), train, test, **common)
     assert [r["epoch"] for r in resumed.records] == [0, 1, 2, 3, 4]
     assert torch.equal(torch.get_rng_state(), cpu_rng)
+    assert cuda_sets == []
     # the checkpoint it finished is the CPU's: handed back without a warning
     again = fit(mlp(), train, test, **common)
     assert str(again.records) == str(resumed.records)  # str: NaN penalties

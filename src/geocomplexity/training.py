@@ -662,7 +662,9 @@ def fit(
                 "device_type", "cpu" if resumed["cuda_rng"] is None else "cuda"
             )
             if written_on == dev.type:
-                if resumed["cuda_rng"] is not None:
+                # never on a CPU run: fork_rng(devices=[]) would not put the
+                # caller's CUDA generator back
+                if resumed["cuda_rng"] is not None and dev.type == "cuda":
                     torch.cuda.set_rng_state(resumed["cuda_rng"], dev)
                 reg_gen.set_state(resumed["reg_generator"])
             else:
