@@ -819,3 +819,58 @@ def test_cli_device_cuda_on_a_ray_cluster_needs_no_gpu_on_the_driver(
     argv += ["--executor", "ray", "--ray-address", "ray://head:10001"]
     assert main(argv) == 0
     assert seen["device"] == "cuda" and seen["executor"] == "ray"
+
+
+def _drawn(monkeypatch, module):
+    """The figures ``module``'s plot draws, kept open instead of saved."""
+    figures = []
+
+    def keep(fig, path, dpi=100):
+        figures.append(fig)
+        return path
+
+    monkeypatch.setattr(module, "save", keep)
+    return figures
+
+
+def test_width_sweep_figure_labels_its_widths_and_says_what_the_lines_are(
+    tmp_path, monkeypatch
+):
+    # widths 2-64 span about one decade, where matplotlib also labels a log
+    # axis's minor ticks: "2×10⁰ 3×10⁰ 4×10⁰ 6×10⁰" ran into each other under
+    # every panel. The ticks are now the swept widths, as plain numbers
+    from geocomplexity.experiments import width_sweep
+
+    figures = _drawn(monkeypatch, width_sweep)
+    widths = (2, 4, 6, 8, 12, 16, 32, 64)
+    records = [
+        {
+            "config": {"experiment": "width-sweep", "seed": s, "width": w, "n": 300},
+            "result": {
+                "train_err": max(0.0, 0.5 - w / 40),
+                "test_loss": 1.0 + s,
+                "gc_train": float(w),
+                "train_loss": 0.1,
+                "test_err": 0.2,
+                "gc_test": float(w),
+                "effective_noise": 0.13,
+                "n_train": 300,
+            },
+        }
+        for w in widths
+        for s in (0, 1)
+    ]
+    EXPERIMENTS["double-descent"].plot(records, tmp_path, "")
+    (fig,) = figures
+    for ax in fig.axes:
+        assert ax.get_xscale() == "log" and ax.get_xlabel() == "width"
+        assert len(ax.xaxis.get_minorticklocs()) == 0
+        labels = [t.get_text() for t in ax.get_xticklabels()]
+        assert labels == ["2", "4", "8", "16", "32", "64"]  # 6 and 12 too close
+    legend = [t.get_text() for t in fig.axes[2].get_legend().get_texts()]
+    assert legend == ["GC train", "GC test"]
+    # the mean of the two seeds is the line; the caption says so
+    assert list(fig.axes[0].lines[2].get_ydata()) == [1.5] * len(widths)
+    assert "mean of 2 seeds" in fig._suptitle.get_text()
+    assert "interpolation threshold w=32 (dotted)" in fig._suptitle.get_text()
+

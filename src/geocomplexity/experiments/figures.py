@@ -6,12 +6,13 @@ matplotlib is an optional dependency, imported here only when a figure is drawn.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from geocomplexity.atomic import write_with
 
-__all__ = ["pyplot", "save"]
+__all__ = ["log_xticks", "pyplot", "save"]
 
 
 def pyplot() -> Any:
@@ -38,6 +39,30 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def log_xticks(ax: Any, values: Sequence[float], spacing: float = 1.0) -> None:
+    """A log x-axis labelled at swept values, as plain numbers.
+
+    On an axis spanning about one decade (widths 2-128, depths 1-32),
+    matplotlib also labels the minor ticks (``2×10⁰``, ``3×10⁰``, ...), and on
+    a panel a few inches wide those labels run into each other. Here the ticks
+    are the swept values themselves, thinned so that each is at least
+    ``spacing`` times the last labelled one (``spacing=1.9`` labels 2, 4, 8,
+    16, ... of widths 2, 4, 6, 8, 10, 12, 16, ...), and minor ticks are off.
+
+    Args:
+        ax: a matplotlib Axes.
+        values: the swept values (positive), in any order.
+        spacing: the least ratio between neighbouring labelled values.
+    """
+    ticks: list[float] = []
+    for v in sorted(set(values)):
+        if not ticks or v >= spacing * ticks[-1]:
+            ticks.append(v)
+    ax.set_xscale("log")
+    ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
+    ax.minorticks_off()
 
 
 def save(fig: Any, path: Path, dpi: int = 100) -> Path:

@@ -34,7 +34,7 @@ from torch import Tensor
 from geocomplexity.data import load
 from geocomplexity.experiments.base import Experiment, result_rows, seed_means
 from geocomplexity.experiments.claims import Claim, spearman
-from geocomplexity.experiments.figures import pyplot, save
+from geocomplexity.experiments.figures import log_xticks, pyplot, save
 from geocomplexity.experiments.runner import Context, Run
 from geocomplexity.measure import measure
 from geocomplexity.models import mlp
@@ -212,7 +212,8 @@ class _WidthSweep(Experiment):
         ):
             for key in keys:
                 widths, mean = _means(rows, key)
-                ax.plot(widths, mean, "o-", ms=3, label=key.replace("_", " "))
+                name = key.replace("_", " ").replace("gc", "GC")
+                ax.plot(widths, mean, "o-", ms=3, label=name)
                 ax.plot(
                     [r["width"] for r in rows],
                     [r[key] for r in rows],
@@ -222,17 +223,25 @@ class _WidthSweep(Experiment):
                 )
             if threshold is not None:
                 ax.axvline(threshold, color="k", ls=":", lw=0.8)
-            ax.set(xscale="log", xlabel="width", ylabel=label)
+            ax.set(xlabel="width", ylabel=label)
+            log_xticks(ax, [r["width"] for r in rows], spacing=1.9)
             if label == "GC":
                 ax.set_yscale("log")
             ax.legend(fontsize=8)
         noise = statistics.fmean(r["effective_noise"] for r in rows)
         # the points used: the config's n may exceed a small data set
         used = records[0]["result"].get("n_train", records[0]["config"]["n"])
+        seeds = len({r["seed"] for r in rows})
         fig.suptitle(
             f"{self.name}: {used or 'all'} training points, "
-            + ("" if threshold is None else f"interpolation threshold w={threshold}, ")
-            + f"effective label noise {noise:.3f}",
+            + (
+                ""
+                if threshold is None
+                else f"interpolation threshold w={threshold} (dotted), "
+            )
+            + f"effective label noise {noise:.3f}; lines: mean of {seeds} "
+            + ("seed" if seeds == 1 else "seeds")
+            + ", dots: each run",
             fontsize=10,
         )
         return save(fig, path)
