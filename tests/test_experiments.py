@@ -874,3 +874,42 @@ def test_width_sweep_figure_labels_its_widths_and_says_what_the_lines_are(
     assert "mean of 2 seeds" in fig._suptitle.get_text()
     assert "interpolation threshold w=32 (dotted)" in fig._suptitle.get_text()
 
+
+def test_init_depth_figure_shows_he_prediction_seeds_and_the_slice_parameter(
+    tmp_path, monkeypatch
+):
+    from geocomplexity.experiments import init_depth
+
+    figures = _drawn(monkeypatch, init_depth)
+    depths = (1, 2, 4, 8, 16, 32)
+    records = [
+        {
+            "config": {"init": init, "depth": d, "seed": s},
+            "result": {"gc": (s + 1.0) / d, "outputs": 10, "slice": [0.0] * 101},
+        }
+        for init in ("default", "glorot", "lecun", "he")
+        for d in depths
+        for s in (0, 1)
+    ]
+    EXPERIMENTS["init-depth"].plot(records, tmp_path, "")
+    (fig,) = figures
+    ax, ax2 = fig.axes
+    # He init's claim is about 2k: the prediction is drawn and named
+    (he_line,) = [ln for ln in ax.lines if ln.get_label().startswith("2k")]
+    assert list(he_line.get_ydata()) == [20, 20]
+    assert he_line.get_label() == "2k = 20 (He)"
+    # the seeds' spread: each seed a dot beside the mean line
+    assert len(ax.lines) == 4 * 2 + 1
+    assert list(ax.lines[1].get_ydata()) == [
+        r["result"]["gc"] for r in records[: 2 * len(depths)]
+    ]
+    assert list(ax.lines[0].get_ydata()) == [1.5 / d for d in depths]
+    # four schemes, four markers: colour is not the only cue
+    assert len({ax.lines[2 * i].get_marker() for i in range(4)}) == 4
+    assert "mean of 2 seeds" in ax.get_ylabel()
+    assert [t.get_text() for t in ax.get_xticklabels()] == [str(d) for d in depths]
+    assert len(ax.xaxis.get_minorticklocs()) == 0
+    # the slices run over t in [0, 1], as the axis says, not over sample indices
+    for line in ax2.lines:
+        assert line.get_xdata()[0] == 0 and line.get_xdata()[-1] == 1
+    assert ax2.get_xlabel().startswith("t, on the segment")

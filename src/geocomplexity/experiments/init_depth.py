@@ -19,7 +19,7 @@ import torch
 from geocomplexity.data import load
 from geocomplexity.experiments.base import Experiment, seed_means
 from geocomplexity.experiments.claims import Claim, spearman
-from geocomplexity.experiments.figures import pyplot, save
+from geocomplexity.experiments.figures import log_xticks, pyplot, save
 from geocomplexity.experiments.runner import Context, Run
 from geocomplexity.measure import measure
 from geocomplexity.models import INITS, mlp
@@ -141,31 +141,48 @@ class InitDepth(Experiment):
 
         fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
         depths = sorted({r["config"]["depth"] for r in records})
-        for init in INITS:
+        # a marker per scheme as well as a colour: four tab10 colours include
+        # green and red, which colour-blind readers confuse
+        for init, marker in zip(INITS, "os^D", strict=True):
+            mine = [r for r in records if r["config"]["init"] == init]
             means = [
                 statistics.fmean(
-                    r["result"]["gc"]
-                    for r in records
-                    if r["config"]["init"] == init and r["config"]["depth"] == d
+                    r["result"]["gc"] for r in mine if r["config"]["depth"] == d
                 )
                 for d in depths
             ]
-            ax.plot(depths, means, "o-", label=init)
+            line = ax.plot(depths, means, marker + "-", label=init)[0]
+            ax.plot(
+                [r["config"]["depth"] for r in mine],
+                [r["result"]["gc"] for r in mine],
+                marker,
+                color=line.get_color(),
+                ms=3,
+                alpha=0.3,
+            )
+        # He init's predicted mean, which its claim compares with
+        outputs = {r["result"].get("outputs") for r in records} - {None}
+        if len(outputs) == 1:
+            k = outputs.pop()
+            ax.axhline(2 * k, color="k", ls=":", lw=0.8, label=f"2k = {2 * k} (He)")
+        seeds = len({r["config"]["seed"] for r in records})
         ax.set(
-            xscale="log",
             yscale="log",
             xlabel="hidden layers",
-            ylabel="GC at initialization (mean over seeds)",
-            title="GC at init against depth",
+            ylabel="GC at initialization (mean of "
+            + (f"{seeds} seeds)" if seeds > 1 else "1 seed)"),
+            title="GC at init against depth (dots: each seed)",
         )
-        ax.set_xticks(depths, [str(d) for d in depths])
+        log_xticks(ax, depths)
         ax.legend()
         for r in records:
             c = r["config"]
             if c["init"] == "default" and c["seed"] == 0:
-                ax2.plot(r["result"]["slice"], label=f"depth {c['depth']}")
+                line = r["result"]["slice"]
+                t = torch.linspace(0, 1, len(line)).tolist()
+                ax2.plot(t, line, label=f"depth {c['depth']}")
         ax2.set(
-            xlabel="position on the segment between two test points",
+            xlabel="t, on the segment x₀ + t·(x₁ − x₀) between two test points",
             ylabel="logit 0",
             title="1-D slices, PyTorch-default init",
         )
