@@ -913,3 +913,48 @@ def test_init_depth_figure_shows_he_prediction_seeds_and_the_slice_parameter(
     for line in ax2.lines:
         assert line.get_xdata()[0] == 0 and line.get_xdata()[-1] == 1
     assert ax2.get_xlabel().startswith("t, on the segment")
+
+
+def test_lr_batch_figure_keeps_runs_that_missed_the_target_off_its_gc_line(
+    tmp_path, monkeypatch
+):
+    # the y axis reads "GC at the train-loss target", and the claim uses only
+    # the runs that reached it; a run stopped above the target (less fitted,
+    # so lower GC for that alone) was joined into the line all the same, which
+    # at the smoke preset drew GC rising with the learning rate
+    from geocomplexity.experiments import lr_batch
+
+    figures = _drawn(monkeypatch, lr_batch)
+    runs = [(0.02, 64, False), (0.05, 64, True), (0.1, 64, True), (0.05, 32, True)]
+    records = [
+        {
+            "config": {
+                "seed": 0,
+                "lr": lr,
+                "batch": b,
+                "base_lr": 0.05,
+                "base_batch": 64,
+                "target": 0.05,
+            },
+            "result": {
+                "reached": reached,
+                "gc_train": 10.0 if reached else 1.0,
+                "test_acc": 0.5,
+                "train_loss": 0.04 if reached else 0.5,
+                "epochs": 10,
+            },
+        }
+        for lr, b, reached in runs
+    ]
+    EXPERIMENTS["lr-batch"].plot(records, tmp_path, "")
+    (fig,) = figures
+    ax = fig.axes[0]  # GC against the learning rate, at batch 64
+    gc_line = ax.lines[0]
+    assert list(gc_line.get_xdata()) == [0.05, 0.1]
+    assert list(gc_line.get_ydata()) == [10.0, 10.0]
+    (missed,) = [ln for ln in ax.lines if "not in the claim" in ln.get_label()]
+    assert list(missed.get_xdata()) == [0.02] and list(missed.get_ydata()) == [1.0]
+    # the legend names GC, the missed runs and the accuracy on the twin axis
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[0].startswith("GC") and legend[-1] == "test accuracy"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.02", "0.05", "0.1"]
