@@ -958,3 +958,30 @@ def test_lr_batch_figure_keeps_runs_that_missed_the_target_off_its_gc_line(
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert legend[0].startswith("GC") and legend[-1] == "test accuracy"
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0.02", "0.05", "0.1"]
+
+
+def test_report_puts_each_claim_beside_its_figure_and_orders_numbers(tmp_path):
+    # the claims stood only in the table at the top, a screen away from the
+    # figures; and config values were sorted as text, widths "16, 2, 32, 64, 8"
+    from geocomplexity.experiments.claims import write_claims
+    from geocomplexity.experiments.report import write_report
+
+    folder = tmp_path / "double-descent"
+    (folder / "runs").mkdir(parents=True)
+    keys = []
+    for w in (2, 8, 16, 32, 64):
+        run = Run.make("width-sweep", 0, width=w)
+        keys.append(run.key)
+        record = {"config": run.config, "key": run.key, "result": {}}
+        (folder / "runs" / f"{run.key}.json").write_text(json.dumps(record))
+    (folder / "sweep.json").write_text(json.dumps({"keys": keys}))
+    failed = Claim.check("GC peaks with test loss", "grid steps", 3.0, "<=", 1, 5)
+    write_claims(folder / "claims.json", [failed])
+    (folder / "double_descent.png").write_bytes(b"\x89PNG")
+    html = write_report(tmp_path).read_text()
+    section = html[html.index("<h2>double-descent</h2>") :]
+    beside = section[: section.index("<img")]
+    assert "<b>FAIL</b> GC peaks with test loss" in beside
+    assert "grid steps = 3, needs &lt;= 1 (n = 5)" in beside
+    assert "<figcaption>double_descent.png</figcaption>" in section
+    assert "<td>width</td><td>2, 8, 16, 32, 64</td>" in section

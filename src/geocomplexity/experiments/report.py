@@ -112,7 +112,19 @@ def _configs(directory: Path) -> tuple[dict[str, list], dict[str, set[str]]]:
             versions.setdefault(k, set()).add(str(v))
         for k, v in record["config"].items():
             values.setdefault(k, set()).add(json.dumps(v))
-    return {k: sorted(v) for k, v in sorted(values.items())}, versions
+    ordered = {k: sorted(v, key=_numbers_first) for k, v in sorted(values.items())}
+    return ordered, versions
+
+
+def _numbers_first(text: str) -> tuple[int, float, str]:
+    """Sort key for a JSON config value: numbers by value, then the rest as text.
+
+    Sorted as text, widths 2, 8, 16, 32, 64 read "16, 2, 32, 64, 8".
+    """
+    value = json.loads(text)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return 0, float(value), ""
+    return 1, 0.0, text
 
 
 def write_report(out: Path) -> Path:
@@ -155,10 +167,23 @@ def write_report(out: Path) -> Path:
     versions: dict[str, set[str]] = {}
     for directory in sorted({out / name for name, _ in claims}):
         parts.append(f"<h2>{esc(directory.name)}</h2>")
+        # the claims again beside their figures: verdict, statistic, threshold
+        parts.append("<ul>")
+        for name, c in claims:
+            if name == directory.name:
+                cls, word = ("pass", "PASS") if c.passed else ("fail", "FAIL")
+                parts.append(
+                    f"<li class='{cls}'><b>{word}</b> {esc(c.claim)} "
+                    f"[{esc(c.dataset)}, {esc(c.preset)}]: {esc(c.statistic)} = "
+                    f"{c.value:.4g}, needs {esc(c.threshold)} (n = {c.n})</li>"
+                )
+        parts.append("</ul>")
         for png in sorted(directory.glob("*.png")):
             data = base64.b64encode(png.read_bytes()).decode()
             parts.append(
-                f"<p><img alt='{esc(png.name)}' src='data:image/png;base64,{data}'></p>"
+                f"<figure><img alt='{esc(png.name)}' "
+                f"src='data:image/png;base64,{data}'>"
+                f"<figcaption>{esc(png.name)}</figcaption></figure>"
             )
         configs, seen = _configs(directory)
         for k, v in seen.items():
