@@ -985,3 +985,22 @@ def test_report_puts_each_claim_beside_its_figure_and_orders_numbers(tmp_path):
     assert "grid steps = 3, needs &lt;= 1 (n = 5)" in beside
     assert "<figcaption>double_descent.png</figcaption>" in section
     assert "<td>width</td><td>2, 8, 16, 32, 64</td>" in section
+
+
+def test_claims_table_marks_a_cut_cell():
+    # cells are cut at 60 characters; a cut one ended mid-word with no sign,
+    # and a failed claim's reason ("no GC peak: ...") is often at its end
+    from geocomplexity.experiments.report import claims_table
+
+    long = "GC peaks at the same width as test loss (no GC peak: its largest value)"
+    short = "GC moves with test loss"
+    table = claims_table(
+        [
+            ("double-descent", Claim.check(long, "steps", math.nan, "<=", 1, 5)),
+            ("double-descent", Claim.check(short, "steps", 0.0, "<=", 1, 5)),
+        ]
+    )
+    first, second = table.splitlines()[2:]
+    assert long[:59] + "…" in first
+    assert short + " " * (60 - len(short)) in second
+    assert len(first) == len(second)

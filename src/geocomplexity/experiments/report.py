@@ -48,6 +48,9 @@ def collect_claims(out: Path) -> list[tuple[str, Claim]]:
 def claims_table(claims: list[tuple[str, Claim]]) -> str:
     """A plain-text table of the claims for the terminal.
 
+    Cells longer than 60 characters are cut, ending in "…"; report.html has
+    them whole.
+
     Returns:
         The table.
     """
@@ -75,10 +78,15 @@ def claims_table(claims: list[tuple[str, Claim]]) -> str:
         for name, c in claims
     ]
     widths = [min(60, max(len(r[i]) for r in rows)) for i in range(len(head))]
+
+    def fit(cell: str, w: int) -> str:
+        # a cut cell says so: a failed claim's reason is often at its end
+        return cell.ljust(w) if len(cell) <= w else cell[: w - 1] + "…"
+
     lines = []
     for i, row in enumerate(rows):
         lines.append(
-            "  ".join(cell[:w].ljust(w) for cell, w in zip(row, widths, strict=True))
+            "  ".join(fit(cell, w) for cell, w in zip(row, widths, strict=True))
         )
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
