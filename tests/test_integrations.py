@@ -232,6 +232,18 @@ def test_metric_sums_stay_float64_when_a_container_changes_dtype():
     assert metric.total.dtype == torch.float32
 
 
+def test_metric_of_a_float16_model_beyond_float16s_range():
+    # squared norms of 180000 (Jacobian entries of 100) exceed float16's
+    # 65504: update() failed as a non-finite Jacobian; it takes the float32 sums
+    from geocomplexity.integrations.torchmetrics import GeometricComplexity
+
+    lin = torch.nn.Linear(6, 3, bias=False).half()
+    torch.nn.init.constant_(lin.weight, 100.0)
+    metric = GeometricComplexity(lin)
+    metric.update(torch.randn(5, 6).half())
+    assert metric.compute().item() == 180000
+
+
 def test_metrics_of_other_models_in_a_collection_keep_their_own_states():
     # MetricCollection puts metrics whose states agree (allclose) after the
     # first update in one compute group and then updates only the first: a

@@ -1301,3 +1301,59 @@ def test_a_generator_that_is_not_a_torch_generator_is_refused():
     x = torch.randn(4, 3)
     with pytest.raises(TypeError, match=r"generator must be a torch\.Generator"):
         gcx.jacobian_sq_norms(model, x, method="projection", generator=0)
+
+
+@pytest.mark.parametrize("method", ["exact", "projection", "jvp", "finite_difference"])
+def test_float16_squares_are_taken_in_float32(method):
+    # a float16 square below 2**-14 is subnormal, a multiple of 2**-24: the
+    # Jacobian entries 1.5e-4 (a GC of 4e-7) squared to 0, and every method
+    # read GC = 0 (jvp's and projection's sums of entries to a few times that,
+    # rounded to 1-2 units of 2**-24; finite differences' steps to 0)
+    lin = nn.Linear(6, 3, bias=False).half()
+    nn.init.constant_(lin.weight, 1.5e-4)
+    wide = copy.deepcopy(lin).double()
+    x = torch.randn(5, 6)
+
+    def measured(m: nn.Module, z: torch.Tensor) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)  # the same probes for both
+        return gcx.jacobian_sq_norms(m, z, method=method, num_probes=16, generator=g)
+
+    got, want = measured(lin, x.half()), measured(wide, x.double())
+    assert got.dtype == torch.float16
+    # returned in float16, whose subnormals hold 4e-7 to a few percent
+    assert rel(got.double(), want) < 0.1
+    g = torch.Generator().manual_seed(0)
+    r = gcx.measure(
+        lin, x.half(), method=method, num_probes=16, generator=g, progress=False
+    )
+    tol = 0.02 if method == "finite_difference" else 1e-3  # its step's rounding
+    assert r.value == pytest.approx(want.mean().item(), rel=tol)
+    assert r.stderr == pytest.approx(want.std().item() / 5**0.5, rel=0.1, abs=1e-12)
+
+
+def test_float16_norms_beyond_its_range():
+    # Jacobian entries of 100: GC = 18 * 100**2 = 180000 > 65504, float16's
+    # largest value (entries beyond 256 overflow when squared). measure read
+    # it as a non-finite Jacobian ("check for NaN weights")
+    lin = nn.Linear(6, 3, bias=False).half()
+    nn.init.constant_(lin.weight, 100.0)
+    x = torch.randn(4, 6).half()
+    for method in ("exact", "projection", "jvp", "finite_difference"):
+        g = torch.Generator().manual_seed(0)
+        with pytest.raises(ValueError, match="beyond float16's range"):
+            gcx.jacobian_sq_norms(lin, x, method=method, num_probes=16, generator=g)
+    for method in ("auto", "exact"):
+        r = gcx.measure(lin, x, method=method, progress=False, per_sample=True)
+        assert r.value == 180000 and r.method == "exact"
+        assert r.per_sample.dtype == torch.float32
+    g = torch.Generator().manual_seed(0)
+    # A^T v = 100 (Σv) 1 for a probe v: the 16-probe mean, as in float64
+    r = gcx.measure(
+        lin, x, method="projection", num_probes=16, generator=g, progress=False
+    )
+    g = torch.Generator().manual_seed(0)
+    want = gcx.measure(
+        lin.double(), x.double(), method="projection", num_probes=16, generator=g,
+        progress=False,
+    )  # fmt: skip
+    assert r.value == pytest.approx(want.value, rel=1e-6)

@@ -53,6 +53,7 @@ random numbers.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import re
 from collections.abc import Callable
@@ -521,16 +522,17 @@ def _probes_at(
 
             if signs is None:
                 with _replayed(x, replay, final=i == num_probes - 1):
-                    sq = pushed(probe).pow(2).sum(1)
+                    a = pushed(probe)
+                sq = _sq_sum(a)
             else:
                 with _replayed(x, replay):
                     a = pushed(probe)
                 v = drawn[0] * _per_sample(signs[i], drawn[0])
                 with _replayed(x, replay, final=i == num_probes - 1):
                     b = pushed(lambda e, v=v: v)
-                sq = signs[i].to(a.dtype) * (a * b).sum(1)
-            values = _wide(sq) if values is None else values + sq
-        return _narrow(values / num_probes, sq.dtype)  # type: ignore[operator]
+                sq = _wide(signs[i]) * _dot_sum(a, b)
+            values = sq if values is None else values + sq
+        return _narrow(values / num_probes, a.dtype)  # type: ignore[operator]
     with torch.no_grad():
         with _replayed(x, replay):
             e, base = _run_at(model, x, output, wrt, lambda e: e.clone())
@@ -541,15 +543,14 @@ def _probes_at(
             with _replayed(x, replay, final=last):
                 _, out = _run_at(model, x, output, wrt, lambda e, u=u: e + step * u)
             a = (out - base).reshape(B, -1)
-            if signs is None:
-                sq = a.pow(2).sum(1)
-            else:
+            sq = _sq_sum(a)
+            if signs is not None:
                 v = u * _per_sample(signs[i], u)
                 with _replayed(x, replay, final=i == num_probes - 1):
                     _, out = _run_at(model, x, output, wrt, lambda e, v=v: e + step * v)
-                sq = signs[i].to(a.dtype) * (a * (out - base).reshape(B, -1)).sum(1)
-            values = _wide(sq) if values is None else values + sq
-    return _narrow(values / (num_probes * step**2), sq.dtype)  # type: ignore[operator]
+                sq = _wide(signs[i]) * _dot_sum(a, (out - base).reshape(B, -1))
+            values = sq if values is None else values + sq
+    return _narrow(values / (num_probes * step**2), a.dtype)  # type: ignore[operator]
 
 
 def _check_scalar_batch(model: nn.Module, x: Tensor, output: Output) -> None:
@@ -612,7 +613,7 @@ def _vjp_sq_norms(
             return _unused(x, strict)
         # each skipped view counts on a small model (see the README's
         # performance notes): inside a training step a call costs 5-40 µs
-        return (g if g.dim() == 2 else g.reshape(B, -1)).pow(2).sum(1)
+        return _narrow(_sq_sum(g if g.dim() == 2 else g.reshape(B, -1)), x.dtype)
     total = _accumulator(x, B)
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
@@ -629,7 +630,7 @@ def _vjp_sq_norms(
             )
             if g is None:
                 return _unused(x, strict)
-            total = total + g.reshape(B, -1).pow(2).sum(1)
+            total = total + _sq_sum(g.reshape(B, -1))
         else:
             (g,) = torch.autograd.grad(
                 out,
@@ -642,8 +643,49 @@ def _vjp_sq_norms(
             )
             if g is None:
                 return _unused(x, strict)
-            total = total + g.reshape(stop - start, B, -1).pow(2).sum((0, 2))
+            total = total + _sq_sum(g.reshape(stop - start, B, -1), (0, 2))
     return _narrow(total, x.dtype)
+
+
+def _sq_sum(t: Tensor, dim: int | tuple[int, ...] = 1) -> Tensor:
+    """Σ t² over ``dim``, in float32 at least.
+
+    A float16 square overflows beyond 256 (inf, though the Jacobian is
+    finite), is subnormal below 2⁻⁷, a multiple of 2⁻²⁴ (3·10⁻⁴ squared
+    comes out a third too large), and 0 below 1.7·10⁻⁴; a float16 sum
+    overflows beyond 65504. So half-precision terms are squared and summed in
+    float32 (bfloat16 keeps float32's range, but rounds each square to 8
+    bits).
+    """
+    t = _wide(t)
+    return (t * t).sum(dim)
+
+
+def _dot_sum(a: Tensor, b: Tensor, dim: int = 1) -> Tensor:
+    """Σ a·b over ``dim``, in float32 at least (see :func:`_sq_sum`)."""
+    return (_wide(a) * _wide(b)).sum(dim)
+
+
+#: Set by :func:`wide_results`: keep half-precision results in float32.
+_KEEP_WIDE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "geocomplexity_keep_wide", default=False
+)
+
+
+@contextlib.contextmanager
+def wide_results() -> Any:
+    """Within it, half-precision norms come back in float32, not cast back.
+
+    The norms are summed in float32 (:func:`_accumulator`); the public
+    functions cast them to the input's dtype, where a float16 value beyond
+    65504 is inf and one below 6·10⁻⁵ keeps only a few bits. ``measure`` and
+    the torchmetrics metric average them in float64 and take them as summed.
+    """
+    token = _KEEP_WIDE.set(True)
+    try:
+        yield
+    finally:
+        _KEEP_WIDE.reset(token)
 
 
 def _accumulator(like: Tensor, n: int) -> Tensor:
@@ -658,8 +700,11 @@ def _accumulator(like: Tensor, n: int) -> Tensor:
 
 
 def _narrow(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t`` in ``dtype``; no dispatch where it already is."""
-    return t if t.dtype == dtype else t.to(dtype)
+    """``t`` in ``dtype``; no dispatch where it already is.
+
+    Within :func:`wide_results`, ``t`` as it is.
+    """
+    return t if t.dtype == dtype or _KEEP_WIDE.get() else t.to(dtype)
 
 
 def _unused(x: Tensor, strict: bool) -> Tensor:
@@ -720,7 +765,7 @@ def _diag_vjp_sq_norms(
         if g is None:
             return _unused(x, strict)
         g = g.reshape(len(block), B, -1)
-        rows.append((idx, g[torch.arange(len(block)), idx].pow(2).sum(1)))
+        rows.append((idx, _sq_sum(g[torch.arange(len(block)), idx])))
     for idx, val in rows:
         total = total.index_add(0, idx, val.to(total.dtype))
     return _narrow(total, x.dtype)
@@ -804,7 +849,7 @@ def _decoupled_vjp_sq_norms(
                 if gi is None:
                     return _unused(x, strict)
                 g.append(gi.reshape(B, -1))
-            total = total + signs[start] * (g[0] * g[1]).sum(1)
+            total = total + _wide(signs[start]) * _dot_sum(g[0], g[1])
             continue
         c = torch.stack((probes[start:stop], flipped[start:stop]), 1)
         (g,) = torch.autograd.grad(
@@ -819,7 +864,8 @@ def _decoupled_vjp_sq_norms(
         if g is None:
             return _unused(x, strict)
         g = g.reshape(stop - start, 2, B, -1)
-        total = total + (signs[start:stop] * (g[:, 0] * g[:, 1]).sum(-1)).sum(0)
+        products = _dot_sum(g[:, 0], g[:, 1], -1)  # (m, B)
+        total = total + (_wide(signs[start:stop]) * products).sum(0)
     return _narrow(total / n, x.dtype)
 
 
@@ -906,14 +952,14 @@ def _forward_mode(
             with _replayed(x, replay, final=i == n - 1):
                 t = pushed(u)
             if t is not None:
-                total = total + t.pow(2).sum(1)
+                total = total + _sq_sum(t)
             continue
         with _replayed(x, True):
             a = pushed(u)
         with _replayed(x, True, final=i == n - 1):
             b = pushed(u * _per_sample(signs[i], u))
         if a is not None and b is not None:
-            total = total + signs[i].to(a.dtype) * (a * b).sum(1)
+            total = total + _wide(signs[i]) * _dot_sum(a, b)
     return _narrow(total, x.dtype)
 
 
@@ -1198,11 +1244,14 @@ def jacobian_sq_norms(
         Tensor of shape ``(B,)`` in ``x``'s dtype; each entry is the exact value,
         or an estimate averaged over ``num_probes`` probes (unbiased for
         ``"projection"`` and ``"jvp"``; ``"finite_difference"`` adds an
-        O(``eps``) truncation error).
+        O(``eps``) truncation error). Half-precision terms are squared and
+        summed in float32, then cast: a float16 value beyond 65504 is an
+        error (``measure`` keeps float32).
 
     Raises:
         ValueError: unknown method, mode or option; bad input (see
-            :func:`check_input`); a non-finite Jacobian.
+            :func:`check_input`); a non-finite Jacobian, or a float16 norm
+            beyond 65504.
         TypeError: integer input, or a model output that is not a tensor.
 
     Example:
@@ -1556,12 +1605,13 @@ def _finite_difference(
             with _replayed(x, replay, final=last):
                 a = (fn(x + eps * ui) - base).reshape(B, -1)
             if signs is None:
-                total = total + a.pow(2).sum(1)
+                total = total + _sq_sum(a)
                 continue
             with _replayed(x, replay, final=i == len(u) - 1):
                 flipped = x + eps * ui * _per_sample(signs[i], ui)
                 b = (fn(flipped) - base).reshape(B, -1)
-            total = total + signs[i].to(a.dtype) * (a * b).sum(1)
+            total = total + _wide(signs[i]) * _dot_sum(a, b)
+
     return _narrow(total / (u.shape[0] * eps**2), x.dtype)
 
 
@@ -1574,6 +1624,14 @@ def _finite(values: Tensor) -> Tensor:
     if math.isfinite(values.sum().item()):
         return values
     bad = (~torch.isfinite(values)).sum().item()
+    if bad and values.dtype == torch.float16 and not values.isnan().any():
+        raise ValueError(
+            f"the squared Jacobian norm is beyond float16's range (65504) for "
+            f"{bad} of {values.numel()} samples: the norms are summed in "
+            "float32, but returned in the input's dtype. geocomplexity.measure "
+            "and the torchmetrics metric keep them in float32; or measure in "
+            "bfloat16 or float32 (or under torch.autocast)"
+        )
     if bad:
         raise ValueError(
             f"the Jacobian norm is NaN or infinite for {bad} of {values.numel()} "

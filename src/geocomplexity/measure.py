@@ -31,6 +31,7 @@ from geocomplexity.jacobian import (
     check_options,
     jacobian_sq_norms,
     unwrapped,
+    wide_results,
 )
 from geocomplexity.state import (
     batch_norm_couples,
@@ -136,7 +137,9 @@ class GCResult:
         num_samples: how many samples were measured.
         method: the method used (``"auto"`` resolved to the one it chose).
         num_probes: probes per sample for stochastic methods, else ``None``.
-        per_sample: the ``(num_samples,)`` values if asked for, else ``None``.
+        per_sample: the ``(num_samples,)`` values if asked for, else ``None``;
+            on the CPU, in the inputs' dtype, or float32 for half precision
+            (as summed: a float16 GC may exceed float16's 65504).
     """
 
     value: float
@@ -449,20 +452,21 @@ def _pilot(
         # no pilot: no samples to weigh in its mean (under a process group,
         # another rank's larger batch may still choose projection)
         return [cost, 0.0, 0.0, 0]
-    pilot = [
-        jacobian_sq_norms(
-            model,
-            x,
-            method="projection",
-            output=output,
-            mode=mode,
-            distribution=distribution,
-            generator=generator,
-            wrt=wrt,
-            coupled=coupled,
-        ).double()
-        for _ in range(2)
-    ]
+    with wide_results():  # float16's range is no limit to the mean
+        pilot = [
+            jacobian_sq_norms(
+                model,
+                x,
+                method="projection",
+                output=output,
+                mode=mode,
+                distribution=distribution,
+                generator=generator,
+                wrt=wrt,
+                coupled=coupled,
+            ).double()
+            for _ in range(2)
+        ]
     m = ((pilot[0] + pilot[1]) / 2).mean().item()
     var = ((pilot[0] - pilot[1]).pow(2) / 2).mean().item()
     return [cost, n * m, n * var, n]
@@ -764,20 +768,23 @@ def measure(
     try:
         for batch in batches:
             x = prepare(batch, stats.count)
-            values = jacobian_sq_norms(
-                model,
-                x,
-                method=chosen,
-                output=output,
-                mode=mode,
-                num_probes=probes,
-                distribution=distribution,
-                chunk_size=chunk_size,
-                eps=eps,
-                generator=generator,
-                wrt=wrt,
-                coupled=coupled,
-            )
+            # half-precision norms as summed, in float32: in float16 one
+            # beyond 65504 is inf, and one below 6e-5 keeps a few bits
+            with wide_results():
+                values = jacobian_sq_norms(
+                    model,
+                    x,
+                    method=chosen,
+                    output=output,
+                    mode=mode,
+                    num_probes=probes,
+                    distribution=distribution,
+                    chunk_size=chunk_size,
+                    eps=eps,
+                    generator=generator,
+                    wrt=wrt,
+                    coupled=coupled,
+                )
             stats.update(values)
             if per_sample:
                 kept.append(values.detach().cpu())

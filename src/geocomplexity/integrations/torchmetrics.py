@@ -33,6 +33,7 @@ from geocomplexity.jacobian import (
     check_names,
     check_options,
     jacobian_sq_norms,
+    wide_results,
 )
 
 __all__ = ["GeometricComplexity"]
@@ -233,7 +234,8 @@ class GeometricComplexity(Metric):
 
     def update(self, x: Tensor) -> None:
         """Measure a batch of inputs ``(B, *in_shape)`` and add it to the states."""
-        values = jacobian_sq_norms(self.model, x, **self._options)
+        with wide_results():  # half precision as summed, in float32
+            values = jacobian_sq_norms(self.model, x, **self._options)
         values = values.detach().to(self.total.device, torch.float64)
         self.total += values.sum()
         self.total_sq += values.pow(2).sum()
