@@ -1357,3 +1357,38 @@ def test_float16_norms_beyond_its_range():
         progress=False,
     )  # fmt: skip
     assert r.value == pytest.approx(want.value, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "layer", "scale", "wrt"),
+    [
+        (torch.float32, 2, 1e-3, None),
+        (torch.bfloat16, 2, 1.0, None),
+        (torch.float32, 2, 1e-3, "0"),
+        (torch.float16, 0, 1e-2, None),  # every difference exactly 0
+    ],
+)
+def test_finite_differences_lost_in_rounding_are_refused(dtype, layer, scale, wrt):
+    # an output (about 100) far larger than its change over a step: the
+    # differences were a few units of the output's rounding, or none, and
+    # finite differences read 50-170 (float32), 20 (bfloat16) or 0 (float16)
+    # times the GC, silently
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    with torch.no_grad():
+        model[layer].weight.mul_(scale)
+        model[2].bias.fill_(100.0)
+    model = model.to(dtype)
+    x = torch.randn(32, 6).to(dtype)
+    g = torch.Generator().manual_seed(0)
+    kwargs = {"num_probes": 8, "generator": g, "wrt": wrt}
+    for mode in ("eval", "train"):
+        with pytest.raises(ValueError, match="lost in the rounding of the output"):
+            gcx.jacobian_sq_norms(
+                model, x, method="finite_difference", mode=mode, **kwargs
+            )
+    gcx.jacobian_sq_norms(model, x, method="jvp", **kwargs)  # unaffected
+    # a constant output: differences of exactly 0 are its GC, not noise
+    nn.init.zeros_(model[2].weight)
+    got = gcx.jacobian_sq_norms(model, x, method="finite_difference", **kwargs)
+    assert torch.equal(got, torch.zeros_like(got))

@@ -537,6 +537,7 @@ def _probes_at(
         with _replayed(x, replay):
             e, base = _run_at(model, x, output, wrt, lambda e: e.clone())
         step = _fd_step(e, eps, base)  # the input's rule, on e
+        energy = None  # Σ‖Δ‖², for the rounding check
         for i in range(num_probes):
             u = input_probes(distribution, e, 1, generator)[0]
             last = signs is None and i == num_probes - 1
@@ -544,12 +545,21 @@ def _probes_at(
                 _, out = _run_at(model, x, output, wrt, lambda e, u=u: e + step * u)
             a = (out - base).reshape(B, -1)
             sq = _sq_sum(a)
+            energy = sq.sum() + (0 if energy is None else energy)
             if signs is not None:
                 v = u * _per_sample(signs[i], u)
                 with _replayed(x, replay, final=i == num_probes - 1):
                     _, out = _run_at(model, x, output, wrt, lambda e, v=v: e + step * v)
                 sq = _wide(signs[i]) * _dot_sum(a, (out - base).reshape(B, -1))
             values = sq if values is None else values + sq
+
+        def moves() -> bool:
+            far = max(step, _rms(e))
+            with _replayed(x, True):
+                _, out = _run_at(model, x, output, wrt, lambda e: e + far * u)
+            return not torch.equal(out, base)
+
+        _check_resolved(energy, base, _unit_roundoff(e, base), num_probes, moves)
     return _narrow(values / (num_probes * step**2), a.dtype)  # type: ignore[operator]
 
 
@@ -1215,7 +1225,9 @@ def jacobian_sq_norms(
             are slower than a loop on CPU).
         eps: finite-difference step; default ``sqrt(machine eps)`` times the RMS
             of ``x``, the machine eps of the coarsest precision the model
-            computes in (``x``'s, its output's or autocast's).
+            computes in (``x``'s, its output's or autocast's): 3% of the RMS
+            in float16, 9% in bfloat16, so that truncation error is large
+            there on a steep model.
         generator: source of probe randomness; a private OS-seeded one if ``None``
             (the global RNG is never touched). Given the global generator
             (``torch.default_generator``) itself, the probes move it on: by
@@ -1251,7 +1263,7 @@ def jacobian_sq_norms(
     Raises:
         ValueError: unknown method, mode or option; bad input (see
             :func:`check_input`); a non-finite Jacobian, or a float16 norm
-            beyond 65504.
+            beyond 65504; finite differences lost in the output's rounding.
         TypeError: integer input, or a model output that is not a tensor.
 
     Example:
@@ -1555,11 +1567,57 @@ def _fd_step(x: Tensor, eps: float | None, out: Tensor | None = None) -> float:
     """
     if eps is not None:
         return eps
-    # in float32 at least: a float16 square overflows beyond |x| = 256
-    scale = _wide(x).pow(2).mean().sqrt().item() or 1.0
+    return math.sqrt(_unit_roundoff(x, out)) * _rms(x)
+
+
+def _rms(x: Tensor) -> float:
+    """The RMS of ``x``'s entries, 1 where they are all 0 (the scale of a step).
+
+    In float32 at least: a float16 square overflows beyond |x| = 256.
+    """
+    return _wide(x).pow(2).mean().sqrt().item() or 1.0
+
+
+def _unit_roundoff(x: Tensor, out: Tensor | None = None) -> float:
+    """The machine eps of the coarsest precision a pass at ``x`` computes in.
+
+    That of ``x``'s dtype, the output's or autocast's.
+    """
     dtypes = (x.dtype, None if out is None else out.dtype, _autocast_dtype(x))
-    unit = max(torch.finfo(d).eps for d in dtypes if d is not None)
-    return math.sqrt(unit) * scale
+    return max(torch.finfo(d).eps for d in dtypes if d is not None)
+
+
+def _check_resolved(
+    energy: Tensor,
+    base: Tensor,
+    unit: float,
+    n: int,
+    moves: Callable[[], bool],
+) -> None:
+    """Refuse finite differences lost in the rounding of the output.
+
+    ``energy`` is Σ‖g(x + εu) − g(x)‖² over the ``n`` probes and the batch;
+    each difference carries the output's rounding, about ``unit·|g|`` an
+    entry. Where the differences are no larger than that (an output far
+    larger than its change over a step: a large offset, a flat or saturated
+    model, half precision) the estimate is rounding noise: 0.5 to 1000 times
+    the GC in float16, bfloat16 and float32 alike, silently. Differences of
+    exactly zero are a constant model's (GC 0) where ``moves()``, the output
+    after a step the size of the input, is unchanged too.
+
+    Raises:
+        ValueError: the mean squared difference is below the squared rounding.
+    """
+    floor = _sq_sum(unit * _wide(base).reshape(base.shape[0], -1)).sum()
+    got, under = energy.item() / n, floor.item()
+    if got < under and (got > 0 or moves()):
+        raise ValueError(
+            "the finite differences are lost in the rounding of the output: "
+            f"their mean square ({got:.3g}) is below that of one rounding "
+            f"error ({unit:.2g} relative) on outputs this large ({under:.3g}), "
+            "so the estimate would be noise. Measure with method='jvp', "
+            "'projection' or 'exact', in a wider dtype, or with a larger eps="
+        )
 
 
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
@@ -1600,6 +1658,7 @@ def _finite_difference(
             base = fn(x)
         eps = _fd_step(x, eps, base)
         total = _accumulator(x, B)
+        energy = total.new_zeros(())  # Σ‖Δ‖², for the rounding check
         for i, ui in enumerate(u):
             last = signs is None and i == len(u) - 1
             with _replayed(x, replay, final=last):
@@ -1607,11 +1666,24 @@ def _finite_difference(
             if signs is None:
                 total = total + _sq_sum(a)
                 continue
+            energy = energy + _sq_sum(a).sum()
             with _replayed(x, replay, final=i == len(u) - 1):
                 flipped = x + eps * ui * _per_sample(signs[i], ui)
                 b = (fn(flipped) - base).reshape(B, -1)
             total = total + _wide(signs[i]) * _dot_sum(a, b)
 
+        def moves() -> bool:
+            with _replayed(x, True):
+                far = fn(x + max(eps, _rms(x)) * u[0])
+            return not torch.equal(far, base)
+
+        _check_resolved(
+            total.sum() if signs is None else energy,
+            base,
+            _unit_roundoff(x, base),
+            u.shape[0],
+            moves,
+        )
     return _narrow(total / (u.shape[0] * eps**2), x.dtype)
 
 
