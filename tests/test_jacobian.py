@@ -1392,3 +1392,31 @@ def test_finite_differences_lost_in_rounding_are_refused(dtype, layer, scale, wr
     nn.init.zeros_(model[2].weight)
     got = gcx.jacobian_sq_norms(model, x, method="finite_difference", **kwargs)
     assert torch.equal(got, torch.zeros_like(got))
+
+
+def test_jvp_of_an_expanded_input():
+    # x[:1].expand(B, d) (one point measured B times, or a broadcast feature):
+    # forward-mode AD refuses a primal whose elements share memory, so jvp
+    # and the jvp penalty crashed ("more than one element of the written-to
+    # tensor refers to a single memory location") where the other methods ran
+    from geocomplexity.regularizers import GeometricComplexity
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    point = torch.randn(1, 6, dtype=torch.float64)
+    for x in (point.expand(4, 6), point[:, :1].expand(4, 6)):
+        dense = x.contiguous()
+
+        def measured(z: torch.Tensor) -> torch.Tensor:
+            g = torch.Generator().manual_seed(0)
+            return gcx.jacobian_sq_norms(
+                model, z, method="jvp", num_probes=4, generator=g
+            )
+
+        assert torch.equal(measured(x), measured(dense))
+        g = torch.Generator().manual_seed(0)
+        penalty = GeometricComplexity(1.0, method="jvp", generator=g)(model, x)
+        g = torch.Generator().manual_seed(0)
+        want = GeometricComplexity(1.0, method="jvp", generator=g)(model, dense)
+        assert torch.equal(penalty, want)
+        penalty.backward()  # differentiable in the parameters

@@ -949,6 +949,10 @@ def _forward_mode(
     """
     B = x.shape[0]
     total = _accumulator(x, B)
+    if 0 in x.stride():
+        # an expanded input (x[:1].expand(B, d), a broadcast): make_dual
+        # refuses a primal whose elements share memory
+        x = x.contiguous()
 
     def pushed(u: Tensor) -> Tensor | None:
         with fwAD.dual_level():
