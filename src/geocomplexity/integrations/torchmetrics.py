@@ -254,6 +254,15 @@ class GeometricComplexity(Metric):
     def stderr(self) -> Tensor:
         """Standard error of :meth:`compute` over samples (this process's states).
 
+        From the summed states, as ``Σx² − n·mean²``, which cancels where the
+        per-sample values barely differ: float64's rounding of the sums,
+        relative to the variance, grows as 10⁻¹⁶·(mean/std)². Over
+        10⁶ float32 samples it was exact to 10⁻⁴ at a relative spread
+        std/mean of 10⁻⁵, 1% off at 10⁻⁶ and 0.2 of the true stderr at 10⁻⁷
+        (where float32 values, rounded to 6·10⁻⁸ each, hardly resolve the
+        spread). :func:`geocomplexity.measure` merges means and squared
+        deviations instead (Chan et al.) and is exact there.
+
         Returns:
             A float64 scalar; NaN below two samples.
         """
