@@ -1004,3 +1004,27 @@ def test_claims_table_marks_a_cut_cell():
     assert long[:59] + "…" in first
     assert short + " " * (60 - len(short)) in second
     assert len(first) == len(second)
+
+
+def test_claims_table_has_report_htmls_n_column():
+    # report.html gives each claim's n (how many numbers its statistic rests
+    # on); the printed table did not, so a claim on 2 runs read like one on 30
+    from geocomplexity.experiments.report import claims_table
+
+    table = claims_table(
+        [("lr-batch", Claim.check("GC falls with lr", "Spearman", -1.0, "<=", -0.8, 2))]
+    )
+    head, _, row = table.splitlines()
+    assert head.split() == [
+        "experiment",
+        "data",
+        "preset",
+        "claim",
+        "statistic",
+        "value",
+        "threshold",
+        "n",
+        "verdict",
+    ]
+    at = head.index(" n ") + 1
+    assert row[at] == "2" and row[head.index("verdict") :].strip() == "PASS"

@@ -48,8 +48,9 @@ def collect_claims(out: Path) -> list[tuple[str, Claim]]:
 def claims_table(claims: list[tuple[str, Claim]]) -> str:
     """A plain-text table of the claims for the terminal.
 
-    Cells longer than 60 characters are cut, ending in "…"; report.html has
-    them whole.
+    Its columns are report.html's: n is how many numbers each statistic rests
+    on (a claim on 2 runs reads differently from one on 30). Cells longer
+    than 60 characters are cut, ending in "…"; report.html has them whole.
 
     Returns:
         The table.
@@ -62,6 +63,7 @@ def claims_table(claims: list[tuple[str, Claim]]) -> str:
         "statistic",
         "value",
         "threshold",
+        "n",
         "verdict",
     )
     rows = [head] + [
@@ -73,6 +75,7 @@ def claims_table(claims: list[tuple[str, Claim]]) -> str:
             c.statistic,
             f"{c.value:.4g}",
             c.threshold,
+            str(c.n),
             "PASS" if c.passed else "FAIL",
         )
         for name, c in claims
