@@ -1028,3 +1028,39 @@ def test_claims_table_has_report_htmls_n_column():
     ]
     at = head.index(" n ") + 1
     assert row[at] == "2" and row[head.index("verdict") :].strip() == "PASS"
+
+
+def test_u_curve_colour_bar_is_in_widths_not_log2_width(tmp_path, monkeypatch):
+    # the colour bar read "log2 width" 1 to 6, leaving the reader to work out
+    # that 5 is width 32; it is now a log scale labelled in the widths
+    from matplotlib.colors import LogNorm
+
+    from geocomplexity.experiments import width_sweep
+
+    figures = _drawn(monkeypatch, width_sweep)
+    widths = (2, 4, 6, 8, 16, 32, 64)
+    records = [
+        {
+            "config": {"experiment": "u-curve", "seed": 0, "width": w, "n": 300},
+            "result": {
+                "train_err": 0.0,
+                "test_loss": 1.0 + (math.log(w) - 2) ** 2,
+                "gc_train": float(w),
+                "train_loss": 0.1,
+                "test_err": 0.2,
+                "gc_test": float(w),
+                "effective_noise": 0.13,
+                "n_train": 300,
+            },
+        }
+        for w in widths
+    ]
+    EXPERIMENTS["u-curve"].plot(records, tmp_path, "")
+    ax, bar = figures[1].axes
+    assert bar.get_ylabel() == "width"
+    labels = [t.get_text() for t in bar.get_yticklabels()]
+    assert labels == ["2", "4", "8", "16", "32", "64"]  # 6 too close to 4
+    assert len(bar.yaxis.get_minorticklocs()) == 0
+    (points,) = ax.collections
+    assert isinstance(points.norm, LogNorm)
+    assert list(points.get_array()) == list(widths)

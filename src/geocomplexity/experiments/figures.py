@@ -12,7 +12,7 @@ from typing import Any
 
 from geocomplexity.atomic import write_with
 
-__all__ = ["log_xticks", "pyplot", "save"]
+__all__ = ["log_colorbar", "log_xticks", "pyplot", "save"]
 
 
 def pyplot() -> Any:
@@ -56,13 +56,50 @@ def log_xticks(ax: Any, values: Sequence[float], spacing: float = 1.0) -> None:
         values: the swept values (positive), in any order.
         spacing: the least ratio between neighbouring labelled values.
     """
+    ticks = _thinned(values, spacing)
+    ax.set_xscale("log")
+    ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
+    ax.minorticks_off()
+
+
+def log_colorbar(
+    fig: Any, points: Any, values: Sequence[float], label: str, spacing: float = 1.0
+) -> Any:
+    """Colour ``points`` on a log scale and add a colour bar labelled in values.
+
+    A colour bar in ``log2(width)`` (1, 2, ..., 6) makes the reader do the
+    arithmetic; here the scale is logarithmic and its ticks are the values
+    themselves, thinned as in :func:`log_xticks`.
+
+    Args:
+        fig: the Figure that gets the colour bar.
+        points: what ``ax.scatter(..., c=values)`` returned.
+        values: the values the points are coloured by (positive).
+        label: the colour bar's label.
+        spacing: the least ratio between neighbouring labelled values.
+
+    Returns:
+        The Colorbar.
+    """
+    from matplotlib.colors import LogNorm
+
+    lo, hi = min(values), max(values)
+    # one value: LogNorm(v, v) has no range to draw a colour bar over
+    points.set_norm(LogNorm(lo / 2, hi * 2) if lo == hi else LogNorm(lo, hi))
+    ticks = _thinned(values, spacing)
+    bar = fig.colorbar(points, label=label)
+    bar.set_ticks(ticks, labels=[f"{v:g}" for v in ticks])
+    bar.ax.minorticks_off()
+    return bar
+
+
+def _thinned(values: Sequence[float], spacing: float) -> list[float]:
+    """The distinct values, ascending, each >= ``spacing`` times the last kept."""
     ticks: list[float] = []
     for v in sorted(set(values)):
         if not ticks or v >= spacing * ticks[-1]:
             ticks.append(v)
-    ax.set_xscale("log")
-    ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
-    ax.minorticks_off()
+    return ticks
 
 
 def save(fig: Any, path: Path, dpi: int = 100) -> Path:

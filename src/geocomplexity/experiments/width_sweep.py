@@ -34,7 +34,12 @@ from torch import Tensor
 from geocomplexity.data import load
 from geocomplexity.experiments.base import Experiment, result_rows, seed_means
 from geocomplexity.experiments.claims import Claim, spearman
-from geocomplexity.experiments.figures import log_xticks, pyplot, save
+from geocomplexity.experiments.figures import (
+    log_colorbar,
+    log_xticks,
+    pyplot,
+    save,
+)
 from geocomplexity.experiments.runner import Context, Run
 from geocomplexity.measure import measure
 from geocomplexity.models import mlp
@@ -464,7 +469,7 @@ class UCurve(_WidthSweep):
         points = ax.scatter(
             [r["gc_train"] for r in rows],
             [r["test_loss"] for r in rows],
-            c=[math.log2(r["width"]) for r in rows],
+            c=[r["width"] for r in rows],
             cmap="viridis",
         )
         grid = torch.linspace(min(logs), max(logs), 100)
@@ -481,6 +486,6 @@ class UCurve(_WidthSweep):
             ylabel="test loss",
             title="Test loss against geometric complexity",
         )
-        fig.colorbar(points, label="log2 width")
+        log_colorbar(fig, points, [r["width"] for r in rows], "width", spacing=1.9)
         ax.legend(fontsize=8)
         return [sweep, save(fig, directory / f"u_curve{suffix}.png")]
