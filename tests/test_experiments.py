@@ -1064,3 +1064,46 @@ def test_u_curve_colour_bar_is_in_widths_not_log2_width(tmp_path, monkeypatch):
     (points,) = ax.collections
     assert isinstance(points.norm, LogNorm)
     assert list(points.get_array()) == list(widths)
+
+
+def test_arc_length_figure_names_its_axes_lines_and_both_claimed_ratios(
+    tmp_path, monkeypatch
+):
+    # the top panels had no axis labels, the title said "ratio" of nothing
+    # named, the dashed line below (the PL interpolant's arc) was in no legend,
+    # and the Dirichlet-energy claim (∫f'², twice the GC) was not drawn at all
+    from geocomplexity.experiments import arc_length
+
+    figures = _drawn(monkeypatch, arc_length)
+    # PL interpolant through (-1, 0), (0, 1), (1, 0): ∫f'² = 1 + 1 = 2, GC 1;
+    # the network's ∫f'² = 2 (dirichlet - 2) = 2.2, ratio 1.1
+    record = {
+        "config": {"seed": 0, "target": "sin", "amplitude": 1.0},
+        "result": {
+            "x": [-1.0, 0.0, 1.0],
+            "y": [0.0, 1.0, 0.0],
+            "curve": [0.0] * 401,
+            "arc": 2.9,
+            "arc_pl": 2 * math.sqrt(2),
+            "ratio": 2.9 / (2 * math.sqrt(2)),
+            "dirichlet": 3.1,
+            "trace": [
+                {"step": 0, "arc": 2.0, "gc": 0.0},
+                {"step": 20, "arc": 2.9, "gc": 1.1},
+            ],
+        },
+    }
+    EXPERIMENTS["arc-length"].plot([record], tmp_path, "")
+    (fig,) = figures
+    top, bottom, twin = fig.axes
+    assert (top.get_xlabel(), top.get_ylabel()) == ("x", "f(x)")
+    assert "network / PL interpolant: arc 1.025, ∫f'² 1.100" in top.get_title()
+    legend = [t.get_text() for t in bottom.get_legend().get_texts()]
+    assert legend == [
+        "arc length",
+        "PL interpolant's arc",
+        "GC",
+        "PL interpolant's GC",
+    ]
+    (least_gc,) = [ln for ln in twin.lines if ln.get_label() == legend[-1]]
+    assert list(least_gc.get_ydata()) == pytest.approx([1.0, 1.0])

@@ -60,19 +60,29 @@ def _points(
     return x, y
 
 
-def _energy_ratio(result: dict[str, Any]) -> float:
-    r"""The network's :math:`\int f'^2` over the PL interpolant's.
+def _energy_ratio_parts(result: dict[str, Any]) -> tuple[float, float]:
+    r"""The network's :math:`\int f'^2` and the PL interpolant's, on [a, b].
 
     On each interval the straight line has the least :math:`\int f'^2` of all
     functions through its two ends (Cauchy–Schwarz), so the PL interpolant's
-    :math:`\sum \Delta y^2/\Delta x` is the least over interpolants and the
-    ratio is at least 1 for an exact fit. The network's energy comes from the
-    Dirichlet expression, :math:`2\,(\text{dirichlet} - (b-a))`.
+    :math:`\sum \Delta y^2/\Delta x` is the least over interpolants. The
+    network's energy comes from the Dirichlet expression,
+    :math:`2\,(\text{dirichlet} - (b-a))`.
     """
     x = torch.tensor(result["x"], dtype=torch.float64)
     y = torch.tensor(result["y"], dtype=torch.float64)
     least = (y.diff() ** 2 / x.diff()).sum().item()
     network = 2 * (result["dirichlet"] - (x[-1] - x[0]).item())
+    return network, least
+
+
+def _energy_ratio(result: dict[str, Any]) -> float:
+    r"""The network's :math:`\int f'^2` over the PL interpolant's.
+
+    At least 1 for an exact fit (:func:`_energy_ratio_parts`); NaN where the
+    points all have one value and the least energy is 0.
+    """
+    network, least = _energy_ratio_parts(result)
     return network / least if least > 0 else math.nan
 
 
@@ -237,6 +247,9 @@ class ArcLengthExperiment(Experiment):
         t = torch.linspace(-1, 1, 401).tolist()
         for i, r in enumerate(shown):
             c, res = r["config"], r["result"]
+            # the GC on [-1, 1] is the mean of f'² there, half of ∫f'²: the PL
+            # interpolant's GC is the least any interpolant can have
+            least_gc = _energy_ratio_parts(res)[1] / 2
             ax = axes[0, i]
             ax.plot(t, res["curve"], label=f"network (arc {res['arc']:.3f})")
             ax.plot(
@@ -244,21 +257,36 @@ class ArcLengthExperiment(Experiment):
                 res["y"],
                 "k--",
                 lw=0.8,
-                label=f"PL interpolant ({res['arc_pl']:.3f})",
+                label=f"PL interpolant (arc {res['arc_pl']:.3f})",
             )
             ax.plot(res["x"], res["y"], "ko", ms=3)
             ax.set_title(
-                f"{c['target']}, A={c['amplitude']}: ratio {res['ratio']:.3f}",
+                f"{c['target']}, A={c['amplitude']}\nnetwork / PL interpolant: "
+                f"arc {res['ratio']:.3f}, ∫f'² {_energy_ratio(res):.3f}",
                 fontsize=9,
             )
+            ax.set_xlabel("x", fontsize=8)
+            ax.set_ylabel("f(x)", fontsize=8)
             ax.legend(fontsize=7)
             ax = axes[1, i]
             steps = [p["step"] for p in res["trace"]]
             ax.plot(steps, [p["arc"] for p in res["trace"]], label="arc length")
-            ax.axhline(res["arc_pl"], color="k", ls="--", lw=0.8)
+            ax.axhline(
+                res["arc_pl"], color="k", ls="--", lw=0.8, label="PL interpolant's arc"
+            )
             ax2 = ax.twinx()
             ax2.plot(steps, [p["gc"] for p in res["trace"]], color="C1", label="GC")
+            ax2.axhline(
+                least_gc, color="C1", ls=":", lw=1.2, label="PL interpolant's GC"
+            )
             ax.set_xlabel("Adam step", fontsize=8)
             ax.set_ylabel("arc length", fontsize=8)
             ax2.set_ylabel("GC on [-1, 1]", fontsize=8, color="C1")
+            if i == 0:  # the same four lines in every panel: one legend
+                ax.legend(
+                    ax.lines + ax2.lines,
+                    [ln.get_label() for ln in ax.lines + ax2.lines],
+                    fontsize=7,
+                    loc="lower right",
+                )
         return [save(fig, directory / f"arc_length{suffix}.png")]
