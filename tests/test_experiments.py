@@ -1107,3 +1107,56 @@ def test_arc_length_figure_names_its_axes_lines_and_both_claimed_ratios(
     ]
     (least_gc,) = [ln for ln in twin.lines if ln.get_label() == legend[-1]]
     assert list(least_gc.get_ydata()) == pytest.approx([1.0, 1.0])
+
+
+def test_regularizers_figure_draws_the_unregularized_run_and_tells_kinds_apart(
+    tmp_path, monkeypatch
+):
+    # the claim's Spearman counts the unregularized run as strength 0, but the
+    # left panel did not draw it; its x axis was an index into the strengths
+    # present (0, 1 at smoke) with no strengths named; and the five kinds
+    # differed by colour alone, one marker for all
+    from geocomplexity.experiments import regularizers
+
+    figures = _drawn(monkeypatch, regularizers)
+    swept = regularizers._STRENGTHS
+    curve = [(2.3, 0.05), (1.0, 0.1)]
+
+    def record(kind, strength, gc):
+        return {
+            "config": {"seed": 0, "kind": kind, "strength": strength},
+            "result": {
+                "train_loss": 1.5,
+                "test_acc": 0.5,
+                "test_loss": 1.6,
+                "gc_train": gc,
+                "curve": curve if kind == "none" else None,
+            },
+        }
+
+    records = [record("none", 0.0, 1.0)] + [
+        record(kind, strengths[level], 0.9 - 0.1 * level)
+        for kind, strengths in swept.items()
+        for level in (1, 3)
+    ]
+    EXPERIMENTS["regularizers"].plot(records, tmp_path, "")
+    (fig,) = figures
+    ax = fig.axes[0]
+    (none,) = [ln for ln in ax.lines if ln.get_label().startswith("unregularized")]
+    assert list(none.get_xdata()) == [0] and list(none.get_ydata()) == [1.0]
+    means = [ln for ln in ax.lines if ln.get_label().split()[0] in swept]
+    assert len(means) == 5
+    # each kind's line runs from the unregularized run through its own
+    # strengths, at levels 2 and 4 of 4: the weakest (level 1) is not run here
+    for line in means:
+        assert list(line.get_xdata()) == [0, 2, 4]
+        assert list(line.get_ydata()) == pytest.approx([1.0, 0.8, 0.6])
+    assert len({ln.get_marker() for ln in means}) == 5
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "l2 (0.0003, 0.003)" in legend
+    assert legend[-1] == "unregularized (strength 0)"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "2", "4"]
+    assert ax.get_xlabel().startswith("strength level: 0 none")
+    # the right panel: the same marker per kind as the legend on the left
+    right = [ln for ln in fig.axes[1].lines if ln.get_label() in swept]
+    assert [ln.get_marker() for ln in right] == [ln.get_marker() for ln in means]

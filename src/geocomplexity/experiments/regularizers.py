@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,8 @@ _PRESETS = {
 }
 #: a strength is "non-trivial" when it raises the final train loss by this factor
 _NONTRIVIAL = 1.2
+#: one marker per kind, so that colour is not the only cue
+_MARKERS = ("o", "s", "^", "D", "v")
 # part of each run's config (and hash): editing one reruns the sweep
 _FIXED = {"lr": 1e-3, "batch": 128, "gc_subset": 1000}
 
@@ -208,36 +211,65 @@ class Regularizers(Experiment):
         plt = pyplot()
 
         rows = result_rows(records)
+        base = [r for r in rows if r["kind"] == "none"]
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
         for r in records:
             if r["config"]["kind"] == "none":
                 loss, gc = zip(*r["result"]["curve"], strict=True)
                 axes[1].plot(loss, gc, "k-", lw=1, alpha=0.6)
+        used = {0}
         for i, kind in enumerate(_STRENGTHS):
             mine = [r for r in rows if r["kind"] == kind]
             if not mine:
                 continue
+            # level j >= 1 is the kind's j-th strength; 0 is the unregularized
+            # run, which the claim's Spearman counts as strength 0
+            swept = sorted(set(_STRENGTHS[kind]) | {r["strength"] for r in mine})
+            level = {0.0: 0} | {v: j + 1 for j, v in enumerate(swept)}
             # the seed mean at each strength, joined; each seed a faint dot
-            strengths, mean = seed_means(mine, "strength", "gc_train")
-            level = {v: j for j, v in enumerate(strengths)}
-            axes[0].plot(range(len(strengths)), mean, "o-", color=f"C{i}", label=kind)
+            strengths, mean = seed_means(base + mine, "strength", "gc_train")
+            used |= {level[v] for v in strengths}
+            marker = _MARKERS[i % len(_MARKERS)]
+            shown = ", ".join(f"{v:g}" for v in strengths if v)
+            axes[0].plot(
+                [level[v] for v in strengths],
+                mean,
+                "-" + marker,
+                color=f"C{i}",
+                label=f"{kind} ({shown})",
+            )
             axes[0].plot(
                 [level[r["strength"]] for r in mine],
                 [r["gc_train"] for r in mine],
-                ".",
+                marker,
+                ms=3,
                 color=f"C{i}",
                 alpha=0.3,
             )
             axes[1].plot(
                 [r["train_loss"] for r in mine],
                 [r["gc_train"] for r in mine],
-                "o",
+                marker,
                 color=f"C{i}",
                 label=kind,
             )
+        if base:  # where every kind's line starts
+            axes[0].plot(
+                [0],
+                [statistics.fmean(r["gc_train"] for r in base)],
+                "k*",
+                ms=10,
+                zorder=3,
+                label="unregularized (strength 0)",
+            )
+            axes[0].plot(
+                [0] * len(base), [r["gc_train"] for r in base], "k.", alpha=0.3
+            )
+        axes[0].set_xticks(sorted(used))
         axes[0].set(
             yscale="log",
-            xlabel="strength level (weakest to strongest; line: seed mean)",
+            xlabel="strength level: 0 none, then each kind's strengths, weakest "
+            "first\n(values in the legend; line: seed mean, dots: seeds)",
             ylabel="GC (train)",
             title="GC against penalty strength",
         )
