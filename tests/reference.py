@@ -44,3 +44,42 @@ def diagonal_block_sq_norms(model: nn.Module, x: Tensor) -> Tensor:
         for n, b in model.named_buffers():
             b.copy_(saved[n])
     return torch.stack([J[i, :, i].pow(2).sum() for i in range(B)])
+
+
+def inner_sq_norms(
+    model: nn.Module,
+    x: Tensor,
+    wrt: str,
+    select: Callable[[object], Tensor] | None = None,
+) -> Tensor:
+    """‖∂g(x_i)/∂e_i‖_F² against submodule ``wrt``'s output e, each sample alone
+    (eval mode): e is replaced by a free variable through a forward hook."""
+    sub = model.get_submodule(wrt)
+    was = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        rows = []
+        for i in range(x.shape[0]):
+            xi = x[i : i + 1]
+            seen: list[Tensor] = []
+            handle = sub.register_forward_hook(lambda _m, _a, r, s=seen: s.append(r))
+            try:
+                model(xi)
+            finally:
+                handle.remove()
+            shape = seen[0].shape
+
+            def f(z: Tensor, xi: Tensor = xi, shape: torch.Size = shape) -> Tensor:
+                handle = sub.register_forward_hook(lambda _m, _a, _r: z.reshape(shape))
+                try:
+                    out = model(xi)
+                finally:
+                    handle.remove()
+                return (select(out) if select else out).reshape(-1)
+
+            J = torch.autograd.functional.jacobian(f, seen[0].detach().reshape(-1))
+            rows.append(J.pow(2).sum())
+        return torch.stack(rows)
+    finally:
+        for m, flag in was:
+            m.training = flag
