@@ -555,3 +555,35 @@ def test_penalties(name):
         value = SpectralNorm(1.0)(model, x)
     assert torch.isfinite(value) and torch.isfinite(_grads(value, params)).all()
     _assert_as_found(model, before, rng=False)
+
+
+# -- what the zoo found -------------------------------------------------------------
+
+
+def test_instance_norm_running_statistics_are_counted_once():
+    """In train mode InstanceNorm normalises by each sample and writes its
+    running statistics: the penalties' own passes wrote them again (the batch
+    counted twice, once more per jvp probe), and the finite-difference
+    gradient norm refused the model for it."""
+    model, x, _ = _case("instance norm 2d, running statistics")
+    model.train()
+    y = torch.randint(0, 3, (x.shape[0],))
+    out = model(x)  # the task's pass: the one update
+    stats = {n: b.clone() for n, b in model.named_buffers()}
+    terms = [
+        GeometricComplexity(1.0, method="jvp"),
+        GeometricComplexity(1.0, subsample=0.5),
+        GradientNorm(1.0),
+        GradientNorm(1.0, method="finite_difference"),
+    ]
+    for term in terms:
+        value = term(model, x, y)
+        assert torch.isfinite(value)
+        value.backward()
+        for n, b in model.named_buffers():
+            assert torch.equal(b, stats[n]), (term, n)
+    GradientNorm(1.0, method="finite_difference").backward(
+        F.cross_entropy(out, y), model, x, y, outputs=out
+    )
+    for n, b in model.named_buffers():
+        assert torch.equal(b, stats[n]), n

@@ -192,6 +192,9 @@ def rewound(model: nn.Module, modules: Iterable[nn.Module]) -> Iterator[None]:
         handle.remove()
 
 
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
 @contextlib.contextmanager
 def kept_buffers(model: nn.Module) -> Iterator[None]:
     """Run an extra forward pass that leaves BatchNorm's running statistics alone.
@@ -202,25 +205,38 @@ def kept_buffers(model: nn.Module) -> Iterator[None]:
     which breaks the backward pass of the task loss's graph, where BatchNorm
     saved them. So train-mode BatchNorm layers normalise with the batch's
     statistics, as they do anyway, but with ``track_running_stats`` switched
-    off for the block: nothing is written. Eval-mode layers write nothing.
+    off for the block: nothing is written. Train-mode InstanceNorm layers
+    with running statistics (which normalise by each sample's statistics and
+    only write the running ones) run without them. Eval-mode layers write
+    nothing.
 
     Yields:
         Nothing.
     """
-    bns = [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        and m.training
-        and m.track_running_stats
-    ]
+    bns, instance = [], []
+    for m in model.modules():
+        if not (isinstance(m, _NORMS) and m.training and m.track_running_stats):
+            continue
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            bns.append(m)
+        else:
+            instance.append(
+                (m, m._buffers.get("running_mean"), m._buffers.get("running_var"))
+            )
     try:
         for m in bns:
             m.track_running_stats = False
+        # InstanceNorm hands its running statistics to the kernel whatever
+        # track_running_stats says; in train mode it normalises by each
+        # sample's own statistics and only writes them: hidden for the block
+        for m, _, _ in instance:
+            m._buffers["running_mean"] = m._buffers["running_var"] = None
         yield
     finally:
         for m in bns:
             m.track_running_stats = True
+        for m, mean, var in instance:
+            m._buffers["running_mean"], m._buffers["running_var"] = mean, var
 
 
 def _same(buf: torch.Tensor, value: torch.Tensor) -> bool:
