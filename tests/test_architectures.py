@@ -75,6 +75,23 @@ class Encoder(nn.Module):
         return self.head(self.enc(x).mean(1))
 
 
+class PaddedTokens(nn.Module):
+    """Token ids (0 pads) into an encoder with a padding mask, then the mean over
+    every position, the padded ones too. In eval mode without grad the encoder
+    runs a nested tensor and returns zeros at the padded positions; with grad,
+    what attention computes there: another function."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(12, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.enc, self.head = nn.TransformerEncoder(layer, 2), nn.Linear(8, 3)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        h = self.enc(self.embed(t), src_key_padding_mask=t == 0)
+        return self.head(h.mean(1))
+
+
 class CausalAttention(nn.Module):
     """Self-attention with a causal mask held as a buffer, a head on every step."""
 
@@ -181,6 +198,11 @@ ZOO: dict[str, Callable[[], tuple[nn.Module, torch.Tensor, dict[str, Any]]]] = {
         Encoder(norm_first=True),
         torch.randn(3, 4, 8),
         {},
+    ),
+    "padded tokens, nested tensor": lambda: (
+        PaddedTokens(),
+        _tokens(),
+        {"wrt": "embed"},
     ),
     "causal attention, mask buffer": lambda: (
         CausalAttention(),
@@ -558,6 +580,26 @@ def test_penalties(name):
 
 
 # -- what the zoo found -------------------------------------------------------------
+
+
+def test_frozen_transformer_jvp_and_finite_differences():
+    """A frozen model (nothing requires grad) in eval mode: attention took its
+    fused fast path in the jvp passes, which has no forward-mode derivative
+    (NotImplementedError), and in the finite differences' no-grad passes."""
+    model, x, _ = _case("transformer encoder")
+    model.requires_grad_(False)
+    want = per_sample_sq_norms(model, x)
+    jvp, fd = jvp_and_finite_difference(model, x)
+    torch.testing.assert_close(fd, jvp, rtol=1e-5, atol=1e-9)
+    g = torch.Generator().manual_seed(0)
+    est = gcx.jacobian_sq_norms(model, x, method="jvp", num_probes=64, generator=g)
+    assert abs(est.mean() / want.mean() - 1) < 0.35
+    assert not any(p.requires_grad for p in model.parameters())
+    assert torch.backends.mha.get_fastpath_enabled()  # switched back on
+    tokens = PaddedTokens().double().eval().requires_grad_(False)
+    t = _tokens()
+    jvp, fd = jvp_and_finite_difference(tokens, t, wrt="embed")
+    torch.testing.assert_close(fd, jvp, rtol=1e-5, atol=1e-9)
 
 
 def test_instance_norm_running_statistics_are_counted_once():

@@ -74,6 +74,7 @@ from geocomplexity.state import (
     batch_norm_couples,
     differentiable_attention,
     kept_buffers,
+    no_attention_fast_path,
     preserved,
     rewound,
 )
@@ -1306,11 +1307,13 @@ def jacobian_sq_norms(
         else contextlib.nullcontext()
     )
     # a second derivative (create_graph) or a forward-mode one (jvp) through
-    # attention needs its math kernel: the fused ones have neither
+    # attention needs its math kernel: the fused ones have neither. Every
+    # method runs attention layers by their Python path: their fast path
+    # (no grad: finite differences) computes another function on padded input
     attention = (
         differentiable_attention()
         if create_graph or method == "jvp"
-        else contextlib.nullcontext()
+        else no_attention_fast_path()
     )
     # a jvp penalty backpropagates forward-mode derivatives, which PyTorch's
     # fused layer, batch and instance norm get wrong (see composite_ops)

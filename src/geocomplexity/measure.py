@@ -36,6 +36,7 @@ from geocomplexity.jacobian import (
 from geocomplexity.state import (
     batch_norm_couples,
     loader_generators,
+    no_attention_fast_path,
     preserved,
     rngs_kept,
 )
@@ -442,8 +443,12 @@ def _pilot(
     if x.dim() == 1 and x.shape[0] > 1:  # scalars, or one unbatched sample?
         _check_scalar_batch(model, x, output)
     # in the measuring mode, so that train-mode BatchNorm reads as coupling;
-    # buffers and the RNG come back (preserved)
-    with preserved(model, mode=mode) as modules, torch.no_grad():
+    # buffers and the RNG come back (preserved); attention as it is measured
+    with (
+        preserved(model, mode=mode) as modules,
+        torch.no_grad(),
+        no_attention_fast_path(),
+    ):
         k = _select(model, x, output).shape[1]
         coupled = _coupled(coupled, batch_norm_couples(modules), mode == "train")
     n = x.shape[0]
