@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import jvp_and_finite_difference
+from conftest import assert_central_differences, jvp_and_finite_difference
 from reference import diagonal_block_sq_norms, inner_sq_norms, per_sample_sq_norms
 from torch import nn
 
@@ -218,6 +218,11 @@ ZOO: dict[str, Callable[[], tuple[nn.Module, torch.Tensor, dict[str, Any]]]] = {
     "group norm": lambda: (
         _conv(nn.GroupNorm(2, 4), nn.SiLU(), flat=144),
         torch.randn(_IMAGE),
+        {},
+    ),
+    "group norm, channels last": lambda: (
+        _conv(nn.GroupNorm(2, 4), nn.SiLU(), flat=144).to(memory_format=_CL),
+        torch.randn(_IMAGE).contiguous(memory_format=_CL),
         {},
     ),
     "instance norm 2d": lambda: (
@@ -600,6 +605,25 @@ def test_frozen_transformer_jvp_and_finite_differences():
     t = _tokens()
     jvp, fd = jvp_and_finite_difference(tokens, t, wrt="embed")
     torch.testing.assert_close(fd, jvp, rtol=1e-5, atol=1e-9)
+
+
+def test_channels_last_group_norm_jvp_penalty_gradient():
+    """PyTorch's forward-mode derivative of group_norm fails on channels-last
+    tensors ("view size is not compatible"): the jvp penalty's gradient
+    through it, against central differences."""
+    model, x, _ = _case("group norm, channels last")
+    assert x.is_contiguous(memory_format=_CL)
+
+    def penalty() -> torch.Tensor:
+        g = torch.Generator().manual_seed(3)
+        return GeometricComplexity(1.0, method="jvp", num_probes=2, generator=g)(
+            model, x
+        )
+
+    # the conv's bias (its weight is channels last too) and the norm's weight
+    for param in (model[0].bias, model[1].weight):
+        assert_central_differences(penalty, param, range(param.numel()))
+    assert F.group_norm.__module__ == "torch.nn.functional"  # put back
 
 
 def test_instance_norm_running_statistics_are_counted_once():

@@ -51,6 +51,7 @@ __all__ = ["composite_ops"]
 # the functions as torch defines them, captured before any block patches them
 _F_SOFTMAX, _F_LOG_SOFTMAX, _F_SOFTMIN = F.softmax, F.log_softmax, F.softmin
 _F_BATCH_NORM, _F_INSTANCE_NORM = F.batch_norm, F.instance_norm
+_F_GROUP_NORM = F.group_norm
 _TORCH_LAYER_NORM = torch.layer_norm
 _TORCH_BATCH_NORM, _TORCH_INSTANCE_NORM = torch.batch_norm, torch.instance_norm
 
@@ -469,34 +470,67 @@ _PATCHED = {
 
 
 _PATCH_LOCK = threading.Lock()
-_patch_depth = 0
+_patch_depth: dict[str, int] = {}
 _unpatched: dict[str, Any] = {}
 
 
 @contextlib.contextmanager
-def _functional_patched() -> Iterator[None]:
-    """``torch.nn.functional``'s names for the fused ops point at composites.
+def _patched(patches: dict[str, Any]) -> Iterator[None]:
+    """``torch.nn.functional``'s names in ``patches`` point at their values.
 
-    Process-wide while it lasts (one call of a :data:`_DECOMPOSED` function):
-    another thread calling these functions meanwhile gets the composites too,
-    which compute the same values. Overlapping blocks (threads, nesting)
-    count: the first one in patches, the last one out restores.
+    Process-wide while it lasts: another thread calling these functions
+    meanwhile gets the replacements too, which compute the same values.
+    Overlapping blocks (threads, nesting) count per name: the first one in
+    patches, the last one out restores.
     """
-    global _patch_depth
     with _PATCH_LOCK:
-        if _patch_depth == 0:
-            _unpatched.update({name: getattr(F, name) for name in _PATCHED})
-            for name, composite in _PATCHED.items():
-                setattr(F, name, composite)
-        _patch_depth += 1
+        for name, replacement in patches.items():
+            if not _patch_depth.get(name):
+                _unpatched[name] = getattr(F, name)
+                setattr(F, name, replacement)
+            _patch_depth[name] = _patch_depth.get(name, 0) + 1
     try:
         yield
     finally:
         with _PATCH_LOCK:
-            _patch_depth -= 1
-            if _patch_depth == 0:
-                for name, original in _unpatched.items():
-                    setattr(F, name, original)
+            for name in patches:
+                _patch_depth[name] -= 1
+                if not _patch_depth[name]:
+                    setattr(F, name, _unpatched.pop(name))
+
+
+def _functional_patched() -> contextlib.AbstractContextManager[None]:
+    """``torch.nn.functional``'s names for the fused ops point at composites.
+
+    For one call of a :data:`_DECOMPOSED` function (see :func:`_patched`).
+    """
+    return _patched(_PATCHED)
+
+
+def _contiguous_group_norm(
+    input: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``F.group_norm`` of a contiguous copy of ``input`` where it is not one."""
+    return _F_GROUP_NORM(input.contiguous(), num_groups, weight, bias, eps)
+
+
+def contiguous_group_norm() -> contextlib.AbstractContextManager[None]:
+    """A block in which ``F.group_norm`` (``nn.GroupNorm``) takes contiguous input.
+
+    PyTorch's forward-mode derivative of ``group_norm`` views its input and
+    tangent as ``(1, N·groups, -1)``, which fails on a channels-last tensor
+    ("view size is not compatible with input tensor's size and stride",
+    PyTorch 2.13): a channels-last input, or a model converted with
+    ``model.to(memory_format=torch.channels_last)``, stopped ``"jvp"`` at its
+    first ``GroupNorm``. The values are the same; the block's forward-mode
+    passes (``"jvp"``, the jvp penalty) run in it. Process-wide while it
+    lasts, as :func:`_patched`.
+    """
+    return _patched({"group_norm": _contiguous_group_norm})
 
 
 class _Composites(TorchFunctionMode):

@@ -63,7 +63,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from geocomplexity.composite_ops import _wide, composite_ops
+from geocomplexity.composite_ops import _wide, composite_ops, contiguous_group_norm
 from geocomplexity.probes import (
     check_distribution,
     draw_probes,
@@ -1320,6 +1320,10 @@ def jacobian_sq_norms(
     norms = contextlib.nullcontext()
     if create_graph and method == "jvp":
         norms = composite_ops(model)
+    # and forward mode through group_norm fails on channels-last tensors
+    group_norm = (
+        contiguous_group_norm() if method == "jvp" else contextlib.nullcontext()
+    )
     if mode == "train" and generator is not None and method != "exact":
         # the global RNG comes back as found (preserved): probes drawn from it
         # would be drawn again by the next call; one kept draw seeds them
@@ -1329,6 +1333,7 @@ def jacobian_sq_norms(
         grad_on,
         torch.enable_grad(),
         norms,
+        group_norm,
         attention,
         contextlib.ExitStack() as stack,
     ):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from geocomplexity.composite_ops import composite_ops
+from geocomplexity.composite_ops import composite_ops, contiguous_group_norm
 from geocomplexity.jacobian import (
     Output,
     _coupled,
@@ -222,7 +222,9 @@ class GeometricComplexity(Regularizer):
         coupled = _coupled(self.coupled, batch_norm_couples(modules))
         # backpropagating a tangent through PyTorch's fused layer, batch or
         # instance norm gives wrong gradients: the jvp passes run composites
+        # (and group_norm on contiguous input: channels last has no tangent)
         norms = composite_ops(model) if self.method == "jvp" else nullcontext()
+        group_norm = contiguous_group_norm() if self.method == "jvp" else nullcontext()
         # a compiled graph's VJP is not differentiable again (nor does it have
         # a forward-mode derivative): outputs from it would give a penalty with
         # no parameter gradient, so the term's own passes run eagerly
@@ -230,7 +232,7 @@ class GeometricComplexity(Regularizer):
         if compiled(modules):
             outputs, stance = None, eager()
         try:
-            with norms, stance:
+            with norms, group_norm, stance:
                 return self.strength * self._values(model, inputs, outputs, coupled)
         except NotImplementedError as err:
             if self.method == "jvp" and "custom autograd.Function" in str(err):
