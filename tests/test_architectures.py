@@ -653,3 +653,17 @@ def test_instance_norm_running_statistics_are_counted_once():
     )
     for n, b in model.named_buffers():
         assert torch.equal(b, stats[n]), n
+
+
+def test_a_model_of_several_inputs_is_told_how():
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(2, 3)
+
+        def forward(self, pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            return self.a(pair[0]) + self.b(pair[1])
+
+    x = (torch.randn(3, 4), torch.randn(3, 2))
+    with pytest.raises(TypeError, match="takes one tensor"):
+        gcx.jacobian_sq_norms(Pair(), x)

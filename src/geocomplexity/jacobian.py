@@ -136,11 +136,19 @@ def _not_a_tensor_hint(x: Any) -> str:
     """The fix for inputs that are no tensor, as a clause for an error message."""
     if isinstance(x, nn.Module):
         return "; the arguments are (model, x), the model first"
+    several = (
+        ". A model of several inputs is measured as a module that takes one "
+        "tensor: concatenate the inputs and split them in its forward pass (GC "
+        "in all of them), or close over the ones held fixed"
+    )
     if isinstance(x, (tuple, list)) and x and all(isinstance(t, Tensor) for t in x):
         return (
             f" of {len(x)} tensors; pass the input tensor alone (an (inputs, "
             "targets) batch's first element), or torch.stack a list of samples"
+            + several
         )
+    if isinstance(x, dict):
+        return several
     if isinstance(x, (tuple, list)) or hasattr(x, "__array__"):
         return "; convert it with torch.as_tensor(x, dtype=torch.float32)"
     if isinstance(x, (torch.utils.data.DataLoader, torch.utils.data.Dataset)):
