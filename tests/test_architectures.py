@@ -626,6 +626,74 @@ def test_channels_last_group_norm_jvp_penalty_gradient():
     assert F.group_norm.__module__ == "torch.nn.functional"  # put back
 
 
+class TimeFirst(nn.Module):
+    """A sequence layer left at batch_first=False, given what it is given."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        if kind == "attention":
+            self.layer = nn.MultiheadAttention(4, 2)
+        elif kind == "transformer":
+            self.layer = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0)
+        else:
+            self.layer = getattr(nn, kind)(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.layer, nn.MultiheadAttention):
+            out, _ = self.layer(x, x, x)
+        elif isinstance(self.layer, nn.RNNBase):
+            out, _ = self.layer(x)
+        else:
+            out = self.layer(x)
+        return self.head(out)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN", "attention", "transformer"])
+def test_a_sequence_run_along_the_batch_is_refused(kind):
+    """x sequence-first, (T, B, F), into a batch_first=False layer: the
+    measurement took dim 0, the time steps, for samples, and returned one
+    wrong number per step (the LSTM's mean 3% off, attention's twice the
+    right one). Refused by every path that runs the model; batch-first
+    data given to the same layer is the coupling the README names, measured
+    with coupled=True as each sample's diagonal block."""
+    torch.manual_seed(0)
+    model = TimeFirst(kind).double().eval()
+    x = torch.randn(5, 3, 4, dtype=torch.float64)  # (T, B, F)
+    match = r"runs along dim 0 of its input of shape \(5, 3, 4\).*coupled=True"
+    for method in ("exact", "projection", "jvp", "finite_difference"):
+        with pytest.raises(ValueError, match=match):
+            gcx.jacobian_sq_norms(model, x, method=method)
+    with pytest.raises(ValueError, match=match):
+        gcx.measure(model, x, progress=False)
+    with pytest.raises(ValueError, match=match):
+        GeometricComplexity(1.0, method="jvp")(model, x)
+    # coupled=True: the samples as given interact, and each one's diagonal
+    # block is measured
+    got = gcx.jacobian_sq_norms(model, x, coupled=True)
+    torch.testing.assert_close(
+        got, diagonal_block_sq_norms(model, x), rtol=1e-9, atol=0
+    )
+    # batch-first into a model that transposes for the layer: accepted, right
+    wrapped = _Transposed(model)
+    xb = x.transpose(0, 1)
+    torch.testing.assert_close(
+        gcx.jacobian_sq_norms(wrapped, xb),
+        per_sample_sq_norms(wrapped, xb),
+        rtol=1e-9,
+        atol=0,
+    )
+
+
+class _Transposed(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.transpose(0, 1)).transpose(0, 1)
+
+
 def test_instance_norm_running_statistics_are_counted_once():
     """In train mode InstanceNorm normalises by each sample and writes its
     running statistics: the penalties' own passes wrote them again (the batch

@@ -1022,6 +1022,80 @@ def _per_sample(t: Tensor, like: Tensor) -> Tensor:
     return t.reshape(-1, *[1] * (like.dim() - 1)).to(like.dtype)
 
 
+#: layers that run along a sequence dimension of their input
+_SEQUENCE_LAYERS = (nn.RNNBase, nn.MultiheadAttention)
+
+
+def sequence_along_batch(
+    model: nn.Module, modules: list[nn.Module], B: int
+) -> contextlib.AbstractContextManager[Any]:
+    """A block whose forward passes refuse a sequence layer run along the batch.
+
+    A recurrent layer or ``nn.MultiheadAttention`` built with
+    ``batch_first=False``, PyTorch's default, reads its input as ``(T, N, ...)``.
+    Given batch-first inputs ``(B, T, ...)`` as they are, or given ``x``
+    sequence-first, ``(T, B, ...)``, it runs its sequence along dim 0 of
+    ``x``, the samples the measurement takes apart: they interact, and the
+    batch-sum trick returned one wrong number per time step, silently. A
+    forward pre-hook on each such layer refuses an input whose sequence
+    dimension has the batch's size ``B`` where its batch dimension has not
+    (or, unbatched, 2-D, whose sequence has it). Where the two sizes are
+    equal it cannot tell, and lets the input through.
+
+    The caller leaves it out for ``coupled=True``: the samples do interact,
+    and each one's diagonal block is asked for.
+
+    Args:
+        model: the model, for the layer's name in the message.
+        modules: its modules, as :func:`preserved` yields them.
+        B: the batch size.
+
+    Returns:
+        A context manager; a null one where there is no such layer or B = 1.
+    """
+    layers = [m for m in modules if isinstance(m, _SEQUENCE_LAYERS)] if B > 1 else []
+    if not layers:
+        return contextlib.nullcontext()
+
+    def check(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        inp = args[0] if args else kwargs.get("input", kwargs.get("query"))
+        if not isinstance(inp, Tensor) or inp.dim() not in (2, 3) or inp.is_nested:
+            return  # a PackedSequence, or a shape the layer refuses itself
+        first = bool(getattr(module, "batch_first", False))
+        if inp.dim() == 2:  # unbatched: one sequence
+            seq, along = 0, inp.shape[0] == B
+        else:
+            seq, batch = (1, 0) if first else (0, 1)
+            along = inp.shape[seq] == B and inp.shape[batch] != B
+        if not along:
+            return
+        name = next((n for n, m in model.named_modules() if m is module), "?")
+        raise ValueError(
+            f"{type(module).__name__} {name!r} (batch_first={first}) runs along "
+            f"dim {seq} of its input of shape {tuple(inp.shape)}, which has the "
+            f"batch's size {B}: it runs along the samples of the batch and mixes "
+            "them, so each sample's GC would be wrong. x must be batch-first, "
+            "(B, *in_shape): give a sequence-first x as x.transpose(0, 1) and "
+            "transpose it back inside the model, or build the layer with "
+            "batch_first=True. If the model does mix the samples (attention "
+            "across the batch), pass coupled=True to measure each sample's "
+            "diagonal block"
+        )
+
+    return _hooked(layers, check)
+
+
+@contextlib.contextmanager
+def _hooked(layers: list[nn.Module], check: Callable[..., None]) -> Any:
+    """A block with ``check`` as a forward pre-hook (with kwargs) on ``layers``."""
+    handles = [m.register_forward_pre_hook(check, with_kwargs=True) for m in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _check_coupled(asked: Any) -> None:
     """Refuse a ``coupled=`` that is not ``None``, ``True`` or ``False``.
 
@@ -1346,6 +1420,9 @@ def jacobian_sq_norms(
         contextlib.ExitStack() as stack,
     ):
         _check_model_matches(modules, x)
+        # a recurrent or attention layer whose sequence is the batch: refused
+        if coupled is not True:
+            stack.enter_context(sequence_along_batch(model, modules, x.shape[0]))
         # train mode couples samples through BatchNorm; so does a BatchNorm
         # without running statistics, which normalises by the batch in eval
         # mode too (here, in eval mode, the only way it can)

@@ -11,7 +11,7 @@ fraction of the batch through its own smaller forward pass.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ from geocomplexity.jacobian import (
     _vjp_count,
     check_options,
     reverse_sq_norms,
+    sequence_along_batch,
 )
 from geocomplexity.probes import resolve_generator
 from geocomplexity.regularizers.base import (
@@ -263,7 +264,7 @@ class GeometricComplexity(Regularizer):
             idx = torch.randperm(B, generator=gen, device=gen.device)[:m]
             x, outputs = inputs[idx.to(inputs.device)], None
         if self.wrt is not None:  # the inner variable comes from a pass of its own
-            with kept_buffers(model):
+            with kept_buffers(model), self._sequence_checked(model, x):
                 if self.method == "jvp":
                     values = _probes_at(
                         model, x, self.output, self.wrt, "jvp", self.distribution,
@@ -279,7 +280,7 @@ class GeometricComplexity(Regularizer):
             # a forward pass of its own, in the model's current mode; running
             # statistics are put back so the batch is not counted twice
             xg = x.detach().requires_grad_(self.method != "jvp")
-            with kept_buffers(model):
+            with kept_buffers(model), self._sequence_checked(model, x):
                 if self.method == "jvp":
                     values = _input_side(
                         lambda z: _select(model, z, self.output), xg, "jvp",
@@ -291,6 +292,19 @@ class GeometricComplexity(Regularizer):
                     # read as a penalty of 0, whatever its GC: refused
                     values = self._norms(model, xg, out, gen, coupled, strict=True)
         return values.mean()
+
+    def _sequence_checked(
+        self, model: nn.Module, x: Tensor
+    ) -> AbstractContextManager[Any]:
+        """The term's own passes refuse a sequence layer run along the batch.
+
+        See :func:`geocomplexity.jacobian.sequence_along_batch`; not for
+        ``coupled=True``. The task's forward pass, when it is reused, runs
+        before the term is called, and is not checked.
+        """
+        if self.coupled is True:
+            return nullcontext()
+        return sequence_along_batch(model, list(model.modules()), x.shape[0])
 
     def _reused(self, x: Tensor, outputs: Any) -> Tensor | None:
         """The handed-over ``outputs`` as ``(B, k)``, where they can be reused.
