@@ -10,7 +10,8 @@
 # it lacks, so `prepare` copies it from this checkout's virtual environment. Each
 # step has its own time limit and writes its log to OUT (at most 8 files come
 # back: 5 logs, 2 JSON results and summary.txt); a failing step does not stop
-# the others. The limits add up to 550 s, inside one 600 s device command. The steps:
+# the others. The limits add up to 550 s (575 s with each step's 5 s kill
+# grace), inside one 600 s device command. The steps:
 #   1. tests/test_cuda.py and the CUDA cases of the training tests (CUDA vs CPU
 #      in float64, the CUDA RNG, autocast, fit on CUDA);
 #   2. benchmarks/bench_measure.py --device cuda --quick;
@@ -52,7 +53,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log, summarise
     local name=$1 limit=$2
     shift 2
     local start=$SECONDS
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    # -k: a step that ignores SIGTERM (a hung NCCL worker under torchrun) is
+    # killed 5 s later, so the steps stay inside one 600 s device command
+    timeout -k 5 "$limit" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
     echo "$name: exit $rc in $((SECONDS - start)) s" | tee -a "$summary"
     tail -n 15 "$OUT/$name.log"

@@ -278,6 +278,18 @@ def test_running_mean_merge_is_exact_and_stable():
     assert math.isclose(a.stderr, acc.stderr, rel_tol=1e-6)
 
 
+def test_running_mean_of_a_diverged_float64_model_does_not_crash():
+    # GC values beyond 1e154 (a diverged float64 model): Python's float ** 2
+    # raised OverflowError in merge, losing the measurement; a product is inf
+    a, b = RunningMean(), RunningMean()
+    a.update(torch.tensor([1e160, 2e160], dtype=torch.float64))
+    b.update(torch.tensor([1.0], dtype=torch.float64))
+    a.merge(b)
+    assert a.count == 3 and math.isfinite(a.mean)
+    assert math.isclose(a.mean, 1e160, rel_tol=1e-12)
+    assert a.stderr == math.inf
+
+
 def test_stderr_includes_probe_variance_and_covers():
     """Affine model: every sample has the same GC, so the spread is probe noise
     alone. The exact stderr is 0; the projection's must cover the truth."""

@@ -106,10 +106,15 @@ class RunningMean:
         """Fold another accumulator into this one."""
         if other.count == 0:
             return
+        if self.count == 0:  # taken as it is: inf·0 would make m2 NaN below
+            self.count, self.mean, self.m2 = other.count, other.mean, other.m2
+            return
         n = self.count + other.count
         delta = other.mean - self.mean
         self.mean += delta * other.count / n
-        self.m2 += other.m2 + delta**2 * self.count * other.count / n
+        # a product, not delta**2: Python's float power raises OverflowError
+        # beyond 1e154 (a diverged float64 model), where this is inf
+        self.m2 += other.m2 + delta * delta * (self.count * other.count / n)
         self.count = n
 
     @property
