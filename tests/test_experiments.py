@@ -1109,6 +1109,59 @@ def test_arc_length_figure_names_its_axes_lines_and_both_claimed_ratios(
     assert list(least_gc.get_ydata()) == pytest.approx([1.0, 1.0])
 
 
+def test_regularizers_figure_uses_log_axes_only_over_a_decade(tmp_path, monkeypatch):
+    # at smoke the right panel spans train loss 2.26-2.31 and GC 0.083-0.095:
+    # log axes there were labelled at minor ticks (2.27×10⁰, 9.4×10⁻², ...),
+    # crowded and unreadable; a range of a decade or more keeps its log axis
+    from geocomplexity.experiments import regularizers
+
+    figures = _drawn(monkeypatch, regularizers)
+
+    def records(curve, gcs):
+        out = [
+            {
+                "config": {"seed": 0, "kind": "none", "strength": 0.0},
+                "result": {
+                    "train_loss": curve[-1][0],
+                    "test_acc": 0.5,
+                    "test_loss": 2.0,
+                    "gc_train": curve[-1][1],
+                    "curve": curve,
+                },
+            }
+        ]
+        for j, (kind, strengths) in enumerate(regularizers._STRENGTHS.items()):
+            out.append(
+                {
+                    "config": {"seed": 0, "kind": kind, "strength": strengths[-1]},
+                    "result": {
+                        "train_loss": 2.3,
+                        "test_acc": 0.5,
+                        "test_loss": 2.0,
+                        "gc_train": gcs[j],
+                        "curve": None,
+                    },
+                }
+            )
+        return out
+
+    narrow = records([(2.31, 0.095), (2.28, 0.09)], [0.083, 0.085, 0.088, 0.09, 0.092])
+    EXPERIMENTS["regularizers"].plot(narrow, tmp_path, "")
+    wide = records([(2.3, 0.01), (0.05, 3.0)], [0.02, 0.2, 1.0, 2.0, 0.5])
+    EXPERIMENTS["regularizers"].plot(wide, tmp_path, "")
+    narrow_fig, wide_fig = figures
+    assert [
+        narrow_fig.axes[0].get_yscale(),
+        narrow_fig.axes[1].get_xscale(),
+        narrow_fig.axes[1].get_yscale(),
+    ] == ["linear"] * 3
+    assert [
+        wide_fig.axes[0].get_yscale(),
+        wide_fig.axes[1].get_xscale(),
+        wide_fig.axes[1].get_yscale(),
+    ] == ["log"] * 3
+
+
 def test_regularizers_figure_draws_the_unregularized_run_and_tells_kinds_apart(
     tmp_path, monkeypatch
 ):

@@ -5,6 +5,7 @@ matplotlib is an optional dependency, imported here only when a figure is drawn.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 
 from geocomplexity.atomic import write_with
 
-__all__ = ["log_colorbar", "log_xticks", "pyplot", "save"]
+__all__ = ["data_scale", "log_colorbar", "log_xticks", "pyplot", "save"]
 
 
 def pyplot() -> Any:
@@ -60,6 +61,22 @@ def log_xticks(ax: Any, values: Sequence[float], spacing: float = 1.0) -> None:
     ax.set_xscale("log")
     ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
     ax.minorticks_off()
+
+
+def data_scale(values: Sequence[float]) -> str:
+    """``"log"`` for positive values spanning a decade or more, else ``"linear"``.
+
+    A log axis over less than a decade gets matplotlib's minor-tick labels
+    (``2.27×10⁰``, ``9.4×10⁻²``, ...), which crowd a panel and are hard to
+    read; on such a range a linear axis shows the same shape plainly.
+
+    Args:
+        values: the values the axis will show (non-finite ones are ignored).
+    """
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite or min(finite) <= 0:
+        return "linear"
+    return "log" if max(finite) / min(finite) >= 10 else "linear"
 
 
 def log_colorbar(

@@ -20,7 +20,7 @@ from typing import Any
 from geocomplexity.data import load
 from geocomplexity.experiments.base import Experiment, result_rows, seed_means
 from geocomplexity.experiments.claims import Claim, spearman
-from geocomplexity.experiments.figures import pyplot, save
+from geocomplexity.experiments.figures import data_scale, pyplot, save
 from geocomplexity.experiments.runner import Context, Run
 from geocomplexity.measure import measure
 from geocomplexity.models import mlp
@@ -266,16 +266,19 @@ class Regularizers(Experiment):
                 [0] * len(base), [r["gc_train"] for r in base], "k.", alpha=0.3
             )
         axes[0].set_xticks(sorted(used))
+        # log axes only where the values span a decade (see data_scale)
+        losses = [v for ln in axes[1].lines for v in ln.get_xdata()]
+        gcs = [v for ln in axes[1].lines for v in ln.get_ydata()]
         axes[0].set(
-            yscale="log",
+            yscale=data_scale([v for ln in axes[0].lines for v in ln.get_ydata()]),
             xlabel="strength level: 0 none, then each kind's strengths, weakest "
             "first\n(values in the legend; line: seed mean, dots: seeds)",
             ylabel="GC (train)",
             title="GC against penalty strength",
         )
         axes[1].set(
-            xscale="log",
-            yscale="log",
+            xscale=data_scale(losses),
+            yscale=data_scale(gcs),
             xlabel="final train loss",
             ylabel="GC (train)",
             title="GC against train loss (line: unregularized run)",
