@@ -1394,6 +1394,39 @@ def test_finite_differences_lost_in_rounding_are_refused(dtype, layer, scale, wr
     assert torch.equal(got, torch.zeros_like(got))
 
 
+def test_finite_differences_of_masked_logits_are_not_refused():
+    # logits masked to -1e9 (classes not allowed) differ by exactly 0 at any
+    # step and carry no rounding into the estimate; the rounding check counted
+    # them (a floor of 2.3e5 against a mean square of 1.7e-7) and refused
+    # finite differences that read 0.199 against exact's 0.190 (64 probes)
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 5))
+            self.register_buffer("mask", torch.tensor([0, 0, 0, 1, 1]).bool())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x).masked_fill(self.mask, -1e9)
+
+    torch.manual_seed(0)
+    model = Masked()
+    x = torch.randn(8, 6)
+    for mode, wrt in (("eval", None), ("train", None), ("eval", "net.0")):
+        want = gcx.jacobian_sq_norms(model, x, mode=mode, wrt=wrt).mean()
+        g = torch.Generator().manual_seed(0)
+        got = gcx.jacobian_sq_norms(
+            model, x, method="finite_difference", mode=mode, wrt=wrt,
+            num_probes=256, generator=g,
+        ).mean()  # fmt: skip
+        torch.testing.assert_close(got, want, rtol=0.1, atol=0)
+    # the entries that move still set the floor: an offset on them is refused
+    with torch.no_grad():
+        model.net[2].weight.mul_(1e-3)
+        model.net[2].bias.fill_(100.0)
+    with pytest.raises(ValueError, match="lost in the rounding of the output"):
+        gcx.jacobian_sq_norms(model, x, method="finite_difference")
+
+
 def test_jvp_of_an_expanded_input():
     # x[:1].expand(B, d) (one point measured B times, or a broadcast feature):
     # forward-mode AD refuses a primal whose elements share memory, so jvp

@@ -562,13 +562,12 @@ def _probes_at(
                 sq = _wide(signs[i]) * _dot_sum(a, (out - base).reshape(B, -1))
             values = sq if values is None else values + sq
 
-        def moves() -> bool:
-            far = max(step, _rms(e))
+        def far() -> Tensor:
+            big = max(step, _rms(e))
             with _replayed(x, True):
-                _, out = _run_at(model, x, output, wrt, lambda e: e + far * u)
-            return not torch.equal(out, base)
+                return _run_at(model, x, output, wrt, lambda e: e + big * u)[1]
 
-        _check_resolved(energy, base, _unit_roundoff(e, base), num_probes, moves)
+        _check_resolved(energy, base, _unit_roundoff(e, base), num_probes, far)
     return _narrow(values / (num_probes * step**2), a.dtype)  # type: ignore[operator]
 
 
@@ -1689,7 +1688,7 @@ def _check_resolved(
     base: Tensor,
     unit: float,
     n: int,
-    moves: Callable[[], bool],
+    far: Callable[[], Tensor],
 ) -> None:
     """Refuse finite differences lost in the rounding of the output.
 
@@ -1698,16 +1697,30 @@ def _check_resolved(
     entry. Where the differences are no larger than that (an output far
     larger than its change over a step: a large offset, a flat or saturated
     model, half precision) the estimate is rounding noise: 0.5 to 1000 times
-    the GC in float16, bfloat16 and float32 alike, silently. Differences of
-    exactly zero are a constant model's (GC 0) where ``moves()``, the output
-    after a step the size of the input, is unchanged too.
+    the GC in float16, bfloat16 and float32 alike, silently.
+
+    Only there is ``far()``, the output after a step the size of the input,
+    run: an entry it leaves exactly as it is (a logit masked to -1e9, a
+    constant output) differs by exactly 0 at any step, carries no rounding
+    into the estimate, and is left out of the floor. Differences of exactly
+    zero everywhere are then a constant model's GC (0) where no entry moves.
 
     Raises:
-        ValueError: the mean squared difference is below the squared rounding.
+        ValueError: the mean squared difference is below the squared rounding
+            of the entries that move.
     """
-    floor = _sq_sum(unit * _wide(base).reshape(base.shape[0], -1)).sum()
-    got, under = energy.item() / n, floor.item()
-    if got < under and (got > 0 or moves()):
+
+    def floor(keep: Tensor | None = None) -> float:
+        g = _wide(base)
+        if keep is not None:
+            g = torch.where(keep, g, 0)
+        return _sq_sum(unit * g.reshape(base.shape[0], -1)).sum().item()
+
+    got = energy.item() / n
+    if got >= floor():
+        return
+    under = floor(far() != base)
+    if got < under:
         raise ValueError(
             "the finite differences are lost in the rounding of the output: "
             f"their mean square ({got:.3g}) is below that of one rounding "
@@ -1769,17 +1782,16 @@ def _finite_difference(
                 b = (fn(flipped) - base).reshape(B, -1)
             total = total + _wide(signs[i]) * _dot_sum(a, b)
 
-        def moves() -> bool:
+        def far() -> Tensor:
             with _replayed(x, True):
-                far = fn(x + max(eps, _rms(x)) * u[0])
-            return not torch.equal(far, base)
+                return fn(x + max(eps, _rms(x)) * u[0])
 
         _check_resolved(
             total.sum() if signs is None else energy,
             base,
             _unit_roundoff(x, base),
             u.shape[0],
-            moves,
+            far,
         )
     return _narrow(total / (u.shape[0] * eps**2), x.dtype)
 
