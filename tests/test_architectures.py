@@ -11,6 +11,7 @@ each call leaves the model as it found it.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -735,3 +736,34 @@ def test_a_model_of_several_inputs_is_told_how():
     x = (torch.randn(3, 4), torch.randn(3, 2))
     with pytest.raises(TypeError, match="takes one tensor"):
         gcx.jacobian_sq_norms(Pair(), x)
+
+
+def test_a_sequence_layer_over_windows_of_each_sample_is_measured():
+    """Attention and an LSTM along the rows of each sample, (B·H, W, C), with
+    rows as long as the batch (W = B = 4): the samples are apart, but the
+    sequence check read the length of 4 as the batch and refused the model,
+    which every method measures right."""
+
+    class Rows(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.att = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.lstm = nn.LSTM(4, 4, batch_first=True)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            B, H, W, C = x.shape
+            rows = x.reshape(B * H, W, C)
+            out, _ = self.att(rows, rows, rows)
+            out, _ = self.lstm(out)
+            return self.head(out.reshape(B, H * W, C).mean(1))
+
+    torch.manual_seed(0)
+    model = Rows().double().eval()
+    x = torch.randn(4, 3, 4, 4, dtype=torch.float64)
+    want = per_sample_sq_norms(model, x)
+    torch.testing.assert_close(gcx.jacobian_sq_norms(model, x), want, rtol=1e-9, atol=0)
+    assert math.isclose(
+        gcx.measure(model, x, progress=False).value, want.mean().item(), rel_tol=1e-9
+    )
+    GeometricComplexity(1.0, method="jvp")(model, x)  # its own passes too

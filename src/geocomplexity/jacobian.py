@@ -1037,9 +1037,11 @@ def sequence_along_batch(
     ``x``, the samples the measurement takes apart: they interact, and the
     batch-sum trick returned one wrong number per time step, silently. A
     forward pre-hook on each such layer refuses an input whose sequence
-    dimension has the batch's size ``B`` where its batch dimension has not
-    (or, unbatched, 2-D, whose sequence has it). Where the two sizes are
-    equal it cannot tell, and lets the input through.
+    dimension has the batch's size ``B`` where its batch dimension is no
+    multiple of it (or, unbatched, 2-D, whose sequence has it). Where the
+    batch dimension is ``B`` or ``B·k`` (a model that runs the layer over
+    windows or rows of each sample) it cannot tell, and lets the input
+    through.
 
     The caller leaves it out for ``coupled=True``: the samples do interact,
     and each one's diagonal block is asked for.
@@ -1065,7 +1067,9 @@ def sequence_along_batch(
             seq, along = 0, inp.shape[0] == B
         else:
             seq, batch = (1, 0) if first else (0, 1)
-            along = inp.shape[seq] == B and inp.shape[batch] != B
+            # a batch of B·k rows holds the samples (windows, rows of an
+            # image, B·H sequences of length W): a length of B there is chance
+            along = inp.shape[seq] == B and inp.shape[batch] % B != 0
         if not along:
             return
         name = next((n for n, m in model.named_modules() if m is module), "?")
