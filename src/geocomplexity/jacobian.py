@@ -1079,8 +1079,9 @@ def sequence_along_batch(
             f"batch's size {B}: it runs along the samples of the batch and mixes "
             "them, so each sample's GC would be wrong. x must be batch-first, "
             "(B, *in_shape): give a sequence-first x as x.transpose(0, 1) and "
-            "transpose it back inside the model, or build the layer with "
-            "batch_first=True. If the model does mix the samples (attention "
+            "transpose it back inside the model"
+            + ("" if first else ", or build the layer with batch_first=True")
+            + ". If the model does mix the samples (attention "
             "across the batch), pass coupled=True to measure each sample's "
             "diagonal block"
         )
