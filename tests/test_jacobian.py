@@ -678,6 +678,90 @@ def test_measures_inside_inference_mode_and_no_grad(context):
         assert gcx.measure(model, xi, progress=False).value > 0
 
 
+def test_measures_under_anomaly_detection():
+    # set_detect_anomaly(True) checks each backward node for NaN with .item(),
+    # which has no batching rule: every batched VJP (exact's, projection's)
+    # failed with "Batching rule not implemented for aten::item"
+    model, x = make_case("mlp")
+    want = per_sample_sq_norms(model, x)
+    with torch.autograd.set_detect_anomaly(True):
+        for method in ("exact", "projection"):
+            got = gcx.jacobian_sq_norms(
+                model,
+                x,
+                method=method,
+                num_probes=4000,
+                chunk_size=8,
+                generator=torch.Generator().manual_seed(0),
+            )
+            tol = 1e-10 if method == "exact" else 0.1
+            assert rel(got.mean(), want.mean()) < tol, method
+        coupled = gcx.jacobian_sq_norms(model, x, coupled=True, chunk_size=8)
+        assert rel(coupled, want) < 1e-10
+        assert torch.is_anomaly_check_nan_enabled()  # as the caller set it
+
+
+def test_jvp_refuses_a_scripted_model_whose_tangents_torchscript_drops():
+    # TorchScript drops forward-mode tangents: a scripted MLP's jvp GC read
+    # 5e-5 on the first call and 0 on every call after (exact: 0.0045)
+    model, x = make_case("mlp")
+    scripted = torch.jit.script(model)
+    inside = nn.Sequential(torch.jit.script(copy.deepcopy(model)))
+    for m in (scripted, inside):
+        with pytest.raises(ValueError, match=r"torch.jit.script.*'exact'"):
+            gcx.jacobian_sq_norms(m, x, method="jvp")
+        exact = gcx.jacobian_sq_norms(m, x, method="exact")
+        assert rel(exact, per_sample_sq_norms(model, x)) < 1e-10
+    # a traced model keeps its tangents, and is measured
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit's
+        traced = torch.jit.trace(model, x)
+    for _ in range(3):  # past the profiling runs
+        got = gcx.jacobian_sq_norms(
+            traced, x, method="jvp", generator=torch.Generator().manual_seed(0)
+        )
+        want = gcx.jacobian_sq_norms(
+            model, x, method="jvp", generator=torch.Generator().manual_seed(0)
+        )
+        assert rel(got, want) < 1e-10
+
+
+def test_a_model_built_under_inference_mode_is_refused_with_the_fix():
+    # its weights are inference tensors, which cannot be saved for backward:
+    # PyTorch's error named no fix (and BatchNorm's buffers another one)
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        f64 = torch.float64
+        model = nn.Sequential(
+            nn.Linear(3, 5, dtype=f64), nn.BatchNorm1d(5, dtype=f64), nn.Tanh()
+        ).eval()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    for method in ("exact", "projection", "jvp"):
+        with pytest.raises(RuntimeError, match=r"inference_mode.*deepcopy"):
+            gcx.jacobian_sq_norms(model, x, method=method)
+    fd = gcx.jacobian_sq_norms(  # no autograd: measured
+        model,
+        x,
+        method="finite_difference",
+        num_probes=4000,
+        generator=torch.Generator().manual_seed(0),
+    )
+    model = copy.deepcopy(model)  # the fix the message names
+    assert rel(fd.mean(), per_sample_sq_norms(model, x).mean()) < 0.1
+    assert rel(gcx.jacobian_sq_norms(model, x), per_sample_sq_norms(model, x)) < 1e-10
+
+
+def test_jvp_inside_an_open_dual_level_is_refused_with_the_fix():
+    import torch.autograd.forward_ad as fwAD
+
+    model, x = make_case("mlp")
+    with fwAD.dual_level():
+        with pytest.raises(RuntimeError, match=r"dual_level.*'exact'"):
+            gcx.jacobian_sq_norms(model, x, method="jvp")
+        exact = gcx.jacobian_sq_norms(model, x)
+    assert rel(exact, per_sample_sq_norms(model, x)) < 1e-10
+
+
 def test_one_unbatched_sample_is_refused_when_input_and_output_sizes_agree():
     # a Linear autoencoder accepts an unbatched (6,) sample and returns (6,),
     # which passes the batch-dimension check; it must not give a number

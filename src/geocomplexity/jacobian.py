@@ -210,6 +210,55 @@ def check_input(x: Any, *, differentiated: bool = True) -> Tensor:
     return x
 
 
+def check_differentiable_model(modules: list[nn.Module], method: str) -> None:
+    """Clear errors for a model that a derivative through it silently misses.
+
+    Two kinds are refused:
+
+    * parameters or buffers created under ``torch.inference_mode()`` (a model
+      built in an eval script): an inference tensor cannot be saved for
+      backward, and PyTorch's error names no fix. Finite differences take no
+      derivative and are left to run.
+    * a ``torch.jit.script`` module for ``"jvp"``: the TorchScript executor
+      drops forward-mode tangents (the output of a scripted MLP had a tangent
+      on its first call and none after), so GC read 0, silently. Traced
+      modules keep them.
+
+    And for ``"jvp"`` inside a forward-mode level the caller has open, which
+    PyTorch does not nest.
+
+    Args:
+        modules: the model's modules.
+        method: the measuring method (``"jvp"``, ``"exact"``, ...).
+    """
+    if method != "finite_difference":
+        for module in modules:
+            tensors = (*module._parameters.values(), *module._buffers.values())
+            if any(t is not None and t.is_inference() for t in tensors):
+                raise RuntimeError(
+                    "the model's parameters or buffers were created under "
+                    "torch.inference_mode() (inference tensors), which cannot "
+                    "take part in a differentiated computation; build or load "
+                    "the model outside inference_mode, or measure a copy made "
+                    "outside it (copy.deepcopy(model) holds normal tensors)"
+                )
+    if method != "jvp":
+        return
+    if any(isinstance(m, torch.jit.RecursiveScriptModule) for m in modules):
+        raise ValueError(
+            "method='jvp' cannot measure a torch.jit.script module: TorchScript "
+            "drops forward-mode derivatives, and GC would read 0; use "
+            "method='exact' or 'projection', or the module before scripting"
+        )
+    if fwAD._current_level >= 0:
+        raise RuntimeError(
+            "method='jvp' runs its own forward-mode passes, and this call is "
+            "inside a torch.autograd.forward_ad.dual_level() already open, which "
+            "PyTorch cannot nest; measure outside the dual_level, or use "
+            "method='exact' or 'projection'"
+        )
+
+
 def _check_model_matches(model: nn.Module | list[nn.Module], x: Tensor) -> None:
     """Clear errors for a dtype or device mismatch between model and input.
 
@@ -650,19 +699,35 @@ def _vjp_sq_norms(
                 return _unused(x, strict)
             total = total + _sq_sum(g.reshape(B, -1))
         else:
-            (g,) = torch.autograd.grad(
-                out,
-                x,
-                c,
-                retain_graph=create_graph or not last,
-                create_graph=create_graph,
-                allow_unused=True,
-                is_grads_batched=True,
-            )
+            with _batched_anomaly():
+                (g,) = torch.autograd.grad(
+                    out,
+                    x,
+                    c,
+                    retain_graph=create_graph or not last,
+                    create_graph=create_graph,
+                    allow_unused=True,
+                    is_grads_batched=True,
+                )
             if g is None:
                 return _unused(x, strict)
             total = total + _sq_sum(g.reshape(stop - start, B, -1), (0, 2))
     return _narrow(total, x.dtype)
+
+
+def _batched_anomaly() -> contextlib.AbstractContextManager[Any]:
+    """Anomaly mode without its NaN check, for a batched backward pass.
+
+    Under ``torch.autograd.set_detect_anomaly(True)`` the engine checks each
+    node's gradient for NaN with ``.item()``, which has no batching rule, so
+    every batched VJP (``is_grads_batched``) failed ("Batching rule not
+    implemented for aten::item"). The passes keep anomaly mode (its forward
+    tracebacks) without that check; a NaN in the result is refused as a
+    non-finite Jacobian all the same.
+    """
+    if torch.is_anomaly_enabled() and torch.is_anomaly_check_nan_enabled():
+        return torch.autograd.set_detect_anomaly(True, check_nan=False)
+    return contextlib.nullcontext()
 
 
 def _sq_sum(t: Tensor, dim: int | tuple[int, ...] = 1) -> Tensor:
@@ -771,15 +836,16 @@ def _diag_vjp_sq_norms(
         g_out = out.new_zeros(len(block), B, k)
         idx = torch.tensor([i for _, i in block], device=out.device)
         g_out[torch.arange(len(block)), idx] = torch.stack([c[p, i] for p, i in block])
-        (g,) = torch.autograd.grad(
-            out,
-            x,
-            g_out if len(block) > 1 else g_out[0],
-            retain_graph=create_graph or not last,
-            create_graph=create_graph,
-            allow_unused=True,
-            is_grads_batched=len(block) > 1,
-        )
+        with _batched_anomaly():
+            (g,) = torch.autograd.grad(
+                out,
+                x,
+                g_out if len(block) > 1 else g_out[0],
+                retain_graph=create_graph or not last,
+                create_graph=create_graph,
+                allow_unused=True,
+                is_grads_batched=len(block) > 1,
+            )
         if g is None:
             return _unused(x, strict)
         g = g.reshape(len(block), B, -1)
@@ -870,15 +936,16 @@ def _decoupled_vjp_sq_norms(
             total = total + _wide(signs[start]) * _dot_sum(g[0], g[1])
             continue
         c = torch.stack((probes[start:stop], flipped[start:stop]), 1)
-        (g,) = torch.autograd.grad(
-            out,
-            x,
-            c.reshape(-1, *c.shape[2:]),  # (2m, B, k): pairs side by side
-            retain_graph=keep,
-            create_graph=create_graph,
-            allow_unused=True,
-            is_grads_batched=True,
-        )
+        with _batched_anomaly():
+            (g,) = torch.autograd.grad(
+                out,
+                x,
+                c.reshape(-1, *c.shape[2:]),  # (2m, B, k): pairs side by side
+                retain_graph=keep,
+                create_graph=create_graph,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
         if g is None:
             return _unused(x, strict)
         g = g.reshape(stop - start, 2, B, -1)
@@ -1414,6 +1481,8 @@ def jacobian_sq_norms(
         # the global RNG comes back as found (preserved): probes drawn from it
         # would be drawn again by the next call; one kept draw seeds them
         generator = _apart_from_global(generator)
+    # before preserved(), which reads the version counters of the buffers
+    check_differentiable_model(list(model.modules()), method)
     with (
         preserved(model, mode=mode) as modules,
         grad_on,

@@ -28,6 +28,7 @@ from geocomplexity.jacobian import (
     _select,
     _select_wrt,
     _vjp_count,
+    check_differentiable_model,
     check_options,
     reverse_sq_norms,
     sequence_along_batch,
@@ -220,6 +221,7 @@ class GeometricComplexity(Regularizer):
                 "False"
             )
         modules = list(model.modules())
+        check_differentiable_model(modules, self.method)
         coupled = _coupled(self.coupled, batch_norm_couples(modules))
         # backpropagating a tangent through PyTorch's fused layer, batch or
         # instance norm gives wrong gradients: the jvp passes run composites
