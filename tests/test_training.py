@@ -81,6 +81,51 @@ def test_history_json_round_trip(tmp_path):
     assert back["gc_train"] == h["gc_train"]
 
 
+def test_history_json_takes_numpy_and_tensor_scalars_a_callback_records(tmp_path):
+    # a callback that added np.float32(...), an np.int64 or a tensor norm to
+    # the record made every checkpoint save (which serialises the history)
+    # raise "Object of type float32 is not JSON serializable" mid-run
+    import numpy as np
+
+    train, _ = problem()
+
+    def extra(history, model):
+        history.final["norm"] = model[0].weight.norm().detach()
+        history.final["half"] = np.float32(0.5)
+        history.final["count"] = np.int64(7)
+        history.final["missing"] = np.float32("nan")
+
+    h = fit(
+        mlp(),
+        train,
+        epochs=2,
+        callbacks=[extra],
+        checkpoint=tmp_path / "run.pt",
+        progress=False,
+        device="cpu",
+    )
+    back = History.from_json(h.to_json())
+    assert back["half"] == [0.5] * 3 and back["count"] == [7] * 3
+    assert back["norm"] == [r["norm"].item() for r in h.records]
+    assert all(math.isnan(v) for v in back["missing"])
+    again = fit(
+        mlp(),
+        train,
+        epochs=2,
+        callbacks=[extra],
+        checkpoint=tmp_path / "run.pt",
+        progress=False,
+        device="cpu",
+    )
+    assert again["train_loss"] == h["train_loss"]  # resumed from the checkpoint
+
+
+def test_history_json_names_what_it_cannot_hold():
+    h = History(config={"schedule": object()})
+    with pytest.raises(TypeError, match="History holds a object"):
+        h.to_json()
+
+
 def test_label_noise_is_fixed_per_seed_and_effective_rate_recorded():
     y = torch.arange(1000) % 10
     a, ra = apply_label_noise(y, 0.3, 10, torch.Generator().manual_seed(0))

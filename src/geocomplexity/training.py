@@ -68,17 +68,24 @@ class History:
     def to_json(self) -> str:
         """Serialise (NaN as ``null``).
 
+        A numpy scalar or a one-element tensor (a value a ``fit`` callback
+        added to a record: ``np.float32``, ``np.int64``, ``w.norm()``) is
+        written as the Python number it holds; ``fit`` serialises the history
+        into every checkpoint, where such a value raised ``TypeError``.
+
         Returns:
             A JSON string.
         """
         clean = [
             {
                 k: (None if isinstance(v, float) and math.isnan(v) else v)
-                for k, v in r.items()
+                for k, v in ((k, _scalar(v)) for k, v in r.items())
             }
             for r in self.records
         ]
-        return json.dumps({**asdict(self), "records": clean}, indent=1)
+        return json.dumps(
+            {**asdict(self), "records": clean}, indent=1, default=_json_scalar
+        )
 
     @classmethod
     def from_json(cls, text: str) -> History:
@@ -97,6 +104,33 @@ class History:
     def save(self, path: str | Path) -> None:
         """Write :meth:`to_json` to ``path`` atomically (temp file, then rename)."""
         write_text(Path(path), self.to_json())
+
+
+def _scalar(value: Any) -> Any:
+    """``value`` as a Python number where it is a numpy or tensor scalar.
+
+    Anything else comes back as it is.
+    """
+    if isinstance(value, Tensor) and value.numel() == 1:
+        return value.item()
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return value
+
+
+def _json_scalar(value: Any) -> Any:
+    """``json.dumps``'s fallback: a numpy or tensor scalar as its number.
+
+    Raises:
+        TypeError: anything else JSON cannot hold, named.
+    """
+    plain = _scalar(value)
+    if plain is value:
+        raise TypeError(
+            f"History holds a {type(value).__name__}, which JSON cannot hold: "
+            "keep numbers (floats, ints) in its records and config"
+        )
+    return plain
 
 
 def apply_label_noise(
