@@ -29,6 +29,23 @@ def _net(d_out: int = 3) -> torch.nn.Module:
 # -- torchmetrics ------------------------------------------------------------
 
 
+def test_metric_repr_names_what_it_measures():
+    # nn.Module's repr showed "GeometricComplexity()" for every metric: two
+    # of a MetricCollection (exact and projection, eval and train) looked alike
+    from geocomplexity.integrations.torchmetrics import GeometricComplexity
+
+    plain = GeometricComplexity(_net())
+    assert repr(plain) == "GeometricComplexity(model=Sequential, method='exact')"
+    probed = GeometricComplexity(
+        _net(), method="projection", num_probes=4, mode="train",
+        generator=torch.Generator(),
+    )  # fmt: skip
+    assert repr(probed) == (
+        "GeometricComplexity(model=Sequential, method='projection', "
+        "mode='train', num_probes=4, generator=<torch.Generator>)"
+    )
+
+
 def test_metric_accumulated_over_batches_equals_one_shot():
     from geocomplexity.integrations.torchmetrics import GeometricComplexity
 

@@ -218,6 +218,38 @@ class GeometricComplexity(Metric):
         else:
             super().__setattr__(name, value)
 
+    def extra_repr(self) -> str:
+        """The options that differ from the defaults, and the model's class.
+
+        ``nn.Module``'s repr showed ``GeometricComplexity()`` whatever was
+        measured, how: two metrics of a collection could not be told apart.
+        """
+        defaults = {
+            "method": "exact",
+            "output": None,
+            "mode": "eval",
+            "num_probes": 1,
+            "distribution": "rademacher",
+            "chunk_size": None,
+            "generator": None,
+            "wrt": None,
+            "coupled": None,
+        }
+        shown = [
+            f"model={type(self.model).__name__}",
+            f"method={self._options['method']!r}",
+        ]
+        for name, value in self._options.items():
+            if name == "method" or value is defaults[name]:
+                continue
+            if name == "generator":
+                shown.append("generator=<torch.Generator>")
+            elif value != defaults[name]:
+                shown.append(
+                    f"{name}={getattr(value, '__qualname__', None) or value!r}"
+                )
+        return ", ".join(shown)
+
     def _apply(self, fn: Any, exclude_state: Any = "") -> nn.Module:
         # torchmetrics converts states' dtypes only through set_dtype(), but
         # its guard misses .to(dtype), which a container's .to(torch.bfloat16)
