@@ -157,6 +157,65 @@ def test_measuring_a_loader_leaves_its_own_generator_alone():
     assert torch.equal(g.get_state(), state)
 
 
+def test_random_batches_and_samplers_draw_afresh_for_every_batch():
+    # the global RNG (and a loader's own generators) were put back after each
+    # batch, so each batch started from the same states: a generator of
+    # random batches yielded one batch four times over, and a
+    # RandomSampler(replacement=True, generator=g) drew the same 32 indices
+    # for every batch (GC 0.0525 against 0.0587 on the indices it should draw)
+    from torch.utils.data import Dataset, RandomSampler
+
+    model, _ = make_case("mlp")
+
+    def random_batches():
+        for _ in range(4):
+            yield torch.randn(8, 7, dtype=torch.float64)
+
+    torch.manual_seed(3)
+    want = per_sample_sq_norms(model, torch.cat(list(random_batches())))
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    r = gcx.measure(model, random_batches(), method="exact", per_sample=True)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's, kept
+    assert torch.allclose(r.per_sample, want, rtol=1e-12, atol=0)
+
+    x = torch.randn(100, 7, dtype=torch.float64)
+    data = TensorDataset(x)
+    draws = list(
+        RandomSampler(
+            data,
+            replacement=True,
+            num_samples=64,
+            generator=torch.Generator().manual_seed(1),
+        )
+    )
+    g = torch.Generator().manual_seed(1)
+    sampler = RandomSampler(data, replacement=True, num_samples=64, generator=g)
+    loader = DataLoader(data, batch_size=32, sampler=sampler)
+    r = gcx.measure(model, loader, method="exact", per_sample=True)
+    assert r.num_samples == 64
+    want = per_sample_sq_norms(model, x[draws])
+    assert torch.allclose(r.per_sample, want, rtol=1e-12, atol=0)
+    assert math.isclose(r.value, want.mean().item(), rel_tol=1e-12)
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(1).get_state())
+
+    class Noisy(Dataset):  # an augmentation drawing from the global RNG
+        def __len__(self) -> int:
+            return 16
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            return x[i] + torch.randn(7, dtype=torch.float64)
+
+    torch.manual_seed(4)
+    noisy = torch.stack([Noisy()[i] for i in range(16)])
+    torch.manual_seed(4)
+    state = torch.get_rng_state()
+    r = gcx.measure(model, Noisy(), method="exact", batch_size=4, per_sample=True)
+    assert torch.equal(torch.get_rng_state(), state)
+    want = per_sample_sq_norms(model, noisy)
+    assert torch.allclose(r.per_sample, want, rtol=1e-12, atol=0)
+
+
 def test_max_samples_truncates():
     model, _ = make_case("mlp")
     x = torch.randn(40, 7, dtype=torch.float64)

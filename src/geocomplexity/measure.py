@@ -38,7 +38,7 @@ from geocomplexity.state import (
     loader_generators,
     no_attention_fast_path,
     preserved,
-    rngs_kept,
+    rngs_set_apart,
 )
 
 __all__ = ["GCResult", "RunningMean", "geometric_complexity", "measure"]
@@ -241,7 +241,8 @@ def _batches(
             data, batch_size=batch_size, generator=torch.Generator()
         )
         total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
-        return (batch_inputs(b, input_key) for b in loader), total
+        # a dataset's augmentation may draw from the global RNGs: set apart
+        return (batch_inputs(b, input_key) for b in _rng_kept(loader)), total
     if isinstance(data, Iterable):
         total = _loader_samples(data)
         return (batch_inputs(b, input_key) for b in _rng_kept(data)), total
@@ -302,25 +303,25 @@ def _check_not_arrays(data: Any) -> None:
 
 
 def _rng_kept(data: Iterable[Any]) -> Iterator[Any]:
-    """The batches of the caller's iterable, its RNG draws undone.
+    """The batches of the caller's iterable, on RNGs set apart from the caller's.
 
     Starting a ``DataLoader``'s iterator draws a base seed from the global RNG
     (or the loader's own generator), and a shuffling sampler its permutation
     (a dataset may draw its own augmentation): measuring between the epochs
-    of a training loop would change every later epoch's order. Only the
-    iteration is rewound, so probes drawn from
+    of a training loop would change every later epoch's order. The iteration
+    draws from copies of those RNGs (:func:`rngs_set_apart`), which carry on
+    from batch to batch as they would run alone, so probes drawn from
     ``generator=torch.default_generator`` still move it.
     """
-    generators = loader_generators(data)
-    with rngs_kept(generators):
-        it = iter(data)
-    while True:
-        with rngs_kept(generators):
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
-        yield batch
+
+    def batches() -> Iterator[Any]:
+        it = iter(data)  # here, at the first step: iter draws the base seed
+        # a for loop, not yield from: closing this early (max_samples) must
+        # not close the caller's own generator
+        for batch in it:  # noqa: UP028
+            yield batch
+
+    return rngs_set_apart(batches(), loader_generators(data))
 
 
 def _loader_samples(data: Iterable[Any]) -> int | None:

@@ -30,6 +30,7 @@ __all__ = [
     "put_back",
     "rewound",
     "rngs_kept",
+    "rngs_set_apart",
     "snapshot",
     "written_buffers",
 ]
@@ -424,3 +425,43 @@ def rngs_kept(generators: Sequence[torch.Generator] = ()) -> Iterator[None]:
             g.set_state(state)
         np.random.set_state(np_state)
         random.setstate(py_state)
+
+
+def rngs_set_apart(
+    steps: Iterator[Any], generators: Sequence[torch.Generator] = ()
+) -> Iterator[Any]:
+    """``steps`` run on RNGs of their own, apart from the caller's.
+
+    Each step runs on the RNG states the previous step left (torch's global
+    CPU generator, numpy's, Python's and ``generators``), so the iteration
+    draws what it would draw run alone, and the caller's RNGs are as before
+    it after every step. Restoring the caller's states around each step
+    alone (:func:`rngs_kept` per step) would start every step from the same
+    states: a generator of random batches yielded one batch over and over,
+    and a ``RandomSampler(replacement=True, generator=g)`` the same 32
+    indices in every chunk it draws.
+
+    Yields:
+        The items of ``steps``.
+    """
+    own: tuple[Any, ...] | None = None  # the iteration's states between steps
+    while True:
+        with rngs_kept(generators):
+            if own is not None:
+                torch.set_rng_state(own[0])
+                np.random.set_state(own[1])
+                random.setstate(own[2])
+                for g, state in zip(generators, own[3], strict=True):
+                    g.set_state(state)
+            try:
+                item = next(steps)
+            except StopIteration:
+                return
+            finally:
+                own = (
+                    torch.get_rng_state(),
+                    np.random.get_state(),
+                    random.getstate(),
+                    [g.get_state() for g in generators],
+                )
+        yield item
