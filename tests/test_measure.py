@@ -216,6 +216,35 @@ def test_random_batches_and_samplers_draw_afresh_for_every_batch():
     assert torch.allclose(r.per_sample, want, rtol=1e-12, atol=0)
 
 
+def test_auto_counts_data_that_end_within_its_pilot_not_max_samples():
+    # auto's probes are P = ceil(σ² / (N m² rtol²)); for data of unknown
+    # length N was max_samples even where the data ran out during the pilot:
+    # a generator of 40 samples under max_samples=10**6 got 1 probe, not 6
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 50), nn.Tanh(), nn.Linear(50, 200)).double()
+    x = torch.randn(40, 3, dtype=torch.float64)
+
+    def batches():
+        yield from x.split(8)
+
+    def run(max_samples: int | None) -> gcx.GCResult:
+        g = torch.Generator().manual_seed(0)
+        return gcx.measure(
+            model,
+            batches(),
+            rtol=0.05,
+            max_samples=max_samples,
+            generator=g,
+            progress=False,
+        )
+
+    unlimited, capped = run(None), run(10**6)
+    assert unlimited.method == capped.method == "projection"
+    assert unlimited.num_probes is not None and unlimited.num_probes > 1
+    assert capped.num_probes == unlimited.num_probes
+    assert capped.num_samples == 40
+
+
 def test_max_samples_truncates():
     model, _ = make_case("mlp")
     x = torch.randn(40, 7, dtype=torch.float64)

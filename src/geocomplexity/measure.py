@@ -766,6 +766,11 @@ def measure(
                 or (max_samples is not None and seen >= max_samples)
             ):
                 break
+        else:
+            # the data ended within the pilot: that is their size, whatever
+            # max_samples promised for data of unknown length (P ∝ 1/N: a
+            # generator of 40 samples under max_samples=10**6 got 1 probe, not 6)
+            total = seen
         if piloted:
             chosen, probes = choose(pilot, total or seen)
             batches = itertools.chain(piloted, batches)
