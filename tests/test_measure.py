@@ -467,6 +467,72 @@ def test_auto_in_train_mode_weighs_exacts_per_sample_cost():
     assert gcx.measure(model, x, batch_size=64, progress=False).method == "exact"
 
 
+def test_train_mode_draws_fresh_dropout_masks_for_every_batch():
+    # each batch's call put the global RNG back, so every batch of a train-mode
+    # measure drew the same dropout masks: four copies of 8 samples gave four
+    # identical rows, and 50 copies a mean of 0.389 against the expected 0.512,
+    # 12.9 of its (too small, masks repeated) standard errors away
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Dropout(0.5), nn.Linear(16, 2))
+    model = model.double()
+    w1, w2 = model[0].weight.detach(), model[2].weight.detach()
+    # J = W2·diag(m/q)·W1; E[m_j m_l/q²] is 1/q on the diagonal, 1 off it
+    a = (w2.T @ w2) * (w1 @ w1.T)
+    want = (a.sum() + a.diagonal().sum() * (1 / 0.5 - 1)).item()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        state = torch.get_rng_state()
+        alone = gcx.jacobian_sq_norms(model, x, mode="train")
+        r = gcx.measure(
+            model,
+            x.repeat(50, 1),
+            batch_size=8,
+            mode="train",
+            method="exact",
+            per_sample=True,
+            progress=False,
+        )
+        assert torch.equal(torch.get_rng_state(), state)  # the caller's, kept
+        rows = r.per_sample.view(50, 8)
+        assert torch.equal(rows[0], alone)  # the first batch draws as a call alone
+        assert not torch.equal(rows[1], rows[0])
+        assert abs(r.value - want) < 4.5 * r.stderr, (seed, r.value, want)
+        again = gcx.measure(
+            model,
+            x.repeat(50, 1),
+            batch_size=8,
+            mode="train",
+            method="exact",
+            per_sample=True,
+            progress=False,
+        )
+        assert torch.equal(again.per_sample, r.per_sample)  # reproducible
+
+
+def test_train_mode_measure_with_the_global_generator_draws_fresh_probes():
+    # the masks' copy of the RNG is put back after the last batch: probes from
+    # the global generator take one kept draw before it, so that the next
+    # call draws fresh probes and the global RNG moves on, as documented
+    model, _ = make_case("mlp")
+    x = torch.randn(32, 7, dtype=torch.float64)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    kw = dict(
+        batch_size=8,
+        mode="train",
+        method="projection",
+        progress=False,
+        generator=torch.default_generator,
+    )
+    first = gcx.measure(model, x, **kw)
+    assert not torch.equal(torch.get_rng_state(), state)
+    second = gcx.measure(model, x, **kw)
+    assert first.value != second.value
+    torch.manual_seed(0)
+    assert gcx.measure(model, x, **kw).value == first.value
+
+
 def test_auto_pilot_in_train_mode_sees_the_probe_noise_of_the_global_generator():
     # train mode restores the global RNG after each call: with it as the
     # probes' source the pilot's two calls must still draw different probes,

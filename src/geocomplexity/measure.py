@@ -10,6 +10,7 @@ output dimension; for a classifier ``g`` is the logit network.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -23,6 +24,7 @@ from geocomplexity import distributed as _distributed
 from geocomplexity.jacobian import (
     METHODS,
     Output,
+    _apart_from_global,
     _check_model_matches,
     _check_scalar_batch,
     _coupled,
@@ -38,6 +40,7 @@ from geocomplexity.state import (
     loader_generators,
     no_attention_fast_path,
     preserved,
+    rng_carried_on,
     rngs_set_apart,
 )
 
@@ -781,32 +784,44 @@ def measure(
         leave=False,
         disable=None if progress is None else not progress,
     )
+    carried: contextlib.AbstractContextManager[Any] = contextlib.nullcontext(None)
+    if mode == "train":
+        # each batch draws fresh dropout masks, as in training: the RNG moves
+        # on from batch to batch, and is put back once, after the last
+        carried = rng_carried_on(model)
+        if generator is not None and chosen != "exact":
+            # probes from the global generator: one kept draw seeds them (as
+            # jacobian_sq_norms takes), before the block that puts it back
+            generator = _apart_from_global(generator)
     try:
-        for batch in batches:
-            x = prepare(batch, stats.count)
-            # half-precision norms as summed, in float32: in float16 one
-            # beyond 65504 is inf, and one below 6e-5 keeps a few bits
-            with wide_results():
-                values = jacobian_sq_norms(
-                    model,
-                    x,
-                    method=chosen,
-                    output=output,
-                    mode=mode,
-                    num_probes=probes,
-                    distribution=distribution,
-                    chunk_size=chunk_size,
-                    eps=eps,
-                    generator=generator,
-                    wrt=wrt,
-                    coupled=coupled,
-                )
-            stats.update(values)
-            if per_sample:
-                kept.append(values.detach().cpu())
-            bar.update(x.shape[0])
-            if max_samples is not None and stats.count >= max_samples:
-                break
+        with carried as advance:
+            for batch in batches:
+                x = prepare(batch, stats.count)
+                if advance is not None and stats.count:
+                    advance()
+                # half-precision norms as summed, in float32: in float16 one
+                # beyond 65504 is inf, and one below 6e-5 keeps a few bits
+                with wide_results():
+                    values = jacobian_sq_norms(
+                        model,
+                        x,
+                        method=chosen,
+                        output=output,
+                        mode=mode,
+                        num_probes=probes,
+                        distribution=distribution,
+                        chunk_size=chunk_size,
+                        eps=eps,
+                        generator=generator,
+                        wrt=wrt,
+                        coupled=coupled,
+                    )
+                stats.update(values)
+                if per_sample:
+                    kept.append(values.detach().cpu())
+                bar.update(x.shape[0])
+                if max_samples is not None and stats.count >= max_samples:
+                    break
     except Exception as err:
         if not collective:
             raise

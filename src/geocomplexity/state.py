@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,7 @@ __all__ = [
     "preserved",
     "put_back",
     "rewound",
+    "rng_carried_on",
     "rngs_kept",
     "rngs_set_apart",
     "snapshot",
@@ -105,10 +106,8 @@ def preserved(model: nn.Module, *, mode: str) -> Iterator[list[nn.Module]]:
     # module changes is copied back, and only if it changed, so that buffers
     # saved in a graph the caller still differentiates keep their versions
     saved = snapshot(modules)
-    tensors = [*model.parameters(), *model.buffers()]
-    cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
     try:
-        with torch.random.fork_rng(devices=cuda):
+        with torch.random.fork_rng(devices=_cuda_devices(model)):
             for module, _ in flags:
                 module.training = True
             with kept_buffers(model):
@@ -117,6 +116,44 @@ def preserved(model: nn.Module, *, mode: str) -> Iterator[list[nn.Module]]:
         for module, flag in flags:
             module.training = flag
         put_back(saved)
+
+
+def _cuda_devices(model: nn.Module) -> list[int]:
+    """The indices of the CUDA devices that hold ``model``'s tensors."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+
+
+@contextlib.contextmanager
+def rng_carried_on(model: nn.Module) -> Iterator[Callable[[], None]]:
+    """A block whose train-mode calls draw fresh dropout masks, one after another.
+
+    A train-mode :func:`preserved` (and each pass it replays) puts the global
+    RNG back, so that the caller's RNG never moves; but then successive calls,
+    the batches of one ``measure``, all start from the same state and draw
+    the same dropout masks: a data set's train-mode GC averaged over one draw
+    of masks (four copies of 8 samples, measured 8 at a time, gave four
+    identical rows of per-sample values). The block runs on a copy of the
+    global RNG (CPU, and CUDA for the model's devices), put back at its end;
+    the function it yields reseeds that copy from a draw of its own, so that
+    the next call draws fresh masks, reproducibly from ``torch.manual_seed``.
+
+    Args:
+        model: the module measured (its CUDA devices' RNGs are kept too).
+
+    Yields:
+        ``advance()``: call it between two calls that should draw apart.
+    """
+    cuda = _cuda_devices(model)
+
+    def advance() -> None:
+        seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        torch.default_generator.manual_seed(seed)
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
+
+    with torch.random.fork_rng(devices=cuda):
+        yield advance
 
 
 _Snapshot = list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]]
