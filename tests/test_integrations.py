@@ -69,6 +69,38 @@ def test_metric_accumulated_over_batches_equals_one_shot():
     assert math.isnan(metric.stderr().item())
 
 
+def test_metric_in_train_mode_draws_fresh_dropout_masks_for_every_update():
+    # each update put the global RNG back, so updates between which nothing
+    # moved it (a validation loop) drew the same dropout masks: 50 updates of
+    # one batch of 8 gave 0.389 against the expected 0.512, 12.9 of its (too
+    # small, masks repeated) standard errors away
+    from geocomplexity.integrations.torchmetrics import GeometricComplexity
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Dropout(0.5), nn.Linear(16, 2))
+    model = model.double()
+    w1, w2 = model[0].weight.detach(), model[2].weight.detach()
+    # J = W2·diag(m/q)·W1; E[m_j m_l/q²] is 1/q on the diagonal, 1 off it
+    a = (w2.T @ w2) * (w1 @ w1.T)
+    want = (a.sum() + a.diagonal().sum() * (1 / 0.5 - 1)).item()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        state = torch.get_rng_state()
+        alone = jacobian_sq_norms(model, x, mode="train")
+        metric = GeometricComplexity(model, mode="train")
+        metric.update(x)
+        assert metric.compute().item() == alone.mean().item()  # as a call alone
+        value = metric.compute().item()
+        metric.update(x)
+        assert metric.compute().item() != value
+        for _ in range(48):
+            metric.update(x)
+        assert torch.equal(torch.get_rng_state(), state)  # the caller's, kept
+        value, stderr = metric.compute().item(), metric.stderr().item()
+        assert abs(value - want) < 4.5 * stderr, (seed, value, want)
+
+
 def test_metric_measures_with_respect_to_an_embedding():
     from geocomplexity.integrations.torchmetrics import GeometricComplexity
 

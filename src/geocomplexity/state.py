@@ -125,7 +125,7 @@ def _cuda_devices(model: nn.Module) -> list[int]:
 
 
 @contextlib.contextmanager
-def rng_carried_on(model: nn.Module) -> Iterator[Callable[[], None]]:
+def rng_carried_on(model: nn.Module) -> Iterator[Callable[..., None]]:
     """A block whose train-mode calls draw fresh dropout masks, one after another.
 
     A train-mode :func:`preserved` (and each pass it replays) puts the global
@@ -142,12 +142,16 @@ def rng_carried_on(model: nn.Module) -> Iterator[Callable[[], None]]:
         model: the module measured (its CUDA devices' RNGs are kept too).
 
     Yields:
-        ``advance()``: call it between two calls that should draw apart.
+        ``advance(salt=0)``: call it between two calls that should draw
+        apart. A ``salt`` (a count of samples seen) gives states apart from
+        those of another salt where the copy starts from the same state (the
+        updates of a metric between which nothing moves the global RNG).
     """
     cuda = _cuda_devices(model)
 
-    def advance() -> None:
+    def advance(salt: int = 0) -> None:
         seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        seed = (seed + salt * 0x9E3779B97F4A7C15) % 2**63
         torch.default_generator.manual_seed(seed)
         for index in cuda:
             torch.cuda.default_generators[index].manual_seed(seed)

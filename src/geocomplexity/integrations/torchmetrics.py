@@ -14,6 +14,7 @@ Needs ``pip install 'geocomplexity[torchmetrics]'``.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -30,11 +31,13 @@ except ImportError as err:  # pragma: no cover - the message is the point
 from geocomplexity.distributed import all_gather
 from geocomplexity.jacobian import (
     Output,
+    _apart_from_global,
     check_names,
     check_options,
     jacobian_sq_norms,
     wide_results,
 )
+from geocomplexity.state import rng_carried_on
 
 __all__ = ["GeometricComplexity"]
 
@@ -123,7 +126,9 @@ class GeometricComplexity(Metric):
         method: ``"exact"`` (default), ``"projection"``, ``"jvp"`` or
             ``"finite_difference"``.
         output: what is differentiated (see ``jacobian_sq_norms``).
-        mode: ``"eval"`` (default) or ``"train"``.
+        mode: ``"eval"`` (default) or ``"train"``. In train mode each update
+            draws fresh dropout masks (the first what a call alone would),
+            from a copy of the global RNG that it puts back.
         num_probes: probes per sample for the stochastic methods.
         distribution: probe distribution for the stochastic methods.
         chunk_size: VJPs per backward pass for ``"exact"``.
@@ -266,8 +271,22 @@ class GeometricComplexity(Metric):
 
     def update(self, x: Tensor) -> None:
         """Measure a batch of inputs ``(B, *in_shape)`` and add it to the states."""
-        with wide_results():  # half precision as summed, in float32
-            values = jacobian_sq_norms(self.model, x, **self._options)
+        options = self._options
+        carried: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if options["mode"] == "train":
+            # each update draws fresh dropout masks: a call puts the global
+            # RNG back, so updates between which nothing moves it (a
+            # validation loop) drew the same masks for every batch
+            carried = rng_carried_on(self.model)
+            generator = options["generator"]
+            if generator is not None and options["method"] != "exact":
+                # probes from the global generator: its one kept draw, taken
+                # before the block that puts the RNG back
+                options = {**options, "generator": _apart_from_global(generator)}
+        with carried as advance, wide_results():  # half precision as summed
+            if advance is not None and (seen := int(self.count)):
+                advance(seen)  # the first update draws as a call alone
+            values = jacobian_sq_norms(self.model, x, **options)
         values = values.detach().to(self.total.device, torch.float64)
         self.total += values.sum()
         self.total_sq += values.pow(2).sum()
