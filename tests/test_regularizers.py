@@ -701,6 +701,37 @@ def test_a_refused_finite_difference_gradient_norm_puts_the_buffers_back(layer):
         assert torch.equal(b, was)
 
 
+class _FailsOnSecondPass(_RunningCenter):
+    """A running mean, updated and then failing on its second forward pass."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__(d)
+        self.passes = 0
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out = super().forward(z)
+        self.passes += 1
+        if self.passes == 2:
+            raise RuntimeError("the model failed")
+        return out
+
+
+def test_a_shifted_pass_that_raises_puts_the_buffers_back():
+    """The shifted pass's buffer writes were put back only when the term
+    refused them: a forward pass that wrote a buffer and then raised (a bad
+    batch, out of memory) left the model's buffers moved by the term's own
+    pass."""
+    model, x, y = tanh_mlp()
+    model.insert(1, _FailsOnSecondPass(8))
+    term = GradientNorm(0.3, method="finite_difference", eps=1e-6)
+    out = model(x)  # the caller's pass: its writes are the step's own
+    found = [(b, b.clone()) for b in model.buffers()]
+    with pytest.raises(RuntimeError, match="the model failed"):
+        term.backward(F.cross_entropy(out, y), model, x, y, outputs=out)
+    for b, was in found:
+        assert torch.equal(b, was)
+
+
 @pytest.mark.parametrize("how", ["bfloat16", "float16", "autocast"])
 def test_finite_difference_gradient_norm_refuses_half_precision(how):
     """In half precision the two gradients' round-off, divided by the step,

@@ -356,22 +356,23 @@ class GradientNorm(Regularizer):
         # a buffer the shifted pass writes (a write bumps its version) was
         # another in that pass than in the caller's
         versions = [b._version for b in model.buffers()]
-        # and on refusal put back as found: the call raises, so its own pass
-        # must leave no trace (BatchNorm writes nothing, see kept_buffers)
+        # and on refusal, or on any failure of the pass, put back as found:
+        # the call raises, so its own pass must leave no trace (BatchNorm
+        # writes nothing, see kept_buffers)
         saved = written_buffers(model.modules())
-        # the backward pass inside the block too: activation checkpointing
-        # recomputes a block's forward pass there, with the parameters the
-        # module holds then
-        with (
-            kept_buffers(model),
-            torch.enable_grad(),
-            _reparametrize_module(model, shifted_params, tie_weights=True),
-        ):
-            out = model(inputs)
-            shifted, _ = _param_grads(loss_fn(out, targets), moved)
         try:
+            # the backward pass inside the block too: activation checkpointing
+            # recomputes a block's forward pass there, with the parameters
+            # the module holds then
+            with (
+                kept_buffers(model),
+                torch.enable_grad(),
+                _reparametrize_module(model, shifted_params, tie_weights=True),
+            ):
+                out = model(inputs)
+                shifted, _ = _param_grads(loss_fn(out, targets), moved)
             _refuse_written_buffers(model, versions)
-        except ValueError:
+        except BaseException:
             put_back(saved)
             raise
         return sq, r, shifted
