@@ -194,3 +194,24 @@ def test_transfer_bound_names_a_dtype_mismatch():
     x = torch.randn(8, 3, dtype=torch.float64)
     with pytest.raises(TypeError, match=r"x has dtype torch.float64 but the model"):
         transfer_bound(net, x)
+
+
+def test_norm_bounds_leave_a_spectral_norm_parametrization_as_found():
+    """torch's spectral_norm parametrization runs a power step on every read of
+    the weight in train mode. norm_bounds read it so: a train-mode model's
+    ``_u`` moved by 0.019 (top singular values 1 and 0.9) and its eval output
+    by 2.3e-4, and the bounds were of that stepped weight, not of the model's.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)).double()
+    U, _, Vh = torch.linalg.svd(torch.randn(4, 5, dtype=torch.float64), False)
+    s = torch.tensor([1.0, 0.9, 0.5, 0.1], dtype=torch.float64)
+    with torch.no_grad():
+        model[0].weight.copy_(U @ torch.diag(s) @ Vh)
+    torch.nn.utils.parametrizations.spectral_norm(model[0])
+    sn = model[0].parametrizations.weight[0]
+    u, v = sn._u.clone(), sn._v.clone()
+    b = norm_bounds(model)
+    assert model.training and model[0].parametrizations.training
+    assert torch.equal(sn._u, u) and torch.equal(sn._v, v)
+    assert b == norm_bounds(model.eval())  # the model's own weight, as in eval

@@ -245,7 +245,8 @@ def norm_bounds(model: nn.Module) -> dict[str, float]:
     """Upper bounds on the GC of a dense network with 1-Lipschitz activations.
 
     Args:
-        model: an ``nn.Sequential`` of ``Linear`` layers and such activations.
+        model: an ``nn.Sequential`` of ``Linear`` layers and such activations;
+            its weights are read as in eval mode, and it is left as found.
 
     Returns:
         ``{"frobenius_spectral": ‖W_L‖_F² Π_{i<L} ‖W_i‖₂²,
@@ -257,7 +258,11 @@ def norm_bounds(model: nn.Module) -> dict[str, float]:
         raise TypeError("a LeakyReLU with |slope| > 1 is not 1-Lipschitz")
     if any(isinstance(m, nn.ELU) and abs(m.alpha) > 1 for m in model):
         raise TypeError("an ELU with |alpha| > 1 is not 1-Lipschitz")
-    with torch.no_grad():
+    # in eval mode, buffers put back: a weight computed by torch's
+    # spectral_norm parametrization runs a power step on each read in train
+    # mode, which would move its buffers and bound another weight than the
+    # model's own
+    with preserved(model, mode="eval"), torch.no_grad():
         # in float64 whatever the weights' dtype: float32 sums round the
         # bounds below the GC they bound where they are tight (one layer)
         weights = [lin.weight.to(torch.float64) for lin in layers]
