@@ -77,6 +77,7 @@ from geocomplexity.state import (
     no_attention_fast_path,
     preserved,
     rewound,
+    rng_carried_on,
 )
 
 __all__ = ["METHODS", "MODES", "Output", "jacobian_sq_norms", "reverse_sq_norms"]
@@ -1202,6 +1203,36 @@ def _coupled(asked: bool | None, batch_norm: bool, train: bool = False) -> bool:
             "coupled unset, or measure in eval mode with running statistics"
         )
     return bool(asked)
+
+
+def train_mode_rng(
+    model: nn.Module, mode: str, method: str, generator: torch.Generator | None
+) -> tuple[contextlib.AbstractContextManager[Any], torch.Generator | None]:
+    """The RNG set-up of several train-mode calls that should draw apart.
+
+    For the batches of ``measure`` and the updates of the torchmetrics metric:
+    each call puts the global RNG back, so successive calls would draw the
+    same dropout masks. In train mode the block is
+    :func:`~geocomplexity.state.rng_carried_on` (it yields ``advance``, to
+    call between two calls), and probes from the global generator take their
+    one kept draw (:func:`_apart_from_global`) now, before the block puts the
+    RNG back; in eval mode a null block that yields ``None``, and
+    ``generator`` as given.
+
+    Args:
+        model: the model measured.
+        mode: ``"eval"`` or ``"train"``.
+        method: the measuring method (``"exact"`` draws no probes).
+        generator: the probes' generator, or ``None``.
+
+    Returns:
+        The block, and the generator the calls take.
+    """
+    if mode != "train":
+        return contextlib.nullcontext(None), generator
+    if generator is not None and method != "exact":
+        generator = _apart_from_global(generator)
+    return rng_carried_on(model), generator
 
 
 def _apart_from_global(generator: torch.Generator) -> torch.Generator:

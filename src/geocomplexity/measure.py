@@ -10,7 +10,6 @@ output dimension; for a classifier ``g`` is the logit network.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -24,7 +23,6 @@ from geocomplexity import distributed as _distributed
 from geocomplexity.jacobian import (
     METHODS,
     Output,
-    _apart_from_global,
     _check_model_matches,
     _check_scalar_batch,
     _coupled,
@@ -32,6 +30,7 @@ from geocomplexity.jacobian import (
     check_input,
     check_options,
     jacobian_sq_norms,
+    train_mode_rng,
     unwrapped,
     wide_results,
 )
@@ -40,7 +39,6 @@ from geocomplexity.state import (
     loader_generators,
     no_attention_fast_path,
     preserved,
-    rng_carried_on,
     rngs_set_apart,
 )
 
@@ -784,15 +782,9 @@ def measure(
         leave=False,
         disable=None if progress is None else not progress,
     )
-    carried: contextlib.AbstractContextManager[Any] = contextlib.nullcontext(None)
-    if mode == "train":
-        # each batch draws fresh dropout masks, as in training: the RNG moves
-        # on from batch to batch, and is put back once, after the last
-        carried = rng_carried_on(model)
-        if generator is not None and chosen != "exact":
-            # probes from the global generator: one kept draw seeds them (as
-            # jacobian_sq_norms takes), before the block that puts it back
-            generator = _apart_from_global(generator)
+    # in train mode each batch draws fresh dropout masks, as in training: the
+    # RNG moves on from batch to batch, and is put back once, after the last
+    carried, generator = train_mode_rng(model, mode, chosen, generator)
     try:
         with carried as advance:
             for batch in batches:

@@ -14,7 +14,6 @@ Needs ``pip install 'geocomplexity[torchmetrics]'``.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -31,13 +30,12 @@ except ImportError as err:  # pragma: no cover - the message is the point
 from geocomplexity.distributed import all_gather
 from geocomplexity.jacobian import (
     Output,
-    _apart_from_global,
     check_names,
     check_options,
     jacobian_sq_norms,
+    train_mode_rng,
     wide_results,
 )
-from geocomplexity.state import rng_carried_on
 
 __all__ = ["GeometricComplexity"]
 
@@ -272,17 +270,14 @@ class GeometricComplexity(Metric):
     def update(self, x: Tensor) -> None:
         """Measure a batch of inputs ``(B, *in_shape)`` and add it to the states."""
         options = self._options
-        carried: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-        if options["mode"] == "train":
-            # each update draws fresh dropout masks: a call puts the global
-            # RNG back, so updates between which nothing moves it (a
-            # validation loop) drew the same masks for every batch
-            carried = rng_carried_on(self.model)
-            generator = options["generator"]
-            if generator is not None and options["method"] != "exact":
-                # probes from the global generator: its one kept draw, taken
-                # before the block that puts the RNG back
-                options = {**options, "generator": _apart_from_global(generator)}
+        # in train mode each update draws fresh dropout masks: a call puts the
+        # global RNG back, so updates between which nothing moves it (a
+        # validation loop) drew the same masks for every batch
+        carried, generator = train_mode_rng(
+            self.model, options["mode"], options["method"], options["generator"]
+        )
+        if generator is not options["generator"]:
+            options = {**options, "generator": generator}
         with carried as advance, wide_results():  # half precision as summed
             if advance is not None and (seen := int(self.count)):
                 advance(seen)  # the first update draws as a call alone
