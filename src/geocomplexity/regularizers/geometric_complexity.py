@@ -240,7 +240,9 @@ class GeometricComplexity(Regularizer):
             outputs, stance = None, eager()
         try:
             with norms, group_norm, stance:
-                return self.strength * self._values(model, inputs, outputs, coupled)
+                return self.strength * self._values(
+                    model, modules, inputs, outputs, coupled
+                )
         except NotImplementedError as err:
             if self.method == "jvp" and "custom autograd.Function" in str(err):
                 raise NotImplementedError(
@@ -257,6 +259,7 @@ class GeometricComplexity(Regularizer):
     def _values(
         self,
         model: nn.Module,
+        modules: list[nn.Module],
         inputs: Tensor,
         outputs: Tensor | None,
         coupled: bool,
@@ -270,7 +273,7 @@ class GeometricComplexity(Regularizer):
             idx = torch.randperm(B, generator=gen, device=gen.device)[:m]
             x, outputs = inputs[idx.to(inputs.device)], None
         if self.wrt is not None:  # the inner variable comes from a pass of its own
-            with kept_buffers(model), self._sequence_checked(model, x):
+            with kept_buffers(model), self._sequence_checked(model, modules, x):
                 if self.method == "jvp":
                     values = _probes_at(
                         model, x, self.output, self.wrt, "jvp", self.distribution,
@@ -286,7 +289,7 @@ class GeometricComplexity(Regularizer):
             # a forward pass of its own, in the model's current mode; running
             # statistics are put back so the batch is not counted twice
             xg = x.detach().requires_grad_(self.method != "jvp")
-            with kept_buffers(model), self._sequence_checked(model, x):
+            with kept_buffers(model), self._sequence_checked(model, modules, x):
                 if self.method == "jvp":
                     values = _input_side(
                         lambda z: _select(model, z, self.output), xg, "jvp",
@@ -300,7 +303,7 @@ class GeometricComplexity(Regularizer):
         return values.mean()
 
     def _sequence_checked(
-        self, model: nn.Module, x: Tensor
+        self, model: nn.Module, modules: list[nn.Module], x: Tensor
     ) -> AbstractContextManager[Any]:
         """The term's own passes refuse a sequence layer run along the batch.
 
@@ -310,7 +313,7 @@ class GeometricComplexity(Regularizer):
         """
         if self.coupled is True:
             return nullcontext()
-        return sequence_along_batch(model, list(model.modules()), x.shape[0])
+        return sequence_along_batch(model, modules, x.shape[0])
 
     def _reused(self, x: Tensor, outputs: Any) -> Tensor | None:
         """The handed-over ``outputs`` as ``(B, k)``, where they can be reused.
