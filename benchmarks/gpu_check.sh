@@ -3,21 +3,25 @@
 #
 #   benchmarks/gpu_check.sh prepare      # here: copies mnist1d into .gpu/ (ignored;
 #                                        # from .venv/bin/python, or PY if set)
-#   benchmarks/gpu_check.sh run [OUT]    # there: carry .gpu; about 6-9 minutes
+#   benchmarks/gpu_check.sh run [OUT]    # there: carry .gpu; at most 9.5 minutes
 #
 # The machine's own python3 (with a CUDA build of torch, numpy, scipy, pytest,
 # scikit-learn, tqdm) runs the package from src/; mnist1d is the one dependency
 # it lacks, so `prepare` copies it from this checkout's virtual environment. Each
-# step has its own time limit and writes its log to OUT (at most 8 files come
-# back: 5 logs, 2 JSON results and summary.txt); a failing step does not stop
-# the others. The limits add up to 550 s (575 s with each step's 5 s kill
-# grace), inside one 600 s device command. The steps:
+# step has its own time limit and appends its log to one of four logs in OUT (at
+# most 8 files come back: 4 logs, 3 JSON results and summary.txt); a failing step
+# does not stop the others. The limits add up to 570 s with each step's 5 s kill
+# grace, inside one 600 s device command; the last step takes what is left. The
+# steps:
 #   1. tests/test_cuda.py and the CUDA cases of the training tests (CUDA vs CPU
 #      in float64, the CUDA RNG, autocast, fit on CUDA);
 #   2. benchmarks/bench_measure.py --device cuda --quick;
 #   3. benchmarks/bench_regularizers.py --device cuda --quick;
 #   4. resnet-double-descent at --preset smoke on a generated CIFAR-10 folder;
-#   5. examples/ddp.py under torchrun with NCCL on one GPU.
+#   5. examples/ddp.py under torchrun with NCCL on one GPU;
+#   6. benchmarks/paper_scale.py: the hours one paper-preset run takes;
+#   7. the whole test suite under the machine's own torch (pytest-xdist), with
+#      CUDA visible, in the time left.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,42 +52,57 @@ export PYTHONPATH="$PWD/src:$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 summary="$OUT/summary.txt"
 : > "$summary"
+END=570  # seconds into the run by which every step has ended
 
-step() {  # step NAME SECONDS COMMAND...: run with a time limit, log, summarise
-    local name=$1 limit=$2
-    shift 2
+step() {  # step NAME LOG SECONDS COMMAND...: run with a time limit, log, summarise
+    local name=$1 log=$2 limit=$3
+    shift 3
+    local left=$((END - 5 - SECONDS))
+    if [ "$limit" -gt "$left" ]; then limit=$left; fi
+    if [ "$limit" -lt 10 ]; then
+        echo "$name: skipped, no time left" | tee -a "$summary"
+        return
+    fi
     local start=$SECONDS
+    echo "===== $name (limit $limit s)" >> "$OUT/$log.log"
     # -k: a step that ignores SIGTERM (a hung NCCL worker under torchrun) is
     # killed 5 s later, so the steps stay inside one 600 s device command
-    timeout -k 5 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    timeout -k 5 "$limit" "$@" >> "$OUT/$log.log" 2>&1
     local rc=$?
-    echo "$name: exit $rc in $((SECONDS - start)) s" | tee -a "$summary"
-    tail -n 15 "$OUT/$name.log"
+    echo "$name: exit $rc in $((SECONDS - start)) s (limit $limit)" | tee -a "$summary"
+    tail -n 12 "$OUT/$log.log"
 }
 
-$PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
-         torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO CUDA")' \
-    | tee -a "$summary"
+{ $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
+         torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO CUDA")'
+  nproc; nvidia-smi -L; } 2>&1 | tee -a "$summary"
 # without mnist1d, bench_measure times every model and then dies at its MNIST-1D
 # stage without writing its JSON: say so at the top of the summary
 $PY -c 'import mnist1d' > /dev/null 2>&1 \
     || echo "WARNING: mnist1d does not import: run '$0 prepare' and carry .gpu" \
     | tee -a "$summary"
 
-step tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+step tests tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py \
     tests/test_training.py -k "cuda"
-step bench_measure 120 $PY benchmarks/bench_measure.py --device cuda --quick \
+step bench_measure bench 110 $PY benchmarks/bench_measure.py --device cuda --quick \
     --threads 8 --out "$OUT/measure_cuda.json"
-step bench_regularizers 130 $PY benchmarks/bench_regularizers.py --device cuda \
+step bench_regularizers bench 110 $PY benchmarks/bench_regularizers.py --device cuda \
     --quick --threads 8 --out "$OUT/regularizers_cuda.json"
 
 cifar=$(mktemp -d)/cifar-10-batches-py
 $PY -c "import sys; sys.path.insert(0, 'tests')
 from pathlib import Path; from conftest import write_fake_cifar
 write_fake_cifar(Path('$cifar'), n=64)"
-step resnet_smoke 90 $PY -m geocomplexity.cli reproduce resnet-double-descent \
-    --preset smoke --device cuda --workers 1 --data-dir "$cifar" --out "$(mktemp -d)"
-step ddp 60 $PY -m torch.distributed.run --standalone --nproc_per_node 1 \
-    examples/ddp.py
+step resnet_smoke experiments 50 $PY -m geocomplexity.cli reproduce \
+    resnet-double-descent --preset smoke --device cuda --workers 1 \
+    --data-dir "$cifar" --out "$(mktemp -d)"
+step ddp experiments 40 $PY -m torch.distributed.run --standalone \
+    --nproc_per_node 1 examples/ddp.py
+step paper_scale experiments 60 $PY benchmarks/paper_scale.py --device cuda \
+    --widths 1,8,64 --n 10000 --out "$OUT/paper_scale_cuda.json"
+# the CUDA-only file ran above; the rest under this torch, with CUDA visible
+# (fit's device="auto" picks it), on the machine's cores
+step suite suite 600 $PY -m pytest -q -p no:cacheprovider -n 12 --maxfail 30 \
+    --ignore tests/test_cuda.py tests src README.md
 
 cat "$summary"
