@@ -523,7 +523,7 @@ def bench_model(case: Case, budget_s: float, min_rounds: int, max_rounds: int,
             rows[name]["note"] = m.note
         if m.error:
             rows[name]["error"] = m.error
-    default_chunk = geocomplexity.jacobian._default_chunk(model, k)
+    default_chunk = geocomplexity.jacobian._default_chunk(model, k, x, k)
     chunks = {c: rows[f"exact chunk_size={c}"]["median_ms"] for c in (1, k)}
     return {
         "name": case.name,

@@ -1,6 +1,6 @@
 """Geometric complexity under torchrun: measure across ranks, train with DDP.
 
-Run with two processes (gloo on CPU, NCCL on GPUs)::
+Run with two processes (NCCL with a GPU per process, else gloo on the CPU)::
 
     torchrun --standalone --nproc_per_node 2 examples/ddp.py
 
@@ -29,7 +29,10 @@ from geocomplexity.regularizers import GeometricComplexity
 
 def main() -> None:
     """Measure, train a little under DDP, measure again."""
-    cuda = torch.cuda.is_available()
+    # NCCL wants a GPU per rank: with fewer GPUs than ranks (two ranks on a
+    # one-GPU machine), the whole job runs on the CPU over gloo instead
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() and torch.cuda.device_count() >= ranks_here
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else "cpu"

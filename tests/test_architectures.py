@@ -563,7 +563,9 @@ def test_penalties(name):
 
     out = model(x)  # with grad: no fast path (a nested tensor warns)
     pick = kwargs.get("output") if callable(kwargs.get("output")) else None
-    target = torch.randn((pick(out) if pick else out).shape)
+    # the output's dtype: torch 2.11's mse_loss backward (create_graph) fails on a
+    # float32 target for a float64 output ("Found dtype Float but expected Double")
+    target = torch.randn((pick(out) if pick else out).shape, dtype=torch.float64)
 
     def loss_fn(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(pick(o) if pick else o, t)

@@ -7,6 +7,7 @@ reports success without it wastes the GPU session's minutes.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -34,12 +35,19 @@ def checkout(tmp_path: Path, python: str | None) -> Path:
     return tmp_path
 
 
+def _pythonpath() -> dict[str, str]:
+    path = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": path} if path else {}
+
+
 def prepare(root: Path, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["bash", str(root / "benchmarks" / "gpu_check.sh"), "prepare"],
         capture_output=True,
         text=True,
-        env={"PATH": "/usr/bin:/bin", **env},
+        # PYTHONPATH passes through: where mnist1d is on it rather than installed
+        # (the GPU machine), the python under test finds it there
+        env={"PATH": "/usr/bin:/bin", **_pythonpath(), **env},
         timeout=60,
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import warnings
 
@@ -821,6 +822,85 @@ def test_default_chunk_is_bounded_for_many_outputs():
     big = torch.zeros(4096, 2000)
     assert _default_chunk(model, 1000, big, 1000) == 8  # 2**26 // (4096 * 2000)
     assert _default_chunk(model, 1000, torch.zeros(1 << 20, 100), 1000) == 1
+
+
+def test_default_chunk_batches_convolutions_on_a_gpu_only():
+    # measured on an H200 (benchmarks/gpu_check.sh): a loop of VJPs through
+    # convolutions was 2.2x slower than chunks of 10 on the CNN; on the CPU,
+    # the loop is the faster
+    import types
+
+    from geocomplexity.jacobian import _default_chunk
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(10))
+    x = torch.zeros(8, 3, 6, 6)
+    on_gpu = types.SimpleNamespace(device=torch.device("cuda"), shape=x.shape)
+    assert _default_chunk(model, 10, x, 10) == 1
+    assert _default_chunk(model, 10, on_gpu, 10) == 10
+    assert _default_chunk(model, 1, on_gpu, 10) == 1
+
+
+def _out_of_memory_above(monkeypatch, module, limit: int) -> list[int]:
+    """``module.reverse_sq_norms`` raising OutOfMemoryError above ``limit``."""
+    real, tried = module.reverse_sq_norms, []
+
+    def fake(*args, chunk_size=1, **kwargs):
+        tried.append(chunk_size)
+        if chunk_size > limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args, chunk_size=chunk_size, **kwargs)
+
+    monkeypatch.setattr(module, "reverse_sq_norms", fake)
+    return tried
+
+
+def _assert_halved(tried: list[int], limit: int) -> None:
+    """The default chunk first, then halves, until one fits under ``limit``."""
+    assert tried[0] > limit and tried[-1] <= limit < tried[-2]
+    assert all(b == a // 2 for a, b in itertools.pairwise(tried))
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_a_default_chunk_out_of_gpu_memory_starts_over_with_half(monkeypatch, mode):
+    import geocomplexity.jacobian as jac
+
+    # more inputs than outputs: the reverse-mode path, whose VJPs are chunked
+    model = nn.Sequential(
+        nn.Linear(12, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 10)
+    ).double()
+    x = torch.randn(5, 12, dtype=torch.float64)
+    want = gcx.jacobian_sq_norms(model, x, mode=mode, chunk_size=1)
+    tried = _out_of_memory_above(monkeypatch, jac, 2)
+    got = gcx.jacobian_sq_norms(model, x, mode=mode)
+    _assert_halved(tried, limit=2)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    # the same probes as a call given the chunk it ended with
+    kw = dict(method="projection", num_probes=8, mode=mode)
+    tried.clear()
+    g = torch.Generator().manual_seed(3)
+    got = gcx.jacobian_sq_norms(model, x, generator=g, **kw)
+    _assert_halved(tried, limit=2)
+    g.manual_seed(3)
+    want = gcx.jacobian_sq_norms(model, x, generator=g, chunk_size=tried[-1], **kw)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # a chunk the caller chose
+        gcx.jacobian_sq_norms(model, x, chunk_size=10)
+
+
+def test_the_exact_penalty_out_of_gpu_memory_starts_over_with_half(monkeypatch):
+    import geocomplexity.regularizers.geometric_complexity as module
+    from geocomplexity.regularizers import GeometricComplexity
+
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 10)).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    want = GeometricComplexity(1.0, method="exact")(model, x)
+    (want_grad,) = torch.autograd.grad(want, model[0].weight)
+    tried = _out_of_memory_above(monkeypatch, module, 3)
+    got = GeometricComplexity(1.0, method="exact")(model, x)
+    _assert_halved(tried, limit=3)
+    (grad,) = torch.autograd.grad(got, model[0].weight)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-15)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])

@@ -45,9 +45,21 @@ def active(distributed: bool) -> bool:
 
 
 def _device(hint: torch.device | None) -> torch.device:
+    """Where this rank's tensors must be for the default group's collectives.
+
+    The CPU wherever the group has a CPU backend (gloo, or a group made without
+    naming one on a machine without GPUs); else this rank's GPU. A group made
+    by ``init_process_group()`` on a machine with GPUs has NCCL alone (torch
+    picks the accelerator's backend), though its backend reads ``"undefined"``.
+    """
     import torch.distributed as dist
 
-    if dist.get_backend() != "nccl":
+    config = getattr(dist, "get_backend_config", None)  # torch >= 2.2
+    if config is not None:  # "cpu:gloo,cuda:nccl", "cuda:nccl", ...
+        devices = {pair.split(":")[0] for pair in config().split(",")}
+        if "cpu" in devices or "cuda" not in devices:
+            return torch.device("cpu")
+    elif dist.get_backend() != "nccl":
         return torch.device("cpu")
     # NCCL needs this rank's own GPU: the model's, else the current device
     if hint is not None and hint.type == "cuda":

@@ -23,6 +23,7 @@ from geocomplexity.jacobian import (
     _coupled,
     _default_chunk,
     _flat_output,
+    _halving_on_oom,
     _input_side,
     _probes_at,
     _select,
@@ -350,23 +351,33 @@ class GeometricComplexity(Regularizer):
         coupled: bool,
         strict: bool = False,
     ) -> Tensor:
-        return reverse_sq_norms(
+        chunk = _default_chunk(
+            model,
+            _vjp_count(self.method, out.shape, self.num_probes, coupled),
             x,
-            out,
-            method=self.method,
-            coupled=coupled,
-            num_probes=self.num_probes,
-            distribution=self.distribution,
-            chunk_size=_default_chunk(
-                model,
-                _vjp_count(self.method, out.shape, self.num_probes, coupled),
-                x,
-                out.shape[1],
-            ),
-            generator=gen,
-            create_graph=True,
-            strict=strict,
+            out.shape[1],
         )
+        drawn = gen.get_state() if chunk > 1 else None
+
+        def norms(chunk: int) -> Tensor:
+            return reverse_sq_norms(
+                x,
+                out,
+                method=self.method,
+                coupled=coupled,
+                num_probes=self.num_probes,
+                distribution=self.distribution,
+                chunk_size=chunk,
+                generator=gen,
+                create_graph=True,
+                strict=strict,
+            )
+
+        def restart() -> None:  # the same probes again, with a smaller chunk
+            if drawn is not None:
+                gen.set_state(drawn)
+
+        return _halving_on_oom(norms, chunk, fixed=False, restart=restart)
 
     def __repr__(self) -> str:
         return (
