@@ -605,6 +605,31 @@ def test_train_mode_through_activation_checkpointing_with_dropout(method):
         gcx.jacobian_sq_norms(model, x, method=method, mode="train", chunk_size=4)
 
 
+@pytest.mark.parametrize("method", ["exact", "projection"])
+def test_penalty_through_activation_checkpointing_with_dropout(method):
+    # the GC penalty batches its VJPs by the same default chunk (on a GPU
+    # through convolutions too, since the CUDA rule), and failed there with
+    # vmap's "We do not yet support calling random operations": it now takes
+    # them one at a time, with the same probes, as jacobian_sq_norms does
+    from geocomplexity.regularizers import GeometricComplexity
+
+    torch.manual_seed(0)
+    model = Checkpointed(True).double().train()
+    plain = Checkpointed(False).double().train()
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(6, 5, dtype=torch.float64)
+    values, grads = [], []
+    for m in (plain, model):
+        torch.manual_seed(1)
+        gen = torch.Generator().manual_seed(2)
+        term = GeometricComplexity(1.0, method=method, num_probes=4, generator=gen)
+        v = term(m, x)
+        values.append(v.detach())
+        grads.append(torch.autograd.grad(v, m.inp.weight)[0])
+    assert rel(values[1], values[0]) < 1e-12
+    assert rel(grads[1], grads[0]) < 1e-12
+
+
 def test_train_mode_penalty_graph_survives_and_stats_stay():
     """mode='train' with create_graph: the result can be backpropagated (no
     buffer saved in its graph was written to) and running stats do not move."""

@@ -377,7 +377,17 @@ class GeometricComplexity(Regularizer):
             if drawn is not None:
                 gen.set_state(drawn)
 
-        return _halving_on_oom(norms, chunk, fixed=False, restart=restart)
+        try:
+            return _halving_on_oom(norms, chunk, fixed=False, restart=restart)
+        except RuntimeError as err:
+            # a random operation in the backward pass (dropout, which
+            # activation checkpointing recomputes there) has no batching rule:
+            # one VJP at a time, the same probes, on the same graph (kept by
+            # create_graph)
+            if chunk == 1 or "random operations inside of vmap" not in str(err):
+                raise
+        restart()
+        return norms(1)
 
     def __repr__(self) -> str:
         return (
