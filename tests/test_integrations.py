@@ -191,6 +191,44 @@ def test_metric_clones_measure_the_live_model():
     torch.testing.assert_close(tracker.compute().item(), want, rtol=1e-12, atol=0)
 
 
+def test_metric_tracker_steps_draw_fresh_probes():
+    # MetricTracker deep-copies its metric at every increment(): each copy
+    # copied the generator too, so every step started from its first state
+    # and drew the same probes (three equal estimates on an unchanged model)
+    from torchmetrics.wrappers import MetricTracker
+
+    from geocomplexity.integrations.torchmetrics import GeometricComplexity
+
+    model = _net().double()
+    x = torch.randn(10, 6, dtype=torch.float64)
+
+    def tracked(generator):
+        metric = GeometricComplexity(model, method="projection", generator=generator)
+        tracker = MetricTracker(metric, maximize=False)
+        values = []
+        for _ in range(3):
+            tracker.increment()
+            tracker.update(x)
+            values.append(tracker.compute().item())
+        return values
+
+    # as one metric reset between the steps draws them
+    metric = GeometricComplexity(
+        model, method="projection", generator=torch.Generator().manual_seed(0)
+    )
+    want = []
+    for _ in range(3):
+        metric.update(x)
+        want.append(metric.compute().item())
+        metric.reset()
+    assert len(set(want)) == 3
+    assert tracked(torch.Generator().manual_seed(0)) == want
+    # the global generator stays the global one: the probes move it on
+    before = torch.get_rng_state()
+    assert len(set(tracked(torch.default_generator))) == 3
+    assert not torch.equal(before, torch.get_rng_state())
+
+
 def test_metric_in_a_copied_container_measures_the_copied_model():
     import copy
 

@@ -14,6 +14,7 @@ Needs ``pip install 'geocomplexity[torchmetrics]'``.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -69,6 +70,25 @@ class _Held:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _Held, (self.module,)
+
+
+class _Options(dict):
+    """A metric's options; a copy of the metric shares its probe generator.
+
+    ``clone()`` and ``MetricTracker`` (which deep-copies its metric at every
+    ``increment()``) copied the generator with the rest: every copy started
+    from the generator's state when the metric was made, so every tracked
+    step drew the same probes (the same estimate, to the last digit, on an
+    unchanged model), and ``torch.default_generator`` became a private copy
+    that no longer moved the global RNG. A copy draws from the live
+    generator instead, as the same metric ``reset()`` between epochs does.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Options:
+        generator = self.get("generator")
+        if generator is not None:
+            memo.setdefault(id(generator), generator)
+        return _Options({k: copy.deepcopy(v, memo) for k, v in self.items()})
 
 
 class _Measurement:
@@ -130,7 +150,9 @@ class GeometricComplexity(Metric):
         num_probes: probes per sample for the stochastic methods.
         distribution: probe distribution for the stochastic methods.
         chunk_size: VJPs per backward pass for ``"exact"``.
-        generator: probe randomness (give each process its own seed).
+        generator: probe randomness (give each process its own seed);
+            shared, not copied, by ``clone()`` (``MetricTracker``), so that
+            each copy draws fresh probes from it.
         wrt: a submodule whose output the Jacobian is taken against, such as
             a token embedding (see ``jacobian_sq_norms``).
         coupled: whether the samples of a batch interact (see
@@ -191,17 +213,19 @@ class GeometricComplexity(Metric):
         # not reach into the model being measured; and shared, not copied, by
         # clone() and deepcopy (MetricTracker copies the metric every epoch)
         self.__dict__["_held"] = _Held(model)
-        self._options = {
-            "method": method,
-            "output": output,
-            "mode": mode,
-            "num_probes": num_probes,
-            "distribution": distribution,
-            "chunk_size": chunk_size,
-            "generator": generator,
-            "wrt": wrt,
-            "coupled": coupled,
-        }
+        self._options = _Options(
+            {
+                "method": method,
+                "output": output,
+                "mode": mode,
+                "num_probes": num_probes,
+                "distribution": distribution,
+                "chunk_size": chunk_size,
+                "generator": generator,
+                "wrt": wrt,
+                "coupled": coupled,
+            }
+        )
         zero = torch.tensor(0.0, dtype=torch.float64)
         self.add_state("total", default=zero.clone(), dist_reduce_fx="sum")
         self.add_state("total_sq", default=zero.clone(), dist_reduce_fx="sum")
