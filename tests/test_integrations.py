@@ -712,6 +712,43 @@ def test_lightning_callback_resumed_run_does_not_log_the_resumed_step_again(
     assert steps == [2]
 
 
+def test_lightning_callback_resumed_run_logs_what_an_uninterrupted_run_logs(
+    tmp_path,
+):
+    # the probes' generator was not checkpointed: a resumed run started it over
+    # from its seed and logged the first epochs' probes again
+    from torch.utils.data import DataLoader
+
+    from geocomplexity.integrations.lightning import GeometricComplexityCallback
+
+    L, Memory, Module, train, val, _ = _lightning_setup()
+    train = DataLoader(train.dataset, batch_size=32)  # the same batches resumed
+
+    def fit(epochs, **kwargs):
+        logger = Memory()
+        callbacks = [
+            GeometricComplexityCallback(
+                method="projection",
+                num_samples=16,
+                generator=torch.Generator().manual_seed(seed),
+                prefix=prefix,
+            )
+            for seed, prefix in ((0, "gc"), (1, "gc2"))
+        ]
+        trainer = _trainer(L, logger, callbacks)
+        trainer.fit_loop.max_epochs = epochs
+        trainer.fit(Module(), train, val, **kwargs)
+        rows = [m for _, m in logger.rows if "gc/train" in m]
+        return trainer, [(m["gc/train"], m["gc2/train"], m["gc/val"]) for m in rows]
+
+    _, whole = fit(3)
+    first, before = fit(1)
+    first.save_checkpoint(tmp_path / "last.ckpt")
+    _, after = fit(3, ckpt_path=tmp_path / "last.ckpt")
+    assert len(whole) == 3 and len(set(whole)) == 3
+    assert before + after == whole
+
+
 @pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
 def test_lightning_callback_measures_at_the_trainers_precision(precision):
     # the trainer converts the model and each step's inputs; the callback's

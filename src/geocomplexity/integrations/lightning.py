@@ -227,6 +227,36 @@ class GeometricComplexityCallback(Callback):
         self._given = (train is not None, val is not None)
         self._last_step = -1  # with gradient accumulation a step spans batches
 
+    @property
+    def state_key(self) -> str:  # noqa: D102
+        # two callbacks (other prefixes) keep their states apart in a checkpoint
+        return self._generate_state_key(prefix=self.prefix)
+
+    def _own_generator(self) -> torch.Generator | None:
+        """The probes' generator, where it is the callback's to checkpoint."""
+        g = self.measure_kwargs.get("generator")
+        if g is None or g is torch.default_generator:
+            return None  # a private OS-seeded one; the global RNG is not ours
+        cuda = g.device.type == "cuda" and torch.cuda.is_initialized()
+        if cuda and any(g is d for d in torch.cuda.default_generators):
+            return None
+        return g
+
+    def state_dict(self) -> dict[str, Any]:
+        """The probe generator's state, so a resumed run draws what it would have.
+
+        Without it a run resumed from a checkpoint started the ``generator``
+        over from its seed and logged, after the checkpoint, the estimates of
+        the epochs before it.
+        """
+        g = self._own_generator()
+        return {} if g is None else {"generator": g.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
+        g = self._own_generator()
+        if g is not None and "generator" in state_dict:
+            g.set_state(state_dict["generator"])
+
     def _subset(self, trainer: Trainer, loaders: Any) -> Tensor | None:
         """The first inputs of ``loaders``, the same on every rank."""
         x = _take(loaders, self.num_samples, self.input_key)
