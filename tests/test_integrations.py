@@ -101,6 +101,28 @@ def test_metric_in_train_mode_draws_fresh_dropout_masks_for_every_update():
         assert abs(value - want) < 4.5 * stderr, (seed, value, want)
 
 
+def test_metric_forward_in_train_mode_draws_fresh_dropout_masks_for_every_batch():
+    # forward() (metric(x), the usual call in a validation_step) resets the
+    # states for each batch, so the count that salted the masks was 0 on every
+    # call: four calls on one batch gave one value four times
+    from geocomplexity.integrations.torchmetrics import GeometricComplexity
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.Dropout(0.5), nn.Linear(32, 3))
+    model = model.double()
+    x = torch.randn(8, 6, dtype=torch.float64)
+    called = GeometricComplexity(model, mode="train")
+    batch_values = [called(x).item() for _ in range(4)]
+    assert len(set(batch_values)) == 4
+    updated = GeometricComplexity(model, mode="train")
+    for _ in range(4):
+        updated.update(x)
+    assert called.compute().item() == updated.compute().item()
+    # and after reset() (each validation epoch) the masks go on, not over
+    called.reset()
+    assert called(x).item() not in batch_values
+
+
 def test_metric_measures_with_respect_to_an_embedding():
     from geocomplexity.integrations.torchmetrics import GeometricComplexity
 

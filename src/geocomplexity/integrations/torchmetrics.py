@@ -231,6 +231,11 @@ class GeometricComplexity(Metric):
         self.add_state("total_sq", default=zero.clone(), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0), dist_reduce_fx="sum")
         self._defaults = _States(self._defaults, self)
+        # samples this metric has measured, over resets and forward() calls
+        # (which reset the states for each batch): the salt of a train-mode
+        # update's masks, which the states' count, back at 0 in forward(),
+        # could not be
+        self._seen = 0
 
     @property
     def model(self) -> nn.Module:
@@ -303,9 +308,10 @@ class GeometricComplexity(Metric):
         if generator is not options["generator"]:
             options = {**options, "generator": generator}
         with carried as advance, wide_results():  # half precision as summed
-            if advance is not None and (seen := int(self.count)):
-                advance(seen)  # the first update draws as a call alone
+            if advance is not None and self._seen:
+                advance(self._seen)  # the first update draws as a call alone
             values = jacobian_sq_norms(self.model, x, **options)
+        self._seen += values.numel()
         values = values.detach().to(self.total.device, torch.float64)
         self.total += values.sum()
         self.total_sq += values.pow(2).sum()
