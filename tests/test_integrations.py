@@ -249,6 +249,18 @@ def test_metric_tracker_steps_draw_fresh_probes():
     before = torch.get_rng_state()
     assert len(set(tracked(torch.default_generator))) == 3
     assert not torch.equal(before, torch.get_rng_state())
+    # nor the same dropout masks in train mode, where nothing moves the RNG
+    # between the steps (each copy's count started at the metric's 0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.Dropout(0.5), nn.Linear(32, 3))
+    metric = GeometricComplexity(model.double(), mode="train")
+    tracker = MetricTracker(metric, maximize=False)
+    values = []
+    for _ in range(3):
+        tracker.increment()
+        tracker.update(x)
+        values.append(tracker.compute().item())
+    assert len(set(values)) == 3
 
 
 def test_metric_in_a_copied_container_measures_the_copied_model():

@@ -91,6 +91,24 @@ class _Options(dict):
         return _Options({k: copy.deepcopy(v, memo) for k, v in self.items()})
 
 
+class _Seen:
+    """Samples a metric measured: the salt of its train-mode dropout masks.
+
+    Neither ``forward()`` (which resets the states for each batch) nor
+    ``reset()`` puts it back, and copies of the metric (``clone()``,
+    ``MetricTracker``'s at every ``increment()``) share it, so that each
+    copy's updates draw masks apart from the others'.
+    """
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Seen:
+        return self
+
+
 class _Measurement:
     """What a metric measures: its model (by identity) and its options."""
 
@@ -231,11 +249,9 @@ class GeometricComplexity(Metric):
         self.add_state("total_sq", default=zero.clone(), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0), dist_reduce_fx="sum")
         self._defaults = _States(self._defaults, self)
-        # samples this metric has measured, over resets and forward() calls
-        # (which reset the states for each batch): the salt of a train-mode
-        # update's masks, which the states' count, back at 0 in forward(),
-        # could not be
-        self._seen = 0
+        # the salt of a train-mode update's masks, which the states' count,
+        # back at 0 in forward() and in a copy, could not be
+        self._seen = _Seen()
 
     @property
     def model(self) -> nn.Module:
@@ -308,10 +324,10 @@ class GeometricComplexity(Metric):
         if generator is not options["generator"]:
             options = {**options, "generator": generator}
         with carried as advance, wide_results():  # half precision as summed
-            if advance is not None and self._seen:
-                advance(self._seen)  # the first update draws as a call alone
+            if advance is not None and self._seen.n:
+                advance(self._seen.n)  # the first update draws as a call alone
             values = jacobian_sq_norms(self.model, x, **options)
-        self._seen += values.numel()
+        self._seen.n += values.numel()
         values = values.detach().to(self.total.device, torch.float64)
         self.total += values.sum()
         self.total_sq += values.pow(2).sum()
