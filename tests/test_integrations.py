@@ -937,6 +937,44 @@ if trainer.is_global_zero:
 """
 
 
+GENERATOR_STATES_DDP = """
+import json, os, sys
+import torch
+import torch.distributed as dist
+from geocomplexity.integrations.lightning import GeometricComplexityCallback
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+g = torch.Generator().manual_seed(rank)  # each rank its own probes
+torch.randn(7, generator=g)  # the draws before the checkpoint
+saved = GeometricComplexityCallback(method="projection", generator=g).state_dict()
+want = torch.randn(5, generator=g)
+# every rank loads the checkpoint rank 0 wrote
+kept = [saved if rank == 0 else None]
+dist.broadcast_object_list(kept, src=0)
+fresh = torch.Generator().manual_seed(rank)
+resumed = GeometricComplexityCallback(method="projection", generator=fresh)
+resumed.load_state_dict(kept[0])
+got = torch.randn(5, generator=fresh)
+with open(f"{sys.argv[1]}.{rank}", "w") as f:
+    json.dump({"equal": torch.equal(got, want)}, f)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_lightning_callback_keeps_every_ranks_generator_state(tmp_path):
+    # Lightning writes rank 0's callback state: had the callback saved only
+    # its own generator's, every rank would resume with rank 0's probes
+    script = tmp_path / "states.py"
+    script.write_text(GENERATOR_STATES_DDP)
+    out = tmp_path / "out"
+    proc = _torchrun(str(script), str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        assert json.loads(Path(f"{out}.{rank}").read_text())["equal"], rank
+
+
 @pytest.mark.slow
 def test_lightning_callback_under_ddp_measures_the_loaders_first_inputs(tmp_path):
     # each rank's loader yields its DistributedSampler shard: the subset is

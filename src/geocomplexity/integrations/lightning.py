@@ -247,15 +247,36 @@ class GeometricComplexityCallback(Callback):
 
         Without it a run resumed from a checkpoint started the ``generator``
         over from its seed and logged, after the checkpoint, the estimates of
-        the epochs before it.
+        the epochs before it. Under DDP every rank's state is kept (Lightning
+        writes rank 0's dict, and every rank calls this): ranks seeded apart
+        stay apart after resuming.
         """
+        import torch.distributed as dist
+
         g = self._own_generator()
-        return {} if g is None else {"generator": g.get_state()}
+        if g is None:
+            return {}
+        state = g.get_state()
+        if dist.is_available() and dist.is_initialized():
+            states: list[Tensor | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(states, state)
+            return {"generators": states}
+        return {"generators": [state]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
+        import torch.distributed as dist
+
         g = self._own_generator()
-        if g is not None and "generator" in state_dict:
-            g.set_state(state_dict["generator"])
+        states = state_dict.get("generators")
+        if g is None or not states:
+            return
+        distributed = dist.is_available() and dist.is_initialized()
+        rank, world = (
+            (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        )
+        # saved by another number of processes: no state is this rank's
+        if len(states) == world:
+            g.set_state(states[rank])
 
     def _subset(self, trainer: Trainer, loaders: Any) -> Tensor | None:
         """The first inputs of ``loaders``, the same on every rank."""
