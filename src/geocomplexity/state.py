@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -337,6 +338,78 @@ _FAST_PATH = (
 )
 
 
+class _GlobalSwitch:
+    """A process-global setting that measuring blocks hold, counted.
+
+    The first block in sets it and saves what it was; the last block out
+    puts that back; blocks in between, nested in one thread or running at
+    once in several (two models measured in threads, a measurement inside
+    a forward hook of another), find it set. Each block saving and restoring
+    the setting itself switched it back under a block still running in
+    another thread (the attention fast path back on, mid-measurement), and
+    the last one out restored the setting an earlier block had made, not
+    the user's (the fused attention kernels left off for good).
+    """
+
+    def __init__(self, switch_on: Callable[[], Any], restore: Callable[[Any], None]):
+        self._switch_on, self._restore = switch_on, restore
+        self._depth, self._saved = 0, None
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        with _SWITCH_LOCK:
+            if self._depth == 0:
+                self._saved = self._switch_on()
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with _SWITCH_LOCK:
+                self._depth -= 1
+                if self._depth == 0:
+                    saved, self._saved = self._saved, None
+                    self._restore(saved)
+
+
+def _fast_path_off() -> bool:
+    assert _FAST_PATH is not None
+    was = _FAST_PATH[0]()
+    _FAST_PATH[1](False)
+    return was
+
+
+def _math_kernel_only() -> list[bool]:
+    saved = [query() for _, query, _ in _ATTENTION_SWITCHES]
+    try:
+        for setting, _, switch in _ATTENTION_SWITCHES:
+            switch(setting)
+    except BaseException:
+        _kernels_back(saved)
+        raise
+    return saved
+
+
+def _kernels_back(saved: list[bool]) -> None:
+    for (_, _, switch), was in zip(_ATTENTION_SWITCHES, saved, strict=True):
+        switch(was)
+
+
+def _stance_eager() -> Any:
+    stance = torch.compiler.set_stance("force_eager")  # set when made
+    stance.__enter__()
+    return stance
+
+
+_SWITCH_LOCK = threading.RLock()
+_GLOBAL_SWITCHES = {
+    "fast_path": _GlobalSwitch(
+        _fast_path_off, lambda was: _FAST_PATH[1](was) if _FAST_PATH else None
+    ),
+    "kernels": _GlobalSwitch(_math_kernel_only, _kernels_back),
+    "stance": _GlobalSwitch(_stance_eager, lambda s: s.__exit__(None, None, None)),
+}
+
+
 @contextlib.contextmanager
 def no_attention_fast_path() -> Iterator[None]:
     """Run ``nn.MultiheadAttention`` and ``nn.TransformerEncoder(Layer)`` in Python.
@@ -356,14 +429,11 @@ def no_attention_fast_path() -> Iterator[None]:
     Yields:
         Nothing.
     """
-    if _FAST_PATH is None or not _FAST_PATH[0]():
+    if _FAST_PATH is None:
         yield
         return
-    _FAST_PATH[1](False)
-    try:
+    with _GLOBAL_SWITCHES["fast_path"].held():
         yield
-    finally:
-        _FAST_PATH[1](True)
 
 
 @contextlib.contextmanager
@@ -387,15 +457,8 @@ def differentiable_attention() -> Iterator[None]:
     Yields:
         Nothing.
     """
-    saved = [query() for _, query, _ in _ATTENTION_SWITCHES]
-    try:
-        for setting, _, switch in _ATTENTION_SWITCHES:
-            switch(setting)
-        with no_attention_fast_path():
-            yield
-    finally:
-        for (_, _, switch), was in zip(_ATTENTION_SWITCHES, saved, strict=True):
-            switch(was)
+    with _GLOBAL_SWITCHES["kernels"].held(), no_attention_fast_path():
+        yield
 
 
 def compiled(modules: nn.Module | Iterable[nn.Module]) -> bool:
@@ -425,8 +488,9 @@ def eager() -> contextlib.AbstractContextManager[Any]:
     eagerly, the function is the same. ``torch.compiler.set_stance`` exists
     from torch 2.6; before it, a null context.
     """
-    stance = getattr(torch.compiler, "set_stance", None)
-    return contextlib.nullcontext() if stance is None else stance("force_eager")
+    if getattr(torch.compiler, "set_stance", None) is None:
+        return contextlib.nullcontext()
+    return _GLOBAL_SWITCHES["stance"].held()
 
 
 def loader_generators(loader: Any) -> list[torch.Generator]:
