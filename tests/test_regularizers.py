@@ -600,6 +600,32 @@ def test_finite_difference_gradient_norm_refuses_dropout_and_survives_flat_point
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
 
 
+def test_finite_difference_gradient_norm_on_a_diverged_step():
+    # a diverging run (the loss overflows to inf): double backprop gives an
+    # inf penalty and non-finite gradients, which a training loop can see
+    # and skip; the finite difference took a step of eps/inf = 0 and raised
+    # ZeroDivisionError from 2/r
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    x, t = torch.randn(4, 3) * 1e20, torch.zeros(4, 2)
+    for method in ("double_backprop", "finite_difference"):
+        term = GradientNorm(1.0, method=method)
+        for how in ("call", "backward"):
+            model.zero_grad()
+            out = model(x)
+            loss = F.mse_loss(out, t)
+            assert loss.item() == float("inf")
+            if how == "call":
+                value = term(model, x, t, loss_fn=F.mse_loss)
+                (loss + value).backward()
+            else:
+                value = term.backward(
+                    loss, model, x, t, outputs=out, loss_fn=F.mse_loss
+                )
+            assert value.item() == float("inf"), (method, how)
+            assert not torch.isfinite(model.weight.grad).all(), (method, how)
+
+
 @pytest.mark.parametrize(
     "layer",
     [

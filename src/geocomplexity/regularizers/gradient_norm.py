@@ -25,6 +25,7 @@ backprop) before they are squared. The mean of the ranks' own
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from typing import Any
 
@@ -202,7 +203,13 @@ class GradientNorm(Regularizer):
         sq, r, shifted = self._shifted_gradient(
             model, inputs, targets, loss_fn, direction
         )
-        hg = torch._foreach_sub(shifted, grads)  # r·Hg
+        # r·Hg; none taken at a flat point or a diverged step (inf − inf
+        # would make the value nan)
+        hg = (
+            torch._foreach_sub(shifted, grads)
+            if shifted is not grads
+            else [torch.zeros_like(g) for g in grads]
+        )
         # value λ‖g‖², gradient 2λHg, without a second-order graph (a parameter
         # the loss does not use stays out of it, its .grad untouched)
         link = sum(
@@ -336,6 +343,11 @@ class GradientNorm(Regularizer):
         sq = torch.stack(norms).pow(2).sum()
         norm = sq.sqrt().item()
         if norm == 0:  # a flat point: Hg·0 = 0, and no step to take
+            return sq, 1.0, grads
+        if not math.isfinite(norm):
+            # a diverged step (the loss or ‖g‖² overflowed): no step to take
+            # (eps/inf = 0 divided by zero); the value is inf or nan and the
+            # gradient g's, not finite either, as double backprop's would be
             return sq, 1.0, grads
         r = self.eps / norm
         # θ + r·g swapped in as functional_call does: no in-place change to the
