@@ -1758,6 +1758,45 @@ def test_penalties_on_a_compiled_model_have_the_eager_gradient(make, how):
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "method, num_probes", [("exact", 1), ("projection", 4)], ids=["exact", "proj4"]
+)
+def test_gc_penalty_on_outputs_of_a_compiled_function(method, num_probes):
+    # torch.compile of a function that calls the model (not of the model,
+    # which compiled() sees): the batched VJPs through its graph gave the
+    # right value with no graph, so the penalty moved no parameter, silently
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    x = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
+    step = torch.compile(lambda z: model(z), backend="aot_eager")
+    grads, values = [], []
+    for run in (model, step):
+        term = GeometricComplexity(
+            1.0,
+            method=method,
+            num_probes=num_probes,
+            generator=torch.Generator().manual_seed(0),
+        )
+        model.zero_grad()
+        value = term(model, x, outputs=run(x))
+        assert value.requires_grad
+        value.backward()
+        values.append(value.item())
+        grads.append(
+            torch.cat(
+                [
+                    (torch.zeros_like(p) if p.grad is None else p.grad).flatten()
+                    for p in model.parameters()
+                ]
+            ).double()
+        )
+    if method == "exact":
+        assert values[1] == pytest.approx(values[0], rel=1e-12)
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-12)
+    else:  # other probes (drawn twice): a gradient of the same size
+        assert grads[1].norm() > 0.3 * grads[0].norm()
+
+
 @pytest.mark.parametrize("method", ["projection", "exact"])
 def test_gc_penalty_refuses_a_model_that_cuts_the_path_from_its_inputs(method):
     # a feature extractor run under no_grad: the penalty's own forward pass

@@ -273,6 +273,7 @@ class GeometricComplexity(Regularizer):
             m = max(1, math.ceil(self.subsample * B))
             idx = torch.randperm(B, generator=gen, device=gen.device)[:m]
             x, outputs = inputs[idx.to(inputs.device)], None
+        values: Tensor | None = None
         if self.wrt is not None:  # the inner variable comes from a pass of its own
             with kept_buffers(model), self._sequence_checked(model, modules, x):
                 if self.method == "jvp":
@@ -286,7 +287,16 @@ class GeometricComplexity(Regularizer):
         elif (out := self._reused(x, outputs)) is not None:
             # the task loss's forward pass
             values = self._norms(model, x, out, gen, coupled, strict=True)
-        else:
+            if not values.requires_grad and any(
+                p.requires_grad for m in modules for p in m.parameters(recurse=False)
+            ):
+                # a graph whose VJPs are not differentiable again: a function
+                # compiled around the model (torch.compile(lambda x: model(x)),
+                # which compiled() does not see), whose batched backward
+                # returned the right value with no graph, so the penalty
+                # moved nothing. A pass of the term's own instead
+                values = None
+        if values is None:
             # a forward pass of its own, in the model's current mode; running
             # statistics are put back so the batch is not counted twice
             xg = x.detach().requires_grad_(self.method != "jvp")
