@@ -803,6 +803,47 @@ def test_transfer_runs_hash_their_learning_rate_and_batch_size():
         assert run["lr"] == 1e-3 and run["batch"] == 128
 
 
+@pytest.mark.parametrize(
+    ("address", "match"),
+    [
+        ("head", "no HOST:PORT in it"),
+        ("ray://head", "no HOST:PORT in it"),
+        ("::1:6379", "no HOST:PORT in it"),
+        ("10.0.0.5:99999", "its port '99999' is not a number from 1 to 65535"),
+        ("head:port", "its port 'port' is not"),
+        ("http://head:8265", "Ray takes no http:// address"),
+    ],
+)
+def test_cli_malformed_ray_address_exits_2_naming_the_fix(
+    tmp_path, address, match, capsys, monkeypatch
+):
+    # a traceback from deep in ray.init ("Invalid address format: head") after
+    # the output folder was made, or minutes of waiting on port 99999
+    import geocomplexity.experiments
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("a run started")
+
+    monkeypatch.setattr(geocomplexity.experiments, "reproduce_one", no_run)
+    out = tmp_path / "out"
+    argv = ["reproduce", "arc-length", "--preset", "smoke", "--out", str(out)]
+    argv += ["--executor", "ray", "--ray-address", address, "--malloc", "default"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--ray-address {address}: " in err and match in err
+    assert "HOST:PORT (its GCS port" in err and "ray://HOST:PORT" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "address", ["head:6379", "[::1]:6379", "ray://head:10001", "auto", "x://y"]
+)
+def test_cli_well_formed_ray_addresses_pass_the_check(address):
+    from geocomplexity.cli import _ray_address_problem
+
+    assert _ray_address_problem(address) is None
+
+
 def test_cli_device_cuda_on_a_ray_cluster_needs_no_gpu_on_the_driver(
     tmp_path, monkeypatch
 ):

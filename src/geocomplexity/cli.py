@@ -122,6 +122,31 @@ def _positive(text: str) -> int:
     return value
 
 
+def _ray_address_problem(address: str) -> str | None:
+    """Why ``address`` is no Ray address (``None`` when it looks like one).
+
+    Ray reads ``host:port`` (the head node's GCS port), ``ray://host:port``
+    (Ray Client), ``auto`` and ``module://...`` (a client-builder package's
+    own form, left to it); anything else failed deep in ``ray.init`` with a
+    traceback ("Invalid address format: head"), and a port out of range
+    (``10.0.0.5:99999``) was still tried for minutes.
+    """
+    if address == "auto":
+        return None
+    scheme = address.split("://")[0] if "://" in address else "ray"
+    if scheme in ("http", "https"):  # the dashboard's, not the cluster's
+        return f"Ray takes no {scheme}:// address (a dashboard's)"
+    if scheme != "ray":  # a client-builder module's (anyscale://): its own rules
+        return None
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")  # [IPv6]:port
+    if not colon or not host.strip("[]") or (":" in host and not bracketed):
+        return "no HOST:PORT in it"
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        return f"its port {port!r} is not a number from 1 to 65535"
+    return None
+
+
 def _error(message: str) -> int:
     print(f"geocomplexity: error: {message}", file=sys.stderr)
     return 2
@@ -217,6 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.executor == "ray":
         import importlib.util
 
+        problem = args.ray_address and _ray_address_problem(args.ray_address)
+        if problem:
+            return _error(
+                f"--ray-address {args.ray_address}: {problem}; give the head "
+                "node's HOST:PORT (its GCS port, 6379 unless changed: "
+                "10.0.0.5:6379), ray://HOST:PORT for Ray Client (port 10001 "
+                "unless changed), or auto for the cluster this machine is in"
+            )
         if importlib.util.find_spec("ray") is None:
             return _error(
                 "--executor ray needs Ray, which is not installed: "
