@@ -297,6 +297,71 @@ def test_kill_9_mid_sweep_then_resume(tmp_path):
     assert [r["result"]["y"] for r in records] == [2 * i for i in range(40)]
 
 
+def _killed_mid_write(path: Path) -> None:
+    """A process that dies by SIGKILL halfway through writing ``path``."""
+    script = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        from geocomplexity.atomic import write_with
+        def half(f):
+            f.write(b"half a checkpoint")
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        write_with(Path({str(path)!r}), half)
+    """)
+    assert subprocess.run([sys.executable, "-c", script]).returncode == -9
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no fcntl: nothing is removed")
+def test_a_rerun_removes_killed_writers_temporaries_but_not_a_live_writers(
+    tmp_path,
+):
+    # each kill -9 during a write left its .NAME.XXXX.tmp for good: three kills
+    # during a checkpoint's write, three copies of the network on disk
+    runs_dir = tmp_path / "runs"
+    for _ in range(3):
+        _killed_mid_write(runs_dir / "0123456789abcdef.pt")
+    _killed_mid_write(tmp_path / "results.csv")
+    old = time.time() - 600
+    for tmp in tmp_path.rglob(".*.tmp"):
+        os.utime(tmp, (old, old))
+    # another sweep into the same folder, writing as this one starts
+    live = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
+                import sys
+                from pathlib import Path
+                from geocomplexity.atomic import write_with
+                def slow(f):
+                    f.write(b"a result")
+                    print("writing", flush=True)
+                    sys.stdin.read()
+                write_with(Path({str(runs_dir / "fedcba9876543210.json")!r}), slow)
+            """),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert live.stdout.readline() == "writing\n"
+        (writing,) = set(runs_dir.glob(".fedcba9876543210.json.*.tmp"))
+        os.utime(writing, (old, old))  # its lock, not its age, keeps it
+        fresh = runs_dir / ".0000000000000000.json.fresh.tmp"  # unlocked, new
+        fresh.write_text("")
+        assert len(list(tmp_path.rglob(".*.tmp"))) == 6
+        runs = [Run.make("toy", 0, x=i) for i in range(2)]
+        run_sweep(runs, square, tmp_path, progress=False)
+        assert sorted(tmp_path.rglob(".*.tmp")) == sorted([writing, fresh])
+    finally:
+        live.communicate("")
+    assert live.returncode == 0
+    assert (runs_dir / "fedcba9876543210.json").read_text() == "a result"
+    assert not writing.exists()
+
+
 class _ListParam(Experiment):
     """A toy experiment whose config holds a list, as transfer's ``hidden`` does."""
 

@@ -6,14 +6,25 @@ one, even if the writing process is killed mid-write.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["write_text", "write_with"]
+try:
+    import fcntl
+except ImportError:  # Windows: temporaries are written unlocked, never removed
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["remove_stale_temporaries", "write_text", "write_with"]
+
+#: A temporary younger than this is left alone even when unlocked: its writer
+#: may have made it and not yet locked it.
+STALE_AFTER_S = 60.0
 
 
 def _umask() -> int:
@@ -43,12 +54,17 @@ def write_with(path: Path, write: Callable[[BinaryIO], None]) -> None:
         mode = _NEW_FILE_MODE
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, mode)
         with os.fdopen(fd, "wb") as f:
+            if fcntl is not None:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # until it is closed
+            os.chmod(tmp, mode)
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            if fcntl is not None:  # renamed while still locked
+                os.replace(tmp, path)
+        if fcntl is None:  # Windows renames no open file
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -57,3 +73,46 @@ def write_with(path: Path, write: Callable[[BinaryIO], None]) -> None:
 def write_text(path: Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`write_with`)."""
     write_with(path, lambda f: f.write(text.encode()))
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporaries that killed writers left in ``folder``.
+
+    A writer killed mid-write (``kill -9``, out of memory, power) leaves its
+    hidden ``.NAME.XXXX.tmp`` behind: never read as a result, but never removed
+    either, so each kill during a checkpoint's write left one more copy of a
+    network on disk. A temporary is removed only when no process holds its
+    lock (so never one a live process, another sweep into the same folder say,
+    is writing) and it is older than :data:`STALE_AFTER_S`. Without ``fcntl``
+    (Windows) nothing is removed.
+
+    Returns:
+        The paths removed.
+    """
+    removed: list[Path] = []
+    if fcntl is None or not folder.is_dir():
+        return removed
+    now = time.time()
+    for path in folder.glob(".*.tmp"):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:  # renamed into place or removed meanwhile
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            mine = os.fstat(fd)
+            # a writer's rename may have come between the open and the lock:
+            # remove the name only while it still names the file locked here
+            if (
+                stat.S_ISREG(mine.st_mode)
+                and now - mine.st_mtime > STALE_AFTER_S
+                and os.stat(path).st_ino == mine.st_ino
+            ):
+                path.unlink()
+                removed.append(path)
+        except OSError:  # locked by a live writer (BlockingIOError), or gone
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    return removed

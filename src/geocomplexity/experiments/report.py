@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from geocomplexity.atomic import write_text
+from geocomplexity.atomic import remove_stale_temporaries, write_text
 from geocomplexity.experiments.claims import Claim, load_claims
 from geocomplexity.experiments.runner import load_runs
 
@@ -216,5 +216,6 @@ def write_report(out: Path) -> Path:
     )
     parts.append("</table>")
     path = out / "report.html"
+    remove_stale_temporaries(out)  # a report killed mid-write left its own
     write_text(path, "\n".join(parts))
     return path

@@ -3,7 +3,8 @@
 A run is identified by the hash of its config, so its result lives at
 ``DIR/NAME/runs/<hash>.json``, written atomically (temporary file, then
 rename). Rerunning a sweep skips finished runs; a sweep interrupted by Ctrl-C or
-``kill -9`` resumes with nothing lost and nothing recomputed. ``workers > 1``
+``kill -9`` resumes with nothing lost and nothing recomputed, and removes the
+temporary files the killed writes left. ``workers > 1``
 runs runs in parallel processes.
 """
 
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 from geocomplexity import malloc
-from geocomplexity.atomic import write_text
+from geocomplexity.atomic import remove_stale_temporaries, write_text
 
 __all__ = ["Context", "Run", "load_runs", "run_sweep"]
 
@@ -337,6 +338,10 @@ def run_sweep(
         raise ValueError("the sweep lists the same config twice")
     folder = directory / "runs"
     folder.mkdir(parents=True, exist_ok=True)
+    # what writers killed mid-write left (a checkpoint's is a network's size);
+    # a live writer's, another sweep's into the same folder, stays
+    for place in (folder, directory):
+        remove_stale_temporaries(place)
     done = load_runs(directory)
     todo = [r for r in runs if r.key not in done]
     bar = tqdm(
