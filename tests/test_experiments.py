@@ -417,6 +417,36 @@ def test_parallel_workers_give_the_same_results(tmp_path):
     assert len({r["result"]["pid"] for r in parallel}) >= 1
 
 
+def square_but_kill_the_worker_at_2(run: Run) -> dict:
+    if run["x"] == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer does
+    return square(run)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no SIGKILL")
+def test_a_sweep_after_a_worker_died_gets_a_working_pool(tmp_path, monkeypatch):
+    # the broken pool stayed cached: every later sweep of the process with
+    # the same worker count failed at once with BrokenProcessPool ("the
+    # process pool is not usable anymore") until Python was restarted
+    from concurrent.futures.process import BrokenProcessPool
+
+    from geocomplexity.experiments import runner
+
+    monkeypatch.setattr(runner, "_POOLS", {})
+    runs = [Run.make("toy", 0, x=i) for i in range(4)]
+    try:
+        with pytest.raises(BrokenProcessPool):
+            run_sweep(
+                runs, square_but_kill_the_worker_at_2, tmp_path / "a",
+                workers=2, progress=False,
+            )  # fmt: skip
+        records = run_sweep(runs, square, tmp_path / "b", workers=2, progress=False)
+        assert [r["result"]["y"] for r in records] == [0, 1, 4, 9]
+    finally:
+        for _, pool in runner._POOLS.values():
+            pool.shutdown(cancel_futures=True)
+
+
 def test_duplicate_configs_are_refused(tmp_path):
     with pytest.raises(ValueError, match="same config"):
         run_sweep([Run.make("t", 0, x=1)] * 2, square, tmp_path, progress=False)

@@ -19,6 +19,7 @@ import platform
 import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -371,6 +372,13 @@ def run_sweep(
             try:
                 for fut in as_completed(futures):
                     finished(fut.result())
+            except BrokenProcessPool:
+                # a worker died (out of memory, kill -9): the pool takes no
+                # more work, so the next sweep of this process gets a new one
+                if _POOLS.get(workers, (None, None))[1] is pool:
+                    del _POOLS[workers]
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
             except BaseException:
                 for fut in futures:  # Ctrl-C: drop what has not started
                     fut.cancel()
