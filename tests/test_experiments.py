@@ -447,6 +447,44 @@ def test_a_sweep_after_a_worker_died_gets_a_working_pool(tmp_path, monkeypatch):
             pool.shutdown(cancel_futures=True)
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="no process-group SIGINT")
+def test_ctrl_c_with_workers_starts_no_more_runs(tmp_path):
+    # runs already in the pool's call queue (one per worker and one more)
+    # could not be cancelled: after Ctrl-C at 2 stored runs of 6 s, 3 more
+    # started and ran to their end, and the process exited 16 s later
+    script = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from geocomplexity.experiments import Run, run_sweep
+        from test_experiments import sleepy
+        run_sweep([Run.make("toy", 0, x=i) for i in range(12)], sleepy,
+                  Path({str(tmp_path)!r}), workers=2, progress=False)
+    """)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        start_new_session=True,  # Ctrl-C reaches the workers too, as on a terminal
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while len(list((tmp_path / "runs").glob("*.json"))) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    stored = len(list((tmp_path / "runs").glob("*.json")))
+    os.killpg(proc.pid, signal.SIGINT)
+    start = time.time()
+    proc.wait(timeout=120)
+    waited = time.time() - start
+    assert stored >= 2
+    # one run may have finished between the count and the signal
+    assert len(list((tmp_path / "runs").glob("*.json"))) <= stored + 1
+    assert waited < 5, f"exited {waited:.1f} s after Ctrl-C"
+
+
+def sleepy(run: Run) -> dict:
+    time.sleep(6)
+    return square(run)
+
+
 def test_duplicate_configs_are_refused(tmp_path):
     with pytest.raises(ValueError, match="same config"):
         run_sweep([Run.make("t", 0, x=1)] * 2, square, tmp_path, progress=False)

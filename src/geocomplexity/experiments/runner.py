@@ -294,6 +294,24 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     return pool
 
 
+def _discard(
+    workers: int, pool: ProcessPoolExecutor, stop_workers: bool = False
+) -> None:
+    """Forget ``pool`` (the next sweep starts a new one) and shut it down.
+
+    With ``stop_workers`` its workers are terminated: the runs they hold are
+    unfinished (one caught while its worker stores it reruns), and a
+    temporary a terminated write leaves is removed by the next sweep.
+    """
+    if _POOLS.get(workers, (None, None))[1] is pool:
+        del _POOLS[workers]
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    if stop_workers:
+        for process in processes:
+            process.terminate()
+
+
 def run_sweep(
     runs: Sequence[Run],
     fn: Callable[[Run], dict[str, Any]],
@@ -375,13 +393,16 @@ def run_sweep(
             except BrokenProcessPool:
                 # a worker died (out of memory, kill -9): the pool takes no
                 # more work, so the next sweep of this process gets a new one
-                if _POOLS.get(workers, (None, None))[1] is pool:
-                    del _POOLS[workers]
-                pool.shutdown(wait=False, cancel_futures=True)
+                _discard(workers, pool)
                 raise
-            except BaseException:
-                for fut in futures:  # Ctrl-C: drop what has not started
+            except BaseException as err:
+                for fut in futures:  # drop what has not started
                     fut.cancel()
+                if not isinstance(err, Exception):
+                    # Ctrl-C: runs already handed to the pool's queue (one per
+                    # worker and one more) cannot be cancelled, and started
+                    # after it, each to its end, before the process could exit
+                    _discard(workers, pool, stop_workers=True)
                 raise
     finally:
         bar.close()
