@@ -349,7 +349,7 @@ def test_a_rerun_removes_killed_writers_temporaries_but_not_a_live_writers(
         assert live.stdout.readline() == "writing\n"
         (writing,) = set(runs_dir.glob(".fedcba9876543210.json.*.tmp"))
         os.utime(writing, (old, old))  # its lock, not its age, keeps it
-        fresh = runs_dir / ".0000000000000000.json.fresh.tmp"  # unlocked, new
+        fresh = runs_dir / ".0000000000000000.json.freshnew.tmp"  # unlocked
         fresh.write_text("")
         assert len(list(tmp_path.rglob(".*.tmp"))) == 6
         runs = [Run.make("toy", 0, x=i) for i in range(2)]
@@ -360,6 +360,16 @@ def test_a_rerun_removes_killed_writers_temporaries_but_not_a_live_writers(
     assert live.returncode == 0
     assert (runs_dir / "fedcba9876543210.json").read_text() == "a result"
     assert not writing.exists()
+    # --out may be shared: the report removes only its own temporaries
+    from geocomplexity.atomic import remove_stale_temporaries
+
+    mine = tmp_path / ".report.html.abcd1234.tmp"
+    theirs = tmp_path / ".notes.txt.abcd1234.tmp"
+    for path in (mine, theirs):
+        path.write_text("")
+        os.utime(path, (old, old))
+    assert remove_stale_temporaries(tmp_path, "report.html") == [mine]
+    assert theirs.exists()
 
 
 class _ListParam(Experiment):

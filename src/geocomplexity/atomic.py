@@ -75,8 +75,8 @@ def write_text(path: Path, text: str) -> None:
     write_with(path, lambda f: f.write(text.encode()))
 
 
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete the temporaries that killed writers left in ``folder``.
+def remove_stale_temporaries(folder: Path, target: str = "*") -> list[Path]:
+    """Delete the temporaries that killed writers of ``target`` left in ``folder``.
 
     A writer killed mid-write (``kill -9``, out of memory, power) leaves its
     hidden ``.NAME.XXXX.tmp`` behind: never read as a result, but never removed
@@ -86,6 +86,12 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
     is writing) and it is older than :data:`STALE_AFTER_S`. Without ``fcntl``
     (Windows) nothing is removed.
 
+    Args:
+        folder: where to look.
+        target: a glob of the names written there (``"report.html"``): only
+            the temporaries :func:`write_with` makes for them are candidates,
+            so a folder shared with other programs keeps their files.
+
     Returns:
         The paths removed.
     """
@@ -93,7 +99,8 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
     if fcntl is None or not folder.is_dir():
         return removed
     now = time.time()
-    for path in folder.glob(".*.tmp"):
+    # mkstemp's names: the prefix, 8 random characters, the suffix
+    for path in folder.glob(f".{target}.{'?' * 8}.tmp"):
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:  # renamed into place or removed meanwhile

@@ -216,6 +216,8 @@ def write_report(out: Path) -> Path:
     )
     parts.append("</table>")
     path = out / "report.html"
-    remove_stale_temporaries(out)  # a report killed mid-write left its own
+    # what a report killed mid-write left; --out may be a folder shared with
+    # other programs, so only report.html's own temporaries
+    remove_stale_temporaries(out, "report.html")
     write_text(path, "\n".join(parts))
     return path
