@@ -987,6 +987,24 @@ def test_cli_well_formed_ray_addresses_pass_the_check(address):
     assert _ray_address_problem(address) is None
 
 
+def test_cli_ray_cluster_that_does_not_answer_exits_2(tmp_path, capsys, monkeypatch):
+    # a traceback ending in "ConnectionError: ray client connection timeout"
+    # (after 30 s of trying ray://localhost:1)
+    ray = pytest.importorskip("ray")
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("ray client connection timeout")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", unreachable)
+    argv = ["reproduce", "arc-length", "--preset", "smoke", "--out", str(tmp_path)]
+    argv += ["--executor", "ray", "--ray-address", "ray://head:10001"]
+    assert main([*argv, "--malloc", "default"]) == 2
+    err = capsys.readouterr().err
+    assert "no Ray cluster answered at --ray-address ray://head:10001" in err
+    assert "ray status" in err and "Traceback" not in err
+
+
 def test_cli_device_cuda_on_a_ray_cluster_needs_no_gpu_on_the_driver(
     tmp_path, monkeypatch
 ):

@@ -156,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script.
 
     Returns:
-        The exit status: 0 on success, 2 for bad arguments, a missing folder or
-        an output folder that cannot be made.
+        The exit status: 0 on success, 2 for bad arguments, a missing folder,
+        an output folder that cannot be made or a Ray cluster that does not
+        answer.
     """
     args = _parser().parse_args(argv)  # exits with status 2 on bad arguments
     from geocomplexity.experiments import EXPERIMENTS, reproduce_one
@@ -261,20 +262,25 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # a file in the way, no permission: before any run
         return _error(f"--out {args.out}: {err.strerror or err}; name a folder")
+    from geocomplexity.experiments.runner import ClusterUnreachable
+
     start = time.perf_counter()
     for name in names:
-        outcome = reproduce_one(
-            EXPERIMENTS[name],
-            args.out,
-            preset=args.preset,
-            dataset=args.dataset or "mnist1d",
-            seeds=args.seeds,
-            workers=workers,
-            device=device,
-            data_dir=args.data_dir,
-            executor=args.executor,
-            ray_address=args.ray_address,
-        )
+        try:
+            outcome = reproduce_one(
+                EXPERIMENTS[name],
+                args.out,
+                preset=args.preset,
+                dataset=args.dataset or "mnist1d",
+                seeds=args.seeds,
+                workers=workers,
+                device=device,
+                data_dir=args.data_dir,
+                executor=args.executor,
+                ray_address=args.ray_address,
+            )
+        except ClusterUnreachable as err:  # a traceback, before
+            return _error(str(err))
         held = sum(c.passed for c in outcome.claims)
         print(
             f"{name}: {held}/{len(outcome.claims)} claims hold "

@@ -29,7 +29,7 @@ import torch
 from geocomplexity import malloc
 from geocomplexity.atomic import remove_stale_temporaries, write_text
 
-__all__ = ["Context", "Run", "load_runs", "run_sweep"]
+__all__ = ["ClusterUnreachable", "Context", "Run", "load_runs", "run_sweep"]
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,10 @@ def _ray_record(
     return _record(fn, run)
 
 
+class ClusterUnreachable(ConnectionError):
+    """The Ray cluster named by ``ray_address`` did not answer."""
+
+
 def _ray(address: str | None) -> Any:
     """Ray, connected: to ``address``, or to a local instance started here."""
     try:
@@ -162,7 +166,16 @@ def _ray(address: str | None) -> Any:
                 configure_logging=False,
             )
         else:
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
+            try:
+                ray.init(address=address, log_to_driver=False, configure_logging=False)
+            except ConnectionError as err:  # "ray client connection timeout"
+                raise ClusterUnreachable(
+                    f"no Ray cluster answered at --ray-address {address} ({err}); "
+                    "check that it is up (`ray status` on its head node) and "
+                    "that the address is its head node's: HOST:PORT of the GCS "
+                    "(6379 unless changed) or ray://HOST:PORT of Ray Client "
+                    "(10001 unless changed)"
+                ) from None
         atexit.register(ray.shutdown)
     return ray
 
@@ -347,6 +360,7 @@ def run_sweep(
     Raises:
         ValueError: two runs share a config, or an unknown executor.
         ImportError: ``executor="ray"`` without Ray installed.
+        ClusterUnreachable: no Ray cluster answered at ``ray_address``.
     """
     from tqdm.auto import tqdm
 
