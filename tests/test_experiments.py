@@ -1421,3 +1421,27 @@ def test_regularizers_figure_draws_the_unregularized_run_and_tells_kinds_apart(
     # the right panel: the same marker per kind as the legend on the left
     right = [ln for ln in fig.axes[1].lines if ln.get_label() in swept]
     assert [ln.get_marker() for ln in right] == [ln.get_marker() for ln in means]
+
+
+def test_u_curve_claims_fail_on_an_undetermined_fit(tmp_path):
+    # fewer than three distinct GC values leave a quadratic undetermined:
+    # LAPACK's basic solution through two live nets (the narrow two dead, GC
+    # 0) was a convex "U" with its minimum inside the range, and all four
+    # claims passed on a falling pair of points
+    u = EXPERIMENTS["u-curve"]
+    records = _width_records(
+        [0.0] * 6,
+        [2.3, 2.3, 2.3, 2.3, 2.053053, 1.902690],
+        [0.0, 0.0, 0.0, 0.0, 0.590938, 5.981572],
+    )
+    claims, rows = u.analyze(records, "mnist1d")
+    assert [c.passed for c in claims[:3]] == [False] * 3
+    assert all(math.isnan(c.value) for c in claims[:3])
+    assert {c.n for c in claims} == {2} and len(rows) == 6
+    # the figure is drawn, without a fit line
+    figures = u.plot(records, tmp_path, "")
+    assert all(f.exists() for f in figures)
+    # every net dead: no fit, claims that fail instead of a ValueError
+    records = _width_records([0.0] * 6, [2.3] * 6, [0.0] * 6)
+    claims, _ = u.analyze(records, "mnist1d")
+    assert not any(c.passed for c in claims) and {c.n for c in claims} == {0}

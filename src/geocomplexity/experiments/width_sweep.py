@@ -353,36 +353,32 @@ def _quadratic(u: list[float], v: list[float]) -> tuple[float, float, float]:
     the same runs give the same coefficients to the last bit, so the claims a
     rerun writes from saved runs are the ones the first run wrote (LAPACK's
     least squares moves in the last bits with the operands' alignment in
-    memory). Fewer than three distinct ``u`` leave the fit undetermined; that
-    case keeps LAPACK's basic solution. (LAPACK fails outright on a NaN: a
-    diverged run would stop the analysis instead of failing its claims.)
+    memory). Fewer than three distinct ``u`` leave the fit undetermined: NaNs,
+    as LAPACK's basic solution through two points could be any parabola, a
+    "U" included. (A NaN or an infinity gives NaNs too: LAPACK fails outright
+    on a NaN, and a diverged run would stop the analysis instead of failing
+    its claims.)
     """
-    if not all(math.isfinite(t) for t in [*u, *v]):
+    if not all(math.isfinite(t) for t in [*u, *v]) or len(set(u)) < 3:
         return math.nan, math.nan, math.nan
-    if len(set(u)) >= 3:
-        # floats are exact rationals: (AᵀA) x = Aᵀv with A's rows (u², u, 1)
-        rows = [[Fraction(t) ** 2, Fraction(t), Fraction(1)] for t in u]
-        system = [
-            [sum(r[i] * r[j] for r in rows) for j in range(3)]
-            + [sum(r[i] * Fraction(t) for r, t in zip(rows, v, strict=True))]
-            for i in range(3)
-        ]
-        for col in range(3):  # Gauss-Jordan; AᵀA is positive definite here
-            pivot = system[col][col]
-            system[col] = [e / pivot for e in system[col]]
-            for row in range(3):
-                if row != col:
-                    factor = system[row][col]
-                    system[row] = [
-                        e - factor * p
-                        for e, p in zip(system[row], system[col], strict=True)
-                    ]
-        a, b, c = (float(system[i][3]) for i in range(3))
-        return a, b, c
-    U = torch.tensor(u, dtype=torch.float64)
-    A = torch.stack([U**2, U, torch.ones_like(U)], 1)
-    coef = torch.linalg.lstsq(A, torch.tensor(v, dtype=torch.float64)[:, None])
-    a, b, c = coef.solution[:, 0].tolist()
+    # floats are exact rationals: (AᵀA) x = Aᵀv with A's rows (u², u, 1)
+    rows = [[Fraction(t) ** 2, Fraction(t), Fraction(1)] for t in u]
+    system = [
+        [sum(r[i] * r[j] for r in rows) for j in range(3)]
+        + [sum(r[i] * Fraction(t) for r, t in zip(rows, v, strict=True))]
+        for i in range(3)
+    ]
+    for col in range(3):  # Gauss-Jordan; AᵀA is positive definite here
+        pivot = system[col][col]
+        system[col] = [e / pivot for e in system[col]]
+        for row in range(3):
+            if row != col:
+                factor = system[row][col]
+                system[row] = [
+                    e - factor * p
+                    for e, p in zip(system[row], system[col], strict=True)
+                ]
+    a, b, c = (float(system[i][3]) for i in range(3))
     return a, b, c
 
 
@@ -409,10 +405,11 @@ class UCurve(_WidthSweep):
         a, b, _ = _quadratic(logs, loss)
         # only a convex fit has a minimum: a concave one's vertex is its maximum
         vertex = -b / (2 * a) if a > 0 else math.nan
-        lo, hi = min(logs), max(logs)
-        best = min(range(len(rows)), key=loss.__getitem__)
-        simplest = min(range(len(rows)), key=logs.__getitem__)
-        finite = not any(math.isnan(v) for v in logs + loss)
+        # every net dead leaves no point: claims that fail, not a ValueError
+        lo, hi = (min(logs), max(logs)) if rows else (math.nan, math.nan)
+        best = min(range(len(rows)), key=loss.__getitem__, default=None)
+        simplest = min(range(len(rows)), key=logs.__getitem__, default=None)
+        finite = bool(rows) and not any(math.isnan(v) for v in logs + loss)
         n = len(rows)
         claims = [
             Claim.check(
@@ -472,20 +469,22 @@ class UCurve(_WidthSweep):
             c=[r["width"] for r in rows],
             cmap="viridis",
         )
-        grid = torch.linspace(min(logs), max(logs), 100)
-        ax.plot(
-            grid.exp().tolist(),
-            (a * grid**2 + b * grid + c).tolist(),
-            "k--",
-            lw=1,
-            label="quadratic fit in log GC",
-        )
+        if not math.isnan(a):  # no line where the fit is undetermined
+            grid = torch.linspace(min(logs), max(logs), 100)
+            ax.plot(
+                grid.exp().tolist(),
+                (a * grid**2 + b * grid + c).tolist(),
+                "k--",
+                lw=1,
+                label="quadratic fit in log GC",
+            )
+            ax.legend(fontsize=8)
         ax.set(
             xscale="log",
             xlabel="GC (train)",
             ylabel="test loss",
             title="Test loss against geometric complexity",
         )
-        log_colorbar(fig, points, [r["width"] for r in rows], "width", spacing=1.9)
-        ax.legend(fontsize=8)
+        if rows:  # every net dead: no point to colour
+            log_colorbar(fig, points, [r["width"] for r in rows], "width", spacing=1.9)
         return [sweep, save(fig, directory / f"u_curve{suffix}.png")]
