@@ -1445,3 +1445,41 @@ def test_u_curve_claims_fail_on_an_undetermined_fit(tmp_path):
     records = _width_records([0.0] * 6, [2.3] * 6, [0.0] * 6)
     claims, _ = u.analyze(records, "mnist1d")
     assert not any(c.passed for c in claims) and {c.n for c in claims} == {0}
+
+
+def test_regularizers_matched_loss_claim_keeps_a_diverged_run():
+    # a run whose training diverged (NaN train loss and GC) was not "nontrivial"
+    # (NaN >= 1.2 x baseline is False), so the matched-loss claim dropped it and
+    # passed on the kind's other run (1.0, n = 1)
+    exp = EXPERIMENTS["regularizers"]
+    curve = [(2.0, 1.0), (1.0, 4.0), (0.5, 8.0), (0.1, 16.0)]
+
+    def record(kind, strength, train_loss, gc):
+        return {
+            "config": {
+                "experiment": "regularizers",
+                "seed": 0,
+                "kind": kind,
+                "strength": strength,
+            },
+            "result": {
+                "train_loss": train_loss,
+                "test_acc": 0.5,
+                "test_loss": 1.0,
+                "gc_train": gc,
+                "curve": curve if kind == "none" else None,
+            },
+        }
+
+    kinds = ("l2", "gradient_norm", "spectral_norm", "geometric_complexity")
+    records = [record("none", 0.0, 0.1, 16.0)]
+    for kind in (*kinds, "input_noise"):
+        records += [record(kind, 1.0, 0.5, 4.0), record(kind, 2.0, 1.0, 2.0)]
+    claims, rows = exp.analyze(records, "mnist1d")
+    assert all(c.passed for c in claims)
+    assert not rows[0]["nontrivial"]  # the baseline is no regularized run
+    records[-1] = record("input_noise", 2.0, math.nan, math.nan)
+    claims, _ = exp.analyze(records, "mnist1d")
+    matched = claims[-1]
+    assert matched.claim.startswith("input_noise: GC below")
+    assert matched.passed is False and (matched.value, matched.n) == (0.5, 2)
