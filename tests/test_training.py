@@ -622,6 +622,18 @@ def test_label_noise_refuses_targets_that_are_not_class_indices():
         apply_label_noise(one_hot, 0.2, 4, torch.Generator().manual_seed(0))
 
 
+def test_apply_label_noise_refuses_a_fraction_outside_0_1():
+    # a negative fraction sliced from the end: apply_label_noise(y, -0.1, ...)
+    # relabelled randperm(n)[:-100], 900 of 1000 labels (effective rate
+    # 0.815); 1.5 relabelled every one silently
+    y = torch.arange(1000) % 10
+    for bad in (-0.1, 1.5, math.nan):
+        with pytest.raises(ValueError, match="fraction"):
+            apply_label_noise(y, bad, 10, torch.Generator().manual_seed(0))
+    _, rate = apply_label_noise(y, 0.0, 10, torch.Generator().manual_seed(0))
+    assert rate == 0.0
+
+
 def test_an_optimizer_instance_is_recorded_and_checked_by_its_own_lr(tmp_path):
     # with optimizer=SGD(params, lr=0.3), History.config said lr=0.01 (fit's
     # unused default), and a checkpoint of it resumed a run given lr=0.05,

@@ -146,8 +146,11 @@ def apply_label_noise(
         ``(noisy labels, effective rate)``.
 
     Raises:
-        ValueError: ``y`` is not a vector of integer class indices.
+        ValueError: ``fraction`` outside [0, 1], or ``y`` is not a vector of
+            integer class indices.
     """
+    if not 0 <= fraction <= 1:  # NaN too; a negative one sliced from the end
+        raise ValueError(f"label noise fraction must be in [0, 1], got {fraction!r}")
     if y.dim() != 1 or y.is_floating_point() or y.is_complex():
         raise ValueError(
             f"label noise relabels class indices, a vector of integers; got "
