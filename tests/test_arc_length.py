@@ -104,3 +104,15 @@ def test_a_grid_the_dtype_cannot_resolve_is_an_error_not_nan(dtype):
         gcx.arc_length(net, -1.0, 1.0)
     r = gcx.arc_length(net, -1.0, 1.0, num_points=101)
     assert math.isfinite(r.dirichlet) and r.dirichlet >= r.length
+
+
+def test_a_module_with_more_than_one_input_is_named_as_such():
+    """A two-input model failed with torch's bare 'mat1 and mat2 shapes'."""
+    with pytest.raises(RuntimeError, match=r"\(10001, 1\).*one input feature"):
+        gcx.arc_length(torch.nn.Linear(2, 1).double(), -1.0, 1.0)
+
+
+def test_a_grid_dtype_other_than_the_modules_is_named_as_such():
+    """dtype=float64 on a float32 model failed with torch's bare dtype message."""
+    with pytest.raises(RuntimeError, match=r"dtype=torch.float64.*torch.float32"):
+        gcx.arc_length(torch.nn.Linear(1, 1), -1.0, 1.0, dtype=torch.float64)

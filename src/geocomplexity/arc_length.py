@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from geocomplexity.jacobian import _SHAPE_MESSAGES, ForwardFailed
 from geocomplexity.state import preserved
 
 __all__ = ["ArcLength", "arc_length"]
@@ -81,6 +82,9 @@ def arc_length(
         ValueError: ``b <= a`` or an infinite end, fewer than 2 points, grid
             points that repeat in ``dtype``, wrong output size, or a
             non-finite value.
+        ForwardFailed: a module that refuses the ``(num_points, 1)`` column
+            (it takes more than one input feature) or a ``dtype`` other than
+            its parameters'; a ``RuntimeError``, torch's message kept.
 
     Example:
         >>> r = arc_length(lambda t: 0.75 * t, 0.0, 4.0)  # a 3-4-5 triangle
@@ -110,7 +114,10 @@ def arc_length(
         )
     if isinstance(f, nn.Module):
         with preserved(f, mode="eval"), torch.no_grad():
-            y = f(t[:, None])
+            try:
+                y = f(t[:, None])
+            except RuntimeError as err:
+                raise _module_failed(err, t, p) from err
     else:
         with torch.no_grad():
             y = f(t)
@@ -130,3 +137,31 @@ def arc_length(
     # could put the Dirichlet side below the length it bounds
     dirichlet = (t[-1] - t[0]).item() + 0.5 * (dy**2 / dt).sum().item()
     return ArcLength(length, dirichlet, a, b, num_points)
+
+
+def _module_failed(
+    err: RuntimeError, t: Tensor, p: nn.Parameter | None
+) -> RuntimeError:
+    """``err`` saying what arc_length gave the module, where that is the fault.
+
+    torch's own messages ("mat1 and mat2 shapes cannot be multiplied", "must
+    have the same dtype") name neither the grid nor the fix; they are kept.
+    """
+    if type(err) is RuntimeError and _SHAPE_MESSAGES.search(str(err)):
+        return ForwardFailed(
+            f"arc_length calls the module on a column of points, shape "
+            f"{tuple(t[:, None].shape)}: it must take one input feature (a "
+            f"scalar function of one variable); the forward pass failed: {err}"
+        )
+    if (
+        type(err) is RuntimeError
+        and "dtype" in str(err)
+        and p is not None
+        and p.dtype != t.dtype
+    ):
+        return ForwardFailed(
+            f"the grid has dtype={t.dtype} but the module's parameters are "
+            f"{p.dtype}; leave dtype out to use theirs, or convert the module "
+            f"(f.to({t.dtype})); the forward pass failed: {err}"
+        )
+    return err
