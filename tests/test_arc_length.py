@@ -116,3 +116,14 @@ def test_a_grid_dtype_other_than_the_modules_is_named_as_such():
     """dtype=float64 on a float32 model failed with torch's bare dtype message."""
     with pytest.raises(RuntimeError, match=r"dtype=torch.float64.*torch.float32"):
         gcx.arc_length(torch.nn.Linear(1, 1), -1.0, 1.0, dtype=torch.float64)
+
+
+def test_a_numpy_integer_num_points_is_accepted():
+    """np.int64(1001), from a NumPy sweep of grid sizes, was refused as 'not an
+    integer >= 2'."""
+    np = pytest.importorskip("numpy")
+    r = gcx.arc_length(lambda t: 0.75 * t, 0.0, 4.0, num_points=np.int64(1001))
+    assert r.num_points == 1001 and type(r.num_points) is int
+    assert r.length == pytest.approx(5.0, rel=1e-12)
+    with pytest.raises(ValueError, match="num_points"):
+        gcx.arc_length(torch.sin, 0.0, 1.0, num_points=2.5)

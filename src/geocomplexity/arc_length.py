@@ -15,6 +15,7 @@ discretises, so minimising GC in 1-D approximately minimises arc length.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -96,8 +97,14 @@ def arc_length(
         raise ValueError(f"the interval must be finite, got a={a}, b={b}")
     if not b > a:
         raise ValueError(f"need a < b, got a={a}, b={b}")
-    if not isinstance(num_points, int) or num_points < 2:
+    # any integer type (np.int64 from a NumPy sweep of grid sizes), not 2.5
+    try:
+        n = None if isinstance(num_points, bool) else operator.index(num_points)
+    except TypeError:
+        n = None
+    if n is None or n < 2:
         raise ValueError(f"num_points must be an integer >= 2, got {num_points!r}")
+    num_points = n
     if isinstance(f, nn.Module):
         p = next(iter(f.parameters()), None)
         dtype = dtype or (p.dtype if p is not None else torch.float64)
