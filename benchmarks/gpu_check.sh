@@ -102,7 +102,12 @@ step paper_scale experiments 60 $PY benchmarks/paper_scale.py --device cuda \
     --widths 1,8,64 --n 10000 --out "$OUT/paper_scale_cuda.json"
 # the CUDA-only file ran above; the rest under this torch, with CUDA visible
 # (fit's device="auto" picks it), on the machine's cores
-step suite suite 600 $PY -m pytest -q -p no:cacheprovider -n 12 --maxfail 30 \
+# one thread per worker (15 workers of 16 threads each oversubscribed the cores:
+# half the suite in 280 s, against all of it in 82 s); pytest-benchmark, on that
+# machine, refuses to run beside xdist; -v names each test as it ends, so a
+# step cut off by its limit still says which failed
+step suite suite 600 env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $PY -m pytest -v \
+    --tb=short -rfE -p no:cacheprovider -p no:benchmark -n 15 \
     --ignore tests/test_cuda.py tests src README.md
 
 cat "$summary"
