@@ -426,6 +426,33 @@ def test_auto_is_exact_for_small_outputs():
     assert r.method == "exact" and r.num_probes is None
 
 
+@pytest.mark.parametrize("form", ["tensors", "pairs"])
+def test_auto_sizes_its_probes_for_every_sample_of_a_list_of_batches(form):
+    # a list has no sample count of its own: auto sized P for its pilot's
+    # samples alone (P = ceil(σ² / (N m² rtol²)) with N of the pilot), 3
+    # probes here where the whole tensor, the same samples, takes 1
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 64), nn.Tanh(), nn.Linear(64, 200)).double()
+    x = torch.randn(600, 5, dtype=torch.float64)
+    y = torch.zeros(600, dtype=torch.long)
+    listed = (
+        list(x.split(32))
+        if form == "tensors"
+        else [(a, b) for a, b in zip(x.split(32), y.split(32), strict=True)]
+    )
+
+    def run(data) -> gcx.GCResult:
+        g = torch.Generator().manual_seed(0)
+        return gcx.measure(
+            model, data, batch_size=32, rtol=0.05, generator=g, progress=False
+        )
+
+    whole, from_list = run(x), run(listed)
+    assert whole.method == from_list.method == "projection"
+    assert from_list.num_probes == whole.num_probes
+    assert from_list.value == whole.value and from_list.num_samples == 600
+
+
 def test_auto_uses_projection_for_large_outputs_and_meets_rtol():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 64), nn.Tanh(), nn.Linear(64, 200)).double()

@@ -246,6 +246,8 @@ def _batches(
         return (batch_inputs(b, input_key) for b in _rng_kept(loader)), total
     if isinstance(data, Iterable):
         total = _loader_samples(data)
+        if total is None:
+            total = _listed_samples(data, input_key)
         return (batch_inputs(b, input_key) for b in _rng_kept(data)), total
     raise TypeError(
         f"data must be a tensor, a Dataset or an iterable of batches (a "
@@ -323,6 +325,24 @@ def _rng_kept(data: Iterable[Any]) -> Iterator[Any]:
             yield batch
 
     return rngs_set_apart(batches(), loader_generators(data))
+
+
+def _listed_samples(data: Iterable[Any], input_key: InputKey) -> int | None:
+    """How many samples a list or tuple of batches holds, read off its inputs.
+
+    Without it, ``method="auto"`` sized its probes for the samples of its
+    pilot alone (P ∝ 1/N): more than its ``rtol`` needs, about as many times
+    more as the list holds samples beyond the pilot's (3 probes for 1 on 600
+    samples in batches of 32). ``None`` for other iterables (reading them would
+    consume them), for an ``input_key`` function (the caller's code, run
+    once per batch when measuring), and for batches whose input is not found.
+    """
+    if not isinstance(data, (list, tuple)) or callable(input_key):
+        return None
+    try:
+        return sum(batch_inputs(b, input_key).shape[0] for b in data)
+    except (TypeError, IndexError, KeyError, ValueError):
+        return None  # the iteration names the problem, batch by batch
 
 
 def _loader_samples(data: Iterable[Any]) -> int | None:
