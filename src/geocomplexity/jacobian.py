@@ -986,7 +986,7 @@ def _default_chunk(
     directions batching gains nothing, so the chunk is capped at 32 directions
     and, given the input ``x`` and the output size ``k``, at 2²⁶ elements of
     chunk · B · max(d, k); a batched pass that runs out of GPU memory starts
-    over with half the chunk (:func:`_halving_on_oom`).
+    over with half the chunk (:func:`_shrinking_chunk`).
     """
     on_cpu = x is None or x.device.type != "cuda"
     if n == 1 or (
@@ -1000,29 +1000,39 @@ def _default_chunk(
     return chunk
 
 
-def _halving_on_oom(
+def _shrinking_chunk(
     run: Callable[[int], Tensor],
     chunk: int,
     *,
     fixed: bool,
     restart: Callable[[], None],
 ) -> Tensor:
-    """``run(chunk)``, starting over with half the chunk when memory runs out.
+    """``run(chunk)``, starting over with fewer VJPs per pass where it must.
 
-    The default chunk bounds memory by the input's size, which says little of
-    a convolutional network's activations; a GPU that cannot hold ``chunk``
-    copies of them raises ``OutOfMemoryError``, and fewer directions per pass
-    need less. A chunk the caller chose (``fixed``) is kept, and its error
-    raised.
+    - Out of GPU memory: half the chunk. The default chunk bounds memory by
+      the input's size, which says little of a convolutional network's
+      activations; a GPU that cannot hold ``chunk`` copies of them raises
+      ``OutOfMemoryError``, and fewer directions per pass need less.
+    - A random operation in the backward pass (dropout, which activation
+      checkpointing recomputes there) has no batching rule: one VJP at a time.
+
+    A chunk the caller chose (``fixed``) is kept: its out-of-memory error is
+    raised, and a batched pass that draws random numbers is refused, naming
+    the fix.
 
     Args:
         run: computes the norms with the given chunk.
         chunk: the first chunk to try.
         fixed: the caller chose ``chunk``: never shrink it.
-        restart: called before each new try (to draw the same probes again).
+        restart: called before each new try (to draw the same probes, and
+            the same dropout masks, again).
 
     Returns:
         What ``run`` returned.
+
+    Raises:
+        ValueError: a ``fixed`` chunk above 1 through a backward pass that
+            draws random numbers.
     """
     while True:
         try:
@@ -1030,9 +1040,22 @@ def _halving_on_oom(
         except torch.cuda.OutOfMemoryError:
             if fixed or chunk == 1:
                 raise
+            smaller = max(1, chunk // 2)
+        except RuntimeError as err:
+            if chunk == 1 or "random operations inside of vmap" not in str(err):
+                raise
+            if fixed:
+                raise ValueError(
+                    f"chunk_size={chunk} batches the VJPs, but the backward "
+                    "pass draws random numbers (dropout inside activation "
+                    "checkpointing, recomputed there), which batched VJPs "
+                    "cannot; pass chunk_size=1 (or leave it unset), or measure "
+                    "in eval mode"
+                ) from err
+            smaller = 1
         # outside the handler: the error's traceback no longer holds the failed
         # pass's tensors, so the cache can give their memory back
-        chunk = max(1, chunk // 2)
+        chunk = smaller
         if torch.cuda.is_initialized():
             torch.cuda.empty_cache()
         restart()
@@ -1650,32 +1673,13 @@ def jacobian_sq_norms(
                 restart()
                 passes.append(forward())
 
-            try:
-                del xg, out  # held by passes alone: a retry can let them go
-                values = _halving_on_oom(
-                    lambda c: reverse(*passes[0], c),
-                    chunk,
-                    fixed=chunk_size is not None,
-                    restart=again,
-                )
-            except RuntimeError as err:
-                # a random operation in the backward pass (dropout, which
-                # activation checkpointing recomputes there) has no batching
-                # rule: start over with one VJP at a time, the same probes
-                # and the same dropout mask
-                if chunk == 1 or "random operations inside of vmap" not in str(err):
-                    raise
-                if chunk_size is not None:
-                    raise ValueError(
-                        f"chunk_size={chunk_size} batches the VJPs, but the "
-                        "backward pass draws random numbers (dropout inside "
-                        "activation checkpointing, recomputed there), which "
-                        "batched VJPs cannot; pass chunk_size=1 (or leave it "
-                        "unset), or measure in eval mode"
-                    ) from err
-                passes.clear()
-                restart()
-                values = reverse(*forward(), 1)
+            del xg, out  # held by passes alone: a retry can let them go
+            values = _shrinking_chunk(
+                lambda c: reverse(*passes[0], c),
+                chunk,
+                fixed=chunk_size is not None,
+                restart=again,
+            )
         elif wrt is not None:  # probes at the inner variable
             values = _probes_at(
                 model,

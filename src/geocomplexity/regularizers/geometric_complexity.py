@@ -23,11 +23,11 @@ from geocomplexity.jacobian import (
     _coupled,
     _default_chunk,
     _flat_output,
-    _halving_on_oom,
     _input_side,
     _probes_at,
     _select,
     _select_wrt,
+    _shrinking_chunk,
     _vjp_count,
     check_differentiable_model,
     check_options,
@@ -387,17 +387,8 @@ class GeometricComplexity(Regularizer):
             if drawn is not None:
                 gen.set_state(drawn)
 
-        try:
-            return _halving_on_oom(norms, chunk, fixed=False, restart=restart)
-        except RuntimeError as err:
-            # a random operation in the backward pass (dropout, which
-            # activation checkpointing recomputes there) has no batching rule:
-            # one VJP at a time, the same probes, on the same graph (kept by
-            # create_graph)
-            if chunk == 1 or "random operations inside of vmap" not in str(err):
-                raise
-        restart()
-        return norms(1)
+        # a retry reuses the graph: create_graph keeps it whole
+        return _shrinking_chunk(norms, chunk, fixed=False, restart=restart)
 
     def __repr__(self) -> str:
         return (
