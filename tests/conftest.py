@@ -126,6 +126,21 @@ def case(request: pytest.FixtureRequest) -> tuple[nn.Module, torch.Tensor]:
     return make_case(request.param)
 
 
+def dropout_case() -> tuple[nn.Module, torch.Tensor, float]:
+    """Linear-Dropout(0.5)-Linear in float64, 8 inputs, and its train-mode GC.
+
+    ``J = W2·diag(m/q)·W1``; ``E[m_j m_l/q²]`` is ``1/q`` on the diagonal and 1
+    off it, so the expected GC over dropout masks has a closed form.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Dropout(0.5), nn.Linear(16, 2))
+    model = model.double()
+    w1, w2 = model[0].weight.detach(), model[2].weight.detach()
+    a = (w2.T @ w2) * (w1 @ w1.T)
+    want = (a.sum() + a.diagonal().sum() * (1 / 0.5 - 1)).item()
+    return model, torch.randn(8, 3, dtype=torch.float64), want
+
+
 def write_fake_cifar(root, n=20, seed=0):
     """A tiny folder in the CIFAR-10 python format (protocol 2 pickles)."""
     import pickle

@@ -1029,6 +1029,25 @@ def test_cli_device_cuda_on_a_ray_cluster_needs_no_gpu_on_the_driver(
     assert seen["device"] == "cuda" and seen["executor"] == "ray"
 
 
+def _sweep_record(
+    experiment: str, seed: int, width: int, train_err: float, test_loss: float
+) -> dict:
+    """A width-sweep run's record (n = 300, GC equal to the width) for figures."""
+    return {
+        "config": {"experiment": experiment, "seed": seed, "width": width, "n": 300},
+        "result": {
+            "train_err": train_err,
+            "test_loss": test_loss,
+            "gc_train": float(width),
+            "train_loss": 0.1,
+            "test_err": 0.2,
+            "gc_test": float(width),
+            "effective_noise": 0.13,
+            "n_train": 300,
+        },
+    }
+
+
 def _drawn(monkeypatch, module):
     """The figures ``module``'s plot draws, kept open instead of saved."""
     figures = []
@@ -1052,19 +1071,7 @@ def test_width_sweep_figure_labels_its_widths_and_says_what_the_lines_are(
     figures = _drawn(monkeypatch, width_sweep)
     widths = (2, 4, 6, 8, 12, 16, 32, 64)
     records = [
-        {
-            "config": {"experiment": "width-sweep", "seed": s, "width": w, "n": 300},
-            "result": {
-                "train_err": max(0.0, 0.5 - w / 40),
-                "test_loss": 1.0 + s,
-                "gc_train": float(w),
-                "train_loss": 0.1,
-                "test_err": 0.2,
-                "gc_test": float(w),
-                "effective_noise": 0.13,
-                "n_train": 300,
-            },
-        }
+        _sweep_record("width-sweep", s, w, max(0.0, 0.5 - w / 40), 1.0 + s)
         for w in widths
         for s in (0, 1)
     ]
@@ -1248,19 +1255,7 @@ def test_u_curve_colour_bar_is_in_widths_not_log2_width(tmp_path, monkeypatch):
     figures = _drawn(monkeypatch, width_sweep)
     widths = (2, 4, 6, 8, 16, 32, 64)
     records = [
-        {
-            "config": {"experiment": "u-curve", "seed": 0, "width": w, "n": 300},
-            "result": {
-                "train_err": 0.0,
-                "test_loss": 1.0 + (math.log(w) - 2) ** 2,
-                "gc_train": float(w),
-                "train_loss": 0.1,
-                "test_err": 0.2,
-                "gc_test": float(w),
-                "effective_noise": 0.13,
-                "n_train": 300,
-            },
-        }
+        _sweep_record("u-curve", 0, w, 0.0, 1.0 + (math.log(w) - 2) ** 2)
         for w in widths
     ]
     EXPERIMENTS["u-curve"].plot(records, tmp_path, "")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import dropout_case
 from torch import nn
 
 from geocomplexity import jacobian_sq_norms, measure
@@ -76,14 +77,7 @@ def test_metric_in_train_mode_draws_fresh_dropout_masks_for_every_update():
     # small, masks repeated) standard errors away
     from geocomplexity.integrations.torchmetrics import GeometricComplexity
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 16), nn.Dropout(0.5), nn.Linear(16, 2))
-    model = model.double()
-    w1, w2 = model[0].weight.detach(), model[2].weight.detach()
-    # J = W2·diag(m/q)·W1; E[m_j m_l/q²] is 1/q on the diagonal, 1 off it
-    a = (w2.T @ w2) * (w1 @ w1.T)
-    want = (a.sum() + a.diagonal().sum() * (1 / 0.5 - 1)).item()
-    x = torch.randn(8, 3, dtype=torch.float64)
+    model, x, want = dropout_case()
     for seed in range(3):
         torch.manual_seed(seed)
         state = torch.get_rng_state()

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import DictOut, make_case
+from conftest import DictOut, dropout_case, make_case
 from reference import per_sample_sq_norms
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -499,19 +499,10 @@ def test_train_mode_draws_fresh_dropout_masks_for_every_batch():
     # measure drew the same dropout masks: four copies of 8 samples gave four
     # identical rows, and 50 copies a mean of 0.389 against the expected 0.512,
     # 12.9 of its (too small, masks repeated) standard errors away
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 16), nn.Dropout(0.5), nn.Linear(16, 2))
-    model = model.double()
-    w1, w2 = model[0].weight.detach(), model[2].weight.detach()
-    # J = W2·diag(m/q)·W1; E[m_j m_l/q²] is 1/q on the diagonal, 1 off it
-    a = (w2.T @ w2) * (w1 @ w1.T)
-    want = (a.sum() + a.diagonal().sum() * (1 / 0.5 - 1)).item()
-    x = torch.randn(8, 3, dtype=torch.float64)
-    for seed in range(3):
-        torch.manual_seed(seed)
-        state = torch.get_rng_state()
-        alone = gcx.jacobian_sq_norms(model, x, mode="train")
-        r = gcx.measure(
+    model, x, want = dropout_case()
+
+    def fifty_copies() -> gcx.GCResult:
+        return gcx.measure(
             model,
             x.repeat(50, 1),
             batch_size=8,
@@ -520,20 +511,18 @@ def test_train_mode_draws_fresh_dropout_masks_for_every_batch():
             per_sample=True,
             progress=False,
         )
+
+    for seed in range(3):
+        torch.manual_seed(seed)
+        state = torch.get_rng_state()
+        alone = gcx.jacobian_sq_norms(model, x, mode="train")
+        r = fifty_copies()
         assert torch.equal(torch.get_rng_state(), state)  # the caller's, kept
         rows = r.per_sample.view(50, 8)
         assert torch.equal(rows[0], alone)  # the first batch draws as a call alone
         assert not torch.equal(rows[1], rows[0])
         assert abs(r.value - want) < 4.5 * r.stderr, (seed, r.value, want)
-        again = gcx.measure(
-            model,
-            x.repeat(50, 1),
-            batch_size=8,
-            mode="train",
-            method="exact",
-            per_sample=True,
-            progress=False,
-        )
+        again = fifty_copies()
         assert torch.equal(again.per_sample, r.per_sample)  # reproducible
 
 

@@ -95,28 +95,23 @@ def test_history_json_takes_numpy_and_tensor_scalars_a_callback_records(tmp_path
         history.final["count"] = np.int64(7)
         history.final["missing"] = np.float32("nan")
 
-    h = fit(
-        mlp(),
-        train,
-        epochs=2,
-        callbacks=[extra],
-        checkpoint=tmp_path / "run.pt",
-        progress=False,
-        device="cpu",
-    )
+    def run() -> History:
+        return fit(
+            mlp(),
+            train,
+            epochs=2,
+            callbacks=[extra],
+            checkpoint=tmp_path / "run.pt",
+            progress=False,
+            device="cpu",
+        )
+
+    h = run()
     back = History.from_json(h.to_json())
     assert back["half"] == [0.5] * 3 and back["count"] == [7] * 3
     assert back["norm"] == [r["norm"].item() for r in h.records]
     assert all(math.isnan(v) for v in back["missing"])
-    again = fit(
-        mlp(),
-        train,
-        epochs=2,
-        callbacks=[extra],
-        checkpoint=tmp_path / "run.pt",
-        progress=False,
-        device="cpu",
-    )
+    again = run()
     assert again["train_loss"] == h["train_loss"]  # resumed from the checkpoint
 
 
