@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -601,10 +602,12 @@ def test_finite_difference_gradient_norm_refuses_dropout_and_survives_flat_point
 
 
 def test_finite_difference_gradient_norm_on_a_diverged_step():
-    # a diverging run (the loss overflows to inf): double backprop gives an
-    # inf penalty and non-finite gradients, which a training loop can see
-    # and skip; the finite difference took a step of eps/inf = 0 and raised
-    # ZeroDivisionError from 2/r
+    # a diverging run (the loss overflows to inf): double backprop gives a
+    # non-finite penalty and gradients, which a training loop can see and
+    # skip; the finite difference took a step of eps/inf = 0 and raised
+    # ZeroDivisionError from 2/r. Whether the penalty is inf or NaN depends on
+    # the CPU's kernels (a weight gradient sums +inf and -inf products on an
+    # AVX-512 EPYC, not on a Xeon), so only non-finiteness is asserted
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
     x, t = torch.randn(4, 3) * 1e20, torch.zeros(4, 2)
@@ -622,7 +625,7 @@ def test_finite_difference_gradient_norm_on_a_diverged_step():
                 value = term.backward(
                     loss, model, x, t, outputs=out, loss_fn=F.mse_loss
                 )
-            assert value.item() == float("inf"), (method, how)
+            assert not math.isfinite(value.item()), (method, how)
             assert not torch.isfinite(model.weight.grad).all(), (method, how)
 
 
