@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import DictOut, dropout_case, make_case
+from conftest import DictOut, batchnorm_mlp, dropout_case, make_case
 from reference import per_sample_sq_norms
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -492,6 +492,34 @@ def test_auto_in_train_mode_weighs_exacts_per_sample_cost():
     assert r4.method == "exact"
     # and in eval mode the same model is measured exactly
     assert gcx.measure(model, x, batch_size=64, progress=False).method == "exact"
+
+
+@pytest.mark.parametrize(
+    ("n", "options", "start"),
+    [
+        (10, {"batch_size": 3}, 9),  # 10 = 3 + 3 + 3 + 1
+        (10, {"batch_size": 4, "max_samples": 9}, 8),  # cut to 4 + 4 + 1
+        (10, {"batch_size": 1, "method": "auto"}, 0),  # in auto's pilot
+    ],
+)
+def test_train_mode_batchnorm_on_a_batch_of_one_names_the_batch_and_the_fix(
+    n, options, start
+):
+    # torch's own "Expected more than 1 value per channel when training"
+    # named neither the batch (the data's last) nor what to change
+    model = batchnorm_mlp(3)
+    x = torch.randn(n, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=f"starting at sample {start} holds one") as e:
+        gcx.measure(model, x, mode="train", progress=False, **options)
+    assert "batch_size" in str(e.value) and "mode='eval'" in str(e.value)
+    # BatchNorm2d normalises one image over its pixels: a batch of one is fine
+    conv = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 2)
+    ).double()
+    r = gcx.measure(
+        conv, torch.randn(n, 1, 4, 4).double(), mode="train", progress=False, **options
+    )
+    assert r.num_samples == options.get("max_samples", n)
 
 
 def test_train_mode_draws_fresh_dropout_masks_for_every_batch():

@@ -10,6 +10,7 @@ output dimension; for a classifier ``g`` is the logit network.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -524,6 +525,28 @@ def _choose(pilot: list[float], total: int, rtol: float) -> tuple[str, int]:
     return ("exact", 1) if probes >= cost else ("projection", probes)
 
 
+@contextlib.contextmanager
+def _single_sample_batchnorm(x: Tensor, seen: int) -> Iterator[None]:
+    """Name the cause and the fix of train-mode BatchNorm's error on one sample.
+
+    A data set whose size leaves a remainder of one after the last full batch
+    (or a ``max_samples`` that does) ends on a batch of one sample, which
+    BatchNorm cannot normalise by its own statistics; torch's message names
+    neither the batch nor how to avoid it.
+    """
+    try:
+        yield
+    except ValueError as err:
+        if x.shape[0] != 1 or "Expected more than 1 value per channel" not in str(err):
+            raise
+        raise ValueError(
+            f"the batch starting at sample {seen} holds one sample, and "
+            "BatchNorm in train mode cannot normalise one sample by its own "
+            "statistics. In mode='train' pick a batch_size (and max_samples) "
+            "that leaves no last batch of one, or measure in mode='eval'"
+        ) from err
+
+
 def check_measure_options(
     *,
     method: str = "auto",
@@ -776,7 +799,10 @@ def measure(
             x = prepare(batch, seen)
             piloted.append(x)
             seen += x.shape[0]
-            one = _pilot(model, x, output, mode, distribution, generator, wrt, coupled)
+            with _single_sample_batchnorm(x, seen - x.shape[0]):
+                one = _pilot(
+                    model, x, output, mode, distribution, generator, wrt, coupled
+                )
             pilot = [
                 max(pilot[0], one[0]),
                 *(a + b for a, b in zip(pilot[1:], one[1:], strict=True)),
@@ -813,7 +839,7 @@ def measure(
                     advance()
                 # half-precision norms as summed, in float32: in float16 one
                 # beyond 65504 is inf, and one below 6e-5 keeps a few bits
-                with wide_results():
+                with wide_results(), _single_sample_batchnorm(x, stats.count):
                     values = jacobian_sq_norms(
                         model,
                         x,
