@@ -427,6 +427,81 @@ def test_parallel_workers_give_the_same_results(tmp_path):
     assert len({r["result"]["pid"] for r in parallel}) >= 1
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock")
+def test_two_sweeps_into_one_folder_compute_each_run_once(tmp_path):
+    # each sweep listed what was missing when it started and computed all of
+    # it: two sweeps into one --out (or one command on two machines over a
+    # shared disk) trained every network twice
+    import threading
+
+    runs = [Run.make("toy", 0, x=i) for i in range(4)]
+    calls, inside, go = [], threading.Event(), threading.Event()
+
+    def counted(run: Run) -> dict:
+        calls.append(run["x"])
+        if len(calls) == 1:  # the first sweep holds run 0 until released
+            inside.set()
+            assert go.wait(60)
+        return {"y": run["x"] ** 2}
+
+    got = {}
+
+    def sweep(name: str) -> None:
+        got[name] = run_sweep(runs, counted, tmp_path, progress=False)
+
+    first = threading.Thread(target=sweep, args=("first",))
+    first.start()
+    assert inside.wait(60)
+    second = threading.Thread(target=sweep, args=("second",))
+    second.start()
+    try:
+        deadline = time.time() + 60  # the second computes 1, 2, 3, waits for 0
+        while len(calls) < 4 and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert sorted(calls) == [0, 1, 2, 3] and second.is_alive()
+    finally:
+        go.set()
+    first.join(60)
+    second.join(60)
+    assert sorted(calls) == [0, 1, 2, 3]  # nothing computed twice
+    assert got["first"] == got["second"]
+    assert [r["result"]["y"] for r in got["first"]] == [0, 1, 4, 9]
+    assert not list((tmp_path / "runs").glob(".*"))  # no lock files left
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock")
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_run_another_process_holds_is_read_once_it_is_stored(tmp_path, workers):
+    import threading
+
+    from geocomplexity.atomic import claimed
+
+    runs = [Run.make("toy", 0, x=i) for i in range(4)]
+    held = tmp_path / "runs" / f"{runs[0].key}.json"
+    got = []
+    with claimed(held, wait=False) as mine:
+        assert mine
+        sweep = threading.Thread(
+            target=lambda: got.extend(
+                run_sweep(runs, square, tmp_path, workers=workers, progress=False)
+            )
+        )
+        sweep.start()
+        deadline = time.time() + 120
+        while (
+            len(list((tmp_path / "runs").glob("*.json"))) < 3 and time.time() < deadline
+        ):
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert sweep.is_alive() and not held.exists()
+        # the holder stores its record (a marked one) before it lets go
+        record = {"config": runs[0].config, "key": runs[0].key, "result": {"y": -1}}
+        held.write_text(json.dumps(record))
+    sweep.join(120)
+    assert [r["result"]["y"] for r in got] == [-1, 1, 4, 9]
+
+
 def square_but_kill_the_worker_at_2(run: Run) -> dict:
     if run["x"] == 2:
         os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer does

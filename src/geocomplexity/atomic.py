@@ -11,7 +11,7 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -20,7 +20,7 @@ try:
 except ImportError:  # Windows: temporaries are written unlocked, never removed
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["remove_stale_temporaries", "write_text", "write_with"]
+__all__ = ["claimed", "remove_stale_temporaries", "write_text", "write_with"]
 
 #: A temporary younger than this is left alone even when unlocked: its writer
 #: may have made it and not yet locked it.
@@ -123,3 +123,46 @@ def remove_stale_temporaries(folder: Path, target: str = "*") -> list[Path]:
             with contextlib.suppress(OSError):
                 os.close(fd)
     return removed
+
+
+@contextlib.contextmanager
+def claimed(path: Path, *, wait: bool) -> Iterator[bool]:
+    """Hold the exclusive claim on producing ``path`` (an advisory ``flock``).
+
+    Processes that share a folder (two sweeps into one ``--out``, the same
+    command on several machines over a shared disk) compute each run once:
+    the one holding the claim computes it, and the others skip it or wait.
+    The lock lives on the hidden ``.NAME.lock`` beside ``path``. A writer that
+    succeeds removes it only after ``path`` is in place, so whoever takes the
+    claim after that finds ``path`` and need not compute; one that fails, or
+    is killed (the kernel drops its lock), leaves it for the next to take.
+    Without ``fcntl`` (Windows) every claim is granted at once.
+
+    Args:
+        path: the file the holder will write.
+        wait: block until the claim is free; otherwise yield ``False`` at once
+            when another process holds it.
+
+    Yields:
+        Whether this process holds the claim.
+    """
+    if fcntl is None:
+        yield True
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.with_name(f".{path.name}.lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, _NEW_FILE_MODE)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+        # while still locked, and only the lock file this process holds (a
+        # waiter may hold a newer one): a waiter that gets it finds path
+        with contextlib.suppress(OSError):
+            if path.exists() and os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                lock.unlink()
+    finally:
+        os.close(fd)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from geocomplexity import malloc
-from geocomplexity.atomic import remove_stale_temporaries, write_text
+from geocomplexity.atomic import claimed, remove_stale_temporaries, write_text
 
 __all__ = ["ClusterUnreachable", "Context", "Run", "load_runs", "run_sweep"]
 
@@ -129,10 +129,25 @@ def _store(record: dict[str, Any], path: Path) -> dict[str, Any]:
 
 
 def _execute(
-    fn: Callable[[Run], dict[str, Any]], run: Run, path: Path
-) -> dict[str, Any]:
-    """Run one config and store it; module-level so worker processes can call it."""
-    return _store(_record(fn, run), path)
+    fn: Callable[[Run], dict[str, Any]], run: Run, path: Path, wait: bool = True
+) -> dict[str, Any] | None:
+    """Run one config and store it; module-level so worker processes can call it.
+
+    Under the run's claim (:func:`geocomplexity.atomic.claimed`), so that
+    sweeps sharing a folder compute it once: a record another sweep stored
+    meanwhile is read, not recomputed.
+
+    Returns:
+        The record, or ``None`` without ``wait`` when another process is
+        computing the run now.
+    """
+    with claimed(path, wait=wait) as mine:
+        if not mine:
+            return None
+        record = _read_record(path)
+        if record is not None and record["key"] == run.key:
+            return record
+        return _store(_record(fn, run), path)
 
 
 def _ray_record(
@@ -248,20 +263,28 @@ def load_runs(directory: Path) -> dict[str, dict[str, Any]]:
     """
     runs = {}
     for path in sorted((directory / "runs").glob("*.json")):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):  # JSONDecodeError, UnicodeDecodeError
-            continue
-        if (
-            isinstance(record, dict)
-            and isinstance(record.get("key"), str)
-            # the analysis reads both: a record without them would stop it
-            # with a KeyError instead of rerunning the run
-            and isinstance(record.get("config"), dict)
-            and isinstance(record.get("result"), dict)
-        ):
+        record = _read_record(path)
+        if record is not None:
             runs[record["key"]] = record
     return runs
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """The run record in ``path``, or ``None`` if it is missing or unreadable."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):  # JSONDecodeError, UnicodeDecodeError
+        return None
+    if (
+        isinstance(record, dict)
+        and isinstance(record.get("key"), str)
+        # the analysis reads both: a record without them would stop it
+        # with a KeyError instead of rerunning the run
+        and isinstance(record.get("config"), dict)
+        and isinstance(record.get("result"), dict)
+    ):
+        return record
+    return None
 
 
 # worker count -> (the malloc setting its workers started with, the pool)
@@ -339,6 +362,11 @@ def run_sweep(
 ) -> list[dict[str, Any]]:
     """Execute the runs not yet finished under ``directory`` and return them all.
 
+    Sweeps that share ``directory`` (two processes, or the same command on
+    several machines over a shared disk) split its runs: each run is computed
+    once, by whichever sweep claims it first, and the others read its record
+    (the local executors; Ray tasks are stored by their driver as they end).
+
     Args:
         runs: the sweep's configs.
         fn: ``fn(run) -> result dict`` (JSON-serialisable). With ``workers > 1``
@@ -393,16 +421,35 @@ def run_sweep(
         if executor == "ray" and todo:
             _run_ray(todo, fn, folder, workers, ray_address, gpus_per_run, finished)
         elif workers <= 1 or len(todo) <= 1:
+            # runs another sweep into this folder is computing now are taken
+            # last, waiting for it: its record is read, not recomputed
+            busy = []
             for run in todo:
+                record = _execute(fn, run, folder / f"{run.key}.json", wait=False)
+                if record is None:
+                    busy.append(run)
+                else:
+                    finished(record)
+            for run in busy:
                 finished(_execute(fn, run, folder / f"{run.key}.json"))
         else:
             pool = _pool(workers)
-            futures = [
-                pool.submit(_execute, fn, run, folder / f"{run.key}.json")
+            futures = {
+                pool.submit(_execute, fn, run, folder / f"{run.key}.json", False): run
                 for run in todo
-            ]
+            }
+            waits = []
             try:
-                for fut in as_completed(futures):
+                for fut in as_completed(list(futures)):
+                    record = fut.result()
+                    if record is not None:
+                        finished(record)
+                        continue
+                    run = futures[fut]  # busy in another sweep: wait for it
+                    path = folder / f"{run.key}.json"
+                    waits.append(pool.submit(_execute, fn, run, path))
+                    futures[waits[-1]] = run
+                for fut in as_completed(waits):
                     finished(fut.result())
             except BrokenProcessPool:
                 # a worker died (out of memory, kill -9): the pool takes no
