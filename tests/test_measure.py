@@ -522,6 +522,33 @@ def test_train_mode_batchnorm_on_a_batch_of_one_names_the_batch_and_the_fix(
     assert r.num_samples == options.get("max_samples", n)
 
 
+def test_train_mode_batchnorm_on_a_batch_of_one_under_a_process_group(monkeypatch):
+    # with distributed=True, "auto" pilots the first batch on a path of its own
+    # (the ranks agree on one method): a first batch of one sample there (a
+    # rank's shard of one, or batch_size=1) still raised torch's bare
+    # "Expected more than 1 value per channel when training" (a fake two ranks)
+    import geocomplexity.distributed as dist
+
+    monkeypatch.setattr(dist, "active", lambda distributed: distributed)
+    monkeypatch.setattr(
+        dist,
+        "all_gather_rows",
+        lambda mine, device=None: torch.tensor([mine, mine], dtype=torch.float64),
+    )
+    model = batchnorm_mlp(3)
+    x = torch.randn(10, 3, dtype=torch.float64)
+    for data, batch_size in ((x, 1), (x[:1], 4)):
+        with pytest.raises(ValueError, match="starting at sample 0 holds one"):
+            gcx.measure(
+                model,
+                data,
+                mode="train",
+                batch_size=batch_size,
+                distributed=True,
+                progress=False,
+            )
+
+
 def test_train_mode_draws_fresh_dropout_masks_for_every_batch():
     # each batch's call put the global RNG back, so every batch of a train-mode
     # measure drew the same dropout masks: four copies of 8 samples gave four

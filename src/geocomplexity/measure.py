@@ -779,9 +779,10 @@ def measure(
                 batches = itertools.chain([first], batches)
                 x = prepare(first, 0)
                 first_size = x.shape[0]
-                pilot = _pilot(
-                    model, x, output, mode, distribution, generator, wrt, coupled
-                )
+                with _single_sample_batchnorm(x, 0):
+                    pilot = _pilot(
+                        model, x, output, mode, distribution, generator, wrt, coupled
+                    )
         except Exception as err:  # every rank must reach the gather below
             failure = err
         rows = _distributed.all_gather_rows(
