@@ -502,6 +502,35 @@ def test_a_run_another_process_holds_is_read_once_it_is_stored(tmp_path, workers
     assert [r["result"]["y"] for r in got] == [-1, 1, 4, 9]
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock")
+def test_another_users_lock_file_does_not_stop_the_sweep(tmp_path, monkeypatch):
+    # a folder two users share (group-writable, umask 022): the lock file of a
+    # run the other user's sweep holds, or was killed in, is theirs and 0644.
+    # The claim opened it for writing only, so the sweep died with
+    # PermissionError, on every rerun while the file was there; flock needs no
+    # write access (as root this test cannot chmod its way there: the kernel's
+    # EACCES is raised by hand)
+    from geocomplexity import atomic
+
+    runs = [Run.make("toy", 0, x=i) for i in range(3)]
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    theirs = folder / f".{runs[0].key}.json.lock"
+    theirs.touch()
+    theirs.chmod(0o444)
+    real_open = os.open
+
+    def open_as_another_user(path, flags, *args):
+        if Path(path) == theirs and flags & (os.O_WRONLY | os.O_RDWR):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(atomic.os, "open", open_as_another_user)
+    records = run_sweep(runs, square, tmp_path, progress=False)
+    assert [r["result"]["y"] for r in records] == [0, 1, 4]
+    assert not list(folder.glob(".*"))  # theirs, free, is removed once stored
+
+
 def square_but_kill_the_worker_at_2(run: Run) -> dict:
     if run["x"] == 2:
         os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer does

@@ -151,7 +151,15 @@ def claimed(path: Path, *, wait: bool) -> Iterator[bool]:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = path.with_name(f".{path.name}.lock")
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, _NEW_FILE_MODE)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, _NEW_FILE_MODE)
+    except PermissionError as err:
+        # another user's lock file (0644 under umask 022) in a folder both
+        # write to: flock needs no write access to it
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except OSError:
+            raise err from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
