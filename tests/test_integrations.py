@@ -1206,3 +1206,32 @@ def test_jvp_penalty_through_ddp_that_sinks_its_outputs_is_a_clear_error(tmp_pat
         assert GeometricComplexity(1.0, method="exact")(sinks, x).item() > 0
     finally:
         dist.destroy_process_group()
+
+
+def test_numpy_integer_options_are_taken_as_ints():
+    """The metric's num_probes and the callback's num_samples/every_n_epochs
+    from a NumPy sweep (np.int64) were refused as not positive integers."""
+    np = pytest.importorskip("numpy")
+    from geocomplexity.integrations.lightning import GeometricComplexityCallback
+    from geocomplexity.integrations.torchmetrics import GeometricComplexity
+
+    model = _net().double()
+    x = torch.randn(12, 6, dtype=torch.float64)
+    values = []
+    for n in (np.int64, int):
+        metric = GeometricComplexity(
+            model, method="projection", num_probes=n(3), chunk_size=n(2),
+            generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+        metric.update(x)
+        values.append(metric.compute())
+        assert "num_probes=3, chunk_size=2" in repr(metric)
+    torch.testing.assert_close(values[0], values[1], rtol=0, atol=0)
+    callback = GeometricComplexityCallback(
+        num_samples=np.int64(10), every_n_epochs=np.int64(2),
+        every_n_steps=np.int64(5), num_probes=np.int64(2), method="projection",
+    )  # fmt: skip
+    assert (callback.num_samples, callback.every_n_epochs, callback.every_n_steps) == (
+        10, 2, 5,
+    )  # fmt: skip
+    assert type(callback.num_samples) is int and type(callback.every_n_steps) is int

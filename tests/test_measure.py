@@ -901,3 +901,32 @@ def test_a_bool_batch_size_and_a_non_bool_create_graph_are_refused():
         TypeError, match=r"create_graph must be True or False, got 'no'"
     ):
         gcx.geometric_complexity(model, x, create_graph="no")
+
+
+def test_numpy_integer_options_are_taken_as_ints():
+    """num_probes, batch_size, max_samples and chunk_size from a NumPy sweep
+    (np.int64) were refused as 'must be a positive integer, got np.int64(4)':
+    the checks took the built-in int alone. They now measure as the ints do."""
+    np = pytest.importorskip("numpy")
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    x = torch.randn(20, 3, dtype=torch.float64)
+
+    def run(n):
+        gen = torch.Generator().manual_seed(0)
+        return gcx.measure(
+            model, x, method="projection", num_probes=n(4), batch_size=n(8),
+            max_samples=n(18), chunk_size=n(2), generator=gen, progress=False,
+        )  # fmt: skip
+
+    got, want = run(np.int64), run(int)
+    assert got == want and type(got.num_probes) is int
+    for fn in (gcx.jacobian_sq_norms, gcx.geometric_complexity):
+        values = [
+            fn(model, x, method="projection", num_probes=n(3), chunk_size=n(2),
+               generator=torch.Generator().manual_seed(1))
+            for n in (np.int64, int)
+        ]  # fmt: skip
+        torch.testing.assert_close(values[0], values[1], rtol=0, atol=0)
+    for bad in (2.0, True, np.int64(0)):
+        with pytest.raises(ValueError, match="num_probes must be a positive"):
+            gcx.measure(model, x, method="projection", num_probes=bad)

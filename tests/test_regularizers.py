@@ -1863,3 +1863,23 @@ def test_state_of_another_combination_of_terms_is_refused():
     with pytest.raises(ValueError, match=r"no 'vectors' or 'shapes'.*another term"):
         SpectralNorm(0.1).load_state_dict({})
     two.load_state_dict(two.state_dict())  # its own state still loads
+
+
+def test_numpy_integer_counts_are_taken_as_ints():
+    """GeometricComplexity(num_probes=np.int64(2)) and
+    SpectralNorm(power_iterations=np.int64(3)), a NumPy sweep's counts, were
+    refused as not positive integers."""
+    np = pytest.importorskip("numpy")
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    x = torch.randn(10, 3, dtype=torch.float64)
+    values = []
+    for n in (np.int64, int):
+        gc = GeometricComplexity(
+            0.5, num_probes=n(2), generator=torch.Generator().manual_seed(0)
+        )
+        sn = SpectralNorm(0.5, power_iterations=n(3))
+        assert type(gc.num_probes) is int and type(sn.power_iterations) is int
+        values.append((gc(model, x), sn(model, x)))
+    torch.testing.assert_close(values[0], values[1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="power_iterations"):
+        SpectralNorm(0.5, power_iterations=3.0)

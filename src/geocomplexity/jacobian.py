@@ -55,6 +55,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import numbers
+import operator
 import re
 from collections.abc import Callable
 from typing import Any
@@ -1354,6 +1356,17 @@ def _replayed(
     )
 
 
+def as_int(value: Any) -> Any:
+    """An integer of any type (``np.int64`` from a NumPy sweep) as an ``int``.
+
+    Anything else (a bool, ``2.0``, ``None``) comes back as given, for the
+    checks to take or refuse as they did.
+    """
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return operator.index(value)
+    return value
+
+
 def check_options(
     *,
     method: str = "exact",
@@ -1387,6 +1400,7 @@ def check_options(
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose 'eval' or 'train'")
     check_distribution(distribution)
+    num_probes, chunk_size = as_int(num_probes), as_int(chunk_size)
     if (
         not isinstance(num_probes, int)
         or isinstance(num_probes, bool)
@@ -1534,6 +1548,7 @@ def jacobian_sq_norms(
         >>> torch.allclose(v, A.pow(2).sum().expand(4))
         True
     """
+    num_probes, chunk_size = as_int(num_probes), as_int(chunk_size)
     check_options(
         method=method,
         mode=mode,

@@ -28,6 +28,7 @@ from geocomplexity.jacobian import (
     _check_scalar_batch,
     _coupled,
     _select,
+    as_int,
     check_input,
     check_options,
     jacobian_sq_norms,
@@ -575,6 +576,7 @@ def check_measure_options(
         TypeError: a generator, ``output``, ``wrt`` or ``coupled`` of the
             wrong type.
     """
+    batch_size, max_samples = as_int(batch_size), as_int(max_samples)
     if method != "auto" and method not in METHODS:
         raise ValueError(
             f"unknown method {method!r}; choose 'auto' or one of "
@@ -709,6 +711,9 @@ def measure(
         >>> result.num_samples, result.method
         (100, 'exact')
     """
+    # a NumPy sweep's np.int64 counts as ints (GCResult.num_probes among them)
+    batch_size, max_samples = as_int(batch_size), as_int(max_samples)
+    num_probes, chunk_size = as_int(num_probes), as_int(chunk_size)
     check_measure_options(
         method=method,
         batch_size=batch_size,

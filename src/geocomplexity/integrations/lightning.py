@@ -40,7 +40,12 @@ except ImportError as err:  # pragma: no cover - the message is the point
         "pip install 'geocomplexity[lightning]'"
     ) from err
 
-from geocomplexity.jacobian import _check_scalar_batch, check_input, check_names
+from geocomplexity.jacobian import (
+    _check_scalar_batch,
+    as_int,
+    check_input,
+    check_names,
+)
 from geocomplexity.measure import (
     InputKey,
     batch_inputs,
@@ -189,6 +194,9 @@ class GeometricComplexityCallback(Callback):
         input_key: InputKey = None,
         **measure_kwargs: Any,
     ) -> None:
+        # a NumPy sweep's np.int64 counts as ints
+        num_samples, every_n_epochs = as_int(num_samples), as_int(every_n_epochs)
+        every_n_steps = as_int(every_n_steps)
         for name, value in (
             ("num_samples", num_samples),
             ("every_n_epochs", every_n_epochs),

@@ -31,6 +31,7 @@ except ImportError as err:  # pragma: no cover - the message is the point
 from geocomplexity.distributed import all_gather
 from geocomplexity.jacobian import (
     Output,
+    as_int,
     check_names,
     check_options,
     jacobian_sq_norms,
@@ -213,6 +214,8 @@ class GeometricComplexity(Metric):
     ) -> None:
         kwargs.setdefault("dist_sync_fn", all_gather)
         super().__init__(**kwargs)
+        # a NumPy sweep's np.int64 counts as ints
+        num_probes, chunk_size = as_int(num_probes), as_int(chunk_size)
         # every option checked now, against the model too, not at the
         # first update (an epoch into training)
         check_options(

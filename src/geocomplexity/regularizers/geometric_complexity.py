@@ -29,6 +29,7 @@ from geocomplexity.jacobian import (
     _select_wrt,
     _shrinking_chunk,
     _vjp_count,
+    as_int,
     check_differentiable_model,
     check_options,
     reverse_sq_norms,
@@ -130,6 +131,7 @@ class GeometricComplexity(Regularizer):
             )
         if not 0 < subsample <= 1:
             raise ValueError(f"subsample must be in (0, 1], got {subsample!r}")
+        num_probes = as_int(num_probes)  # np.int64 from a NumPy sweep
         check_options(
             method=method,
             num_probes=num_probes,

@@ -33,6 +33,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm as _SpectralNormHook
 from torch.nn.utils.weight_norm import WeightNorm as _WeightNormHook
 
+from geocomplexity.jacobian import as_int
 from geocomplexity.regularizers.base import (
     LossFn,
     Regularizer,
@@ -78,6 +79,7 @@ class SpectralNorm(Regularizer):
         self.strength = check_strength(strength)
         if conv not in ("operator", "reshaped"):
             raise ValueError(f"unknown conv {conv!r}; choose 'operator' or 'reshaped'")
+        power_iterations = as_int(power_iterations)  # np.int64 from a NumPy sweep
         if not isinstance(power_iterations, int) or power_iterations < 1:
             raise ValueError("power_iterations must be a positive integer")
         self.conv, self.power_iterations = conv, power_iterations
