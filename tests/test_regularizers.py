@@ -1830,6 +1830,29 @@ def test_gc_penalty_names_outputs_of_another_batch():
         GeometricComplexity(1.0)(model, x, outputs=other)
 
 
+@pytest.mark.parametrize("method", ["exact", "projection", "jvp"])
+@pytest.mark.parametrize("reuse", [False, True])
+def test_gc_penalty_refuses_one_unbatched_sample_as_measuring_does(method, reuse):
+    # a Linear(5, 5) maps one unbatched (5,) sample to (5,), which passed the
+    # batch-dimension check: the penalty read it as 5 scalar samples and gave
+    # mean(diag(W)²), a wrong number, where jacobian_sq_norms and measure
+    # refuse it and name the fix (x[None])
+    torch.manual_seed(0)
+    model = nn.Linear(5, 5).double()
+    sample = torch.randn(5, dtype=torch.float64, requires_grad=reuse)
+    outputs = model(sample) if reuse else None
+    with pytest.raises(ValueError, match=r"x\[None\]"):
+        gcx.geometric_complexity(model, sample.detach())
+    with pytest.raises(ValueError, match=r"x\[None\]"):
+        GeometricComplexity(1.0, method=method)(model, sample, outputs=outputs)
+    # a genuine batch of scalars is still penalised, as measured
+    scalar = nn.Sequential(nn.Unflatten(0, (-1, 1)), nn.Linear(1, 4)).double()
+    x = torch.linspace(-1, 1, 6, dtype=torch.float64, requires_grad=reuse)
+    outputs = scalar(x) if reuse else None
+    got = GeometricComplexity(1.0, method="exact")(scalar, x, outputs=outputs)
+    assert torch.isclose(got, gcx.geometric_complexity(scalar, x.detach()))
+
+
 def test_a_loader_where_a_batch_belongs_is_refused():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     loader = torch.utils.data.DataLoader(torch.randn(8, 3), batch_size=4)

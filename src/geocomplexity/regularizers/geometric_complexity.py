@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from geocomplexity.composite_ops import composite_ops, contiguous_group_norm
 from geocomplexity.jacobian import (
     Output,
+    _check_scalar_batch,
     _coupled,
     _default_chunk,
     _flat_output,
@@ -34,6 +35,7 @@ from geocomplexity.jacobian import (
     check_options,
     reverse_sq_norms,
     sequence_along_batch,
+    unwrapped,
 )
 from geocomplexity.probes import resolve_generator
 from geocomplexity.regularizers.base import (
@@ -243,6 +245,12 @@ class GeometricComplexity(Regularizer):
             outputs, stance = None, eager()
         try:
             with norms, group_norm, stance:
+                if inputs.dim() == 1 and inputs.shape[0] > 1:
+                    # a batch of scalars, or one unbatched sample that a model
+                    # of equal input and output sizes maps to a "batch" (a
+                    # wrong number, silently): refused as in measuring
+                    inner, output, _ = unwrapped(model, self.output)
+                    _check_scalar_batch(inner, inputs, output)
                 return self.strength * self._values(
                     model, modules, inputs, outputs, coupled
                 )
