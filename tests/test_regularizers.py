@@ -1853,6 +1853,41 @@ def test_gc_penalty_refuses_one_unbatched_sample_as_measuring_does(method, reuse
     assert torch.isclose(got, gcx.geometric_complexity(scalar, x.detach()))
 
 
+@pytest.mark.parametrize("method", ["exact", "projection", "jvp"])
+@pytest.mark.parametrize("reuse", [False, True])
+def test_gc_penalty_of_a_float16_model_beyond_float16_norms(method, reuse):
+    # per-sample norms of 810000 (beyond float16's 65504) were cast back to
+    # float16 before the mean and the strength: the penalty read inf where
+    # measure reads 810000 and the penalty is 810, as in measuring it is
+    # summed in float32
+    model = nn.Linear(10, 10).half()
+    with torch.no_grad():
+        model.weight.fill_(90.0)
+    torch.manual_seed(0)
+    x = torch.randn(8, 10).half().requires_grad_(reuse)
+    outputs = model(x) if reuse else None
+    if method == "jvp":
+        outputs = None  # the jvp penalty runs its own pass
+    want = gcx.measure(
+        model,
+        x.detach(),
+        method=method,
+        generator=torch.Generator().manual_seed(1),
+        progress=False,
+    ).value
+    term = GeometricComplexity(
+        1e-3, method=method, generator=torch.Generator().manual_seed(1)
+    )
+    got = term(model, x, outputs=outputs)
+    assert torch.isfinite(got), got
+    assert math.isclose(got.item(), 1e-3 * want, rel_tol=1e-6), (got, want)
+    if method == "exact":
+        assert math.isclose(want, 810000.0, rel_tol=1e-6)
+    got.backward()
+    assert model.weight.grad.dtype == torch.float16
+    assert torch.isfinite(model.weight.grad).all()
+
+
 def test_a_loader_where_a_batch_belongs_is_refused():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     loader = torch.utils.data.DataLoader(torch.randn(8, 3), batch_size=4)

@@ -36,6 +36,7 @@ from geocomplexity.jacobian import (
     reverse_sq_norms,
     sequence_along_batch,
     unwrapped,
+    wide_results,
 )
 from geocomplexity.probes import resolve_generator
 from geocomplexity.regularizers.base import (
@@ -244,7 +245,10 @@ class GeometricComplexity(Regularizer):
         if compiled(modules):
             outputs, stance = None, eager()
         try:
-            with norms, group_norm, stance:
+            # half-precision norms as summed, in float32, as measure keeps
+            # them: cast back to float16 before the mean and the strength, a
+            # norm beyond 65504 made the penalty inf where its value is not
+            with norms, group_norm, stance, wide_results():
                 if inputs.dim() == 1 and inputs.shape[0] > 1:
                     # a batch of scalars, or one unbatched sample that a model
                     # of equal input and output sizes maps to a "batch" (a
