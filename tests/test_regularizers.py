@@ -1888,6 +1888,19 @@ def test_gc_penalty_of_a_float16_model_beyond_float16_norms(method, reuse):
     assert torch.isfinite(model.weight.grad).all()
 
 
+@pytest.mark.parametrize("reuse", [False, True])
+def test_gc_penalty_refuses_a_scalar_input_as_measuring_does(reuse):
+    # a 0-dim input failed with IndexError('tuple index out of range') from
+    # inputs.shape[0], where geometric_complexity names the fix
+    model = nn.Tanh()
+    x = torch.tensor(0.5, dtype=torch.float64, requires_grad=reuse)
+    outputs = model(x) if reuse else None
+    with pytest.raises(ValueError, match=r"scalar; give a batch"):
+        gcx.geometric_complexity(model, x.detach())
+    with pytest.raises(ValueError, match=r"scalar; give a batch"):
+        GeometricComplexity(1.0)(model, x, outputs=outputs)
+
+
 def test_a_loader_where_a_batch_belongs_is_refused():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     loader = torch.utils.data.DataLoader(torch.randn(8, 3), batch_size=4)

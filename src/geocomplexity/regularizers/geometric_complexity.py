@@ -195,6 +195,10 @@ class GeometricComplexity(Regularizer):
             A scalar tensor, differentiable in the parameters.
         """
         check_batch(inputs, "GeometricComplexity")
+        if inputs.dim() == 0:  # as in measuring; inputs.shape[0] would fail
+            raise ValueError(
+                "inputs are a scalar; give a batch of shape (B, *input_shape)"
+            )
         if self.wrt is None and not torch.is_floating_point(inputs):
             raise TypeError(
                 f"inputs have dtype {inputs.dtype}, but the GC penalty "
