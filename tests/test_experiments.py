@@ -175,6 +175,26 @@ def test_double_descent_claims_fail_without_interpolation_or_second_descent():
     assert [c.passed for c in claims] == [True] * 4
 
 
+def test_double_descent_threshold_counts_a_train_error_of_exactly_one_percent():
+    # "the first width whose mean train error is at most 1%": a run that
+    # misclassifies 10 of 1000 reports train_err = 1 - 0.99 =
+    # 0.010000000000000009 (sweep_result's 1 - train_acc), which ``<= 0.01``
+    # refused, while seeds with 9.5 and 10.5 errors in the mean counted; the
+    # threshold moved one width on and the peak claim failed at 2 grid steps
+    exp = EXPERIMENTS["double-descent"]
+    one_percent = 1 - 990 / 1000
+    assert one_percent > 0.01  # as the float arithmetic gives it
+    loss = [1.0, 1.5, 5.0, 3.0, 2.5, 2.0]  # the loss peaks at w=8
+    train_err = [0.5, 0.3, 0.1, one_percent, 0.0, 0.0]
+    claims, _ = exp.analyze(_width_records(train_err, loss, loss), "mnist1d")
+    assert "<= 1%: w=16" in claims[0].claim
+    assert claims[0].value == 1 and claims[0].passed
+    # just above 1% (11 errors of 1000) is not interpolation
+    train_err[3] = 1 - 989 / 1000
+    claims, _ = exp.analyze(_width_records(train_err, loss, loss), "mnist1d")
+    assert "<= 1%: w=32" in claims[0].claim and claims[0].passed is False
+
+
 def test_double_descent_gc_claim_fails_when_gc_only_rises():
     # test loss double-descends, but GC rises with width all the way: its
     # largest value is the widest net's, an edge of the sweep, not a peak (it
