@@ -171,6 +171,7 @@ def test_metric_projection_is_unbiased_and_options_are_checked():
         ((), {"wrt": "embed"}, ValueError, "wrt='embed' names no submodule"),
         ((), {"wrt": 3}, TypeError, "wrt must be"),
         ((), {"chunk_size": 0}, ValueError, "chunk_size"),
+        ((), {"eps": -1.0}, ValueError, "eps"),
         ((), {"generator": 0}, TypeError, "generator"),
         ((), {"coupled": "yes"}, TypeError, "coupled"),
         ((), {"distribution": "normal"}, ValueError, "distribution"),
@@ -184,6 +185,27 @@ def test_metric_refuses_bad_options_when_made_not_at_first_update(
 
     with pytest.raises(error, match=match):
         GeometricComplexity(*(args or (_net(),)), **kwargs)
+
+
+def test_metric_takes_the_finite_difference_step():
+    # the metric offered method="finite_difference" but no eps=: passing one
+    # failed with torchmetrics' "Unexpected keyword arguments: `eps`"
+    from geocomplexity.integrations.torchmetrics import GeometricComplexity
+
+    model = _net(d_out=4).double()
+    x = torch.randn(10, 6, dtype=torch.float64)
+    for eps in (1e-3, 1e-6):
+        g = torch.Generator().manual_seed(0)
+        metric = GeometricComplexity(
+            model, method="finite_difference", eps=eps, generator=g
+        )
+        metric.update(x)
+        want = jacobian_sq_norms(
+            model, x, method="finite_difference", eps=eps,
+            generator=torch.Generator().manual_seed(0),
+        ).mean()  # fmt: skip
+        assert metric.compute().item() == pytest.approx(want.item(), rel=1e-12)
+    assert "eps=1e-06" in repr(metric)
 
 
 def test_metric_clones_measure_the_live_model():

@@ -169,6 +169,7 @@ class GeometricComplexity(Metric):
         num_probes: probes per sample for the stochastic methods.
         distribution: probe distribution for the stochastic methods.
         chunk_size: VJPs per backward pass for ``"exact"``.
+        eps: the ``"finite_difference"`` step (see ``jacobian_sq_norms``).
         generator: probe randomness (give each process its own seed);
             shared, not copied, by ``clone()`` (``MetricTracker``), so that
             each copy draws fresh probes from it.
@@ -183,7 +184,7 @@ class GeometricComplexity(Metric):
 
     Raises:
         ValueError: an unknown method, mode or distribution; a non-positive
-            ``num_probes`` or ``chunk_size``; an ``output`` or ``wrt`` that
+            ``num_probes``, ``chunk_size`` or ``eps``; an ``output`` or ``wrt`` that
             names no submodule of the model.
         TypeError: a model that is not an ``nn.Module``; a ``generator``,
             ``output``, ``wrt`` or ``coupled`` of the wrong type.
@@ -207,6 +208,7 @@ class GeometricComplexity(Metric):
         num_probes: int = 1,
         distribution: str = "rademacher",
         chunk_size: int | None = None,
+        eps: float | None = None,
         generator: torch.Generator | None = None,
         wrt: str | None = None,
         coupled: bool | None = None,
@@ -224,6 +226,7 @@ class GeometricComplexity(Metric):
             num_probes=num_probes,
             distribution=distribution,
             chunk_size=chunk_size,
+            eps=eps,
             generator=generator,
             wrt=wrt,
             output=output,
@@ -242,6 +245,7 @@ class GeometricComplexity(Metric):
                 "num_probes": num_probes,
                 "distribution": distribution,
                 "chunk_size": chunk_size,
+                "eps": eps,
                 "generator": generator,
                 "wrt": wrt,
                 "coupled": coupled,
@@ -282,6 +286,7 @@ class GeometricComplexity(Metric):
             "num_probes": 1,
             "distribution": "rademacher",
             "chunk_size": None,
+            "eps": None,
             "generator": None,
             "wrt": None,
             "coupled": None,
