@@ -551,6 +551,30 @@ def test_another_users_lock_file_does_not_stop_the_sweep(tmp_path, monkeypatch):
     assert not list(folder.glob(".*"))  # theirs, free, is removed once stored
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock")
+def test_lock_files_of_stored_runs_that_nobody_holds_are_removed(tmp_path):
+    # a sweep killed between storing a run and removing its lock file left
+    # the lock file for good: no later sweep touches a finished run again
+    from geocomplexity.atomic import claimed, remove_released_claims
+
+    runs = [Run.make("toy", 0, x=i) for i in range(3)]
+    run_sweep(runs, square, tmp_path, progress=False)
+    folder = tmp_path / "runs"
+    left = folder / f".{runs[0].key}.json.lock"  # stored, then killed
+    left.touch()
+    failed = folder / ".unfinished.json.lock"  # its run has no record yet
+    failed.touch()
+    held = folder / f"{runs[1].key}.json"
+    with claimed(held, wait=False) as mine:
+        assert mine
+        run_sweep(runs, square, tmp_path, progress=False)
+        assert not left.exists() and failed.exists()
+        assert (folder / f".{held.name}.lock").exists()  # its holder is alive
+        assert remove_released_claims(folder) == []
+    assert not (folder / f".{held.name}.lock").exists()  # its holder let go
+    assert remove_released_claims(folder) == [] and failed.exists()
+
+
 def square_but_kill_the_worker_at_2(run: Run) -> dict:
     if run["x"] == 2:
         os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer does

@@ -20,7 +20,13 @@ try:
 except ImportError:  # Windows: temporaries are written unlocked, never removed
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["claimed", "remove_stale_temporaries", "write_text", "write_with"]
+__all__ = [
+    "claimed",
+    "remove_released_claims",
+    "remove_stale_temporaries",
+    "write_text",
+    "write_with",
+]
 
 #: A temporary younger than this is left alone even when unlocked: its writer
 #: may have made it and not yet locked it.
@@ -174,3 +180,39 @@ def claimed(path: Path, *, wait: bool) -> Iterator[bool]:
                 lock.unlink()
     finally:
         os.close(fd)
+
+
+def remove_released_claims(folder: Path) -> list[Path]:
+    """Delete the lock files of :func:`claimed` that nobody needs any more.
+
+    A holder removes its lock file once its file is in place, unless it is
+    killed in between; one whose work failed leaves it for the next. A lock
+    file is removed here only when no process holds it and the file it guards
+    exists, so whoever opens it afterwards finds that file and computes
+    nothing. Without ``fcntl`` (Windows) nothing is removed.
+
+    Returns:
+        The paths removed.
+    """
+    removed: list[Path] = []
+    if fcntl is None or not folder.is_dir():
+        return removed
+    for lock in folder.glob(".*.lock"):
+        target = lock.with_name(lock.name[1 : -len(".lock")])
+        if not target.exists():
+            continue
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                lock.unlink()
+                removed.append(lock)
+        except OSError:  # held (BlockingIOError), or gone meanwhile
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    return removed

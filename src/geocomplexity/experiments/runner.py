@@ -27,7 +27,12 @@ from typing import Any
 import torch
 
 from geocomplexity import malloc
-from geocomplexity.atomic import claimed, remove_stale_temporaries, write_text
+from geocomplexity.atomic import (
+    claimed,
+    remove_released_claims,
+    remove_stale_temporaries,
+    write_text,
+)
 
 __all__ = ["ClusterUnreachable", "Context", "Run", "load_runs", "run_sweep"]
 
@@ -403,6 +408,8 @@ def run_sweep(
     # a live writer's, another sweep's into the same folder, stays
     for place in (folder, directory):
         remove_stale_temporaries(place)
+    # the claims of runs stored by a sweep killed before it let them go
+    remove_released_claims(folder)
     done = load_runs(directory)
     todo = [r for r in runs if r.key not in done]
     bar = tqdm(
