@@ -1196,6 +1196,37 @@ def test_wrapped_models_are_measured_through_the_module_they_wrap(tmp_path):
         dist.destroy_process_group()
 
 
+def test_gc_penalty_through_ddp_takes_names_without_the_wrappers_prefix(tmp_path):
+    # measuring takes output="2" for "module.2" of a DDP model; the penalty,
+    # which runs the wrapper's forward pass, refused it ("names no submodule")
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from geocomplexity.regularizers import GeometricComplexity
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        got = []
+        for name in ("module.0", "0"):
+            # one wrapper each: the penalty alone leaves the last bias out of
+            # the graph, which DDP's reducer refuses at the next forward pass
+            ddp = DistributedDataParallel(model)
+            model.zero_grad()
+            value = GeometricComplexity(1.0, method="exact", wrt=name)(ddp, x, None)
+            value.backward()
+            got.append((value.item(), model[0].weight.grad.clone()))
+        assert got[1][0] == pytest.approx(got[0][0], rel=1e-12) and got[0][0] > 0
+        torch.testing.assert_close(got[1][1], got[0][1])
+        with pytest.raises(ValueError, match="wrt='9' names no submodule"):
+            GeometricComplexity(1.0, wrt="9")(ddp, x, None)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_jvp_penalty_through_ddp_that_sinks_its_outputs_is_a_clear_error(tmp_path):
     # DDP's find_unused_parameters (and static_graph) hook on the outputs has
     # no forward-mode derivative: the jvp penalty failed with PyTorch's "You

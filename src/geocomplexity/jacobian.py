@@ -340,11 +340,19 @@ def _submodule(model: nn.Module, name: str, option: str) -> nn.Module:
     try:
         return model.get_submodule(name)
     except AttributeError:
-        names = [n for n, _ in model.named_modules() if n]
-        raise ValueError(
-            f"{option}={name!r} names no submodule of the model; "
-            f"valid names include {names[:12]}"
-        ) from None
+        pass
+    # a wrapper's submodule named without its prefix ("2" for "module.2" of a
+    # DDP model), as measuring takes it: the same module, so a hook on it runs
+    # within the wrapper's forward pass (the penalty's, which DDP must run)
+    inner = unwrapped(model)[0]
+    if inner is not model:
+        with contextlib.suppress(AttributeError):
+            return inner.get_submodule(name)
+    names = [n for n, _ in model.named_modules() if n]
+    raise ValueError(
+        f"{option}={name!r} names no submodule of the model; "
+        f"valid names include {names[:12]}"
+    )
 
 
 def check_output(output: Any) -> None:
