@@ -652,6 +652,51 @@ def test_an_optimizer_instance_is_recorded_and_checked_by_its_own_lr(tmp_path):
     assert len(again.records) == 3
 
 
+def test_a_run_whose_scheduler_moved_the_lr_resumes_from_its_checkpoint(tmp_path):
+    # a learning-rate scheduler stepped by a callback lowers the optimizer's
+    # lr: the killed run's checkpoint holds the lowered one, and resuming the
+    # same call was refused as "written by a different run" (the resume check
+    # compared the run's settings with the optimizer's current param groups)
+    train, _ = problem()
+    ckpt = tmp_path / "run.pt"
+
+    class Killed(Exception):
+        pass
+
+    def run(kill_at: int | None):
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.3)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+
+        def step_lr(history, _model):
+            if history.records[-1]["epoch"] > 0:  # after the epoch's steps
+                sched.step()
+            if history.records[-1]["epoch"] == kill_at:
+                raise Killed
+
+        h = fit(model, train, optimizer=opt, epochs=3, batch_size=50,
+                device="cpu", progress=False, checkpoint=ckpt,
+                callbacks=[step_lr])  # fmt: skip
+        return h, model, opt
+
+    whole, whole_model, _ = run(None)
+    ckpt.unlink()
+    with pytest.raises(Killed):
+        run(kill_at=2)
+    resumed, resumed_model, opt = run(None)
+    assert opt.param_groups[0]["lr"] == 0.3 * 0.5**3
+    assert [r["train_loss"] for r in resumed.records] == [
+        r["train_loss"] for r in whole.records
+    ]
+    for a, b in zip(resumed_model.parameters(), whole_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # another starting lr is still another run
+    with pytest.raises(ValueError, match="different run"):
+        fit(mlp(), train, optimizer=lambda p: torch.optim.SGD(p, lr=0.05),
+            epochs=3, batch_size=50, device="cpu", progress=False,
+            checkpoint=ckpt)  # fmt: skip
+
+
 def _jitter(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return x + 0.1 * torch.randn(x.shape, generator=generator)
 

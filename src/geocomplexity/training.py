@@ -623,6 +623,7 @@ def fit(
             "elapsed": time.perf_counter() - t0,
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
+            "hyperparameters": hyperparameters,
             "labels": y,
             "device_type": dev.type,
             "rng": torch.get_rng_state(),
@@ -655,8 +656,13 @@ def fit(
             if checkpoint is not None and Path(checkpoint).is_file()
             else None
         )
+        # the settings the run started with: the optimizer's param groups
+        # hold the current ones, which a scheduler (a callback) has moved.
+        # Checkpoints written before "hyperparameters" have only those
         theirs_hyper = (
-            _hyperparameters(resumed["optimizer"].get("param_groups", []))
+            resumed.get("hyperparameters")
+            if resumed is not None and "hyperparameters" in resumed
+            else _hyperparameters(resumed["optimizer"].get("param_groups", []))
             if resumed is not None and isinstance(resumed.get("optimizer"), dict)
             else None
         )
