@@ -1236,6 +1236,45 @@ def test_spectral_under_autocast_then_without():
     term.backward(F.cross_entropy(model(x), y), model, x)
 
 
+@pytest.mark.parametrize("padding_mode", ["zeros", "circular"])
+def test_spectral_value_and_gradient_under_autocast_are_full_precision(padding_mode):
+    """Under CPU autocast the power step ran in float32, but σ = ‖A v‖ itself
+    (the call's, and the fused step's for a conv it leaves to autograd) ran
+    the convolution in bfloat16: the penalty came out 2e-3 off the fused
+    step's and the float32 one's (3.1591 against 3.1526), its gradient 5e-4."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, padding_mode=padding_mode),
+        nn.Tanh(),
+        nn.Conv2d(8, 8, 3, stride=2),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(72, 3),
+    )
+    x = torch.randn(4, 3, 7, 7)
+    params = list(model.parameters())
+
+    def step(autocast: bool, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        term = SpectralNorm(1.0, power_iterations=50)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(x).float().sum() * 0
+            if fused:
+                value = term.backward(loss, model, x)
+            else:
+                value = term(model, x)
+                (loss + value).backward()
+        grad = torch.cat([p.grad.flatten() for p in params if p.dim() > 1])
+        return value.detach(), grad
+
+    want, want_grad = step(autocast=False, fused=False)
+    for fused in (False, True):
+        value, grad = step(autocast=True, fused=fused)
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, want, rtol=1e-6, atol=0)
+        torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("how", ["call", "fused", "spectral_norms"])
 def test_spectral_leaves_a_spectral_normalised_layers_buffers_alone(how):
     """A layer under torch's own spectral_norm parametrization runs a power step

@@ -426,15 +426,21 @@ class SpectralNorm(Regularizer):
         with torch.no_grad(), _full_precision(layer):
             v = self._hand_steps(layer)[1][0]
         W = m.weight.flatten(1)
-        # ∂‖Wv‖/∂W = u vᵀ with u = Wv/‖Wv‖: the gradient of u·(Wv) at fixed u
-        return torch.linalg.vector_norm(torch.mv(W.to(v.dtype), v))
+        # ∂‖Wv‖/∂W = u vᵀ with u = Wv/‖Wv‖: the gradient of u·(Wv) at fixed u;
+        # in the step's precision, not autocast's (as the fused step's value)
+        with _full_precision(layer):
+            return torch.linalg.vector_norm(torch.mv(W.to(v.dtype), v))
 
     def _operator(self, name: str, m: nn.Module) -> Tensor:
         """σ of a convolution operator, differentiable in the weight."""
         layer = [(name, m, True)]
         with torch.no_grad(), _full_precision(layer):
             v = self._hand_steps(layer)[1][0]
-        return torch.linalg.vector_norm(m._conv_forward(v, m.weight.to(v.dtype), None))
+        # in the step's precision: under autocast the convolution ran in
+        # bfloat16, and σ came out 2e-3 off the fused step's
+        with _full_precision(layer):
+            Av = m._conv_forward(v, m.weight.to(v.dtype), None)
+            return torch.linalg.vector_norm(Av)
 
     def _out_shape(self, name: str, m: nn.Module) -> tuple[int, ...]:
         """The layer's output shape for one input of the recorded size."""
