@@ -530,6 +530,25 @@ def test_an_optimizer_class_is_built_with_the_given_lr(tmp_path):
         fit(mlp(), train, optimizer=torch.optim.Adam, checkpoint=ckpt, **kwargs)
 
 
+@pytest.mark.parametrize("how", ["instance", "class", "function"])
+def test_an_optimizer_that_needs_a_closure_is_refused_before_training(how):
+    # fit steps without a closure: LBFGS failed at the first step with torch's
+    # "step() missing 1 required positional argument: 'closure'"
+    train, _ = problem()
+    model = mlp()
+    optimizer = {
+        "instance": lambda: torch.optim.LBFGS(model.parameters(), lr=0.1),
+        "class": lambda: torch.optim.LBFGS,
+        "function": lambda: lambda params: torch.optim.LBFGS(params),
+    }[how]()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="LBFGS needs one"):
+        fit(model, train, optimizer=optimizer, epochs=1, device="cpu", progress=False)
+    assert all(
+        torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)
+    )
+
+
 def test_accuracy_is_nan_where_the_targets_are_not_class_indices():
     # regression and class-probability targets were recorded as 0% accurate
     # (train_acc 0.0 beside a train loss of 0.2)

@@ -172,21 +172,37 @@ def _optimizer(
     lr: float,
 ) -> torch.optim.Optimizer:
     if isinstance(optimizer, torch.optim.Optimizer):
-        return optimizer
+        return _stepped_without_closure(optimizer)
     if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
         # a class is callable too, but params -> optimizer would build it at
         # its own default learning rate, not at lr
-        return optimizer(params, lr=lr)
+        return _stepped_without_closure(optimizer(params, lr=lr))
     if optimizer == "sgd":  # no momentum: implicit regularization depends on it
         return torch.optim.SGD(params, lr=lr)
     if optimizer == "adam":
         return torch.optim.Adam(params, lr=lr)
     if callable(optimizer):
-        return optimizer(params)
+        return _stepped_without_closure(optimizer(params))
     raise ValueError(
         f"unknown optimizer {optimizer!r}; choose 'sgd', 'adam', a torch optimizer "
         "or its class, or a function of the parameters that returns one"
     )
+
+
+def _stepped_without_closure(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """``opt``, refused if its ``step`` needs a closure, which ``fit`` never passes.
+
+    Raises:
+        ValueError: ``torch.optim.LBFGS`` (it failed at the first step with
+            torch's "step() missing 1 required positional argument: 'closure'").
+    """
+    if isinstance(opt, torch.optim.LBFGS):
+        raise ValueError(
+            "fit steps the optimizer without a closure, and LBFGS needs one "
+            "(it re-evaluates the loss); train it in a loop of your own, with "
+            "the penalty inside the closure: loss + regularizer(model, x, y)"
+        )
+    return opt
 
 
 #: The optimizer settings a resumed run must share with its checkpoint (an
@@ -324,7 +340,10 @@ def fit(
         stop_at_train_loss: stop at the end of the first epoch whose train loss
             (evaluated over the whole set) is at or below this.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ...
-        callbacks: ``callback(history, model)`` after each epoch's record.
+        callbacks: ``callback(history, model)`` after each epoch's record,
+            the first at epoch 0, before any step: a callback that steps a
+            learning-rate scheduler once an epoch skips that one
+            (``if history.records[-1]["epoch"] > 0``).
         augment: ``augment(batch, generator) -> batch`` applied to each training
             batch on the device (random crops and flips, say); it must draw its
             randomness from ``generator`` so the run stays reproducible.

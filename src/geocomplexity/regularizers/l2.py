@@ -6,6 +6,12 @@ over weight matrices and kernels (biases only with ``include_biases=True``; the
 paper's bound :math:`\mathrm{GC}\le\prod_i\|W_i\|_F^2` involves weights alone).
 No ½: the gradient is :math:`2\lambda W`, so plain SGD with this penalty at
 strength :math:`\lambda` equals SGD with ``weight_decay`` :math:`=2\lambda`.
+
+Like weight decay, it acts on the trainable parameters as stored: a weight is
+any parameter of two or more dimensions. For a parametrized weight
+(``torch.nn.utils.parametrize``, ``weight_norm``) that is the parameters the
+weight is computed from, not the computed weight, and weight norm's
+``(out, 1, ...)`` scale counts as one; frozen parameters are left out.
 """
 
 from __future__ import annotations
