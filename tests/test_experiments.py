@@ -986,6 +986,27 @@ def test_a_nan_run_or_a_concave_fit_fails_the_claims_it_touches():
         assert [c.passed for c in claims] == [False] * 4, key
 
 
+def test_u_curve_fails_when_test_loss_only_falls_with_gc():
+    # no right arm: test loss falls with GC all the way and flattens. A parabola
+    # through a saturating fall is convex with its vertex before the end, and
+    # the best model is not the lowest-GC one, so all four claims passed
+    # (curvature 0.25, vertex at 0.77 of the range, best GC / lowest 32) on
+    # "bigger is better", which is no U
+    u = EXPERIMENTS["u-curve"]
+    gc = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
+    falling = [3.0, 2.0, 1.5, 1.3, 1.25, 1.24]
+    claims, _ = u.analyze(_width_records([0.0] * 6, falling, gc), "mnist1d")
+    assert not all(c.passed for c in claims)
+    arms = claims[3]
+    assert "highest-GC" in arms.claim and arms.passed is False
+    assert arms.value == pytest.approx(1.0)  # the best model is the highest-GC
+    # a U whose lowest loss is inside the range still passes, with the factor
+    # to the nearer end: lowest GC 1, best 8, highest 32
+    cup = [3.0, 2.0, 1.5, 1.2, 1.6, 2.2]
+    claims, _ = u.analyze(_width_records([0.0] * 6, cup, gc), "mnist1d")
+    assert all(c.passed for c in claims) and claims[3].value == pytest.approx(4.0)
+
+
 def test_u_curve_keeps_a_dead_net_in_results_csv():
     # a dead net (every ReLU off: GC 0) has no log GC and stays out of the fit,
     # but it is a finished run: results.csv, one row per run, must show it
