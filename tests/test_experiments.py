@@ -1007,6 +1007,48 @@ def test_u_curve_fails_when_test_loss_only_falls_with_gc():
     assert all(c.passed for c in claims) and claims[3].value == pytest.approx(4.0)
 
 
+def _seeded_width_records(train_err, test_loss, gc, seeds=3):
+    """``_width_records`` for several seeds: seed s has GC x(1 + s/10) and its
+    test loss 0.01 s lower, so the highest seed is always best and the lowest
+    seed always lowest in GC."""
+    return [
+        {**r, "config": {**r["config"], "seed": s}}
+        for s in range(seeds)
+        for r in _width_records(
+            train_err,
+            [v - 0.01 * s for v in test_loss],
+            [g * (1 + s / 10) for g in gc],
+        )
+    ]
+
+
+def test_u_curve_arms_are_read_from_seed_means_not_single_runs():
+    # the paper preset pools 3 seeds. Test loss that only rises with GC (the
+    # calibration's n=1000 finding: the lowest-GC width is best) passed every
+    # claim when seeds spread in GC: the best run was seed 2's narrowest net
+    # (GC 1.2), not seed 0's (GC 1.0), the lowest-GC run, so the arms claim
+    # read 1.2 > 1 while every seed's loss rose from its narrowest width
+    u = EXPERIMENTS["u-curve"]
+    gc = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
+    rising = [1.0, 1.01, 1.05, 1.2, 1.6, 2.5]
+    claims, _ = u.analyze(_seeded_width_records([0.0] * 6, rising, gc), "mnist1d")
+    assert not all(c.passed for c in claims)
+    assert claims[3].passed is False and claims[3].value == pytest.approx(1.0)
+    # and the mirror: a loss that only falls, best at the widest width
+    falling = [3.0, 2.0, 1.5, 1.3, 1.25, 1.24]
+    records = _seeded_width_records([0.0] * 6, falling, gc)
+    for r in records:  # seed 2's widest net below the others' in GC this time
+        if r["config"]["width"] == 64 and r["config"]["seed"] == 2:
+            r["result"]["gc_train"] = 30.0
+    claims, _ = u.analyze(records, "mnist1d")
+    assert claims[3].passed is False and claims[3].value == pytest.approx(1.0)
+    # a U over seeds passes, the factor read from the seed-mean GC per width:
+    # lowest 1.1, best (w=16) 8.8, highest 35.2
+    cup = [3.0, 2.0, 1.5, 1.2, 1.6, 2.2]
+    claims, _ = u.analyze(_seeded_width_records([0.0] * 6, cup, gc), "mnist1d")
+    assert all(c.passed for c in claims) and claims[3].value == pytest.approx(4.0)
+
+
 def test_u_curve_keeps_a_dead_net_in_results_csv():
     # a dead net (every ReLU off: GC 0) has no log GC and stays out of the fit,
     # but it is a finished run: results.csv, one row per run, must show it
