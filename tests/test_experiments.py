@@ -1049,6 +1049,25 @@ def test_u_curve_arms_are_read_from_seed_means_not_single_runs():
     assert all(c.passed for c in claims) and claims[3].value == pytest.approx(4.0)
 
 
+def test_u_curve_vertex_claims_each_say_what_their_one_sided_test_checks():
+    # the two vertex claims share one statistic, (vertex - min) / (max - min),
+    # tested < 1 and > 0: together "inside the range". The first was worded
+    # "the fitted minimum lies inside the observed GC range" and passed at
+    # -0.2, a minimum below the range, as a loss that only rises gives
+    u = EXPERIMENTS["u-curve"]
+    gc = [math.exp(k) for k in range(6)]
+    loss = [(k + 1) ** 2 + 1.0 for k in range(6)]  # vertex at log GC = -1
+    claims, _ = u.analyze(_width_records([0.0] * 6, loss, gc), "mnist1d")
+    upper, lower = claims[1], claims[2]
+    assert upper.value == pytest.approx(-0.2) == lower.value
+    assert upper.passed is True and lower.passed is False
+    assert "inside" not in upper.claim and "highest-GC end" in upper.claim
+    # past the top of the range: the first fails, the second passes
+    claims, _ = u.analyze(_width_records([0.0] * 6, loss[::-1], gc), "mnist1d")
+    assert claims[1].value == pytest.approx(1.2)
+    assert (claims[1].passed, claims[2].passed) == (False, True)
+
+
 def test_u_curve_keeps_a_dead_net_in_results_csv():
     # a dead net (every ReLU off: GC 0) has no log GC and stays out of the fit,
     # but it is a finished run: results.csv, one row per run, must show it

@@ -438,8 +438,10 @@ class UCurve(_WidthSweep):
                 n,
                 dataset,
             ),
+            # this and the next test one side each: together, "inside the
+            # observed range"
             Claim.check(
-                "the fitted minimum lies inside the observed GC range",
+                "the fitted minimum is not past the highest-GC end",
                 "(vertex - min log GC) / (max - min log GC)",
                 (vertex - lo) / (hi - lo) if hi > lo else math.nan,
                 "<",
