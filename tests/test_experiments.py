@@ -220,6 +220,33 @@ def test_double_descent_gc_claim_fails_when_gc_only_rises():
     assert claims[2].passed is True and claims[2].value == 0
 
 
+def test_double_descent_loss_that_only_rises_has_no_peak_to_place():
+    # an under-trained sweep: only the wide nets interpolate and test loss
+    # rises with width all the way. Its largest value, the widest net's, is an
+    # end of the sweep, not a peak, yet "test loss peaks at the interpolation
+    # threshold" passed (one grid step from w=32) and so did "GC peaks at the
+    # same width as test loss" (GC's real peak at w=32, one step from w=64)
+    exp = EXPERIMENTS["double-descent"]
+    train_err = [0.6, 0.4, 0.2, 0.05, 0.0, 0.0]
+    rising = [1.0, 1.2, 1.5, 2.0, 2.6, 3.0]
+    gc = [1.0, 2.0, 3.0, 4.0, 6.0, 4.0]
+    claims, _ = exp.analyze(_width_records(train_err, rising, gc), "mnist1d")
+    assert [c.passed for c in claims[:3]] == [False] * 3
+    assert math.isnan(claims[0].value) and math.isnan(claims[2].value)
+    assert "an end of the sweep" in claims[0].claim
+    assert claims[1].value == 0.0  # the second descent's size, as before
+    # the same at the narrow end: a loss that only falls
+    falling = rising[::-1]
+    claims, _ = exp.analyze(
+        _width_records([0.0] * 6, falling, [6.0, 4.0, 3.0, 2.0, 1.0, 1.0]), "mnist1d"
+    )
+    assert claims[0].passed is False and math.isnan(claims[0].value)
+    # a loss peak one step past the threshold, inside the sweep, still passes
+    peaked = [1.0, 1.2, 1.5, 2.0, 2.6, 2.0]
+    claims, _ = exp.analyze(_width_records(train_err, peaked, gc), "mnist1d")
+    assert [c.passed for c in claims] == [True] * 4
+
+
 def test_arc_length_energy_claim_compares_with_the_least_energy_interpolant():
     exp = EXPERIMENTS["arc-length"]
     x = [-1.0, 0.0, 1.0]

@@ -284,13 +284,23 @@ class DoubleDescent(_WidthSweep):
             where = f"first width with mean train error <= 1%: w={widths[threshold]}"
         else:
             where = "no width reaches mean train error <= 1%"
-        distance = (
-            math.nan if threshold is None or peak is None else abs(peak - threshold)
-        )
         # a peak, not an edge of the sweep: test loss lower on both sides of it
         # (a curve that only rises, or only falls, has no double descent)
         arms = _rise(test_loss, peak)
         at = {i: f"w={widths[i]}" for i in range(len(widths))}
+        if peak is None:
+            loss_where = "no width: a NaN test loss"
+        elif not arms > 0:
+            # its largest value at an end of the sweep: no peak to place at
+            # the threshold, nor for GC's to share (how far it stands above
+            # the ends is the next claim's)
+            loss_where = f"{at[peak]}, an end of the sweep: no peak"
+            peak = None
+        else:
+            loss_where = at[peak]
+        distance = (
+            math.nan if threshold is None or peak is None else abs(peak - threshold)
+        )
         # GC's largest value is a peak only where it stands above both ends, as
         # test loss must: GC that only rises with width has no peak to share
         if gc_peak is None:
@@ -306,7 +316,7 @@ class DoubleDescent(_WidthSweep):
         claims = [
             Claim.check(
                 f"test loss peaks at the interpolation threshold ({where}; peak "
-                f"at {at.get(peak, 'no width: a NaN test loss')})",
+                f"at {loss_where})",
                 "grid steps between the test-loss peak and the threshold",
                 distance,
                 "<=",
