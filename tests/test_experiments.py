@@ -130,6 +130,10 @@ def test_claim_check_and_spearman():
     assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(0.9486832980505138)
     # a diverged run has no rank: ranking NaN last would count for a claim
     assert math.isnan(spearman([1, 2, 3, 4], [1, 2, 3, float("nan")]))
+    # two settings rank ±1 whatever their values: no trend to read
+    assert math.isnan(spearman([0.1, 0.2], [5.0, 1.0]))
+    assert math.isnan(spearman([0.1, 0.1, 0.2, 0.2], [5.0, 4.0, 1.0, 2.0]))
+    assert spearman([0.1, 0.2, 0.3], [5.0, 1.0, 0.5]) == pytest.approx(-1.0)
 
 
 def _width_records(train_err, test_loss, gc):
@@ -1385,6 +1389,35 @@ def test_init_depth_figure_shows_he_prediction_seeds_and_the_slice_parameter(
     for line in ax2.lines:
         assert line.get_xdata()[0] == 0 and line.get_xdata()[-1] == 1
     assert ax2.get_xlabel().startswith("t, on the segment")
+
+
+def test_lr_batch_trend_left_with_two_learning_rates_does_not_pass():
+    # the trend claims read the runs that reached the target: with lr 0.1 and
+    # 0.2 diverged, two learning rates were left, whose Spearman is -1 (or +1)
+    # whatever the data, and "a larger learning rate gives lower GC" passed
+    runs = [(0.02, 64, True, 9.0), (0.05, 64, True, 8.0), (0.1, 64, False, 0.0)]
+    runs += [(0.2, 64, False, 0.0), (0.05, 32, True, 7.0), (0.05, 128, True, 9.5)]
+    config = {"seed": 0, "base_lr": 0.05, "base_batch": 64, "target": 0.05}
+    records = [
+        {
+            "config": {**config, "lr": lr, "batch": b},
+            "result": {
+                "reached": reached,
+                "gc_train": gc,
+                "test_acc": 0.5,
+                "train_loss": 0.04 if reached else float("nan"),
+                "epochs": 10,
+            },
+        }
+        for lr, b, reached, gc in runs
+    ]
+    claims, _ = EXPERIMENTS["lr-batch"].analyze(records, "mnist1d")
+    by_claim = {c.claim.split(" (")[0]: c for c in claims}
+    lr_claim = by_claim["a larger learning rate gives lower GC"]
+    assert math.isnan(lr_claim.value) and not lr_claim.passed
+    # three batch sizes reached it, ordered: that trend still reads
+    batch_claim = by_claim["a smaller batch gives lower GC"]
+    assert batch_claim.value == pytest.approx(1.0) and batch_claim.passed
 
 
 def test_lr_batch_figure_keeps_runs_that_missed_the_target_off_its_gc_line(

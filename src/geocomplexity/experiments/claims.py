@@ -92,7 +92,10 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman's rank correlation (ties averaged).
 
     NaN if either sequence is constant or holds a NaN: a diverged run has no
-    rank, and ranking it last could count for a claim.
+    rank, and ranking it last could count for a claim. NaN too where either
+    holds fewer than three distinct values: two points are ranked ±1 whatever
+    they are, so a trend claim left with two settings (the others' runs
+    dropped, say) would pass on no evidence.
 
     Returns:
         The correlation in [-1, 1], or NaN.
@@ -102,6 +105,8 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     if len(a) != len(b):
         raise ValueError("x and y differ in length")
     if a.isnan().any() or b.isnan().any():
+        return math.nan
+    if len(a.unique()) < 3 or len(b.unique()) < 3:
         return math.nan
     ra, rb = _ranks(a), _ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
