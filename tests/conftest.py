@@ -141,8 +141,9 @@ def dropout_case() -> tuple[nn.Module, torch.Tensor, float]:
     return model, torch.randn(8, 3, dtype=torch.float64), want
 
 
-def write_fake_cifar(root, n=20, seed=0):
-    """A tiny folder in the CIFAR-10 python format (protocol 2 pickles)."""
+def write_fake_cifar(root, n=20, seed=0, protocol=2):
+    """A tiny folder in the CIFAR-10 python format (protocol 2 pickles, as
+    the published files are, unless ``protocol`` says otherwise)."""
     import pickle
 
     rng = np.random.default_rng(seed)
@@ -154,7 +155,7 @@ def write_fake_cifar(root, n=20, seed=0):
             b"labels": rng.integers(0, 10, n).tolist(),
             b"filenames": [f"{i}.png".encode() for i in range(n)],
         }
-        (root / name).write_bytes(pickle.dumps(batch, protocol=2))
+        (root / name).write_bytes(pickle.dumps(batch, protocol=protocol))
     return root
 
 

@@ -42,6 +42,37 @@ def test_cifar10_reads_the_python_format(tmp_path):
     assert torch.allclose(load_cifar10(root).x_test, split.x_test)
 
 
+@pytest.mark.parametrize("protocol", [3, 4, 5])
+def test_cifar10_batches_resaved_with_a_newer_pickle_protocol_are_read(
+    tmp_path, protocol
+):
+    # protocol 5 pickles numpy arrays through numpy's _frombuffer, which the
+    # restricted unpickler refused ("refusing to load numpy._core.numeric.
+    # _frombuffer"): a CIFAR-10 folder re-saved from Python 3.8+ could not load
+    from geocomplexity.data import load_cifar10
+
+    want = load_cifar10(write_fake_cifar(tmp_path / "a" / "cifar-10-batches-py"))
+    got = load_cifar10(
+        write_fake_cifar(tmp_path / "b" / "cifar-10-batches-py", protocol=protocol)
+    )
+    assert torch.equal(got.x_train, want.x_train)
+    assert torch.equal(got.y_test, want.y_test)
+
+
+def test_load_hands_out_tensors_of_its_own():
+    # the cached Split's tensors were handed out: standardising x_train in
+    # place changed every later load("digits") in the process
+    from geocomplexity.data import load
+
+    first = load("digits")
+    before = first.x_train.clone()
+    first.x_train.sub_(first.x_train.mean(0))
+    first.y_train[:] = 0
+    again = load("digits")
+    assert torch.equal(again.x_train, before)
+    assert again.y_train.unique().numel() == 10
+
+
 def test_cifar10_refuses_planted_pickles_and_bad_folders(tmp_path):
     import os
     import pickle

@@ -6,6 +6,7 @@ global random state as it found it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import numbers
@@ -136,9 +137,12 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Split:
     return Split(x[train], y[train], x[test], y[test], num_classes=10)
 
 
-@functools.lru_cache(maxsize=4)
 def load(name: str) -> Split:
     """A data set by name, cached in the process: ``"mnist1d"`` or ``"digits"``.
+
+    Each call returns tensors of its own: the cache's were handed out before,
+    so a caller that standardised ``x_train`` in place changed the data of
+    every later ``load`` in the process (the next experiment of a sweep).
 
     Returns:
         Its :class:`Split`.
@@ -146,6 +150,19 @@ def load(name: str) -> Split:
     Raises:
         ValueError: unknown name.
     """
+    cached = _load_cached(name)
+    return dataclasses.replace(
+        cached,
+        **{
+            f.name: getattr(cached, f.name).clone()
+            for f in dataclasses.fields(cached)
+            if isinstance(getattr(cached, f.name), Tensor)
+        },
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(name: str) -> Split:
     if name == "mnist1d":
         return load_mnist1d()
     if name == "digits":
@@ -154,11 +171,15 @@ def load(name: str) -> Split:
 
 
 #: The only globals a CIFAR-10 batch may name: numpy's array reconstruction
-#: (under its numpy 1 and numpy 2 module paths) and the bytes decoder of
-#: pickle protocol 2. Dicts, lists, tuples, ints and bytes need no global.
+#: (under its numpy 1 and numpy 2 module paths; ``_frombuffer`` is how numpy
+#: pickles an array under protocol 5, as a batch re-saved from Python 3.8 on
+#: is) and the bytes decoder of pickle protocol 2. Dicts, lists, tuples, ints
+#: and bytes need no global.
 _CIFAR_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
     ("_codecs", "encode"),
