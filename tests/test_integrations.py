@@ -502,6 +502,29 @@ def test_lightning_callback_logs_gc_equal_to_measure():
     assert logged[0]["gc/train"] != logged[1]["gc/train"]  # it trained between
 
 
+def test_lightning_callback_reused_for_another_fit_measures_that_fits_val_loader():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from geocomplexity.integrations.lightning import GeometricComplexityCallback
+
+    L, Memory, Module, train, val, x = _lightning_setup()
+    callback = GeometricComplexityCallback(num_samples=16)
+    module = Module()
+    _trainer(L, Memory(), callback).fit(module, train, val)
+    assert torch.equal(callback.val, x[:16])
+    # one callback for two fits (cross-validation folds, a fine-tuning stage):
+    # the second fit's subsets are its loaders', the validation one too, as
+    # the train one already was (it measured the first fit's validation set)
+    other = torch.randn(40, 6, generator=torch.Generator().manual_seed(1))
+    val2 = DataLoader(TensorDataset(other, torch.zeros(40).long()), batch_size=16)
+    logger = Memory()
+    _trainer(L, logger, callback).fit(module, train, val2)
+    assert torch.equal(callback.val, other[:16])
+    logged = [m for _, m in logger.rows if "gc/val" in m][-1]
+    expected = measure(module, other[:16], method="exact", progress=False)
+    assert logged["gc/val"] == pytest.approx(expected.value, rel=1e-6)
+
+
 def test_lightning_callback_takes_inputs_from_dict_batches():
     from geocomplexity.integrations.lightning import GeometricComplexityCallback, _take
 

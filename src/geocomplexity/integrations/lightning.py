@@ -349,7 +349,9 @@ class GeometricComplexityCallback(Callback):
         self._last_step = trainer.global_step
         if not self._given[0]:
             self.train = self._subset(trainer, trainer.train_dataloader)
-        if not self._given[1] and self.val is None:
+        # each fit's own, as the train subset: a callback reused for another
+        # fit kept measuring the first fit's validation inputs as gc/val
+        if not self._given[1]:
             self.val = self._subset(trainer, trainer.val_dataloaders)
 
     def _log(
