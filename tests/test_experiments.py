@@ -636,6 +636,33 @@ def test_a_sweep_after_a_worker_died_gets_a_working_pool(tmp_path, monkeypatch):
             pool.shutdown(cancel_futures=True)
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="no SIGKILL")
+def test_a_pool_discarded_after_a_worker_died_is_let_go(tmp_path, monkeypatch):
+    # each pool registered its shutdown with atexit, which kept the pool (its
+    # queues, threads' state, pending work items) alive until the interpreter
+    # exited: every dead worker or Ctrl-C in a long session kept one more
+    import gc
+    import weakref
+    from concurrent.futures.process import BrokenProcessPool
+
+    from geocomplexity.experiments import runner
+
+    monkeypatch.setattr(runner, "_POOLS", {})
+    runs = [Run.make("toy", 0, x=i) for i in range(4)]
+    pool = weakref.ref(runner._pool(2))
+    with pytest.raises(BrokenProcessPool):
+        run_sweep(
+            runs, square_but_kill_the_worker_at_2, tmp_path,
+            workers=2, progress=False,
+        )  # fmt: skip
+    assert runner._POOLS == {}
+    deadline = time.time() + 30  # its manager thread lets go as it ends
+    while pool() is not None and time.time() < deadline:
+        gc.collect()
+        time.sleep(0.05)
+    assert pool() is None
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="no process-group SIGINT")
 def test_ctrl_c_with_workers_starts_no_more_runs(tmp_path):
     # runs already in the pool's call queue (one per worker and one more)

@@ -322,6 +322,7 @@ def _pool(workers: int) -> ProcessPoolExecutor:
         if started_with == setting:
             return pool
         pool.shutdown(cancel_futures=True)
+        atexit.unregister(pool.shutdown)  # or atexit would hold it until exit
     # spawn, not fork: a forked child of a process whose OpenMP pool is running
     # can deadlock in its first parallel region
     pool = ProcessPoolExecutor(
@@ -348,6 +349,10 @@ def _discard(
         del _POOLS[workers]
     processes = list((getattr(pool, "_processes", None) or {}).values())
     pool.shutdown(wait=False, cancel_futures=True)
+    # the exit needs no second shutdown, and the registration held the pool
+    # (its queues, its pending work) for the life of the process: one more
+    # for every worker that died and every Ctrl-C
+    atexit.unregister(pool.shutdown)
     if stop_workers:
         for process in processes:
             process.terminate()
