@@ -758,10 +758,11 @@ def test_newcomer_mistakes_name_the_fix():
     with pytest.raises(TypeError, match=r"got Sequential; the arguments are"):
         gcx.jacobian_sq_norms(x, model)
     # one unbatched sample handed to the GC penalty, whose model takes one too:
-    # the output has no batch dimension, and the message says how to add it
+    # it is refused as measuring refuses it, and the message says how to add
+    # the batch dimension
     from geocomplexity.regularizers import GeometricComplexity
 
-    with pytest.raises(ValueError, match=r"no batch dimension.*x\[None\]"):
+    with pytest.raises(ValueError, match=r"add its batch dimension \(x\[None\]\)"):
         GeometricComplexity(1.0)(nn.Linear(7, 3).double(), x[0])
     with pytest.raises(ValueError, match=r"0.95 for 95%"):
         gcx.measure(model, x, progress=False).confidence_interval(95)
