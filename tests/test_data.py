@@ -151,3 +151,16 @@ def test_load_mnist1d_refuses_a_sample_count_below_one():
     for bad in (0, -5, 5):
         with pytest.raises(ValueError, match="num_samples"):
             load_mnist1d(num_samples=bad)
+
+
+def test_resnet_experiment_holds_one_copy_of_a_cifar_folder(fake_cifar, monkeypatch):
+    # keyed by the string given: a relative and an absolute path to the same
+    # folder held two copies (0.7 GB each at full size) for a worker's life
+    from geocomplexity.experiments import resnet_width
+
+    resnet_width._cifar_cached.cache_clear()
+    monkeypatch.chdir(fake_cifar.parent)
+    a = resnet_width._cifar(fake_cifar.name)
+    b = resnet_width._cifar(fake_cifar)
+    assert a is b and resnet_width._cifar_cached.cache_info().currsize == 1
+    resnet_width._cifar_cached.cache_clear()

@@ -54,8 +54,17 @@ _PRESETS: dict[str, dict[str, Any]] = {
 _NOISE = 0.15
 
 
+def _cifar(data_dir: str | Path) -> Split:
+    """CIFAR-10 from ``data_dir``, once per folder in the process.
+
+    Keyed by the resolved folder: ``./cifar`` and its absolute path held two
+    copies of the 0.7 GB of tensors for the life of a worker.
+    """
+    return _cifar_cached(str(Path(data_dir).resolve()))
+
+
 @functools.lru_cache(maxsize=2)
-def _cifar(data_dir: str) -> Split:
+def _cifar_cached(data_dir: str) -> Split:
     return load_cifar10(data_dir)
 
 
@@ -85,7 +94,7 @@ class ResNetDoubleDescent(DoubleDescent):
                 f"{self.name} reads CIFAR-10 from a local folder: pass --data-dir "
                 "PATH (the python-version folder cifar-10-batches-py)"
             )
-        _cifar(str(context.data_dir))
+        _cifar(context.data_dir)
 
     def runs(self, preset: str, dataset: str, seeds: int | None) -> list[Run]:  # noqa: D102
         p = self._presets[preset]
@@ -108,7 +117,7 @@ class ResNetDoubleDescent(DoubleDescent):
 
     def execute(self, run: Run, context: Context) -> dict[str, Any]:  # noqa: D102
         assert context.data_dir is not None  # check() ran
-        data = _cifar(str(context.data_dir))
+        data = _cifar(context.data_dir)
         x, y = data.x_train, data.y_train
         if run["n"] is not None and run["n"] < len(x):
             g = torch.Generator().manual_seed(run.seed)
