@@ -828,6 +828,14 @@ def test_newcomer_mistakes_name_the_fix():
             r"shapes \(5, 7\), \(5,\).*inputs alone.*TensorDataset",
         ),
         (torch.tensor(1.0, dtype=torch.float64), {}, ValueError, r"scalar tensor"),
+        # one batch as a dict (a Hugging Face BatchFeature) was iterated key by
+        # key: "a batch is a str; expected ... or a mapping", which it was
+        (
+            {"label": torch.zeros(5).long(), "x": torch.randn(5, 7).double()},
+            {},
+            TypeError,
+            r"dict with keys \['label', 'x'\].*key by key.*data\['x'\].*\[data\]",
+        ),
     ],
 )
 def test_measure_bad_input(data, kwargs, error, match):

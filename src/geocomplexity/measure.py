@@ -266,10 +266,19 @@ def _check_not_arrays(data: Any) -> None:
 
     Raises:
         TypeError: a numpy array (anything with ``__array__``), a list of
-            numbers, or a tuple of tensors of different ranks (inputs and
-            targets).
+            numbers, a tuple of tensors of different ranks (inputs and
+            targets), or a mapping (one batch, whose iteration gives its keys).
     """
     kind = type(data).__name__
+    if isinstance(data, Mapping) and not isinstance(data, torch.utils.data.Dataset):
+        # one batch as a dict (a BatchFeature): iterated, it gives its keys
+        key = next((k for k in INPUT_KEYS if isinstance(data.get(k), Tensor)), None)
+        hint = f"its input tensor (data[{key!r}]) or " if key is not None else ""
+        raise TypeError(
+            f"data is a {kind} with keys {list(data)[:8]}, which measure would "
+            f"iterate key by key; for one batch, pass {hint}a list of batches "
+            "([data], with input_key= if its input is under another key)"
+        )
     if hasattr(data, "__array__") and not isinstance(data, torch.utils.data.Dataset):
         raise TypeError(
             f"data is a {type(data).__module__}.{kind}, not a tensor; convert it "
