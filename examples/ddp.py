@@ -29,6 +29,11 @@ from geocomplexity.regularizers import GeometricComplexity
 
 def main() -> None:
     """Measure, train a little under DDP, measure again."""
+    if "RANK" not in os.environ:  # run as a plain script: no launcher, no ranks
+        raise SystemExit(
+            "examples/ddp.py runs under torchrun, one process per rank: "
+            "torchrun --standalone --nproc_per_node 2 examples/ddp.py"
+        )
     # NCCL wants a GPU per rank: with fewer GPUs than ranks (two ranks on a
     # one-GPU machine), the whole job runs on the CPU over gloo instead
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

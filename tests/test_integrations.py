@@ -929,6 +929,24 @@ def test_torchrun_example_runs():
     assert sum(line.startswith("epoch") for line in lines) == 2
 
 
+def test_torchrun_example_run_without_torchrun_says_how_to_run_it():
+    # `python examples/ddp.py`, the mistake the file invites, failed deep in
+    # init_process_group: "environment variable RANK expected, but not set"
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    proc = subprocess.run(
+        [sys.executable, "examples/ddp.py"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=ROOT,
+    )
+    assert proc.returncode != 0
+    assert "torchrun --standalone --nproc_per_node 2 examples/ddp.py" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 LIGHTNING_DDP = """
 import json, sys
 import lightning as L
