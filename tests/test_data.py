@@ -105,6 +105,22 @@ def test_cifar10_refuses_planted_pickles_and_bad_folders(tmp_path):
         load_cifar10(root)
 
 
+def test_cifar10_names_the_batch_whose_pickle_does_not_load(tmp_path):
+    # a truncated download, an empty or a text file: the unpickler's own error
+    # came out alone ("--data-dir DIR: pickle data was truncated", "Ran out of
+    # input", "invalid literal for int() with base 10"), naming no file
+    import pytest
+
+    from geocomplexity.data import load_cifar10
+
+    root = write_fake_cifar(tmp_path / "c")
+    whole = (root / "data_batch_3").read_bytes()
+    for broken in (whole[: len(whole) // 2], b"", b"garbage\n"):
+        (root / "data_batch_3").write_bytes(broken)
+        with pytest.raises(ValueError, match=r"data_batch_3 is not a CIFAR-10 batch"):
+            load_cifar10(root)
+
+
 def test_cifar10_refuses_labels_and_pixels_outside_the_format(tmp_path):
     import pickle
 

@@ -186,6 +186,10 @@ _CIFAR_GLOBALS = {
 }
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A CIFAR-10 batch named a global outside :data:`_CIFAR_GLOBALS`."""
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickles plain containers, bytes and numpy arrays, and nothing else.
 
@@ -195,7 +199,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> object:
         if (module, name) not in _CIFAR_GLOBALS:
-            raise pickle.UnpicklingError(
+            raise _RefusedGlobal(
                 f"refusing to load {module}.{name}: a CIFAR-10 batch holds only "
                 "plain containers, bytes and numpy arrays"
             )
@@ -219,7 +223,16 @@ def _cifar_batch(path: Path) -> tuple[Tensor, Tensor]:
             f"{path} is missing: --data-dir must be the CIFAR-10 python-version "
             "folder (cifar-10-batches-py with data_batch_1..5 and test_batch)"
         )
-    d = _RestrictedUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+    try:
+        d = _RestrictedUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+    except _RefusedGlobal:
+        raise
+    except Exception as err:  # truncated, empty, not a pickle: the bytes decide
+        raise ValueError(
+            f"{path} is not a CIFAR-10 batch: its pickle does not load "
+            f"({type(err).__name__}: {err}); a truncated download? extract "
+            "cifar-10-python.tar.gz again"
+        ) from err
     if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
         raise ValueError(f"{path} is not a CIFAR-10 batch (no data/labels)")
     data = np.asarray(d[b"data"])
