@@ -4,6 +4,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+# where torch comes from: empty for pip's own configuration (here a local CPU
+# wheel); elsewhere, e.g. https://download.pytorch.org/whl/cpu for the CPU build
+TORCH_INDEX ?=
 
 .PHONY: demo test bench lint clean
 
@@ -12,7 +15,7 @@ $(PY):
 
 # torch first, pinned, so pip never resolves the range to a multi-GB CUDA build.
 $(STAMP): pyproject.toml constraints.txt | $(PY)
-	$(PIP) install -q -c constraints.txt torch
+	$(PIP) install -q -c constraints.txt $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch
 	$(PIP) install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
