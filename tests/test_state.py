@@ -95,3 +95,89 @@ def test_attention_switches_nested_and_user_settings_kept():
         assert not torch.backends.mha.get_fastpath_enabled()
     finally:
         torch.backends.mha.set_fastpath_enabled(True)
+
+
+class _Gate(torch.nn.Module):
+    """Holds the first forward pass each named thread runs, until told."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold: dict[str, tuple[threading.Event, threading.Event]] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.hold.pop(threading.current_thread().name, None)
+        if gate is not None:
+            entered, go_on = gate
+            entered.set()
+            go_on.wait(3)
+        return x
+
+
+def test_one_model_measured_from_two_threads_comes_back_as_found():
+    # a web service or a thread pool measures the one model, in eval mode, in
+    # two threads at once: A takes the train-mode model to eval mode, B finds
+    # it in eval mode; A puts train mode back while B is still measuring (B's
+    # pass ran BatchNorm on batch statistics, and wrote its running ones),
+    # then B put back the eval mode it had found: the model left in eval mode
+    from geocomplexity import jacobian_sq_norms
+
+    torch.manual_seed(0)
+    gate = _Gate()
+    model = torch.nn.Sequential(
+        gate, torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
+        torch.nn.Linear(8, 3),
+    ).double()  # fmt: skip
+    with torch.no_grad():
+        model(torch.randn(64, 6, dtype=torch.float64))  # running statistics
+    model.train()
+    x = torch.randn(16, 6, dtype=torch.float64)
+    alone = jacobian_sq_norms(model, x)
+    stats = model[2].running_mean.clone()
+    a_in, a_go, b_in, b_go = (threading.Event() for _ in range(4))
+    gate.hold = {"A": (a_in, a_go), "B": (b_in, b_go)}
+    got: dict[str, torch.Tensor | BaseException] = {}
+
+    def run() -> None:
+        try:
+            got[threading.current_thread().name] = jacobian_sq_norms(model, x)
+        except BaseException as err:  # handed to the test
+            got[threading.current_thread().name] = err
+
+    a = threading.Thread(target=run, name="A")
+    b = threading.Thread(target=run, name="B")
+    a.start()
+    assert a_in.wait(10)  # A is inside its forward pass
+    b.start()
+    b_in.wait(3)  # B inside too, unless it waits for A
+    a_go.set()
+    a.join(20)
+    b_go.set()
+    b.join(20)
+    assert all(isinstance(v, torch.Tensor) for v in got.values()), got
+    torch.testing.assert_close(got["A"], alone, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got["B"], alone, rtol=1e-12, atol=0)
+    assert all(m.training for m in model.modules())
+    assert torch.equal(model[2].running_mean, stats)
+
+
+def test_two_models_measured_in_threads_do_not_wait_for_each_other():
+    # measuring model A from one thread does not hold up model B's thread
+    from geocomplexity import jacobian_sq_norms
+
+    gate = _Gate()
+    first = torch.nn.Sequential(gate, torch.nn.Linear(4, 2)).double()
+    second = torch.nn.Sequential(torch.nn.Linear(4, 2)).double().train()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    alone = jacobian_sq_norms(second, x)
+    a_in, a_go = threading.Event(), threading.Event()
+    gate.hold = {"A": (a_in, a_go)}
+    a = threading.Thread(target=jacobian_sq_norms, args=(first, x), name="A")
+    a.start()
+    try:
+        assert a_in.wait(10)
+        torch.testing.assert_close(jacobian_sq_norms(second, x), alone)
+        assert a.is_alive()  # A is still inside, holding its model
+    finally:
+        a_go.set()
+        a.join(20)
+    assert second.training and first.training

@@ -75,6 +75,15 @@ def preserved(model: nn.Module, *, mode: str) -> Iterator[list[nn.Module]]:
     the buffers of other modules (a call counter, an EMA, a quantization
     observer may write one in any mode) are put back if they changed.
 
+    Threads: the modes and buffers are the model's own, shared by every
+    thread. Blocks for one model (or models that share a module) in several
+    threads at once take turns: a block waits until another thread's has
+    put the model back (otherwise the first out switched the model back to
+    train mode under the other's pass, and the last out left it in the
+    eval mode it had found). Blocks nested in one thread, and blocks for
+    other models, do not wait. A thread that runs the model itself meanwhile
+    (training it) finds it in ``mode``: measure a copy there.
+
     Args:
         model: the module; every submodule's own ``training`` flag is restored,
             so a model that mixes train and eval submodules comes back mixed.
@@ -83,8 +92,16 @@ def preserved(model: nn.Module, *, mode: str) -> Iterator[list[nn.Module]]:
     Yields:
         ``list(model.modules())``; the block runs with the model in ``mode``.
     """
-    flags = [(m, m.training) for m in model.modules()]
-    modules = [m for m, _ in flags]
+    modules = list(model.modules())
+    with _turn(modules):
+        yield from _preserved(model, modules, mode)
+
+
+def _preserved(
+    model: nn.Module, modules: list[nn.Module], mode: str
+) -> Iterator[list[nn.Module]]:
+    """:func:`preserved`'s block, run while this thread holds ``modules``."""
+    flags = [(m, m.training) for m in modules]
     train = mode == "train"
     if not train:
         # eval mode moves no BatchNorm statistics and, for standard modules,
@@ -117,6 +134,36 @@ def preserved(model: nn.Module, *, mode: str) -> Iterator[list[nn.Module]]:
         for module, flag in flags:
             module.training = flag
         put_back(saved)
+
+
+_TURNS = threading.Condition(threading.Lock())
+#: module -> (the thread whose preserved() block holds it, how deeply nested)
+_HOLDERS: dict[nn.Module, tuple[int, int]] = {}
+
+
+@contextlib.contextmanager
+def _turn(modules: list[nn.Module]) -> Iterator[None]:
+    """Hold ``modules`` for this thread, once no other thread holds any of them.
+
+    All or nothing, under one lock: two threads never hold part each.
+    """
+    me = threading.get_ident()
+    with _TURNS:
+        while any(_HOLDERS.get(m, (me, 0))[0] != me for m in modules):
+            _TURNS.wait()
+        for m in modules:
+            _HOLDERS[m] = (me, _HOLDERS.get(m, (me, 0))[1] + 1)
+    try:
+        yield
+    finally:
+        with _TURNS:
+            for m in modules:
+                depth = _HOLDERS[m][1] - 1
+                if depth:
+                    _HOLDERS[m] = (me, depth)
+                else:
+                    del _HOLDERS[m]
+            _TURNS.notify_all()
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:
