@@ -181,3 +181,83 @@ def test_two_models_measured_in_threads_do_not_wait_for_each_other():
         a_go.set()
         a.join(20)
     assert second.training and first.training
+
+
+class _PassGate(torch.nn.Module):
+    """Calls ``at(pass index)`` in each forward pass of the thread named."""
+
+    def __init__(self, thread: str, at) -> None:
+        super().__init__()
+        self.thread, self.at, self.passes = thread, at, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if threading.current_thread().name == self.thread:
+            self.at(self.passes)
+            self.passes += 1
+        return x
+
+
+def test_train_mode_measurements_of_two_models_in_threads_keep_their_masks():
+    # the passes of a train-mode finite difference replay the global RNG so
+    # that each draws the first pass's dropout mask; another thread measuring
+    # another model in train mode drew from that one global RNG between them,
+    # so A's probe pass ran another mask than its base pass: GC read ~1e15
+    from geocomplexity import jacobian_sq_norms
+
+    a_in, b_drew, a_done = threading.Event(), threading.Event(), threading.Event()
+
+    def hold_a(i: int) -> None:
+        if i == 1:  # A's first probe pass, before its dropout
+            a_in.set()
+            b_drew.wait(3)
+
+    def hold_b(i: int) -> None:
+        if i == 0:  # B's first pass, after its dropout drew
+            b_drew.set()
+            a_done.wait(3)
+
+    torch.manual_seed(0)
+    model_a = torch.nn.Sequential(
+        _PassGate("A", hold_a), torch.nn.Linear(6, 32), torch.nn.Tanh(),
+        torch.nn.Dropout(0.5), torch.nn.Linear(32, 3),
+    ).double()  # fmt: skip
+    model_b = torch.nn.Sequential(
+        torch.nn.Linear(6, 32), torch.nn.Dropout(0.5), _PassGate("B", hold_b),
+        torch.nn.Linear(32, 3),
+    ).double()  # fmt: skip
+    x = torch.randn(8, 6, dtype=torch.float64)
+
+    def measure(model: torch.nn.Module) -> torch.Tensor:
+        return jacobian_sq_norms(
+            model, x, method="finite_difference", mode="train",
+            generator=torch.Generator().manual_seed(1),
+        )  # fmt: skip
+
+    torch.manual_seed(1)
+    alone = {"A": measure(model_a), "B": measure(model_b)}
+    got: dict[str, torch.Tensor | BaseException] = {}
+
+    def run(model: torch.nn.Module) -> None:
+        name = threading.current_thread().name
+        try:
+            got[name] = measure(model)
+        except BaseException as err:  # handed to the test
+            got[name] = err
+        finally:
+            if name == "A":
+                a_done.set()
+
+    model_a[0].passes = model_b[2].passes = 0
+    torch.manual_seed(1)
+    rng = torch.get_rng_state()
+    a = threading.Thread(target=run, args=(model_a,), name="A")
+    b = threading.Thread(target=run, args=(model_b,), name="B")
+    a.start()
+    assert a_in.wait(10)
+    b.start()
+    a.join(20)
+    b.join(20)
+    assert all(isinstance(v, torch.Tensor) for v in got.values()), got
+    torch.testing.assert_close(got["A"], alone["A"], rtol=1e-9, atol=0)
+    torch.testing.assert_close(got["B"], alone["B"], rtol=1e-9, atol=0)
+    assert torch.equal(torch.get_rng_state(), rng)

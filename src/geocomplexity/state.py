@@ -80,8 +80,10 @@ def preserved(model: nn.Module, *, mode: str) -> Iterator[list[nn.Module]]:
     threads at once take turns: a block waits until another thread's has
     put the model back (otherwise the first out switched the model back to
     train mode under the other's pass, and the last out left it in the
-    eval mode it had found). Blocks nested in one thread, and blocks for
-    other models, do not wait. A thread that runs the model itself meanwhile
+    eval mode it had found). Blocks nested in one thread, and eval-mode
+    blocks for other models, do not wait; train-mode blocks take turns with
+    every other train-mode block, as they share the global RNG (see
+    :data:`_GLOBAL_RNG`). A thread that runs the model itself meanwhile
     (training it) finds it in ``mode``: measure a copy there.
 
     Args:
@@ -93,7 +95,9 @@ def preserved(model: nn.Module, *, mode: str) -> Iterator[list[nn.Module]]:
         ``list(model.modules())``; the block runs with the model in ``mode``.
     """
     modules = list(model.modules())
-    with _turn(modules):
+    # train mode forks and replays the one global RNG: see global_rng()
+    rng = _GLOBAL_RNG if mode == "train" else contextlib.nullcontext()
+    with rng, _turn(modules):
         yield from _preserved(model, modules, mode)
 
 
@@ -136,6 +140,13 @@ def _preserved(
         put_back(saved)
 
 
+#: Held by the blocks that fork the global RNG and replay it between passes
+#: (train-mode preserved(), rng_carried_on()). The RNG is one for the
+#: process: a train-mode measurement in another thread drew dropout masks
+#: from it between one measurement's replayed passes (a finite difference's
+#: base and probe passes ran different masks: GC read 1e7 times too large),
+#: and put back, on leaving, a state from before the other's draws.
+_GLOBAL_RNG = threading.RLock()
 _TURNS = threading.Condition(threading.Lock())
 #: module -> (the thread whose preserved() block holds it, how deeply nested)
 _HOLDERS: dict[nn.Module, tuple[int, int]] = {}
@@ -204,7 +215,7 @@ def rng_carried_on(model: nn.Module) -> Iterator[Callable[..., None]]:
         for index in cuda:
             torch.cuda.default_generators[index].manual_seed(seed)
 
-    with torch.random.fork_rng(devices=cuda):
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=cuda):
         yield advance
 
 
