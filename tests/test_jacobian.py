@@ -1642,3 +1642,52 @@ def test_jvp_of_an_expanded_input():
         want = GeometricComplexity(1.0, method="jvp", generator=g)(model, dense)
         assert torch.equal(penalty, want)
         penalty.backward()  # differentiable in the parameters
+
+
+def test_output_and_wrt_hooks_act_in_the_measuring_thread_alone():
+    # output= and wrt= hook a submodule of the caller's model for the length
+    # of a measurement; a thread serving predictions with the same eval-mode
+    # model meanwhile ran into them: its model(x) raised the hook's internal
+    # _Captured, and its pass through the wrt= submodule counted as the
+    # measurement's second ("ran more than once in the forward pass")
+    import threading
+
+    inside, go_on = threading.Event(), threading.Event()
+
+    class Gate(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if threading.current_thread().name == "measuring":
+                inside.set()
+                go_on.wait(10)
+            return x
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Gate(), nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2))
+    model = model.double().eval()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    with torch.no_grad():
+        served = model(x)
+    for option in ({"output": "1"}, {"wrt": "1"}):
+        alone = gcx.jacobian_sq_norms(model, x, **option)
+        inside.clear()
+        go_on.clear()
+        got: list[torch.Tensor | BaseException] = []
+
+        def measure(option=option, got=got) -> None:
+            try:
+                got.append(gcx.jacobian_sq_norms(model, x, **option))
+            except BaseException as err:  # handed to the test
+                got.append(err)
+
+        thread = threading.Thread(target=measure, name="measuring")
+        thread.start()
+        try:
+            assert inside.wait(10)  # the hook is on, the pass held before it
+            with torch.no_grad():
+                torch.testing.assert_close(model(x), served, rtol=0, atol=0)
+        finally:
+            go_on.set()
+            thread.join(20)
+        assert isinstance(got[0], torch.Tensor), (option, got)
+        torch.testing.assert_close(got[0], alone, rtol=1e-12, atol=0)
+        assert all(not m._forward_hooks for m in model.modules())

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from geocomplexity.jacobian import _check_model_matches, check_input, forward_failed
-from geocomplexity.state import preserved
+from geocomplexity.state import in_this_thread, preserved
 
 __all__ = ["TransferBound", "norm_bounds", "transfer_bound"]
 
@@ -167,7 +167,7 @@ def transfer_bound(model: nn.Module, x: Tensor) -> TransferBound:
         return out.clone()
 
     with preserved(model, mode="eval"), torch.enable_grad():
-        handles = [lin.register_forward_hook(keep) for lin in layers]
+        handles = [lin.register_forward_hook(in_this_thread(keep)) for lin in layers]
         try:
             xg = x.clone().requires_grad_(True)
             out = model(xg).reshape(B, -1)

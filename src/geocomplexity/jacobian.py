@@ -75,6 +75,7 @@ from geocomplexity.probes import (
 from geocomplexity.state import (
     batch_norm_couples,
     differentiable_attention,
+    in_this_thread,
     kept_buffers,
     no_attention_fast_path,
     preserved,
@@ -376,7 +377,7 @@ def _select(model: nn.Module, x: Tensor, output: Output) -> Tensor:
         def hook(_module: nn.Module, _args: Any, result: Any) -> None:
             raise _Captured(result)
 
-        handle = sub.register_forward_hook(hook)
+        handle = sub.register_forward_hook(in_this_thread(hook))
         try:
             model(x)
         except _Captured as captured:
@@ -480,7 +481,7 @@ def _run_at(
         seen.append(result)
         return replace(result)
 
-    handle = sub.register_forward_hook(hook)
+    handle = sub.register_forward_hook(in_this_thread(hook))
     try:
         out = _select(model, x, output)
     finally:
@@ -1238,6 +1239,7 @@ def sequence_along_batch(
 @contextlib.contextmanager
 def _hooked(layers: list[nn.Module], check: Callable[..., None]) -> Any:
     """A block with ``check`` as a forward pre-hook (with kwargs) on ``layers``."""
+    check = in_this_thread(check)
     handles = [m.register_forward_pre_hook(check, with_kwargs=True) for m in layers]
     try:
         yield

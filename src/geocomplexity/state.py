@@ -24,6 +24,7 @@ __all__ = [
     "compiled",
     "differentiable_attention",
     "eager",
+    "in_this_thread",
     "kept_buffers",
     "loader_generators",
     "no_attention_fast_path",
@@ -265,6 +266,27 @@ def put_back(saved: _Snapshot) -> None:
                 buf.copy_(value)
 
 
+def in_this_thread(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """``hook``, for a module hook that acts in the thread adding it alone.
+
+    A measurement hooks the caller's model for its length (``output=``,
+    ``wrt=``, the rewind of buffers, the checks); the model's hooks are
+    shared by every thread, so another thread running the model meanwhile
+    (serving predictions with it in eval mode) ran into them: its forward
+    pass stopped by the ``output=`` hook's exception, its submodule output
+    taken for the measurement's. In any other thread the returned hook does
+    nothing (returns ``None``, which leaves the pass alone).
+    """
+    me = threading.get_ident()
+
+    def hooked(*args: Any, **kwargs: Any) -> Any:
+        if threading.get_ident() == me:
+            return hook(*args, **kwargs)
+        return None
+
+    return hooked
+
+
 @contextlib.contextmanager
 def rewound(model: nn.Module, modules: Iterable[nn.Module]) -> Iterator[None]:
     """Every forward pass of ``model`` in the block starts from the buffers found.
@@ -287,7 +309,9 @@ def rewound(model: nn.Module, modules: Iterable[nn.Module]) -> Iterator[None]:
     if not saved or isinstance(model, torch.jit.ScriptModule):  # no hooks there
         yield
         return
-    handle = model.register_forward_pre_hook(lambda *_: put_back(saved), prepend=True)
+    handle = model.register_forward_pre_hook(
+        in_this_thread(lambda *_: put_back(saved)), prepend=True
+    )
     try:
         yield
     finally:

@@ -43,7 +43,7 @@ from geocomplexity.regularizers.base import (
     hooked,
     trainable,
 )
-from geocomplexity.state import preserved, put_back, snapshot
+from geocomplexity.state import in_this_thread, preserved, put_back, snapshot
 
 __all__ = ["SpectralNorm", "spectral_norms"]
 
@@ -311,7 +311,7 @@ class SpectralNorm(Regularizer):
             return record
 
         handles = [
-            m.register_forward_pre_hook(hook(n))
+            m.register_forward_pre_hook(in_this_thread(hook(n)))
             for n, m in model.named_modules()
             if isinstance(m, _CONV)
         ]
