@@ -1691,3 +1691,54 @@ def test_output_and_wrt_hooks_act_in_the_measuring_thread_alone():
         assert isinstance(got[0], torch.Tensor), (option, got)
         torch.testing.assert_close(got[0], alone, rtol=1e-12, atol=0)
         assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_jvp_measurements_in_two_threads_do_not_refuse_each_other():
+    # PyTorch's forward-mode levels are one for the process: a jvp
+    # measurement in one thread found another thread's dual_level open and
+    # refused, saying the call was "inside a dual_level already open" (it
+    # was not); entering a level meanwhile fails in PyTorch itself
+    import threading
+
+    a_in, b_done = threading.Event(), threading.Event()
+
+    class Gate(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if threading.current_thread().name == "A" and not a_in.is_set():
+                a_in.set()  # inside A's dual level
+                b_done.wait(3)
+            return x
+
+    torch.manual_seed(0)
+    model_a = nn.Sequential(Gate(), nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2))
+    model_b = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2))
+    model_a, model_b = model_a.double(), model_b.double()
+    x = torch.randn(6, 5, dtype=torch.float64)
+
+    def measure(model: nn.Module) -> torch.Tensor:
+        g = torch.Generator().manual_seed(3)
+        return gcx.jacobian_sq_norms(model, x, method="jvp", generator=g)
+
+    alone = {"A": measure(model_a), "B": measure(model_b)}
+    got: dict[str, torch.Tensor | BaseException] = {}
+
+    def run(model: nn.Module) -> None:
+        name = threading.current_thread().name
+        try:
+            got[name] = measure(model)
+        except BaseException as err:  # handed to the test
+            got[name] = err
+        finally:
+            if name == "B":
+                b_done.set()
+
+    a = threading.Thread(target=run, args=(model_a,), name="A")
+    b = threading.Thread(target=run, args=(model_b,), name="B")
+    a.start()
+    assert a_in.wait(10)
+    b.start()
+    a.join(20)
+    b.join(20)
+    assert all(isinstance(v, torch.Tensor) for v in got.values()), got
+    for name in "AB":
+        torch.testing.assert_close(got[name], alone[name], rtol=1e-12, atol=0)

@@ -58,6 +58,7 @@ import math
 import numbers
 import operator
 import re
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -126,6 +127,20 @@ def forward_failed(err: RuntimeError, x: Tensor) -> RuntimeError:
         "first, then the shape the model's first layer takes (e.g. (B, "
         "in_features) for a Linear)"
     )
+
+
+#: Held by each forward-mode pass (:func:`_dual_level`). PyTorch's dual levels
+#: are one for the process, not per thread: a jvp measurement in one thread
+#: found another thread's level open and refused ("inside a dual_level already
+#: open"), or failed entering its own; the passes take turns instead.
+_FORWARD_AD = threading.RLock()
+
+
+@contextlib.contextmanager
+def _dual_level() -> Any:
+    """``fwAD.dual_level()``, while no other thread's pass holds one."""
+    with _FORWARD_AD, fwAD.dual_level():
+        yield
 
 
 class _Captured(Exception):
@@ -254,7 +269,9 @@ def check_differentiable_model(modules: list[nn.Module], method: str) -> None:
             "drops forward-mode derivatives, and GC would read 0; use "
             "method='exact' or 'projection', or the module before scripting"
         )
-    if fwAD._current_level >= 0:
+    with _FORWARD_AD:  # a level open now is none of this library's passes
+        open_already = fwAD._current_level >= 0
+    if open_already:
         raise RuntimeError(
             "method='jvp' runs its own forward-mode passes, and this call is "
             "inside a torch.autograd.forward_ad.dual_level() already open, which "
@@ -576,7 +593,7 @@ def _probes_at(
         # with grad on, as the caller runs it: under no_grad a transformer
         # layer takes its fused fast path, which has no forward-mode derivative
         def pushed(tangent: Callable[[Tensor], Tensor]) -> Tensor:
-            with fwAD.dual_level():
+            with _dual_level():
                 dual = lambda e: fwAD.make_dual(e.clone(), tangent(e))  # noqa: E731
                 _, out = _run_at(model, x, output, wrt, dual)
                 _, t = fwAD.unpack_dual(out)
@@ -1110,7 +1127,7 @@ def _forward_mode(
         x = x.contiguous()
 
     def pushed(u: Tensor) -> Tensor | None:
-        with fwAD.dual_level():
+        with _dual_level():
             _, t = fwAD.unpack_dual(fn(fwAD.make_dual(x, u)))
         return None if t is None else t.reshape(B, -1)
 
