@@ -553,6 +553,7 @@ def _probes_at(
     generator: torch.Generator,
     coupled: bool = False,
     replay: bool = False,
+    keep_graph: bool = True,
 ) -> Tensor:
     """``"jvp"`` or ``"finite_difference"`` with probes ``u`` at ``wrt``'s output.
 
@@ -579,6 +580,8 @@ def _probes_at(
             sign-flipped, as in :func:`_forward_mode`.
         replay: every pass draws the random numbers the first drew (one
             dropout mask; train mode); implied by ``coupled``.
+        keep_graph: keep each jvp pass's autograd graph of the weights (a
+            penalty); ``False`` lets it go after the pass (measuring).
 
     Returns:
         Per-sample values ``(B,)``, the mean over probes.
@@ -597,7 +600,11 @@ def _probes_at(
                 dual = lambda e: fwAD.make_dual(e.clone(), tangent(e))  # noqa: E731
                 _, out = _run_at(model, x, output, wrt, dual)
                 _, t = fwAD.unpack_dual(out)
-            return out.new_zeros(B, 1) if t is None else t.reshape(B, -1)
+            if t is None:
+                return out.new_zeros(B, 1)
+            # the pass ran with grad on: its graph of the weights, kept by t,
+            # goes with the pass unless a penalty differentiates it
+            return t.reshape(B, -1) if keep_graph else t.detach().reshape(B, -1)
 
         for i in range(num_probes):
             drawn: list[Tensor] = []
@@ -1110,6 +1117,7 @@ def _forward_mode(
     n: int,
     signs: Tensor | None = None,
     replay: bool = False,
+    keep_graph: bool = True,
 ) -> Tensor:
     """Σ over n input directions of ‖J u‖² per sample, one dual forward each.
 
@@ -1117,7 +1125,9 @@ def _forward_mode(
     ``t_i⟨(Ju)_i, (J(t∘u))_i⟩``, which is unbiased for the diagonal block (the
     input-side twin of :func:`_decoupled_vjp_sq_norms`). With ``signs`` or
     ``replay`` (train mode) the passes draw the same random numbers (one
-    dropout mask).
+    dropout mask). Where grad is on, each pass records a graph of the
+    weights: ``keep_graph=False`` lets it go after the pass (measuring),
+    rather than holding every pass's graph in the sum until the end.
     """
     B = x.shape[0]
     total = _accumulator(x, B)
@@ -1129,7 +1139,9 @@ def _forward_mode(
     def pushed(u: Tensor) -> Tensor | None:
         with _dual_level():
             _, t = fwAD.unpack_dual(fn(fwAD.make_dual(x, u)))
-        return None if t is None else t.reshape(B, -1)
+        if t is None:
+            return None
+        return t.reshape(B, -1) if keep_graph else t.detach().reshape(B, -1)
 
     replay = replay or signs is not None
     for i in range(n):
@@ -1159,13 +1171,15 @@ def _input_side(
     generator: torch.Generator,
     coupled: bool,
     replay: bool = False,
+    keep_graph: bool = True,
 ) -> Tensor:
     """``"jvp"`` or ``"finite_difference"`` with probes at the input, per sample.
 
     Coupled samples take two passes per probe, the second with each sample's
     probe sign-flipped (:func:`_forward_mode`, :func:`_finite_difference`).
     With ``replay`` (train mode) or ``coupled`` every pass draws the random
-    numbers the first drew: one dropout mask.
+    numbers the first drew: one dropout mask. ``keep_graph=False`` lets each
+    jvp pass's graph of the weights go after the pass (measuring).
 
     Returns:
         The mean over ``num_probes`` probes, shape ``(B,)``.
@@ -1175,7 +1189,9 @@ def _input_side(
     u = input_probes(distribution, x, num_probes, generator)
     signs = _signs(num_probes, x, generator) if coupled else None
     if method == "jvp":
-        values = _forward_mode(fn, x, lambda i: u[i], num_probes, signs, replay)
+        values = _forward_mode(
+            fn, x, lambda i: u[i], num_probes, signs, replay, keep_graph
+        )
         return values / num_probes
     return _finite_difference(fn, x, u, eps, signs, replay)
 
@@ -1735,6 +1751,7 @@ def jacobian_sq_norms(
                 resolve_generator(generator, x.device),
                 coupled,
                 replay,
+                keep_graph=create_graph,
             )
         else:
             values = _input_side(
@@ -1747,6 +1764,7 @@ def jacobian_sq_norms(
                 resolve_generator(generator, x.device),
                 coupled,
                 replay,
+                keep_graph=create_graph,
             )
     if values.requires_grad and not create_graph:
         values = values.detach()
