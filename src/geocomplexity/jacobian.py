@@ -1184,16 +1184,27 @@ def _input_side(
     Returns:
         The mean over ``num_probes`` probes, shape ``(B,)``.
     """
+    signs, probes = None, generator
     if coupled:  # the passes replay the global RNG: draw apart from it
         generator = _apart_from_global(generator)
-    u = input_probes(distribution, x, num_probes, generator)
-    signs = _signs(num_probes, x, generator) if coupled else None
+        # the signs come after the probes, as they were drawn uncoupled (the
+        # same probes: on independent samples the two give the same values);
+        # a copy of the generator draws them again, pass by pass
+        probes = torch.Generator(generator.device)
+        probes.set_state(generator.get_state())
+        for _ in range(num_probes):
+            input_probes(distribution, x, 1, generator)
+        signs = _signs(num_probes, x, generator)
+
+    def draw(_i: int) -> Tensor:
+        # one probe a pass, drawn as the pass takes it: all at once they
+        # would hold num_probes × B × d at the same time
+        return input_probes(distribution, x, 1, probes)[0]
+
     if method == "jvp":
-        values = _forward_mode(
-            fn, x, lambda i: u[i], num_probes, signs, replay, keep_graph
-        )
+        values = _forward_mode(fn, x, draw, num_probes, signs, replay, keep_graph)
         return values / num_probes
-    return _finite_difference(fn, x, u, eps, signs, replay)
+    return _finite_difference(fn, x, draw, num_probes, eps, signs, replay)
 
 
 def _per_sample(t: Tensor, like: Tensor) -> Tensor:
@@ -1982,7 +1993,8 @@ def _autocast_dtype(x: Tensor) -> torch.dtype | None:
 def _finite_difference(
     fn: Callable[[Tensor], Tensor],
     x: Tensor,
-    u: Tensor,
+    probes: Callable[[int], Tensor],
+    n: int,
     eps: float | None,
     signs: Tensor | None = None,
     replay: bool = False,
@@ -1992,7 +2004,8 @@ def _finite_difference(
     With ``signs`` ``(n, B)`` (coupled samples): ``t_i⟨Δ(u)_i, Δ(t∘u)_i⟩/ε²``
     with ``Δ(u) = g(x + εu) − g(x)``. With ``signs`` or ``replay`` (train
     mode) every pass draws the same random numbers (see
-    :func:`_forward_mode`).
+    :func:`_forward_mode`). ``probes(i)`` gives probe ``i`` of ``n``, shaped
+    like ``x``, as its pass takes it.
     """
     B = x.shape[0]
     replay = replay or signs is not None
@@ -2002,31 +2015,35 @@ def _finite_difference(
         eps = _fd_step(x, eps, base)
         total = _accumulator(x, B)
         energy = total.new_zeros(())  # Σ‖Δ‖², for the rounding check
-        for i, ui in enumerate(u):
-            last = signs is None and i == len(u) - 1
+        first = None  # for the rounding check
+        for i in range(n):
+            ui = probes(i)
+            if first is None:
+                first = ui
+            last = signs is None and i == n - 1
             with _replayed(x, replay, final=last):
                 a = (fn(x + eps * ui) - base).reshape(B, -1)
             if signs is None:
                 total = total + _sq_sum(a)
                 continue
             energy = energy + _sq_sum(a).sum()
-            with _replayed(x, replay, final=i == len(u) - 1):
+            with _replayed(x, replay, final=i == n - 1):
                 flipped = x + eps * ui * _per_sample(signs[i], ui)
                 b = (fn(flipped) - base).reshape(B, -1)
             total = total + _wide(signs[i]) * _dot_sum(a, b)
 
         def far() -> Tensor:
             with _replayed(x, True):
-                return fn(x + max(eps, _rms(x)) * u[0])
+                return fn(x + max(eps, _rms(x)) * first)
 
         _check_resolved(
             total.sum() if signs is None else energy,
             base,
             _unit_roundoff(x, base),
-            u.shape[0],
+            n,
             far,
         )
-    return _narrow(total / (u.shape[0] * eps**2), x.dtype)
+    return _narrow(total / (n * eps**2), x.dtype)
 
 
 def _finite(values: Tensor) -> Tensor:
