@@ -1813,3 +1813,41 @@ def test_input_probes_are_drawn_one_pass_at_a_time(monkeypatch, method, mode):
         model, x, method=method, num_probes=8, mode=mode, coupled=mode == "train"
     )
     assert drawn and max(drawn) == 1
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3])
+def test_many_projection_probes_are_drawn_chunk_by_chunk(monkeypatch, chunk_size):
+    # chunk_size bounds memory, but all num_probes × B × k output probes were
+    # drawn before the first VJP: an MLP 784-256-1000 at B=2048 with 128
+    # probes and chunk_size=1 took 1143 MiB above the start (73 MiB at 1
+    # probe), the probes alone 1 GB; coupled, their sign-flipped copy too.
+    # Beyond _PROBES_AT_ONCE elements they are drawn as the VJPs take them
+    from geocomplexity import jacobian
+
+    drawn = []
+    real = jacobian.draw_probes
+
+    def spy(distribution, shape, **kwargs):
+        drawn.append(shape)
+        return real(distribution, shape, **kwargs)
+
+    monkeypatch.setattr(jacobian, "draw_probes", spy)
+    # these probes are many (raising=False: a bound the unfixed code lacked)
+    monkeypatch.setattr(jacobian, "_PROBES_AT_ONCE", 0, raising=False)
+    model, x = make_case("mlp")
+    values = {}
+    for mode in ("eval", "train"):
+        drawn.clear()
+        values[mode] = gcx.jacobian_sq_norms(
+            model,
+            x,
+            method="projection",
+            num_probes=8,
+            chunk_size=chunk_size,
+            mode=mode,  # train: coupled, two VJPs a probe
+            generator=torch.Generator().manual_seed(4),
+        )
+        probes = [s for s in drawn if len(s) == 3]  # signs are (n, B)
+        assert probes and max(s[0] for s in probes) <= chunk_size
+    # the same probes, coupled or not: on independent samples, the same values
+    assert rel(values["train"], values["eval"]) < 1e-12

@@ -905,7 +905,7 @@ def _signs(n: int, like: Tensor, generator: torch.Generator) -> Tensor:
 def _decoupled_vjp_sq_norms(
     x: Tensor,
     out: Tensor,
-    probes: Tensor,
+    probes: Callable[[int, int], Tensor],
     signs: Tensor,
     chunk_size: int,
     create_graph: bool,
@@ -934,7 +934,8 @@ def _decoupled_vjp_sq_norms(
     Args:
         x: inputs ``(B, ...)`` requiring grad.
         out: ``(B, k)``.
-        probes: ``(n, B, k)``.
+        probes: ``probes(start, stop)`` gives probes ``start..stop-1``,
+            ``(stop - start, B, k)``, asked for once each, in order.
         signs: ``(n, B)`` of ±1, independent of ``probes``.
         chunk_size: VJPs per backward pass; pairs stay together (1 loops).
         create_graph: keep the result differentiable.
@@ -945,19 +946,20 @@ def _decoupled_vjp_sq_norms(
         samples are coupled one estimate can be negative (the cross terms have
         either sign); its expectation is the norm, which is not.
     """
-    n, B, _ = probes.shape
+    n, B = signs.shape
     if not out.requires_grad:
         return _unused(x, strict)
-    flipped = probes * signs[..., None]
     pairs = max(1, chunk_size // 2)
     total = _accumulator(x, B)
     for start in range(0, n, pairs):
         stop = min(start + pairs, n)
         last = stop == n
         keep = create_graph or not last
+        u = probes(start, stop)  # (stop - start, B, k)
+        flipped = u * signs[start:stop, :, None]
         if chunk_size == 1:  # looped: two plain VJPs
             g = []
-            for i, c in enumerate((probes[start], flipped[start])):
+            for i, c in enumerate((u[0], flipped[0])):
                 (gi,) = torch.autograd.grad(
                     out,
                     x,
@@ -971,7 +973,7 @@ def _decoupled_vjp_sq_norms(
                 g.append(gi.reshape(B, -1))
             total = total + _wide(signs[start]) * _dot_sum(g[0], g[1])
             continue
-        c = torch.stack((probes[start:stop], flipped[start:stop]), 1)
+        c = torch.stack((u, flipped), 1)
         with _batched_anomaly():
             (g,) = torch.autograd.grad(
                 out,
@@ -1827,24 +1829,70 @@ def reverse_sq_norms(
         n, cot = k, _onehot(B, k, out)
     else:
         gen = resolve_generator(generator, x.device)
-        probes = draw_probes(
-            distribution,
-            (num_probes, B, k),
-            dtype=out.dtype,
-            device=out.device,
-            generator=gen,
-        )
+        n = num_probes
+        if n == 1 or n * B * k <= _PROBES_AT_ONCE:  # few: in one draw
+            probes = draw_probes(
+                distribution,
+                (n, B, k),
+                dtype=out.dtype,
+                device=out.device,
+                generator=gen,
+            )
+            cot = lambda a, b: probes[a:b]  # noqa: E731
+        elif coupled:
+            # the signs come after the probes, as in one draw; a copy of the
+            # generator draws the probes again, chunk by chunk
+            source = torch.Generator(gen.device)
+            source.set_state(gen.get_state())
+            skip = _probes_drawn_as_taken(distribution, out, gen)
+            for _ in range(n):
+                skip(0, 1)
+            cot = _probes_drawn_as_taken(distribution, out, source)
+        else:
+            cot = _probes_drawn_as_taken(distribution, out, gen)
         if coupled:  # unbiased diagonal blocks from two VJPs per probe
             signs = _signs(num_probes, out, gen)
             return _decoupled_vjp_sq_norms(
-                x, out, probes, signs, chunk_size, create_graph, strict
+                x, out, cot, signs, chunk_size, create_graph, strict
             )
-        n, cot = num_probes, lambda a, b: probes[a:b]
     if coupled:
         values = _diag_vjp_sq_norms(x, out, cot, n, chunk_size, create_graph, strict)
     else:
         values = _vjp_sq_norms(x, out, cot, n, chunk_size, create_graph, strict)
     return values / num_probes if num_probes > 1 and method == "projection" else values
+
+
+#: output probes drawn in one draw up to this many elements (num_probes · B · k);
+#: beyond it, one probe at a time as the VJPs take them
+_PROBES_AT_ONCE = 1 << 22
+
+
+def _probes_drawn_as_taken(
+    distribution: str, out: Tensor, generator: torch.Generator
+) -> Callable[[int, int], Tensor]:
+    """Output probes ``start..stop-1``, ``(stop - start, B, k)``, on demand.
+
+    Drawn one probe at a time as the VJPs take them, so that a chunk holds
+    its own probes alone (all at once they held ``num_probes × B × k``,
+    whatever the chunk), and the probes do not depend on the chunk size. Each
+    must be asked for once, in order.
+    """
+    shape = (1, *out.shape)
+
+    def draw(start: int, stop: int) -> Tensor:
+        drawn = [
+            draw_probes(
+                distribution,
+                shape,
+                dtype=out.dtype,
+                device=out.device,
+                generator=generator,
+            )
+            for _ in range(start, stop)
+        ]
+        return drawn[0] if len(drawn) == 1 else torch.cat(drawn)
+
+    return draw
 
 
 def _check_cut_path(
