@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -210,3 +211,37 @@ def assert_central_differences(
             flat[i] += h
         fd = (up - down) / (2 * h)
         assert abs(grad.reshape(-1)[i].item() - fd) < rtol * (1 + abs(fd)), (i, fd)
+
+
+def in_two_threads(
+    measure: Callable[[nn.Module], torch.Tensor],
+    model_a: nn.Module,
+    model_b: nn.Module,
+    a_in: threading.Event,
+    finished: dict[str, threading.Event],
+) -> dict[str, torch.Tensor]:
+    """``measure`` of ``model_a`` in thread "A" and, once A has set ``a_in``,
+    of ``model_b`` in thread "B"; each thread sets its event in ``finished``
+    (if any) when done. Returns both results, checked to be tensors."""
+    got: dict[str, Any] = {}
+
+    def run(model: nn.Module) -> None:
+        name = threading.current_thread().name
+        try:
+            got[name] = measure(model)
+        except BaseException as err:  # handed to the test
+            got[name] = err
+        finally:
+            if name in finished:
+                finished[name].set()
+
+    a = threading.Thread(target=run, args=(model_a,), name="A")
+    b = threading.Thread(target=run, args=(model_b,), name="B")
+    a.start()
+    assert a_in.wait(10)
+    b.start()
+    a.join(20)
+    b.join(20)
+    assert sorted(got) == ["A", "B"], got
+    assert all(isinstance(v, torch.Tensor) for v in got.values()), got
+    return got

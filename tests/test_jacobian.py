@@ -9,7 +9,14 @@ import warnings
 
 import pytest
 import torch
-from conftest import CASES, DictOut, batchnorm_mlp, jvp_and_finite_difference, make_case
+from conftest import (
+    CASES,
+    DictOut,
+    batchnorm_mlp,
+    in_two_threads,
+    jvp_and_finite_difference,
+    make_case,
+)
 from reference import diagonal_block_sq_norms, per_sample_sq_norms
 from torch import nn
 
@@ -1720,26 +1727,7 @@ def test_jvp_measurements_in_two_threads_do_not_refuse_each_other():
         return gcx.jacobian_sq_norms(model, x, method="jvp", generator=g)
 
     alone = {"A": measure(model_a), "B": measure(model_b)}
-    got: dict[str, torch.Tensor | BaseException] = {}
-
-    def run(model: nn.Module) -> None:
-        name = threading.current_thread().name
-        try:
-            got[name] = measure(model)
-        except BaseException as err:  # handed to the test
-            got[name] = err
-        finally:
-            if name == "B":
-                b_done.set()
-
-    a = threading.Thread(target=run, args=(model_a,), name="A")
-    b = threading.Thread(target=run, args=(model_b,), name="B")
-    a.start()
-    assert a_in.wait(10)
-    b.start()
-    a.join(20)
-    b.join(20)
-    assert all(isinstance(v, torch.Tensor) for v in got.values()), got
+    got = in_two_threads(measure, model_a, model_b, a_in, {"B": b_done})
     for name in "AB":
         torch.testing.assert_close(got[name], alone[name], rtol=1e-12, atol=0)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import torch
+from conftest import in_two_threads
 
 from geocomplexity.state import (
     differentiable_attention,
@@ -235,29 +236,10 @@ def test_train_mode_measurements_of_two_models_in_threads_keep_their_masks():
 
     torch.manual_seed(1)
     alone = {"A": measure(model_a), "B": measure(model_b)}
-    got: dict[str, torch.Tensor | BaseException] = {}
-
-    def run(model: torch.nn.Module) -> None:
-        name = threading.current_thread().name
-        try:
-            got[name] = measure(model)
-        except BaseException as err:  # handed to the test
-            got[name] = err
-        finally:
-            if name == "A":
-                a_done.set()
-
     model_a[0].passes = model_b[2].passes = 0
     torch.manual_seed(1)
     rng = torch.get_rng_state()
-    a = threading.Thread(target=run, args=(model_a,), name="A")
-    b = threading.Thread(target=run, args=(model_b,), name="B")
-    a.start()
-    assert a_in.wait(10)
-    b.start()
-    a.join(20)
-    b.join(20)
-    assert all(isinstance(v, torch.Tensor) for v in got.values()), got
+    got = in_two_threads(measure, model_a, model_b, a_in, {"A": a_done})
     torch.testing.assert_close(got["A"], alone["A"], rtol=1e-9, atol=0)
     torch.testing.assert_close(got["B"], alone["B"], rtol=1e-9, atol=0)
     assert torch.equal(torch.get_rng_state(), rng)
