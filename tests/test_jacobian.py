@@ -380,6 +380,30 @@ def test_without_a_generator_draws_differ_and_a_fork_reseeds(monkeypatch):
     assert not torch.equal(child.get_state(), state)
 
 
+def test_without_a_generator_each_thread_draws_from_its_own():
+    # one private generator per process: a coupled measurement redraws its
+    # probes from a copy of the generator's state, so another thread drawing
+    # from the same generator in between made both return the same probes
+    # (two jvp measurements gave the identical tensor)
+    import threading
+
+    from geocomplexity import probes
+
+    device = torch.device("cpu")
+    here = probes.resolve_generator(None, device)
+    assert probes.resolve_generator(None, device) is here
+    there = []
+    thread = threading.Thread(
+        target=lambda: there.extend(
+            [probes.resolve_generator(None, device) for _ in range(2)]
+        )
+    )
+    thread.start()
+    thread.join(10)
+    assert there[0] is there[1] and there[0] is not here
+    assert not torch.equal(there[0].get_state(), here.get_state())
+
+
 @pytest.mark.parametrize("method", ["exact", "projection", "jvp"])
 def test_create_graph_gives_parameter_gradients(method):
     """The penalty's parameter gradient matches the brute-force one (float64)."""

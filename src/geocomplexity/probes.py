@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import torch
 from torch import Tensor
@@ -48,12 +49,17 @@ def resolve_generator(
 ) -> torch.Generator:
     """The generator to draw from; this process's private one when ``None``.
 
-    The private generator (one per device and process) is seeded from the
-    operating system when first used, so the global RNG state is never read or
-    advanced, and calls without a generator draw independent probes. A forked
-    child seeds its own rather than repeating its parent's draws. Creating and
-    seeding a generator on every call cost as much as the probe draw itself on
-    a small model. Pass a generator for reproducible draws.
+    The private generator (one per device, process and thread) is seeded from
+    the operating system when first used, so the global RNG state is never
+    read or advanced, and calls without a generator draw independent probes.
+    A forked child seeds its own rather than repeating its parent's draws.
+    Each thread has its own: a coupled measurement redraws its probes from a
+    copy of the generator's state, so a thread drawing from the same one in
+    between would hand both the same probes (a generator you pass and share
+    between threads measuring at once does that too: give each thread its
+    own). Creating and seeding a generator on every call cost as much as the
+    probe draw itself on a small model. Pass a generator for reproducible
+    draws.
 
     Returns:
         ``generator`` itself, or the private one on ``device``.
@@ -61,18 +67,21 @@ def resolve_generator(
     if generator is not None:
         return generator
     device = torch.device(device)
+    mine = getattr(_PRIVATE, "generators", None)
+    if mine is None:
+        mine = _PRIVATE.generators = {}
     key = (os.getpid(), device.type, device.index)
-    private = _PRIVATE.get(key)
+    private = mine.get(key)
     if private is None:
         private = torch.Generator(device=device)
         private.seed()
-        _PRIVATE[key] = private
+        mine[key] = private
     return private
 
 
-# (pid, device type, index) -> generator; the pid keeps a fork from inheriting
-# its parent's stream
-_PRIVATE: dict[tuple[int, str, int | None], torch.Generator] = {}
+# per thread: (pid, device type, index) -> generator; the pid keeps a fork
+# from inheriting its parent's stream, and a thread's go when it ends
+_PRIVATE = threading.local()
 
 
 def draw_probes(
