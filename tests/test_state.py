@@ -243,3 +243,51 @@ def test_train_mode_measurements_of_two_models_in_threads_keep_their_masks():
     torch.testing.assert_close(got["A"], alone["A"], rtol=1e-9, atol=0)
     torch.testing.assert_close(got["B"], alone["B"], rtol=1e-9, atol=0)
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_a_train_mode_measurement_drawing_from_the_global_generator_waits_its_turn():
+    # a train-mode call given generator=torch.default_generator takes one draw
+    # from the global RNG to seed its probes: taken before the call's turn on
+    # the RNG, it moved the RNG between another thread's replayed passes, so
+    # that thread's probe pass ran another dropout mask than its base pass
+    import time
+
+    from geocomplexity import jacobian_sq_norms
+
+    a_in = threading.Event()
+
+    def hold_a(i: int) -> None:
+        if i == 1:  # A's first probe pass, before its dropout
+            a_in.set()
+            start = torch.get_rng_state()
+            deadline = time.monotonic() + 2.0  # B's draw, if it comes, moves it
+            while time.monotonic() < deadline:
+                if not torch.equal(torch.get_rng_state(), start):
+                    break
+                time.sleep(0.01)
+
+    torch.manual_seed(0)
+    model_a = torch.nn.Sequential(
+        _PassGate("A", hold_a), torch.nn.Linear(6, 32), torch.nn.Tanh(),
+        torch.nn.Dropout(0.5), torch.nn.Linear(32, 3),
+    ).double()  # fmt: skip
+    model_b = torch.nn.Sequential(
+        torch.nn.Linear(6, 32), torch.nn.Dropout(0.5), torch.nn.Linear(32, 3)
+    ).double()
+    x = torch.randn(8, 6, dtype=torch.float64)
+
+    def measure(model: torch.nn.Module) -> torch.Tensor:
+        g = torch.default_generator if model is model_b else torch.Generator()
+        if model is model_a:
+            g.manual_seed(1)
+        return jacobian_sq_norms(
+            model, x, method="finite_difference", mode="train", generator=g
+        )
+
+    torch.manual_seed(1)
+    alone = {"A": measure(model_a), "B": measure(model_b)}
+    model_a[0].passes = 0
+    torch.manual_seed(1)
+    got = in_two_threads(measure, model_a, model_b, a_in, {})
+    torch.testing.assert_close(got["A"], alone["A"], rtol=1e-9, atol=0)
+    torch.testing.assert_close(got["B"], alone["B"], rtol=1e-9, atol=0)

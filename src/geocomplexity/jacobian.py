@@ -74,6 +74,7 @@ from geocomplexity.probes import (
     resolve_generator,
 )
 from geocomplexity.state import (
+    _GLOBAL_RNG,
     batch_norm_couples,
     differentiable_attention,
     in_this_thread,
@@ -1384,9 +1385,12 @@ def _apart_from_global(generator: torch.Generator) -> torch.Generator:
     )
     if generator is not default:
         return generator
-    seed = torch.empty((), dtype=torch.int64, device=device).random_(
-        generator=generator
-    )
+    # the draw moves the global RNG: not between the replayed passes of a
+    # train-mode measurement in another thread (see state._GLOBAL_RNG)
+    with _GLOBAL_RNG:
+        seed = torch.empty((), dtype=torch.int64, device=device).random_(
+            generator=generator
+        )
     return torch.Generator(device=device).manual_seed(int(seed.item()))
 
 
