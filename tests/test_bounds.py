@@ -215,3 +215,47 @@ def test_norm_bounds_leave_a_spectral_norm_parametrization_as_found():
     assert model.training and model[0].parametrizations.training
     assert torch.equal(sn._u, u) and torch.equal(sn._v, v)
     assert b == norm_bounds(model.eval())  # the model's own weight, as in eval
+
+
+def test_transfer_bound_and_a_jvp_measurement_in_two_threads_take_turns():
+    # transfer_bound's per-layer Jacobians (torch.func.jacfwd) open one of
+    # PyTorch's forward-mode levels, which are one for the process: a jvp
+    # measurement in another thread meanwhile found it open and refused
+    # ("inside a torch.autograd.forward_ad.dual_level() already open")
+    import threading
+
+    import torch.autograd.forward_ad as fwAD
+    from conftest import in_two_threads
+
+    a_in, b_done = threading.Event(), threading.Event()
+
+    def hold(_m, _args, _out) -> None:
+        if threading.current_thread().name == "A" and fwAD._current_level >= 0:
+            a_in.set()  # A inside jacfwd's level
+            b_done.wait(3)
+
+    torch.manual_seed(0)
+    net_a = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    net_b = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    alone = {
+        "A": transfer_bound(net_a, x).bound,
+        "B": gcx.jacobian_sq_norms(net_b, x, method="jvp", num_probes=64,
+                                   generator=torch.Generator().manual_seed(1)),
+    }  # fmt: skip
+    handle = net_a[1].register_forward_hook(hold)
+
+    def run(net: nn.Module) -> torch.Tensor:
+        if net is net_a:
+            return transfer_bound(net, x).bound
+        return gcx.jacobian_sq_norms(
+            net, x, method="jvp", num_probes=64,
+            generator=torch.Generator().manual_seed(1),
+        )  # fmt: skip
+
+    try:
+        got = in_two_threads(run, net_a, net_b, a_in, {"B": b_done})
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got["A"], alone["A"], rtol=1e-12, atol=0)
+    torch.testing.assert_close(got["B"], alone["B"], rtol=1e-12, atol=0)

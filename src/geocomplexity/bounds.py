@@ -37,7 +37,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from geocomplexity.jacobian import _check_model_matches, check_input, forward_failed
+from geocomplexity.jacobian import (
+    _FORWARD_AD,
+    _check_model_matches,
+    check_input,
+    forward_failed,
+)
 from geocomplexity.state import in_this_thread, preserved
 
 __all__ = ["TransferBound", "norm_bounds", "transfer_bound"]
@@ -236,7 +241,9 @@ def _jacobian_opnorm(model: nn.Sequential, x: Tensor, layer: int) -> Tensor:
     def single(xi: Tensor) -> Tensor:
         return head(xi[None])[0]
 
-    with torch.no_grad():
+    # jacfwd opens a forward-mode level, one for the process: not while
+    # another thread's jvp pass holds one (see jacobian._FORWARD_AD)
+    with _FORWARD_AD, torch.no_grad():
         J = torch.func.vmap(torch.func.jacfwd(single))(x)  # (B, d_l, d)
     return torch.linalg.matrix_norm(J, ord=2)
 
