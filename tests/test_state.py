@@ -291,3 +291,56 @@ def test_a_train_mode_measurement_drawing_from_the_global_generator_waits_its_tu
     got = in_two_threads(measure, model_a, model_b, a_in, {})
     torch.testing.assert_close(got["A"], alone["A"], rtol=1e-9, atol=0)
     torch.testing.assert_close(got["B"], alone["B"], rtol=1e-9, atol=0)
+
+
+def test_measuring_an_iterable_in_another_thread_leaves_a_train_mode_replay_alone():
+    # measure() iterates the caller's data on RNG states of its own (each
+    # step sets the global RNG to the iteration's state, runs it, puts the
+    # caller's back): in eval mode that step took no turn on the global RNG,
+    # so a train-mode finite difference in another thread ran its probe pass
+    # on the iteration's draws: another dropout mask than its base pass
+    from geocomplexity import jacobian_sq_norms, measure
+
+    a_in, b_inside, a_done = threading.Event(), threading.Event(), threading.Event()
+
+    def hold_a(i: int) -> None:
+        if i == 1:  # A's first probe pass, before its dropout
+            a_in.set()
+            b_inside.wait(3)
+
+    torch.manual_seed(0)
+    model_a = torch.nn.Sequential(
+        _PassGate("A", hold_a), torch.nn.Linear(6, 32), torch.nn.Tanh(),
+        torch.nn.Dropout(0.5), torch.nn.Linear(32, 3),
+    ).double()  # fmt: skip
+    model_b = torch.nn.Sequential(torch.nn.Linear(6, 3)).double()
+
+    class RandomBatches:  # a generator of random batches, held in B's first
+        def __iter__(self):
+            for i in range(2):
+                x = torch.randn(4, 6, dtype=torch.float64)
+                if i == 0 and threading.current_thread().name == "B":
+                    b_inside.set()
+                    a_done.wait(3)
+                yield x
+
+    x = torch.randn(8, 6, dtype=torch.float64)
+
+    def run(model: torch.nn.Module) -> torch.Tensor:
+        if model is model_a:
+            return jacobian_sq_norms(
+                model, x, method="finite_difference", mode="train",
+                generator=torch.Generator().manual_seed(1),
+            )  # fmt: skip
+        result = measure(model, RandomBatches(), method="exact", progress=False)
+        return torch.tensor(result.value)
+
+    torch.manual_seed(1)
+    alone = {"A": run(model_a), "B": run(model_b)}
+    model_a[0].passes = 0
+    torch.manual_seed(1)
+    rng = torch.get_rng_state()
+    got = in_two_threads(run, model_a, model_b, a_in, {"A": a_done})
+    torch.testing.assert_close(got["A"], alone["A"], rtol=1e-9, atol=0)
+    torch.testing.assert_close(got["B"], alone["B"], rtol=1e-9, atol=0)
+    assert torch.equal(torch.get_rng_state(), rng)

@@ -602,16 +602,19 @@ def rngs_kept(generators: Sequence[torch.Generator] = ()) -> Iterator[None]:
     Yields:
         Nothing.
     """
-    states = [g.get_state() for g in generators]
-    np_state, py_state = np.random.get_state(), random.getstate()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            yield
-    finally:
-        for g, state in zip(generators, states, strict=True):
-            g.set_state(state)
-        np.random.set_state(np_state)
-        random.setstate(py_state)
+    # the block draws from (and rngs_set_apart sets) the one global RNG: not
+    # between the replayed passes of a train-mode block in another thread
+    with _GLOBAL_RNG:
+        states = [g.get_state() for g in generators]
+        np_state, py_state = np.random.get_state(), random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                yield
+        finally:
+            for g, state in zip(generators, states, strict=True):
+                g.set_state(state)
+            np.random.set_state(np_state)
+            random.setstate(py_state)
 
 
 def rngs_set_apart(
