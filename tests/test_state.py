@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 from conftest import in_two_threads
 
@@ -245,11 +246,13 @@ def test_train_mode_measurements_of_two_models_in_threads_keep_their_masks():
     assert torch.equal(torch.get_rng_state(), rng)
 
 
-def test_a_train_mode_measurement_drawing_from_the_global_generator_waits_its_turn():
+@pytest.mark.parametrize("b_mode", ["train", "eval"])
+def test_a_measurement_drawing_from_the_global_generator_waits_its_turn(b_mode):
     # a train-mode call given generator=torch.default_generator takes one draw
     # from the global RNG to seed its probes: taken before the call's turn on
     # the RNG, it moved the RNG between another thread's replayed passes, so
-    # that thread's probe pass ran another dropout mask than its base pass
+    # that thread's probe pass ran another dropout mask than its base pass;
+    # an eval-mode call draws its probes from it, and took no turn at all
     import time
 
     from geocomplexity import jacobian_sq_norms
@@ -280,6 +283,8 @@ def test_a_train_mode_measurement_drawing_from_the_global_generator_waits_its_tu
         g = torch.default_generator if model is model_b else torch.Generator()
         if model is model_a:
             g.manual_seed(1)
+        if model is model_b and b_mode == "eval":
+            return jacobian_sq_norms(model, x, method="projection", generator=g)
         return jacobian_sq_norms(
             model, x, method="finite_difference", mode="train", generator=g
         )

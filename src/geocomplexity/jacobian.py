@@ -1362,6 +1362,21 @@ def train_mode_rng(
     return rng_carried_on(model), generator
 
 
+def _is_global(generator: torch.Generator | None) -> bool:
+    """Whether ``generator`` is the global RNG of its device (CPU or CUDA)."""
+    if generator is None:
+        return False
+    device = generator.device
+    default = (
+        torch.default_generator
+        if device.type == "cpu"
+        else torch.cuda.default_generators[device.index or 0]
+        if device.type == "cuda" and torch.cuda.is_initialized()
+        else None
+    )
+    return generator is default
+
+
 def _apart_from_global(generator: torch.Generator) -> torch.Generator:
     """``generator``, or a private one seeded from it where it is the global RNG.
 
@@ -1375,16 +1390,9 @@ def _apart_from_global(generator: torch.Generator) -> torch.Generator:
     probes, reproducibly from ``torch.manual_seed``, and the probes come from
     a stream apart from the one the passes' dropout masks replay.
     """
-    device = generator.device
-    default = (
-        torch.default_generator
-        if device.type == "cpu"
-        else torch.cuda.default_generators[device.index or 0]
-        if device.type == "cuda" and torch.cuda.is_initialized()
-        else None
-    )
-    if generator is not default:
+    if not _is_global(generator):
         return generator
+    device = generator.device
     # the draw moves the global RNG: not between the replayed passes of a
     # train-mode measurement in another thread (see state._GLOBAL_RNG)
     with _GLOBAL_RNG:
@@ -1657,7 +1665,12 @@ def jacobian_sq_norms(
         generator = _apart_from_global(generator)
     # before preserved(), which reads the version counters of the buffers
     check_differentiable_model(list(model.modules()), method)
+    # probes drawn from the global RNG (eval mode; in train mode it is
+    # replaced above): not between the replayed passes of a train-mode
+    # measurement in another thread. Taken before the model's turn
+    drawn_globally = _GLOBAL_RNG if _is_global(generator) else contextlib.nullcontext()
     with (
+        drawn_globally,
         preserved(model, mode=mode) as modules,
         grad_on,
         torch.enable_grad(),
