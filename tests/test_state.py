@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import pytest
 import torch
@@ -199,6 +200,16 @@ class _PassGate(torch.nn.Module):
         return x
 
 
+def _gated_dropout_mlp(hold: Any) -> torch.nn.Sequential:
+    """Thread A's model: a dropout MLP (seed 0, float64) whose first module
+    calls ``hold(pass_index)`` on each of A's forward passes."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        _PassGate("A", hold), torch.nn.Linear(6, 32), torch.nn.Tanh(),
+        torch.nn.Dropout(0.5), torch.nn.Linear(32, 3),
+    ).double()  # fmt: skip
+
+
 def test_train_mode_measurements_of_two_models_in_threads_keep_their_masks():
     # the passes of a train-mode finite difference replay the global RNG so
     # that each draws the first pass's dropout mask; another thread measuring
@@ -218,11 +229,7 @@ def test_train_mode_measurements_of_two_models_in_threads_keep_their_masks():
             b_drew.set()
             a_done.wait(3)
 
-    torch.manual_seed(0)
-    model_a = torch.nn.Sequential(
-        _PassGate("A", hold_a), torch.nn.Linear(6, 32), torch.nn.Tanh(),
-        torch.nn.Dropout(0.5), torch.nn.Linear(32, 3),
-    ).double()  # fmt: skip
+    model_a = _gated_dropout_mlp(hold_a)
     model_b = torch.nn.Sequential(
         torch.nn.Linear(6, 32), torch.nn.Dropout(0.5), _PassGate("B", hold_b),
         torch.nn.Linear(32, 3),
@@ -269,11 +276,7 @@ def test_a_measurement_drawing_from_the_global_generator_waits_its_turn(b_mode):
                     break
                 time.sleep(0.01)
 
-    torch.manual_seed(0)
-    model_a = torch.nn.Sequential(
-        _PassGate("A", hold_a), torch.nn.Linear(6, 32), torch.nn.Tanh(),
-        torch.nn.Dropout(0.5), torch.nn.Linear(32, 3),
-    ).double()  # fmt: skip
+    model_a = _gated_dropout_mlp(hold_a)
     model_b = torch.nn.Sequential(
         torch.nn.Linear(6, 32), torch.nn.Dropout(0.5), torch.nn.Linear(32, 3)
     ).double()
@@ -313,11 +316,7 @@ def test_measuring_an_iterable_in_another_thread_leaves_a_train_mode_replay_alon
             a_in.set()
             b_inside.wait(3)
 
-    torch.manual_seed(0)
-    model_a = torch.nn.Sequential(
-        _PassGate("A", hold_a), torch.nn.Linear(6, 32), torch.nn.Tanh(),
-        torch.nn.Dropout(0.5), torch.nn.Linear(32, 3),
-    ).double()  # fmt: skip
+    model_a = _gated_dropout_mlp(hold_a)
     model_b = torch.nn.Sequential(torch.nn.Linear(6, 3)).double()
 
     class RandomBatches:  # a generator of random batches, held in B's first
