@@ -172,17 +172,17 @@ def _optimizer(
     lr: float,
 ) -> torch.optim.Optimizer:
     if isinstance(optimizer, torch.optim.Optimizer):
-        return _stepped_without_closure(optimizer)
+        return optimizer
     if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
         # a class is callable too, but params -> optimizer would build it at
         # its own default learning rate, not at lr
-        return _stepped_without_closure(optimizer(params, lr=lr))
+        return optimizer(params, lr=lr)
     if optimizer == "sgd":  # no momentum: implicit regularization depends on it
         return torch.optim.SGD(params, lr=lr)
     if optimizer == "adam":
         return torch.optim.Adam(params, lr=lr)
     if callable(optimizer):
-        return _stepped_without_closure(optimizer(params))
+        return optimizer(params)
     raise ValueError(
         f"unknown optimizer {optimizer!r}; choose 'sgd', 'adam', a torch optimizer "
         "or its class, or a function of the parameters that returns one"
@@ -539,7 +539,7 @@ def fit(
     if regularizer is not None:
         regularizer.seed(reg_gen)
     params = trainable(model)
-    opt = _optimizer(optimizer, params, lr)
+    opt = _stepped_without_closure(_optimizer(optimizer, params, lr))
     if not isinstance(optimizer, (str, type)):
         # an optimizer, or a function that builds one, sets its own rate
         lrs = [float(g["lr"]) for g in opt.param_groups]
