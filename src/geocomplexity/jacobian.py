@@ -1193,10 +1193,9 @@ def _input_side(
         # the signs come after the probes, as they were drawn uncoupled (the
         # same probes: on independent samples the two give the same values);
         # a copy of the generator draws them again, pass by pass
-        probes = torch.Generator(generator.device)
-        probes.set_state(generator.get_state())
-        for _ in range(num_probes):
-            input_probes(distribution, x, 1, generator)
+        probes = _skipped_past(
+            generator, num_probes, lambda g: input_probes(distribution, x, 1, g)
+        )
         signs = _signs(num_probes, x, generator)
 
     def draw(_i: int) -> Tensor:
@@ -1859,11 +1858,9 @@ def reverse_sq_norms(
         elif coupled:
             # the signs come after the probes, as in one draw; a copy of the
             # generator draws the probes again, chunk by chunk
-            source = torch.Generator(gen.device)
-            source.set_state(gen.get_state())
-            skip = _probes_drawn_as_taken(distribution, out, gen)
-            for _ in range(n):
-                skip(0, 1)
+            source = _skipped_past(
+                gen, n, lambda g: _probes_drawn_as_taken(distribution, out, g)(0, 1)
+            )
             cot = _probes_drawn_as_taken(distribution, out, source)
         else:
             cot = _probes_drawn_as_taken(distribution, out, gen)
@@ -1882,6 +1879,21 @@ def reverse_sq_norms(
 #: output probes drawn in one draw up to this many elements (num_probes · B · k);
 #: beyond it, one probe at a time as the VJPs take them
 _PROBES_AT_ONCE = 1 << 22
+
+
+def _skipped_past(
+    generator: torch.Generator, n: int, draw: Callable[[torch.Generator], Any]
+) -> torch.Generator:
+    """A copy of ``generator`` as it is now; ``generator`` moved past n draws.
+
+    The copy draws those ``n`` probes again, one at a time as the passes take
+    them, while ``generator`` goes on to the signs.
+    """
+    copy = torch.Generator(generator.device)
+    copy.set_state(generator.get_state())
+    for _ in range(n):
+        draw(generator)
+    return copy
 
 
 def _probes_drawn_as_taken(
@@ -2080,11 +2092,10 @@ def _finite_difference(
         eps = _fd_step(x, eps, base)
         total = _accumulator(x, B)
         energy = total.new_zeros(())  # Σ‖Δ‖², for the rounding check
-        first = None  # for the rounding check
         for i in range(n):
             ui = probes(i)
-            if first is None:
-                first = ui
+            if i == 0:
+                first = ui  # for the rounding check
             last = signs is None and i == n - 1
             with _replayed(x, replay, final=last):
                 a = (fn(x + eps * ui) - base).reshape(B, -1)
