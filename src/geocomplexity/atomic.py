@@ -101,34 +101,46 @@ def remove_stale_temporaries(folder: Path, target: str = "*") -> list[Path]:
     Returns:
         The paths removed.
     """
-    removed: list[Path] = []
     if fcntl is None or not folder.is_dir():
-        return removed
+        return []
     now = time.time()
     # mkstemp's names: the prefix, 8 random characters, the suffix
-    for path in folder.glob(f".{target}.{'?' * 8}.tmp"):
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:  # renamed into place or removed meanwhile
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            mine = os.fstat(fd)
-            # a writer's rename may have come between the open and the lock:
-            # remove the name only while it still names the file locked here
-            if (
-                stat.S_ISREG(mine.st_mode)
-                and now - mine.st_mtime > STALE_AFTER_S
-                and os.stat(path).st_ino == mine.st_ino
-            ):
-                path.unlink()
-                removed.append(path)
-        except OSError:  # locked by a live writer (BlockingIOError), or gone
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-    return removed
+    return [
+        path
+        for path in folder.glob(f".{target}.{'?' * 8}.tmp")
+        if _removed_unheld(
+            path,
+            lambda mine: (
+                stat.S_ISREG(mine.st_mode) and now - mine.st_mtime > STALE_AFTER_S
+            ),
+        )
+    ]
+
+
+def _removed_unheld(path: Path, stale: Callable[[os.stat_result], bool]) -> bool:
+    """Remove ``path`` if no process holds its lock and ``stale(its stat)``.
+
+    Returns:
+        Whether it was removed.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # renamed into place or removed meanwhile
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        mine = os.fstat(fd)
+        # a rename or a new file may have come between the open and the
+        # lock: remove the name only while it still names the file locked here
+        if stale(mine) and os.stat(path).st_ino == mine.st_ino:
+            path.unlink()
+            return True
+    except OSError:  # locked by a live process (BlockingIOError), or gone
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    return False
 
 
 @contextlib.contextmanager
@@ -194,25 +206,11 @@ def remove_released_claims(folder: Path) -> list[Path]:
     Returns:
         The paths removed.
     """
-    removed: list[Path] = []
     if fcntl is None or not folder.is_dir():
-        return removed
-    for lock in folder.glob(".*.lock"):
-        target = lock.with_name(lock.name[1 : -len(".lock")])
-        if not target.exists():
-            continue
-        try:
-            fd = os.open(lock, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
-                lock.unlink()
-                removed.append(lock)
-        except OSError:  # held (BlockingIOError), or gone meanwhile
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-    return removed
+        return []
+    return [
+        lock
+        for lock in folder.glob(".*.lock")
+        if lock.with_name(lock.name[1 : -len(".lock")]).exists()
+        and _removed_unheld(lock, lambda _: True)
+    ]
