@@ -67,21 +67,27 @@ def resolve_generator(
     if generator is not None:
         return generator
     device = torch.device(device)
-    mine = getattr(_PRIVATE, "generators", None)
-    if mine is None:
-        mine = _PRIVATE.generators = {}
     key = (os.getpid(), device.type, device.index)
-    private = mine.get(key)
+    private = _PRIVATE.generators.get(key)
     if private is None:
         private = torch.Generator(device=device)
         private.seed()
-        mine[key] = private
+        _PRIVATE.generators[key] = private
     return private
 
 
-# per thread: (pid, device type, index) -> generator; the pid keeps a fork
-# from inheriting its parent's stream, and a thread's go when it ends
-_PRIVATE = threading.local()
+class _PerThread(threading.local):
+    """Each thread's private generators: (pid, device type, index) -> generator.
+
+    The pid keeps a fork from inheriting its parent's stream; a thread's
+    generators go when it ends.
+    """
+
+    def __init__(self) -> None:
+        self.generators: dict[tuple[int, str, int | None], torch.Generator] = {}
+
+
+_PRIVATE = _PerThread()
 
 
 def draw_probes(

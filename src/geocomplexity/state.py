@@ -96,7 +96,7 @@ def preserved(model: nn.Module, *, mode: str) -> Iterator[list[nn.Module]]:
         ``list(model.modules())``; the block runs with the model in ``mode``.
     """
     modules = list(model.modules())
-    # train mode forks and replays the one global RNG: see global_rng()
+    # train mode forks and replays the one global RNG: see _GLOBAL_RNG
     rng = _GLOBAL_RNG if mode == "train" else contextlib.nullcontext()
     with rng, _turn(modules):
         yield from _preserved(model, modules, mode)
