@@ -1863,3 +1863,107 @@ def test_many_projection_probes_are_drawn_chunk_by_chunk(monkeypatch, chunk_size
         assert probes and max(s[0] for s in probes) <= chunk_size
     # the same probes, coupled or not: on independent samples, the same values
     assert rel(values["train"], values["eval"]) < 1e-12
+
+
+def _spy_batched_forward_mode(monkeypatch) -> list[bool]:
+    """Records each batched forward-mode attempt: True where it gave values."""
+    from geocomplexity import jacobian
+
+    taken: list[bool] = []
+    real = jacobian._batched_forward_mode
+
+    def spy(*args, **kwargs):
+        values = real(*args, **kwargs)
+        taken.append(values is not None)
+        return values
+
+    monkeypatch.setattr(jacobian, "_batched_forward_mode", spy)
+    return taken
+
+
+@pytest.mark.parametrize("case", ["wide_output", "conv"])
+def test_exact_forward_mode_batches_its_jvps_and_stays_exact(monkeypatch, case):
+    # d < k: d JVPs, chunk_size of them a pass (vmap over torch.func.jvp, the
+    # primal run once a pass); convolutions batch too in forward mode. A loop
+    # of dual passes (chunk_size=1) reruns the primal for every direction
+    torch.manual_seed(0)
+    if case == "conv":
+        model = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.GELU(), nn.Conv2d(4, 4, 3, padding=1),
+            nn.Flatten(),
+        ).double()  # fmt: skip
+        x = torch.randn(5, 1, 4, 4, dtype=torch.float64)  # d = 16 < k = 64
+    else:
+        model, x = make_case("wide_output")
+    taken = _spy_batched_forward_mode(monkeypatch)
+    want = per_sample_sq_norms(model, x)
+    assert rel(gcx.jacobian_sq_norms(model, x), want) < 1e-10
+    assert taken == [True]
+    looped = gcx.jacobian_sq_norms(model, x, chunk_size=1)
+    assert taken == [True], "chunk_size=1 loops"
+    assert rel(looped, want) < 1e-10
+    # a chunk that leaves a remainder (d = 2 or 16 directions, 3 a pass)
+    assert rel(gcx.jacobian_sq_norms(model, x, chunk_size=3), want) < 1e-10
+
+
+class _OldStyleCube(torch.autograd.Function):
+    """x³ with a forward-mode formula, but no setup_context: vmap refuses it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * g
+
+    @staticmethod
+    def jvp(ctx, t):
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * t
+
+
+def test_exact_forward_mode_loops_where_the_model_cannot_be_batched(monkeypatch):
+    # a custom autograd.Function without setup_context has no vmap rule: the
+    # batched passes fail, and one dual pass a direction measures it exactly
+    class Cubed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 8), nn.Linear(8, 20)
+
+        def forward(self, x):
+            return self.b(_OldStyleCube.apply(self.a(x)))
+
+    torch.manual_seed(0)
+    model = Cubed().double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    taken = _spy_batched_forward_mode(monkeypatch)
+    got = gcx.jacobian_sq_norms(model, x)
+    assert taken == [False]
+    assert rel(got, per_sample_sq_norms(model, x)) < 1e-10
+
+
+def test_jvp_probes_share_batched_passes_with_the_same_probes(monkeypatch):
+    # several jvp probes a pass when measuring: the probes are drawn in the
+    # order the loop draws them, so the values are the loop's
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    taken = _spy_batched_forward_mode(monkeypatch)
+
+    def jvp(chunk_size):
+        g = torch.Generator().manual_seed(3)
+        return gcx.jacobian_sq_norms(
+            model, x, method="jvp", num_probes=7, generator=g, chunk_size=chunk_size
+        )
+
+    batched, looped = jvp(None), jvp(1)
+    assert taken == [True]
+    torch.testing.assert_close(batched, looped, rtol=1e-13, atol=0)
+    # and many probes converge to exact
+    g = torch.Generator().manual_seed(4)
+    many = gcx.jacobian_sq_norms(model, x, method="jvp", num_probes=4000, generator=g)
+    assert rel(many, per_sample_sq_norms(model, x)) < 0.1

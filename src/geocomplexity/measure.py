@@ -470,13 +470,14 @@ def _pilot(
 
     ``c`` is exact's cost in probes: the VJPs exact takes on this batch over
     those one projection probe takes. That is the output size k where samples
-    are independent; where they are coupled (train mode, or a BatchNorm
-    without running statistics), exact takes k VJPs per sample and a probe
-    two VJPs per batch, so c = k·n/2. ``m`` is the batch's mean GC and ``σ²``
-    the mean per-sample probe variance of a two-probe pilot. Sums over ``n``
-    so ranks can add theirs. When ``c`` is small enough for exact, the pilot
-    is skipped and all but ``c`` are zero, ``n`` too, so a rank that skipped
-    it does not dilute another's.
+    are independent, or the input size d where that is smaller (exact then
+    takes d JVPs, each about a VJP's cost); where they are coupled (train
+    mode, or a BatchNorm without running statistics), exact takes k VJPs per
+    sample and a probe two VJPs per batch, so c = k·n/2. ``m`` is the
+    batch's mean GC and ``σ²`` the mean per-sample probe variance of a
+    two-probe pilot. Sums over ``n`` so ranks can add theirs. When ``c`` is
+    small enough for exact, the pilot is skipped and all but ``c`` are zero,
+    ``n`` too, so a rank that skipped it does not dilute another's.
     """
     if x.dim() == 1 and x.shape[0] > 1:  # scalars, or one unbatched sample?
         _check_scalar_batch(model, x, output)
@@ -490,7 +491,10 @@ def _pilot(
         k = _select(model, x, output).shape[1]
         coupled = _coupled(coupled, batch_norm_couples(modules), mode == "train")
     n = x.shape[0]
-    cost = k * n / 2 if coupled else k
+    if coupled:
+        cost = k * n / 2
+    else:  # exact's forward mode, d JVPs, where d < k (not at an inner wrt=)
+        cost = k if wrt is not None else min(k, math.prod(x.shape[1:]))
     if cost <= AUTO_EXACT_MAX_OUTPUTS:
         # no pilot: no samples to weigh in its mean (under a process group,
         # another rank's larger batch may still choose projection)
@@ -650,7 +654,8 @@ def measure(
             iterable: either yields samples, batched by ``batch_size``), or any
             other iterable of batches such as a ``DataLoader`` (a tuple batch's
             first element is the input).
-        method: ``"auto"`` (exact when the output has at most
+        method: ``"auto"`` (exact when the output, or the input where that
+            is smaller, has at most
             :data:`AUTO_EXACT_MAX_OUTPUTS` entries, else projection with enough
             probes for a probe-induced relative error below ``rtol``; in train
             mode, where exact takes k·B VJPs a batch and a probe two, exact
