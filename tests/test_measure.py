@@ -961,3 +961,23 @@ def test_numpy_integer_options_are_taken_as_ints():
     for bad in (2.0, True, np.int64(0)):
         with pytest.raises(ValueError, match="num_probes must be a positive"):
             gcx.measure(model, x, method="projection", num_probes=bad)
+
+
+def test_a_tuple_of_inputs_and_targets_of_one_rank_is_refused_not_measured():
+    # (x, y), fit's form, with targets of the inputs' rank (an autoencoder's or
+    # a denoiser's y = clean x, one-hot or regression targets (N, k)) was read
+    # as two batches: the same-shape pair measured y as inputs and returned a
+    # number over 2N samples; other shapes failed in the forward pass with an
+    # error that named neither (x, y) nor the fix. A tuple of two tensors of
+    # one length cannot be told from two batches: refused, naming both fixes
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    x = torch.randn(20, 4, dtype=torch.float64)
+    for y in (torch.randn(20, 4).double(), torch.randn(20, 1).double()):
+        with pytest.raises(TypeError, match=r"inputs alone.*TensorDataset.*\[a, b\]"):
+            gcx.measure(model, (x, y), progress=False)
+    # batches still measure: a list of any, a tuple of other lengths or counts
+    want = gcx.measure(model, x, method="exact", progress=False)
+    for data in ([x[:10], x[10:]], (x[:12], x[12:]), (x[:7], x[7:14], x[14:])):
+        r = gcx.measure(model, data, method="exact", progress=False)
+        assert r.num_samples == 20
+        assert math.isclose(r.value, want.value, rel_tol=1e-12)

@@ -266,7 +266,9 @@ def _check_not_arrays(data: Any) -> None:
 
     Raises:
         TypeError: a numpy array (anything with ``__array__``), a list of
-            numbers, a tuple of tensors of different ranks (inputs and
+            numbers, a tuple of exactly two tensors of one length (inputs and
+            targets, or two batches: which cannot be known; two batches go in
+            a list), a tuple of tensors of different ranks (inputs and
             targets), or a mapping (one batch, whose iteration gives its keys).
     """
     kind = type(data).__name__
@@ -300,6 +302,22 @@ def _check_not_arrays(data: Any) -> None:
         raise TypeError(
             f"data is a {kind} of numbers; convert it to a tensor of inputs "
             "(N, *in_shape): torch.as_tensor(data, dtype=torch.float32)"
+        )
+    if (
+        isinstance(data, tuple)
+        and len(data) == 2
+        and all(isinstance(t, Tensor) and t.dim() > 0 for t in data)
+        and len(data[0]) == len(data[1])
+    ):
+        # (x, y) with targets of the inputs' rank (an autoencoder's, one-hot or
+        # regression targets) looks like two batches of one length: which it
+        # is cannot be known, and read as batches y is measured as inputs
+        shapes = ", ".join(str(tuple(t.shape)) for t in data)
+        raise TypeError(
+            f"data is a tuple of two tensors of one length, shapes {shapes}: "
+            "(inputs, targets) as fit takes them, or two batches? For (inputs, "
+            "targets), pass the inputs alone (measure(model, x)) or a "
+            "TensorDataset(x, y); for two batches of inputs, a list ([a, b])"
         )
     if (
         isinstance(data, (list, tuple))
@@ -653,7 +671,9 @@ def measure(
         data: a tensor ``(N, *in_shape)``, a ``Dataset`` (map-style or
             iterable: either yields samples, batched by ``batch_size``), or any
             other iterable of batches such as a ``DataLoader`` (a tuple batch's
-            first element is the input).
+            first element is the input). A tuple of two tensors of one length
+            is refused, as ``(inputs, targets)`` and two batches look alike
+            there: give batches as a list.
         method: ``"auto"`` (exact when the output, or the input where that
             is smaller, has at most
             :data:`AUTO_EXACT_MAX_OUTPUTS` entries, else projection with enough
