@@ -1447,6 +1447,45 @@ def test_lr_batch_trend_left_with_two_learning_rates_does_not_pass():
     assert batch_claim.value == pytest.approx(1.0) and batch_claim.passed
 
 
+def test_lr_batch_trend_reads_only_settings_every_seed_reached():
+    # each seed's GC rises with the learning rate (it refutes the claim), and
+    # seed 2 sits 20 above seed 0 at every lr. The high-GC seeds reached the
+    # target only at the small learning rates, the low-GC seed only at the
+    # large ones: pooling the runs that reached it ranked seed 2's small-lr
+    # runs above seed 0's large-lr runs, Spearman -0.8, and the claim passed
+    lrs = [0.01, 0.02, 0.05, 0.1, 0.2]
+    reached_by = {0.01: {2}, 0.02: {2}, 0.05: {1}, 0.1: {0}, 0.2: {0}}
+    config = {"base_lr": 0.05, "base_batch": 64, "target": 0.05, "batch": 64}
+
+    def records(reached_by):
+        return [
+            {
+                "config": {**config, "seed": s, "lr": lr},
+                "result": {
+                    "reached": s in reached_by[lr],
+                    "gc_train": 10.0 * (s + 1) + 0.1 * i,
+                    "test_acc": 0.5,
+                    "train_loss": 0.04 if s in reached_by[lr] else 0.3,
+                    "epochs": 10,
+                },
+            }
+            for s in range(3)
+            for i, lr in enumerate(lrs)
+        ]
+
+    claims, _ = EXPERIMENTS["lr-batch"].analyze(records(reached_by), "mnist1d")
+    lr_claim = claims[1]
+    assert lr_claim.claim.startswith("a larger learning rate gives lower GC")
+    assert math.isnan(lr_claim.value) and not lr_claim.passed
+    # every seed reached at three learning rates: the trend reads those, on
+    # the same three seeds at each, and finds GC rising (each seed's does)
+    reached_by = {0.01: {0, 1, 2}, 0.02: {0, 1, 2}, 0.05: {1}, 0.1: {0, 1, 2}}
+    claims, _ = EXPERIMENTS["lr-batch"].analyze(
+        records({**reached_by, 0.2: {0}}), "mnist1d"
+    )
+    assert claims[1].n == 9 and claims[1].value > 0 and not claims[1].passed
+
+
 def test_lr_batch_figure_keeps_runs_that_missed_the_target_off_its_gc_line(
     tmp_path, monkeypatch
 ):
