@@ -136,6 +136,46 @@ def test_claim_check_and_spearman():
     assert spearman([0.1, 0.2, 0.3], [5.0, 1.0, 0.5]) == pytest.approx(-1.0)
 
 
+def test_spearman_gives_no_rank_to_an_infinity():
+    # a run whose weights blew up can measure GC = inf (the float32 sum of
+    # squared Jacobian norms overflows) with a finite, large test loss; ranked
+    # highest it counted for "GC moves with test loss", which passed (0.83)
+    # on widths whose finite seed means read 0.66 and failed
+    assert math.isnan(spearman([1, 2, 3, 4], [1, 2, 3, math.inf]))
+    assert math.isnan(spearman([1, 2, 3, -math.inf], [1, 2, 3, 4]))
+    records = [
+        {
+            "config": {"experiment": "width-sweep", "seed": s, "width": w, "n": 100},
+            "result": {
+                "train_err": e,
+                "test_loss": t + 0.01 * s,
+                "gc_train": g * (1 + s / 10),
+                "train_loss": 0.0,
+                "test_err": 0.0,
+                "gc_test": 1.0,
+                "effective_noise": 0.1,
+            },
+        }
+        for s in range(3)
+        for w, e, t, g in zip(
+            (2, 4, 8, 16, 32, 64),
+            (0.3, 0.1, 0.0, 0.0, 0.0, 0.0),
+            (1.0, 1.5, 2.0, 1.4, 1.2, 1.1),
+            (1.0, 3.0, 9.0, 5.0, 4.0, 3.5),
+            strict=True,
+        )
+    ]
+    dd = EXPERIMENTS["double-descent"]
+    claims, _ = dd.analyze(records, "mnist1d")
+    assert claims[3].value == pytest.approx(0.6571428571428571)
+    assert not claims[3].passed
+    # seed 0's widest net diverged: GC inf, test loss 5
+    records[5]["result"].update(gc_train=math.inf, test_loss=5.0)
+    claims, _ = dd.analyze(records, "mnist1d")
+    assert claims[3].statistic.startswith("Spearman")
+    assert math.isnan(claims[3].value) and not claims[3].passed
+
+
 def _width_records(train_err, test_loss, gc):
     return [
         {

@@ -91,8 +91,10 @@ def _ranks(v: torch.Tensor) -> torch.Tensor:
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman's rank correlation (ties averaged).
 
-    NaN if either sequence is constant or holds a NaN: a diverged run has no
-    rank, and ranking it last could count for a claim. NaN too where either
+    NaN if either sequence is constant or holds a NaN or an infinity: a
+    diverged run has no rank, and ranking it last could count for a claim (a
+    run whose weights blew up can measure GC = inf, its test loss still
+    finite). NaN too where either
     holds fewer than three distinct values: two points are ranked ±1 whatever
     they are, so a trend claim left with two settings (the others' runs
     dropped, say) would pass on no evidence.
@@ -104,7 +106,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     b = torch.as_tensor(list(y), dtype=torch.float64)
     if len(a) != len(b):
         raise ValueError("x and y differ in length")
-    if a.isnan().any() or b.isnan().any():
+    if not (a.isfinite().all() and b.isfinite().all()):
         return math.nan
     if len(a.unique()) < 3 or len(b.unique()) < 3:
         return math.nan
