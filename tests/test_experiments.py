@@ -1084,6 +1084,22 @@ def test_a_nan_run_or_a_concave_fit_fails_the_claims_it_touches():
         assert [c.passed for c in claims] == [False] * 4, key
 
 
+def test_an_infinite_test_loss_or_gc_fails_every_u_curve_claim():
+    # a diverged run fails every u-curve claim; one that diverged to an
+    # infinity (GC overflowing float32, say) rather than to NaN still passed
+    # the arms claim: the mean GC of its width, inf, stood as the "highest-GC
+    # model" beyond the best width (value 8.0 for GC, 4.0 for the loss)
+    u = EXPERIMENTS["u-curve"]
+    cup = [3.0, 2.0, 1.5, 1.2, 1.6, 2.2]
+    gc = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
+    for key in ("test_loss", "gc_train"):
+        records = _width_records([0.0] * 6, cup, gc)
+        records[2]["result"][key] = math.inf
+        claims, _ = u.analyze(records, "mnist1d")
+        assert [c.passed for c in claims] == [False] * 4, key
+        assert all(math.isnan(c.value) for c in claims), key
+
+
 def test_u_curve_fails_when_test_loss_only_falls_with_gc():
     # no right arm: test loss falls with GC all the way and flattens. A parabola
     # through a saturating fall is convex with its vertex before the end, and

@@ -425,7 +425,8 @@ class UCurve(_WidthSweep):
         vertex = -b / (2 * a) if a > 0 else math.nan
         # every net dead leaves no point: claims that fail, not a ValueError
         lo, hi = (min(logs), max(logs)) if rows else (math.nan, math.nan)
-        finite = bool(rows) and not any(math.isnan(v) for v in logs + loss)
+        # an infinity (GC overflowing float32) is a diverged run as NaN is
+        finite = bool(rows) and all(math.isfinite(v) for v in logs + loss)
         # the arms from each width's seed means: over single runs, seeds that
         # spread in GC put the best run beside the lowest-GC run of its own
         # width, and a loss that only rises (or falls) passed
