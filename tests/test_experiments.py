@@ -1163,6 +1163,34 @@ def test_u_curve_arms_are_read_from_seed_means_not_single_runs():
     assert all(c.passed for c in claims) and claims[3].value == pytest.approx(4.0)
 
 
+def test_u_curve_arms_read_only_widths_where_every_seed_s_net_lives():
+    # every seed's test loss rises with GC (the lowest-GC width is best: no
+    # left arm), and widths 2 and 4 lie close in GC. Seed 0's width-2 net died
+    # (GC 0, no log GC) and left the analysis: width 2's mean GC, over seeds
+    # 1 and 2 alone (the higher-GC seeds), rose above width 4's over all three,
+    # so the best width was no longer the lowest-GC one, the arms claim read
+    # 1.005 and all four claims passed
+    u = EXPERIMENTS["u-curve"]
+    gc = [1.0, 1.04, 2.0, 4.0, 8.0, 16.0]
+    rising = [1.0, 1.01, 1.05, 1.2, 1.6, 2.5]
+    records = _seeded_width_records([0.0] * 6, rising, gc)
+    claims, _ = u.analyze(records, "mnist1d")
+    assert claims[3].value == pytest.approx(1.0) and not claims[3].passed
+    for r in records:
+        if r["config"]["seed"] == 0 and r["config"]["width"] == 2:
+            r["result"].update(gc_train=0.0, test_loss=2.3)
+    claims, _ = u.analyze(records, "mnist1d")
+    # the arms come from widths 4-64, each the mean of the same three seeds:
+    # the best, width 4, is the lowest in GC
+    assert claims[3].value == pytest.approx(1.0) and not claims[3].passed
+    # every width with a dead net: no arms to read
+    for r in records:
+        if r["config"]["seed"] == 1:
+            r["result"].update(gc_train=0.0, test_loss=2.3)
+    claims, _ = u.analyze(records, "mnist1d")
+    assert math.isnan(claims[3].value) and not claims[3].passed
+
+
 def test_u_curve_vertex_claims_each_say_what_their_one_sided_test_checks():
     # the two vertex claims share one statistic, (vertex - min) / (max - min),
     # tested < 1 and > 0: together "inside the range". The first was worded

@@ -15,7 +15,7 @@ the true class, is recorded).
   test loss against GC is a U, a convex fit in log GC whose minimum lies inside
   the observed range, and the lowest test loss belongs to neither the lowest-
   nor the highest-GC model (an arm on each side in the data, not only in the
-  fit).
+  fit; seed means, over the widths where every seed's net lives).
 
 Test-error double descent is weaker than test-loss double descent at this
 scale; both are shown, the claims are on the loss.
@@ -429,13 +429,23 @@ class UCurve(_WidthSweep):
         finite = bool(rows) and all(math.isfinite(v) for v in logs + loss)
         # the arms from each width's seed means: over single runs, seeds that
         # spread in GC put the best run beside the lowest-GC run of its own
-        # width, and a loss that only rises (or falls) passed
-        _, width_loss = seed_means(rows, "width", "test_loss")
-        _, width_gc = seed_means(rows, "width", "gc_train")
+        # width, and a loss that only rises (or falls) passed. Only widths
+        # where every seed's net lives, so that each mean is over the same
+        # seeds: a width's mean over the seeds left by a dead net carries
+        # their level of GC, and could rank it above a width that lies above
+        # it in every seed
+        seeds = {r["seed"] for r in every}
+        whole = [
+            r
+            for r in rows
+            if {q["seed"] for q in rows if q["width"] == r["width"]} == seeds
+        ]
+        _, width_loss = seed_means(whole, "width", "test_loss")
+        _, width_gc = seed_means(whole, "width", "gc_train")
         best = min(range(len(width_loss)), key=width_loss.__getitem__, default=0)
         arms = (
             min(width_gc[best] / min(width_gc), max(width_gc) / width_gc[best])
-            if finite
+            if finite and whole
             else math.nan
         )
         n = len(rows)
