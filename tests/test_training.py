@@ -800,3 +800,32 @@ def test_fit_refuses_a_regularizer_that_is_not_a_term():
 
     with pytest.raises(TypeError, match=r"regularizer must be a geocomplexity"):
         fit(mlp(), train, epochs=1, regularizer=penalty, progress=False, device="cpu")
+
+
+def test_parameters_outside_the_optimizer_do_not_pile_up_gradients():
+    # an optimizer over the head alone: fit's backward pass reaches every
+    # trainable parameter, and only the optimizer's were zeroed each step, so
+    # the first layer's .grad summed every step's gradient (steps=4: 4 of them)
+    train, _ = problem()
+
+    def run(freeze: bool):
+        model = mlp()
+        first, head = model[0], model[3]
+        if freeze:
+            first.requires_grad_(False)
+        seen = []
+        if not freeze:
+            first.weight.register_hook(lambda g: seen.append(g.clone()))
+        opt = torch.optim.SGD(head.parameters(), lr=0.3)
+        fit(model, train, optimizer=opt, steps=4, batch_size=50, device="cpu",
+            progress=False)  # fmt: skip
+        return model, seen
+
+    model, seen = run(freeze=False)
+    assert len(seen) == 4
+    # what the last step computed, as the optimizer's own parameters hold
+    torch.testing.assert_close(model[0].weight.grad, seen[-1], rtol=0, atol=0)
+    # the optimizer's parameters train exactly as with the rest frozen
+    frozen, _ = run(freeze=True)
+    for a, b in zip(model.parameters(), frozen.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -545,6 +545,11 @@ def fit(
         lrs = [float(g["lr"]) for g in opt.param_groups]
         history.config["lr"] = lrs[0] if len(set(lrs)) == 1 else lrs
     hyperparameters = _hyperparameters(opt.param_groups)
+    # trainable parameters the optimizer does not hold (a user's optimizer
+    # over a part of the model): the backward pass reaches them too, and
+    # opt.zero_grad does not, so their .grad is cleared each step by hand
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    unheld = [p for p in params if id(p) not in held]
     needs_input_grad = regularizer is not None and regularizer.reuses_input_grad
     # attention by its math kernel when a penalty may backpropagate through
     # the pass twice (the fused kernels have no double backward)
@@ -778,6 +783,8 @@ def fit(
                 if needs_input_grad:
                     xb = xb.detach().requires_grad_(True)
                 opt.zero_grad(set_to_none=True)
+                for p in unheld:
+                    p.grad = None
                 with attention():  # a penalty differentiates this pass twice
                     out = model(xb)
                 loss = loss_fn(out, yb)
