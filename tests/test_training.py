@@ -514,6 +514,28 @@ def test_language_model_example_runs_and_its_penalty_lowers_gc(capsys):
     assert "GC at the embeddings" in capsys.readouterr().out
 
 
+def test_language_model_example_trains_strength_zero_once(capsys):
+    # --strength 0 trained the unpenalised run twice (the loop went over
+    # (0.0, strength)): the same run, its time and its printed line doubled
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "language_model.py"
+    spec = importlib.util.spec_from_file_location("language_model", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    runs = []
+
+    def counted(*args, **kwargs):
+        runs.append(kwargs["regularizer"])
+        return fit(*args, **kwargs)
+
+    example.fit = counted
+    results = example.main(["--epochs", "1", "--strength", "0"])
+    assert len(runs) == 1 and list(results) == [0.0]
+    assert capsys.readouterr().out.count("GC penalty 0:") == 1
+
+
 def test_an_optimizer_class_is_built_with_the_given_lr(tmp_path):
     # optimizer=torch.optim.SGD was called as params -> optimizer, so it ran
     # at SGD's default lr (1e-3) while the history recorded lr=0.3
