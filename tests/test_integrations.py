@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -926,7 +927,18 @@ def test_torchrun_example_runs():
     measured = [line.split(", ", 1)[1] for line in lines if line.startswith("rank")]
     assert len(measured) == 2 and measured[0] == measured[1]
     assert any(line.startswith("single process:") for line in lines)
-    assert sum(line.startswith("epoch") for line in lines) == 2
+    epochs = [line for line in lines if line.startswith("epoch")]
+    assert len(epochs) == 2
+    # the epoch's mean over every rank's samples (DistributedSampler pads
+    # each rank to the same count), not rank 0's last batch (15 samples)
+    from geocomplexity.data import load
+
+    n = len(load("digits").x_train)
+    for line in epochs:
+        got = re.search(r"mean train loss ([0-9.]+) .* over the (\d+) samples", line)
+        assert got is not None, line
+        assert int(got[2]) == math.ceil(n / 2) * 2
+        assert 0 < float(got[1]) < 10
 
 
 def test_torchrun_example_run_without_torchrun_says_how_to_run_it():
