@@ -1918,3 +1918,70 @@ def test_regularizers_matched_loss_claim_keeps_a_diverged_run():
     matched = claims[-1]
     assert matched.claim.startswith("input_noise: GC below")
     assert matched.passed is False and (matched.value, matched.n) == (0.5, 2)
+
+
+def test_save_closes_the_figure_when_laying_it_out_raises(tmp_path):
+    # save called fig.tight_layout() before its try/finally: a layout error
+    # left the figure open in pyplot's registry (matplotlib warns past 20)
+    from geocomplexity.experiments.figures import pyplot, save
+
+    plt = pyplot()
+    before = plt.get_fignums()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+
+    def broken_layout(*args, **kwargs):
+        raise RuntimeError("layout failed")
+
+    fig.tight_layout = broken_layout
+    with pytest.raises(RuntimeError, match="layout failed"):
+        save(fig, tmp_path / "f.png")
+    assert plt.get_fignums() == before
+    assert not (tmp_path / "f.png").exists()
+
+
+@pytest.mark.parametrize("name", ["double-descent", "u-curve", "lr-batch"])
+def test_a_figure_that_fails_while_drawn_is_closed(tmp_path, monkeypatch, name):
+    # a plot that raised between plt.subplots and save (a bad record, a
+    # matplotlib error) left its figure open: each failed plot in a session
+    # (a notebook, a loop over experiments) kept one more figure in memory
+    from geocomplexity.experiments import lr_batch, width_sweep
+    from geocomplexity.experiments.figures import pyplot
+
+    plt = pyplot()
+
+    def broken(fig, path, dpi=100):
+        raise RuntimeError("drawing failed")
+
+    for module in (lr_batch, width_sweep):
+        monkeypatch.setattr(module, "save", broken)
+    if name == "lr-batch":
+        records = [
+            {
+                "config": {
+                    "seed": 0,
+                    "lr": lr,
+                    "batch": 64,
+                    "base_lr": 0.05,
+                    "base_batch": 64,
+                    "target": 0.05,
+                },
+                "result": {
+                    "reached": True,
+                    "gc_train": 10.0,
+                    "test_acc": 0.5,
+                    "train_loss": 0.04,
+                    "epochs": 10,
+                },
+            }
+            for lr in (0.02, 0.05, 0.1)
+        ]
+    else:
+        records = [
+            _sweep_record(name, 0, w, 0.0, 1.0 + (math.log(w) - 2) ** 2)
+            for w in (2, 4, 8, 16, 32)
+        ]
+    before = plt.get_fignums()
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        EXPERIMENTS[name].plot(records, tmp_path, "")
+    assert plt.get_fignums() == before

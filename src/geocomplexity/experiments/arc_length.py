@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from geocomplexity.arc_length import arc_length
 from geocomplexity.experiments.base import Experiment
 from geocomplexity.experiments.claims import Claim
-from geocomplexity.experiments.figures import pyplot, save
+from geocomplexity.experiments.figures import closed_on_error, pyplot, save
 from geocomplexity.experiments.runner import Context, Run
 from geocomplexity.measure import geometric_complexity
 from geocomplexity.models import mlp
@@ -235,6 +235,7 @@ class ArcLengthExperiment(Experiment):
         ]
         return claims, rows
 
+    @closed_on_error
     def plot(  # noqa: D102
         self, records: Sequence[dict[str, Any]], directory: Path, suffix: str
     ) -> list[Path]:

@@ -5,15 +5,23 @@ matplotlib is an optional dependency, imported here only when a figure is drawn.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from geocomplexity.atomic import write_with
 
-__all__ = ["data_scale", "log_colorbar", "log_xticks", "pyplot", "save"]
+__all__ = [
+    "closed_on_error",
+    "data_scale",
+    "log_colorbar",
+    "log_xticks",
+    "pyplot",
+    "save",
+]
 
 
 def pyplot() -> Any:
@@ -128,9 +136,42 @@ def save(fig: Any, path: Path, dpi: int = 100) -> Path:
     Returns:
         ``path``.
     """
-    fig.tight_layout()
     try:
+        fig.tight_layout()
         write_with(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
     finally:
         pyplot().close(fig)
     return path
+
+
+def _open_figures() -> set[int]:
+    """The numbers of pyplot's open figures (none where pyplot is not imported)."""
+    plt = sys.modules.get("matplotlib.pyplot")
+    return set() if plt is None else set(plt.get_fignums())
+
+
+def closed_on_error(draw: Callable[..., Any]) -> Callable[..., Any]:
+    """``draw``, which closes the figures it opened when it raises.
+
+    A plot that fails between ``plt.subplots`` and :func:`save` (a bad
+    record, a matplotlib error) would leave its figure in pyplot's registry,
+    one more for each failure in a session. On success the figures are
+    :func:`save`'s to close, and left alone here.
+
+    Returns:
+        The wrapped function.
+    """
+
+    @functools.wraps(draw)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        before = _open_figures()
+        try:
+            return draw(*args, **kwargs)
+        except BaseException:
+            plt = sys.modules.get("matplotlib.pyplot")
+            if plt is not None:
+                for number in _open_figures() - before:
+                    plt.close(number)
+            raise
+
+    return wrapper

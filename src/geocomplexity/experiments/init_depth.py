@@ -19,7 +19,7 @@ import torch
 from geocomplexity.data import load
 from geocomplexity.experiments.base import Experiment, seed_means
 from geocomplexity.experiments.claims import Claim, spearman
-from geocomplexity.experiments.figures import log_xticks, pyplot, save
+from geocomplexity.experiments.figures import closed_on_error, log_xticks, pyplot, save
 from geocomplexity.experiments.runner import Context, Run
 from geocomplexity.measure import measure
 from geocomplexity.models import INITS, mlp
@@ -134,6 +134,7 @@ class InitDepth(Experiment):
                 )
         return claims, rows
 
+    @closed_on_error
     def plot(  # noqa: D102
         self, records: Sequence[dict[str, Any]], directory: Path, suffix: str
     ) -> list[Path]:

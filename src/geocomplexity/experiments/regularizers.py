@@ -20,7 +20,7 @@ from typing import Any
 from geocomplexity.data import load
 from geocomplexity.experiments.base import Experiment, result_rows, seed_means
 from geocomplexity.experiments.claims import Claim, spearman
-from geocomplexity.experiments.figures import data_scale, pyplot, save
+from geocomplexity.experiments.figures import closed_on_error, data_scale, pyplot, save
 from geocomplexity.experiments.runner import Context, Run
 from geocomplexity.measure import measure
 from geocomplexity.models import mlp
@@ -208,6 +208,7 @@ class Regularizers(Experiment):
             )
         return claims, rows
 
+    @closed_on_error
     def plot(  # noqa: D102
         self, records: Sequence[dict[str, Any]], directory: Path, suffix: str
     ) -> list[Path]:

@@ -18,7 +18,7 @@ from geocomplexity.bounds import transfer_bound
 from geocomplexity.data import load
 from geocomplexity.experiments.base import Experiment
 from geocomplexity.experiments.claims import Claim
-from geocomplexity.experiments.figures import pyplot, save
+from geocomplexity.experiments.figures import closed_on_error, pyplot, save
 from geocomplexity.experiments.runner import Context, Run
 from geocomplexity.models import mlp
 from geocomplexity.training import fit
@@ -134,6 +134,7 @@ class Transfer(Experiment):
             )
         return claims, rows
 
+    @closed_on_error
     def plot(  # noqa: D102
         self, records: Sequence[dict[str, Any]], directory: Path, suffix: str
     ) -> list[Path]:

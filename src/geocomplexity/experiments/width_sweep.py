@@ -37,6 +37,7 @@ from geocomplexity.data import load
 from geocomplexity.experiments.base import Experiment, result_rows, seed_means
 from geocomplexity.experiments.claims import Claim, spearman
 from geocomplexity.experiments.figures import (
+    closed_on_error,
     log_colorbar,
     log_xticks,
     pyplot,
@@ -209,6 +210,7 @@ class _WidthSweep(Experiment):
     def execute(self, run: Run, context: Context) -> dict[str, Any]:
         return train_width(run, context.device)
 
+    @closed_on_error
     def _plot_sweep(self, records: Sequence[dict[str, Any]], path: Path) -> Path:
         plt = pyplot()
 
@@ -497,6 +499,7 @@ class UCurve(_WidthSweep):
         ]
         return claims, every
 
+    @closed_on_error
     def plot(  # noqa: D102
         self, records: Sequence[dict[str, Any]], directory: Path, suffix: str
     ) -> list[Path]:
