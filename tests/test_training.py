@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from geocomplexity.regularizers import (
@@ -851,3 +852,40 @@ def test_parameters_outside_the_optimizer_do_not_pile_up_gradients():
     frozen, _ = run(freeze=True)
     for a, b in zip(model.parameters(), frozen.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("with_penalty", [False, True])
+def test_optimizer_tensors_outside_the_model_are_trained(with_penalty):
+    # an optimizer over the model and a learnable temperature in loss_fn: the
+    # backward pass was told the model's parameters alone (inputs=...), so
+    # the temperature got no gradient and stayed at 1.0, silently
+    train, _ = problem()
+    x, y = train
+
+    def run_fit():
+        model = mlp()
+        temp = nn.Parameter(torch.tensor(1.0))
+        opt = torch.optim.SGD([*model.parameters(), temp], lr=0.3)
+        fit(model, train, optimizer=opt, steps=3, batch_size=None, device="cpu",
+            progress=False, loss_fn=lambda out, t: F.cross_entropy(out * temp, t),
+            regularizer=GeometricComplexity(1e-3) if with_penalty else None,
+            seed=5)  # fmt: skip
+        return model, temp
+
+    model, temp = run_fit()
+    assert temp.grad is not None and temp.item() != 1.0
+    if with_penalty:
+        return
+    # what the same steps give in a plain loop (full batch: no shuffle)
+    plain = mlp()
+    temp2 = nn.Parameter(torch.tensor(1.0))
+    opt = torch.optim.SGD([*plain.parameters(), temp2], lr=0.3)
+    with torch.random.fork_rng():
+        torch.manual_seed(5)  # fit's seed: the dropout masks
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(plain(x) * temp2, y).backward()
+            opt.step()
+    torch.testing.assert_close(temp, temp2)
+    for a, b in zip(model.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a, b)

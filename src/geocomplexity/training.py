@@ -548,8 +548,14 @@ def fit(
     # trainable parameters the optimizer does not hold (a user's optimizer
     # over a part of the model): the backward pass reaches them too, and
     # opt.zero_grad does not, so their .grad is cleared each step by hand
-    held = {id(p) for g in opt.param_groups for p in g["params"]}
-    unheld = [p for p in params if id(p) not in held]
+    held = [p for g in opt.param_groups for p in g["params"]]
+    held_ids = {id(p) for p in held}
+    unheld = [p for p in params if id(p) not in held_ids]
+    # and the optimizer's tensors outside the model (a learnable temperature
+    # in loss_fn): the backward pass, told its inputs, reaches them only when
+    # named, and without a gradient they were never stepped
+    in_model = {id(p) for p in params}
+    params = params + [p for p in held if p.requires_grad and id(p) not in in_model]
     needs_input_grad = regularizer is not None and regularizer.reuses_input_grad
     # attention by its math kernel when a penalty may backpropagate through
     # the pass twice (the fused kernels have no double backward)
