@@ -29,8 +29,10 @@ right after the same one; the median is reported. Rounds continue
 until a per-model time budget runs out, between a minimum and maximum count.
 
 Also measured: the exact data-set GC of MNIST-1D's 4000 training points with
-model (a) against one training epoch (8 steps of batch 512), and the peak memory
-of exact GC on the CNN for chunk sizes 1, 2 and 10, each in a fresh subprocess.
+model (a) against one training epoch (8 steps of batch 512); exact GC where the
+input is smaller than the output (model (e), 32 inputs, 784 outputs: forward
+mode) against ``vmap(jacfwd)`` and (1+d) forwards; and the peak memory of exact
+GC on the CNN for chunk sizes 1, 2 and 10, each in a fresh subprocess.
 
 Results go to ``benchmarks/results/measure.json``; a markdown table for the
 README is printed to stdout. This is a benchmark, never a test: the floors
@@ -601,6 +603,89 @@ def bench_mnist1d(budget_s: float, min_rounds: int, max_rounds: int) -> dict[str
     }
 
 
+# ------------------------------------------------------------------ d < k (e)
+
+
+def vmap_jacfwd_sq_norms(model: nn.Module, x: Tensor) -> Tensor:
+    """Per-sample ‖J‖_F² via ``vmap(jacfwd(f))`` (forward mode), detached weights."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def f(xi: Tensor) -> Tensor:
+        out = torch.func.functional_call(model, (params, buffers), (xi.unsqueeze(0),))
+        return out.squeeze(0)
+
+    jac = torch.func.vmap(torch.func.jacfwd(f))(x)
+    return jac.reshape(x.shape[0], -1).pow(2).sum(1)
+
+
+def bench_wide_output(
+    budget_s: float, min_rounds: int, max_rounds: int
+) -> dict[str, Any]:
+    """Exact GC where the input is smaller than the output: forward mode.
+
+    A decoder-shaped MLP 32-256-256-784 (d = 32 inputs, k = 784 outputs, batch
+    256): exact takes d JVPs, batched (``vmap`` over ``torch.func.jvp``, the
+    primal once a pass), against ``chunk_size=1`` (one dual pass a direction,
+    each rerunning the primal), ``vmap(jacfwd)`` and ``vmap(jacrev)``, and the
+    bar of (1+d) forwards.
+    """
+    torch.manual_seed(0)
+    model = mlp([32, 256, 256, 784]).eval().to(DEVICE)
+    x = torch.randn(256, 32).to(DEVICE)
+    d = x.shape[1]
+    methods = {
+        "forward": Timed(forward_fn(model, x)),
+        "exact (default chunk)": Timed(gc(model, x, method="exact")),
+        "exact chunk_size=1": Timed(gc(model, x, method="exact", chunk_size=1)),
+        "vmap(jacfwd)": Timed(lambda: vmap_jacfwd_sq_norms(model, x)),
+        "vmap(jacrev)": Timed(lambda: vmap_jacrev_sq_norms(model, x)),
+    }
+    rounds = time_interleaved(methods, budget_s, min_rounds, max_rounds)
+    exact = geocomplexity.geometric_complexity(model, x, method="exact")
+    check = {
+        "rel_err_exact_vs_vmap_jacfwd": rel_err(
+            vmap_jacfwd_sq_norms(model, x).mean(), exact
+        ),
+        "rel_err_exact_chunk_size=1": rel_err(
+            geocomplexity.geometric_complexity(model, x, chunk_size=1), exact
+        ),
+    }
+    warn_check("(e) d < k", check)
+    forward = methods["forward"]
+    bases = {
+        "x_1pd_forwards": (forward, 1.0 + d),
+        "x_vmap_jacfwd": (methods["vmap(jacfwd)"], 1.0),
+    }
+    rows = {}
+    for name, m in methods.items():
+        rows[name] = {
+            "median_ms": m.median_ms,
+            "repeats": len(m.samples),
+            "iqr_pct": m.iqr_pct,
+            "x_1pd_forwards": ratio(
+                m.median_ms,
+                None if forward.median_ms is None else (1 + d) * forward.median_ms,
+            ),
+            "x_vmap_jacfwd": ratio(m.median_ms, methods["vmap(jacfwd)"].median_ms),
+            "paired": {f: paired_interval(m, b, fac) for f, (b, fac) in bases.items()},
+        }
+        if m.error:
+            rows[name]["error"] = m.error
+    return {
+        "name": "(e) MLP 32-256-256-784, d=32 < k=784",
+        "batch": len(x),
+        "inputs_d": d,
+        "outputs_k": 784,
+        "default_chunk_size": geocomplexity.jacobian._default_chunk(
+            model, d, x, 784, backward=False
+        ),
+        "rounds": rounds,
+        "methods": rows,
+        "check": check,
+    }
+
+
 # -------------------------------------------------------------------- peak memory
 
 
@@ -909,6 +994,23 @@ def markdown(result: dict[str, Any]) -> str:
         "projection; weights frozen, no checks, nothing restored): where it misses "
         "the floor too, PyTorch autograd cannot reach it on this machine.",
     ]
+    wide = result.get("wide_output")
+    if wide:
+        lines += [
+            "",
+            f"Exact GC where d < k, {wide['name']} (B={wide['batch']}): forward "
+            f"mode, d JVPs (default chunk={wide['default_chunk_size']}); median ms, "
+            "ratios to (1+d) forwards and to `vmap(jacfwd)`.",
+            "",
+            "| method | ms | × (1+d) fwd | × vmap(jacfwd) |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, row in wide["methods"].items():
+            label = name + (" (error)" if "error" in row else "")
+            lines.append(
+                f"| {label} | {fmt(row['median_ms'], 1)} "
+                f"| {fmt(row['x_1pd_forwards'])} | {fmt(row['x_vmap_jacfwd'])} |"
+            )
     mem = result.get("peak_memory")
     if mem:
         cuda = meta.get("device", "cpu") != "cpu"
@@ -968,6 +1070,8 @@ def main(argv: list[str] | None = None) -> int:
         models[key] = bench_model(case, budget, lo, hi, naive)
     print("timing MNIST-1D data-set GC ...", file=sys.stderr, flush=True)
     mn = bench_mnist1d(budget / 2, lo, hi)
+    print("timing (e), d < k ...", file=sys.stderr, flush=True)
+    wide = bench_wide_output(budget / 2, lo, hi)
     print("peak memory ...", file=sys.stderr, flush=True)
     mem = bench_peak_memory(args.threads)
 
@@ -997,6 +1101,7 @@ def main(argv: list[str] | None = None) -> int:
         "models": models,
         "floors": check_floors(models),
         "mnist1d": mn,
+        "wide_output": wide,
         "peak_memory": mem,
     }
     result["meta"]["wall_s"] = time.perf_counter() - t_start
