@@ -21,10 +21,10 @@ from geocomplexity.integrations.torchmetrics import GeometricComplexity as Metri
 from geocomplexity.regularizers import GeometricComplexity, GradientNorm
 
 
-def net(d_out: int = 3) -> torch.nn.Module:
+def net(d_out: int = 3, d_in: int = 5) -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(
-        torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, d_out)
+        torch.nn.Linear(d_in, 16), torch.nn.Tanh(), torch.nn.Linear(16, d_out)
     ).double()
 
 
@@ -51,10 +51,12 @@ def main(path: str) -> None:
     twice = measure(model, x, method="exact", distributed=True, progress=False)
     out["unsharded_n"] = twice.num_samples
     # auto on a wide output: every rank must pick the same method and probes
-    wide = net(d_out=64)
+    # (40 inputs: exact's forward mode would take d JVPs, were d at most 32)
+    wide = net(d_out=64, d_in=40)
+    x_wide = torch.randn(37, 40, generator=g, dtype=torch.float64)
     auto = measure(
         wide,
-        x[rank::world],
+        x_wide[rank::world],
         method="auto",
         rtol=0.2,
         generator=torch.Generator().manual_seed(rank),

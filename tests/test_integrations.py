@@ -907,6 +907,7 @@ def test_distributed_measure_metric_and_ddp_penalty_equal_single_process(tmp_pat
     assert d["rank0_alone"] == 37
     picks = d["auto_picks"]
     assert picks[0] == picks[1] and picks[0][2] == 37  # one method for all ranks
+    assert picks[0][0] == "projection"  # the pilot's probes agree too
     for a, b in zip(d["ddp_grads"], d["single_grads"], strict=True):
         torch.testing.assert_close(
             torch.tensor(a), torch.tensor(b), rtol=1e-10, atol=1e-13
