@@ -1985,3 +1985,49 @@ def test_a_figure_that_fails_while_drawn_is_closed(tmp_path, monkeypatch, name):
     with pytest.raises(RuntimeError, match="drawing failed"):
         EXPERIMENTS[name].plot(records, tmp_path, "")
     assert plt.get_fignums() == before
+
+
+def test_lr_batch_figure_line_joins_only_the_settings_the_claim_reads(
+    tmp_path, monkeypatch
+):
+    # the trend claim reads only the settings where every seed reached the
+    # target (_every_seed_reached); the figure's seed-mean line joined every
+    # run that reached it, so at lr 0.02 (seed 1 stopped above the target)
+    # seed 0 alone stood for the setting, a point the claim leaves out
+    from geocomplexity.experiments import lr_batch
+
+    figures = _drawn(monkeypatch, lr_batch)
+    config = {"base_lr": 0.05, "base_batch": 64, "target": 0.05, "batch": 64}
+    reached_by = {0.02: {0}, 0.05: {0, 1}, 0.1: {0, 1}}
+    records = [
+        {
+            "config": {**config, "seed": s, "lr": lr},
+            "result": {
+                "reached": s in seeds,
+                "gc_train": 10.0 * (s + 1) + lr,
+                "test_acc": 0.5,
+                "train_loss": 0.04 if s in seeds else 0.5,
+                "epochs": 10,
+            },
+        }
+        for lr, seeds in reached_by.items()
+        for s in (0, 1)
+    ]
+    claims, _ = EXPERIMENTS["lr-batch"].analyze(records, "mnist1d")
+    assert claims[1].n == 4  # lr 0.05 and 0.1, two seeds each
+    EXPERIMENTS["lr-batch"].plot(records, tmp_path, "")
+    (fig,) = figures
+    ax = fig.axes[0]  # GC against the learning rate, at batch 64
+    gc_line = ax.lines[0]
+    assert list(gc_line.get_xdata()) == [0.05, 0.1]
+    assert list(gc_line.get_ydata()) == pytest.approx([15.05, 15.1])
+    # the run that reached the target where another seed did not is drawn,
+    # apart from the line and the claim's runs, and says it is not in the claim
+    (partial,) = [ln for ln in ax.lines if "not every seed" in ln.get_label()]
+    assert list(partial.get_xdata()) == [0.02]
+    assert list(partial.get_ydata()) == pytest.approx([10.02])
+    (missed,) = [ln for ln in ax.lines if "stopped above" in ln.get_label()]
+    assert list(missed.get_xdata()) == [0.02]
+    # the faint per-run dots are the claim's runs only
+    dots = [ln for ln in ax.lines if ln.get_marker() == "."]
+    assert sorted(x for ln in dots for x in ln.get_xdata()) == [0.05, 0.05, 0.1, 0.1]

@@ -203,19 +203,32 @@ class LrBatch(Experiment):
             sel = [r for r in rows if r[fixed[0]] == fixed[1]]
             # GC "at the target" only where the run got there: a run stopped
             # at max_epochs above it is less fitted, so lower in GC for that
-            # alone, and the claim leaves it out; the line does too
-            reached = [r for r in sel if r["reached"]]
+            # alone, and the claim leaves it out; the line does too. The
+            # claim also leaves out the other seeds of its setting (see
+            # _every_seed_reached): the line joins the claim's settings only,
+            # and those seeds' runs are marked apart
+            claimed = _every_seed_reached(sel, key)
+            partial = [r for r in sel if r["reached"] and r not in claimed]
             missed = [r for r in sel if not r["reached"]]
             # seed means joined; each run a faint dot
-            xs, gc = seed_means(reached, key, "gc_train")
+            xs, gc = seed_means(claimed, key, "gc_train")
             ax.plot(xs, gc, "o-", label="GC (train), seed mean")
             ax.plot(
-                [r[key] for r in reached],
-                [r["gc_train"] for r in reached],
+                [r[key] for r in claimed],
+                [r["gc_train"] for r in claimed],
                 ".",
                 color="C0",
                 alpha=0.3,
             )
+            if partial:
+                ax.plot(
+                    [r[key] for r in partial],
+                    [r["gc_train"] for r in partial],
+                    "o",
+                    mfc="none",
+                    color="C0",
+                    label="reached, but not every seed did (not in the claim)",
+                )
             if missed:
                 ax.plot(
                     [r[key] for r in missed],
