@@ -2031,3 +2031,44 @@ def test_lr_batch_figure_line_joins_only_the_settings_the_claim_reads(
     # the faint per-run dots are the claim's runs only
     dots = [ln for ln in ax.lines if ln.get_marker() == "."]
     assert sorted(x for ln in dots for x in ln.get_xdata()) == [0.05, 0.05, 0.1, 0.1]
+
+
+def test_arc_length_ratio_claims_read_only_smooth_runs_that_interpolate():
+    # a run stopped at max_steps above the MSE target is no interpolant: its
+    # curve can cut corners, arc and ∫f'² below the PL interpolant's (ratio
+    # < 1). The ratio claims took the max over every smooth run, so with no
+    # smooth run fitted both passed on no evidence
+    exp = EXPERIMENTS["arc-length"]
+    x = [-1.0, 0.0, 1.0]
+    y = [0.0, 1.0, 0.0]  # PL interpolant: ∫f'² = 2
+
+    def record(seed, interpolated, ratio, dirichlet):
+        return {
+            "config": {"experiment": "arc-length", "seed": seed, "target": "sin"},
+            "result": {
+                "steps": 3000,
+                "mse": 1e-8 if interpolated else 0.05,
+                "interpolated": interpolated,
+                "arc": ratio * 2 * 2**0.5,
+                "arc_pl": 2 * 2**0.5,
+                "ratio": ratio,
+                "dirichlet": dirichlet,
+                "dirichlet_gap": 0.01,
+                "max_slope": 1.0,
+                "x": x,
+                "y": y,
+            },
+        }
+
+    def ratio_claims(records):
+        claims, _ = exp.analyze(records, "1-D synthetic")
+        return [c for c in claims if "within 1.1x" in c.claim]
+
+    # no smooth run fitted (energy ratio 0.4 / 2 = 0.2): nothing to claim on
+    unfitted = [record(0, False, 0.8, 2.4), record(1, False, 0.9, 2.6)]
+    for claim in ratio_claims(unfitted):
+        assert math.isnan(claim.value) and not claim.passed and claim.n == 0
+    # one fitted: the claims read it alone, not the unfitted run's 1.5
+    mixed = [record(0, False, 1.5, 4.0), record(1, True, 1.05, 3.05)]
+    for claim in ratio_claims(mixed):
+        assert claim.value == pytest.approx(1.05) and claim.passed and claim.n == 1
