@@ -2072,3 +2072,47 @@ def test_arc_length_ratio_claims_read_only_smooth_runs_that_interpolate():
     mixed = [record(0, False, 1.5, 4.0), record(1, True, 1.05, 3.05)]
     for claim in ratio_claims(mixed):
         assert claim.value == pytest.approx(1.05) and claim.passed and claim.n == 1
+
+
+def test_regularizers_matched_gc_is_read_where_the_baseline_first_fell_to_the_loss():
+    # _matched_gc skipped a crossing whose GC was 0 or NaN and read a later
+    # one: the baseline's loss fell through 0.75 first at a NaN GC, then rose
+    # and fell through it again at GC 20, and the run's GC 10 counted as below
+    # the baseline's at the same loss, passing the claim on that later epoch
+    from geocomplexity.experiments.regularizers import _matched_gc
+
+    exp = EXPERIMENTS["regularizers"]
+    curve = [(2.0, 1.0), (1.0, math.nan), (0.5, 8.0), (1.5, 20.0), (0.1, 20.0)]
+
+    def record(kind, strength, train_loss, gc):
+        return {
+            "config": {
+                "experiment": "regularizers",
+                "seed": 0,
+                "kind": kind,
+                "strength": strength,
+            },
+            "result": {
+                "train_loss": train_loss,
+                "test_acc": 0.5,
+                "test_loss": 1.0,
+                "gc_train": gc,
+                "curve": curve if kind == "none" else None,
+            },
+        }
+
+    records = [record("none", 0.0, 0.1, 20.0)]
+    for kind in ("l2", "gradient_norm", "spectral_norm", "geometric_complexity"):
+        records.append(record(kind, 1.0, 0.75, 10.0))
+    records.append(record("input_noise", 1.0, 0.75, 10.0))
+    claims, rows = exp.analyze(records, "mnist1d")
+    assert math.isnan(rows[1]["gc_baseline_matched"])
+    matched = claims[-1]
+    assert matched.claim.startswith("input_noise: GC below")
+    assert matched.n == 1 and not matched.passed
+    # a GC of 0 at the first crossing: log-linear between 1 and 0 is 0 inside
+    # the epoch, not the later crossing's 20; an end of the segment is its GC
+    dead = [(2.0, 1.0), (1.0, 0.0), (1.5, 20.0), (0.1, 20.0)]
+    assert _matched_gc(dead, 1.2) == 0.0
+    assert _matched_gc(dead, 2.0) == 1.0
+    assert math.isnan(_matched_gc(curve, 1.5))

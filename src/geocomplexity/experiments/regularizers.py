@@ -78,10 +78,22 @@ def _matched_gc(curve: list[tuple[float, float]], loss: float) -> float:
     """The baseline's GC when its train loss first fell to ``loss``.
 
     Log-linear between epochs; NaN if it never rose that high or fell that low.
+    The first crossing decides, whatever its GC: a GC of 0 at one end is 0
+    inside the epoch (the log-linear limit), and a NaN GC there gives NaN (not
+    known there; a later crossing, after the loss rose again, is another point
+    of training and does not stand in for it).
     """
     for (l0, g0), (l1, g1) in itertools.pairwise(curve):
-        if l0 >= loss >= l1 and g0 > 0 and g1 > 0:
+        if l0 >= loss >= l1:
             t = 0.0 if l0 == l1 else (l0 - loss) / (l0 - l1)
+            if t == 0.0:
+                return g0
+            if t == 1.0:
+                return g1
+            if math.isnan(g0) or math.isnan(g1):
+                return math.nan
+            if g0 == 0 or g1 == 0:
+                return 0.0
             return math.exp((1 - t) * math.log(g0) + t * math.log(g1))
     return math.nan
 
