@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -557,6 +558,36 @@ def _choose(pilot: list[float], total: int, rtol: float) -> tuple[str, int]:
     return ("exact", 1) if probes >= cost else ("projection", probes)
 
 
+def _warn_probes_sized_for_more(
+    pilot: list[float], sized_for: int, count: int, probes: int, rtol: float
+) -> None:
+    r"""Warn where data that ended short of their sizing miss ``rtol``.
+
+    For data of unknown length ``method="auto"`` sizes its probes for
+    ``max_samples``. Data that end before have fewer samples to average the
+    probe noise over: from the pilot's σ² and m, the probe part of the
+    relative standard error is :math:`\sqrt{σ^2 / (N P m^2)}` on the ``N``
+    samples measured with ``P`` probes, and where it exceeds ``rtol`` the
+    caller is told, as the samples cannot be measured again (a generator).
+    """
+    _, nm, nvar, n = pilot
+    m, var = nm / n, nvar / n
+    achieved = math.sqrt(var / (count * probes * m**2))
+    if not achieved > rtol:
+        return
+    needed = math.ceil(var / (count * m**2 * rtol**2))
+    warnings.warn(
+        f"method='auto' sized its probes for {sized_for} samples (max_samples, "
+        f"the data's length being unknown), but the data ended after {count} "
+        f"samples: with {probes} probe{'s' if probes > 1 else ''} per sample the "
+        f"probe part of the relative error is about {achieved:.2g}, above "
+        f"rtol={rtol:g} (it needs about {needed} probes). Pass max_samples no "
+        "larger than the data, data of known length (a tensor, or a Dataset or "
+        "loader with a length), or num_probes",
+        stacklevel=3,
+    )
+
+
 @contextlib.contextmanager
 def _single_sample_batchnorm(x: Tensor, seen: int) -> Iterator[None]:
     """Name the cause and the fix of train-mode BatchNorm's error on one sample.
@@ -683,7 +714,12 @@ def measure(
             :func:`geocomplexity.jacobian_sq_norms`.
         batch_size: batch size for tensors and datasets (an iterable of
             batches keeps its own).
-        max_samples: stop after this many samples.
+        max_samples: stop after this many samples. For data of unknown
+            length (a generator, an iterable without ``len``) ``"auto"`` sizes
+            its probes for ``max_samples`` samples: data that end well before
+            get too few probes for ``rtol``, and a warning says so once they
+            end (pass ``max_samples`` no larger than the data, or data of
+            known length).
         progress: show a progress bar; ``None`` shows one on a terminal.
         generator: source of probe randomness (see ``jacobian_sq_norms``).
         output: what is differentiated (see ``jacobian_sq_norms``).
@@ -698,7 +734,12 @@ def measure(
         rtol: target relative standard error of the probe noise for ``"auto"``,
             which sizes the probes by a two-probe pilot on the first batches
             (at least :data:`AUTO_PILOT_SAMPLES` samples where the data have
-            them).
+            them) for the data's length, or ``max_samples`` where that is
+            unknown; without either, for the pilot's samples (more probes than
+            a longer stream needs). A ``UserWarning`` says when the data ended
+            short of ``max_samples`` and the probe part of the relative error,
+            from the pilot's σ² and m and the samples and probes measured,
+            exceeds ``rtol``.
         chunk_size: VJPs per backward pass (see ``jacobian_sq_norms``).
         eps: finite-difference step.
         per_sample: keep every per-sample value in the result (this process's
@@ -803,10 +844,16 @@ def measure(
         _check_model_matches(model, x)
         return x
 
+    # the pilot and the sample count auto sized its probes for, if it did
+    sized: tuple[list[float], int] | None = None
+
     def choose(pilot: list[float], n: int) -> tuple[str, int]:
+        nonlocal sized
         chosen, probes = _choose(pilot, n, rtol)
         if num_probes is not None and chosen == "projection":
             probes = num_probes  # the caller's count wins over the pilot's
+        elif chosen == "projection":
+            sized = (pilot, n)
         return chosen, probes
 
     if collective and method == "auto":
@@ -917,6 +964,8 @@ def measure(
         stats = merged
     if stats.count == 0:
         raise ValueError("data is empty: there is no sample to measure")
+    if sized is not None and stats.count < sized[1]:
+        _warn_probes_sized_for_more(sized[0], sized[1], stats.count, probes, rtol)
     return GCResult(
         value=stats.mean,
         stderr=stats.stderr,
