@@ -1882,6 +1882,25 @@ def test_u_curve_claims_fail_on_an_undetermined_fit(tmp_path):
     assert not any(c.passed for c in claims) and {c.n for c in claims} == {0}
 
 
+def _regularizers_record(kind, strength, train_loss, gc, curve):
+    """A regularizers-experiment record; the baseline ("none") holds ``curve``."""
+    return {
+        "config": {
+            "experiment": "regularizers",
+            "seed": 0,
+            "kind": kind,
+            "strength": strength,
+        },
+        "result": {
+            "train_loss": train_loss,
+            "test_acc": 0.5,
+            "test_loss": 1.0,
+            "gc_train": gc,
+            "curve": curve if kind == "none" else None,
+        },
+    }
+
+
 def test_regularizers_matched_loss_claim_keeps_a_diverged_run():
     # a run whose training diverged (NaN train loss and GC) was not "nontrivial"
     # (NaN >= 1.2 x baseline is False), so the matched-loss claim dropped it and
@@ -1890,21 +1909,7 @@ def test_regularizers_matched_loss_claim_keeps_a_diverged_run():
     curve = [(2.0, 1.0), (1.0, 4.0), (0.5, 8.0), (0.1, 16.0)]
 
     def record(kind, strength, train_loss, gc):
-        return {
-            "config": {
-                "experiment": "regularizers",
-                "seed": 0,
-                "kind": kind,
-                "strength": strength,
-            },
-            "result": {
-                "train_loss": train_loss,
-                "test_acc": 0.5,
-                "test_loss": 1.0,
-                "gc_train": gc,
-                "curve": curve if kind == "none" else None,
-            },
-        }
+        return _regularizers_record(kind, strength, train_loss, gc, curve)
 
     kinds = ("l2", "gradient_norm", "spectral_norm", "geometric_complexity")
     records = [record("none", 0.0, 0.1, 16.0)]
@@ -2085,21 +2090,7 @@ def test_regularizers_matched_gc_is_read_where_the_baseline_first_fell_to_the_lo
     curve = [(2.0, 1.0), (1.0, math.nan), (0.5, 8.0), (1.5, 20.0), (0.1, 20.0)]
 
     def record(kind, strength, train_loss, gc):
-        return {
-            "config": {
-                "experiment": "regularizers",
-                "seed": 0,
-                "kind": kind,
-                "strength": strength,
-            },
-            "result": {
-                "train_loss": train_loss,
-                "test_acc": 0.5,
-                "test_loss": 1.0,
-                "gc_train": gc,
-                "curve": curve if kind == "none" else None,
-            },
-        }
+        return _regularizers_record(kind, strength, train_loss, gc, curve)
 
     records = [record("none", 0.0, 0.1, 20.0)]
     for kind in ("l2", "gradient_norm", "spectral_norm", "geometric_complexity"):
