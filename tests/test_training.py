@@ -889,3 +889,56 @@ def test_optimizer_tensors_outside_the_model_are_trained(with_penalty):
     torch.testing.assert_close(temp, temp2)
     for a, b in zip(model.parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("with_penalty", [False, True])
+def test_a_resumed_run_carries_the_optimizers_tensors_outside_the_model(
+    tmp_path, with_penalty
+):
+    # a learnable temperature in loss_fn, held by the user's optimizer: the
+    # checkpoint held the model and the optimizer's state, not the
+    # temperature's value, so a resumed run restarted it from whatever value
+    # it had when fit was called again (a fresh 1.0) and trained on from there
+    train, test = problem()
+    ckpt = tmp_path / "run.pt"
+
+    def run(checkpoint=None, callbacks=()):
+        model = mlp()
+        temp = nn.Parameter(torch.tensor(1.0))
+        opt = torch.optim.Adam([*model.parameters(), temp], lr=0.05)
+        h = fit(model, train, test, optimizer=opt, epochs=4, batch_size=50,
+                device="cpu", progress=False, seed=5, checkpoint=checkpoint,
+                loss_fn=lambda out, t: F.cross_entropy(out * temp, t),
+                regularizer=GeometricComplexity(1e-3) if with_penalty else None,
+                callbacks=callbacks)  # fmt: skip
+        return h, model, temp
+
+    whole, whole_model, whole_temp = run()
+
+    def stop_at_epoch_2(history, model):
+        if history.final["epoch"] == 2:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        run(ckpt, callbacks=[stop_at_epoch_2])
+    resumed, resumed_model, resumed_temp = run(ckpt)
+    assert whole_temp.item() != 1.0
+    assert resumed_temp.item() == whole_temp.item()
+    assert [r["train_loss"] for r in resumed.records] == whole["train_loss"]
+    for a, b in zip(resumed_model.parameters(), whole_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # a finished checkpoint hands the trained temperature back too
+    _, _, again_temp = run(ckpt)
+    assert again_temp.item() == whole_temp.item()
+    # and the checkpoint still loads as data only
+    torch.load(ckpt, weights_only=True)
+    # a temperature of another shape is another run, refused before it is
+    # broadcast into
+    model, temp = mlp(), nn.Parameter(torch.ones(4))
+    opt = torch.optim.Adam([*model.parameters(), temp], lr=0.05)
+    term = GeometricComplexity(1e-3) if with_penalty else None
+    with pytest.raises(ValueError, match="different run"):
+        fit(model, train, test, optimizer=opt, epochs=4, batch_size=50,
+            device="cpu", progress=False, seed=5, checkpoint=ckpt,
+            loss_fn=lambda out, t: F.cross_entropy(out * temp, t),
+            regularizer=term)  # fmt: skip

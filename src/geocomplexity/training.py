@@ -348,9 +348,11 @@ def fit(
             batch on the device (random crops and flips, say); it must draw its
             randomness from ``generator`` so the run stays reproducible.
         checkpoint: a file to resume from and to save to: the model, the
-            optimizer, the noisy labels, every random state and the history so
-            far, written atomically every ``checkpoint_every`` epochs and at the
-            end, loaded with ``weights_only=True``. A run that is killed resumes
+            optimizer (and the values of its tensors outside the model, a
+            temperature in ``loss_fn`` say), the noisy labels, every random
+            state and the history so far, written atomically every
+            ``checkpoint_every`` epochs and at the end, loaded with
+            ``weights_only=True``. A run that is killed resumes
             where its last checkpoint left it and gives the numbers an
             uninterrupted run gives (on the same kind of device: resumed on
             another, a CUDA checkpoint on the CPU say, it carries on with that
@@ -555,7 +557,8 @@ def fit(
     # in loss_fn): the backward pass, told its inputs, reaches them only when
     # named, and without a gradient they were never stepped
     in_model = {id(p) for p in params}
-    params = params + [p for p in held if p.requires_grad and id(p) not in in_model]
+    outside = [p for p in held if p.requires_grad and id(p) not in in_model]
+    params = params + outside
     needs_input_grad = regularizer is not None and regularizer.reuses_input_grad
     # attention by its math kernel when a penalty may backpropagate through
     # the pass twice (the fused kernels have no double backward)
@@ -652,6 +655,11 @@ def fit(
             "step": step,
             "elapsed": time.perf_counter() - t0,
             "model": model.state_dict(),
+            # the optimizer's tensors outside the model (a temperature in
+            # loss_fn): trained, and neither in the model's state nor the
+            # optimizer's, so a resumed run restarted them from their values
+            # at the call
+            "outside": [p.detach().clone() for p in outside],
             "optimizer": opt.state_dict(),
             "hyperparameters": hyperparameters,
             "labels": y,
@@ -721,10 +729,25 @@ def fit(
         if resumed is None:
             record(0, 0, math.nan, t0)
         else:
+            # checkpoints written before "outside" have none to put back
+            saved = resumed.get("outside")
+            theirs_shapes = [tuple(t.shape) for t in saved or []]
+            mine_shapes = [tuple(p.shape) for p in outside]
+            if saved is not None and theirs_shapes != mine_shapes:
+                raise ValueError(
+                    f"checkpoint {checkpoint} was written by a different run: "
+                    "its optimizer held tensors outside the model of shapes "
+                    f"{theirs_shapes}, this one {mine_shapes}; delete it or "
+                    "pass another checkpoint path"
+                )
             start, step = resumed["epoch"], resumed["step"]
             t0 -= resumed["elapsed"]
             model.load_state_dict(resumed["model"])
             opt.load_state_dict(resumed["optimizer"])
+            if saved is not None:
+                with torch.no_grad():
+                    for p, value in zip(outside, saved, strict=True):
+                        p.copy_(value)
             y = resumed["labels"].to(dev)
             torch.set_rng_state(resumed["rng"])
             # the device's own streams (dropout's, the penalty's fallback
