@@ -942,3 +942,34 @@ def test_a_resumed_run_carries_the_optimizers_tensors_outside_the_model(
             device="cpu", progress=False, seed=5, checkpoint=ckpt,
             loss_fn=lambda out, t: F.cross_entropy(out * temp, t),
             regularizer=term)  # fmt: skip
+
+
+def test_history_json_is_strict_json_with_infinities_that_round_trip(tmp_path):
+    # NaN was written as null, but an infinite value (a diverged run's loss, a
+    # GC that overflowed) as the bare token Infinity, which is not JSON: strict
+    # readers (JavaScript's JSON.parse, Python's with parse_constant refusing)
+    # rejected the whole file
+    import json
+
+    h = History(
+        records=[
+            {"epoch": 0, "train_loss": math.inf, "gc_train": -math.inf},
+            {"epoch": 1, "train_loss": 0.5, "gc_train": math.nan},
+        ],
+        config={"lr": 0.1},
+    )
+    text = h.to_json()
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    json.loads(text, parse_constant=refuse)  # strict: no NaN/Infinity tokens
+    back = History.from_json(text)
+    assert back.records[0] == {"epoch": 0, "train_loss": math.inf,
+                               "gc_train": -math.inf}  # fmt: skip
+    assert back.records[1]["train_loss"] == 0.5
+    assert math.isnan(back.records[1]["gc_train"])
+    # files written before (Python's Infinity token) still read
+    old = json.dumps({"records": [{"a": math.inf}], "config": {},
+                      "effective_label_noise": 0.0})  # fmt: skip
+    assert History.from_json(old).records == [{"a": math.inf}]

@@ -66,7 +66,11 @@ class History:
         return self.records[-1]
 
     def to_json(self) -> str:
-        """Serialise (NaN as ``null``).
+        """Serialise as strict JSON.
+
+        In the records, NaN is written as ``null`` and an infinity as the
+        string ``"Infinity"`` or ``"-Infinity"`` (JSON has no token for
+        either); :meth:`from_json` reads them back.
 
         A numpy scalar or a one-element tensor (a value a ``fit`` callback
         added to a record: ``np.float32``, ``np.int64``, ``w.norm()``) is
@@ -77,10 +81,7 @@ class History:
             A JSON string.
         """
         clean = [
-            {
-                k: (None if isinstance(v, float) and math.isnan(v) else v)
-                for k, v in ((k, _scalar(v)) for k, v in r.items())
-            }
+            {k: _encode(v) for k, v in ((k, _scalar(v)) for k, v in r.items())}
             for r in self.records
         ]
         return json.dumps(
@@ -95,15 +96,32 @@ class History:
             The history.
         """
         d = json.loads(text)
-        d["records"] = [
-            {k: (math.nan if v is None else v) for k, v in r.items()}
-            for r in d["records"]
-        ]
+        d["records"] = [{k: _decode(v) for k, v in r.items()} for r in d["records"]]
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
         """Write :meth:`to_json` to ``path`` atomically (temp file, then rename)."""
         write_text(Path(path), self.to_json())
+
+
+#: A record's infinities in JSON, which has no token for them.
+_INFINITIES = {"Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _encode(value: Any) -> Any:
+    """A record's value as strict JSON holds it: NaN as None, inf as a string."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+    return value
+
+
+def _decode(value: Any) -> Any:
+    """Inverse of :func:`_encode`."""
+    if value is None:
+        return math.nan
+    if isinstance(value, str) and value in _INFINITIES:
+        return _INFINITIES[value]
+    return value
 
 
 def _scalar(value: Any) -> Any:
