@@ -973,3 +973,32 @@ def test_history_json_is_strict_json_with_infinities_that_round_trip(tmp_path):
     old = json.dumps({"records": [{"a": math.inf}], "config": {},
                       "effective_label_noise": 0.0})  # fmt: skip
     assert History.from_json(old).records == [{"a": math.inf}]
+
+
+@pytest.mark.parametrize("compose", [False, True])
+def test_finite_difference_gradient_norm_refuses_tensors_outside_the_model(compose):
+    # its gradient 2λHg comes from a pass at shifted model parameters: a
+    # temperature in loss_fn got none of it (0.35 where double backprop gives
+    # 3.4), training on the task loss alone, silently
+    from geocomplexity.regularizers import L2, GradientNorm
+
+    train, _ = problem()
+    model = mlp()
+    temp = nn.Parameter(torch.tensor(1.0))
+    opt = torch.optim.SGD([*model.parameters(), temp], lr=0.3)
+    term = GradientNorm(0.1, method="finite_difference")
+    if compose:
+        term = 2 * (L2(1e-4) + term)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="double_backprop"):
+        fit(model, train, optimizer=opt, steps=1, batch_size=None, device="cpu",
+            progress=False, loss_fn=lambda out, t: F.cross_entropy(out * temp, t),
+            regularizer=term)  # fmt: skip
+    assert temp.item() == 1.0
+    for a, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(a, b)
+    # double backprop differentiates the penalty in the temperature too
+    fit(model, train, optimizer=opt, steps=1, batch_size=None, device="cpu",
+        progress=False, loss_fn=lambda out, t: F.cross_entropy(out * temp, t),
+        regularizer=GradientNorm(0.1))  # fmt: skip
+    assert temp.item() != 1.0

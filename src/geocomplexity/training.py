@@ -26,7 +26,14 @@ from torch import Tensor, nn
 
 from geocomplexity.atomic import write_text, write_with
 from geocomplexity.measure import measure
-from geocomplexity.regularizers.base import LossFn, Regularizer, trainable
+from geocomplexity.regularizers.base import (
+    LossFn,
+    Regularizer,
+    Scaled,
+    Sum,
+    trainable,
+)
+from geocomplexity.regularizers.gradient_norm import GradientNorm
 from geocomplexity.state import differentiable_attention, preserved
 
 __all__ = ["History", "apply_label_noise", "fit", "resolve_device"]
@@ -286,6 +293,35 @@ def _integer(name: str, value: Any, optional: bool = True) -> Any:
     return int(value)
 
 
+def _check_terms_reach(regularizer: Regularizer, outside: int) -> None:
+    """Refuse a term whose gradient misses the optimizer's tensors outside the model.
+
+    The finite-difference ``GradientNorm`` assembles its gradient ``2λHg``
+    from a second pass at shifted model parameters, which gives the model's
+    parameters their share and a tensor outside the model (a temperature in
+    ``loss_fn``) none of it: that tensor would train on the task loss alone,
+    silently (its penalty gradient read 0.35 where double backprop gives 3.4).
+
+    Raises:
+        ValueError: such a term, alone or within a sum or a scaled term.
+    """
+    stack = [regularizer]
+    while stack:
+        term = stack.pop()
+        if isinstance(term, Sum):
+            stack.extend(term.terms)
+        elif isinstance(term, Scaled):
+            stack.append(term.term)
+        elif isinstance(term, GradientNorm) and term.method == "finite_difference":
+            raise ValueError(
+                f"the optimizer holds {outside} tensor(s) outside the model (a "
+                "parameter of loss_fn, say), and GradientNorm(method="
+                "'finite_difference') gives such tensors no share of its "
+                "gradient: use method='double_backprop', or make the tensor a "
+                "parameter of the model"
+            )
+
+
 def fit(
     model: nn.Module,
     train: tuple[Tensor, Tensor],
@@ -383,7 +419,9 @@ def fit(
 
     Raises:
         ValueError: bad options (no length given, negative rates, mismatched
-            shapes, unknown optimizer).
+            shapes, unknown optimizer), or a finite-difference
+            ``GradientNorm`` with an optimizer holding tensors outside the
+            model (its gradient misses them).
     """
     from tqdm.auto import tqdm
 
@@ -576,6 +614,8 @@ def fit(
     # named, and without a gradient they were never stepped
     in_model = {id(p) for p in params}
     outside = [p for p in held if p.requires_grad and id(p) not in in_model]
+    if outside and regularizer is not None:
+        _check_terms_reach(regularizer, len(outside))
     params = params + outside
     needs_input_grad = regularizer is not None and regularizer.reuses_input_grad
     # attention by its math kernel when a penalty may backpropagate through
