@@ -193,6 +193,9 @@ def test_fit_refuses_an_empty_or_ragged_test_set():
         ({"epochs": 1, "lr": 0}, "lr"),
         ({"epochs": 1, "input_noise_std": -1}, "input_noise_std"),
         ({"epochs": 1, "input_noise_std": float("nan")}, "input_noise_std"),
+        # infinities trained on NaN from the first step
+        ({"epochs": 1, "input_noise_std": float("inf")}, "input_noise_std.*finite"),
+        ({"epochs": 1, "lr": float("inf")}, "lr must be positive and finite"),
         ({"epochs": 1, "track_gc_every": 0}, "track_gc_every"),
         ({"epochs": 1, "gc_subset": -60}, "gc_subset"),
         ({"epochs": 1, "label_noise": 0.1, "num_classes": 2}, "num_classes=2"),

@@ -500,16 +500,18 @@ def fit(
         raise ValueError("epochs/steps must be positive")
     if not 0 <= label_noise <= 1:
         raise ValueError(f"label_noise must be in [0, 1], got {label_noise!r}")
-    if not input_noise_std >= 0:  # NaN too
-        raise ValueError(f"input_noise_std must be >= 0, got {input_noise_std!r}")
+    if not 0 <= input_noise_std < math.inf:  # NaN too
+        raise ValueError(
+            f"input_noise_std must be finite and >= 0, got {input_noise_std!r}"
+        )
     if track_gc_every is not None and track_gc_every < 1:
         raise ValueError(
             f"track_gc_every must be positive or None, got {track_gc_every!r}"
         )
     if not isinstance(gc_subset, int) or gc_subset < 1:
         raise ValueError(f"gc_subset must be a positive integer, got {gc_subset!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr!r}")
+    if not 0 < lr < math.inf:
+        raise ValueError(f"lr must be positive and finite, got {lr!r}")
     if eval_every < 1:
         raise ValueError(f"eval_every must be positive, got {eval_every!r}")
     if batch_size is not None and batch_size < 1:
