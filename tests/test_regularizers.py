@@ -1996,3 +1996,25 @@ def test_numpy_integer_counts_are_taken_as_ints():
     torch.testing.assert_close(values[0], values[1], rtol=0, atol=0)
     with pytest.raises(ValueError, match="power_iterations"):
         SpectralNorm(0.5, power_iterations=3.0)
+
+
+def test_gc_term_refuses_the_state_of_a_term_built_otherwise():
+    # a generator's state loaded into a term without one (or none into a term
+    # with one) was ignored: the probes went on from another stream than the
+    # saved run's, silently
+    own = GeometricComplexity(0.1, generator=torch.Generator().manual_seed(1))
+    plain = GeometricComplexity(0.1)
+    with pytest.raises(ValueError, match=r"holds a generator's state.*has none"):
+        plain.load_state_dict(own.state_dict())
+    with pytest.raises(ValueError, match=r"holds no generator's state.*has one"):
+        own.load_state_dict(plain.state_dict())
+    with pytest.raises(ValueError, match=r"keys \['vectors'\].*another term"):
+        plain.load_state_dict({"vectors": {}})
+    # its own state still loads, and the stream goes on from it
+    g = torch.Generator().manual_seed(2)
+    saved = GeometricComplexity(0.1, generator=g)
+    state = saved.state_dict()
+    first = torch.rand(3, generator=g)
+    saved.load_state_dict(state)
+    assert torch.equal(torch.rand(3, generator=g), first)
+    plain.load_state_dict(plain.state_dict())

@@ -172,8 +172,31 @@ class GeometricComplexity(Regularizer):
         )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output (a resumed run draws the same)."""
-        if "generator" in state and self.generator is not None:
+        """Restore :meth:`state_dict`'s output (a resumed run draws the same).
+
+        Raises:
+            ValueError: state of another kind of term (other keys), or of a
+                term built otherwise: a generator's state for a term without
+                its own generator, or none for a term with one (either way
+                the probes would go on from another stream than the saved
+                run's, silently).
+        """
+        unknown = sorted(set(state) - {"generator"})
+        if unknown:
+            raise ValueError(
+                f"{self!r} keeps only its generator's state, but was given keys "
+                f"{unknown}: the state comes from another term; load it into "
+                "the one it was saved from"
+            )
+        if ("generator" in state) != (self.generator is not None):
+            saved = "holds a" if "generator" in state else "holds no"
+            mine = "has none" if self.generator is None else "has one"
+            raise ValueError(
+                f"the state {saved} generator's state, and this term {mine}: "
+                "it was saved from a term built with another generator= "
+                "setting; build the term as it was when saved"
+            )
+        if self.generator is not None:
             self.generator.set_state(state["generator"].cpu())
 
     def __call__(
