@@ -1967,3 +1967,40 @@ def test_jvp_probes_share_batched_passes_with_the_same_probes(monkeypatch):
     g = torch.Generator().manual_seed(4)
     many = gcx.jacobian_sq_norms(model, x, method="jvp", num_probes=4000, generator=g)
     assert rel(many, per_sample_sq_norms(model, x)) < 0.1
+
+
+def test_jvp_probes_a_pass_are_bounded_by_the_output_size(monkeypatch):
+    # a decoder (d small, k large), where jvp's variance is low: chunk·B·max(d, k)
+    # stays within the bound exact keeps (_CHUNK_ELEMENTS), k counted though
+    # jvp runs no forward pass before its probes. Here the bound allows 4
+    # directions a pass (8 · 200 · 4 = 6,400); d alone allowed all 16
+    from geocomplexity import jacobian
+
+    monkeypatch.setattr(jacobian, "_CHUNK_ELEMENTS", 6400)
+    sizes: list[int] = []
+    real = torch.func.vmap
+
+    def vmap(f, *args, **kwargs):
+        batched = real(f, *args, **kwargs)
+
+        def run(u):
+            sizes.append(u.shape[0])
+            return batched(u)
+
+        return run
+
+    monkeypatch.setattr(torch.func, "vmap", vmap)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Linear(32, 200)).double()
+    x = torch.randn(8, 4, dtype=torch.float64)
+
+    def jvp(chunk_size):
+        g = torch.Generator().manual_seed(3)
+        return gcx.jacobian_sq_norms(
+            model, x, method="jvp", num_probes=16, generator=g, chunk_size=chunk_size
+        )
+
+    batched = jvp(None)
+    assert sizes and sum(sizes) == 16
+    assert max(sizes) * 8 * 200 <= 6400, sizes
+    torch.testing.assert_close(batched, jvp(1), rtol=1e-13, atol=0)

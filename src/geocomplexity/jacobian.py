@@ -1137,6 +1137,7 @@ def _forward_mode(
     replay: bool = False,
     keep_graph: bool = True,
     chunk: int = 1,
+    sized: bool = True,
 ) -> Tensor:
     """Σ over n input directions of ‖J u‖² per sample, one dual forward each.
 
@@ -1149,7 +1150,8 @@ def _forward_mode(
     rather than holding every pass's graph in the sum until the end.
     ``chunk`` > 1 batches that many directions per pass where the passes are
     independent (:func:`_batched_forward_mode`; not with ``signs`` or
-    ``replay``, whose passes replay the RNG).
+    ``replay``, whose passes replay the RNG). ``sized=False``: ``chunk`` was
+    not bounded by the output's size, which the first pass learns.
     """
     B = x.shape[0]
     total = _accumulator(x, B)
@@ -1167,7 +1169,7 @@ def _forward_mode(
 
     replay = replay or signs is not None
     if chunk > 1 and not replay:
-        batched = _batched_forward_mode(fn, x, tangents, n, chunk, keep_graph)
+        batched = _batched_forward_mode(fn, x, tangents, n, chunk, keep_graph, sized)
         if batched is not None:
             return _narrow(batched, x.dtype)
     for i in range(n):
@@ -1194,6 +1196,7 @@ def _batched_forward_mode(
     n: int,
     chunk: int,
     keep_graph: bool,
+    sized: bool = True,
 ) -> Tensor | None:
     """Σ over n directions of ‖J u‖² per sample, ``chunk`` directions a pass.
 
@@ -1205,27 +1208,44 @@ def _batched_forward_mode(
     rule that fails, data-dependent control flow, ``.item()``): the caller
     then takes one dual pass a direction. Where samples are coupled or a pass
     draws random numbers the caller loops instead: the passes replay the RNG.
+
+    ``sized=False``: ``chunk`` was bounded by the input's size alone (jvp
+    probes, no forward pass before them); each direction's tangents hold
+    chunk copies of the activations and of the output, so the first pass
+    carries one direction, and the others as many as the bound of
+    :func:`_default_chunk` allows given the output size it found.
     """
     B = x.shape[0]
     if 0 in x.stride():  # as in _forward_mode: no primal that shares memory
         x = x.contiguous()
+    widths: list[int] = []
 
     def sq(u: Tensor) -> Tensor:  # (B, ...) → (B,)
         t = torch.func.jvp(fn, (x,), (u,))[1]
+        if not widths:  # one direction's shape here: (B, *out_shape)
+            widths.append(math.prod(t.shape[1:]))
         return _sq_sum(t if keep_graph else t.detach(), tuple(range(1, t.dim())))
 
     sq_many = torch.func.vmap(sq)
     total = _accumulator(x, B)
+    step = chunk if sized else 1
     with _FORWARD_AD:  # torch.func.jvp opens the process's one dual level
-        for start in range(0, n, chunk):
-            u = torch.stack([tangents(i) for i in range(start, min(n, start + chunk))])
+        start = 0
+        while start < n:
+            stop = min(n, start + step)
+            u = torch.stack([tangents(i) for i in range(start, stop)])
             try:
                 values = sq_many(u)
             except (NotImplementedError, RuntimeError):
                 if start > 0:  # it ran: an error of this input, not of vmap
                     raise
                 return None
+            del u
             total = total + values.sum(0)
+            start = stop
+            if not sized and widths:
+                width = max(math.prod(x.shape[1:]), widths[0], 1)
+                step = min(chunk, max(1, _CHUNK_ELEMENTS // (B * width)))
     return total
 
 
@@ -1241,6 +1261,7 @@ def _input_side(
     replay: bool = False,
     keep_graph: bool = True,
     chunk: int = 1,
+    sized: bool = True,
 ) -> Tensor:
     """``"jvp"`` or ``"finite_difference"`` with probes at the input, per sample.
 
@@ -1249,7 +1270,8 @@ def _input_side(
     With ``replay`` (train mode) or ``coupled`` every pass draws the random
     numbers the first drew: one dropout mask. ``keep_graph=False`` lets each
     jvp pass's graph of the weights go after the pass (measuring). ``chunk``:
-    jvp probes per batched pass (:func:`_batched_forward_mode`).
+    jvp probes per batched pass (:func:`_batched_forward_mode`; ``sized=False``:
+    not yet bounded by the output's size).
 
     Returns:
         The mean over ``num_probes`` probes, shape ``(B,)``.
@@ -1272,7 +1294,7 @@ def _input_side(
 
     if method == "jvp":
         values = _forward_mode(
-            fn, x, draw, num_probes, signs, replay, keep_graph, chunk
+            fn, x, draw, num_probes, signs, replay, keep_graph, chunk, sized
         )
         return values / num_probes
     return _finite_difference(fn, x, draw, num_probes, eps, signs, replay)
@@ -1873,6 +1895,9 @@ def jacobian_sq_norms(
                 chunk=1
                 if create_graph
                 else chunk_size or _default_chunk(model, num_probes, x, backward=False),
+                # a chunk of its own (chunk_size=) is the caller's bound; the
+                # default is bounded by the output size too, once it is known
+                sized=chunk_size is not None,
             )
     if values.requires_grad and not create_graph:
         values = values.detach()
