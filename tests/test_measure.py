@@ -489,6 +489,49 @@ def test_auto_is_exact_for_small_inputs_of_large_outputs():
     assert r.method == "projection"
 
 
+class _TanhNoForwardMode(torch.autograd.Function):
+    """tanh with a backward formula and none for forward mode (no jvp)."""
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+def test_auto_counts_k_vjps_for_exact_where_forward_mode_cannot_run():
+    # d = 3 < k = 200, but a custom autograd.Function without a jvp stops
+    # forward mode: exact falls back to its k = 200 VJPs, so auto pilots and
+    # measures by projection, as for any output of 200 (with k = 20,000 exact
+    # took 320 s where projection took a fraction of a second)
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 16), nn.Linear(16, 200)
+
+        def forward(self, x):
+            return self.b(_TanhNoForwardMode.apply(self.a(x)))
+
+    torch.manual_seed(0)
+    model = Custom().double()
+    x = torch.randn(50, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError):  # forward mode indeed cannot run
+        torch.func.jvp(model, (x,), (torch.ones_like(x),))
+    r = gcx.measure(
+        model, x, generator=torch.Generator().manual_seed(0), progress=False
+    )
+    assert r.method == "projection"
+    want = per_sample_sq_norms(model, x).mean().item()
+    assert math.isclose(r.value, want, rel_tol=0.2)
+
+
 @pytest.mark.parametrize("form", ["tensors", "pairs"])
 def test_auto_sizes_its_probes_for_every_sample_of_a_list_of_batches(form):
     # a list has no sample count of its own: auto sized P for its pilot's

@@ -2082,6 +2082,25 @@ def _exact_forward_or_none(
         return None
 
 
+def forward_mode_runs(model: nn.Module, x: Tensor, output: Output) -> bool:
+    """Whether one forward-mode pass runs through the model at ``x``.
+
+    Where it cannot (an ``autograd.Function`` without ``jvp``, an op with no
+    forward-mode formula), exact with d < k falls back to its k VJPs
+    (:func:`_exact_forward_or_none`). Run by the caller in the measuring
+    mode, with the model's state kept (``preserved``).
+    """
+    x = x.detach()
+    if 0 in x.stride():  # as in _forward_mode: make_dual refuses it
+        x = x.contiguous()
+    try:
+        with torch.no_grad(), _dual_level():
+            _select(model, fwAD.make_dual(x, torch.ones_like(x)), output)
+    except (NotImplementedError, RuntimeError):
+        return False
+    return True
+
+
 def _fd_step(x: Tensor, eps: float | None, out: Tensor | None = None) -> float:
     """The finite-difference step: ``eps``, or by default √(machine eps)·RMS(x).
 

@@ -32,6 +32,7 @@ from geocomplexity.jacobian import (
     as_int,
     check_input,
     check_options,
+    forward_mode_runs,
     jacobian_sq_norms,
     train_mode_rng,
     unwrapped,
@@ -490,13 +491,14 @@ def _pilot(
     ``c`` is exact's cost in probes: the VJPs exact takes on this batch over
     those one projection probe takes. That is the output size k where samples
     are independent, or the input size d where that is smaller (exact then
-    takes d JVPs, each about a VJP's cost); where they are coupled (train
-    mode, or a BatchNorm without running statistics), exact takes k VJPs per
-    sample and a probe two VJPs per batch, so c = k·n/2. ``m`` is the
-    batch's mean GC and ``σ²`` the mean per-sample probe variance of a
-    two-probe pilot. Sums over ``n`` so ranks can add theirs. When ``c`` is
-    small enough for exact, the pilot is skipped and all but ``c`` are zero,
-    ``n`` too, so a rank that skipped it does not dilute another's.
+    takes d JVPs, each about a VJP's cost, where forward mode runs through
+    the model); where they are coupled (train mode, or a BatchNorm without
+    running statistics), exact takes k VJPs per sample and a probe two VJPs
+    per batch, so c = k·n/2. ``m`` is the batch's mean GC and ``σ²`` the
+    mean per-sample probe variance of a two-probe pilot. Sums over ``n`` so
+    ranks can add theirs. When ``c`` is small enough for exact, the pilot is
+    skipped and all but ``c`` are zero, ``n`` too, so a rank that skipped it
+    does not dilute another's.
     """
     if x.dim() == 1 and x.shape[0] > 1:  # scalars, or one unbatched sample?
         _check_scalar_batch(model, x, output)
@@ -509,11 +511,17 @@ def _pilot(
     ):
         k = _select(model, x, output).shape[1]
         coupled = _coupled(coupled, batch_norm_couples(modules), mode == "train")
+        d = math.prod(x.shape[1:])
+        # exact's forward mode, d JVPs, where d < k (not at an inner wrt=), and
+        # where forward mode runs: else exact takes its k VJPs
+        forward = (
+            not coupled
+            and wrt is None
+            and d < k
+            and forward_mode_runs(model, x, output)
+        )
     n = x.shape[0]
-    if coupled:
-        cost = k * n / 2
-    else:  # exact's forward mode, d JVPs, where d < k (not at an inner wrt=)
-        cost = k if wrt is not None else min(k, math.prod(x.shape[1:]))
+    cost = k * n / 2 if coupled else d if forward else k
     if cost <= AUTO_EXACT_MAX_OUTPUTS:
         # no pilot: no samples to weigh in its mean (under a process group,
         # another rank's larger batch may still choose projection)
