@@ -127,3 +127,30 @@ def test_a_numpy_integer_num_points_is_accepted():
     assert r.length == pytest.approx(5.0, rel=1e-12)
     with pytest.raises(ValueError, match="num_points"):
         gcx.arc_length(torch.sin, 0.0, 1.0, num_points=2.5)
+
+
+class _ScalesItsInputInPlace(nn.Module):
+    """f(t) = 2t, computed by doubling the input tensor in place."""
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return t.mul_(2.0)
+
+
+@pytest.mark.parametrize(
+    ("f", "a", "want"),
+    [
+        # nn.ReLU(inplace=True) on [-1, 1]: flat, then slope 1
+        (nn.ReLU(inplace=True), -1.0, 1.0 + math.sqrt(2.0)),
+        (torch.relu_, -1.0, 1.0 + math.sqrt(2.0)),
+        # f = 2t on [0, 1]: the line from (0, 0) to (1, 2)
+        (_ScalesItsInputInPlace(), 0.0, math.sqrt(5.0)),
+    ],
+)
+def test_a_function_that_writes_to_its_input_leaves_the_grid_alone(f, a, want):
+    """The function was given the grid itself: one that wrote to its input (an
+    in-place activation) moved the grid, and the length came out as that of
+    another curve (sqrt 2 for ReLU on [-1, 1], sqrt 8 for 2t on [0, 1]) with a
+    NaN Dirichlet side where the grid collapsed."""
+    r = gcx.arc_length(f, a, 1.0, num_points=11)
+    assert r.length == pytest.approx(want, rel=1e-12)
+    assert math.isfinite(r.dirichlet) and r.dirichlet >= r.length

@@ -119,15 +119,17 @@ def arc_length(
             f"[{a}, {b}] are distinct in {t.dtype}; use fewer points "
             "(num_points=...) or a wider dtype"
         )
+    # f gets a copy: one that writes to its input (an in-place activation)
+    # would otherwise move the grid the length and Dirichlet sums run over
     if isinstance(f, nn.Module):
         with preserved(f, mode="eval"), torch.no_grad():
             try:
-                y = f(t[:, None])
+                y = f(t.clone()[:, None])
             except RuntimeError as err:
                 raise _module_failed(err, t, p) from err
     else:
         with torch.no_grad():
-            y = f(t)
+            y = f(t.clone())
     if not isinstance(y, Tensor) or y.numel() != num_points:
         shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
         raise ValueError(
