@@ -180,3 +180,27 @@ def test_resnet_experiment_holds_one_copy_of_a_cifar_folder(fake_cifar, monkeypa
     b = resnet_width._cifar(fake_cifar)
     assert a is b and resnet_width._cifar_cached.cache_info().currsize == 1
     resnet_width._cifar_cached.cache_clear()
+
+
+def test_cifar10_a_batch_that_cannot_be_read_is_not_called_malformed(
+    tmp_path, monkeypatch
+):
+    # the read sat inside the unpickler's try: a batch the user may not read
+    # (permission denied, an I/O error) came out as a ValueError, "is not a
+    # CIFAR-10 batch ... a truncated download? extract cifar-10-python.tar.gz
+    # again", which re-extracting does not fix and `except OSError` misses
+    from pathlib import Path
+
+    from geocomplexity.data import load_cifar10
+
+    root = write_fake_cifar(tmp_path / "c")
+    read_bytes = Path.read_bytes
+
+    def denied(self):
+        if self.name == "data_batch_2":
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(PermissionError, match="data_batch_2"):
+        load_cifar10(root)

@@ -223,8 +223,11 @@ def _cifar_batch(path: Path) -> tuple[Tensor, Tensor]:
             f"{path} is missing: --data-dir must be the CIFAR-10 python-version "
             "folder (cifar-10-batches-py with data_batch_1..5 and test_batch)"
         )
+    # read outside the try: a file that cannot be read (permission denied, an
+    # I/O error) raises its own OSError, not "not a CIFAR-10 batch"
+    raw = path.read_bytes()
     try:
-        d = _RestrictedUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+        d = _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except _RefusedGlobal:
         raise
     except Exception as err:  # truncated, empty, not a pickle: the bytes decide
