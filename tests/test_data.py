@@ -204,3 +204,36 @@ def test_cifar10_a_batch_that_cannot_be_read_is_not_called_malformed(
     monkeypatch.setattr(Path, "read_bytes", denied)
     with pytest.raises(PermissionError, match="data_batch_2"):
         load_cifar10(root)
+
+
+def test_mnist1d_loaded_in_two_threads_at_once_is_the_seeded_data_set():
+    # make_dataset seeds numpy's global generator and draws from it for a
+    # second or so: two threads loading at once drew from one stream by turns,
+    # and both got data sets other than the seed's (and the restored global
+    # state was whichever thread finished last's snapshot)
+    import sys
+    import threading
+
+    want = load_mnist1d(num_samples=500)
+    np.random.seed(7)
+    before = np.random.get_state()[1].copy()
+    got = [None, None]
+
+    def work(i):
+        got[i] = load_mnist1d(num_samples=500)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often, as a busy machine may
+    try:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    for split in got:
+        assert torch.equal(split.x_train, want.x_train)
+        assert torch.equal(split.y_train, want.y_train)
+        assert torch.equal(split.x_test, want.x_test)
+    assert np.array_equal(np.random.get_state()[1], before)

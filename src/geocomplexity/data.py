@@ -12,6 +12,7 @@ import io
 import numbers
 import pickle
 import random
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,9 @@ __all__ = [
 ]
 
 DATASETS = ("mnist1d", "digits")
+
+#: Held while MNIST-1D is generated from numpy's and Python's global generators.
+_GLOBAL_RNG_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,9 @@ def load_mnist1d(num_samples: int = 5000, seed: int = 42) -> Split:
     """MNIST-1D (Greydanus 2020), generated offline: 40-d signals, 10 classes.
 
     ``mnist1d.data.make_dataset`` seeds numpy's and Python's global generators;
-    both are saved and restored here, so loading leaves no trace.
+    both are saved and restored here, so loading leaves no trace. Loads in
+    several threads take turns; a thread that draws from those generators
+    while another loads still shares them.
 
     Args:
         num_samples: total samples before the 80/20 train/test split.
@@ -84,12 +90,16 @@ def load_mnist1d(num_samples: int = 5000, seed: int = 42) -> Split:
         ) from err
     args = get_dataset_args()
     args.num_samples, args.seed = num_samples, seed
-    np_state, py_state = np.random.get_state(), random.getstate()
-    try:
-        d = make_dataset(args)
-    finally:
-        np.random.set_state(np_state)
-        random.setstate(py_state)
+    # one thread at a time: make_dataset seeds the global generators and draws
+    # from them, so two loads at once drew from one stream by turns (neither
+    # got the seed's data set) and restored each other's snapshots
+    with _GLOBAL_RNG_LOCK:
+        np_state, py_state = np.random.get_state(), random.getstate()
+        try:
+            d = make_dataset(args)
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
     return Split(
         torch.as_tensor(d["x"], dtype=torch.float32),
         torch.as_tensor(d["y"], dtype=torch.int64),
