@@ -78,3 +78,49 @@ def test_cnn_shapes_seed_and_exact_gc_against_brute_force():
     torch.testing.assert_close(
         jacobian_sq_norms(small, x), per_sample_sq_norms(small, x), rtol=1e-10, atol=0
     )
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda s: mlp(20, [64] * 10, 10, seed=s),
+        lambda s: cnn(3, 10, width=8, seed=s),
+    ],
+    ids=["mlp", "cnn"],
+)
+def test_models_built_in_several_threads_at_once_are_their_seeds(build):
+    # the builders seed the one global CPU generator inside fork_rng: a
+    # thread building another model reseeded it between this one's layers
+    # (9 of 20 mlps came out as no seed's), and the global state put back at
+    # the end was another thread's snapshot
+    import sys
+    import threading
+
+    n = 6
+    want = [build(s) for s in range(n)]
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, as a busy machine may
+    try:
+        for _ in range(20):
+            got = [None] * n
+            start = threading.Barrier(n)
+
+            def work(i, got=got, start=start):
+                start.wait()
+                got[i] = build(i)
+
+            threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            for w, g in zip(want, got, strict=True):
+                assert all(
+                    torch.equal(p, q)
+                    for p, q in zip(w.parameters(), g.parameters(), strict=True)
+                )
+    finally:
+        sys.setswitchinterval(interval)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from geocomplexity.state import _GLOBAL_RNG
+
 __all__ = ["INITS", "PreActResNet18", "cnn", "initialize", "mlp"]
 
 INITS = ("default", "glorot", "lecun", "he")
@@ -56,7 +58,10 @@ def mlp(
         )
     sizes = [d_in, *widths, d_out]
     layers: list[nn.Module] = []
-    with torch.random.fork_rng(devices=[]):
+    # _GLOBAL_RNG: a model built in another thread meanwhile reseeded the one
+    # global generator between this one's layers, and the state put back on
+    # leaving was that thread's snapshot
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
         # PyTorch's default init draws from the global CPU RNG; torch.manual_seed
         # would also reseed the CUDA generators, which fork_rng does not restore
         torch.default_generator.manual_seed(seed)
@@ -103,7 +108,7 @@ def cnn(
             nn.MaxPool2d(2),
         ]
 
-    with torch.random.fork_rng(devices=[]):
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)  # the CPU's only, as above
         return nn.Sequential(
             *stage(in_channels, width),
