@@ -237,3 +237,46 @@ def test_mnist1d_loaded_in_two_threads_at_once_is_the_seeded_data_set():
         assert torch.equal(split.y_train, want.y_train)
         assert torch.equal(split.x_test, want.x_test)
     assert np.array_equal(np.random.get_state()[1], before)
+
+
+def test_mnist1d_loaded_beside_a_measurement_keeping_the_rngs_is_the_seeded_data():
+    # rngs_kept (a loader iterated to measure it: a dataset's augmentation may
+    # draw from numpy's generator) holds the library's global-RNG lock; a
+    # lock of load_mnist1d's own let both run at once, drawing from numpy's
+    # one stream by turns, and the load was not the seed's data set
+    import sys
+    import threading
+
+    from geocomplexity.state import rngs_kept
+
+    want = load_mnist1d(num_samples=500)
+    started, done = threading.Event(), threading.Event()
+
+    def augmenting_loader():
+        with rngs_kept():
+            started.set()
+            while not done.is_set():
+                np.random.rand()  # an augmentation's draws
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often, as a busy machine may
+    thread = threading.Thread(target=augmenting_loader)
+    try:
+        thread.start()
+        started.wait()
+        got = [None]
+
+        def load():
+            got[0] = load_mnist1d(num_samples=500)
+
+        loader = threading.Thread(target=load)
+        loader.start()
+        loader.join(timeout=0.5)  # waits for the block where the lock is shared
+        done.set()
+        loader.join()
+    finally:
+        done.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+    assert torch.equal(got[0].x_train, want.x_train)
+    assert torch.equal(got[0].y_train, want.y_train)

@@ -12,13 +12,14 @@ import io
 import numbers
 import pickle
 import random
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from geocomplexity.state import _GLOBAL_RNG
 
 __all__ = [
     "DATASETS",
@@ -31,9 +32,6 @@ __all__ = [
 ]
 
 DATASETS = ("mnist1d", "digits")
-
-#: Held while MNIST-1D is generated from numpy's and Python's global generators.
-_GLOBAL_RNG_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -92,8 +90,10 @@ def load_mnist1d(num_samples: int = 5000, seed: int = 42) -> Split:
     args.num_samples, args.seed = num_samples, seed
     # one thread at a time: make_dataset seeds the global generators and draws
     # from them, so two loads at once drew from one stream by turns (neither
-    # got the seed's data set) and restored each other's snapshots
-    with _GLOBAL_RNG_LOCK:
+    # got the seed's data set) and restored each other's snapshots. The
+    # library's one lock for them: rngs_kept (a loader measured in another
+    # thread, its augmentation drawing from numpy) holds it too
+    with _GLOBAL_RNG:
         np_state, py_state = np.random.get_state(), random.getstate()
         try:
             d = make_dataset(args)
