@@ -90,6 +90,12 @@ def main(path: str) -> None:
     for batch in x[rank::world].split(4):
         metric.update(batch)
     out["metric"] = metric.compute().item()
+    # the standard error of that mean, from the states of every rank too
+    out["metric_stderr"] = metric.stderr().item()
+    out["metric_local_count"] = metric.count.item()  # the states put back after
+    metric.sync()  # synced by hand: read as they are, and left synced
+    out["metric_stderr_synced"] = metric.stderr().item()
+    metric.unsync()
 
     # DDP: one step with an exact GC penalty on equal shards = one full-batch step
     half = x[:36].view(world, -1, 5)[rank], y[:36].view(world, -1)[rank]

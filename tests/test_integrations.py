@@ -902,6 +902,11 @@ def test_distributed_measure_metric_and_ddp_penalty_equal_single_process(tmp_pat
         assert s == pytest.approx(stderr, rel=1e-9)
     assert d["unsharded_n"] == 74  # every rank's copy counts: shard the data
     assert d["metric"] == pytest.approx(value, rel=1e-12)
+    # stderr() read this rank's states alone: 0.0102, not the data set's
+    # 0.0069 that goes with compute()'s mean
+    assert d["metric_stderr"] == pytest.approx(stderr, rel=1e-9)
+    assert d["metric_stderr_synced"] == pytest.approx(stderr, rel=1e-9)
+    assert d["metric_local_count"] == 19  # rank 0's own states, kept
     for method in ("exact", "auto"):  # rank 1 saw a NaN: both ranks raise
         assert d[f"errors_{method}"] == ["RuntimeError", "ValueError"]
     assert d["rank0_alone"] == 37

@@ -352,7 +352,12 @@ class GeometricComplexity(Metric):
         return self.total / self.count
 
     def stderr(self) -> Tensor:
-        """Standard error of :meth:`compute` over samples (this process's states).
+        """Standard error of :meth:`compute` over samples.
+
+        Synced across processes as :meth:`compute` is (``sync_on_compute``),
+        and this process's own states kept afterwards: it read this process's
+        states alone, the standard error of another mean than ``compute()``'s
+        (about √world_size times too large on equal shards).
 
         From the summed states, as ``Σx² − n·mean²``, which cancels where the
         per-sample values barely differ: float64's rounding of the sums,
@@ -366,9 +371,17 @@ class GeometricComplexity(Metric):
         Returns:
             A float64 scalar; NaN below two samples.
         """
-        n = self.count.to(torch.float64)
-        if n < 2:
-            return torch.tensor(float("nan"), dtype=torch.float64)
-        mean = self.total / n
-        var = (self.total_sq - n * mean**2).clamp_min(0) / (n - 1)
-        return (var / n).sqrt()
+        # as torchmetrics wraps compute(); states a caller synced by hand
+        # (metric.sync()) are read as they are, and left synced
+        synced = self._is_synced
+        with self.sync_context(
+            dist_sync_fn=self.dist_sync_fn,
+            should_sync=self._to_sync and not synced,
+            should_unsync=self._should_unsync and not synced,
+        ):
+            n = self.count.to(torch.float64)
+            if n < 2:
+                return torch.tensor(float("nan"), dtype=torch.float64)
+            mean = self.total / n
+            var = (self.total_sq - n * mean**2).clamp_min(0) / (n - 1)
+            return (var / n).sqrt()
