@@ -997,7 +997,7 @@ trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp",
                     enable_model_summary=False, callbacks=[callback])
 module = Module()
 loader = lambda n: DataLoader(TensorDataset(x[:n], y[:n]), batch_size=8)
-trainer.fit(module, loader(40), loader(12))
+trainer.fit(module, loader(40), loader(int(sys.argv[3])))
 if trainer.is_global_zero:
     with open(sys.argv[1], "w") as f:
         json.dump({
@@ -1048,18 +1048,23 @@ def test_lightning_callback_keeps_every_ranks_generator_state(tmp_path):
 
 
 @pytest.mark.slow
-def test_lightning_callback_under_ddp_measures_the_loaders_first_inputs(tmp_path):
+@pytest.mark.parametrize("num_samples, num_val", [(5, 12), (512, 11)])
+def test_lightning_callback_under_ddp_measures_the_loaders_first_inputs(
+    tmp_path, num_samples, num_val
+):
     # each rank's loader yields its DistributedSampler shard: the subset is
     # still the first num_samples inputs of the loader, the same on every rank
-    # (5 of the 12: each rank's shard has 6, so a take from a shard differs)
-    num_samples = 5
+    # (5 of the 12: each rank's shard has 6, so a take from a shard differs).
+    # 11 inputs on 2 ranks: the sampler pads rank 1's shard with input 0,
+    # which the subset of all 11 held twice (12 inputs: gc/val 0.10887, where
+    # one process measures 0.10831 on the 11)
     script = tmp_path / "fit.py"
     script.write_text(LIGHTNING_DDP)
     out = tmp_path / "out.json"
-    proc = _torchrun(str(script), str(out), str(num_samples))
+    proc = _torchrun(str(script), str(out), str(num_samples), str(num_val))
     assert proc.returncode == 0, proc.stderr[-3000:]
     d = json.loads(out.read_text())
-    assert d["n"] == min(num_samples, 12) and d["first"]  # the whole small set
+    assert d["n"] == min(num_samples, num_val) and d["first"]  # the whole small set
     assert d["logged"] == pytest.approx(d["want"], rel=1e-5)
 
 

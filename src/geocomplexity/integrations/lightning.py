@@ -71,14 +71,37 @@ def _inputs(batch: Any, input_key: InputKey = None) -> Tensor:
         ) from err
 
 
-def _take(loaders: Any, num_samples: int, input_key: InputKey = None) -> Tensor | None:
-    """The first ``num_samples`` inputs of a loader (or the first of several)."""
-    if loaders is None:
-        return None
+def _first(loaders: Any) -> Any:
+    """The loader the subset is taken from: the first of several."""
     if isinstance(loaders, (list, tuple)):
         loaders = loaders[0] if loaders else None
     if isinstance(loaders, dict):
         loaders = next(iter(loaders.values()), None)
+    return loaders
+
+
+def _unpadded(loaders: Any) -> int | None:
+    """How many inputs a sharded loader has before its sampler pads it.
+
+    A ``DistributedSampler`` (``drop_last=False``) repeats the first inputs
+    until every rank's shard is as long: interleaved back, the shards end
+    with those inputs a second time. ``None`` where the loader is not sharded
+    so, or its length is unknown.
+    """
+    from torch.utils.data.distributed import DistributedSampler
+
+    sampler = getattr(_first(loaders), "sampler", None)
+    if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+        return None
+    try:
+        return len(sampler.dataset)
+    except TypeError:
+        return None
+
+
+def _take(loaders: Any, num_samples: int, input_key: InputKey = None) -> Tensor | None:
+    """The first ``num_samples`` inputs of a loader (or the first of several)."""
+    loaders = _first(loaders)
     if loaders is None:
         return None
     taken: list[Tensor] = []
@@ -289,8 +312,13 @@ class GeometricComplexityCallback(Callback):
     def _subset(self, trainer: Trainer, loaders: Any) -> Tensor | None:
         """The first inputs of ``loaders``, the same on every rank."""
         x = _take(loaders, self.num_samples, self.input_key)
-        # every rank gets here (on_train_start, _log), each with its shard
-        return _shared(x, self.num_samples) if trainer.world_size > 1 else x
+        if trainer.world_size == 1:
+            return x
+        # every rank gets here (on_train_start, _log), each with its shard;
+        # the shards' padding (the loader's first inputs again) left out
+        total = _unpadded(loaders)
+        limit = self.num_samples if total is None else min(self.num_samples, total)
+        return _shared(x, limit)
 
     def _check_monitors(self, trainer: Trainer) -> None:
         """Refuse a checkpoint or early stop that would read a stale value.
