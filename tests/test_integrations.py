@@ -992,9 +992,11 @@ class Module(L.LightningModule):
 g = torch.Generator().manual_seed(0)
 x, y = torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g)
 callback = GeometricComplexityCallback(num_samples=int(sys.argv[2]))
+# max_samples of the subset, not of each rank's share of it
+cut = GeometricComplexityCallback(x[:12], prefix="cut", max_samples=5)
 trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp",
                     logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                    enable_model_summary=False, callbacks=[callback])
+                    enable_model_summary=False, callbacks=[callback, cut])
 module = Module()
 loader = lambda n: DataLoader(TensorDataset(x[:n], y[:n]), batch_size=8)
 trainer.fit(module, loader(40), loader(int(sys.argv[3])))
@@ -1005,6 +1007,8 @@ if trainer.is_global_zero:
             "n": len(callback.val),
             "first": torch.equal(callback.val, x[: len(callback.val)]),
             "want": measure(module, x[: len(callback.val)], method="exact").value,
+            "cut": trainer.callback_metrics["cut/train"].item(),
+            "want_cut": measure(module, x[:5], method="exact").value,
         }, f)
 """
 
@@ -1066,6 +1070,8 @@ def test_lightning_callback_under_ddp_measures_the_loaders_first_inputs(
     d = json.loads(out.read_text())
     assert d["n"] == min(num_samples, num_val) and d["first"]  # the whole small set
     assert d["logged"] == pytest.approx(d["want"], rel=1e-5)
+    # max_samples=5 took 5 of each rank's share: 10 of the subset
+    assert d["cut"] == pytest.approx(d["want_cut"], rel=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["gloo", None])

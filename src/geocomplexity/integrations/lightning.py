@@ -388,10 +388,13 @@ class GeometricComplexityCallback(Callback):
         if not self._given[1] and self.val is None:  # validation set up late
             self.val = self._subset(trainer, trainer.val_dataloaders)
         rank, world = trainer.global_rank, trainer.world_size
+        # measure counts max_samples per rank: cut the subset, not each share
+        cut = self.measure_kwargs.get("max_samples")
         values: dict[str, float] = {}
         for split, x in (("train", self.train), ("val", self.val)):
             if x is None:
                 continue
+            x = x if cut is None else x[:cut]
             # as the trainer converts each step's inputs: float64 for
             # "64-true", bfloat16 for "bf16-true", unchanged for mixed precision
             x = trainer.precision_plugin.convert_input(x[rank::world])
