@@ -1377,6 +1377,45 @@ def test_cli_ray_cluster_that_does_not_answer_exits_2(tmp_path, capsys, monkeypa
     assert "ray status" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("found", ["RAY_ADDRESS", "ray start"])
+def test_ray_without_an_address_starts_a_local_ray_beside_a_running_one(
+    found, monkeypatch
+):
+    # --executor ray without --ray-address starts a local Ray (its help says
+    # so), reserving this machine's cores. With RAY_ADDRESS set (a Ray job's
+    # environment) or a `ray start` cluster on the machine, ray.init(num_cpus=)
+    # connected there instead and refused: a traceback, "When connecting to
+    # an existing cluster, num_cpus and num_gpus must not be provided."
+    ray = pytest.importorskip("ray")
+    from ray._private import services
+
+    from geocomplexity.experiments import runner
+
+    if found == "RAY_ADDRESS":
+        monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    else:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        monkeypatch.setattr(services, "find_bootstrap_address", lambda *a: "x:1")
+        monkeypatch.setattr(services, "find_gcs_addresses", lambda: ["x:1"])
+    started = []
+
+    def init(address=None, num_cpus=None, **kwargs):
+        # ray.init's own resolution of the address (ray/_private/worker.py)
+        existing = services.canonicalize_bootstrap_address(address)
+        if existing is not None and num_cpus is not None:
+            raise ValueError(
+                "When connecting to an existing cluster, num_cpus "
+                "and num_gpus must not be provided."
+            )
+        started.append((existing, num_cpus))
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(runner.atexit, "register", lambda *a, **k: None)
+    assert runner._ray(None) is ray
+    assert started == [(None, os.cpu_count() or 1)]  # a new local Ray
+
+
 def test_cli_device_cuda_on_a_ray_cluster_needs_no_gpu_on_the_driver(
     tmp_path, monkeypatch
 ):

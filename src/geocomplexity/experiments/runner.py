@@ -180,6 +180,10 @@ def _ray(address: str | None) -> Any:
     if not ray.is_initialized():
         if address is None:
             ray.init(
+                # a new local Ray, as documented: with address=None, ray.init
+                # connects to RAY_ADDRESS or a `ray start` cluster on this
+                # machine instead, and refuses num_cpus there (ValueError)
+                address="local",
                 num_cpus=os.cpu_count() or 1,  # tasks reserve their share
                 include_dashboard=False,
                 log_to_driver=False,
