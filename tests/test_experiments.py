@@ -18,7 +18,7 @@ import pytest
 
 from geocomplexity.cli import main
 from geocomplexity.experiments import EXPERIMENTS, Claim, Run, run_sweep, spearman
-from geocomplexity.experiments.base import Experiment, result_rows
+from geocomplexity.experiments.base import Experiment, Outcome, result_rows
 
 
 def test_reproduce_all_smoke_and_report(tmp_path, capsys):
@@ -1309,6 +1309,41 @@ def test_missing_matplotlib_fails_before_any_run(tmp_path, capsys, monkeypatch):
     with pytest.raises(ImportError, match="matplotlib"):
         reproduce_one(EXPERIMENTS["transfer"], out, preset="smoke", progress=False)
     assert not list(out.glob("*/runs/*.json"))
+
+
+@pytest.mark.parametrize(
+    ("dataset", "module", "name"),
+    [
+        ("mnist1d", "mnist1d.data", "mnist1d"),
+        ("digits", "sklearn.datasets", "scikit-learn"),
+    ],
+)
+def test_missing_data_package_fails_before_any_run(
+    tmp_path, capsys, monkeypatch, dataset, module, name
+):
+    # the data sets' packages are an extra ([data]), as matplotlib is
+    # ([plot]), but only matplotlib was checked up front: without mnist1d
+    # every run raised ImportError, a traceback (exit 1) after the folder
+    # was made, and `reproduce all` ran arc-length (its own data) first
+    for part in (module.split(".")[0], module):  # import fails, even if done
+        monkeypatch.setitem(sys.modules, part, None)
+    out = tmp_path / "out"
+    argv = ["reproduce", "transfer", "--preset", "smoke", "--dataset", dataset]
+    argv += ["--workers", "1", "--malloc", "default", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--dataset {dataset} needs {name}" in err
+    assert "pip install 'geocomplexity[data]'" in err
+    assert not out.exists()  # nothing ran
+    # an experiment with data of its own needs no data package
+    seen = []
+    monkeypatch.setattr(
+        "geocomplexity.experiments.reproduce_one",
+        lambda exp, out, **kw: seen.append(exp.name) or Outcome(exp.name, out, [], []),
+    )
+    argv = ["reproduce", "arc-length", "--preset", "smoke", "--malloc", "default"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert seen == ["arc-length"]
 
 
 def test_transfer_runs_hash_their_learning_rate_and_batch_size():

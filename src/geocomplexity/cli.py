@@ -147,6 +147,28 @@ def _ray_address_problem(address: str) -> str | None:
     return None
 
 
+#: The module each data set's loader imports, and the package that brings it
+#: (both in the ``data`` extra).
+_DATA_PACKAGES = {
+    "mnist1d": ("mnist1d.data", "mnist1d"),
+    "digits": ("sklearn.datasets", "scikit-learn"),
+}
+
+
+def _missing_data_package(dataset: str) -> str | None:
+    """The package ``dataset`` needs that cannot be imported, else ``None``."""
+    import importlib
+
+    if dataset not in _DATA_PACKAGES:
+        return None
+    module, package = _DATA_PACKAGES[dataset]
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return package
+    return None
+
+
 def _error(message: str) -> int:
     print(f"geocomplexity: error: {message}", file=sys.stderr)
     return 2
@@ -156,9 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script.
 
     Returns:
-        The exit status: 0 on success, 2 for bad arguments, a missing folder,
-        an output folder that cannot be made or a Ray cluster that does not
-        answer.
+        The exit status: 0 on success, 2 for bad arguments, a missing folder
+        or package (matplotlib, a data set's), an output folder that cannot
+        be made or a Ray cluster that does not answer.
     """
     args = _parser().parse_args(argv)  # exits with status 2 on bad arguments
     from geocomplexity.experiments import EXPERIMENTS, reproduce_one
@@ -226,6 +248,15 @@ def main(argv: list[str] | None = None) -> int:
         pyplot()  # each experiment ends with its figures
     except ImportError as err:
         return _error(str(err))
+    # the data sets' packages are an extra too: without one every run failed
+    dataset = args.dataset or "mnist1d"
+    if any(EXPERIMENTS[n].uses_dataset for n in names):
+        missing = _missing_data_package(dataset)
+        if missing is not None:
+            return _error(
+                f"--dataset {dataset} needs {missing}, which is not installed: "
+                "pip install 'geocomplexity[data]'"
+            )
     for name in names:
         try:
             EXPERIMENTS[name].check(Context(device, args.data_dir))
@@ -271,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                 EXPERIMENTS[name],
                 args.out,
                 preset=args.preset,
-                dataset=args.dataset or "mnist1d",
+                dataset=dataset,
                 seeds=args.seeds,
                 workers=workers,
                 device=device,
