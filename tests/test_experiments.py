@@ -839,6 +839,22 @@ def test_cli_report_errors_and_list(tmp_path, capsys):
     assert all(name in listed for name in EXPERIMENTS)
 
 
+def test_cli_report_on_one_experiment_s_folder_names_the_folder_above(tmp_path, capsys):
+    # `report results/transfer` (the folder of one experiment, not the --out
+    # that holds it) said the folder held no results and advised running
+    # `reproduce` with --out pointing there: every run again, one level down
+    from geocomplexity.experiments.claims import write_claims
+
+    folder = tmp_path / "transfer"
+    folder.mkdir()
+    write_claims(folder / "claims.json", [Claim("c", "s", 1.0, ">= 0", True, 3)])
+    assert main(["report", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"geocomplexity report {tmp_path}" in err
+    assert "reproduce" not in err
+    assert main(["report", str(tmp_path)]) == 0  # as it says
+
+
 def test_cli_report_on_a_cut_short_claims_file_exits_2(tmp_path, capsys):
     # a traceback (JSONDecodeError), exit 1, before
     (tmp_path / "transfer").mkdir()

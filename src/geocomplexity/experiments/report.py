@@ -148,6 +148,14 @@ def write_report(out: Path) -> Path:
         FileNotFoundError: ``out`` holds no experiment results.
     """
     claims = collect_claims(out)
+    if not claims and any(out.glob("claims*.json")):
+        # one experiment's folder: running `reproduce` with --out there, as
+        # the message below advises, would compute every run again
+        raise FileNotFoundError(
+            f"{out} is the folder of one experiment ({out.name}), not an "
+            "output folder that holds experiments; give the folder above it: "
+            f"geocomplexity report {out.parent}"
+        )
     if not claims:
         raise FileNotFoundError(
             f"{out} holds no experiment results (no */claims.json); run "
