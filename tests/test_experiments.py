@@ -781,6 +781,21 @@ def test_cli_out_that_cannot_be_a_folder_exits_2(tmp_path, capsys):
         assert re.search(rf"--out {re.escape(str(out))}: ", capsys.readouterr().err)
 
 
+def test_cli_out_that_is_one_experiment_s_folder_exits_2(tmp_path, capsys):
+    # --out results/transfer (the folder of one experiment, as `report`
+    # might be given) made results/transfer/transfer and computed every run
+    # of the sweep again there, the finished ones one level up unread
+    first = ["reproduce", "transfer", "--preset", "smoke", "--workers", "1"]
+    first += ["--malloc", "default"]
+    assert main([*first, "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    inner = tmp_path / "transfer"
+    assert main([*first, "--out", str(inner)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {inner}: " in err and f"--out {tmp_path}" in err
+    assert not (inner / "transfer").exists()  # nothing ran
+
+
 @pytest.mark.parametrize(
     ("argv", "match"),
     [

@@ -289,6 +289,14 @@ def main(argv: list[str] | None = None) -> int:
             )
     elif args.ray_address is not None:
         return _error("--ray-address needs --executor ray")
+    # an experiment's own folder (results/init-depth) as --out: its runs
+    # would all be computed again a level down, the finished ones unread
+    if (args.out / "runs").is_dir() and any(args.out.glob("claims*.json")):
+        return _error(
+            f"--out {args.out}: this is the folder of one experiment "
+            f"({args.out.name}), not an output folder that holds experiments; "
+            f"give the folder above it: --out {args.out.parent}"
+        )
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # a file in the way, no permission: before any run
