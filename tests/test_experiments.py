@@ -870,6 +870,32 @@ def test_cli_report_on_one_experiment_s_folder_names_the_folder_above(tmp_path, 
     assert main(["report", str(tmp_path)]) == 0  # as it says
 
 
+def test_cli_report_into_a_folder_it_cannot_write_exits_2(
+    tmp_path, capsys, monkeypatch
+):
+    # another user's results, or a read-only share: a PermissionError
+    # traceback (exit 1) from the temporary report.html is written through
+    # (as root no chmod forbids it: the kernel's EACCES is raised by hand)
+    from geocomplexity import atomic
+    from geocomplexity.experiments.claims import write_claims
+
+    (tmp_path / "transfer").mkdir()
+    claims = [Claim("c", "s", 1.0, ">= 0", True, 3)]
+    write_claims(tmp_path / "transfer" / "claims.json", claims)
+    real = atomic.tempfile.mkstemp
+
+    def read_only(*args, dir=None, **kwargs):
+        if Path(dir) == tmp_path:
+            raise PermissionError(13, "Permission denied", str(tmp_path))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", read_only)
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {tmp_path / 'report.html'}: Permission denied" in err
+    assert "Traceback" not in err
+
+
 def test_cli_report_on_a_cut_short_claims_file_exits_2(tmp_path, capsys):
     # a traceback (JSONDecodeError), exit 1, before
     (tmp_path / "transfer").mkdir()

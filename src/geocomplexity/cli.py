@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, ValueError) as err:
             print(f"geocomplexity: error: {err}", file=sys.stderr)
             return 2
+        except OSError as err:  # a read-only folder: was a traceback, exit 1
+            return _error(str(err))
         print(claims_table(collect_claims(args.dir)))
         print(f"\nreport: {path}")
         return 0

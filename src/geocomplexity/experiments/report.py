@@ -146,6 +146,7 @@ def write_report(out: Path) -> Path:
 
     Raises:
         FileNotFoundError: ``out`` holds no experiment results.
+        OSError: ``report.html`` cannot be written there (a read-only folder).
     """
     claims = collect_claims(out)
     if not claims and any(out.glob("claims*.json")):
@@ -226,6 +227,9 @@ def write_report(out: Path) -> Path:
     path = out / "report.html"
     # what a report killed mid-write left; --out may be a folder shared with
     # other programs, so only report.html's own temporaries
-    remove_stale_temporaries(out, "report.html")
-    write_text(path, "\n".join(parts))
+    try:
+        remove_stale_temporaries(out, "report.html")
+        write_text(path, "\n".join(parts))
+    except OSError as err:  # a read-only folder: say which file, not errno
+        raise type(err)(f"cannot write {path}: {err.strerror or err}") from err
     return path
