@@ -781,6 +781,28 @@ def test_cli_out_that_cannot_be_a_folder_exits_2(tmp_path, capsys):
         assert re.search(rf"--out {re.escape(str(out))}: ", capsys.readouterr().err)
 
 
+def test_cli_experiment_folder_that_cannot_be_made_exits_2_before_any_run(
+    tmp_path, capsys, monkeypatch
+):
+    # --out could be made, but not an experiment's folder in it (a file in
+    # the way): a NotADirectoryError traceback when that experiment's sweep
+    # began, in `all` after the experiments before it had run
+    import geocomplexity.experiments
+
+    ran = []
+    monkeypatch.setattr(
+        geocomplexity.experiments,
+        "reproduce_one",
+        lambda exp, out, **kw: ran.append(exp.name) or Outcome(exp.name, out, [], []),
+    )
+    (tmp_path / "u-curve").write_text("notes")
+    argv = ["reproduce", "all", "--preset", "smoke", "--malloc", "default"]
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path}: {tmp_path / 'u-curve' / 'runs'}: " in err
+    assert ran == []
+
+
 def test_cli_out_that_is_one_experiment_s_folder_exits_2(tmp_path, capsys):
     # --out results/transfer (the folder of one experiment, as `report`
     # might be given) made results/transfer/transfer and computed every run

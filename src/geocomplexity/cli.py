@@ -303,6 +303,15 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # a file in the way, no permission: before any run
         return _error(f"--out {args.out}: {err.strerror or err}; name a folder")
+    for name in names:  # and each experiment's: `all` failed at its turn
+        runs = args.out / name / "runs"
+        try:
+            runs.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            return _error(
+                f"--out {args.out}: {runs}: {err.strerror or err}; move what "
+                "is in the way or name another folder"
+            )
     from geocomplexity.experiments.runner import ClusterUnreachable
 
     start = time.perf_counter()
