@@ -741,6 +741,41 @@ def sleepy(run: Run) -> dict:
     return square(run)
 
 
+def square_but_fail_at_0(run: Run) -> dict:
+    if run["x"] == 0:
+        raise RuntimeError("run 0 failed")
+    time.sleep(0.5)
+    return square(run)
+
+
+def test_a_failed_run_in_a_pool_says_the_started_runs_finish_first(
+    tmp_path, monkeypatch, capsys
+):
+    # the error was raised at once, and then the process went on, silent, for
+    # as long as the runs already handed to the workers took (stored, as they
+    # should be): after the traceback it looked hung
+    from geocomplexity.experiments import runner
+
+    monkeypatch.setattr(runner, "_POOLS", {})
+    runs = [Run.make("toy", 0, x=i) for i in range(8)]
+    try:
+        with pytest.raises(RuntimeError, match="run 0 failed"):
+            run_sweep(runs, square_but_fail_at_0, tmp_path, workers=2, progress=False)
+        err = capsys.readouterr().err
+        said = re.search(r"RuntimeError in a run; (\d+) other runs? already", err)
+        assert said, err
+        # those running, and the pool's call queue (one per worker and one
+        # more), at most
+        assert 1 <= int(said[1]) <= 2 * 2 + 1
+        assert "a rerun resumes" in err
+    finally:
+        for _, pool in runner._POOLS.values():
+            pool.shutdown(cancel_futures=True)
+    # they were stored: a rerun computes only what never started, and run 0
+    stored = len(list((tmp_path / "runs").glob("*.json")))
+    assert stored == int(said[1])
+
+
 def test_duplicate_configs_are_refused(tmp_path):
     with pytest.raises(ValueError, match="same config"):
         run_sweep([Run.make("t", 0, x=1)] * 2, square, tmp_path, progress=False)

@@ -473,13 +473,25 @@ def run_sweep(
                 _discard(workers, pool)
                 raise
             except BaseException as err:
-                for fut in futures:  # drop what has not started
-                    fut.cancel()
+                # drop what has not started; what has (and what the pool's
+                # queue holds, one per worker and one more) cannot be
+                left = [f for f in futures if not f.cancel() and not f.done()]
                 if not isinstance(err, Exception):
-                    # Ctrl-C: runs already handed to the pool's queue (one per
-                    # worker and one more) cannot be cancelled, and started
-                    # after it, each to its end, before the process could exit
+                    # Ctrl-C: those started after it, each to its end, before
+                    # the process could exit
                     _discard(workers, pool, stop_workers=True)
+                elif left:
+                    # a run failed: the others run to their end and are
+                    # stored before the process exits, which after the
+                    # traceback looked like a hang for as long as a run takes
+                    print(
+                        f"{type(err).__name__} in a run; {len(left)} other "
+                        f"run{'s' if len(left) > 1 else ''} already handed to "
+                        "the workers finish and are stored before the process "
+                        "exits (Ctrl-C stops them; a rerun resumes the sweep)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 raise
     finally:
         bar.close()
