@@ -953,6 +953,27 @@ def test_cli_report_into_a_folder_it_cannot_write_exits_2(
     assert "Traceback" not in err
 
 
+def test_cli_reproduce_all_ends_on_an_unreadable_claims_file_with_its_fix(
+    tmp_path, capsys, monkeypatch
+):
+    # every sweep finished and was stored, then write_report met another
+    # experiment's claims file cut short (one not in this `all`): a
+    # JSONDecodeError traceback, exit 1, where `report` exits 2 naming the fix
+    import geocomplexity.experiments as experiments
+
+    def fake(experiment, out, **kwargs):
+        return experiments.Outcome(experiment.name, out, claims=[], figures=[])
+
+    monkeypatch.setattr(experiments, "reproduce_one", fake)
+    (tmp_path / "resnet-width").mkdir()
+    (tmp_path / "resnet-width" / "claims.json").write_text('{"pre')
+    argv = ["reproduce", "all", "--preset", "smoke", "--out", str(tmp_path)]
+    assert main([*argv, "--malloc", "default"]) == 2
+    err = capsys.readouterr().err
+    assert "resnet-width" in err and "cannot be read" in err
+    assert "every run is stored" in err and "Traceback" not in err
+
+
 def test_cli_report_on_a_cut_short_claims_file_exits_2(tmp_path, capsys):
     # a traceback (JSONDecodeError), exit 1, before
     (tmp_path / "transfer").mkdir()

@@ -337,7 +337,15 @@ def main(argv: list[str] | None = None) -> int:
             f"({time.perf_counter() - start:.0f} s so far)"
         )
     if args.name == "all":
-        path = write_report(args.out)
+        # as `report` does: every sweep has finished and its runs are stored,
+        # so an unreadable claims file of another experiment in the folder
+        # (or a folder turned read-only) ends with its fix, not a traceback
+        try:
+            path = write_report(args.out)
+        except (FileNotFoundError, ValueError) as err:
+            return _error(f"{err} (every run is stored; the report was not written)")
+        except OSError as err:
+            return _error(f"{err} (every run is stored; the report was not written)")
         print()
         print(claims_table(collect_claims(args.out)))
         print(f"\nreport: {path}")
