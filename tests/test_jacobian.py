@@ -1873,9 +1873,9 @@ def _spy_batched_forward_mode(monkeypatch) -> list[bool]:
     real = jacobian._batched_forward_mode
 
     def spy(*args, **kwargs):
-        values = real(*args, **kwargs)
+        values, drawn = real(*args, **kwargs)
         taken.append(values is not None)
-        return values
+        return values, drawn
 
     monkeypatch.setattr(jacobian, "_batched_forward_mode", spy)
     return taken
@@ -2004,3 +2004,77 @@ def test_jvp_probes_a_pass_are_bounded_by_the_output_size(monkeypatch):
     assert sizes and sum(sizes) == 16
     assert max(sizes) * 8 * 200 <= 6400, sizes
     torch.testing.assert_close(batched, jvp(1), rtol=1e-13, atol=0)
+
+
+def test_jvp_probes_of_a_failed_batched_pass_are_the_loops(monkeypatch):
+    # a model vmap cannot batch: the loop that takes over drew fresh probes
+    # in place of those the failed pass had drawn, so the values were not
+    # chunk_size=1's with the same generator
+    class Cubed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 8), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.b(_OldStyleCube.apply(self.a(x)))
+
+    torch.manual_seed(0)
+    model = Cubed().double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    taken = _spy_batched_forward_mode(monkeypatch)
+
+    def jvp(chunk_size):
+        g = torch.Generator().manual_seed(3)
+        return gcx.jacobian_sq_norms(
+            model, x, method="jvp", num_probes=6, generator=g, chunk_size=chunk_size
+        )
+
+    fallback = jvp(4)
+    assert taken == [False]
+    torch.testing.assert_close(fallback, jvp(1), rtol=1e-13, atol=0)
+
+
+def test_batched_forward_mode_halves_its_passes_when_gpu_memory_runs_out(
+    monkeypatch,
+):
+    # an out-of-memory error in the first batched pass fell back to one dual
+    # pass a direction (a later one to reverse mode); now the same directions
+    # are taken again in halves, as the VJPs' chunks are. Out of memory is
+    # simulated (a pass of more than 2 directions raises it)
+    real_vmap = torch.func.vmap
+    sizes = []
+
+    def tight_vmap(f, *args, **kwargs):
+        batched = real_vmap(f, *args, **kwargs)
+
+        def run(u):
+            sizes.append(len(u))
+            if len(u) > 2:
+                raise torch.cuda.OutOfMemoryError("simulated")
+            return batched(u)
+
+        return run
+
+    monkeypatch.setattr(torch.func, "vmap", tight_vmap)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 30)).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    got = gcx.jacobian_sq_norms(model, x)  # d = 6 < k = 30: forward mode
+    assert sizes[:3] == [6, 3, 1] and set(sizes[3:]) == {1}  # 6 // 2, 3 // 2
+    assert rel(got, per_sample_sq_norms(model, x)) < 1e-10
+    # jvp probes: the same probes as a loop, whatever the passes held
+    sizes.clear()
+
+    def jvp(chunk_size):
+        g = torch.Generator().manual_seed(5)
+        return gcx.jacobian_sq_norms(
+            model, x, method="jvp", num_probes=7, generator=g, chunk_size=chunk_size
+        )
+
+    halved = jvp(None)
+    assert max(sizes) > 2 and sizes[-1] <= 2
+    torch.testing.assert_close(halved, jvp(1), rtol=1e-13, atol=0)
+    # a chunk the caller chose is kept: its error is raised (exact then
+    # measures in reverse mode, which raises it too)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        gcx.jacobian_sq_norms(model, x, method="jvp", num_probes=7, chunk_size=4)

@@ -1138,6 +1138,7 @@ def _forward_mode(
     keep_graph: bool = True,
     chunk: int = 1,
     sized: bool = True,
+    fixed: bool = False,
 ) -> Tensor:
     """Σ over n input directions of ‖J u‖² per sample, one dual forward each.
 
@@ -1151,7 +1152,8 @@ def _forward_mode(
     ``chunk`` > 1 batches that many directions per pass where the passes are
     independent (:func:`_batched_forward_mode`; not with ``signs`` or
     ``replay``, whose passes replay the RNG). ``sized=False``: ``chunk`` was
-    not bounded by the output's size, which the first pass learns.
+    not bounded by the output's size, which the first pass learns; ``fixed``:
+    the caller chose ``chunk`` (kept on running out of GPU memory).
     """
     B = x.shape[0]
     total = _accumulator(x, B)
@@ -1169,9 +1171,15 @@ def _forward_mode(
 
     replay = replay or signs is not None
     if chunk > 1 and not replay:
-        batched = _batched_forward_mode(fn, x, tangents, n, chunk, keep_graph, sized)
+        batched, drawn = _batched_forward_mode(
+            fn, x, tangents, n, chunk, keep_graph, sized, fixed
+        )
         if batched is not None:
             return _narrow(batched, x.dtype)
+        # the directions the failed batched pass drew, taken again: a probe
+        # drawn from a generator is not drawn twice (the loop's probes are
+        # the batched ones)
+        tangents = _replaying(drawn, tangents)
     for i in range(n):
         u = tangents(i)
         if signs is None:
@@ -1189,6 +1197,17 @@ def _forward_mode(
     return _narrow(total, x.dtype)
 
 
+def _replaying(
+    drawn: list[Tensor], tangents: Callable[[int], Tensor]
+) -> Callable[[int], Tensor]:
+    """``tangents``, its first ``len(drawn)`` directions taken from ``drawn``."""
+
+    def again(i: int) -> Tensor:
+        return drawn[i] if i < len(drawn) else tangents(i)
+
+    return again
+
+
 def _batched_forward_mode(
     fn: Callable[[Tensor], Tensor],
     x: Tensor,
@@ -1197,23 +1216,30 @@ def _batched_forward_mode(
     chunk: int,
     keep_graph: bool,
     sized: bool = True,
-) -> Tensor | None:
+    fixed: bool = False,
+) -> tuple[Tensor | None, list[Tensor]]:
     """Σ over n directions of ‖J u‖² per sample, ``chunk`` directions a pass.
 
     ``vmap`` over ``torch.func.jvp``: the primal runs once per pass and only the
     tangents carry the extra dimension, so c directions cost one forward plus c
-    tangent propagations, where c dual passes each rerun the primal (about 2×
-    the work; 5× slower on a 784-512-512-1000 MLP, d = 784 < k, on the CPU).
-    ``None`` where the model cannot be batched so (an op with no batching
-    rule that fails, data-dependent control flow, ``.item()``): the caller
-    then takes one dual pass a direction. Where samples are coupled or a pass
-    draws random numbers the caller loops instead: the passes replay the RNG.
+    tangent propagations, where c dual passes each rerun the primal (2.9×
+    slower on a 784-512-512-1000 MLP, d = 784 < k, on the CPU).
+    ``(None, drawn)`` where the model cannot be batched so (an op with no
+    batching rule that fails, data-dependent control flow, ``.item()``):
+    the caller then takes one dual pass a direction, starting with the
+    directions ``drawn`` here. Where samples are coupled or a pass draws
+    random numbers the caller loops instead: the passes replay the RNG.
 
     ``sized=False``: ``chunk`` was bounded by the input's size alone (jvp
     probes, no forward pass before them); each direction's tangents hold
     chunk copies of the activations and of the output, so the first pass
     carries one direction, and the others as many as the bound of
-    :func:`_default_chunk` allows given the output size it found.
+    :func:`_default_chunk` allows given the output size it found. A pass
+    that runs out of GPU memory is taken again with half the directions
+    (the same ones), unless the caller chose ``chunk`` (``fixed``).
+
+    Returns:
+        ``(Σ, [])``, the sum of shape ``(B,)``; or ``(None, drawn)``.
     """
     B = x.shape[0]
     if 0 in x.stride():  # as in _forward_mode: no primal that shares memory
@@ -1229,24 +1255,39 @@ def _batched_forward_mode(
     sq_many = torch.func.vmap(sq)
     total = _accumulator(x, B)
     step = chunk if sized else 1
+    pending: list[Tensor] = []  # drawn, not yet pushed through
+    taken = pushed = 0
     with _FORWARD_AD:  # torch.func.jvp opens the process's one dual level
-        start = 0
-        while start < n:
-            stop = min(n, start + step)
-            u = torch.stack([tangents(i) for i in range(start, stop)])
+        while pushed < n:
+            while len(pending) < step and taken < n:
+                pending.append(tangents(taken))
+                taken += 1
+            block = pending[:step]
             try:
-                values = sq_many(u)
-            except (NotImplementedError, RuntimeError):
-                if start > 0:  # it ran: an error of this input, not of vmap
+                values = sq_many(torch.stack(block))
+            except torch.cuda.OutOfMemoryError:
+                if fixed or step == 1:
                     raise
-                return None
-            del u
-            total = total + values.sum(0)
-            start = stop
-            if not sized and widths:
-                width = max(math.prod(x.shape[1:]), widths[0], 1)
-                step = min(chunk, max(1, _CHUNK_ELEMENTS // (B * width)))
-    return total
+                smaller = max(1, step // 2)
+            except (NotImplementedError, RuntimeError):
+                if pushed > 0:  # it ran: an error of this input, not of vmap
+                    raise
+                return None, pending
+            else:
+                del pending[: len(block)]
+                pushed += len(block)
+                total = total + values.sum(0)
+                if not sized and widths:
+                    width = max(math.prod(x.shape[1:]), widths[0], 1)
+                    step = min(chunk, max(1, _CHUNK_ELEMENTS // (B * width)))
+                continue
+            # outside the handler, as in _shrinking_chunk: the failed pass's
+            # tensors are let go before the cache gives memory back
+            del block
+            step = smaller
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
+    return total, []
 
 
 def _input_side(
@@ -1294,7 +1335,16 @@ def _input_side(
 
     if method == "jvp":
         values = _forward_mode(
-            fn, x, draw, num_probes, signs, replay, keep_graph, chunk, sized
+            fn,
+            x,
+            draw,
+            num_probes,
+            signs,
+            replay,
+            keep_graph,
+            chunk,
+            sized,
+            fixed=sized,  # sized: the caller's chunk_size
         )
         return values / num_probes
     return _finite_difference(fn, x, draw, num_probes, eps, signs, replay)
@@ -1815,7 +1865,9 @@ def jacobian_sq_norms(
                 forward_chunk = chunk_size or _default_chunk(
                     model, d, x, k, backward=False
                 )
-                values = _exact_forward_or_none(fn, x, d, replay, forward_chunk)
+                values = _exact_forward_or_none(
+                    fn, x, d, replay, forward_chunk, fixed=chunk_size is not None
+                )
                 if values is not None:
                     return _finite(values)
             if wrt is None and not out.requires_grad:
@@ -2062,11 +2114,13 @@ def _exact_forward_or_none(
     d: int,
     replay: bool = False,
     chunk: int = 1,
+    fixed: bool = False,
 ) -> Tensor | None:
     """Exact norms by d forward-mode passes; ``None`` if forward AD is missing.
 
-    ``chunk`` directions a pass (:func:`_batched_forward_mode`). With
-    ``replay`` (train mode) the passes share one dropout mask, one at a time.
+    ``chunk`` directions a pass (:func:`_batched_forward_mode`; ``fixed``:
+    the caller's, kept on running out of GPU memory). With ``replay`` (train
+    mode) the passes share one dropout mask, one at a time.
     """
     shape = x.shape
 
@@ -2077,7 +2131,9 @@ def _exact_forward_or_none(
 
     try:
         with torch.no_grad():
-            return _forward_mode(fn, x.detach(), basis, d, replay=replay, chunk=chunk)
+            return _forward_mode(
+                fn, x.detach(), basis, d, replay=replay, chunk=chunk, fixed=fixed
+            )
     except (NotImplementedError, RuntimeError):
         return None
 
