@@ -191,6 +191,11 @@ def apply_label_noise(
     return noisy, (noisy != y).double().mean().item()
 
 
+#: What the input-noise generator's seed adds to ``fit``'s seed (so its
+#: stream is not the shuffling generator's, nor another seed's).
+_NOISE_SEED_OFFSET = 0x9E3779B97F4A7C15 >> 2
+
+
 def _optimizer(
     optimizer: str | torch.optim.Optimizer | Callable[..., torch.optim.Optimizer],
     params: Sequence[nn.Parameter],
@@ -568,6 +573,11 @@ def fit(
     num_epochs = math.ceil(total_steps / per_epoch)
 
     gen = torch.Generator().manual_seed(seed)
+    # input noise draws from a stream of its own: drawn from ``gen``, it moved
+    # the shuffles that follow, so a noise run saw other batches than the
+    # noise-free run of its seed that it is compared with, from its second
+    # epoch on (a difference that is not the noise's)
+    noise_gen = torch.Generator().manual_seed(seed + _NOISE_SEED_OFFSET)
     history = History(
         config={
             "optimizer": optimizer if isinstance(optimizer, str) else repr(optimizer),
@@ -728,6 +738,7 @@ def fit(
             "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
             "generator": gen.get_state(),
             "reg_generator": reg_gen.get_state(),
+            "noise_generator": noise_gen.get_state(),
             "regularizer": regularizer.state_dict() if regularizer else {},
             "history": history.to_json(),
         }
@@ -836,6 +847,9 @@ def fit(
             if resumed["penalty_sum"] is not None:
                 pen_sum = resumed["penalty_sum"].to(dev)
             gen.set_state(resumed["generator"])
+            # checkpoints written before it drew the noise from "generator"
+            if "noise_generator" in resumed:
+                noise_gen.set_state(resumed["noise_generator"])
             if regularizer is not None:
                 regularizer.load_state_dict(resumed["regularizer"])
             done = History.from_json(resumed["history"])
@@ -867,7 +881,7 @@ def fit(
                 if augment is not None:
                     xb = augment(xb, gen)
                 if input_noise_std > 0:
-                    noise = torch.randn(xb.shape, generator=gen, dtype=xb.dtype)
+                    noise = torch.randn(xb.shape, generator=noise_gen, dtype=xb.dtype)
                     xb = xb + input_noise_std * noise.to(dev)
                 if needs_input_grad:
                     xb = xb.detach().requires_grad_(True)
