@@ -1740,6 +1740,20 @@ def test_lr_batch_trend_left_with_two_learning_rates_does_not_pass():
     assert batch_claim.value == pytest.approx(1.0) and batch_claim.passed
 
 
+@pytest.mark.parametrize("preset", ["smoke", "quick", "paper"])
+def test_lr_batch_sweeps_share_the_base_run_and_have_three_settings(preset):
+    # the lr trend reads the runs at the base batch, the batch trend those at
+    # the base lr: the base pair belongs to both. smoke's base (0.1, 64) was in
+    # neither list, so it never ran, each trend had two settings, and
+    # Spearman (NaN below three) failed both claims whatever the runs gave
+    runs = EXPERIMENTS["lr-batch"].runs(preset, "mnist1d", 1)
+    lr0, b0 = runs[0]["base_lr"], runs[0]["base_batch"]
+    pairs = {(r["lr"], r["batch"]) for r in runs}
+    assert (lr0, b0) in pairs
+    assert len({lr for lr, b in pairs if b == b0}) >= 3
+    assert len({b for lr, b in pairs if lr == lr0}) >= 3
+
+
 def test_lr_batch_trend_reads_only_settings_every_seed_reached():
     # each seed's GC rises with the learning rate (it refutes the claim), and
     # seed 2 sits 20 above seed 0 at every lr. The high-GC seeds reached the

@@ -96,7 +96,12 @@ class LrBatch(Experiment):
     def runs(self, preset: str, dataset: str, seeds: int | None) -> list[Run]:  # noqa: D102
         p = _PRESETS[preset]
         lr0, b0 = p["base"]
-        pairs = sorted({(lr, b0) for lr in p["lrs"]} | {(lr0, b) for b in p["batches"]})
+        # the base pair too: both trends read it (smoke's is in neither list)
+        pairs = sorted(
+            {(lr, b0) for lr in p["lrs"]}
+            | {(lr0, b) for b in p["batches"]}
+            | {(lr0, b0)}
+        )
         return [
             Run.make(
                 self.name,
