@@ -348,3 +348,39 @@ def test_measuring_an_iterable_in_another_thread_leaves_a_train_mode_replay_alon
     torch.testing.assert_close(got["A"], alone["A"], rtol=1e-9, atol=0)
     torch.testing.assert_close(got["B"], alone["B"], rtol=1e-9, atol=0)
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+class _ModeInConfig(torch.nn.Module):
+    """A layer whose ``training`` is a property over a flag of its own."""
+
+    def __init__(self) -> None:
+        self.__dict__["_train_flag"] = True
+        super().__init__()
+
+    @property
+    def training(self) -> bool:  # type: ignore[override]
+        return self.__dict__["_train_flag"]
+
+    @training.setter
+    def training(self, flag: bool) -> None:
+        self.__dict__["_train_flag"] = bool(flag)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.dropout(x, 0.5, self.training)
+
+
+def test_eval_mode_switches_a_module_whose_training_flag_is_a_property():
+    from geocomplexity import geometric_complexity
+    from geocomplexity.state import preserved
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), _ModeInConfig())
+    with preserved(model, mode="eval"):
+        assert [m.training for m in model.modules()] == [False, False, False]
+    assert [m.training for m in model.modules()] == [True, True, True]
+    assert "training" not in model[1].__dict__  # the property's, untouched
+    # measured in eval mode: no dropout, the same value twice
+    x = torch.randn(3, 4)
+    a = geometric_complexity(model, x, method="exact")
+    b = geometric_complexity(model, x, method="exact")
+    assert torch.equal(a, b)
+    assert model[1].training

@@ -385,10 +385,16 @@ def _set_training(module: nn.Module, flag: bool) -> None:
     For a plain ``nn.Module`` the flag is an instance attribute, and writing
     the instance dict skips ``nn.Module.__setattr__``'s checks (on a small MLP
     they cost about a tenth of a measurement); a module with its own
-    ``__setattr__`` (TorchScript keeps the flag in C++) gets the real one.
+    ``__setattr__`` (TorchScript keeps the flag in C++), or whose class makes
+    ``training`` a property (its setter keeps the flag elsewhere: written to
+    the instance dict, it was never seen, and the module ran in train mode
+    in an eval-mode measurement), gets the real one.
     """
-    if type(module).__setattr__ is nn.Module.__setattr__:
-        module.__dict__["training"] = flag
+    # nn.Module.__init__ sets the flag with object.__setattr__: it is in the
+    # instance dict unless the class's property took it
+    instance = module.__dict__
+    if type(module).__setattr__ is nn.Module.__setattr__ and "training" in instance:
+        instance["training"] = flag
     else:
         module.training = flag
 
