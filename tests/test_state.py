@@ -384,3 +384,31 @@ def test_eval_mode_switches_a_module_whose_training_flag_is_a_property():
     b = geometric_complexity(model, x, method="exact")
     assert torch.equal(a, b)
     assert model[1].training
+
+
+class _LastInput(torch.nn.Module):
+    """Keeps its last input in a buffer registered empty (``None``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.register_buffer("last", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.last = x.detach().mean(0)
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_a_buffer_registered_as_none_comes_back_empty(mode):
+    from geocomplexity import geometric_complexity
+    from geocomplexity.state import preserved
+
+    model = _LastInput()
+    with preserved(model, mode=mode):
+        model(torch.randn(3, 4))
+    assert model.last is None
+    assert "last" in model._buffers
+    for method in ("exact", "jvp", "finite_difference"):
+        geometric_complexity(model, torch.randn(3, 4), mode=mode, method=method)
+        assert model.last is None, method

@@ -220,16 +220,19 @@ def rng_carried_on(model: nn.Module) -> Iterator[Callable[..., None]]:
         yield advance
 
 
-_Snapshot = list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]]
+_Snapshot = list[tuple[nn.Module, str, torch.Tensor | None, torch.Tensor | None]]
 
 
 def snapshot(modules: Iterable[nn.Module]) -> _Snapshot:
-    """``(module, name, buffer, copy)`` for every buffer the modules own."""
+    """``(module, name, buffer, copy)`` for every buffer the modules own.
+
+    A buffer registered empty (``None``: a cache a forward pass fills) is
+    ``(module, name, None, None)``, to be emptied again.
+    """
     return [
-        (m, name, b, b.detach().clone())
+        (m, name, b, None if b is None else b.detach().clone())
         for m in modules
         for name, b in m._buffers.items()
-        if b is not None
     ]
 
 
@@ -253,7 +256,7 @@ def put_back(saved: _Snapshot) -> None:
 
     A buffer replaced by a new tensor (``self.calls = self.calls + 1``) gets
     its own tensor back; one written in place gets its values back, copied
-    only where they changed.
+    only where they changed; one registered empty (``None``) is emptied again.
     """
     if not saved:
         return
@@ -262,7 +265,7 @@ def put_back(saved: _Snapshot) -> None:
             # _buffers is no dict in a TorchScript module: no .get
             if name not in module._buffers or module._buffers[name] is not buf:
                 module._buffers[name] = buf
-            if not _same(buf, value):
+            if buf is not None and not _same(buf, value):
                 buf.copy_(value)
 
 
