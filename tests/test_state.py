@@ -412,3 +412,29 @@ def test_a_buffer_registered_as_none_comes_back_empty(mode):
     for method in ("exact", "jvp", "finite_difference"):
         geometric_complexity(model, torch.randn(3, 4), mode=mode, method=method)
         assert model.last is None, method
+
+
+@pytest.mark.parametrize("method", ["finite_difference", "auto"])
+def test_a_measurement_in_a_parametrize_cached_block_leaves_the_cache(method):
+    # a measurement computing a parametrized weight under no_grad must not
+    # leave it in the caller's cache: the caller's next pass would use a
+    # weight without a graph, and its parameters get no gradient
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+
+    from geocomplexity import measure
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        weight_norm(torch.nn.Linear(4, 4)), torch.nn.Tanh(), torch.nn.Linear(4, 2)
+    )
+    x = torch.randn(5, 4)
+    model(x).pow(2).sum().backward()
+    expected = model[0].parametrizations.weight.original0.grad.clone()
+    model.zero_grad(set_to_none=True)
+    with parametrize.cached():
+        measure(model, [x], method=method)
+        model(x).pow(2).sum().backward()
+    got = model[0].parametrizations.weight.original0.grad
+    assert got is not None
+    torch.testing.assert_close(got, expected)

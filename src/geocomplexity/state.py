@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 __all__ = [
     "batch_norm_couples",
@@ -98,8 +99,40 @@ def preserved(model: nn.Module, *, mode: str) -> Iterator[list[nn.Module]]:
     modules = list(model.modules())
     # train mode forks and replays the one global RNG: see _GLOBAL_RNG
     rng = _GLOBAL_RNG if mode == "train" else contextlib.nullcontext()
-    with rng, _turn(modules):
+    with rng, _turn(modules), _parametrizations_cache_kept(modules):
         yield from _preserved(model, modules, mode)
+
+
+@contextlib.contextmanager
+def _parametrizations_cache_kept(modules: list[nn.Module]) -> Iterator[None]:
+    """A block after which the modules' cached parametrized tensors are as found.
+
+    Inside the caller's ``torch.nn.utils.parametrize.cached()`` block, the
+    first read of a parametrized weight is cached for the rest of that block.
+    A measurement's passes read it under ``no_grad`` (finite differences,
+    ``measure``'s pilot), or in train mode from buffers put back after: left
+    in the cache, that weight was the one the caller's next pass used, with
+    no graph (its parameters got no gradient) or from another state.
+    """
+    if not parametrize._cache_enabled:
+        yield
+        return
+    keys = [
+        (id(m), name)
+        for m in modules
+        if parametrize.is_parametrized(m)
+        for name in m.parametrizations
+    ]
+    found = {key: parametrize._cache[key] for key in keys if key in parametrize._cache}
+    try:
+        yield
+    finally:
+        cache = parametrize._cache  # as the caller's block holds it now
+        for key in keys:
+            if key in found:
+                cache[key] = found[key]
+            else:
+                cache.pop(key, None)
 
 
 def _preserved(
