@@ -438,3 +438,33 @@ def test_a_measurement_in_a_parametrize_cached_block_leaves_the_cache(method):
     got = model[0].parametrizations.weight.original0.grad
     assert got is not None
     torch.testing.assert_close(got, expected)
+
+
+class _History(torch.nn.Module):
+    """Appends each batch's mean to a buffer, resizing it in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.register_buffer("history", torch.zeros(0, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grown = torch.cat([self.history, x.detach().mean(0, keepdim=True)])
+        self.history.data = grown
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_a_buffer_resized_in_place_comes_back_with_its_shape(mode):
+    from geocomplexity import geometric_complexity
+    from geocomplexity.state import preserved
+
+    model = _History()
+    model(torch.randn(2, 4))
+    buffer, found = model.history, model.history.clone()
+    with preserved(model, mode=mode):
+        model(torch.randn(2, 4))
+    geometric_complexity(model, torch.randn(3, 4), mode=mode, method="jvp")
+    assert model.history is buffer
+    assert model.history.shape == found.shape
+    assert torch.equal(model.history, found)

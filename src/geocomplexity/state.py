@@ -298,7 +298,13 @@ def put_back(saved: _Snapshot) -> None:
             # _buffers is no dict in a TorchScript module: no .get
             if name not in module._buffers or module._buffers[name] is not buf:
                 module._buffers[name] = buf
-            if buf is not None and not _same(buf, value):
+            if buf is None or _same(buf, value):
+                continue
+            if _layout(buf) != _layout(value):
+                # resized (or cast) in place, ``buf.data = ...``: copy_ would
+                # broadcast the old values into the new shape
+                buf.data = value.clone()
+            else:
                 buf.copy_(value)
 
 
@@ -408,11 +414,18 @@ def _same(buf: torch.Tensor, value: torch.Tensor) -> bool:
     holds a NaN (running statistics after a step that overflowed) would be
     written back, bumping its version and breaking a graph that saved it.
     """
+    if _layout(buf) != _layout(value):
+        return False
     if torch.equal(buf, value):
         return True
     if not (buf.is_floating_point() or buf.is_complex()):
         return False
     return torch.allclose(buf, value, rtol=0.0, atol=0.0, equal_nan=True)
+
+
+def _layout(t: torch.Tensor) -> tuple[Any, ...]:
+    """What a buffer resized or cast in place changes: shape, dtype, device."""
+    return t.shape, t.dtype, t.device
 
 
 def _set_training(module: nn.Module, flag: bool) -> None:
