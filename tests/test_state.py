@@ -468,3 +468,23 @@ def test_a_buffer_resized_in_place_comes_back_with_its_shape(mode):
     assert model.history is buffer
     assert model.history.shape == found.shape
     assert torch.equal(model.history, found)
+
+
+@pytest.mark.parametrize("method", ["finite_difference", "auto"])
+def test_a_model_with_uninitialised_lazy_modules_is_refused_untouched(method):
+    # measuring would initialise the lazy layer: another model (LazyLinear
+    # becomes Linear) with weights drawn from the caller's global RNG
+    from geocomplexity import measure
+
+    model = torch.nn.Sequential(
+        torch.nn.LazyLinear(3), torch.nn.Tanh(), torch.nn.Linear(3, 2)
+    )
+    x = torch.randn(4, 5)
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match=r"lazy.*'0'.*forward pass"):
+        measure(model, x, method=method)
+    assert type(model[0]) is torch.nn.LazyLinear
+    assert model[0].has_uninitialized_params()
+    assert torch.equal(torch.get_rng_state(), rng)
+    model(x)  # initialised by the caller: measured
+    measure(model, x, method=method)

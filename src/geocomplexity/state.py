@@ -97,10 +97,37 @@ def preserved(model: nn.Module, *, mode: str) -> Iterator[list[nn.Module]]:
         ``list(model.modules())``; the block runs with the model in ``mode``.
     """
     modules = list(model.modules())
+    _refuse_uninitialised(model, modules)
     # train mode forks and replays the one global RNG: see _GLOBAL_RNG
     rng = _GLOBAL_RNG if mode == "train" else contextlib.nullcontext()
     with rng, _turn(modules), _parametrizations_cache_kept(modules):
         yield from _preserved(model, modules, mode)
+
+
+def _refuse_uninitialised(model: nn.Module, modules: list[nn.Module]) -> None:
+    """Refuse a model with lazy modules that no forward pass has initialised.
+
+    The block's first pass would initialise them: a ``LazyLinear`` becomes a
+    ``Linear``, with weights drawn from the global RNG, and the caller's model
+    is another one (``finite_difference`` and ``measure`` did that; the other
+    methods failed on torch's "uninitialized parameter" error).
+
+    Raises:
+        ValueError: a module of ``model`` still has uninitialised parameters.
+    """
+    lazy = nn.modules.lazy.LazyModuleMixin
+    if not any(isinstance(m, lazy) and m.has_uninitialized_params() for m in modules):
+        return
+    names = [
+        repr(name)
+        for name, m in model.named_modules()
+        if isinstance(m, lazy) and m.has_uninitialized_params()
+    ]
+    raise ValueError(
+        f"the model's lazy modules {', '.join(names)} are not initialised yet: "
+        "measuring would initialise them (their weights drawn from the global "
+        "RNG), changing the model; run one forward pass, model(x), first"
+    )
 
 
 @contextlib.contextmanager
