@@ -2078,3 +2078,40 @@ def test_batched_forward_mode_halves_its_passes_when_gpu_memory_runs_out(
     # measures in reverse mode, which raises it too)
     with pytest.raises(torch.cuda.OutOfMemoryError):
         gcx.jacobian_sq_norms(model, x, method="jvp", num_probes=7, chunk_size=4)
+
+
+def test_finite_difference_refuses_a_model_that_draws_noise_in_eval_mode():
+    # dropout forced on (Monte Carlo dropout) in eval mode: each pass saw
+    # another mask, and the difference quotient measured the masks (GC read
+    # 10^5-10^7 times the exact value, another number on every call)
+    class MCDropout(nn.Module):
+        def forward(self, h):
+            return nn.functional.dropout(h, 0.2, training=True)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), MCDropout(), nn.Linear(16, 3))
+    x = torch.randn(6, 4)
+    with pytest.raises(ValueError, match="draws random numbers in eval mode"):
+        gcx.jacobian_sq_norms(model, x, method="finite_difference")
+    # the one-pass methods measure it (one mask), and train mode replays one
+    gcx.jacobian_sq_norms(model, x, method="exact")
+    gcx.jacobian_sq_norms(model, x, method="finite_difference", mode="train")
+
+
+def test_finite_difference_is_not_refused_for_another_thread_s_draws(monkeypatch):
+    # the global RNG moving during the base pass (another thread training
+    # with dropout, say) is no noise of this model: a second pass decides
+    from geocomplexity import jacobian
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+
+    def fd():
+        g = torch.Generator().manual_seed(1)
+        return gcx.jacobian_sq_norms(model, x, method="finite_difference", generator=g)
+
+    quiet = fd()
+    states = iter(range(1000))  # a state that moves on every read
+    monkeypatch.setattr(jacobian, "_rng_states", lambda x: [torch.tensor(next(states))])
+    torch.testing.assert_close(fd(), quiet, rtol=0, atol=0)
