@@ -2154,3 +2154,32 @@ def test_train_mode_exact_keeps_no_block_results_to_the_end(monkeypatch):
     assert len(alive) == math.ceil(10 * 4 / 3)  # the blocks' backward passes
     assert max(alive) <= 1
     assert rel(got, diagonal_block_sq_norms(model.train(), x)) < 1e-10
+
+
+def test_train_mode_exact_makes_its_one_hot_directions_as_it_takes_them(monkeypatch):
+    # exact on coupled samples made all k one-hot directions at once, (k, B, k):
+    # k² × B elements whatever chunk_size, 157 MB for k = 784 outputs at B = 64
+    # in float32, 4.3 GB for k = 4096, where the blocks themselves hold
+    # chunk_size × B × k. A decoder from an 8-d latent to k = 3072 outputs at
+    # B = 16 peaked at 874 MB; one direction at a time, 315 MB
+    from geocomplexity import jacobian
+
+    made: list[int] = []
+    real = jacobian._onehot
+
+    def onehot(B, k, like):
+        make = real(B, k, like)
+        return lambda start, stop: made.append(stop - start) or make(start, stop)
+
+    monkeypatch.setattr(jacobian, "_onehot", onehot)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(2, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 10)
+    ).double()
+    x = torch.randn(4, 2, dtype=torch.float64)
+    for chunk_size in (1, 3, 8):
+        made.clear()
+        got = gcx.jacobian_sq_norms(model, x, mode="train", chunk_size=chunk_size)
+        assert made and max(made) <= chunk_size
+        assert rel(got, diagonal_block_sq_norms(model.train(), x)) < 1e-10
+        model.eval()
