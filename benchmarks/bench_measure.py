@@ -192,11 +192,14 @@ def forward_fn(model: nn.Module, x: Tensor) -> Callable[[], None]:
     return run
 
 
-def vmap_jacrev_sq_norms(model: nn.Module, x: Tensor) -> Tensor:
+def vmap_jacrev_sq_norms(
+    model: nn.Module, x: Tensor, jacobian: Callable[..., Any] = torch.func.jacrev
+) -> Tensor:
     """Per-sample ‖J‖_F² via ``vmap(jacrev(f))`` over ``functional_call``.
 
     Parameters are detached: the outer autograd then records nothing, the
-    reference's most favourable setting.
+    reference's most favourable setting. ``jacobian=torch.func.jacfwd`` gives
+    the forward-mode reference.
     """
     params = {n: p.detach() for n, p in model.named_parameters()}
     buffers = dict(model.named_buffers())
@@ -205,7 +208,7 @@ def vmap_jacrev_sq_norms(model: nn.Module, x: Tensor) -> Tensor:
         out = torch.func.functional_call(model, (params, buffers), (xi.unsqueeze(0),))
         return out.squeeze(0)
 
-    jac = torch.func.vmap(torch.func.jacrev(f))(x)
+    jac = torch.func.vmap(jacobian(f))(x)
     return jac.reshape(x.shape[0], -1).pow(2).sum(1)
 
 
@@ -608,15 +611,7 @@ def bench_mnist1d(budget_s: float, min_rounds: int, max_rounds: int) -> dict[str
 
 def vmap_jacfwd_sq_norms(model: nn.Module, x: Tensor) -> Tensor:
     """Per-sample ‖J‖_F² via ``vmap(jacfwd(f))`` (forward mode), detached weights."""
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    buffers = dict(model.named_buffers())
-
-    def f(xi: Tensor) -> Tensor:
-        out = torch.func.functional_call(model, (params, buffers), (xi.unsqueeze(0),))
-        return out.squeeze(0)
-
-    jac = torch.func.vmap(torch.func.jacfwd(f))(x)
-    return jac.reshape(x.shape[0], -1).pow(2).sum(1)
+    return vmap_jacrev_sq_norms(model, x, torch.func.jacfwd)
 
 
 def bench_wide_output(

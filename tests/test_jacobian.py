@@ -1926,19 +1926,22 @@ class _OldStyleCube(torch.autograd.Function):
         return 3 * x**2 * t
 
 
+class _Cubed(nn.Module):
+    """3 → 8 → x³ (:class:`_OldStyleCube`) → ``k``: no vmap rule in it."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 8), nn.Linear(8, k)
+
+    def forward(self, x):
+        return self.b(_OldStyleCube.apply(self.a(x)))
+
+
 def test_exact_forward_mode_loops_where_the_model_cannot_be_batched(monkeypatch):
     # a custom autograd.Function without setup_context has no vmap rule: the
     # batched passes fail, and one dual pass a direction measures it exactly
-    class Cubed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(3, 8), nn.Linear(8, 20)
-
-        def forward(self, x):
-            return self.b(_OldStyleCube.apply(self.a(x)))
-
     torch.manual_seed(0)
-    model = Cubed().double()
+    model = _Cubed(20).double()
     x = torch.randn(4, 3, dtype=torch.float64)
     taken = _spy_batched_forward_mode(monkeypatch)
     got = gcx.jacobian_sq_norms(model, x)
@@ -2010,16 +2013,8 @@ def test_jvp_probes_of_a_failed_batched_pass_are_the_loops(monkeypatch):
     # a model vmap cannot batch: the loop that takes over drew fresh probes
     # in place of those the failed pass had drawn, so the values were not
     # chunk_size=1's with the same generator
-    class Cubed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(3, 8), nn.Linear(8, 4)
-
-        def forward(self, x):
-            return self.b(_OldStyleCube.apply(self.a(x)))
-
     torch.manual_seed(0)
-    model = Cubed().double()
+    model = _Cubed(4).double()
     x = torch.randn(5, 3, dtype=torch.float64)
     taken = _spy_batched_forward_mode(monkeypatch)
 
