@@ -1972,6 +1972,27 @@ def test_jvp_probes_share_batched_passes_with_the_same_probes(monkeypatch):
     assert rel(many, per_sample_sq_norms(model, x)) < 0.1
 
 
+def _spied_vmap(monkeypatch, most: int | None = None) -> list[int]:
+    """The directions each batched pass holds, recorded; above ``most``, the
+    pass runs out of GPU memory (simulated)."""
+    real = torch.func.vmap
+    sizes: list[int] = []
+
+    def vmap(f, *args, **kwargs):
+        batched = real(f, *args, **kwargs)
+
+        def run(u):
+            sizes.append(len(u))
+            if most is not None and len(u) > most:
+                raise torch.cuda.OutOfMemoryError("simulated")
+            return batched(u)
+
+        return run
+
+    monkeypatch.setattr(torch.func, "vmap", vmap)
+    return sizes
+
+
 def test_jvp_probes_a_pass_are_bounded_by_the_output_size(monkeypatch):
     # a decoder (d small, k large), where jvp's variance is low: chunk·B·max(d, k)
     # stays within the bound exact keeps (_CHUNK_ELEMENTS), k counted though
@@ -1980,19 +2001,7 @@ def test_jvp_probes_a_pass_are_bounded_by_the_output_size(monkeypatch):
     from geocomplexity import jacobian
 
     monkeypatch.setattr(jacobian, "_CHUNK_ELEMENTS", 6400)
-    sizes: list[int] = []
-    real = torch.func.vmap
-
-    def vmap(f, *args, **kwargs):
-        batched = real(f, *args, **kwargs)
-
-        def run(u):
-            sizes.append(u.shape[0])
-            return batched(u)
-
-        return run
-
-    monkeypatch.setattr(torch.func, "vmap", vmap)
+    sizes = _spied_vmap(monkeypatch)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Linear(32, 200)).double()
     x = torch.randn(8, 4, dtype=torch.float64)
@@ -2036,21 +2045,7 @@ def test_batched_forward_mode_halves_its_passes_when_gpu_memory_runs_out(
     # pass a direction (a later one to reverse mode); now the same directions
     # are taken again in halves, as the VJPs' chunks are. Out of memory is
     # simulated (a pass of more than 2 directions raises it)
-    real_vmap = torch.func.vmap
-    sizes = []
-
-    def tight_vmap(f, *args, **kwargs):
-        batched = real_vmap(f, *args, **kwargs)
-
-        def run(u):
-            sizes.append(len(u))
-            if len(u) > 2:
-                raise torch.cuda.OutOfMemoryError("simulated")
-            return batched(u)
-
-        return run
-
-    monkeypatch.setattr(torch.func, "vmap", tight_vmap)
+    sizes = _spied_vmap(monkeypatch, most=2)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 30)).double()
     x = torch.randn(5, 6, dtype=torch.float64)
