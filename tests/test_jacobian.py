@@ -2173,3 +2173,27 @@ def test_train_mode_exact_makes_its_one_hot_directions_as_it_takes_them(monkeypa
         assert made and max(made) <= chunk_size
         assert rel(got, diagonal_block_sq_norms(model.train(), x)) < 1e-10
         model.eval()
+
+
+def test_exact_with_d_below_k_measures_one_draw_of_eval_mode_noise():
+    # g(x) = A(x ∘ r), r drawn on every pass: exact's forward-mode passes
+    # (d < k) each drew another r, and the sum over directions mixed the
+    # draws (20.8 where one draw gives 29.2, 37.6 or 24.9); reverse mode
+    # measures the draw of its one forward pass, as where d >= k
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 20, bias=False)
+
+        def forward(self, x):
+            return self.a(x * torch.rand(x.shape[1], dtype=x.dtype))
+
+    torch.manual_seed(0)
+    model = Noisy().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    torch.manual_seed(7)
+    r = torch.rand(4, dtype=torch.float64)  # the draw of the first pass
+    want = (model.a.weight * r).pow(2).sum().expand(3)
+    torch.manual_seed(7)
+    got = gcx.jacobian_sq_norms(model, x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)

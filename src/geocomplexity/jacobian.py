@@ -1712,9 +1712,10 @@ def jacobian_sq_norms(
         chunk_size: VJPs batched into one backward pass (``1`` loops; smaller
             bounds memory), and JVPs into one forward-mode pass (exact's
             forward mode, and the probes of ``"jvp"`` when measuring).
-            ``None`` picks by model type: up to 32 on dense models, a loop of
-            VJPs where there are convolutions (their batching rules are slower
-            than a loop on CPU; forward mode batches them).
+            ``None`` picks by model type and device: up to 32 directions,
+            except VJPs through convolutions on the CPU, which loop (their
+            batching rules are slower than a loop there; on CUDA, and in
+            forward mode, they batch).
         eps: finite-difference step; default ``sqrt(machine eps)`` times the RMS
             of ``x``, the machine eps of the coarsest precision the model
             computes in (``x``'s, its output's or autocast's): 3% of the RMS
@@ -2131,7 +2132,11 @@ def _exact_forward_or_none(
 
     ``chunk`` directions a pass (:func:`_batched_forward_mode`; ``fixed``:
     the caller's, kept on running out of GPU memory). With ``replay`` (train
-    mode) the passes share one dropout mask, one at a time.
+    mode) the passes share one dropout mask, one at a time. ``None`` too
+    where the passes drew random numbers in eval mode (dropout forced on, a
+    noise layer): each pass saw another draw, and their sum mixed the
+    draws; reverse mode's k VJPs measure the one draw of its forward pass,
+    as where d ≥ k.
     """
     shape = x.shape
 
@@ -2140,13 +2145,18 @@ def _exact_forward_or_none(
         e[:, i] = 1
         return e.reshape(shape)
 
+    drawn = None if replay else _rng_states(x)
     try:
         with torch.no_grad():
-            return _forward_mode(
+            values = _forward_mode(
                 fn, x.detach(), basis, d, replay=replay, chunk=chunk, fixed=fixed
             )
     except (NotImplementedError, RuntimeError):
         return None
+    # (another thread's draws read as the model's: reverse mode, still exact)
+    if drawn is not None and not _same_states(drawn, _rng_states(x)):
+        return None
+    return values
 
 
 def forward_mode_runs(model: nn.Module, x: Tensor, output: Output) -> bool:
