@@ -61,10 +61,11 @@ def _norms(
     B, k = out.shape
     kw = {"dtype": out.dtype, "device": out.device, "generator": gen}
     u = draw_probes("rademacher", (1, B, k), **kw)
+    probes = lambda a, b: u[a:b]  # noqa: E731  # probes(start, stop): (stop-start, B, k)
     if which == "paired":
         t = draw_probes("rademacher", (1, B), **kw)
-        return jacobian._decoupled_vjp_sq_norms(x, out, u, t, 1, create_graph)
-    return jacobian._diag_vjp_sq_norms(x, out, lambda a, b: u[a:b], 1, 1, create_graph)
+        return jacobian._decoupled_vjp_sq_norms(x, out, probes, t, 1, create_graph)
+    return jacobian._diag_vjp_sq_norms(x, out, probes, 1, 1, create_graph)
 
 
 def step(
