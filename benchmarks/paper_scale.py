@@ -17,6 +17,7 @@ Not a test: a table and a JSON file, for the README's hours per run.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import platform
 import sys
@@ -32,6 +33,7 @@ from geocomplexity.data import random_crop_flip
 from geocomplexity.models import PreActResNet18
 
 PAPER_TRAIN, PAPER_EPOCHS, PAPER_EVALS, TEST_N, GC_N = 50_000, 1000, 20, 10_000, 1000
+BATCH = 128  # the preset's training batch
 
 
 def sync(device: torch.device) -> None:
@@ -49,33 +51,50 @@ def time_width(k: int, n: int, device: torch.device, gen: torch.Generator) -> di
     y = torch.randint(0, 10, (n,), generator=gen).to(device)
     xt = torch.rand(TEST_N, 3, 32, 32, generator=gen).to(device)
 
-    def epoch(batches: int | None = None) -> None:
-        model.train()
-        order = torch.randperm(n, device=device)
-        for i, idx in enumerate(order.split(128)):
-            if batches is not None and i >= batches:
-                break
-            loss = F.cross_entropy(model(random_crop_flip(x[idx], gen)), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    def train_step(idx: torch.Tensor) -> None:
+        loss = F.cross_entropy(model(random_crop_flip(x[idx], gen)), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
 
-    epoch(batches=3)  # warm-up: cuDNN's algorithm search, the allocator
+    def epoch() -> None:
+        model.train()
+        for idx in torch.randperm(n, device=device).split(BATCH):
+            train_step(idx)
+
+    def evaluate() -> None:
+        model.eval()
+        with torch.no_grad():
+            for chunk in xt.split(1000):
+                model(chunk)
+
+    # Warm-ups, untimed, at every input shape the timed calls run: cuDNN's
+    # algorithm search (cudnn.benchmark) runs at the first call of each shape,
+    # once a process, so a run pays it once and not in each of its epochs; a
+    # timed call that met a shape first carried it (the epoch's last, partial
+    # batch; the test pass's chunks of 1000; GC's batches). And the allocator.
+    model.train()
+    warm = torch.randperm(n, device=device)
+    for idx in (*warm[: 3 * BATCH].split(BATCH), warm[: n % BATCH]):
+        if len(idx):
+            train_step(idx)
     sync(device)
     t0 = time.perf_counter()
     epoch()
     sync(device)
     t_epoch = time.perf_counter() - t0
 
-    model.eval()
+    evaluate()
+    sync(device)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        for chunk in xt.split(1000):
-            model(chunk)
+    evaluate()
     sync(device)
     t_eval = time.perf_counter() - t0
 
-    measure(model, xt[:64], method="exact", progress=False)  # warm-up
+    # measure's batches of GC_N: full ones and the remainder, one of each
+    gc_batch = inspect.signature(measure).parameters["batch_size"].default
+    warm_gc = xt[: gc_batch + GC_N % gc_batch]
+    measure(model, warm_gc, method="exact", progress=False)
     sync(device)
     t0 = time.perf_counter()
     res = measure(model, xt[:GC_N], method="exact", progress=False)
