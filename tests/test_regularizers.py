@@ -356,6 +356,28 @@ def test_gc_term_value_is_right_under_no_grad_and_inference_mode(context):
                 assert got > 0
 
 
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("method", ["double_backprop", "finite_difference"])
+def test_gradient_norm_value_is_right_under_no_grad_and_inference_mode(context, method):
+    # a validation step logging the penalties (the GC term alone, or a sum
+    # with it) raised "the task loss depends on none of the model's
+    # trainable parameters": the value must come back, the model untouched
+    model, x, y = tanh_mlp()
+    params = list(model.parameters())
+    g = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+    want = 0.3 * sum(t.pow(2).sum() for t in g)
+    ctx = torch.no_grad if context == "no_grad" else torch.inference_mode
+    term = GradientNorm(0.3, method=method)
+    with ctx():
+        xi, yi = x.clone(), y.clone()
+        got = term(model, xi, yi, outputs=model(xi))
+        both = (term + GeometricComplexity(1.0, method="exact"))(model, xi, yi)
+    assert torch.isclose(got, want, rtol=1e-6)
+    gc = per_sample_sq_norms(model, x).mean()
+    assert torch.isclose(both, want + gc, rtol=1e-6)
+    assert all(p.grad is None for p in params)
+
+
 def test_gc_term_takes_inputs_made_in_inference_mode_in_a_training_step():
     # a frozen-feature loop: inputs built under inference_mode, the penalty
     # called with grad on; an inference tensor cannot be made to require grad

@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.nn.utils.weight_norm import WeightNorm
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map_only
 
 from geocomplexity.jacobian import _autocast_dtype
 from geocomplexity.regularizers.base import (
@@ -181,6 +182,12 @@ class GradientNorm(Regularizer):
     ) -> Tensor:
         """The penalty on this batch.
 
+        Under ``torch.no_grad()`` or ``torch.inference_mode()`` (logging a
+        validation value, say) gradients are turned back on for the term
+        alone, as for the GC term: the value is right either way. Outputs
+        computed there have no graph, so the term runs a forward pass of its
+        own.
+
         Returns:
             A scalar tensor; its parameter gradient is ``2 λ H g``.
 
@@ -188,6 +195,31 @@ class GradientNorm(Regularizer):
             ValueError: no targets, or no trainable parameters.
         """
         check_batch(inputs, "GradientNorm", tensor=False)
+        if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+            return self._penalty(model, inputs, targets, outputs, loss_fn)
+        with torch.inference_mode(False), torch.enable_grad():
+            # an inference tensor cannot be saved for the backward pass
+            inputs, targets = tree_map_only(
+                Tensor,
+                lambda t: t.clone() if t.is_inference() else t,
+                (inputs, targets),
+            )
+            if not any(
+                t.requires_grad
+                for t in tree_flatten(outputs)[0]
+                if isinstance(t, Tensor)
+            ):
+                outputs = None  # computed without a graph: a pass of its own
+            return self._penalty(model, inputs, targets, outputs, loss_fn)
+
+    def _penalty(
+        self,
+        model: nn.Module,
+        inputs: Tensor,
+        targets: Tensor | None,
+        outputs: Tensor | None,
+        loss_fn: LossFn | None,
+    ) -> Tensor:
         loss_fn, params, loss = self._task(model, inputs, targets, outputs, loss_fn)
         group = _ddp_group(model)
         if self.method == "double_backprop":
