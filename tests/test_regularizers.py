@@ -1010,6 +1010,34 @@ def test_fused_backward_takes_params_as_an_iterator(make):
 @pytest.mark.parametrize(
     "make",
     [
+        lambda: GeometricComplexity(0.3, method="exact"),
+        lambda: L2(0.3) + GradientNorm(0.3),
+        lambda: 2 * L2(0.3),
+    ],
+    ids=["gc", "sum", "scaled"],
+)
+def test_default_backward_takes_params_as_an_iterator(make):
+    """params=model.parameters() through Regularizer.backward (the GC term,
+    sums, scaled terms): the iterator was spent checking the gradients before
+    the backward pass, which then raised "`inputs` argument to `backward()`
+    cannot be empty"."""
+    model, x, y = tanh_mlp()
+
+    def step(params) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_(True)
+        out = model(xg)
+        make().backward(
+            F.cross_entropy(out, y), model, xg, y, outputs=out, params=params
+        )
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    torch.testing.assert_close(step(model.parameters()), step(list(model.parameters())))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
         lambda: L2(0.3),
         lambda: SpectralNorm(0.3),
         lambda: SpectralNorm(0.3),

@@ -260,8 +260,9 @@ class Regularizer(abc.ABC):
         Returns:
             The penalty's value, detached.
         """
-        if params is None:
-            params = trainable(model)
+        # a list: backward_into walks the parameters twice (an iterator,
+        # model.parameters(), would be spent before the backward pass)
+        params = trainable(model) if params is None else list(params)
         penalty = self(model, inputs, targets, outputs=outputs, loss_fn=loss_fn)
         # only the parameters: a penalty may have made the inputs require grad,
         # and their gradient would cost a full extra product per layer
