@@ -2068,3 +2068,44 @@ def test_gc_term_refuses_the_state_of_a_term_built_otherwise():
     saved.load_state_dict(state)
     assert torch.equal(torch.rand(3, generator=g), first)
     plain.load_state_dict(plain.state_dict())
+
+
+@pytest.mark.parametrize("norm", ["group", "batch_eval", "instance_eval"])
+def test_jvp_penalty_under_autocast_through_a_mixed_precision_norm(norm):
+    """Under bfloat16 autocast the fused group, batch (running statistics) and
+    instance (running statistics) norms take bfloat16 input with float32
+    parameters, and their forward-mode derivative came out float32 beside a
+    bfloat16 value: the next convolution raised "Input type
+    (torch.FloatTensor) and weight type (CPUBFloat16Type) should be the
+    same". The penalty must match float32's, same probes, to bfloat16's
+    round-off."""
+    layers = {
+        "group": lambda: nn.GroupNorm(4, 8),
+        "batch_eval": lambda: nn.BatchNorm1d(8),
+        "instance_eval": lambda: nn.InstanceNorm1d(
+            8, affine=True, track_running_stats=True
+        ),
+    }
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(2, 8, 3, padding=1),
+        layers[norm](),
+        nn.Tanh(),
+        nn.Conv1d(8, 3, 3, padding=1),
+    )
+    if norm != "group":
+        model.eval()
+    x = torch.randn(5, 2, 4)
+
+    def penalty(autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        term = GeometricComplexity(
+            1.0, method="jvp", num_probes=4, generator=torch.Generator().manual_seed(1)
+        )
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            value = term(model, x)
+        return value.float(), grads(value, model)
+
+    want, want_grad = penalty(autocast=False)
+    got, got_grad = penalty(autocast=True)
+    assert torch.isclose(got, want, rtol=3e-2)
+    assert rel(got_grad, want_grad) < 3e-2

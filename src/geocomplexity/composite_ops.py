@@ -114,6 +114,32 @@ def _update(running: Tensor | None, value: Tensor, momentum: float) -> None:
             running.copy_(wide * (1 - momentum) + value.to(wide.dtype) * momentum)
 
 
+def _matched(fused: Any, input: Tensor, *params: Tensor | None) -> Tensor:
+    """``fused(input)``, on ``input`` cast to wider parameters' dtype and back.
+
+    Under autocast a fused norm (group norm; batch and instance norm with
+    running statistics) takes half-precision input with float32 parameters
+    and running statistics, which autocast leaves as they are, and returns
+    its value in the input's dtype but its forward-mode derivative in the
+    parameters' (PyTorch 2.13, CPU): the next layer refused the mix ("Input
+    type (torch.FloatTensor) and weight type (CPUBFloat16Type) should be the
+    same"). Cast up, the kernel computes as it did (in float32), and the
+    cast back takes value and derivative to the input's dtype.
+    """
+    wide = [
+        p.dtype
+        for p in params
+        if p is not None
+        and input.is_floating_point()
+        and input.dtype.itemsize < 4  # half precision: what kernels mix
+        and p.is_floating_point()
+        and p.dtype.itemsize > input.dtype.itemsize
+    ]
+    if not wide:
+        return fused(input)
+    return fused(input.to(wide[0])).to(input.dtype)
+
+
 def _layer_norm(
     input: Tensor,
     normalized_shape: Sequence[int],
@@ -189,9 +215,12 @@ def _torch_batch_norm(
     dims = (0, *range(2, max(input.dim(), 2)))
     if not training or _to_fused(input, running_mean, running_var, momentum, dims):
         # running statistics: an affine map, whose fused formulas are right
-        return _TORCH_BATCH_NORM(
-            input, weight, bias, running_mean, running_var, training, momentum,
-            eps, cudnn_enabled,
+        return _matched(
+            lambda z: _TORCH_BATCH_NORM(
+                z, weight, bias, running_mean, running_var, training, momentum,
+                eps, cudnn_enabled,
+            ),
+            input, weight, bias, running_mean, running_var,
         )  # fmt: skip
     out, mean = _normalise(input, dims, eps)
     var = _wide(input.detach()).var(dims, unbiased=True)
@@ -216,9 +245,12 @@ def _batch_norm(
         or eps <= 0
         or input.shape[0] * math.prod(input.shape[2:]) == 1
     ):  # running statistics (an affine map), or what F.batch_norm refuses
-        return _F_BATCH_NORM(
-            input, running_mean, running_var, weight, bias, training, momentum, eps
-        )
+        return _matched(
+            lambda z: _F_BATCH_NORM(
+                z, running_mean, running_var, weight, bias, training, momentum, eps
+            ),
+            input, weight, bias, running_mean, running_var,
+        )  # fmt: skip
     return _torch_batch_norm(
         input, weight, bias, running_mean, running_var, training, momentum, eps
     )
@@ -240,9 +272,12 @@ def _torch_instance_norm(
     if not use_input_stats or _to_fused(
         input, running_mean, running_var, momentum, dims
     ):  # running statistics: an affine map
-        return _TORCH_INSTANCE_NORM(
-            input, weight, bias, running_mean, running_var, use_input_stats,
-            momentum, eps, cudnn_enabled,
+        return _matched(
+            lambda z: _TORCH_INSTANCE_NORM(
+                z, weight, bias, running_mean, running_var, use_input_stats,
+                momentum, eps, cudnn_enabled,
+            ),
+            input, weight, bias, running_mean, running_var,
         )  # fmt: skip
     out, mean = _normalise(input, dims, eps)
     # the running statistics average each sample's (as aten::instance_norm)
@@ -266,9 +301,12 @@ def _instance_norm(
     if not use_input_stats or math.prod(input.shape[2:]) == 1:
         # running statistics (an affine map), or one spatial element, which
         # F.instance_norm refuses
-        return _F_INSTANCE_NORM(
-            input, running_mean, running_var, weight, bias, use_input_stats,
-            momentum, eps,
+        return _matched(
+            lambda z: _F_INSTANCE_NORM(
+                z, running_mean, running_var, weight, bias, use_input_stats,
+                momentum, eps,
+            ),
+            input, weight, bias, running_mean, running_var,
         )  # fmt: skip
     return _torch_instance_norm(
         input, weight, bias, running_mean, running_var, use_input_stats,
@@ -514,8 +552,17 @@ def _contiguous_group_norm(
     bias: Tensor | None = None,
     eps: float = 1e-5,
 ) -> Tensor:
-    """``F.group_norm`` of a contiguous copy of ``input`` where it is not one."""
-    return _F_GROUP_NORM(input.contiguous(), num_groups, weight, bias, eps)
+    """``F.group_norm`` of a contiguous copy of ``input`` where it is not one.
+
+    In the dtype of wider parameters (autocast's float32 ones), as
+    :func:`_matched`.
+    """
+    return _matched(
+        lambda z: _F_GROUP_NORM(z.contiguous(), num_groups, weight, bias, eps),
+        input,
+        weight,
+        bias,
+    )
 
 
 def contiguous_group_norm() -> contextlib.AbstractContextManager[None]:
