@@ -2197,3 +2197,74 @@ def test_exact_with_d_below_k_measures_one_draw_of_eval_mode_noise():
     torch.manual_seed(7)
     got = gcx.jacobian_sq_norms(model, x)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("norm", "mode", "chunk_size"),
+    [
+        ("layer", "eval", 1),
+        ("layer", "train", None),
+        ("batch", "eval", 1),
+        ("batch", "train", None),
+    ],
+)
+def test_jvp_measurement_under_autocast_through_a_mixed_precision_norm(
+    norm, mode, chunk_size
+):
+    # under bfloat16 autocast the fused layer and batch norms take bfloat16
+    # input with float32 parameters and returned a bfloat16 value with a
+    # float32 forward-mode derivative: the one-probe-a-pass jvp measurement
+    # (chunk_size=1, or train mode's replayed passes) raised "expected m1 and
+    # m2 to have the same dtype" at the next Linear
+    torch.manual_seed(0)
+    layer = nn.LayerNorm(8) if norm == "layer" else nn.BatchNorm1d(8)
+    model = nn.Sequential(nn.Linear(6, 8), layer, nn.Tanh(), nn.Linear(8, 3))
+    if norm == "batch":
+        with torch.no_grad():
+            layer.running_mean.normal_()
+            layer.running_var.uniform_(0.5, 2.0)
+    # a batch of 16: train mode's statistics over 5 samples amplified
+    # bfloat16's round-off to 5% in exact as well (a conditioning matter)
+    x = torch.randn(16, 6)
+
+    def measured(autocast: bool) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return gcx.jacobian_sq_norms(
+                model,
+                x,
+                method="jvp",
+                mode=mode,
+                num_probes=4,
+                chunk_size=chunk_size,
+                generator=torch.Generator().manual_seed(1),
+            )
+
+    want = measured(autocast=False)
+    got = measured(autocast=True)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, want, rtol=3e-2)
+    # exact (d > k: reverse mode) agrees under autocast too
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        exact = gcx.jacobian_sq_norms(model, x, method="exact", mode=mode)
+    assert torch.allclose(
+        exact, gcx.jacobian_sq_norms(model, x, method="exact", mode=mode), rtol=3e-2
+    )
+
+
+@pytest.mark.parametrize("norm", ["layer", "batch"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_exact_forward_mode_under_autocast_through_a_norm(norm, mode):
+    # d < k: exact takes d forward-mode passes, which through a fused norm
+    # under autocast may fail and fall back to k VJPs; either way the value
+    # is float32's to bfloat16 round-off
+    torch.manual_seed(0)
+    layer = nn.LayerNorm(16) if norm == "layer" else nn.BatchNorm1d(16)
+    model = nn.Sequential(nn.Linear(3, 16), layer, nn.Tanh(), nn.Linear(16, 10))
+    x = torch.randn(5, 3)
+    want = gcx.jacobian_sq_norms(model, x, method="exact", mode=mode)
+    for chunk_size in (1, None):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = gcx.jacobian_sq_norms(
+                model, x, method="exact", mode=mode, chunk_size=chunk_size
+            )
+        assert torch.allclose(got, want, rtol=3e-2)

@@ -1805,9 +1805,13 @@ def jacobian_sq_norms(
         else no_attention_fast_path()
     )
     # a jvp penalty backpropagates forward-mode derivatives, which PyTorch's
-    # fused layer, batch and instance norm get wrong (see composite_ops)
+    # fused layer, batch and instance norm get wrong (see composite_ops).
+    # Under autocast a jvp measurement needs them too: given half-precision
+    # input and float32 parameters, the fused norms return a half-precision
+    # value with a float32 tangent (PyTorch 2.13, CPU), which the next layer
+    # refused ("expected m1 and m2 to have the same dtype")
     norms = contextlib.nullcontext()
-    if create_graph and method == "jvp":
+    if method == "jvp" and (create_graph or _autocast_dtype(x) is not None):
         norms = composite_ops(model)
     # and forward mode through group_norm fails on channels-last tensors
     group_norm = (
