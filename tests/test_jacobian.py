@@ -2268,3 +2268,35 @@ def test_exact_forward_mode_under_autocast_through_a_norm(norm, mode):
                 model, x, method="exact", mode=mode, chunk_size=chunk_size
             )
         assert torch.allclose(got, want, rtol=3e-2)
+
+
+def test_finite_differences_of_a_piecewise_constant_output_say_so():
+    # one_hot(argmax(logits)): every other method gives GC 0, and finite
+    # differences, all exactly 0 while a step the size of the input crosses
+    # a jump, are refused (the rounding check stands); the refusal said only
+    # that they were lost in the rounding of the output, and advised a larger
+    # eps=, which measures the jumps
+    class Decided(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Linear(6, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.one_hot(self.net(x).argmax(-1), 4).float()
+
+    torch.manual_seed(0)
+    model = Decided()
+    x = torch.randn(8, 6)
+    for method in ("exact", "projection", "jvp"):
+        got = gcx.jacobian_sq_norms(model, x, method=method)
+        assert torch.equal(got, torch.zeros_like(got))
+    for mode, wrt in (("eval", None), ("train", None), ("eval", "net")):
+        with pytest.raises(ValueError, match="piecewise constant") as caught:
+            gcx.jacobian_sq_norms(
+                model, x, method="finite_difference", mode=mode, wrt=wrt,
+                generator=torch.Generator().manual_seed(0),
+            )  # fmt: skip
+        message = str(caught.value)
+        assert "piecewise constant" in message
+        assert "give its GC, 0" in message
+        assert "lost in the rounding of the output" in message  # still possible

@@ -2237,7 +2237,8 @@ def _check_resolved(
 
     Raises:
         ValueError: the mean squared difference is below the squared rounding
-            of the entries that move.
+            of the entries that move; where it is exactly 0, the message says
+            that the output may be piecewise constant (argmax), GC 0.
     """
 
     def floor(keep: Tensor | None = None) -> float:
@@ -2251,12 +2252,28 @@ def _check_resolved(
         return
     under = floor(far() != base)
     if got < under:
+        advice = (
+            "Measure with method='jvp', 'projection' or 'exact', in a wider "
+            "dtype, or with a larger eps="
+        )
+        if got == 0:
+            # as likely a piecewise-constant output (argmax, one_hot, round)
+            # as a change below the rounding: a larger eps crosses its jumps
+            raise ValueError(
+                "the finite differences are all exactly 0, yet a step the size "
+                "of the input changes the output: either the output is "
+                "piecewise constant (argmax, one_hot, round, a step function), "
+                "whose Jacobian is 0 wherever it is defined (method='jvp', "
+                "'projection' or 'exact' give its GC, 0; a larger eps= would "
+                "measure its jumps), or its change over a step is lost in the "
+                "rounding of the output, below one rounding error "
+                f"({unit:.2g} relative) on outputs this large ({under:.3g}). " + advice
+            )
         raise ValueError(
             "the finite differences are lost in the rounding of the output: "
             f"their mean square ({got:.3g}) is below that of one rounding "
             f"error ({unit:.2g} relative) on outputs this large ({under:.3g}), "
-            "so the estimate would be noise. Measure with method='jvp', "
-            "'projection' or 'exact', in a wider dtype, or with a larger eps="
+            "so the estimate would be noise. " + advice
         )
 
 
