@@ -1058,10 +1058,13 @@ def _default_chunk(
     ):
         return 1
     chunk = min(n, _MAX_CHUNK)
-    if x is not None:
-        width = max(math.prod(x.shape[1:]), k, 1)
-        chunk = min(chunk, max(1, _CHUNK_ELEMENTS // (x.shape[0] * width)))
-    return chunk
+    return chunk if x is None else min(chunk, _chunk_bound(x, k))
+
+
+def _chunk_bound(x: Tensor, k: int) -> int:
+    """The most directions a pass may hold: 2²⁶ elements of chunk · B · max(d, k)."""
+    width = max(math.prod(x.shape[1:]), k, 1)
+    return max(1, _CHUNK_ELEMENTS // (x.shape[0] * width))
 
 
 def _shrinking_chunk(
@@ -1289,8 +1292,7 @@ def _batched_forward_mode(
                 pushed += len(block)
                 total = total + values.sum(0)
                 if not sized and widths:
-                    width = max(math.prod(x.shape[1:]), widths[0], 1)
-                    step = min(chunk, max(1, _CHUNK_ELEMENTS // (B * width)))
+                    step = min(chunk, _chunk_bound(x, widths[0]))
                 continue
             # outside the handler, as in _shrinking_chunk: the failed pass's
             # tensors are let go before the cache gives memory back

@@ -558,12 +558,21 @@ def _choose(pilot: list[float], total: int, rtol: float) -> tuple[str, int]:
     Returns:
         ``(method, num_probes)``.
     """
-    cost, nm, nvar, n = pilot
+    cost, nm, _, n = pilot
     if cost <= AUTO_EXACT_MAX_OUTPUTS or n == 0 or nm <= 0:
         return "exact", 1
-    m, var = nm / n, nvar / n
-    probes = max(1, math.ceil(var / (total * m**2 * rtol**2)))
+    probes = max(1, _probes_for(pilot, total, rtol))
     return ("exact", 1) if probes >= cost else ("projection", probes)
+
+
+def _probes_for(pilot: list[float], total: int, rtol: float) -> int:
+    """Probes ``⌈σ² / (N m² rtol²)⌉`` for an N-sample mean (σ², m: the pilot's).
+
+    They keep the probe part of its relative standard error below ``rtol``.
+    """
+    _, nm, nvar, n = pilot
+    m, var = nm / n, nvar / n
+    return math.ceil(var / (total * m**2 * rtol**2))
 
 
 def _warn_probes_sized_for_more(
@@ -583,7 +592,7 @@ def _warn_probes_sized_for_more(
     achieved = math.sqrt(var / (count * probes * m**2))
     if not achieved > rtol:
         return
-    needed = math.ceil(var / (count * m**2 * rtol**2))
+    needed = _probes_for(pilot, count, rtol)
     warnings.warn(
         f"method='auto' sized its probes for {sized_for} samples (max_samples, "
         f"the data's length being unknown), but the data ended after {count} "
