@@ -11,7 +11,6 @@ import functools
 import io
 import numbers
 import pickle
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from geocomplexity.state import _GLOBAL_RNG
+from geocomplexity.state import rngs_kept
 
 __all__ = [
     "DATASETS",
@@ -72,8 +71,6 @@ def load_mnist1d(num_samples: int = 5000, seed: int = 42) -> Split:
         ImportError: the optional ``mnist1d`` package is missing.
         ValueError: ``num_samples`` below 10 (one per class).
     """
-    import numpy as np
-
     if not isinstance(num_samples, numbers.Integral) or num_samples < 10:
         raise ValueError(
             f"num_samples must be an integer >= 10 (MNIST-1D is drawn class by "
@@ -88,18 +85,12 @@ def load_mnist1d(num_samples: int = 5000, seed: int = 42) -> Split:
         ) from err
     args = get_dataset_args()
     args.num_samples, args.seed = num_samples, seed
-    # one thread at a time: make_dataset seeds the global generators and draws
-    # from them, so two loads at once drew from one stream by turns (neither
-    # got the seed's data set) and restored each other's snapshots. The
-    # library's one lock for them: rngs_kept (a loader measured in another
-    # thread, its augmentation drawing from numpy) holds it too
-    with _GLOBAL_RNG:
-        np_state, py_state = np.random.get_state(), random.getstate()
-        try:
-            d = make_dataset(args)
-        finally:
-            np.random.set_state(np_state)
-            random.setstate(py_state)
+    # rngs_kept puts the global generators back and holds the library's one
+    # lock for them: make_dataset seeds them and draws from them, so two
+    # loads at once drew from one stream by turns (neither got the seed's
+    # data set) and restored each other's snapshots
+    with rngs_kept():
+        d = make_dataset(args)
     return Split(
         torch.as_tensor(d["x"], dtype=torch.float32),
         torch.as_tensor(d["y"], dtype=torch.int64),
