@@ -26,14 +26,7 @@ from torch import Tensor, nn
 
 from geocomplexity.atomic import write_text, write_with
 from geocomplexity.measure import measure
-from geocomplexity.regularizers.base import (
-    LossFn,
-    Regularizer,
-    Scaled,
-    Sum,
-    trainable,
-)
-from geocomplexity.regularizers.gradient_norm import GradientNorm
+from geocomplexity.regularizers.base import LossFn, Regularizer, trainable
 from geocomplexity.state import differentiable_attention, preserved
 
 __all__ = ["History", "apply_label_noise", "fit", "resolve_device"]
@@ -296,35 +289,6 @@ def _integer(name: str, value: Any, optional: bool = True) -> Any:
             f"{value!r} ({type(value).__name__}){hint}"
         )
     return int(value)
-
-
-def _check_terms_reach(regularizer: Regularizer, outside: int) -> None:
-    """Refuse a term whose gradient misses the optimizer's tensors outside the model.
-
-    The finite-difference ``GradientNorm`` assembles its gradient ``2λHg``
-    from a second pass at shifted model parameters, which gives the model's
-    parameters their share and a tensor outside the model (a temperature in
-    ``loss_fn``) none of it: that tensor would train on the task loss alone,
-    silently (its penalty gradient read 0.35 where double backprop gives 3.4).
-
-    Raises:
-        ValueError: such a term, alone or within a sum or a scaled term.
-    """
-    stack = [regularizer]
-    while stack:
-        term = stack.pop()
-        if isinstance(term, Sum):
-            stack.extend(term.terms)
-        elif isinstance(term, Scaled):
-            stack.append(term.term)
-        elif isinstance(term, GradientNorm) and term.method == "finite_difference":
-            raise ValueError(
-                f"the optimizer holds {outside} tensor(s) outside the model (a "
-                "parameter of loss_fn, say), and GradientNorm(method="
-                "'finite_difference') gives such tensors no share of its "
-                "gradient: use method='double_backprop', or make the tensor a "
-                "parameter of the model"
-            )
 
 
 def fit(
@@ -626,8 +590,22 @@ def fit(
     # named, and without a gradient they were never stepped
     in_model = {id(p) for p in params}
     outside = [p for p in held if p.requires_grad and id(p) not in in_model]
-    if outside and regularizer is not None:
-        _check_terms_reach(regularizer, len(outside))
+    if (
+        outside
+        and regularizer is not None
+        and not (regularizer.reaches_tensors_outside_model)
+    ):
+        # the finite-difference gradient norm's 2λHg comes from a pass at
+        # shifted model parameters: such a tensor would train on the task
+        # loss alone, silently (its penalty gradient read 0.35 where double
+        # backprop gives 3.4)
+        raise ValueError(
+            f"the optimizer holds {len(outside)} tensor(s) outside the model (a "
+            "parameter of loss_fn, say), and GradientNorm(method="
+            "'finite_difference') gives such tensors no share of its "
+            "gradient: use method='double_backprop', or make the tensor a "
+            "parameter of the model"
+        )
     params = params + outside
     needs_input_grad = regularizer is not None and regularizer.reuses_input_grad
     # attention by its math kernel when a penalty may backpropagate through

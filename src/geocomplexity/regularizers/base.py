@@ -199,6 +199,12 @@ class Regularizer(abc.ABC):
     #: the inputs, so a training loop should hand it inputs that require grad.
     reuses_input_grad: bool = False
 
+    #: The term's gradient reaches every tensor its value depends on, not only
+    #: the model's parameters (the finite-difference gradient norm shifts the
+    #: parameters alone: a tensor outside the model, a temperature in
+    #: ``loss_fn``, gets none of its gradient).
+    reaches_tensors_outside_model: bool = True
+
     def seed(self, generator: torch.Generator) -> None:
         """Give a term that was built without a generator a seeded fallback.
 
@@ -332,6 +338,10 @@ class Sum(Regularizer):
     def reuses_input_grad(self) -> bool:  # type: ignore[override]
         return any(t.reuses_input_grad for t in self.terms)
 
+    @property
+    def reaches_tensors_outside_model(self) -> bool:  # type: ignore[override]
+        return all(t.reaches_tensors_outside_model for t in self.terms)
+
     def seed(self, generator: torch.Generator) -> None:
         for t in self.terms:
             t.seed(generator)
@@ -377,6 +387,10 @@ class Scaled(Regularizer):
     @property
     def reuses_input_grad(self) -> bool:  # type: ignore[override]
         return self.term.reuses_input_grad
+
+    @property
+    def reaches_tensors_outside_model(self) -> bool:  # type: ignore[override]
+        return self.term.reaches_tensors_outside_model
 
     def seed(self, generator: torch.Generator) -> None:
         self.term.seed(generator)

@@ -171,6 +171,10 @@ class GradientNorm(Regularizer):
             raise ValueError(f"eps must be positive, got {eps!r}")
         self.method, self.eps = method, eps
 
+    @property
+    def reaches_tensors_outside_model(self) -> bool:  # type: ignore[override]  # noqa: D102
+        return self.method != "finite_difference"
+
     def __call__(
         self,
         model: nn.Module,
