@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from geocomplexity.state import _GLOBAL_RNG
+from geocomplexity.state import cpu_seeded
 
 __all__ = ["INITS", "PreActResNet18", "cnn", "initialize", "mlp"]
 
@@ -58,13 +58,7 @@ def mlp(
         )
     sizes = [d_in, *widths, d_out]
     layers: list[nn.Module] = []
-    # _GLOBAL_RNG: a model built in another thread meanwhile reseeded the one
-    # global generator between this one's layers, and the state put back on
-    # leaving was that thread's snapshot
-    with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
-        # PyTorch's default init draws from the global CPU RNG; torch.manual_seed
-        # would also reseed the CUDA generators, which fork_rng does not restore
-        torch.default_generator.manual_seed(seed)
+    with cpu_seeded(seed):  # PyTorch's default init draws from it
         for i, (a, b) in enumerate(itertools.pairwise(sizes)):
             layers.append(nn.Linear(a, b, bias=bias))
             if i < len(sizes) - 2:
@@ -108,8 +102,7 @@ def cnn(
             nn.MaxPool2d(2),
         ]
 
-    with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)  # the CPU's only, as above
+    with cpu_seeded(seed):
         return nn.Sequential(
             *stage(in_channels, width),
             *stage(width, 2 * width),

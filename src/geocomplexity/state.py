@@ -23,6 +23,7 @@ from torch.nn.utils import parametrize
 __all__ = [
     "batch_norm_couples",
     "compiled",
+    "cpu_seeded",
     "differentiable_attention",
     "eager",
     "in_this_thread",
@@ -670,6 +671,22 @@ def loader_generators(loader: Any) -> list[torch.Generator]:
         if isinstance(g, torch.Generator) and all(g is not f for f in found):
             found.append(g)
     return found
+
+
+@contextlib.contextmanager
+def cpu_seeded(seed: int) -> Iterator[None]:
+    """A block that draws from the global CPU generator seeded with ``seed``.
+
+    For building a model reproducibly (PyTorch's default initialisation
+    draws from that generator): its state comes back afterwards, and the
+    block holds :data:`_GLOBAL_RNG`, as a model built in another thread
+    meanwhile reseeded the generator between this one's layers. The CPU's
+    generator alone: ``torch.manual_seed`` would reseed every CUDA
+    generator too, which ``fork_rng(devices=[])`` does not put back.
+    """
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
 
 
 @contextlib.contextmanager

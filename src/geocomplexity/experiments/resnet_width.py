@@ -30,6 +30,7 @@ from geocomplexity.data import Split, load_cifar10, random_crop_flip
 from geocomplexity.experiments.runner import Context, Run
 from geocomplexity.experiments.width_sweep import DoubleDescent, sweep_result
 from geocomplexity.models import PreActResNet18
+from geocomplexity.state import cpu_seeded
 from geocomplexity.training import fit
 
 _PRESETS: dict[str, dict[str, Any]] = {
@@ -123,10 +124,7 @@ class ResNetDoubleDescent(DoubleDescent):
             g = torch.Generator().manual_seed(run.seed)
             idx = torch.randperm(len(x), generator=g)[: run["n"]]
             x, y = x[idx], y[idx]
-        with torch.random.fork_rng(devices=[]):
-            # the initialization, on the CPU: seed only the generator that
-            # fork_rng restores (torch.manual_seed reseeds CUDA's too)
-            torch.default_generator.manual_seed(run.seed)
+        with cpu_seeded(run.seed):  # the initialization, on the CPU
             model = PreActResNet18(run["width"], data.num_classes)
         epochs = run["epochs"]
         history = fit(
