@@ -202,10 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         try:
             path = write_report(args.dir)
-        except (FileNotFoundError, ValueError) as err:
-            print(f"geocomplexity: error: {err}", file=sys.stderr)
-            return 2
-        except OSError as err:  # a read-only folder: was a traceback, exit 1
+        except (ValueError, OSError) as err:  # a read-only folder: OSError
             return _error(str(err))
         print(claims_table(collect_claims(args.dir)))
         print(f"\nreport: {path}")
@@ -342,9 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         # (or a folder turned read-only) ends with its fix, not a traceback
         try:
             path = write_report(args.out)
-        except (FileNotFoundError, ValueError) as err:
-            return _error(f"{err} (every run is stored; the report was not written)")
-        except OSError as err:
+        except (ValueError, OSError) as err:
             return _error(f"{err} (every run is stored; the report was not written)")
         print()
         print(claims_table(collect_claims(args.out)))
