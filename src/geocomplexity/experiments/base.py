@@ -16,7 +16,7 @@ import functools
 import io
 import json
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ __all__ = [
     "PRESETS",
     "Experiment",
     "Outcome",
+    "every_seed",
     "reproduce_one",
     "result_rows",
     "seed_means",
@@ -125,6 +126,29 @@ def seed_means(
     """
     xs = sorted({r[x] for r in rows})
     return xs, [statistics.fmean(r[y] for r in rows if r[x] == v) for v in xs]
+
+
+def every_seed(
+    rows: Sequence[dict[str, Any]], x: str, keep: Callable[[dict[str, Any]], bool]
+) -> list[dict[str, Any]]:
+    """The kept runs at the values of ``x`` where every seed's run is kept.
+
+    Seed means taken over whichever seeds are left at each value (a run that
+    missed its target, a dead net) carry those seeds' own levels, and could
+    rank one value above another that lies above it in every seed: the means
+    are taken where each value rests on every seed of ``rows``.
+
+    Returns:
+        The kept runs at those values, in the order of ``rows``.
+    """
+    seeds = {r["seed"] for r in rows}
+    kept = [r for r in rows if keep(r)]
+    whole = {
+        v
+        for v in {r[x] for r in kept}
+        if {r["seed"] for r in kept if r[x] == v} == seeds
+    }
+    return [r for r in kept if r[x] in whole]
 
 
 def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:

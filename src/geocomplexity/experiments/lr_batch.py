@@ -18,7 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from geocomplexity.data import load
-from geocomplexity.experiments.base import Experiment, result_rows, seed_means
+from geocomplexity.experiments.base import (
+    Experiment,
+    every_seed,
+    result_rows,
+    seed_means,
+)
 from geocomplexity.experiments.claims import Claim, spearman
 from geocomplexity.experiments.figures import closed_on_error, log_xticks, pyplot, save
 from geocomplexity.experiments.runner import Context, Run
@@ -74,13 +79,7 @@ def _every_seed_reached(
     Returns:
         The rows at those settings, in their order.
     """
-    seeds = {r["seed"] for r in rows}
-    complete = {
-        v
-        for v in {r[key] for r in rows}
-        if {r["seed"] for r in rows if r[key] == v and r["reached"]} == seeds
-    }
-    return [r for r in rows if r[key] in complete]
+    return every_seed(rows, key, lambda r: r["reached"])
 
 
 class LrBatch(Experiment):

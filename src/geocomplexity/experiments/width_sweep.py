@@ -34,7 +34,12 @@ import torch
 from torch import Tensor
 
 from geocomplexity.data import load
-from geocomplexity.experiments.base import Experiment, result_rows, seed_means
+from geocomplexity.experiments.base import (
+    Experiment,
+    every_seed,
+    result_rows,
+    seed_means,
+)
 from geocomplexity.experiments.claims import Claim, spearman
 from geocomplexity.experiments.figures import (
     closed_on_error,
@@ -436,12 +441,7 @@ class UCurve(_WidthSweep):
         # seeds: a width's mean over the seeds left by a dead net carries
         # their level of GC, and could rank it above a width that lies above
         # it in every seed
-        seeds = {r["seed"] for r in every}
-        whole = [
-            r
-            for r in rows
-            if {q["seed"] for q in rows if q["width"] == r["width"]} == seeds
-        ]
+        whole = every_seed(every, "width", lambda r: not r["gc_train"] <= 0)
         _, width_loss = seed_means(whole, "width", "test_loss")
         _, width_gc = seed_means(whole, "width", "gc_train")
         best = min(range(len(width_loss)), key=width_loss.__getitem__, default=0)
