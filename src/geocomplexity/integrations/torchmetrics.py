@@ -15,6 +15,7 @@ Needs ``pip install 'geocomplexity[torchmetrics]'``.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -340,6 +341,29 @@ class GeometricComplexity(Metric):
         self.total += values.sum()
         self.total_sq += values.pow(2).sum()
         self.count += values.numel()
+
+    def sync(
+        self,
+        dist_sync_fn: Callable[..., Any] | None = None,
+        process_group: Any = None,
+        should_sync: bool = True,
+        distributed_available: Callable[[], bool] | None = None,
+    ) -> None:
+        """Sync the states by this metric's ``dist_sync_fn`` unless given one.
+
+        torchmetrics' own default for a ``sync()`` called by hand is its
+        ``gather_all_tensors``, whose gloo collectives may leave their tensors
+        to gloo's worker thread; freed there while the interpreter shuts down,
+        the process aborts ("terminate called without an active exception",
+        see :func:`geocomplexity.distributed.all_gather`). ``compute()`` and
+        :meth:`stderr` sync by ``dist_sync_fn`` already.
+        """
+        super().sync(
+            dist_sync_fn or self.dist_sync_fn,
+            process_group,
+            should_sync,
+            distributed_available,
+        )
 
     def compute(self) -> Tensor:
         """The mean over every sample seen (float64 scalar).
