@@ -10,7 +10,8 @@ methods share one signature:
     (reverse mode, :math:`\|J\|_F^2=\sum_j\|J^\top e_j\|^2`), or :math:`d`
     Jacobian-vector products (forward mode) when the input is smaller than the
     output. The :math:`k` products are batched into one backward pass in chunks of
-    ``chunk_size``, or looped (``chunk_size=1``). In eval mode samples are
+    ``chunk_size``, or looped (``chunk_size=1``), whichever is faster for the
+    model (:mod:`geocomplexity.tuning`). In eval mode samples are
     independent, so one backward pass of the batch-summed output gives every
     sample's row at once. The :math:`d` forward-mode products are batched too
     (``vmap`` of ``torch.func.jvp``: one primal pass carries ``chunk_size``
@@ -69,6 +70,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
+from geocomplexity import tuning
 from geocomplexity.composite_ops import _wide, composite_ops, contiguous_group_norm
 from geocomplexity.probes import (
     check_distribution,
@@ -1717,7 +1719,10 @@ def jacobian_sq_norms(
             ``None`` picks by model type and device: up to 32 directions,
             except VJPs through convolutions on the CPU, which loop (their
             batching rules are slower than a loop there; on CUDA, and in
-            forward mode, they batch).
+            forward mode, they batch). Where that batches the VJPs and no
+            graph is kept, the first calls on ``model`` also time a loop, and
+            later calls of the same shapes take the faster
+            (:mod:`geocomplexity.tuning`).
         eps: finite-difference step; default ``sqrt(machine eps)`` times the RMS
             of ``x``, the machine eps of the coarsest precision the model
             computes in (``x``'s, its output's or autocast's): 3% of the RMS
@@ -1893,6 +1898,12 @@ def jacobian_sq_norms(
             chunk = chunk_size or _default_chunk(
                 model, _vjp_count(method, out.shape, num_probes, coupled), xg, k
             )
+            timed = tuning.untimed
+            if chunk_size is None and chunk > 1 and not create_graph and tuning.tuned():
+                # batched or looped, whichever is faster here (geocomplexity.tuning)
+                options = (method, num_probes, distribution, coupled, mode, wrt)
+                shapes = (x.shape, out.shape, x.dtype, x.device)
+                chunk, timed = tuning.chunk_for(model, (*options, *shapes), chunk)
             drawn = None
             if method == "projection":
                 generator = resolve_generator(generator, xg.device)
@@ -1927,11 +1938,14 @@ def jacobian_sq_norms(
                 passes.append(forward())
 
             del xg, out  # held by passes alone: a retry can let them go
-            values = _shrinking_chunk(
-                lambda c: reverse(*passes[0], c),
-                chunk,
-                fixed=chunk_size is not None,
-                restart=again,
+            values = timed(
+                lambda: _shrinking_chunk(
+                    lambda c: reverse(*passes[0], c),
+                    chunk,
+                    fixed=chunk_size is not None,
+                    restart=again,
+                ),
+                x.device,
             )
         elif wrt is not None:  # probes at the inner variable
             values = _probes_at(

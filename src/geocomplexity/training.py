@@ -28,6 +28,7 @@ from geocomplexity.atomic import write_text, write_with
 from geocomplexity.measure import measure
 from geocomplexity.regularizers.base import LossFn, Regularizer, trainable
 from geocomplexity.state import differentiable_attention, preserved
+from geocomplexity.tuning import fixed_chunks
 
 __all__ = ["History", "apply_label_noise", "fit", "resolve_device"]
 
@@ -730,7 +731,10 @@ def fit(
     devices = []
     if dev.type == "cuda":
         devices = [dev.index if dev.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices):
+    # VJP chunks by the default rule, untimed (geocomplexity.tuning): batched
+    # and looped VJPs may differ in the last bit, and the same seed must give
+    # the same numbers
+    with torch.random.fork_rng(devices=devices), fixed_chunks():
         # seed only the generators fork_rng restores: torch.manual_seed would
         # reseed every CUDA device, a CPU run's included, and leave them so
         torch.default_generator.manual_seed(seed)

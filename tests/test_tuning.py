@@ -1,0 +1,175 @@
+"""Batched or looped VJPs chosen by timing (geocomplexity.tuning)."""
+
+from __future__ import annotations
+
+import gc
+import itertools
+
+import pytest
+import torch
+from reference import per_sample_sq_norms
+from torch import nn
+
+import geocomplexity as gcx
+from geocomplexity import jacobian, tuning
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4)).double().eval()
+
+
+class FakeClock:
+    """Each timed call takes ``loop`` seconds with chunk 1, else ``batched``."""
+
+    def __init__(self, loop: float, batched: float) -> None:
+        self.loop, self.batched = loop, batched
+        self.now = 0.0
+        self.chunk = 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def run(self, chunk: int, run) -> None:
+        def compute() -> torch.Tensor:
+            self.now += self.loop if chunk == 1 else self.batched
+            return torch.zeros(())
+
+        run(compute, torch.device("cpu"))
+
+
+def decide(model: nn.Module, clock: FakeClock, default: int = 8) -> list[int]:
+    """The chunks of successive calls until (and one past) the decision."""
+    chunks = []
+    for _ in range(1 + 2 * tuning.TRIALS_EACH + 1):
+        chunk, run = tuning.chunk_for(model, "key", default, clock=clock)
+        chunks.append(chunk)
+        clock.run(chunk, run)
+    return chunks
+
+
+@pytest.mark.parametrize(
+    ("loop", "batched", "chosen"),
+    [(1.0, 2.0, 1), (2.0, 1.0, 8), (0.97, 1.0, 8), (0.9, 1.0, 1)],
+)
+def test_the_faster_way_is_chosen_after_the_trials(loop, batched, chosen):
+    model = mlp()
+    chunks = decide(model, FakeClock(loop, batched))
+    # a warm-up with the default, then loop and default alternately, then
+    # the choice (a near tie keeps the default)
+    trials = [1, 8] * tuning.TRIALS_EACH
+    assert chunks == [8, *trials, chosen]
+    assert tuning.decisions(model) == {"key": chosen}
+
+
+def test_the_fastest_call_of_each_way_decides():
+    # one slow loop call (a page fault, another process) does not condemn it
+    model = mlp()
+    times = itertools.chain([50.0], itertools.repeat(1.0))
+    clock = FakeClock(0.0, 2.0)
+    for _ in range(1 + 2 * tuning.TRIALS_EACH):
+        chunk, run = tuning.chunk_for(model, "key", 4, clock=clock)
+        clock.loop = next(times) if chunk == 1 else clock.loop
+        clock.run(chunk, run)
+    assert tuning.decisions(model) == {"key": 1}
+
+
+def test_keys_are_decided_apart_and_entries_go_with_the_model():
+    model = mlp()
+    decide(model, FakeClock(1.0, 2.0))
+    chunk, _ = tuning.chunk_for(model, "other", 8)
+    assert chunk == 8  # a new key starts with its own warm-up
+    assert tuning.decisions(model) == {"key": 1}
+    gc.collect()  # models of earlier tests go first
+    before = len(tuning._TRIALS)
+    del model
+    gc.collect()
+    assert len(tuning._TRIALS) == before - 1
+
+
+def test_every_call_of_a_tuned_measurement_is_exact():
+    # the trial calls' results are the answers: each one, whichever way it
+    # ran, matches brute force, and the default agrees with a loop
+    model = mlp()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    want = per_sample_sq_norms(model, x)
+    for _ in range(1 + 2 * tuning.TRIALS_EACH + 2):
+        got = gcx.jacobian_sq_norms(model, x)
+        assert torch.allclose(got, want, rtol=1e-10, atol=0)
+    (chosen,) = tuning.decisions(model).values()
+    assert chosen in (1, jacobian._default_chunk(model, 4, x, 4))
+
+
+def spy_chunks(monkeypatch) -> list[int]:
+    seen: list[int] = []
+    real = jacobian.reverse_sq_norms
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["chunk_size"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jacobian, "reverse_sq_norms", spy)
+    return seen
+
+
+@pytest.mark.parametrize("loop_faster", [True, False])
+def test_later_calls_take_the_chosen_chunk(monkeypatch, loop_faster):
+    model = mlp()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    seen = spy_chunks(monkeypatch)
+    clock = {"now": 0.0}
+
+    def fake() -> float:  # a loop call takes 1 s, a batched one 3 s (or vice versa)
+        chunk = seen[-1] if seen else 0
+        slow = chunk > 1 if loop_faster else chunk == 1
+        clock["now"] += 1.5 if slow else 0.5  # read twice per call
+        return clock["now"]
+
+    monkeypatch.setattr(tuning, "_clock", fake)
+    default = jacobian._default_chunk(model, 4, x, 4)
+    for _ in range(1 + 2 * tuning.TRIALS_EACH + 3):
+        gcx.jacobian_sq_norms(model, x)
+    want = 1 if loop_faster else default
+    assert seen[: 1 + 2 * tuning.TRIALS_EACH] == [default] + [1, default] * 3
+    assert seen[-3:] == [want] * 3
+
+
+def test_untimed_where_numbers_must_repeat(monkeypatch):
+    model = mlp()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    seen = spy_chunks(monkeypatch)
+    default = jacobian._default_chunk(model, 4, x, 4)
+    runs = 1 + 2 * tuning.TRIALS_EACH + 1
+    # a penalty (its gradients may differ in the last bits between the two)
+    for _ in range(runs):
+        gcx.jacobian_sq_norms(model, x, create_graph=True)
+    # fixed_chunks (fit measures under it)
+    with tuning.fixed_chunks():
+        for _ in range(runs):
+            gcx.jacobian_sq_norms(model, x)
+    # deterministic algorithms
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(runs):
+            gcx.jacobian_sq_norms(model, x)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    # a chunk the caller chose
+    for _ in range(runs):
+        gcx.jacobian_sq_norms(model, x, chunk_size=2)
+    assert seen == [default] * (3 * runs) + [2] * runs
+    assert tuning.decisions(model) == {}
+    assert model not in tuning._TRIALS or not any(
+        t.calls for t in tuning._TRIALS[model].values()
+    )
+
+
+def test_fit_measures_untimed():
+    from geocomplexity.training import fit
+
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    x = torch.randn(40, 6)
+    y = torch.randint(0, 3, (40,))
+    fit(model, (x, y), epochs=9, batch_size=20, track_gc_every=1, progress=False)
+    assert model not in tuning._TRIALS
