@@ -8,7 +8,9 @@ from typing import Any
 import pytest
 import torch
 from conftest import in_two_threads
+from torch import nn
 
+import geocomplexity as gcx
 from geocomplexity.state import (
     differentiable_attention,
     eager,
@@ -488,3 +490,43 @@ def test_a_model_with_uninitialised_lazy_modules_is_refused_untouched(method):
     assert torch.equal(torch.get_rng_state(), rng)
     model(x)  # initialised by the caller: measured
     measure(model, x, method=method)
+
+
+class _FrozenBatchNorm(nn.Module):
+    """Fine-tuning code's model: its train() keeps BatchNorm frozen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(
+            nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)
+        ).double()
+        bn = self.net[1]
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def train(self, mode: bool = True) -> _FrozenBatchNorm:
+        super().train(mode)
+        self.net[1].eval()
+        self.net[1].weight.requires_grad_(False)
+        return self
+
+
+def test_train_mode_is_what_the_models_own_train_sets():
+    # flipping every flag unfroze the BatchNorm: the train-mode measurement
+    # normalised by the batch, where the model trains with running statistics
+    model = _FrozenBatchNorm().eval()
+    model.net[1].weight.requires_grad_(True)  # eval() froze it; train() will
+    x = torch.randn(16, 4, dtype=torch.float64)
+    want = gcx.jacobian_sq_norms(model, x)  # eval: running statistics
+    got = gcx.jacobian_sq_norms(model, x, mode="train", coupled=False)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    assert gcx.measure(model, x, mode="train", method="exact").value == pytest.approx(
+        want.mean().item(), rel=1e-12
+    )
+    # the flags and requires_grad the override changed come back
+    assert not any(m.training for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())

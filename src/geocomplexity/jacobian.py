@@ -1709,7 +1709,9 @@ def jacobian_sq_norms(
             off, samples are independent) or ``"train"`` (batch statistics and
             one dropout mask; samples are coupled, and each sample's diagonal
             block is measured: exact takes k VJPs per sample, B times as many,
-            the probe methods two passes per probe, twice as many).
+            the probe methods two passes per probe, twice as many). Train
+            mode is what the model's own ``train()`` sets, where a module
+            overrides it (a BatchNorm kept frozen stays frozen).
         num_probes: probes per sample for the stochastic methods.
         distribution: probe distribution, ``"rademacher"`` (default),
             ``"gaussian"`` or ``"sphere"``.

@@ -78,6 +78,12 @@ def preserved(model: nn.Module, *, mode: str) -> Iterator[list[nn.Module]]:
     the buffers of other modules (a call counter, an EMA, a quantization
     observer may write one in any mode) are put back if they changed.
 
+    Train mode is what the model's own ``train()`` sets where a module
+    overrides it (fine-tuning code that keeps BatchNorm frozen: its
+    BatchNorm stays in eval mode here too, as in training), else every
+    module's flag set to True; a ``requires_grad`` the override changes is
+    put back with the flags.
+
     Threads: the modes and buffers are the model's own, shared by every
     thread. Blocks for one model (or models that share a module) in several
     threads at once take turns: a block waits until another thread's has
@@ -190,15 +196,26 @@ def _preserved(
     # module changes is copied back, and only if it changed, so that buffers
     # saved in a graph the caller still differentiates keep their versions
     saved = snapshot(modules)
+    requires: list[tuple[nn.Parameter, bool]] = []
     try:
         with torch.random.fork_rng(devices=_cuda_devices(model)):
-            for module, _ in flags:
-                module.training = True
+            if any(type(m).train is not nn.Module.train for m in modules):
+                # the model's own train() (nn.Module.train calls the
+                # children's, overrides included); flipping the flags
+                # unfroze a BatchNorm its train() keeps in eval mode
+                requires = [(p, p.requires_grad) for p in model.parameters()]
+                model.train()
+            else:
+                for module, _ in flags:
+                    module.training = True
             with kept_buffers(model):
                 yield modules
     finally:
         for module, flag in flags:
             module.training = flag
+        for p, flag in requires:
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
         put_back(saved)
 
 
