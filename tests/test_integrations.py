@@ -8,6 +8,8 @@ import os
 import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -1386,3 +1388,36 @@ def test_numpy_integer_options_are_taken_as_ints():
         10, 2, 5,
     )  # fmt: skip
     assert type(callback.num_samples) is int and type(callback.every_n_steps) is int
+
+
+def test_ray_sweep_leaves_a_run_another_sweep_holds_to_it(tmp_path):
+    # a local sweep into the same folder is computing run b: the Ray sweep
+    # waits for its record instead of computing b too (it did, and stored
+    # its own record over the other's)
+    pytest.importorskip("ray")
+    from geocomplexity.atomic import claimed
+    from geocomplexity.experiments import runner
+    from geocomplexity.experiments.runner import Run, load_runs, run_sweep
+
+    def fn(run):
+        return {"by": "ray"}
+
+    a, b = Run.make("t", name="a"), Run.make("t", name="b")
+    path = tmp_path / "runs" / f"{b.key}.json"
+    holding, done = threading.Event(), threading.Event()
+
+    def other_sweep():
+        with claimed(path, wait=True):
+            holding.set()
+            time.sleep(3)
+            runner._store(runner._record(lambda run: {"by": "other"}, b), path)
+        done.set()
+
+    worker = threading.Thread(target=other_sweep)
+    worker.start()
+    holding.wait()
+    records = run_sweep([a, b], fn, tmp_path, workers=2, executor="ray", progress=False)
+    worker.join()
+    assert done.is_set()
+    assert [r["result"]["by"] for r in records] == ["ray", "other"]
+    assert load_runs(tmp_path)[b.key]["result"] == {"by": "other"}

@@ -11,6 +11,7 @@ runs runs in parallel processes.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -204,6 +205,10 @@ def _ray(address: str | None) -> Any:
     return ray
 
 
+#: Ray runs claimed and in flight at once: each holds a lock file open
+_RAY_WINDOW = 256
+
+
 def _run_ray(
     todo: Sequence[Run],
     fn: Callable[[Run], dict[str, Any]],
@@ -217,9 +222,13 @@ def _run_ray(
 
     The driver writes the run files (a cluster's nodes need not share a disk
     with it); a run whose task is lost is simply not stored, so it reruns.
-    A run that fails stops no other: the rest finish and are stored, and the
-    first failure is raised at the end. On Ctrl-C the runs already finished
-    are stored and the rest are cancelled.
+    The driver holds each run's claim (:func:`geocomplexity.atomic.claimed`)
+    while its task runs, as a local sweep does, so that sweeps sharing the
+    folder, Ray or local, compute each run once: a run another sweep is
+    computing is waited for at the end and its record read. A run that fails
+    stops no other: the rest finish and are stored, and the first failure is
+    raised at the end. On Ctrl-C the runs already finished are stored and the
+    rest are cancelled.
     """
     ray = _ray(address)
     # locally, `workers` runs at a time with their share of the cores, as the
@@ -228,31 +237,57 @@ def _run_ray(
     threads = 1 if address else _threads(workers)
     task = ray.remote(num_cpus=threads, num_gpus=gpus)(_ray_record)
     setting = malloc.tuned()
-    pending = {task.remote(fn, run, threads, setting): run for run in todo}
+    pending: dict[Any, tuple[Run, contextlib.ExitStack]] = {}
     failures: list[Exception] = []
+    queue = list(todo)
+    busy: list[Run] = []  # claimed by another sweep: waited for last
+
+    def submit(run: Run, *, wait: bool) -> None:
+        path = folder / f"{run.key}.json"
+        claim = contextlib.ExitStack()
+        if not claim.enter_context(claimed(path, wait=wait)):
+            busy.append(run)
+            return
+        record = _read_record(path)  # stored meanwhile by another sweep
+        if record is not None and record["key"] == run.key:
+            claim.close()
+            on_done(record)
+            return
+        pending[task.remote(fn, run, threads, setting)] = (run, claim)
 
     def collect(ref: Any) -> None:
-        run = pending.pop(ref)
-        try:
-            record = ray.get(ref)
-        except Exception as err:  # this run failed: the others are kept
-            failures.append(err)
-            return
-        on_done(_store(record, folder / f"{run.key}.json"))
+        run, claim = pending.pop(ref)
+        with claim:  # let go once stored (or failed: the next takes it)
+            try:
+                record = ray.get(ref)
+            except Exception as err:  # this run failed: the others are kept
+                failures.append(err)
+                return
+            on_done(_store(record, folder / f"{run.key}.json"))
 
     try:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                collect(ref)
+        while queue or pending or busy:
+            while queue and len(pending) < _RAY_WINDOW:
+                submit(queue.pop(0), wait=False)
+            if not pending and not queue:  # only others' runs left: wait for them
+                for run in busy[:]:
+                    busy.remove(run)
+                    submit(run, wait=True)
+                    if len(pending) >= _RAY_WINDOW:
+                        break
+            if pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    collect(ref)
     except BaseException:
         # Ctrl-C: keep what has finished, stop what is still running
         if pending:
             ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
             for ref in ready:
                 collect(ref)
-        for ref in pending:
+        for ref, (_, claim) in pending.items():
             ray.cancel(ref, force=True)
+            claim.close()
         raise
     if failures:
         if len(failures) > 1 and hasattr(failures[0], "add_note"):  # Python 3.11+
@@ -379,7 +414,7 @@ def run_sweep(
     Sweeps that share ``directory`` (two processes, or the same command on
     several machines over a shared disk) split its runs: each run is computed
     once, by whichever sweep claims it first, and the others read its record
-    (the local executors; Ray tasks are stored by their driver as they end).
+    (a Ray sweep's driver holds the claims of the runs its tasks compute).
 
     Args:
         runs: the sweep's configs.
