@@ -562,7 +562,9 @@ def test_lightning_callback_every_n_steps_on_given_subsets():
     logger, module = Memory(), Module()
     _trainer(L, logger, callback).fit(module, train, val)
     steps = [s for s, m in logger.rows if "gc/train" in m]
-    assert steps == [2, 4, 6]  # 3 batches per epoch, 2 epochs
+    # after optimizer steps 2, 4, 6 (3 batches per epoch, 2 epochs), at the
+    # steps Lightning logs those batches' own metrics: 1, 3, 5
+    assert steps == [1, 3, 5]
     assert torch.equal(callback.train, subset)
     last = [m for _, m in logger.rows if "gc/train" in m][-1]
     assert last["gc/train"] == pytest.approx(
@@ -1421,3 +1423,39 @@ def test_ray_sweep_leaves_a_run_another_sweep_holds_to_it(tmp_path):
     assert done.is_set()
     assert [r["result"]["by"] for r in records] == ["ray", "other"]
     assert load_runs(tmp_path)[b.key]["result"] == {"by": "other"}
+
+
+def test_lightning_callback_every_n_steps_on_the_loss_axis_with_two_optimizers():
+    # with two optimizers global_step counts both: GC after batch i went to
+    # step 2(i+1) while the batch's own loss went to step i
+    from geocomplexity.integrations.lightning import GeometricComplexityCallback
+
+    L, Memory, Module, train, val, x = _lightning_setup()
+
+    class Two(Module):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            inputs, y = batch
+            for opt in self.optimizers():
+                opt.zero_grad()
+                loss = F.cross_entropy(self(inputs), y)
+                self.manual_backward(loss)
+                opt.step()
+            self.log("loss", loss, on_step=True, on_epoch=False)
+
+        def configure_optimizers(self):
+            return [
+                torch.optim.SGD(self.net[0].parameters(), lr=0.1),
+                torch.optim.SGD(self.net[-1].parameters(), lr=0.1),
+            ]
+
+    callback = GeometricComplexityCallback(x[:10], every_n_steps=2, method="exact")
+    logger = Memory()
+    _trainer(L, logger, callback).fit(Two(), train, val)
+    gc_steps = [s for s, m in logger.rows if "gc/train" in m]
+    loss_steps = [s for s, m in logger.rows if "loss" in m]
+    assert loss_steps == list(range(6))  # 3 batches per epoch, 2 epochs
+    assert gc_steps == loss_steps  # 2 optimizer steps a batch: every batch

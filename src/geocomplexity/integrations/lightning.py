@@ -177,8 +177,12 @@ class GeometricComplexityCallback(Callback):
         num_samples: subset size when taken from a loader.
         every_n_epochs: log at the end of every this many training epochs.
         every_n_steps: log every this many optimizer steps instead (the epoch
-            schedule is then off); these values go to the trainer's loggers
-            directly, at ``trainer.global_step``, while the epoch schedule logs
+            schedule is then off; with several optimizers each one's step
+            counts, as in ``trainer.global_step``); these values go to the
+            trainer's loggers directly, at the step the batch's own logged
+            metrics take (Lightning's logging axis counts the batches that
+            stepped from 0: with one optimizer ``global_step − 1``, with two
+            half of that), while the epoch schedule logs
             through ``pl_module.log`` (so ``ModelCheckpoint(monitor="gc/val")``
             works; where validation does not run every epoch, pass it
             ``save_on_train_epoch_end=True``, or it would read the previous
@@ -411,8 +415,14 @@ class GeometricComplexityCallback(Callback):
             # straight to the loggers at this step: a value self.log()-ed from
             # on_train_batch_end would be written again at the next step
             if trainer.is_global_zero:
+                # the axis of the batch's own self.log() values (Lightning's
+                # _batches_that_stepped); global_step counts each optimizer's
+                # steps, so with two optimizers GC was plotted at twice the
+                # step of the loss it went with
+                loop = trainer.fit_loop.epoch_loop
+                step = getattr(loop, "_batches_that_stepped", trainer.global_step)
                 for logger in trainer.loggers:
-                    logger.log_metrics(values, step=trainer.global_step)
+                    logger.log_metrics(values, step=step)
         else:
             # through the module, so callback_metrics (checkpointing, early
             # stopping) see the values too
