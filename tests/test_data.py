@@ -280,3 +280,23 @@ def test_mnist1d_loaded_beside_a_measurement_keeping_the_rngs_is_the_seeded_data
         sys.setswitchinterval(interval)
     assert torch.equal(got[0].x_train, want.x_train)
     assert torch.equal(got[0].y_train, want.y_train)
+
+
+def test_cifar10_batches_resaved_with_str_keys_are_read(tmp_path):
+    # a batch loaded the common way, pickle.load(f, encoding="latin1"), has
+    # str keys ("data", "labels"); re-saved so, it was refused as "not a
+    # CIFAR-10 batch (no data/labels)", though both were there
+    import pickle
+
+    from geocomplexity.data import load_cifar10
+
+    want = load_cifar10(write_fake_cifar(tmp_path / "a"))
+    root = write_fake_cifar(tmp_path / "b")
+    for path in root.iterdir():
+        batch = pickle.loads(path.read_bytes(), encoding="latin1")
+        path.write_bytes(pickle.dumps({k.decode(): v for k, v in batch.items()}, 4))
+    got = load_cifar10(root)
+    assert torch.equal(got.x_train, want.x_train)
+    assert torch.equal(got.y_train, want.y_train)
+    assert torch.equal(got.x_test, want.x_test)
+    assert torch.equal(got.y_test, want.y_test)

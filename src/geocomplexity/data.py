@@ -237,6 +237,10 @@ def _cifar_batch(path: Path) -> tuple[Tensor, Tensor]:
             f"({type(err).__name__}: {err}); a truncated download? extract "
             "cifar-10-python.tar.gz again"
         ) from err
+    if isinstance(d, dict):
+        # the published batches (Python 2 pickles) have bytes keys; one loaded
+        # with encoding="latin1", the common recipe, and re-saved has str keys
+        d = {k.encode() if isinstance(k, str) else k: v for k, v in d.items()}
     if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
         raise ValueError(f"{path} is not a CIFAR-10 batch (no data/labels)")
     data = np.asarray(d[b"data"])
