@@ -300,3 +300,12 @@ def test_cifar10_batches_resaved_with_str_keys_are_read(tmp_path):
     assert torch.equal(got.y_train, want.y_train)
     assert torch.equal(got.x_test, want.x_test)
     assert torch.equal(got.y_test, want.y_test)
+
+
+def test_cifar10_folder_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
+    # a path from Python or a config file reaches us unexpanded
+    from geocomplexity.data import load_cifar10
+
+    write_fake_cifar(tmp_path / "data" / "cifar-10-batches-py")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_cifar10("~/data").x_train.shape == (100, 3, 32, 32)

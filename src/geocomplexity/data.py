@@ -61,7 +61,9 @@ def load_mnist1d(num_samples: int = 5000, seed: int = 42) -> Split:
     while another loads still shares them.
 
     Args:
-        num_samples: total samples before the 80/20 train/test split.
+        num_samples: total samples before the 80/20 train/test split,
+            rounded down to a multiple of 10 (MNIST-1D draws the classes in
+            turn, so every class has the same count).
         seed: the generator's seed (42 is the published data set's).
 
     Returns:
@@ -294,7 +296,7 @@ def load_cifar10(data_dir: str | Path) -> Split:
         FileNotFoundError: the folder or a batch is missing.
         ValueError: a batch is malformed.
     """
-    root = Path(data_dir)
+    root = Path(data_dir).expanduser()  # "~/data" from Python or a config
     if (root / "cifar-10-batches-py").is_dir():
         root = root / "cifar-10-batches-py"
     if not root.is_dir():
