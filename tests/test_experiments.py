@@ -2330,3 +2330,27 @@ def test_regularizers_matched_gc_is_read_where_the_baseline_first_fell_to_the_lo
     assert _matched_gc(dead, 1.2) == 0.0
     assert _matched_gc(dead, 2.0) == 1.0
     assert math.isnan(_matched_gc(curve, 1.5))
+
+
+def test_a_run_measures_its_gc_untimed(tmp_path):
+    # a run's numbers repeat from its seed: batched and looped VJPs differ in
+    # the last bits (2e-7 relative on a float32 MLP), and which of them the
+    # timing of geocomplexity.tuning picks depends on the machine's load
+    import torch
+    from torch import nn
+
+    import geocomplexity as gcx
+    from geocomplexity import tuning
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
+    x = torch.randn(8, 6)
+
+    def fn(run):
+        for _ in range(1 + 2 * tuning.TRIALS_EACH + 1):
+            gcx.measure(model, x, method="exact", progress=False)
+        return {"tuned": tuning.tuned()}
+
+    (record,) = run_sweep([Run.make("toy", 0)], fn, tmp_path, progress=False)
+    assert record["result"]["tuned"] is False
+    assert model not in tuning._TRIALS

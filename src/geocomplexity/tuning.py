@@ -31,7 +31,8 @@ the choice is not timed:
   between the two in the last bits (3·10⁻⁷ relative in float32 on an MLP), and
   training amplifies that, so a seeded run would not repeat;
 - under :func:`fixed_chunks` (:func:`geocomplexity.training.fit` measures GC
-  under it, so that a seeded run gives the same numbers) or
+  under it, and so does each run of an experiment, so that a seeded run gives
+  the same numbers) or
   ``torch.use_deterministic_algorithms(True)``;
 - where the caller passes ``chunk_size``.
 """

@@ -34,6 +34,7 @@ from geocomplexity.atomic import (
     remove_stale_temporaries,
     write_text,
 )
+from geocomplexity.tuning import fixed_chunks
 
 __all__ = ["ClusterUnreachable", "Context", "Run", "load_runs", "run_sweep"]
 
@@ -113,12 +114,20 @@ def _versions() -> dict[str, str]:
 
 
 def _record(fn: Callable[[Run], dict[str, Any]], run: Run) -> dict[str, Any]:
-    """Run one config: its record, not yet stored."""
+    """Run one config: its record, not yet stored.
+
+    Exact GC batches its VJPs by the default rule, untimed
+    (:func:`geocomplexity.tuning.fixed_chunks`): batched and looped VJPs
+    differ in the last bits, and a run's numbers must repeat from its seed
+    whatever the machine's load.
+    """
+    with fixed_chunks():
+        result = fn(run)
     return {
         "config": run.config,
         "key": run.key,
         "versions": _versions(),
-        "result": fn(run),
+        "result": result,
     }
 
 
