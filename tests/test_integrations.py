@@ -1459,3 +1459,26 @@ def test_lightning_callback_every_n_steps_on_the_loss_axis_with_two_optimizers()
     loss_steps = [s for s, m in logger.rows if "loss" in m]
     assert loss_steps == list(range(6))  # 3 batches per epoch, 2 epochs
     assert gc_steps == loss_steps  # 2 optimizer steps a batch: every batch
+
+
+def test_lightning_callback_measures_untimed(monkeypatch):
+    # the logged values feed ModelCheckpoint and EarlyStopping, and a seeded
+    # run must log the same ones: batched and looped VJPs differ in the last
+    # bits, and geocomplexity.tuning's timed choice between them depends on
+    # the machine's load
+    from geocomplexity import tuning
+    from geocomplexity.integrations import lightning as gl
+
+    tuned = []
+
+    def spy(*args, **kwargs):
+        tuned.append(tuning.tuned())
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(gl, "measure", spy)
+    L, Memory, Module, train, val, _ = _lightning_setup()
+    callback = gl.GeometricComplexityCallback(num_samples=64)
+    module = Module()
+    _trainer(L, Memory(), callback).fit(module, train, val)
+    assert tuned == [False] * 4  # train and val, two epochs
+    assert module.net not in tuning._TRIALS and module not in tuning._TRIALS

@@ -53,6 +53,7 @@ from geocomplexity.measure import (
     measure,
 )
 from geocomplexity.state import eager, loader_generators, rngs_kept
+from geocomplexity.tuning import fixed_chunks
 
 __all__ = ["GeometricComplexityCallback"]
 
@@ -402,7 +403,10 @@ class GeometricComplexityCallback(Callback):
             # as the trainer converts each step's inputs: float64 for
             # "64-true", bfloat16 for "bf16-true", unchanged for mixed precision
             x = trainer.precision_plugin.convert_input(x[rank::world])
-            with eager():
+            # VJP chunks by the default rule, untimed (geocomplexity.tuning):
+            # batched and looped VJPs may differ in the last bit, and a seeded
+            # run must log (and checkpoint and stop by) the same values
+            with eager(), fixed_chunks():
                 result = measure(
                     pl_module,
                     x,  # each rank its share; measure merges them
