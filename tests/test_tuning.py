@@ -173,3 +173,12 @@ def test_fit_measures_untimed():
     y = torch.randint(0, 3, (40,))
     fit(model, (x, y), epochs=9, batch_size=20, track_gc_every=1, progress=False)
     assert model not in tuning._TRIALS
+
+
+def test_trials_on_another_accelerator_wait_for_its_kernels(monkeypatch):
+    # timed launches alone would say nothing of which way is faster
+    calls = []
+    monkeypatch.setattr(torch.xpu, "synchronize", lambda *a: calls.append(a))
+    tuning._sync(torch.device("xpu"))
+    tuning._sync(torch.device("cpu"))
+    assert len(calls) == 1

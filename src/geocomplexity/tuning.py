@@ -170,6 +170,11 @@ def _sync(device: torch.device) -> None:
     # asynchronous kernels: time the work, not its launch
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type != "cpu":  # torch.mps, torch.xpu, ...: their own
+        backend = getattr(torch, device.type, None)
+        synchronize = getattr(backend, "synchronize", None)
+        if synchronize is not None:
+            synchronize()
 
 
 def _decide(trial: _Trial, default: int) -> None:
