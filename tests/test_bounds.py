@@ -259,3 +259,20 @@ def test_transfer_bound_and_a_jvp_measurement_in_two_threads_take_turns():
         handle.remove()
     torch.testing.assert_close(got["A"], alone["A"], rtol=1e-12, atol=0)
     torch.testing.assert_close(got["B"], alone["B"], rtol=1e-12, atol=0)
+
+
+def test_transfer_reads_an_activation_before_the_first_linear_layer():
+    """h_1 = σ(x), not x, where the network opens with an activation.
+
+    ‖∇_x h_1‖ was taken as 1 (h_1 = x) whatever came before the first Linear
+    layer: with LeakyReLU(3) first and x < 0 it is 3, so T_1² came out 9x too
+    large, the bound 9x too small, and the theorem "failed" on every pair.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LeakyReLU(3.0), nn.Linear(5, 3)).double()
+    x = -torch.rand(6, 5, dtype=torch.float64) - 0.1  # σ'(x) = 3 everywhere
+    t = transfer_bound(model, x)
+    w2 = torch.linalg.matrix_norm(model[1].weight, ord=2) ** 2
+    # one layer: the bound is ‖W‖₂² ‖∇_x h_1‖₂² = 9 ‖W‖₂² exactly
+    assert torch.allclose(t.bound, 9 * w2.expand(6, 3), rtol=1e-12)
+    assert t.holds.all()

@@ -226,8 +226,6 @@ def _t_sq(lin: nn.Linear, h: Tensor, jac_norm: Tensor) -> Tensor:
 
 def _jacobian_opnorm(model: nn.Sequential, x: Tensor, layer: int) -> Tensor:
     """‖∂h_l/∂x‖₂ per sample, h_l the input of the ``layer``-th Linear layer."""
-    if layer == 0:
-        return x.new_ones(x.shape[0])
     seen = -1
     prefix = []
     for m in model:
@@ -236,6 +234,11 @@ def _jacobian_opnorm(model: nn.Sequential, x: Tensor, layer: int) -> Tensor:
             if seen == layer:
                 break
         prefix.append(m)
+    # h_1 = x (norm 1) only where nothing but Flatten (of the already flat x)
+    # comes first; an activation there makes h_1 = σ(x), whose Jacobian is
+    # diag σ'(x), of norm max|σ'| (3 for LeakyReLU(3), 0 for ReLU at x < 0)
+    if all(isinstance(m, nn.Flatten) for m in prefix):
+        return x.new_ones(x.shape[0])
     head = nn.Sequential(*prefix)
 
     def single(xi: Tensor) -> Tensor:
