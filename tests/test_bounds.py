@@ -276,3 +276,25 @@ def test_transfer_reads_an_activation_before_the_first_linear_layer():
     # one layer: the bound is ‖W‖₂² ‖∇_x h_1‖₂² = 9 ‖W‖₂² exactly
     assert torch.allclose(t.bound, 9 * w2.expand(6, 3), rtol=1e-12)
     assert t.holds.all()
+
+
+def test_norm_bounds_lipschitz_counts_the_inputs_of_a_flatten_after_a_linear():
+    """A Linear layer on a (B, 3, 4) input, then Flatten: d is 12, not 4.
+
+    min(d, k) bounds the rank of the Jacobian; with d read as the first Linear
+    layer's in_features (4), the Lipschitz bound of this identity map was 4,
+    below its GC of 12. The rank is at most the in_features of the first
+    Linear after the last Flatten (12).
+    """
+    m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Flatten(), nn.Linear(12, 12))
+    with torch.no_grad():
+        m[0].weight.copy_(torch.eye(4))
+        m[0].bias.fill_(10.0)  # every unit on: the net is x + const
+        m[3].weight.copy_(torch.eye(12))
+    m = m.double()
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    gc = gcx.geometric_complexity(m, x).item()
+    assert gc == pytest.approx(12.0)
+    b = norm_bounds(m)
+    assert min(b.values()) >= gc * (1 - 1e-12)
+    assert b["lipschitz"] == pytest.approx(12.0)

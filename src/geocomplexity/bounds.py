@@ -261,7 +261,9 @@ def norm_bounds(model: nn.Module) -> dict[str, float]:
     Returns:
         ``{"frobenius_spectral": ‖W_L‖_F² Π_{i<L} ‖W_i‖₂²,
         "frobenius": Π ‖W_i‖_F², "lipschitz": min(d, k) Π ‖W_i‖₂²}``; each is
-        ≥ the GC on any data.
+        ≥ the GC on any data where the output is one vector per sample (a
+        Linear layer on a multi-axis input with no Flatten after it repeats
+        over the other axes, and the GC grows with their size).
     """
     layers = _linear_layers(model, _ONE_LIPSCHITZ)
     if any(isinstance(m, nn.LeakyReLU) and abs(m.negative_slope) > 1 for m in model):
@@ -278,7 +280,14 @@ def norm_bounds(model: nn.Module) -> dict[str, float]:
         weights = [lin.weight.to(torch.float64) for lin in layers]
         spec = [torch.linalg.matrix_norm(w, ord=2).item() ** 2 for w in weights]
         frob = [w.pow(2).sum().item() for w in weights]
-    d, k = layers[0].in_features, layers[-1].out_features
+    # the Jacobian's rank is at most k and the in_features of any Linear layer
+    # after which nothing reshapes: the first one after the last Flatten (a
+    # Linear before a Flatten acts on the last axis of a multi-axis input,
+    # so the first layer's in_features can be less than d)
+    mods = list(model)
+    flat = [i for i, m in enumerate(mods) if isinstance(m, nn.Flatten)]
+    after = [m for m in mods[flat[-1] if flat else 0 :] if isinstance(m, nn.Linear)]
+    d, k = (after or layers)[0].in_features, layers[-1].out_features
     return {
         "frobenius_spectral": frob[-1] * math.prod(spec[:-1]),
         "frobenius": math.prod(frob),
