@@ -298,3 +298,16 @@ def test_norm_bounds_lipschitz_counts_the_inputs_of_a_flatten_after_a_linear():
     b = norm_bounds(m)
     assert min(b.values()) >= gc * (1 - 1e-12)
     assert b["lipschitz"] == pytest.approx(12.0)
+
+
+def test_transfer_refuses_a_linear_layer_on_a_multi_axis_input():
+    """Linear(4, 4) on (B, 3, 4) inputs, then Flatten: the layer's weight is
+    shared by 3 rows, outside the theorem (∇_W f is a sum over them). The
+    inputs were flattened to (B, 12) first, and the error blamed their shape:
+    "forward pass failed on inputs of shape (5, 12)", a shape never given.
+    """
+    net = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Flatten(), nn.Linear(12, 2))
+    x = torch.randn(5, 3, 4)
+    net(x)  # the model takes these inputs
+    with pytest.raises(TypeError, match="last axis"):
+        transfer_bound(net, x)

@@ -157,6 +157,18 @@ def transfer_bound(model: nn.Module, x: Tensor) -> TransferBound:
         )
     check_input(x)
     _check_model_matches(model, x)
+    first = next(i for i, m in enumerate(model) if isinstance(m, nn.Linear))
+    flattened = any(isinstance(m, nn.Flatten) for m in list(model)[:first])
+    n = layers[0].in_features
+    if x.dim() > 2 and not flattened and x.shape[-1] == n != x[0].numel():
+        # the theorem's ∂f/∂W_l = δ_l h_lᵀ is for one vector h_l per sample;
+        # a Linear on (B, ..., n) shares W_l over the other axes
+        raise TypeError(
+            f"the first Linear layer would act on the last axis of inputs of "
+            f"shape {tuple(x.shape)}, its weight shared over the others; the "
+            "transfer theorem covers dense networks whose Linear layers see "
+            "one vector per sample"
+        )
     x = x.detach().reshape(x.shape[0], -1)
     B = x.shape[0]
     h_in: list[Tensor] = []
