@@ -108,6 +108,8 @@ def _linear_layers(
 class TransferBound:
     r"""Both sides of the transfer theorem, per sample and per output.
 
+    Every tensor is float64, whatever the model's dtype.
+
     Attributes:
         input_grad_sq: ``(B, k)`` — :math:`\|\nabla_x f_j(x_i)\|^2`.
         param_grad_sq: ``(B, k)`` — :math:`\|\nabla_\theta f_j(x_i)\|^2`.
@@ -194,22 +196,28 @@ def transfer_bound(model: nn.Module, x: Tensor) -> TransferBound:
             for handle in handles:
                 handle.remove()
         k = out.shape[1]
-        input_sq = x.new_zeros(B, k)
-        param_sq = x.new_zeros(B, k)
+        # the sums and norms in float64 whatever the model's dtype (the
+        # passes stay in it): in float32 they rounded the two sides of the
+        # theorem's equality case (one layer, one output) up to 1.5e-6 apart,
+        # past the slack of ``holds``
+        f64 = torch.float64
+        input_sq = x.new_zeros(B, k, dtype=f64)
+        param_sq = x.new_zeros(B, k, dtype=f64)
         for j in range(k):
             for z in z_out:
                 z.grad = None
             xg.grad = None
             out[:, j].sum().backward(retain_graph=j < k - 1, inputs=[xg, *z_out])
             # samples are independent in a dense network: row i is sample i's
-            input_sq[:, j] = xg.grad.pow(2).sum(1)
+            input_sq[:, j] = xg.grad.to(f64).pow(2).sum(1)
             for lin, h, z in zip(layers, h_in, z_out, strict=True):
-                delta_sq = z.grad.pow(2).sum(1)
+                delta_sq = z.grad.to(f64).pow(2).sum(1)
                 bias = 1.0 if lin.bias is not None else 0.0
-                param_sq[:, j] += delta_sq * (bias + h.detach().pow(2).sum(1))
+                h_sq = h.detach().to(f64).pow(2).sum(1)
+                param_sq[:, j] += delta_sq * (bias + h_sq)
         t_sq = torch.stack(
             [
-                _t_sq(lin, h.detach(), _jacobian_opnorm(model, x, i))
+                _t_sq(lin, h.detach().to(f64), _jacobian_opnorm(model, x, i))
                 for i, (lin, h) in enumerate(zip(layers, h_in, strict=True))
             ],
             dim=1,
@@ -230,14 +238,14 @@ def _t_sq(lin: nn.Linear, h: Tensor, jac_norm: Tensor) -> Tensor:
     for 0/0 too (a bias-free layer whose input is a dead ReLU layer's output),
     which division alone would make NaN.
     """
-    w = torch.linalg.matrix_norm(lin.weight.detach(), ord=2)
+    w = torch.linalg.matrix_norm(lin.weight.detach().to(h.dtype), ord=2)
     bias = 1.0 if lin.bias is not None else 0.0
     den = w**2 * jac_norm**2
     return torch.where(den == 0, math.inf, (bias + h.pow(2).sum(1)) / den)
 
 
 def _jacobian_opnorm(model: nn.Sequential, x: Tensor, layer: int) -> Tensor:
-    """‖∂h_l/∂x‖₂ per sample, h_l the input of the ``layer``-th Linear layer."""
+    """‖∂h_l/∂x‖₂ per sample (float64), h_l the input of Linear ``layer``."""
     seen = -1
     prefix = []
     for m in model:
@@ -250,7 +258,7 @@ def _jacobian_opnorm(model: nn.Sequential, x: Tensor, layer: int) -> Tensor:
     # comes first; an activation there makes h_1 = σ(x), whose Jacobian is
     # diag σ'(x), of norm max|σ'| (3 for LeakyReLU(3), 0 for ReLU at x < 0)
     if all(isinstance(m, nn.Flatten) for m in prefix):
-        return x.new_ones(x.shape[0])
+        return x.new_ones(x.shape[0], dtype=torch.float64)
     head = nn.Sequential(*prefix)
 
     def single(xi: Tensor) -> Tensor:
@@ -260,7 +268,7 @@ def _jacobian_opnorm(model: nn.Sequential, x: Tensor, layer: int) -> Tensor:
     # another thread's jvp pass holds one (see jacobian._FORWARD_AD)
     with _FORWARD_AD, torch.no_grad():
         J = torch.func.vmap(torch.func.jacfwd(single))(x)  # (B, d_l, d)
-    return torch.linalg.matrix_norm(J, ord=2)
+    return torch.linalg.matrix_norm(J.to(torch.float64), ord=2)
 
 
 def norm_bounds(model: nn.Module) -> dict[str, float]:
