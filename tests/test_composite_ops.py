@@ -541,3 +541,42 @@ def test_jvp_penalty_refuses_data_parallel():
     with pytest.raises(ValueError, match="DistributedDataParallel"):
         gcx.jacobian_sq_norms(model, x, method="jvp", create_graph=True)
     assert torch.isfinite(GeometricComplexity(1.0)(model, x))  # projection
+
+
+# nn.InstanceNorm without affine warns of the count, and goes on
+@pytest.mark.filterwarnings("ignore:input's size at dim=1 does not match:UserWarning")
+@pytest.mark.parametrize(
+    "layer",
+    ["batch_norm", "batch_norm_untracked", "instance_norm", "one_element_weight"],
+)
+def test_parameters_of_another_channel_count_are_refused_as_by_torch(layer):
+    # a one-channel input to a three-channel norm: torch refuses it ("weight
+    # should contain 1 elements not 3"); the composite broadcast the
+    # per-channel weight over the one channel, returned (4, 3, 5), and
+    # wrote that channel's mean into all three running means
+    norm, x = {
+        "batch_norm": (nn.BatchNorm1d(3), torch.randn(4, 1, 5)),
+        "batch_norm_untracked": (
+            nn.BatchNorm1d(3, track_running_stats=False),
+            torch.randn(4, 1, 5),
+        ),
+        "instance_norm": (  # nn.InstanceNorm checks the count only if affine
+            nn.InstanceNorm1d(3, track_running_stats=True),
+            torch.randn(4, 1, 5),
+        ),
+        "one_element_weight": (nn.BatchNorm1d(1), torch.randn(4, 3)),
+    }[layer]
+    norm.train()
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.normal_()
+    fused = copy.deepcopy(norm)
+    with pytest.raises((ValueError, RuntimeError)) as refused:
+        fused(x)
+    with (
+        composite_ops(),
+        pytest.raises(refused.type, match=re.escape(str(refused.value))),
+    ):
+        norm(x)
+    for (n, a), b in zip(norm.named_buffers(), fused.buffers(), strict=True):
+        assert torch.equal(a, b), n

@@ -177,6 +177,8 @@ def _torch_layer_norm(
 
 def _to_fused(
     input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
     running_mean: Tensor | None,
     running_var: Tensor | None,
     momentum: float | None,
@@ -188,13 +190,20 @@ def _to_fused(
     normalised (an empty input, whose running statistics torch leaves as they
     are, or not, for an empty batch of instances), and where each statistic
     is over one value (the output is the bias, and no derivative goes through
-    the statistics).
+    the statistics). Torch refuses per-channel tensors of other than
+    ``input.shape[1]`` elements, which the composite would broadcast: a
+    one-channel input to a three-channel norm came out with three channels,
+    and its one mean was written into all three running means.
     """
     return (
         input.dim() < 2
         or input.dim() <= max(dims)
         or momentum is None
         or (running_mean is None) != (running_var is None)
+        or any(
+            p is not None and p.numel() != input.shape[1]
+            for p in (weight, bias, running_mean, running_var)
+        )
         or input.numel() == 0
         or math.prod(input.shape[d] for d in dims) == 1
     )
@@ -213,7 +222,9 @@ def _torch_batch_norm(
 ) -> Tensor:
     """``torch.batch_norm``'s argument order; no checks of its own, as torch's."""
     dims = (0, *range(2, max(input.dim(), 2)))
-    if not training or _to_fused(input, running_mean, running_var, momentum, dims):
+    if not training or _to_fused(
+        input, weight, bias, running_mean, running_var, momentum, dims
+    ):
         # running statistics: an affine map, whose fused formulas are right
         return _matched(
             lambda z: _TORCH_BATCH_NORM(
@@ -270,7 +281,7 @@ def _torch_instance_norm(
     """``torch.instance_norm``'s argument order; no checks of its own."""
     dims = tuple(range(2, max(input.dim(), 3)))
     if not use_input_stats or _to_fused(
-        input, running_mean, running_var, momentum, dims
+        input, weight, bias, running_mean, running_var, momentum, dims
     ):  # running statistics: an affine map
         return _matched(
             lambda z: _TORCH_INSTANCE_NORM(
