@@ -2109,3 +2109,29 @@ def test_jvp_penalty_under_autocast_through_a_mixed_precision_norm(norm):
     got, got_grad = penalty(autocast=True)
     assert torch.isclose(got, want, rtol=3e-2)
     assert rel(got_grad, want_grad) < 3e-2
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_l2_of_a_float16_model_beyond_float16_range(fused):
+    """A float16 model whose Σ‖W‖² passes float16's largest number (65504; an
+    N(0, 1) embedding of 1000×128 alone holds 1.3e5): the sum of squares was
+    taken in float16 and the penalty read inf, in the call and the fused step.
+    It is summed in float32 at least (a float32 scalar, as SpectralNorm's);
+    the gradient 2λW stays float16."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(1000, 128), nn.Flatten(), nn.Linear(256, 4))
+    model = model.half()
+    ids = torch.randint(0, 1000, (3, 2))
+    weights = [p for p in model.parameters() if p.dim() > 1]
+    want = 1e-4 * sum(p.double().pow(2).sum() for p in weights)  # 12.82
+    model.zero_grad(set_to_none=True)
+    loss = model(ids).float().sum()
+    if fused:
+        value = L2(1e-4).backward(loss, model, ids)
+    else:
+        value = L2(1e-4)(model)
+        (loss + value).backward()
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value.double(), want, rtol=1e-5, atol=0)
+    head = model[2].weight
+    assert head.grad.dtype == torch.float16 and torch.isfinite(head.grad).all()
