@@ -2135,3 +2135,28 @@ def test_l2_of_a_float16_model_beyond_float16_range(fused):
     torch.testing.assert_close(value.double(), want, rtol=1e-5, atol=0)
     head = model[2].weight
     assert head.grad.dtype == torch.float16 and torch.isfinite(head.grad).all()
+
+
+def test_spectral_conv_called_at_two_sizes_takes_the_first_and_warns():
+    """A conv layer shared between two calls at different input sizes (one
+    weight at two scales): the probe kept the size of the last call, where the
+    docs say the size the layer is first seen with, silently (0.811, its norm
+    at 3×3, where the first call's 5×5 gives 0.939). It keeps the first and
+    says so."""
+
+    class TwoScales(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            small = z[..., ::2, ::2]
+            return torch.cat([self.conv(z).flatten(1), self.conv(small).flatten(1)], 1)
+
+    torch.manual_seed(0)
+    model = TwoScales().double()
+    x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    want = torch.linalg.matrix_norm(conv_matrix(model.conv, (2, 5, 5)), ord=2).item()
+    with pytest.warns(UserWarning, match=r"'conv'.*\(2, 5, 5\).*\(2, 3, 3\)"):
+        got = spectral_norms(model, x, iterations=500)["conv"]
+    assert abs(got / want - 1) < 1e-8, (got, want)

@@ -304,9 +304,15 @@ class SpectralNorm(Regularizer):
         return layers
 
     def _record_shapes(self, model: nn.Module, x: Tensor) -> None:
+        # a layer called more than once (one weight at two scales) keeps the
+        # size of its first call, as documented; the others are named
+        seen: dict[str, list[tuple[int, ...]]] = {}
+
         def hook(name: str):
             def record(_m: nn.Module, args: tuple[Any, ...]) -> None:
-                self._shapes[name] = tuple(args[0].shape[1:])
+                sizes = seen.setdefault(name, [])
+                if (shape := tuple(args[0].shape[1:])) not in sizes:
+                    sizes.append(shape)
 
             return record
 
@@ -330,6 +336,16 @@ class SpectralNorm(Regularizer):
                 h.remove()
             for m, name, weight in computed:
                 setattr(m, name, weight)
+        self._shapes.update({n: sizes[0] for n, sizes in seen.items()})
+        several = {n: sizes for n, sizes in seen.items() if len(sizes) > 1}
+        if several:
+            warnings.warn(
+                "SpectralNorm takes a conv layer's operator norm at the input size "
+                "of its first call; these layers are called at several sizes "
+                f"({dict(list(several.items())[:4])}), and their norms at the "
+                "other sizes are not in the penalty",
+                stacklevel=4,
+            )
 
     def _init(
         self,
