@@ -2160,3 +2160,36 @@ def test_spectral_conv_called_at_two_sizes_takes_the_first_and_warns():
     with pytest.warns(UserWarning, match=r"'conv'.*\(2, 5, 5\).*\(2, 3, 3\)"):
         got = spectral_norms(model, x, iterations=500)["conv"]
     assert abs(got / want - 1) < 1e-8, (got, want)
+
+
+@pytest.mark.parametrize(
+    "new",
+    [
+        lambda: nn.Conv2d(2, 4, 3, stride=2, padding=1),
+        lambda: nn.Conv2d(2, 4, 5, padding=1),
+        lambda: nn.Conv2d(2, 4, 3, padding=1, dilation=2),
+        lambda: nn.Conv2d(4, 4, 3, padding=1, groups=2),
+    ],
+    ids=["stride", "kernel", "dilation", "channels_and_groups"],
+)
+@pytest.mark.parametrize("fused", [False, True])
+def test_spectral_state_of_a_conv_with_another_output_size_is_refused(new, fused):
+    """A conv layer replaced by one with the same output channels but another
+    stride, kernel or dilation (or input channels that the groups hide: a
+    (4, 2, 3, 3) kernel either way): its vectors passed the check, made for
+    channels alone, and the power step raised torch's bare 'Expected a tensor
+    of dimension 4 and tensor.size[2] == 3 but got ... 6' (the groups: 'Given
+    groups=2, weight of size [4, 2, 3, 3], expected input[1, 2, 6, 6] to have
+    4 channels, but got 2 channels instead'). The error names the fix, as for
+    a replaced head."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Flatten()).double()
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
+    term = SpectralNorm(0.3)
+    term(model, x)
+    model[0] = new().double()
+    with pytest.raises(ValueError, match=r"layer '0'.*another model"):
+        if fused:
+            term.backward(torch.zeros((), requires_grad=True), model, x)
+        else:
+            term(model, x)

@@ -282,7 +282,8 @@ class SpectralNorm(Regularizer):
         for name, m, operator in layers:
             W = m.weight
             dtype, uv = _step_dtype(W.dtype), vectors.get(name)
-            if uv is not None and not _fits(uv, W, operator):
+            shape = self._shapes[name] if operator else None
+            if uv is not None and not _fits(uv, m, W, shape):
                 raise ValueError(
                     f"SpectralNorm's power-iteration vectors for layer {name!r} "
                     f"(shapes {tuple(uv[1].shape)} -> {tuple(uv[0].shape)}) do "
@@ -598,12 +599,53 @@ def _weight_hooks(m: nn.Module) -> list[Any]:
     ]
 
 
-def _fits(uv: tuple[Tensor, Tensor], W: Tensor, operator: bool) -> bool:
-    """Whether ``(u, v)`` fit the weight: rows and columns (channels for a conv)."""
+def _fits(
+    uv: tuple[Tensor, Tensor],
+    m: nn.Module,
+    W: Tensor,
+    shape: tuple[int, ...] | None,
+) -> bool:
+    """Whether ``(u, v)`` fit the layer: its weight ``W``'s rows and columns.
+
+    For a conv (``shape`` its recorded input size ``(C_in, *spatial)``), its
+    input ``(1, *shape)`` and its output there: the output's size is the
+    layer's, not the kernel's (a conv replaced by one with another stride,
+    kernel or dilation has a kernel of the same shape). By arithmetic each
+    call; where that disagrees (a subclass that convolves otherwise), by a
+    forward pass on zeros before refusing.
+    """
     u, v = uv
-    if operator:  # (1, C_out, …) and (1, C_in, …); groups: W is (C_out, C_in/g, …)
-        return u.shape[:2] == (1, W.shape[0]) and v.shape[1] % W.shape[1] == 0
+    if shape is not None:
+        if tuple(v.shape) != (1, *shape) or shape[0] != m.in_channels:
+            return False
+        if tuple(u.shape) == _out_size(m, shape):
+            return True
+        with torch.no_grad():
+            zero = torch.zeros((1, *shape), dtype=W.dtype, device=W.device)
+            try:
+                out = m._conv_forward(zero, W, None)
+            except RuntimeError:  # a kernel larger than the padded input
+                return False
+        return u.shape == out.shape
     return u.shape == (W.shape[0],) and v.shape == (math.prod(W.shape[1:]),)
+
+
+def _out_size(m: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The conv's output shape for one input of shape ``shape``, by arithmetic.
+
+    ``⌊(n + 2p − d(k − 1) − 1)/s⌋ + 1`` per spatial size (``p`` 0 for
+    ``"valid"``; ``"same"`` keeps ``n``); other padding modes pad by the same
+    ``p`` before an unpadded convolution, so the size is the same.
+    """
+    out = []
+    for i, n in enumerate(shape[1:]):
+        if m.padding == "same":
+            out.append(n)
+            continue
+        p = 0 if m.padding == "valid" else m.padding[i]
+        k, s, d = m.kernel_size[i], m.stride[i], m.dilation[i]
+        out.append((n + 2 * p - d * (k - 1) - 1) // s + 1)
+    return (1, m.out_channels, *out)
 
 
 def _plain(m: nn.Module) -> bool:
