@@ -49,7 +49,7 @@ from collections.abc import Callable, Hashable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["chunk_for", "decisions", "fixed_chunks"]
+__all__ = ["chunk_for", "decisions", "fixed_chunks", "tuned", "untimed"]
 
 #: calls that time each way (the first call of a shape is a warm-up, untimed)
 TRIALS_EACH = 3
@@ -130,9 +130,7 @@ def chunk_for(
             trials = _TRIALS.setdefault(model, {})
         except TypeError:  # not weakly referable: no trials
             return default, untimed
-        trial = trials.get(key)
-        if trial is None:
-            trial = trials[key] = _Trial()
+        trial = trials.setdefault(key, _Trial())
         if trial.chosen is not None:
             return trial.chosen, untimed
         call = trial.calls

@@ -11,6 +11,7 @@ runs runs in parallel processes.
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import hashlib
 import json
@@ -159,10 +160,13 @@ def _execute(
     with claimed(path, wait=wait) as mine:
         if not mine:
             return None
-        record = _read_record(path)
-        if record is not None and record["key"] == run.key:
-            return record
-        return _store(_record(fn, run), path)
+        return _stored(path, run) or _store(_record(fn, run), path)
+
+
+def _stored(path: Path, run: Run) -> dict[str, Any] | None:
+    """``run``'s record at ``path`` if one is there (another sweep stored it)."""
+    record = _read_record(path)
+    return record if record is not None and record["key"] == run.key else None
 
 
 def _ray_record(
@@ -248,17 +252,18 @@ def _run_ray(
     setting = malloc.tuned()
     pending: dict[Any, tuple[Run, contextlib.ExitStack]] = {}
     failures: list[Exception] = []
-    queue = list(todo)
+    queue = collections.deque(todo)
     busy: list[Run] = []  # claimed by another sweep: waited for last
+    waiting = False  # the queue holds those runs now: wait for their claims
 
-    def submit(run: Run, *, wait: bool) -> None:
+    def submit(run: Run) -> None:
         path = folder / f"{run.key}.json"
         claim = contextlib.ExitStack()
-        if not claim.enter_context(claimed(path, wait=wait)):
+        if not claim.enter_context(claimed(path, wait=waiting)):
             busy.append(run)
             return
-        record = _read_record(path)  # stored meanwhile by another sweep
-        if record is not None and record["key"] == run.key:
+        record = _stored(path, run)  # stored meanwhile by another sweep
+        if record is not None:
             claim.close()
             on_done(record)
             return
@@ -276,14 +281,10 @@ def _run_ray(
 
     try:
         while queue or pending or busy:
+            if not queue and not pending:  # only others' runs left: wait for them
+                queue, busy, waiting = collections.deque(busy), [], True
             while queue and len(pending) < _RAY_WINDOW:
-                submit(queue.pop(0), wait=False)
-            if not pending and not queue:  # only others' runs left: wait for them
-                for run in busy[:]:
-                    busy.remove(run)
-                    submit(run, wait=True)
-                    if len(pending) >= _RAY_WINDOW:
-                        break
+                submit(queue.popleft())
             if pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
