@@ -18,6 +18,7 @@ from torch import Tensor, nn
 __all__ = [
     "LossFn",
     "Regularizer",
+    "at_least_float32",
     "backward_into",
     "grad_buffer",
     "hooked",
@@ -186,6 +187,18 @@ def check_strength(strength: float) -> float:
     if not s >= 0 or s == float("inf"):
         raise ValueError(f"strength must be a finite number >= 0, got {strength!r}")
     return s
+
+
+def at_least_float32(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtypes promoted with float32, where a penalty sums or steps.
+
+    Half precision overflows beyond 65504: a float16 model's sum of squared
+    weights, or the σ² of its power iteration.
+    """
+    out = torch.float32
+    for dtype in dtypes:
+        out = torch.promote_types(out, dtype)
+    return out
 
 
 class Regularizer(abc.ABC):

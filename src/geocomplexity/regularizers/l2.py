@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from geocomplexity.regularizers.base import (
     LossFn,
     Regularizer,
+    at_least_float32,
     backward_into,
     check_strength,
     grad_buffer,
@@ -61,7 +62,7 @@ class L2(Regularizer):
         # each sum of squares in float32 at least: a float16 model's Σ‖W‖²
         # passes 65504 (an N(0, 1) embedding of 1000×128 alone) and read inf
         return self.strength * sum(
-            p.pow(2).sum(dtype=_sum_dtype(p.dtype)) for p in self._weights(model)
+            p.pow(2).sum(dtype=at_least_float32(p.dtype)) for p in self._weights(model)
         )
 
     def backward(  # noqa: D102 - see Regularizer.backward
@@ -111,7 +112,7 @@ class L2(Regularizer):
                 torch._foreach_add_(grads, mine, alpha=2 * self.strength)
             # as in __call__: in float32 at least (a float16 norm's square
             # overflows, and its 3 digits would not match the call's value)
-            dtype = _sum_dtype(*(w.dtype for w in weights))
+            dtype = at_least_float32(*(w.dtype for w in weights))
             norms = torch._foreach_norm(weights, 2, dtype=dtype)
             value = torch.stack(norms).square().sum()
         return self.strength * value
@@ -128,11 +129,3 @@ class L2(Regularizer):
 
     def __repr__(self) -> str:
         return f"L2({self.strength!r}, include_biases={self.include_biases})"
-
-
-def _sum_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """The dtype the sums of squares are taken in: float32 at least."""
-    out = torch.float32
-    for d in dtypes:
-        out = torch.promote_types(out, d)
-    return out

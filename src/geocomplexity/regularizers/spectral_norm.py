@@ -37,6 +37,7 @@ from geocomplexity.jacobian import as_int
 from geocomplexity.regularizers.base import (
     LossFn,
     Regularizer,
+    at_least_float32,
     backward_into,
     check_strength,
     grad_buffer,
@@ -281,7 +282,7 @@ class SpectralNorm(Regularizer):
         vectors = self._vectors
         for name, m, operator in layers:
             W = m.weight
-            dtype, uv = _step_dtype(W.dtype), vectors.get(name)
+            dtype, uv = at_least_float32(W.dtype), vectors.get(name)
             shape = self._shapes[name] if operator else None
             if uv is not None and not _fits(uv, m, W, shape):
                 raise ValueError(
@@ -397,7 +398,7 @@ class SpectralNorm(Regularizer):
         steps = []
         for n, m, op in layers:
             W = m.weight.detach()
-            if W.dtype != (dtype := _step_dtype(W.dtype)):
+            if W.dtype != (dtype := at_least_float32(W.dtype)):
                 W = W.to(dtype)
             if not op and W.dim() != 2:
                 W = W.flatten(1)
@@ -731,11 +732,6 @@ def _trace(dtype: torch.dtype) -> float:
     (no underflow, also where denormals are flushed to zero).
     """
     return torch.finfo(dtype).tiny ** 0.25
-
-
-def _step_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The power step's dtype: float32 at least (half precision overflows σ²)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _full_precision(layers: list[tuple[str, nn.Module, bool]]) -> Any:
