@@ -58,6 +58,8 @@ AUTO_EXACT_MAX_OUTPUTS = 32
 #: samples (or the data end): the number of probes grows with the pilot's
 #: σ²/m², and from one small batch that ratio is so noisy that the achieved
 #: relative error exceeded ``rtol`` by half (batches of 4) to a quarter (8).
+#: Data shorter than this are piloted on as many probe pairs, drawn anew on
+#: their samples.
 AUTO_PILOT_SAMPLES = 64
 
 
@@ -565,6 +567,20 @@ def _choose(pilot: list[float], total: int, rtol: float) -> tuple[str, int]:
     return ("exact", 1) if probes >= cost else ("projection", probes)
 
 
+def _pilot_rounds(pilot: list[float]) -> int:
+    """Rounds of two-probe pilots that give :data:`AUTO_PILOT_SAMPLES` pairs.
+
+    From fewer samples than that (short data, or a small ``max_samples``) one
+    round's σ² is too noisy to size the probes by: on 3 samples, a third of
+    the draws chose too few probes, and the relative error of those reached
+    2.7× ``rtol``. More pairs on the same samples steady it; as the pilot's
+    probes are not measured again, it stops where they would cost as much
+    as exact (the caller then measures exactly).
+    """
+    _, _, _, n = pilot
+    return math.ceil(AUTO_PILOT_SAMPLES / n) if 0 < n < AUTO_PILOT_SAMPLES else 1
+
+
 def _probes_for(pilot: list[float], total: int, rtol: float) -> int:
     """Probes ``⌈σ² / (N m² rtol²)⌉`` for an N-sample mean (σ², m: the pilot's).
 
@@ -751,7 +767,8 @@ def measure(
         rtol: target relative standard error of the probe noise for ``"auto"``,
             which sizes the probes by a two-probe pilot on the first batches
             (at least :data:`AUTO_PILOT_SAMPLES` samples where the data have
-            them) for the data's length, or ``max_samples`` where that is
+            them; on fewer, as many pairs on the same samples, or exact where
+            that costs less) for the data's length, or ``max_samples`` where that is
             unknown; without either, for the pilot's samples (more probes than
             a longer stream needs). A ``UserWarning`` says when the data ended
             short of ``max_samples`` and the probe part of the relative error,
@@ -899,11 +916,10 @@ def measure(
         # pilot on successive batches (kept, measured below) until it has seen
         # AUTO_PILOT_SAMPLES samples; it sums them as the ranks' pilots are
         pilot, seen, piloted = [0.0, 0.0, 0.0, 0], 0, []
-        for batch in batches:
-            x = prepare(batch, seen)
-            piloted.append(x)
-            seen += x.shape[0]
-            with _single_sample_batchnorm(x, seen - x.shape[0]):
+
+        def pilot_on(x: Tensor, start: int) -> list[float]:
+            nonlocal pilot
+            with _single_sample_batchnorm(x, start):
                 one = _pilot(
                     model, x, output, mode, distribution, generator, wrt, coupled
                 )
@@ -911,6 +927,13 @@ def measure(
                 max(pilot[0], one[0]),
                 *(a + b for a, b in zip(pilot[1:], one[1:], strict=True)),
             ]
+            return one
+
+        for batch in batches:
+            x = prepare(batch, seen)
+            piloted.append(x)
+            seen += x.shape[0]
+            one = pilot_on(x, seen - x.shape[0])
             if (
                 one[3] == 0  # exact is cheap on this batch: no pilot
                 or pilot[3] >= AUTO_PILOT_SAMPLES
@@ -923,7 +946,17 @@ def measure(
             # generator of 40 samples under max_samples=10**6 got 1 probe, not 6)
             total = seen
         if piloted:
-            chosen, probes = choose(pilot, total or seen)
+            rounds = _pilot_rounds(pilot)
+            if rounds * 2 >= pilot[0]:
+                # a pilot of that many probes costs as much as exact does
+                chosen, probes = "exact", 1
+            else:
+                for _ in range(rounds - 1):
+                    start = 0
+                    for x in piloted:
+                        pilot_on(x, start)
+                        start += x.shape[0]
+                chosen, probes = choose(pilot, total or seen)
             batches = itertools.chain(piloted, batches)
     bar = tqdm(
         total=total,
