@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import dropout_case
+from reference import per_sample_sq_norms
 from torch import nn
 
 from geocomplexity import jacobian_sq_norms, measure
@@ -1484,3 +1485,39 @@ def test_lightning_callback_measures_untimed(monkeypatch):
     _trainer(L, Memory(), callback).fit(module, train, val)
     assert tuned == [False] * 4  # train and val, two epochs
     assert module.net not in tuning._TRIALS and module not in tuning._TRIALS
+
+
+def test_distributed_auto_pilots_small_first_batches_on_enough_pairs(
+    tmp_path, monkeypatch
+):
+    # under a process group auto pilots on the ranks' first batches alone:
+    # from batches of 4 it sized the probes by one pair's σ² on 4 samples,
+    # and over 12 seeds chose 8 to 53 probes for the same data (the noisier
+    # that σ², the more often too few: P ∝ σ̂², the error ∝ 1/√P). More pairs
+    # on those batches, up to AUTO_PILOT_SAMPLES, steady it: 18 to 31. The
+    # collective path runs on a group of one (gloo), patched to take it
+    import torch.distributed as dist
+
+    import geocomplexity.distributed
+
+    monkeypatch.setattr(geocomplexity.distributed, "active", bool)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 50), nn.Tanh(), nn.Linear(50, 200))
+    model = model.double()
+    x = torch.randn(32, 64, dtype=torch.float64)
+    want = per_sample_sq_norms(model, x).mean().item()
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        probes = []
+        for seed in range(12):
+            g = torch.Generator().manual_seed(seed)
+            r = measure(
+                model, x, batch_size=4, rtol=0.01, generator=g, distributed=True
+            )
+            assert r.method == "projection" and r.num_samples == 32
+            assert r.value == pytest.approx(want, rel=0.05)
+            probes.append(r.num_probes)
+    finally:
+        dist.destroy_process_group()
+    assert max(probes) <= 2.5 * min(probes), sorted(probes)

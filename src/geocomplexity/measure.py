@@ -911,7 +911,31 @@ def measure(
         _distributed.raise_if_failed(rows[:, -1], failure)
         cost = rows[:, 0].max().item()
         summed = rows[:, 1:].sum(0).tolist()
-        chosen, probes = choose([cost, *summed[:3]], int(summed[3]))
+        merged = [cost, *summed[:3]]
+        rounds = _pilot_rounds(merged)  # the same on every rank
+        if rounds * 2 >= cost:
+            chosen, probes = "exact", 1  # as in the single-process pilot below
+        else:
+            if rounds > 1:  # the first batches hold too few samples: more pairs
+                more = [0.0, 0.0, 0.0, 0.0]
+                try:
+                    for _ in range(rounds - 1 if first is not None else 0):
+                        with _single_sample_batchnorm(x, 0):
+                            one = _pilot(
+                                model, x, output, mode, distribution, generator,
+                                wrt, coupled,
+                            )  # fmt: skip
+                        more = [a + b for a, b in zip(more, one, strict=True)]
+                except Exception as err:
+                    failure = err
+                rows = _distributed.all_gather_rows(
+                    [*more[1:], failure is not None], device
+                )
+                _distributed.raise_if_failed(rows[:, -1], failure)
+                added = rows[:, :3].sum(0).tolist()
+                pairs = zip(merged[1:], added, strict=True)
+                merged = [cost, *(a + b for a, b in pairs)]
+            chosen, probes = choose(merged, int(summed[3]))
     elif method == "auto":
         # pilot on successive batches (kept, measured below) until it has seen
         # AUTO_PILOT_SAMPLES samples; it sums them as the ranks' pilots are
