@@ -120,7 +120,10 @@ class SpectralNorm(Regularizer):
                 is met, to learn its input size.
 
         Returns:
-            ``{layer name: σ}``, each differentiable in that layer's weight.
+            ``{layer name: σ}``, each differentiable in that layer's weight;
+            the name within the module that a ``torch.compile``,
+            ``DataParallel`` or DDP wrapper runs (the state's key, which
+            serves the model wrapped or not).
 
         Raises:
             ValueError: an operator-norm conv layer whose input size is unknown.
@@ -235,8 +238,11 @@ class SpectralNorm(Regularizer):
         layers: list[tuple[str, nn.Module, bool]] = []
         skipped: list[str] = []
         operator = self.conv == "operator"
-        for n, m in model.named_modules():  # one walk: this runs every step
+        known = self._vectors.keys() | self._shapes.keys()
+        for n, raw, m in _named_modules(model):  # one walk: this runs every step
             if isinstance(m, _PENALISED):
+                if n != raw and n not in known and raw in known:
+                    self._rename(raw, n)  # a state saved under wrapped names
                 layers.append((n, m, operator and not isinstance(m, nn.Linear)))
                 if parametrize.is_parametrized(m, "weight"):
                     kept.extend(snapshot(m.parametrizations.weight.modules()))
@@ -246,6 +252,19 @@ class SpectralNorm(Regularizer):
                 # its output projection is a Linear (penalised); the query,
                 # key and value projections are bare parameters
                 skipped.append(f"{n} (query/key/value projections)")
+        known = self._vectors.keys() | self._shapes.keys()  # renamed ones too
+        if known and layers and known.isdisjoint(n for n, _, _ in layers):
+            # a model wrapped by a module this walk does not see through (or
+            # another model): each layer would start afresh, silently
+            raise ValueError(
+                "SpectralNorm's power-iteration state is for layers "
+                f"{sorted(known)[:4]}, and none of this model's layers "
+                f"{[n for n, _, _ in layers][:4]}: it belongs to another model, "
+                "or to this one wrapped otherwise (the names of torch.compile's, "
+                "DataParallel's and DistributedDataParallel's wrappers are left "
+                "out, no other). Penalise the model the state was made with (the "
+                "wrapped module), or use a new term (or call seed())"
+            )
         if skipped and not self._warned:
             self._warned = True
             warnings.warn(
@@ -320,7 +339,7 @@ class SpectralNorm(Regularizer):
 
         handles = [
             m.register_forward_pre_hook(in_this_thread(hook(n)))
-            for n, m in model.named_modules()
+            for n, _, m in _named_modules(model)
             if isinstance(m, _CONV)
         ]
         # a weight_norm or spectral_norm hook sets its weight in each pass: here
@@ -348,6 +367,13 @@ class SpectralNorm(Regularizer):
                 "other sizes are not in the penalty",
                 stacklevel=4,
             )
+
+    def _rename(self, old: str, new: str) -> None:
+        """Move a layer's vectors and input size from key ``old`` to ``new``."""
+        if old in self._vectors:
+            self._vectors[new] = self._vectors.pop(old)
+        if old in self._shapes:
+            self._shapes[new] = self._shapes.pop(old)
 
     def _init(
         self,
@@ -491,7 +517,8 @@ class SpectralNorm(Regularizer):
         Returns:
             ``{"vectors": {name: (u, v)}, "shapes": {name: shape}}``: ``v`` a
             unit vector, ``u = W v`` (unnormalised; only its direction is used);
-            the shape ``None`` for a conv layer the forward pass does not call.
+            the shape ``None`` for a conv layer the forward pass does not call;
+            keyed by the names :meth:`sigmas` gives (wrappers' left out).
         """
         return {
             "vectors": {
@@ -589,6 +616,44 @@ def _read_once(layers: list[tuple[str, nn.Module, bool]], kept: list[Any]) -> An
     finally:
         for m, h, weight in computed:
             setattr(m, h.name, weight)
+
+
+def _named_modules(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
+    """``(name, named_modules()'s name, module)``, wrappers' names left out.
+
+    The state is keyed by the first name: a layer's name in the module that
+    ``torch.compile`` (``_orig_mod.``), ``DataParallel`` or
+    ``DistributedDataParallel`` (``module.``) wraps, at any depth, so one
+    state serves the model wrapped or not. Each module once, as in
+    ``named_modules``.
+    """
+    out: list[tuple[str, str, nn.Module]] = []
+    seen: set[int] = set()
+
+    def walk(m: nn.Module, name: str, raw: str) -> None:
+        if id(m) in seen:
+            return
+        seen.add(id(m))
+        out.append((name, raw, m))
+        inner = _wrapped_attribute(m)
+        for key, child in m._modules.items():
+            if child is not None:
+                full = f"{raw}.{key}" if raw else key
+                mine = name if key == inner else f"{name}.{key}" if name else key
+                walk(child, mine, full)
+
+    walk(model, "", "")
+    return out
+
+
+def _wrapped_attribute(m: nn.Module) -> str | None:
+    """The attribute holding the module that a known wrapper ``m`` runs."""
+    if isinstance(m, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return "module"
+    # the type's name first: a missing attribute costs a Module an exception
+    if type(m).__name__ == "OptimizedModule" and "_orig_mod" in m._modules:
+        return "_orig_mod"
+    return None
 
 
 def _weight_hooks(m: nn.Module) -> list[Any]:
