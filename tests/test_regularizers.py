@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -2259,3 +2260,43 @@ def test_spectral_state_carries_across_wrappers(wrap):
     old.load_state_dict(state)
     assert torch.equal(old(outer), back(twin))
     assert sorted(old.state_dict()["vectors"]) == ["0", "3"]
+
+
+def test_spectral_names_every_layer_it_leaves_out():
+    """Recurrent, bilinear and embedding layers (and a module's own weight
+    matrices) have no σ in the penalty, nor in the GC bound: they were left
+    out without a word (spectral_norms gave {'head': 0.79} for a model whose
+    GRU and Bilinear carry most of its Lipschitz constant), where transposed
+    convolutions were named. Every such layer is named, with its type, once
+    per term."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.rnn = nn.Embedding(10, 4), nn.GRU(4, 5, batch_first=True)
+            self.bil, self.head = nn.Bilinear(5, 5, 3), nn.Linear(3, 2)
+            self.scale = nn.Parameter(torch.randn(3, 3))
+            self.norm = nn.LayerNorm(3)  # 1-D parameters: nothing to leave out
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            h = self.rnn(self.emb(t))[0][:, -1]
+            return self.head(self.norm(self.bil(h, h) @ self.scale))
+
+    torch.manual_seed(0)
+    model, t = Net(), torch.randint(0, 10, (2, 3))
+    expected = r"<root> \(Net\).*emb \(Embedding\).*rnn \(GRU\).*bil \(Bilinear\)"
+    with pytest.warns(UserWarning, match=expected):
+        assert list(spectral_norms(model, t)) == ["head"]
+    term = SpectralNorm(0.3)
+    with pytest.warns(UserWarning, match=expected):
+        term(model, t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        term(model, t)  # once per term
+    # a penalised layer's parametrization holds its weight as a parameter of
+    # its own: not left out
+    plain = nn.Sequential(nn.Linear(3, 3))
+    torch.nn.utils.parametrizations.weight_norm(plain[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spectral_norms(plain)

@@ -2,7 +2,9 @@ r"""Spectral-norm penalty (Yoshida & Miyato 2017) by persistent power iteration.
 
 .. math::  R(\theta) = \lambda \sum_{l} \sigma_{\max}(W_l)^2
 
-over the model's ``Linear`` and convolution layers. For a ReLU network,
+over the model's ``Linear`` and convolution layers (any other layer with a
+weight matrix, a transposed convolution, a recurrent, bilinear or embedding
+layer, is left out and named in a warning). For a ReLU network,
 :math:`\mathrm{GC}\le\min(d,k)\prod_l\sigma_{\max}(W_l)^2`, so the penalty
 controls GC through the Lipschitz constant.
 
@@ -252,6 +254,10 @@ class SpectralNorm(Regularizer):
                 # its output projection is a Linear (penalised); the query,
                 # key and value projections are bare parameters
                 skipped.append(f"{n} (query/key/value projections)")
+            elif _own_matrices(m, n):
+                # recurrent, bilinear and embedding layers, a module's own
+                # weight matrix: no operator norm this term computes
+                skipped.append(f"{n or '<root>'} ({type(m).__name__})")
         known = self._vectors.keys() | self._shapes.keys()  # renamed ones too
         if known and layers and known.isdisjoint(n for n, _, _ in layers):
             # a model wrapped by a module this walk does not see through (or
@@ -267,10 +273,13 @@ class SpectralNorm(Regularizer):
             )
         if skipped and not self._warned:
             self._warned = True
+            more = f" and {len(skipped) - 6} more" if len(skipped) > 6 else ""
             warnings.warn(
-                "SpectralNorm leaves out transposed convolutions and attention's "
-                f"input projections ({skipped[:4]}): their norms are not in the "
-                "penalty, nor in the GC bound",
+                "SpectralNorm leaves out transposed convolutions, attention's "
+                "input projections and every other layer with weight matrices "
+                "but no Linear or Conv type (recurrent, bilinear, embedding) "
+                f"({skipped[:6]}{more}): their norms are not in the penalty, nor "
+                "in the GC bound",
                 stacklevel=3,
             )
         if any(op and n not in self._shapes for n, _, op in layers):
@@ -644,6 +653,24 @@ def _named_modules(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
 
     walk(model, "", "")
     return out
+
+
+def _own_matrices(m: nn.Module, name: str) -> bool:
+    """Whether ``m`` holds a parameter of two or more dimensions of its own.
+
+    A parametrized one included (held by its ``ParametrizationList``, which is
+    not counted itself, nor anything inside one: a penalised layer's
+    parametrized weight is penalised).
+    """
+    if isinstance(m, parametrize.ParametrizationList) or ".parametrizations." in (
+        f".{name}."
+    ):
+        return False
+    if any(p is not None and p.dim() > 1 for p in m._parameters.values()):
+        return True
+    return parametrize.is_parametrized(m) and any(
+        p.dim() > 1 for p in m.parametrizations.parameters()
+    )
 
 
 def _wrapped_attribute(m: nn.Module) -> str | None:
