@@ -4,8 +4,14 @@ r"""L2 (parameter-norm) penalty.
 
 over weight matrices and kernels (biases only with ``include_biases=True``; the
 paper's bound :math:`\mathrm{GC}\le\prod_i\|W_i\|_F^2` involves weights alone).
-No ½: the gradient is :math:`2\lambda W`, so plain SGD with this penalty at
-strength :math:`\lambda` equals SGD with ``weight_decay`` :math:`=2\lambda`.
+No ½: the gradient is :math:`2\lambda W`, so SGD with this penalty at
+strength :math:`\lambda` equals SGD with ``weight_decay`` :math:`=2\lambda` on
+the parameters the penalty covers: with ``include_biases=True``, on all
+trainable ones (plain ``weight_decay=2λ``); by default, on the parameters of
+two or more dimensions alone, in a parameter group of their own (the biases'
+group at ``weight_decay=0``), as plain ``weight_decay`` decays the biases too.
+So too for Adam's ``weight_decay``, which is added to the gradient; not for
+AdamW's, which is decoupled from it.
 
 Like weight decay, it acts on the trainable parameters as stored: a weight is
 any parameter of two or more dimensions. For a parametrized weight
