@@ -2332,3 +2332,34 @@ def test_l2_is_sgd_weight_decay_as_documented(include_biases):
         opt.step()
     for p, q in zip(with_l2.parameters(), decayed.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_double_backprop_gradient_norm_of_a_float16_model_beyond_float16_range(fused):
+    """A float16 model whose ‖g‖² (100 750) passes float16's largest number
+    (65504), with each gradient finite: double backprop squared and summed in
+    float16, and the penalty read inf where it is 100.75 at λ = 1e-3 (fit then
+    recorded an infinite penalty). It is summed in float32 at least, as L2,
+    the GC penalty and the finite difference's norms are; the parameter
+    gradient stays float16 and right."""
+    torch.manual_seed(0)
+    wide = nn.Linear(10, 10).double()
+    x = torch.randn(8, 10, dtype=torch.float64)
+    t = torch.full((8, 10), 300.0, dtype=torch.float64)
+    want = GradientNorm(1e-3)(wide, x, t, loss_fn=F.mse_loss)
+    want_grad = torch.autograd.grad(want, wide.weight)[0]
+    half = copy.deepcopy(wide).half()
+    xh, th = x.half(), t.half()
+    if fused:
+        out = half(xh)
+        value = GradientNorm(1e-3).backward(
+            F.mse_loss(out, th) * 0, half, xh, th, outputs=out, loss_fn=F.mse_loss
+        )
+        grad = half.weight.grad
+    else:
+        value = GradientNorm(1e-3)(half, xh, th, loss_fn=F.mse_loss)
+        grad = torch.autograd.grad(value, half.weight)[0]
+    assert want.item() > 65504 * 1e-3
+    assert value.item() == pytest.approx(want.item(), rel=1e-2)
+    assert grad.dtype == torch.float16
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-2, atol=1e-4)

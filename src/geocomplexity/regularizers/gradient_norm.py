@@ -43,6 +43,7 @@ from geocomplexity.jacobian import _autocast_dtype
 from geocomplexity.regularizers.base import (
     LossFn,
     Regularizer,
+    at_least_float32,
     check_batch,
     check_strength,
     hooked,
@@ -230,7 +231,12 @@ class GradientNorm(Regularizer):
             grads, _ = _param_grads(loss, params, create_graph=True)
             if group is not None:
                 grads = _rank_mean(grads, group, differentiable=True)
-            return self.strength * sum(g.pow(2).sum() for g in grads)
+            # squared and summed in float32 at least: a float16 model's ‖g‖²
+            # passes 65504 (and one entry's square does past 256) long before
+            # its gradient does, and read inf
+            return self.strength * sum(
+                g.to(at_least_float32(g.dtype)).pow(2).sum() for g in grads
+            )
         # the caller's backward still needs this graph: retain it
         grads, used = _param_grads(loss, params, retain_graph=True)
         # under DDP the step (and so the shift) is along the ranks' mean ḡ;
