@@ -2354,3 +2354,25 @@ def test_a_run_measures_its_gc_untimed(tmp_path):
     (record,) = run_sweep([Run.make("toy", 0)], fn, tmp_path, progress=False)
     assert record["result"]["tuned"] is False
     assert model not in tuning._TRIALS
+
+
+@pytest.mark.parametrize("name", ["double-descent", "u-curve"])
+def test_width_sweep_figure_of_runs_that_all_measured_nan_gc_is_drawn(tmp_path, name):
+    # every run diverged (GC NaN on train and test points): the claims fail,
+    # and the figure, written after them, raised matplotlib's "Data cannot be
+    # log-scaled because all values are <= 0" on its log GC axis, a traceback
+    # that stopped `reproduce all` before the later experiments and the report
+    records = [
+        _sweep_record("width-sweep", s, w, max(0.0, 0.5 - w / 40), 1.0 + s)
+        for w in (2, 8, 16, 32, 64)
+        for s in (0, 1)
+    ]
+    for r in records:
+        r["result"].update(gc_train=math.nan, gc_test=math.nan)
+    exp = EXPERIMENTS[name]
+    claims, _ = exp.analyze(records, "mnist1d")
+    assert claims and not any(
+        c.passed for c in claims if "GC" in c.claim or "GC" in c.statistic
+    )
+    paths = exp.plot(records, tmp_path, "")
+    assert paths and all(p.stat().st_size > 0 for p in paths)

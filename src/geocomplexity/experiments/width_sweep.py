@@ -244,7 +244,10 @@ class _WidthSweep(Experiment):
                 ax.axvline(threshold, color="k", ls=":", lw=0.8)
             ax.set(xlabel="width", ylabel=label)
             log_xticks(ax, [r["width"] for r in rows], spacing=1.9)
-            if label == "GC":
+            # a log axis needs a positive, finite value: where every run's GC
+            # is NaN (all diverged), matplotlib raised "Data cannot be
+            # log-scaled" after the claims were written (all 0: a warning)
+            if label == "GC" and any(0 < r[k] < math.inf for r in rows for k in keys):
                 ax.set_yscale("log")
             ax.legend(fontsize=8)
         noise = statistics.fmean(r["effective_noise"] for r in rows)
