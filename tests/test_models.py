@@ -124,3 +124,18 @@ def test_models_built_in_several_threads_at_once_are_their_seeds(build):
     finally:
         sys.setswitchinterval(interval)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("init", ["default", "he"])
+@pytest.mark.parametrize(
+    ("d_in", "widths", "d_out"), [(4, [0], 3), (0, [8], 3), (4, [8, -1], 3)]
+)
+def test_mlp_refuses_a_layer_size_below_one(init, d_in, widths, d_out):
+    """A width of 0 (say, a sweep's int(k * 0.1) for small k) built a network
+    whose output is its last bias alone, GC 0 on any data, with the default
+    init; the others raised a bare ZeroDivisionError from the init's 1/fan_in,
+    and a negative size torch's 'Trying to create tensor with negative
+    dimension'.
+    """
+    with pytest.raises(ValueError, match="layer sizes must be integers >= 1"):
+        mlp(d_in, widths, d_out, init=init)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -49,7 +50,8 @@ def mlp(
         The ``nn.Sequential``.
 
     Raises:
-        ValueError: unknown activation or init.
+        ValueError: unknown activation or init; a size that is not an
+            integer >= 1.
     """
     if activation not in _ACTIVATIONS:
         raise ValueError(
@@ -57,6 +59,17 @@ def mlp(
             f"choose one of {', '.join(_ACTIVATIONS)}"
         )
     sizes = [d_in, *widths, d_out]
+    # a width of 0 built a network whose output is its last bias alone (GC 0
+    # on any data) under the default init, and divided by a zero fan_in under
+    # the others; any integer type (np.int64 from a sweep), not 2.0 or True
+    if not all(
+        isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1
+        for s in sizes
+    ):
+        raise ValueError(
+            f"layer sizes must be integers >= 1, got d_in={d_in!r}, "
+            f"widths={list(widths)!r}, d_out={d_out!r}"
+        )
     layers: list[nn.Module] = []
     with cpu_seeded(seed):  # PyTorch's default init draws from it
         for i, (a, b) in enumerate(itertools.pairwise(sizes)):
