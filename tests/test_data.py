@@ -309,3 +309,36 @@ def test_cifar10_folder_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
     write_fake_cifar(tmp_path / "data" / "cifar-10-batches-py")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert load_cifar10("~/data").x_train.shape == (100, 3, 32, 32)
+
+
+def test_cifar10_missing_folder_names_the_files_and_the_fix(tmp_path):
+    """A wrong folder said "no CIFAR-10 folder at X" alone, and the archive
+    itself (not extracted) or the binary version's folder were each read as a
+    missing folder or a missing data_batch_1 "--data-dir" (a flag
+    load_cifar10 has not) must hold: neither named the fix.
+    """
+    import tarfile
+
+    from geocomplexity.data import load_cifar10
+
+    with pytest.raises(FileNotFoundError) as err:
+        load_cifar10(tmp_path / "missing")
+    for part in ("data_batch_1", "test_batch", "cifar-10-python.tar.gz"):
+        assert part in str(err.value)
+    # the archive, given itself or left unextracted in the folder
+    src = write_fake_cifar(tmp_path / "src" / "cifar-10-batches-py")
+    archive = tmp_path / "dl" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src, arcname="cifar-10-batches-py")
+    for given in (archive, archive.parent):
+        with pytest.raises(FileNotFoundError, match="extract it") as err:
+            load_cifar10(given)
+        assert "--data-dir" not in str(err.value)
+    # the binary version: data_batch_1.bin ... test_batch.bin
+    binary = tmp_path / "cifar-10-batches-bin"
+    binary.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (binary / f"{name}.bin").write_bytes(b"\0" * 3073)
+    with pytest.raises(FileNotFoundError, match="binary version"):
+        load_cifar10(binary)

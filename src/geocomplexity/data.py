@@ -218,13 +218,37 @@ def _value_range(a: Any) -> str:
     return f" from {a.min()} to {a.max()}"
 
 
+#: What a CIFAR-10 folder must be, and how to make one.
+_CIFAR_FOLDER = (
+    "give the python version's folder, cifar-10-batches-py, holding "
+    "data_batch_1 ... data_batch_5 and test_batch (extract "
+    "cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html "
+    "with `tar xzf cifar-10-python.tar.gz`; nothing is downloaded here)"
+)
+
+
+def _cifar_hint(where: Path) -> str:
+    """Why ``where`` holds no batches, where that is recognisable.
+
+    The archive itself, the archive left unextracted in the folder, or the
+    binary version's folder (``data_batch_1.bin`` ...); empty otherwise.
+    """
+    if where.is_file() and where.name.endswith((".tar.gz", ".tgz", ".tar")):
+        return f" ({where.name} is the archive: extract it)"
+    if where.is_dir():
+        if (where / "cifar-10-python.tar.gz").is_file():
+            return " (cifar-10-python.tar.gz is there: extract it)"
+        if (where / "data_batch_1.bin").is_file():
+            return " (data_batch_1.bin is there: that is the binary version)"
+    return ""
+
+
 def _cifar_batch(path: Path) -> tuple[Tensor, Tensor]:
     import numpy as np
 
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} is missing: --data-dir must be the CIFAR-10 python-version "
-            "folder (cifar-10-batches-py with data_batch_1..5 and test_batch)"
+            f"{path} is missing{_cifar_hint(path.parent)}: {_CIFAR_FOLDER}"
         )
     # read outside the try: a file that cannot be read (permission denied, an
     # I/O error) raises its own OSError, not "not a CIFAR-10 batch"
@@ -300,7 +324,9 @@ def load_cifar10(data_dir: str | Path) -> Split:
     if (root / "cifar-10-batches-py").is_dir():
         root = root / "cifar-10-batches-py"
     if not root.is_dir():
-        raise FileNotFoundError(f"no CIFAR-10 folder at {root}")
+        raise FileNotFoundError(
+            f"no CIFAR-10 folder at {root}{_cifar_hint(root)}: {_CIFAR_FOLDER}"
+        )
     parts = [_cifar_batch(root / f"data_batch_{i}") for i in range(1, 6)]
     x = torch.cat([p[0] for p in parts])
     y = torch.cat([p[1] for p in parts])
