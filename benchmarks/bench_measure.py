@@ -479,7 +479,7 @@ def bench_model(case: Case, budget_s: float, min_rounds: int, max_rounds: int,
     load_start = os.getloadavg()[0]
     # the default chunk is chosen by timing its first calls (geocomplexity.tuning):
     # those calls come first, so that every timed call runs the chosen one
-    for _ in range(1 + 2 * tuning.TRIALS_EACH):
+    for _ in range(tuning.MAX_TIMED_CALLS):
         methods["exact (default chunk)"].fn()
     rounds = time_interleaved(methods, budget_s, min_rounds, max_rounds)
     load_end = os.getloadavg()[0]
@@ -599,8 +599,8 @@ def bench_mnist1d(budget_s: float, min_rounds: int, max_rounds: int) -> dict[str
 
     methods = {"epoch fwd+bwd": Timed(epoch), "measure exact": Timed(measure)}
     # both batch shapes (512 and the last, 416) decide their chunk before the
-    # timing (geocomplexity.tuning): 7 batches of each shape
-    for _ in range(1 + 2 * tuning.TRIALS_EACH):
+    # timing (geocomplexity.tuning): enough batches of each shape to settle
+    for _ in range(tuning.MAX_TIMED_CALLS):
         measure()
     rounds = time_interleaved(methods, budget_s, min_rounds, max_rounds)
     ep, gc_ms = methods["epoch fwd+bwd"].median_ms, methods["measure exact"].median_ms

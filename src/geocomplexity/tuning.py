@@ -14,10 +14,12 @@ one 2-core AMD EPYC, for the MLP 40-256-256-10 at B=512 (``benchmarks/``):
   (29 against 33 ms), and on an Intel Xeon they won on the small MLP too.
 
 So where the caller gives no ``chunk_size`` and the default would batch, the
-first calls on a model alternate the two and time them, and later calls of the
-same shapes take the faster (:func:`chunk_for`). Nothing is computed twice: each
+first calls on a model alternate the two and time them, a run of calls of the
+faster confirms it (or the other way's run wins), and later calls of the same
+shapes take the choice (:func:`chunk_for`). Nothing is computed twice: each
 timed call's result is the answer to that call. A measurement over a data set
-decides within its first seven batches; a single call uses the default.
+decides within its first :data:`MAX_TIMED_CALLS` (15) batches; a single call
+uses the default.
 
 Only the loop is tried against the default, never a larger chunk: a loop
 holds one copy of the activations where a chunk holds ``chunk`` of them, so
@@ -45,14 +47,25 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Hashable, Iterator
+from statistics import median
 
 import torch
 from torch import nn
 
-__all__ = ["chunk_for", "decisions", "fixed_chunks", "tuned", "untimed"]
+__all__ = [
+    "MAX_TIMED_CALLS",
+    "chunk_for",
+    "decisions",
+    "fixed_chunks",
+    "tuned",
+    "untimed",
+]
 
 #: calls that time each way (the first call of a shape is a warm-up, untimed)
 TRIALS_EACH = 3
+#: the most calls of one key that are timed: a warm-up, the trials, and two
+#: runs of one way each (a first call, then :data:`TRIALS_EACH` counted)
+MAX_TIMED_CALLS = 1 + 2 * TRIALS_EACH + 2 * (TRIALS_EACH + 1)
 #: the loop replaces the default only when this much faster (the default
 #: batches because it won on the machines measured; a near tie keeps it)
 MARGIN = 0.95
@@ -64,14 +77,20 @@ _LOCK = threading.Lock()
 
 
 class _Trial:
-    """The timings of one model at one key, and the chunk chosen once decided."""
+    """The timings of one model at one key, and the chunk chosen.
 
-    __slots__ = ("calls", "chosen", "times")
+    ``chosen`` is set once the alternating trials are over; ``settled`` once
+    the chosen way's own run of calls (``steady``) has confirmed it.
+    """
+
+    __slots__ = ("calls", "chosen", "settled", "steady", "times")
 
     def __init__(self) -> None:
         self.calls = 0
         self.times: dict[int, list[float]] = {}
+        self.steady: dict[int, list[float]] = {}
         self.chosen: int | None = None
+        self.settled = False
 
 
 #: model → key → trial; weak, so that a model's entries go with the model
@@ -109,8 +128,12 @@ def chunk_for(
     """The chunk for this call, and how to run it (timing it while undecided).
 
     Calls ``0`` (a warm-up), then alternately the loop and ``default``, each
-    :data:`TRIALS_EACH` times; then the loop if its fastest call beats the
-    default's fastest by :data:`MARGIN`, else the default.
+    :data:`TRIALS_EACH` times; then the loop if its median call beats the
+    default's median by :data:`MARGIN`, else the default (a median, as one
+    call can be far off either way: a page fault, or a batched pass that
+    found its memory mapped); then that way,
+    one call and as many again in a row, timed to confirm the choice
+    (:func:`_settle`).
 
     Args:
         model: whose calls are timed (held weakly).
@@ -120,7 +143,7 @@ def chunk_for(
 
     Returns:
         ``(chunk, run)``: ``run(compute, device)`` returns ``compute()`` and,
-        while the trials last, records how long it took. A default chunk
+        until the choice is settled, records how long it took. A default chunk
         that ran out of memory and started over with a smaller one is
         recorded with the time of its failed try, which speaks for the loop:
         the loop never runs out where a chunk did not.
@@ -131,13 +154,16 @@ def chunk_for(
         except TypeError:  # not weakly referable: no trials
             return default, untimed
         trial = trials.setdefault(key, _Trial())
-        if trial.chosen is not None:
-            return trial.chosen, untimed
-        call = trial.calls
-        trial.calls += 1
-    if call == 0:
-        return default, untimed  # warm-up: first-call costs, untimed
-    chunk = 1 if call % 2 else default
+        if trial.settled:
+            return trial.chosen, untimed  # type: ignore[return-value]
+        if trial.chosen is None:
+            call = trial.calls
+            trial.calls += 1
+            if call == 0:
+                return default, untimed  # warm-up: first-call costs, untimed
+            chunk, steady = (1 if call % 2 else default), False
+        else:  # the chosen way, timed on a run of its own
+            chunk, steady = trial.chosen, True
     clock = clock or _clock
 
     def run(compute: Callable[[], torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -147,7 +173,10 @@ def chunk_for(
         _sync(device)
         elapsed = clock() - t0
         with _LOCK:
-            if trial.chosen is None:
+            if steady and not trial.settled:
+                trial.steady.setdefault(chunk, []).append(elapsed)
+                _settle(trial, default)
+            elif not steady and trial.chosen is None:
                 trial.times.setdefault(chunk, []).append(elapsed)
                 _decide(trial, default)
         return result
@@ -175,15 +204,57 @@ def _sync(device: torch.device) -> None:
             synchronize()
 
 
+def _faster(loop: float, batched: float, default: int) -> int:
+    """The loop where it is faster by :data:`MARGIN`, else the default chunk."""
+    return 1 if loop < MARGIN * batched else default
+
+
 def _decide(trial: _Trial, default: int) -> None:
     loop, batched = trial.times.get(1, []), trial.times.get(default, [])
     if len(loop) >= TRIALS_EACH and len(batched) >= TRIALS_EACH:
-        trial.chosen = 1 if min(loop) < MARGIN * min(batched) else default
+        trial.chosen = _faster(median(loop), median(batched), default)
+
+
+def _settle(trial: _Trial, default: int) -> None:
+    """Confirm the chosen way by a run of its own calls, or try the other.
+
+    Alternating calls time each way just after the other has run, and the
+    allocator's state differs from that of a run of one way: glibc moves its
+    mmap threshold as it frees large blocks, so that on the MLP
+    40-256-256-10 (B=512) batched passes in a row took 6.5 ms (median) in a
+    fresh process and 10.4 ms after a run of loop calls (5.4 ms each). A
+    choice made on the trials is confirmed once the chosen way has run
+    :data:`TRIALS_EACH` calls in a row (after one more, which follows a call
+    of the trials and is not counted). Where its median is now slower than
+    the other way's in the trials (by the margin), the other way runs as
+    many in a row, and the faster of the two runs wins. At most two runs: no
+    back and forth.
+    """
+    chosen = trial.chosen
+    assert chosen is not None
+    # a run's first call follows a call of the other way: its regime is the
+    # trials', so it is not counted
+    if len(trial.steady.get(chosen, [])) <= TRIALS_EACH:
+        return
+    other = default if chosen == 1 else 1
+    runs = {c: median(t[1:]) for c, t in trial.steady.items() if len(t) > TRIALS_EACH}
+    if other in runs:  # both ran in a row: the faster run wins
+        trial.chosen, trial.settled = _faster(runs[1], runs[default], default), True
+    else:
+        best = {**{c: median(t) for c, t in trial.times.items()}, chosen: runs[chosen]}
+        pick = _faster(best[1], best[default], default)
+        trial.chosen, trial.settled = pick, pick == chosen
+    if trial.settled:
         trial.times.clear()
+        trial.steady.clear()
 
 
 def decisions(model: nn.Module) -> dict[Hashable, int]:
-    """The chunk chosen for each key of ``model`` decided so far (for reports)."""
+    """The chunk chosen for each key of ``model`` decided so far (for reports).
+
+    Chosen after the alternating trials, and possibly changed once by the
+    run of calls that confirms it (:func:`chunk_for`).
+    """
     with _LOCK:
         trials = _TRIALS.get(model, {})
         return {k: t.chosen for k, t in trials.items() if t.chosen is not None}
