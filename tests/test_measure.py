@@ -1098,3 +1098,26 @@ def test_auto_measures_exactly_where_a_long_enough_pilot_costs_as_much():
     assert r.method == "exact" and r.num_probes is None
     want = per_sample_sq_norms(model, x).mean().item()
     assert math.isclose(r.value, want, rel_tol=1e-12)
+
+
+def test_measuring_a_loader_with_persistent_workers_leaves_its_epoch_alone():
+    # a loader with persistent workers hands out one iterator: measure's
+    # iter(loader) reset it under the caller's epoch (GC logged mid-epoch on
+    # the training loader), which then yielded 72 samples of 64, 16 twice
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    x = torch.randn(64, 3)
+    loader = DataLoader(
+        TensorDataset(x, torch.arange(64)),
+        batch_size=8,
+        num_workers=1,
+        persistent_workers=True,
+    )
+    seen, measured = [], None
+    for i, (_, index) in enumerate(loader):
+        seen += index.tolist()
+        if i == 2:
+            measured = gcx.measure(model, loader, max_samples=16, progress=False)
+    assert seen == list(range(64))
+    assert measured.num_samples == 16
+    assert math.isclose(measured.value, model.weight.pow(2).sum().item(), rel_tol=1e-6)

@@ -349,13 +349,29 @@ def _rng_kept(data: Iterable[Any]) -> Iterator[Any]:
     from batch to batch as they would run alone, so probes drawn from
     ``generator=torch.default_generator`` still move it.
     """
+    # a DataLoader with persistent workers hands out one iterator, reset by
+    # each iter(): measuring the training loader mid-epoch restarted the
+    # caller's epoch under it (72 samples of 64, the first 16 twice). An
+    # iterator of its own instead, its workers shut down when done (not for a
+    # subclass with an __iter__ of its own: its batches are what that yields)
+    persistent = (
+        isinstance(data, torch.utils.data.DataLoader)
+        and type(data).__iter__ is torch.utils.data.DataLoader.__iter__
+        and data.persistent_workers
+        and data.num_workers > 0
+    )
 
     def batches() -> Iterator[Any]:
-        it = iter(data)  # here, at the first step: iter draws the base seed
-        # a for loop, not yield from: closing this early (max_samples) must
-        # not close the caller's own generator
-        for batch in it:  # noqa: UP028
-            yield batch
+        # here, at the first step: iter draws the base seed
+        it = data._get_iterator() if persistent else iter(data)  # type: ignore[attr-defined]
+        try:
+            # a for loop, not yield from: closing this early (max_samples) must
+            # not close the caller's own generator
+            for batch in it:  # noqa: UP028
+                yield batch
+        finally:
+            if persistent:  # its workers, now, not when it is collected
+                getattr(it, "_shutdown_workers", lambda: None)()
 
     return rngs_set_apart(batches(), loader_generators(data))
 
