@@ -101,7 +101,9 @@ class RunningMean:
 
     def update(self, values: Tensor) -> None:
         """Add a batch of per-sample values, shape ``(n,)``."""
-        v = values.detach().to(torch.float64).flatten()
+        # summed on the CPU: Apple's MPS has no float64, and the .item()s
+        # below wait for the device anyway (B numbers to move)
+        v = values.detach().cpu().to(torch.float64).flatten()
         n = v.numel()
         if n == 0:
             return
