@@ -278,7 +278,9 @@ def test_auto_warns_when_a_stream_ends_short_of_the_max_samples_it_sized_for():
         short = run(iter(x.split(8)), 10**6)
     assert short.method == "projection" and short.num_probes == 1
     assert short.num_samples == 200
-    (message,) = [str(w.message) for w in caught]
+    # (torch's first forward-mode call in a process warns that torch.jit.script,
+    # which loads its decompositions, is deprecated: caught too when run alone)
+    (message,) = [str(w.message) for w in caught if w.category is UserWarning]
     assert "1 probe" in message and "200 samples" in message
     assert "rtol=0.02" in message and "known length" in message
     # the promise kept: data of known length, max_samples within the data, a
