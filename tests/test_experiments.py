@@ -2376,3 +2376,70 @@ def test_width_sweep_figure_of_runs_that_all_measured_nan_gc_is_drawn(tmp_path, 
     )
     paths = exp.plot(records, tmp_path, "")
     assert paths and all(p.stat().st_size > 0 for p in paths)
+
+
+def test_resnet_runs_stored_on_another_cifar_folder_are_not_reused(
+    tmp_path, fake_cifar, capsys
+):
+    # the data folder is not in a run's config (moving CIFAR-10 recomputes
+    # nothing), so a sweep run first on a generated folder and then with the
+    # same --out on the real one handed back the generated folder's results
+    from conftest import write_fake_cifar
+
+    other = write_fake_cifar(tmp_path / "other" / "cifar-10-batches-py", seed=1)
+    argv = ["reproduce", "resnet-double-descent", "--preset", "smoke"]
+    argv += ["--device", "cpu", "--workers", "1", "--out", str(tmp_path / "o")]
+    assert main([*argv, "--data-dir", str(fake_cifar)]) == 0
+    runs = sorted((tmp_path / "o" / "resnet-double-descent" / "runs").glob("*.json"))
+    stamps = {p: p.stat().st_mtime_ns for p in runs}
+    capsys.readouterr()
+    assert main([*argv, "--data-dir", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert str(fake_cifar) in err and str(other) in err
+    assert "--out" in err and "delete" in err
+    assert stamps == {p: p.stat().st_mtime_ns for p in runs}  # nothing recomputed
+    # the same data in another place is the same data: reused, not recomputed
+    moved = tmp_path / "moved" / "cifar-10-batches-py"
+    moved.parent.mkdir()
+    fake_cifar.rename(moved)
+    assert main([*argv, "--data-dir", str(moved)]) == 0
+    assert stamps == {p: p.stat().st_mtime_ns for p in runs}
+
+
+def _data_run(run):
+    return {"value": run["x"]}
+
+
+def test_a_run_stored_meanwhile_on_other_data_is_refused_on_every_path(tmp_path):
+    # the sweep checks the runs stored when it starts; a run another sweep
+    # stores while this one runs is read by _stored (the local loop, the pool's
+    # workers and the Ray driver all go through it): it must not pass either
+    from geocomplexity.experiments import DataMismatch
+    from geocomplexity.experiments.runner import _execute, _stored
+
+    a = {"folder": "/data/a", "fingerprint": "100+20 images, sha256 aaaa"}
+    b = {"folder": "/data/b", "fingerprint": "100+20 images, sha256 bbbb"}
+    runs = [Run.make("d", x=i) for i in range(3)]
+    records = run_sweep(runs, _data_run, tmp_path, data=a, progress=False)
+    assert [r["data"] for r in records] == [a, a, a]
+    path = tmp_path / "runs" / f"{runs[0].key}.json"
+    stamp = path.stat().st_mtime_ns
+    for call in (
+        lambda: _stored(path, runs[0], b),
+        lambda: _execute(_data_run, runs[0], path, data=b),
+        lambda: run_sweep(runs, _data_run, tmp_path, data=b, progress=False),
+    ):
+        with pytest.raises(DataMismatch, match=r"/data/a .*sha256 aaaa.*/data/b"):
+            call()
+    assert path.stat().st_mtime_ns == stamp  # not overwritten
+    assert _execute(_data_run, runs[0], path, data=a)["data"] == a  # same: reused
+    assert run_sweep(runs, _data_run, tmp_path, data=a, progress=False) == records
+
+
+def test_runs_stored_before_data_fingerprints_are_reused_with_one_warning(tmp_path):
+    a = {"folder": "/data/a", "fingerprint": "100+20 images, sha256 aaaa"}
+    runs = [Run.make("d", x=i) for i in range(3)]
+    old = run_sweep(runs, _data_run, tmp_path, progress=False)  # no fingerprint
+    assert all("data" not in r for r in old)
+    with pytest.warns(UserWarning, match="3 of the runs .* do not record the data"):
+        assert run_sweep(runs, _data_run, tmp_path, data=a, progress=False) == old

@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"--out {args.out}: {runs}: {err.strerror or err}; move what "
                 "is in the way or name another folder"
             )
-    from geocomplexity.experiments.runner import ClusterUnreachable
+    from geocomplexity.experiments.runner import ClusterUnreachable, DataMismatch
 
     start = time.perf_counter()
     for name in names:
@@ -328,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         except ClusterUnreachable as err:  # a traceback, before
             return _error(str(err))
+        except DataMismatch as err:  # stored runs made on another --data-dir
+            return _error(f"--data-dir {args.data_dir}: {err}")
         held = sum(c.passed for c in outcome.claims)
         print(
             f"{name}: {held}/{len(outcome.claims)} claims hold "

@@ -10,7 +10,7 @@ from geocomplexity.experiments.init_depth import InitDepth
 from geocomplexity.experiments.lr_batch import LrBatch
 from geocomplexity.experiments.regularizers import Regularizers
 from geocomplexity.experiments.resnet_width import ResNetDoubleDescent
-from geocomplexity.experiments.runner import Context, Run, run_sweep
+from geocomplexity.experiments.runner import Context, DataMismatch, Run, run_sweep
 from geocomplexity.experiments.transfer import Transfer
 from geocomplexity.experiments.width_sweep import DoubleDescent, UCurve
 
@@ -33,6 +33,7 @@ __all__ = [
     "PRESETS",
     "Claim",
     "Context",
+    "DataMismatch",
     "Experiment",
     "Outcome",
     "Run",

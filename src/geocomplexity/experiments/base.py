@@ -81,6 +81,18 @@ class Experiment(abc.ABC):
         """
         del context
 
+    def data_fingerprint(self, context: Context) -> dict[str, str] | None:
+        """What identifies the data a run reads outside its config, or ``None``.
+
+        For data read from a folder (``context.data_dir``), which is not part
+        of a run's config: ``{"fingerprint": ..., "folder": ...}``, stored in
+        each record and compared before a stored run is reused, so that runs
+        made on other data are never reused (:func:`run_sweep`'s ``data``).
+        Generated data sets are fixed by the config: ``None``.
+        """
+        del context
+        return None
+
     @abc.abstractmethod
     def runs(self, preset: str, dataset: str, seeds: int | None) -> list[Run]:
         """The sweep for a preset (``seeds`` overrides its seed count)."""
@@ -220,6 +232,7 @@ def reproduce_one(
         executor=executor,
         ray_address=ray_address,
         gpus_per_run=1.0 if context.device.startswith("cuda") else 0.0,
+        data=experiment.data_fingerprint(context),
     )
     # an experiment with its own data (1-D, CIFAR-10) labels its claims itself
     label = dataset if experiment.uses_dataset else experiment.data_label

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from geocomplexity.data import Split, load_cifar10, random_crop_flip
+from geocomplexity.data import Split, cifar10_with_fingerprint, random_crop_flip
 from geocomplexity.experiments.runner import Context, Run
 from geocomplexity.experiments.width_sweep import DoubleDescent, sweep_result
 from geocomplexity.models import PreActResNet18
@@ -61,12 +61,19 @@ def _cifar(data_dir: str | Path) -> Split:
     Keyed by the resolved folder: ``./cifar`` and its absolute path held two
     copies of the 0.7 GB of tensors for the life of a worker.
     """
-    return _cifar_cached(str(Path(data_dir).resolve()))
+    return _cifar_cached(str(Path(data_dir).resolve()))[0]
+
+
+def _fingerprint(data_dir: str | Path) -> str:
+    """The fingerprint of the CIFAR-10 in ``data_dir``, hashed with its load."""
+    fingerprint = _cifar_cached(str(Path(data_dir).resolve()))[1]
+    assert fingerprint is not None
+    return fingerprint
 
 
 @functools.lru_cache(maxsize=2)
-def _cifar_cached(data_dir: str) -> Split:
-    return load_cifar10(data_dir)
+def _cifar_cached(data_dir: str) -> tuple[Split, str | None]:
+    return cifar10_with_fingerprint(data_dir)
 
 
 class ResNetDoubleDescent(DoubleDescent):
@@ -96,6 +103,19 @@ class ResNetDoubleDescent(DoubleDescent):
                 "PATH (the python-version folder cifar-10-batches-py)"
             )
         _cifar(context.data_dir)
+
+    def data_fingerprint(self, context: Context) -> dict[str, str] | None:
+        """The CIFAR-10 folder and the fingerprint of the data in it.
+
+        The folder is not in a run's config (moving CIFAR-10 recomputes
+        nothing): the fingerprint is what tells runs made on a generated
+        folder from runs on the real one.
+        """
+        assert context.data_dir is not None  # check() ran
+        return {
+            "folder": str(Path(context.data_dir).expanduser().resolve()),
+            "fingerprint": _fingerprint(context.data_dir),
+        }
 
     def runs(self, preset: str, dataset: str, seeds: int | None) -> list[Run]:  # noqa: D102
         p = self._presets[preset]

@@ -6,6 +6,10 @@ rename). Rerunning a sweep skips finished runs; a sweep interrupted by Ctrl-C or
 ``kill -9`` resumes with nothing lost and nothing recomputed, and removes the
 temporary files the killed writes left. ``workers > 1``
 runs runs in parallel processes.
+
+Data read from a folder is not in the config (moving it recomputes nothing):
+its fingerprint is stored in each record, and a stored run made on other data
+stops the sweep (:class:`DataMismatch`) instead of being reused.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import multiprocessing
 import os
 import platform
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -37,7 +42,14 @@ from geocomplexity.atomic import (
 )
 from geocomplexity.tuning import fixed_chunks
 
-__all__ = ["ClusterUnreachable", "Context", "Run", "load_runs", "run_sweep"]
+__all__ = [
+    "ClusterUnreachable",
+    "Context",
+    "DataMismatch",
+    "Run",
+    "load_runs",
+    "run_sweep",
+]
 
 
 @dataclass(frozen=True)
@@ -86,7 +98,9 @@ class Context:
     """Where and with what a run executes: not part of its config or its hash.
 
     A finished run is found again whatever the device or the data's folder, so
-    moving CIFAR-10 or switching to a GPU never recomputes a run.
+    moving CIFAR-10 or switching to a GPU never recomputes a run; the data's
+    fingerprint, stored beside the result, keeps runs made on other data in
+    that folder from being reused (:func:`run_sweep`'s ``data``).
 
     Attributes:
         device: ``"cpu"``, ``"cuda"``, ... (``"auto"`` is resolved before).
@@ -114,8 +128,10 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _record(fn: Callable[[Run], dict[str, Any]], run: Run) -> dict[str, Any]:
-    """Run one config: its record, not yet stored.
+def _record(
+    fn: Callable[[Run], dict[str, Any]], run: Run, data: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Run one config: its record, not yet stored (with ``data``, if given).
 
     Exact GC batches its VJPs by the default rule, untimed
     (:func:`geocomplexity.tuning.fixed_chunks`): batched and looped VJPs
@@ -128,6 +144,7 @@ def _record(fn: Callable[[Run], dict[str, Any]], run: Run) -> dict[str, Any]:
         "config": run.config,
         "key": run.key,
         "versions": _versions(),
+        **({} if data is None else {"data": data}),
         "result": result,
     }
 
@@ -145,7 +162,11 @@ def _store(record: dict[str, Any], path: Path) -> dict[str, Any]:
 
 
 def _execute(
-    fn: Callable[[Run], dict[str, Any]], run: Run, path: Path, wait: bool = True
+    fn: Callable[[Run], dict[str, Any]],
+    run: Run,
+    path: Path,
+    wait: bool = True,
+    data: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Run one config and store it; module-level so worker processes can call it.
 
@@ -156,17 +177,90 @@ def _execute(
     Returns:
         The record, or ``None`` without ``wait`` when another process is
         computing the run now.
+
+    Raises:
+        DataMismatch: another sweep stored the run meanwhile, on other data.
     """
     with claimed(path, wait=wait) as mine:
         if not mine:
             return None
-        return _stored(path, run) or _store(_record(fn, run), path)
+        return _stored(path, run, data) or _store(_record(fn, run, data), path)
 
 
-def _stored(path: Path, run: Run) -> dict[str, Any] | None:
-    """``run``'s record at ``path`` if one is there (another sweep stored it)."""
+def _stored(
+    path: Path, run: Run, data: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """``run``'s record at ``path`` if one is there (another sweep stored it).
+
+    Raises:
+        DataMismatch: it was made on other data than ``data`` says.
+    """
     record = _read_record(path)
-    return record if record is not None and record["key"] == run.key else None
+    if record is None or record["key"] != run.key:
+        return None
+    # a record without a fingerprint, of a sweep before them, is taken as
+    # run_sweep takes it (its warning is given there, once)
+    _check_data([record], data, path.parent, warn=False)
+    return record
+
+
+class DataMismatch(ValueError):
+    """Stored runs were made on other data than the sweep reads now."""
+
+
+def _stored_data(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``data`` a record was made on, ``None`` if it has none (older)."""
+    data = record.get("data")
+    return data if isinstance(data, dict) and "fingerprint" in data else None
+
+
+def _check_data(
+    records: Sequence[dict[str, Any]],
+    data: dict[str, Any] | None,
+    folder: Path,
+    warn: bool = True,
+) -> None:
+    """Refuse to reuse ``records`` made on other data than ``data``.
+
+    Reusing them would mix two data sets in one sweep's results, recomputing
+    them would overwrite results someone may want: neither is done silently.
+    Records without a fingerprint (stored before fingerprints were) are
+    accepted, with a warning: a resumed sweep of days of training keeps
+    its runs, which were almost surely made on the folder it is resumed on.
+
+    Raises:
+        DataMismatch: naming both data and the fix.
+    """
+    if data is None:
+        return
+    made_on = [(r, _stored_data(r)) for r in records]
+    other = [
+        (r, d)
+        for r, d in made_on
+        if d is not None and d["fingerprint"] != data["fingerprint"]
+    ]
+    if other:
+        seen = {f"{d.get('folder', 'a folder')} ({d['fingerprint']})" for _, d in other}
+        keys = sorted(r["key"] for r, _ in other)
+        names = ", ".join(f"{k}.json" for k in keys[:3])
+        more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+        raise DataMismatch(
+            f"{len(other)} of the runs stored in {folder} were made on other "
+            f"data: {'; '.join(sorted(seen))}, not on "
+            f"{data.get('folder', 'this data')} ({data['fingerprint']}); they "
+            "are neither reused nor overwritten. Write this sweep elsewhere "
+            "(another --out), or delete those runs to compute them again on "
+            f"this data: {names}{more} (and their .pt checkpoints)"
+        )
+    unknown = sum(d is None for _, d in made_on)
+    if unknown and warn:
+        warnings.warn(
+            f"{unknown} of the runs stored in {folder} do not record the data "
+            "they were made on (stored before data fingerprints): reused as "
+            f"made on {data.get('folder', 'this data')}; delete them if they "
+            "were not",
+            stacklevel=3,
+        )
 
 
 def _ray_record(
@@ -174,9 +268,10 @@ def _ray_record(
     run: Run,
     threads: int,
     malloc_setting: tuple[int, int] | None = None,
+    data: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     _start_worker(threads, malloc_setting)  # as a local worker process would have
-    return _record(fn, run)
+    return _record(fn, run, data)
 
 
 class ClusterUnreachable(ConnectionError):
@@ -230,6 +325,7 @@ def _run_ray(
     address: str | None,
     gpus: float,
     on_done: Callable[[dict[str, Any]], None],
+    data: dict[str, Any] | None = None,
 ) -> None:
     """Each run a Ray task; the driver stores each record as it arrives.
 
@@ -262,12 +358,16 @@ def _run_ray(
         if not claim.enter_context(claimed(path, wait=waiting)):
             busy.append(run)
             return
-        record = _stored(path, run)  # stored meanwhile by another sweep
+        try:
+            record = _stored(path, run, data)  # stored meanwhile by another sweep
+        except DataMismatch:
+            claim.close()
+            raise
         if record is not None:
             claim.close()
             on_done(record)
             return
-        pending[task.remote(fn, run, threads, setting)] = (run, claim)
+        pending[task.remote(fn, run, threads, setting, data)] = (run, claim)
 
     def collect(ref: Any) -> None:
         run, claim = pending.pop(ref)
@@ -418,6 +518,7 @@ def run_sweep(
     executor: str = "local",
     ray_address: str | None = None,
     gpus_per_run: float = 0.0,
+    data: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Execute the runs not yet finished under ``directory`` and return them all.
 
@@ -439,13 +540,18 @@ def run_sweep(
             (one Ray task per run; the same results in the same run files).
         ray_address: a Ray cluster's address; ``None`` starts a local Ray.
         gpus_per_run: GPUs each Ray task reserves.
+        data: what identifies the data the runs read outside their configs
+            (a folder's): ``{"fingerprint": str, "folder": str}``, stored in
+            each record; a stored run with another fingerprint is not reused.
 
     Returns:
         One record per run, in the order of ``runs``: ``{"config", "key",
-        "versions", "result"}``.
+        "versions", "result"}`` (and ``"data"`` with ``data``).
 
     Raises:
         ValueError: two runs share a config, or an unknown executor.
+        DataMismatch: a stored run of the sweep was made on other data
+            (before any run, or when another sweep stores one meanwhile).
         ImportError: ``executor="ray"`` without Ray installed.
         ClusterUnreachable: no Ray cluster answered at ``ray_address``.
     """
@@ -465,6 +571,7 @@ def run_sweep(
     # the claims of runs stored by a sweep killed before it let them go
     remove_released_claims(folder)
     done = load_runs(directory)
+    _check_data([done[k] for k in keys if k in done], data, folder)
     todo = [r for r in runs if r.key not in done]
     bar = tqdm(
         total=len(runs),
@@ -480,23 +587,28 @@ def run_sweep(
 
     try:
         if executor == "ray" and todo:
-            _run_ray(todo, fn, folder, workers, ray_address, gpus_per_run, finished)
+            _run_ray(
+                todo, fn, folder, workers, ray_address, gpus_per_run, finished, data
+            )
         elif workers <= 1 or len(todo) <= 1:
             # runs another sweep into this folder is computing now are taken
             # last, waiting for it: its record is read, not recomputed
             busy = []
             for run in todo:
-                record = _execute(fn, run, folder / f"{run.key}.json", wait=False)
+                path = folder / f"{run.key}.json"
+                record = _execute(fn, run, path, wait=False, data=data)
                 if record is None:
                     busy.append(run)
                 else:
                     finished(record)
             for run in busy:
-                finished(_execute(fn, run, folder / f"{run.key}.json"))
+                finished(_execute(fn, run, folder / f"{run.key}.json", data=data))
         else:
             pool = _pool(workers)
             futures = {
-                pool.submit(_execute, fn, run, folder / f"{run.key}.json", False): run
+                pool.submit(
+                    _execute, fn, run, folder / f"{run.key}.json", False, data
+                ): run
                 for run in todo
             }
             waits = []
@@ -508,7 +620,7 @@ def run_sweep(
                         continue
                     run = futures[fut]  # busy in another sweep: wait for it
                     path = folder / f"{run.key}.json"
-                    waits.append(pool.submit(_execute, fn, run, path))
+                    waits.append(pool.submit(_execute, fn, run, path, True, data))
                     futures[waits[-1]] = run
                 for fut in as_completed(waits):
                     finished(fut.result())
