@@ -2443,3 +2443,33 @@ def test_runs_stored_before_data_fingerprints_are_reused_with_one_warning(tmp_pa
     assert all("data" not in r for r in old)
     with pytest.warns(UserWarning, match="3 of the runs .* do not record the data"):
         assert run_sweep(runs, _data_run, tmp_path, data=a, progress=False) == old
+
+
+def test_resnet_double_descent_data_dir_with_a_tilde_is_the_home_folder(
+    tmp_path, monkeypatch, capsys
+):
+    # load_cifar10 expands "~", but the experiment's cache resolved the path
+    # first, to CWD/~/data: --data-dir=~/data (no shell expansion after "=")
+    # or a Python caller's "~/data" said "no CIFAR-10 folder"
+    from conftest import write_fake_cifar
+
+    from geocomplexity.experiments import Context
+
+    write_fake_cifar(tmp_path / "data" / "cifar-10-batches-py")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path / "data")
+    exp = EXPERIMENTS["resnet-double-descent"]
+    exp.check(Context("cpu", Path("~/data")))
+    assert exp.data_fingerprint(Context("cpu", Path("~/data")))["folder"] == str(
+        tmp_path / "data"
+    )
+    argv = ["reproduce", "resnet-double-descent", "--preset", "paper"]
+    (tmp_path / "in-the-way").write_text("")
+    argv += [
+        "--data-dir=~/data/cifar-10-batches-py",
+        "--out",
+        str(tmp_path / "in-the-way"),
+    ]
+    assert main(argv) == 2  # past the data check: the --out is refused
+    err = capsys.readouterr().err
+    assert "no CIFAR-10 folder" not in err and "--out" in err

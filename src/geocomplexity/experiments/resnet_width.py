@@ -61,12 +61,21 @@ def _cifar(data_dir: str | Path) -> Split:
     Keyed by the resolved folder: ``./cifar`` and its absolute path held two
     copies of the 0.7 GB of tensors for the life of a worker.
     """
-    return _cifar_cached(str(Path(data_dir).resolve()))[0]
+    return _cifar_cached(_folder(data_dir))[0]
+
+
+def _folder(data_dir: str | Path) -> str:
+    """``data_dir`` absolute, ``~`` expanded first.
+
+    As :func:`~geocomplexity.data.load_cifar10` expands it: resolved first,
+    ``~/data`` was ``CWD/~/data``.
+    """
+    return str(Path(data_dir).expanduser().resolve())
 
 
 def _fingerprint(data_dir: str | Path) -> str:
     """The fingerprint of the CIFAR-10 in ``data_dir``, hashed with its load."""
-    fingerprint = _cifar_cached(str(Path(data_dir).resolve()))[1]
+    fingerprint = _cifar_cached(_folder(data_dir))[1]
     assert fingerprint is not None
     return fingerprint
 
@@ -113,7 +122,7 @@ class ResNetDoubleDescent(DoubleDescent):
         """
         assert context.data_dir is not None  # check() ran
         return {
-            "folder": str(Path(context.data_dir).expanduser().resolve()),
+            "folder": _folder(context.data_dir),
             "fingerprint": _fingerprint(context.data_dir),
         }
 
