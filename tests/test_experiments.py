@@ -2473,3 +2473,26 @@ def test_resnet_double_descent_data_dir_with_a_tilde_is_the_home_folder(
     assert main(argv) == 2  # past the data check: the --out is refused
     err = capsys.readouterr().err
     assert "no CIFAR-10 folder" not in err and "--out" in err
+
+
+def test_resnet_checkpoint_trained_on_another_cifar_folder_is_not_resumed(
+    tmp_path, fake_cifar, capsys
+):
+    # a run killed mid-training leaves its checkpoint and no run file: the
+    # stored runs' fingerprints cannot tell, and fit resumed (or, finished,
+    # handed back) the network trained on the other folder of the same size
+    from conftest import write_fake_cifar
+
+    other = write_fake_cifar(tmp_path / "other" / "cifar-10-batches-py", seed=1)
+    argv = ["reproduce", "resnet-double-descent", "--preset", "smoke"]
+    argv += ["--device", "cpu", "--workers", "1", "--out", str(tmp_path / "o")]
+    assert main([*argv, "--data-dir", str(fake_cifar)]) == 0
+    folder = tmp_path / "o" / "resnet-double-descent" / "runs"
+    for path in folder.glob("*.json"):  # as if killed before storing them
+        path.unlink()
+    capsys.readouterr()
+    assert main([*argv, "--data-dir", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert ".pt" in err and str(fake_cifar) in err and str(other) in err
+    assert not list(folder.glob("*.json"))
+    assert main([*argv, "--data-dir", str(fake_cifar)]) == 0  # its own data: resumed

@@ -20,14 +20,16 @@ resumes mid-run. The checkpoints stay: they hold the trained networks.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from geocomplexity.atomic import write_text
 from geocomplexity.data import Split, cifar10_with_fingerprint, random_crop_flip
-from geocomplexity.experiments.runner import Context, Run
+from geocomplexity.experiments.runner import Context, DataMismatch, Run
 from geocomplexity.experiments.width_sweep import DoubleDescent, sweep_result
 from geocomplexity.models import PreActResNet18
 from geocomplexity.state import cpu_seeded
@@ -83,6 +85,35 @@ def _fingerprint(data_dir: str | Path) -> str:
 @functools.lru_cache(maxsize=2)
 def _cifar_cached(data_dir: str) -> tuple[Split, str | None]:
     return cifar10_with_fingerprint(data_dir)
+
+
+def _check_checkpoint_data(checkpoint: Path, data: dict[str, str]) -> None:
+    """Refuse to resume a checkpoint trained on other data; label a new one.
+
+    A run killed mid-training leaves its checkpoint and no run file, so the
+    stored runs' fingerprints cannot tell: the data's is kept beside it, in
+    ``<key>.pt.data``, written before the first epoch. A checkpoint without
+    one (from before) resumes as it did.
+
+    Raises:
+        DataMismatch: the checkpoint was trained on other data.
+    """
+    label = checkpoint.with_name(checkpoint.name + ".data")
+    if not checkpoint.exists():
+        write_text(label, json.dumps(data))
+        return
+    try:
+        theirs = json.loads(label.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(theirs, dict) and theirs.get("fingerprint") != data["fingerprint"]:
+        raise DataMismatch(
+            f"checkpoint {checkpoint} was trained on {theirs.get('folder')} "
+            f"({theirs.get('fingerprint')}), not on {data['folder']} "
+            f"({data['fingerprint']}); it is not resumed. Write this sweep "
+            "elsewhere (another --out), or delete it (and its .pt.data) to "
+            "train the run again on this data"
+        )
 
 
 class ResNetDoubleDescent(DoubleDescent):
@@ -155,6 +186,11 @@ class ResNetDoubleDescent(DoubleDescent):
             x, y = x[idx], y[idx]
         with cpu_seeded(run.seed):  # the initialization, on the CPU
             model = PreActResNet18(run["width"], data.num_classes)
+        checkpoint = context.checkpoint(run)
+        if checkpoint is not None:
+            fingerprint = self.data_fingerprint(context)
+            assert fingerprint is not None
+            _check_checkpoint_data(checkpoint, fingerprint)
         epochs = run["epochs"]
         history = fit(
             model,
@@ -169,7 +205,7 @@ class ResNetDoubleDescent(DoubleDescent):
             augment=random_crop_flip,
             seed=run.seed,
             eval_every=max(1, epochs // 20),
-            checkpoint=context.checkpoint(run),
+            checkpoint=checkpoint,
             checkpoint_every=max(1, epochs // 100),
             device=context.device,
             progress=None,
