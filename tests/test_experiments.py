@@ -939,14 +939,14 @@ def test_cli_report_into_a_folder_it_cannot_write_exits_2(
     (tmp_path / "transfer").mkdir()
     claims = [Claim("c", "s", 1.0, ">= 0", True, 3)]
     write_claims(tmp_path / "transfer" / "claims.json", claims)
-    real = atomic.tempfile.mkstemp
+    real = atomic.os.open
 
-    def read_only(*args, dir=None, **kwargs):
-        if Path(dir) == tmp_path:
+    def read_only(path, flags, *args):
+        if Path(path).parent == tmp_path and flags & os.O_CREAT:
             raise PermissionError(13, "Permission denied", str(tmp_path))
-        return real(*args, dir=dir, **kwargs)
+        return real(path, flags, *args)
 
-    monkeypatch.setattr(atomic.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(atomic.os, "open", read_only)
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert f"cannot write {tmp_path / 'report.html'}: Permission denied" in err
@@ -2496,3 +2496,32 @@ def test_resnet_checkpoint_trained_on_another_cifar_folder_is_not_resumed(
     assert ".pt" in err and str(fake_cifar) in err and str(other) in err
     assert not list(folder.glob("*.json"))
     assert main([*argv, "--data-dir", str(fake_cifar)]) == 0  # its own data: resumed
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no POSIX umask")
+def test_run_files_take_the_umask_in_force_when_written(tmp_path):
+    # the new file's mode was 0666 less the umask read when geocomplexity was
+    # imported: a sweep that set umask 077 afterwards (private results) wrote
+    # them 0644, readable by everyone, and one that set 002 (a group's shared
+    # --out) wrote them 0644, which the group could not replace
+    from geocomplexity.atomic import write_text
+
+    runs = [Run.make("toy", 0, x=i) for i in range(2)]
+    before = os.umask(0o077)
+    try:
+        run_sweep(runs, square, tmp_path, progress=False)
+        write_text(tmp_path / "new dir é" / "report 1.html", "x")
+    finally:
+        os.umask(before)
+    written = [
+        *(tmp_path / "runs").glob("*.json"),
+        tmp_path / "new dir é" / "report 1.html",
+    ]
+    assert len(written) == 3
+    assert {f.stat().st_mode & 0o777 for f in written} == {0o600}
+    before = os.umask(0o002)
+    try:
+        write_text(tmp_path / "shared.json", "x")
+    finally:
+        os.umask(before)
+    assert (tmp_path / "shared.json").stat().st_mode & 0o777 == 0o664

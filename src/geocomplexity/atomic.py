@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import stat
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,15 +33,28 @@ __all__ = [
 STALE_AFTER_S = 60.0
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it is to set it
-    os.umask(mask)
-    return mask
+def _create_temporary(path: Path) -> tuple[int, str]:
+    """Create and open the hidden ``.NAME.XXXXXXXX.tmp`` beside ``path``.
 
+    Created as ``open(path, "w")`` creates a file: mode 0666 less the umask
+    in force now (or the folder's default ACL), applied by the kernel. A
+    mkstemp temporary is 0600, and a rename keeps that, which hid results from
+    the group; and a mode computed from the umask read once, at import, ignored
+    a umask set afterwards (077 for private results wrote them 0644).
 
-#: What ``open(path, "w")`` would give a new file: mkstemp's temporaries are
-#: 0600, and a rename keeps that, which would hide results from the group.
-_NEW_FILE_MODE = 0o666 & ~_umask()
+    Returns:
+        The open descriptor (read-write) and the temporary's path.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        # 8 characters, as mkstemp's (remove_stale_temporaries globs them),
+        # from the OS's randomness: the global RNGs stay untouched
+        tmp = str(path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp"))
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def write_with(path: Path, write: Callable[[BinaryIO], None]) -> None:
@@ -55,15 +68,16 @@ def write_with(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        mode = stat.S_IMODE(path.stat().st_mode)
+        mode: int | None = stat.S_IMODE(path.stat().st_mode)
     except OSError:
-        mode = _NEW_FILE_MODE
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        mode = None  # a new file: the temporary's mode is already right
+    fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             if fcntl is not None:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # until it is closed
-            os.chmod(tmp, mode)
+            if mode is not None:
+                os.chmod(tmp, mode)
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -104,7 +118,8 @@ def remove_stale_temporaries(folder: Path, target: str = "*") -> list[Path]:
     if fcntl is None or not folder.is_dir():
         return []
     now = time.time()
-    # mkstemp's names: the prefix, 8 random characters, the suffix
+    # write_with's names (and mkstemp's, of versions before): the prefix, 8
+    # random characters, the suffix
     return [
         path
         for path in folder.glob(f".{target}.{'?' * 8}.tmp")
@@ -170,7 +185,7 @@ def claimed(path: Path, *, wait: bool) -> Iterator[bool]:
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = path.with_name(f".{path.name}.lock")
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, _NEW_FILE_MODE)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask
     except PermissionError as err:
         # another user's lock file (0644 under umask 022) in a folder both
         # write to: flock needs no write access to it
