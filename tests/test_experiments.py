@@ -2525,3 +2525,29 @@ def test_run_files_take_the_umask_in_force_when_written(tmp_path):
     finally:
         os.umask(before)
     assert (tmp_path / "shared.json").stat().st_mode & 0o777 == 0o664
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock")
+def test_a_ray_run_that_cannot_be_submitted_lets_its_claim_go(tmp_path, monkeypatch):
+    # the driver claimed the run, then Ray refused the task (an fn it cannot
+    # pickle): the claim was neither pending nor closed, so while the
+    # traceback lived (a notebook's sys.last_traceback) the lock stayed held
+    # and the corrected rerun in that session waited for it forever
+    from geocomplexity.atomic import claimed
+    from geocomplexity.experiments import runner
+
+    class Refused:
+        def remote(self, *args, **kwargs):
+            raise TypeError("cannot pickle '_thread.lock' object")
+
+    class FakeRay:  # the driver's calls before any task is pending
+        def remote(self, **resources):
+            return lambda fn: Refused()
+
+    monkeypatch.setattr(runner, "_ray", lambda address: FakeRay())
+    runs = [Run.make("toy", 0, x=0)]
+    with pytest.raises(TypeError, match="pickle") as raised:
+        run_sweep(runs, square, tmp_path, executor="ray", progress=False)
+    assert raised.traceback  # kept, as a notebook keeps the last one
+    with claimed(tmp_path / "runs" / f"{runs[0].key}.json", wait=False) as mine:
+        assert mine

@@ -360,14 +360,17 @@ def _run_ray(
             return
         try:
             record = _stored(path, run, data)  # stored meanwhile by another sweep
-        except DataMismatch:
+            if record is None:
+                pending[task.remote(fn, run, threads, setting, data)] = (run, claim)
+                return
+        except BaseException:
+            # DataMismatch, or a task Ray refuses (an fn it cannot pickle):
+            # a claim in no `pending` is let go by no one but here, and held
+            # as long as the traceback lives (a notebook keeps the last one)
             claim.close()
             raise
-        if record is not None:
-            claim.close()
-            on_done(record)
-            return
-        pending[task.remote(fn, run, threads, setting, data)] = (run, claim)
+        claim.close()
+        on_done(record)
 
     def collect(ref: Any) -> None:
         run, claim = pending.pop(ref)
