@@ -2551,3 +2551,54 @@ def test_a_ray_run_that_cannot_be_submitted_lets_its_claim_go(tmp_path, monkeypa
     assert raised.traceback  # kept, as a notebook keeps the last one
     with claimed(tmp_path / "runs" / f"{runs[0].key}.json", wait=False) as mine:
         assert mine
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock")
+def test_a_ray_sweep_stopped_by_a_failing_store_lets_every_claim_go(
+    tmp_path, monkeypatch
+):
+    # a full disk: storing the first record failed, and so did storing the
+    # one found finished while stopping; that second failure skipped the loop
+    # that lets the still-running runs' claims go, so the third run's lock
+    # stayed held while the traceback lived, and a rerun in that session
+    # (space freed) waited for it forever
+    from geocomplexity.atomic import claimed
+    from geocomplexity.experiments import runner
+
+    class FakeRay:  # tasks run at once; one is found ready at a time
+        def __init__(self):
+            self.results = {}
+
+        def remote(self, **resources):
+            def task(fn):
+                class Task:
+                    def remote(task, fn, run, *args):
+                        ref = object()
+                        self.results[ref] = runner._record(fn, run)
+                        return ref
+
+                return Task()
+
+            return task
+
+        def wait(self, refs, num_returns=1, timeout=None):
+            return refs[:1], refs[1:]
+
+        def get(self, ref):
+            return self.results[ref]
+
+        def cancel(self, ref, force=False):
+            pass
+
+    def full(path, text):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(runner, "_ray", lambda address: FakeRay())
+    monkeypatch.setattr(runner, "write_text", full)
+    runs = [Run.make("toy", 0, x=i) for i in range(3)]
+    with pytest.raises(OSError, match="No space") as raised:
+        run_sweep(runs, square, tmp_path, executor="ray", progress=False)
+    assert raised.traceback  # kept, as a notebook keeps the last one
+    for run in runs:
+        with claimed(tmp_path / "runs" / f"{run.key}.json", wait=False) as mine:
+            assert mine, run["x"]

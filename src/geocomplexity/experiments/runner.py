@@ -394,13 +394,17 @@ def _run_ray(
                     collect(ref)
     except BaseException:
         # Ctrl-C: keep what has finished, stop what is still running
-        if pending:
-            ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
-            for ref in ready:
-                collect(ref)
-        for ref, (_, claim) in pending.items():
-            ray.cancel(ref, force=True)
-            claim.close()
+        try:
+            if pending:
+                ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+                for ref in ready:
+                    collect(ref)
+        finally:
+            # also when storing one failed here (a full disk fails them all):
+            # a claim not let go is held while the traceback lives
+            for ref, (_, claim) in pending.items():
+                with claim:
+                    ray.cancel(ref, force=True)
         raise
     if failures:
         if len(failures) > 1 and hasattr(failures[0], "add_note"):  # Python 3.11+
