@@ -17,7 +17,7 @@ from conftest import (
     jvp_and_finite_difference,
     make_case,
 )
-from reference import diagonal_block_sq_norms, per_sample_sq_norms
+from reference import diagonal_block_sq_norms, inner_sq_norms, per_sample_sq_norms
 from torch import nn
 
 import geocomplexity as gcx
@@ -2300,3 +2300,49 @@ def test_finite_differences_of_a_piecewise_constant_output_say_so():
         assert "piecewise constant" in message
         assert "give its GC, 0" in message
         assert "lost in the rounding of the output" in message  # still possible
+
+
+class _Scaled(nn.Module):
+    """Multiplies by its call count, counted before: the first pass from the
+    buffer found (0) computes x · 1. A stand-in for a module whose eval-mode
+    forward pass writes a buffer it then reads (a running normaliser, a
+    quantization observer's range)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x * self.calls
+
+
+@pytest.mark.parametrize("d", [4, 2])  # d = 2 < k = 3: exact's forward mode
+def test_eval_mode_passes_start_from_the_buffers_found(d):
+    # in eval mode every pass of jvp, finite differences and exact's forward
+    # mode ran from the buffers the pass before it had left: the finite
+    # difference's step pass computed 2·g, and read GC ~1e14 where it is 1.3
+    # (jvp: the mean of 2², 3², ... times the GC; exact, d < k: 4 and 9 times)
+    torch.manual_seed(0)
+    layers = [nn.Linear(d, 6), nn.Tanh(), nn.Linear(6, 3)]
+    model = nn.Sequential(layers[0], _Scaled(), *layers[1:]).double()
+    x = torch.randn(8, d, dtype=torch.float64)
+    plain = nn.Sequential(*layers)  # the first pass's g
+    want = per_sample_sq_norms(plain, x)
+    assert rel(gcx.jacobian_sq_norms(model, x), want) < 1e-10
+    assert rel(gcx.jacobian_sq_norms(model, x, chunk_size=1), want) < 1e-10
+    jvp, fd = jvp_and_finite_difference(model, x)
+    assert rel(fd, jvp) < 1e-5
+    for wrt, reference in ((None, want), ("0", inner_sq_norms(plain, x, "0"))):
+        jvp = gcx.jacobian_sq_norms(
+            model,
+            x,
+            method="jvp",
+            wrt=wrt,
+            num_probes=2000,
+            generator=torch.Generator().manual_seed(0),
+        )
+        assert rel(jvp, reference) < 0.1, wrt
+    jvp, fd = jvp_and_finite_difference(model, x, wrt="0")
+    assert rel(fd, jvp) < 1e-5
+    assert model[1].calls.item() == 0

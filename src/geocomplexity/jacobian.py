@@ -1855,10 +1855,13 @@ def jacobian_sq_norms(
         # mode too (here, in eval mode, the only way it can)
         coupled = _coupled(coupled, batch_norm_couples(modules), mode == "train")
         # the passes of the forward-mode and finite-difference methods run the
-        # network of one dropout mask where dropout is live, coupled or not,
-        # each from the buffers found (a power iteration writes them)
+        # network of one dropout mask where dropout is live, coupled or not
         replay = coupled or mode == "train"
-        if replay:
+        # and each from the buffers found (a power iteration writes them in
+        # train mode; a running normaliser or an observer in eval mode too,
+        # where the step pass of a finite difference ran another function);
+        # projection runs one pass
+        if replay or method != "projection":
             stack.enter_context(rewound(model, modules))
         if x.is_inference():
             x = x.clone()  # an inference tensor cannot require grad
