@@ -393,7 +393,15 @@ def check_output(output: Any) -> None:
 
 
 def _select(model: nn.Module, x: Tensor, output: Output) -> Tensor:
-    """Run the model and return what is differentiated, flattened to (B, k)."""
+    """Run the model and return what is differentiated, flattened to (B, k).
+
+    The model runs on a copy of ``x``: one that writes its input in place
+    (``x /= 255``, a first ``ReLU(inplace=True)``) would otherwise write into
+    the leaf the VJPs differentiate against (torch refuses that), into the
+    caller's tensor (the passes of jvp and finite differences take it
+    detached, not copied), and so move the point each later pass runs at.
+    """
+    x = x.clone()
     if isinstance(output, str):
         sub = _submodule(model, output, "output")
 
