@@ -2389,3 +2389,27 @@ def test_a_model_that_writes_its_input_in_place(d):
         )
         assert rel(got, want) < 0.1, method
     assert torch.equal(x, found)
+
+
+def test_complex_inputs_and_outputs_are_refused_with_a_real_fix():
+    # a complex x was told to convert "with x.float()", which drops its
+    # imaginary part; a complex output got "non-floating dtype" alone
+    model = nn.Linear(4, 3).double()
+    x = torch.randn(5, 4, dtype=torch.complex128)
+    with pytest.raises(TypeError, match="view_as_real") as err:
+        gcx.jacobian_sq_norms(model, x)
+    assert "x.float()" not in str(err.value)
+
+    class Phase(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.exp(1j * x)
+
+    real = torch.randn(5, 4, dtype=torch.float64)
+    for method in ("exact", "jvp"):
+        with pytest.raises(TypeError, match=r"output=torch\.view_as_real"):
+            gcx.jacobian_sq_norms(Phase(), real, method=method)
+        # the fix it names: |d e^{ix}/dx|² = 1 for each of the 4 entries
+        got = gcx.jacobian_sq_norms(
+            Phase(), real, method=method, output=torch.view_as_real
+        )
+        assert torch.allclose(got, torch.full_like(got, 4.0))

@@ -205,6 +205,14 @@ def check_input(x: Any, *, differentiated: bool = True) -> Tensor:
             f"x must be a torch.Tensor of inputs, got {type(x).__name__}"
             + _not_a_tensor_hint(x)
         )
+    if x.is_complex():  # x.float(), the fix below, would drop its imaginary part
+        raise TypeError(
+            f"x has complex dtype {x.dtype}; geometric complexity is the "
+            "Jacobian norm of a real map. Measure the model on real inputs: "
+            "pass torch.view_as_real(x) (a last dimension of 2, real and "
+            "imaginary parts) and rebuild the complex tensor inside the model "
+            "with torch.view_as_complex"
+        )
     if differentiated and not torch.is_floating_point(x):
         raise TypeError(
             f"x has dtype {x.dtype}, but geometric complexity differentiates with "
@@ -462,6 +470,12 @@ def _flat_output(out: Any, B: int) -> Tensor:
             f"the output has shape {tuple(out.shape)}, with no batch dimension of "
             f"size {B} first; the model must map (B, ...) inputs to (B, ...) outputs "
             "(if the input is one sample, add its batch dimension: x[None])"
+        )
+    if out.is_complex():
+        raise TypeError(
+            f"the output has complex dtype {out.dtype}; geometric complexity is "
+            "the Jacobian norm of a real map: pass output=torch.view_as_real "
+            "(real and imaginary parts, both counted) or output=torch.abs"
         )
     if not torch.is_floating_point(out):
         raise TypeError(f"the output has non-floating dtype {out.dtype}")
