@@ -121,11 +121,17 @@ def forward_failed(err: RuntimeError, x: Tensor) -> RuntimeError:
     the input is at fault. The message is kept, so that a caller matching on
     it still matches.
     """
-    if (
-        isinstance(err, ForwardFailed)
-        or type(err) is not RuntimeError
-        or not _SHAPE_MESSAGES.search(str(err))
-    ):
+    if isinstance(err, ForwardFailed) or type(err) is not RuntimeError:
+        return err
+    if "leaf Variable that requires grad is being used in an in-place" in str(err):
+        return ForwardFailed(
+            f"the model writes its input in place: {err}. The reverse-mode "
+            "methods ('exact', 'projection', the penalties) differentiate with "
+            "respect to that input: make its first operation out of place "
+            "(x = x / 255 for x /= 255, ReLU(inplace=False)) or start the "
+            "forward with x = x.clone(); method='jvp' measures it as it is"
+        )
+    if not _SHAPE_MESSAGES.search(str(err)):
         return err
     return ForwardFailed(
         f"the model's forward pass failed on inputs of shape {tuple(x.shape)}: "
@@ -403,13 +409,16 @@ def check_output(output: Any) -> None:
 def _select(model: nn.Module, x: Tensor, output: Output) -> Tensor:
     """Run the model and return what is differentiated, flattened to (B, k).
 
-    The model runs on a copy of ``x``: one that writes its input in place
-    (``x /= 255``, a first ``ReLU(inplace=True)``) would otherwise write into
-    the leaf the VJPs differentiate against (torch refuses that), into the
-    caller's tensor (the passes of jvp and finite differences take it
-    detached, not copied), and so move the point each later pass runs at.
+    Where ``x`` needs no gradient (the passes of jvp and finite differences,
+    which take it detached, not copied) the model runs on a copy: one that
+    writes its input in place (``x /= 255``, a first ``ReLU(inplace=True)``)
+    wrote into the caller's tensor and moved the point each later pass ran
+    at. Not where ``x`` is the leaf the VJPs differentiate against: torch
+    refuses to write that in place, which :func:`forward_failed` explains,
+    and a copy would be a non-leaf input, of which a compiled model warns.
     """
-    x = x.clone()
+    if not x.requires_grad:
+        x = x.clone()
     if isinstance(output, str):
         sub = _submodule(model, output, "output")
 
