@@ -1123,3 +1123,18 @@ def test_measuring_a_loader_with_persistent_workers_leaves_its_epoch_alone():
     assert seen == list(range(64))
     assert measured.num_samples == 16
     assert math.isclose(measured.value, model.weight.pow(2).sum().item(), rel_tol=1e-6)
+
+
+def test_a_bad_batch_within_a_stream_is_named_by_where_it_starts():
+    # an empty or NaN batch after the first said "x is an empty batch" (or
+    # how many NaNs) without saying which batch of the stream it was
+    model, _ = make_case("mlp")
+    x = torch.randn(16, 7, dtype=torch.float64)
+    bad = x[8:].clone()
+    bad[0, 0] = float("nan")
+    for batches, what in (([x[:8], x[:0], x[8:]], "empty"), ([x[:8], bad], "NaN")):
+        with pytest.raises(ValueError, match=f"starting at sample 8: .*{what}"):
+            gcx.measure(model, batches, method="exact", progress=False)
+    # the first batch's errors are as they were
+    with pytest.raises(ValueError, match=r"^x is an empty batch"):
+        gcx.measure(model, [x[:0], x], method="exact", progress=False)

@@ -892,8 +892,14 @@ def measure(
             x = x[: max_samples - seen]
         if device is not None and x.device != device:
             x = x.to(device)
-        check_input(x, differentiated=wrt is None)
-        _check_model_matches(model, x)
+        try:
+            check_input(x, differentiated=wrt is None)
+            _check_model_matches(model, x)
+        except (TypeError, ValueError) as err:
+            if not seen or type(err) not in (TypeError, ValueError):
+                raise
+            # in a stream, which batch: "x is an empty batch" alone named none
+            raise type(err)(f"the batch starting at sample {seen}: {err}") from err
         return x
 
     # the pilot and the sample count auto sized its probes for, if it did
