@@ -2602,3 +2602,17 @@ def test_a_ray_sweep_stopped_by_a_failing_store_lets_every_claim_go(
     for run in runs:
         with claimed(tmp_path / "runs" / f"{run.key}.json", wait=False) as mine:
             assert mine, run["x"]
+
+
+@pytest.mark.parametrize("seeds", [0, -1, 1.5, True])
+def test_reproduce_one_refuses_a_seed_count_below_one(tmp_path, seeds):
+    # seeds=0 ran the preset's count (seeds or p["seeds"]) without a word;
+    # the CLI refused it, the API did not
+    from geocomplexity.experiments import reproduce_one
+
+    with pytest.raises(ValueError, match="seeds must be an integer >= 1"):
+        reproduce_one(
+            EXPERIMENTS["transfer"], tmp_path, preset="smoke", seeds=seeds,
+            progress=False,
+        )  # fmt: skip
+    assert not (tmp_path / "transfer").exists()

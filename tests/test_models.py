@@ -139,3 +139,10 @@ def test_mlp_refuses_a_layer_size_below_one(init, d_in, widths, d_out):
     """
     with pytest.raises(ValueError, match="layer sizes must be integers >= 1"):
         mlp(d_in, widths, d_out, init=init)
+
+
+def test_mlp_says_widths_is_a_sequence_when_given_one_integer():
+    # mlp(4, 8, 3) raised Python's "Value after * must be an iterable"
+    with pytest.raises(TypeError, match=r"\[8\] for one hidden layer"):
+        mlp(4, 8, 3)
+    assert len(mlp(4, [8], 3)) == 3

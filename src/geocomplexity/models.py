@@ -52,11 +52,17 @@ def mlp(
     Raises:
         ValueError: unknown activation or init; a size that is not an
             integer >= 1.
+        TypeError: ``widths`` is one integer, not a sequence of them.
     """
     if activation not in _ACTIVATIONS:
         raise ValueError(
             f"unknown activation {activation!r}; "
             f"choose one of {', '.join(_ACTIVATIONS)}"
+        )
+    if isinstance(widths, numbers.Integral):  # "Value after * must be an iterable"
+        raise TypeError(
+            f"widths must be a sequence of hidden sizes, got {widths!r}: "
+            f"[{widths!r}] for one hidden layer of that width, [] for none"
         )
     sizes = [d_in, *widths, d_out]
     # a width of 0 built a network whose output is its last bias alone (GC 0

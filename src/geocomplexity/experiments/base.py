@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import io
 import json
+import numbers
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -214,9 +215,17 @@ def reproduce_one(
     Raises:
         ImportError: matplotlib, which draws the figures, is missing (raised
             before any run).
+        ValueError: ``seeds`` is not ``None`` or an integer >= 1.
     """
     from geocomplexity.training import resolve_device
 
+    # 0 read as "the preset's count" (seeds or p["seeds"]), silently
+    if seeds is not None and (
+        not isinstance(seeds, numbers.Integral) or isinstance(seeds, bool) or seeds < 1
+    ):
+        raise ValueError(
+            f"seeds must be an integer >= 1 (or None for the preset's), got {seeds!r}"
+        )
     directory = out / experiment.name
     context = Context(str(resolve_device(device)), data_dir, directory / "runs")
     experiment.check(context)
