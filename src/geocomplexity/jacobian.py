@@ -1735,7 +1735,9 @@ def jacobian_sq_norms(
         output: what is differentiated. ``None``: the model's output. A callable:
             applied to the output (``torch.nn.Softmax(-1)``, ``lambda o: o["logits"]``).
             A string: the output of that submodule (``"features"``), for the GC
-            of an embedding; the forward pass stops there.
+            of an embedding; the forward pass stops there, at its first call
+            (a submodule the forward pass calls more than once, shared
+            weights, is measured at that first call).
         mode: ``"eval"`` (default; BatchNorm uses running statistics, dropout is
             off, samples are independent) or ``"train"`` (batch statistics and
             one dropout mask; samples are coupled, and each sample's diagonal
