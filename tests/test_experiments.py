@@ -2616,3 +2616,29 @@ def test_reproduce_one_refuses_a_seed_count_below_one(tmp_path, seeds):
             progress=False,
         )  # fmt: skip
     assert not (tmp_path / "transfer").exists()
+
+
+def test_resnet_run_on_a_machine_with_other_data_stops_before_it_trains(
+    tmp_path, fake_cifar, monkeypatch
+):
+    # under Ray each node reads its own copy of --data-dir, and the records
+    # were stored under the driver's fingerprint: a node with another copy
+    # trained on it unseen. The driver's fingerprint travels in the context
+    import dataclasses
+
+    from conftest import write_fake_cifar
+
+    from geocomplexity.experiments import resnet_width as rw
+    from geocomplexity.experiments import runner
+
+    exp = EXPERIMENTS["resnet-double-descent"]
+    other = write_fake_cifar(tmp_path / "other" / "cifar-10-batches-py", seed=1)
+    driver = runner.Context("cpu", fake_cifar, tmp_path / "runs")
+    node = dataclasses.replace(
+        driver, data_dir=other, data=exp.data_fingerprint(driver)
+    )
+    monkeypatch.setattr(rw, "fit", lambda *a, **k: pytest.fail("it trained"))
+    (run, *_) = exp.runs("smoke", "cifar10", 1)
+    with pytest.raises(runner.DataMismatch, match="nothing was trained") as err:
+        exp.execute(run, context=node)
+    assert str(other) in str(err.value) and str(fake_cifar) in str(err.value)

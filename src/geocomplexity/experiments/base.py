@@ -229,6 +229,8 @@ def reproduce_one(
     directory = out / experiment.name
     context = Context(str(resolve_device(device)), data_dir, directory / "runs")
     experiment.check(context)
+    data = experiment.data_fingerprint(context)
+    context = dataclasses.replace(context, data=data)  # checked where runs run
     pyplot()  # the figures need matplotlib: say so before the runs, not after
     runs = experiment.runs(preset, dataset, seeds)
     records = run_sweep(
@@ -241,7 +243,7 @@ def reproduce_one(
         executor=executor,
         ray_address=ray_address,
         gpus_per_run=1.0 if context.device.startswith("cuda") else 0.0,
-        data=experiment.data_fingerprint(context),
+        data=data,
     )
     # an experiment with its own data (1-D, CIFAR-10) labels its claims itself
     label = dataset if experiment.uses_dataset else experiment.data_label

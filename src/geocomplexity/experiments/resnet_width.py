@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import platform
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,22 @@ def _folder(data_dir: str | Path) -> str:
     ``~/data`` was ``CWD/~/data``.
     """
     return str(Path(data_dir).expanduser().resolve())
+
+
+def _check_same_data(here: dict[str, str], sweep: dict[str, str]) -> None:
+    """Refuse to train on other data than the sweep's (a Ray node's own copy).
+
+    Raises:
+        DataMismatch: naming both fingerprints, the machine, and the fix.
+    """
+    if here["fingerprint"] == sweep["fingerprint"]:
+        return
+    raise DataMismatch(
+        f"this run read {here['folder']} on {platform.node()} ({here['fingerprint']}), "
+        f"but the sweep is made on {sweep['folder']} ({sweep['fingerprint']}): "
+        "every machine of the sweep must hold the same CIFAR-10 at --data-dir "
+        "(copy the driver's folder there); nothing was trained"
+    )
 
 
 def _fingerprint(data_dir: str | Path) -> str:
@@ -179,6 +196,9 @@ class ResNetDoubleDescent(DoubleDescent):
     def execute(self, run: Run, context: Context) -> dict[str, Any]:  # noqa: D102
         assert context.data_dir is not None  # check() ran
         data = _cifar(context.data_dir)
+        here = self.data_fingerprint(context)
+        if context.data is not None and here is not None:
+            _check_same_data(here, context.data)
         x, y = data.x_train, data.y_train
         if run["n"] is not None and run["n"] < len(x):
             g = torch.Generator().manual_seed(run.seed)
@@ -188,9 +208,8 @@ class ResNetDoubleDescent(DoubleDescent):
             model = PreActResNet18(run["width"], data.num_classes)
         checkpoint = context.checkpoint(run)
         if checkpoint is not None:
-            fingerprint = self.data_fingerprint(context)
-            assert fingerprint is not None
-            _check_checkpoint_data(checkpoint, fingerprint)
+            assert here is not None
+            _check_checkpoint_data(checkpoint, here)
         epochs = run["epochs"]
         history = fit(
             model,

@@ -106,11 +106,17 @@ class Context:
         device: ``"cpu"``, ``"cuda"``, ... (``"auto"`` is resolved before).
         data_dir: a local data folder (CIFAR-10), when an experiment needs one.
         folder: the sweep's ``runs`` folder; long runs keep checkpoints there.
+        data: the data the sweep is made on, as the driver read it
+            (``{"folder", "fingerprint"}``, see
+            :meth:`Experiment.data_fingerprint`): a run that reads other data
+            where it executes (a Ray node's own copy of the folder) stops
+            before it trains.
     """
 
     device: str = "cpu"
     data_dir: Path | None = None
     folder: Path | None = None
+    data: dict[str, str] | None = None
 
     def checkpoint(self, run: Run) -> Path | None:
         """Where ``run`` keeps its checkpoint (``None`` without a folder)."""
