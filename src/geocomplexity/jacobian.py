@@ -1731,7 +1731,11 @@ def jacobian_sq_norms(
             ``requires_grad`` and the global RNG state.
         x: inputs of shape ``(B, *in_shape)``, floating point and finite.
         method: ``"exact"``, ``"projection"``, ``"jvp"`` or ``"finite_difference"``
-            (see the module docstring).
+            (see the module docstring). The first three differentiate what
+            autograd sees: a model that detaches part of its computation from
+            its input (a stop-gradient, ``x.detach()`` in ``forward``) has
+            that part's dependence on the input left out, which
+            ``"finite_difference"``, running the model alone, includes.
         output: what is differentiated. ``None``: the model's output. A callable:
             applied to the output (``torch.nn.Softmax(-1)``, ``lambda o: o["logits"]``).
             A string: the output of that submodule (``"features"``), for the GC
