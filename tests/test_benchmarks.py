@@ -51,3 +51,24 @@ def test_bench_measure_references_are_exact():
     torch.testing.assert_close(bench_measure.naive_sq_norms(model, x), want)
     bare = bench_measure.bare_exact(model, x)()
     torch.testing.assert_close(bare, want.mean())
+
+
+def test_bench_measure_without_mnist1d_skips_that_stage_and_keeps_the_rest(
+    monkeypatch, tmp_path
+):
+    # mnist1d imports requests and matplotlib.pyplot at import time: on a GPU
+    # machine without them (gpu_check.sh prepare copies mnist1d alone) the
+    # MNIST-1D stage raised ModuleNotFoundError after every model had been
+    # timed, and main() ended without writing its JSON
+    monkeypatch.setitem(sys.modules, "mnist1d", None)  # import raises ImportError
+    monkeypatch.setitem(sys.modules, "mnist1d.data", None)
+    mn = bench_measure.bench_mnist1d(0.0, 1, 1)
+    assert "mnist1d" in mn["skipped"]
+    result = {
+        "meta": {"threads": 1, "torch": torch.__version__, "processor": "cpu"},
+        "models": {},
+        "floors": [],
+        "mnist1d": mn,
+    }
+    text = bench_measure.markdown(result)
+    assert "MNIST-1D" in text and "skipped" in text
