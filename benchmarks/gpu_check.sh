@@ -108,9 +108,13 @@ step paper_scale experiments 60 $PY benchmarks/paper_scale.py --device cuda \
 # one thread per worker (15 workers of 16 threads each oversubscribed the cores:
 # half the suite in 280 s, against all of it in 82 s); pytest-benchmark, on that
 # machine, refuses to run beside xdist; -v names each test as it ends, so a
-# step cut off by its limit still says which failed
+# step cut off by its limit still says which failed; the doctests import every
+# module of src/, and one whose optional dependency is missing there
+# (integrations/lightning.py without Lightning) stopped the whole step at
+# collection: it is logged as a collection error and the rest runs
 step suite suite 600 env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $PY -m pytest -v \
     --tb=short -rfE -p no:cacheprovider -p no:benchmark -n 15 \
+    --continue-on-collection-errors \
     --ignore tests/test_cuda.py tests src README.md
 
 cat "$summary"

@@ -74,3 +74,44 @@ def test_prepare_fails_loudly_without_mnist1d(tmp_path, python):
     assert "prepared" not in res.stdout
     assert "mnist1d" in res.stderr
     assert not (root / ".gpu" / "site" / "mnist1d").exists()
+
+
+def test_run_runs_the_suite_beside_a_module_whose_optional_dependency_is_missing(
+    tmp_path,
+):
+    # the whole-suite step collects src/ as doctests, which imports every module:
+    # on a machine without Lightning or torchmetrics (the GPU machine's python3
+    # has neither) integrations/lightning.py and torchmetrics.py failed to
+    # import, and pytest stopped at collection ("Interrupted: 3 errors during
+    # collection"): not one test of the suite ran. A fake python3 stands in for
+    # every other step (no CUDA here), and drops xdist's -n
+    root = checkout(tmp_path, None)
+    shutil.copy(SCRIPT.parent.parent / "pyproject.toml", root / "pyproject.toml")
+    (root / "README.md").write_text("# a checkout\n")
+    (root / "src").mkdir()
+    (root / "src" / "needs_extra.py").write_text("import geocomplexity_absent_extra\n")
+    (root / "tests").mkdir()
+    (root / "tests" / "test_fine.py").write_text("def test_fine():\n    pass\n")
+    fake = tmp_path / "python3"
+    fake.write_text(
+        f"#!{sys.executable}\n"
+        "import os, sys\n"
+        "args = sys.argv[1:]\n"
+        "if '--ignore' not in args:  # not the whole-suite step\n"
+        "    sys.exit(0)\n"
+        "i = args.index('-n')\n"
+        "del args[i : i + 2]\n"
+        "os.execv(sys.executable, [sys.executable, *args])\n"
+    )
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    res = subprocess.run(
+        ["bash", str(root / "benchmarks" / "gpu_check.sh"), "run", str(out)],
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ["PATH"], "PY": str(fake), **_pythonpath()},
+        timeout=300,
+    )
+    log = (out / "suite.log").read_text()
+    assert "test_fine PASSED" in log, (log[-3000:], res.stdout[-2000:])
+    assert "geocomplexity_absent_extra" in log  # the reason, logged
