@@ -115,3 +115,29 @@ def test_run_runs_the_suite_beside_a_module_whose_optional_dependency_is_missing
     log = (out / "suite.log").read_text()
     assert "test_fine PASSED" in log, (log[-3000:], res.stdout[-2000:])
     assert "geocomplexity_absent_extra" in log  # the reason, logged
+
+
+def test_run_skips_the_resnet_smoke_step_without_matplotlib(tmp_path):
+    # the experiment ends with its figures, so the CLI refuses at once without
+    # matplotlib (not promised on the GPU machine): the summary read
+    # "resnet_smoke: exit 2", a CUDA failure at a glance; it is a skip, with why
+    root = checkout(tmp_path, None)
+    fake = tmp_path / "python3"
+    fake.write_text(
+        f"#!{sys.executable}\n"
+        "import sys\n"
+        "# no matplotlib here; every other step succeeds at once\n"
+        "sys.exit(1 if 'import matplotlib' in ' '.join(sys.argv[1:]) else 0)\n"
+    )
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    subprocess.run(
+        ["bash", str(root / "benchmarks" / "gpu_check.sh"), "run", str(out)],
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ["PATH"], "PY": str(fake)},
+        timeout=120,
+    )
+    summary = (out / "summary.txt").read_text()
+    assert "resnet_smoke: skipped, matplotlib does not import" in summary, summary
+    assert "ddp: exit 0" in summary  # the steps after it still run
