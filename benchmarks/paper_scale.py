@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from geocomplexity import measure
+from geocomplexity.atomic import write_text
 from geocomplexity.data import random_crop_flip
 from geocomplexity.models import PreActResNet18
 
@@ -128,6 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     gen = torch.Generator().manual_seed(0)
+    meta = {
+        "torch": torch.__version__,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor(),
+        "cudnn_benchmark": device.type == "cuda",
+        "projection": f"{PAPER_EPOCHS} epochs of {PAPER_TRAIN} images + "
+        f"{PAPER_EVALS} evaluations of {TEST_N} + 2 exact GC of {GC_N}",
+    }
     rows: list[dict[str, Any]] = []
     for k in (int(w) for w in args.widths.split(",")):
         print(f"timing width {k} ...", file=sys.stderr, flush=True)
@@ -140,18 +151,10 @@ def main(argv: list[str] | None = None) -> int:
             f"-> one paper-preset run {r['paper_run_h']:6.2f} h",
             flush=True,
         )
-    meta = {
-        "torch": torch.__version__,
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor(),
-        "cudnn_benchmark": device.type == "cuda",
-        "projection": f"{PAPER_EPOCHS} epochs of {PAPER_TRAIN} images + "
-        f"{PAPER_EVALS} evaluations of {TEST_N} + 2 exact GC of {GC_N}",
-    }
-    if args.out is not None:
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        if args.out is not None:
+            # after every width, atomically: a run cut off by its time limit
+            # (gpu_check.sh gives it 60 s) keeps the widths it timed
+            write_text(args.out, json.dumps({"meta": meta, "rows": rows}, indent=1))
     return 0
 
 

@@ -7,9 +7,11 @@ its JSON for a whole session). These run their pieces in seconds.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from reference import per_sample_sq_norms
 from torch import nn
@@ -72,3 +74,23 @@ def test_bench_measure_without_mnist1d_skips_that_stage_and_keeps_the_rest(
     }
     text = bench_measure.markdown(result)
     assert "MNIST-1D" in text and "skipped" in text
+
+
+def test_paper_scale_keeps_the_widths_timed_before_a_failing_one(monkeypatch, tmp_path):
+    # gpu_check.sh gives paper_scale.py 60 s for three widths, and the JSON was
+    # written once, after the last: a run cut off at width 64 (or failing
+    # there) left no JSON at all, though widths 1 and 8 had been timed
+    import paper_scale
+
+    def time_width(k, n, device, gen):
+        if k == 8:
+            raise RuntimeError("cut off")
+        return {"width": k, "params": 1, "epoch_50k_s": 1.0, "eval_10k_s": 1.0,
+                "gc_exact_1000_s": 1.0, "paper_run_h": 1.0}  # fmt: skip
+
+    monkeypatch.setattr(paper_scale, "time_width", time_width)
+    out = tmp_path / "paper_scale.json"
+    with pytest.raises(RuntimeError, match="cut off"):
+        paper_scale.main(["--device", "cpu", "--widths", "1,8", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["width"] for r in rows] == [1]
