@@ -302,7 +302,9 @@ def markdown(result: dict[str, Any]) -> str:
         cells = []
         for c in cases.values():
             m = c["methods"].get(name)
-            if m is None or m["ratio_to_plain_step"] is None:
+            if m is not None and m["error"] is not None:
+                cells.append("error")  # listed below the table
+            elif m is None or m["ratio_to_plain_step"] is None:
                 cells.append("—")
             else:
                 v = m.get("verdict") or m.get("reference_verdict")
@@ -322,7 +324,35 @@ def markdown(result: dict[str, Any]) -> str:
         "Ratios are medians of per-round paired ratios; ✗ marks a floor missed "
         "beyond the 95% interval, ~ one that lies inside it (noise).",
     ]
+    errors = [
+        f"- {c['name']} {name}: `{m['error']}`"
+        for c in cases.values()
+        for name, m in c["methods"].items()
+        if m["error"] is not None
+    ]
+    if errors:
+        lines += ["", "Errors:", *errors]
     return "\n".join(lines)
+
+
+def floor_verdicts(cases: dict[str, Any]) -> dict[str, int]:
+    """Pass / fail / noise counts over the eval-mode cases' floored steps.
+
+    A floored step that raised counts as ``error``: left out, it would read as
+    one floor fewer to meet.
+    """
+    rows = [
+        m
+        for k, c in cases.items()
+        if k != "d_train"
+        for m in c["methods"].values()
+        if m["verdict"] is not None
+    ]
+    counts = {
+        v: sum(m["verdict"] == v for m in rows) for v in ("pass", "fail", "noise")
+    }
+    counts["error"] = sum(m["error"] is not None for m in rows)
+    return counts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -361,16 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         "allocator": allocator,
         "quick": args.quick,
         "cases": cases,
-        # pass / fail / noise counts over the eval-mode cases' floored steps
-        "floor_verdicts": {
-            v: sum(
-                m["verdict"] == v
-                for k, c in cases.items()
-                if k != "d_train"
-                for m in c["methods"].values()
-            )
-            for v in ("pass", "fail", "noise")
-        },
+        "floor_verdicts": floor_verdicts(cases),
     }
     write_text(args.out, json.dumps(result, indent=1))
     print(markdown(result))

@@ -94,3 +94,27 @@ def test_paper_scale_keeps_the_widths_timed_before_a_failing_one(monkeypatch, tm
         paper_scale.main(["--device", "cpu", "--widths", "1,8", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [r["width"] for r in rows] == [1]
+
+
+def test_bench_regularizers_shows_a_penalty_that_failed(monkeypatch):
+    # a penalty whose step raised was recorded with its error and no timings;
+    # the table showed "—", as for a method the model does not take, and the
+    # floor_verdicts counts left it out: a floored penalty that crashed on the
+    # GPU read as nothing to report
+    import bench_regularizers
+
+    class Broken(bench_regularizers.SpectralNorm):
+        def backward(self, *args, **kwargs):
+            raise RuntimeError("no kernel for this device")
+
+    monkeypatch.setattr(
+        bench_regularizers, "terms", lambda: {"spectral_norm": Broken(1e-3)}
+    )
+    rec = bench_regularizers.bench_case("a", 0.0, (1, 1), only=("spectral_norm",))
+    assert "no kernel" in rec["methods"]["spectral_norm"]["error"]
+    cases = {"a": rec}
+    text = bench_regularizers.markdown({"cases": cases})
+    row = next(line for line in text.splitlines() if line.startswith("| spectral"))
+    assert "error" in row, row
+    assert "no kernel for this device" in text
+    assert bench_regularizers.floor_verdicts(cases)["error"] == 1
