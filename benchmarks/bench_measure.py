@@ -381,8 +381,10 @@ def time_interleaved(
 
     A method faster than ``min_sample_s`` is called several times back to back
     per sample (timeit's autorange): millisecond calls are otherwise dominated by
-    scheduler and timer jitter. A method that raises is recorded with its error
-    string and dropped.
+    scheduler and timer jitter. A method that raises, in its warm-up or in a
+    later round (a GPU out of memory after another method's cache), is
+    recorded with its error string and dropped, its samples with it; the
+    others go on, so one failure loses no other method's timings.
 
     Returns:
         The number of timed rounds.
@@ -414,11 +416,18 @@ def time_interleaved(
         order_rng.shuffle(order)
         for name in order:
             m = methods[name]
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(m.calls):
-                m.fn()
-            sync()
+            try:
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(m.calls):
+                    m.fn()
+                sync()
+            except Exception as err:
+                m.error = f"round {rounds + 1}: {type(err).__name__}: {err}"
+                m.error = m.error.splitlines()[0][:300]
+                m.samples.clear()  # its rounds would pair with no others
+                live.remove(name)
+                continue
             m.samples.append((time.perf_counter() - t0) / m.calls)
         rounds += 1
     return rounds
@@ -1076,7 +1085,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     # (budget seconds per model, min rounds, max rounds, naive-loop samples)
-    budget, lo, hi, naive = (4.0, 3, 10, 2) if args.quick else (35.0, 7, 40, 8)
+    # at least 6 rounds, --quick too: fewer give no paired 95% interval, and a
+    # verdict read off the point value alone (bench_regularizers does the same)
+    budget, lo, hi, naive = (4.0, 6, 10, 2) if args.quick else (35.0, 7, 40, 8)
     load_start = os.getloadavg()
     t_start = time.perf_counter()
     models = {}

@@ -118,3 +118,23 @@ def test_bench_regularizers_shows_a_penalty_that_failed(monkeypatch):
     assert "error" in row, row
     assert "no kernel for this device" in text
     assert bench_regularizers.floor_verdicts(cases)["error"] == 1
+
+
+def test_a_method_that_fails_in_a_later_round_is_dropped_not_the_benchmark():
+    # only the warm-up caught errors: a method raising in round 3 (a GPU out
+    # of memory) crashed the whole benchmark and lost every timing so far
+    calls = {"n": 0}
+
+    def flaky() -> None:
+        calls["n"] += 1
+        if calls["n"] > 5:  # two warm-ups, one calibration, then rounds
+            raise RuntimeError("CUDA out of memory\nmore")
+
+    methods = {
+        "ok": bench_measure.Timed(lambda: None),
+        "flaky": bench_measure.Timed(flaky),
+    }
+    rounds = bench_measure.time_interleaved(methods, 0.0, 6, 6, min_sample_s=0.0)
+    assert rounds == 6 and len(methods["ok"].samples) == 6
+    assert methods["flaky"].samples == []
+    assert methods["flaky"].error == "round 3: RuntimeError: CUDA out of memory"
