@@ -120,9 +120,10 @@ def markdown(result: dict[str, Any]) -> str:
     for which in ("paired", "per sample"):
         r, iv = t[which]["ratio"], t[which]["interval"]
         band = f" ({iv[1]:.2f}–{iv[2]:.2f})" if iv else ""
+        # a step that raised has no ratio: its error, not a crash of the table
+        cell = f"error: {t[which]['error']}" if r is None else f"{r:.2f}×{band}"
         lines.append(
-            f"| {which} | {r:.2f}×{band} | "
-            f"{s[which]['mean']:.3f} ± {s[which]['std']:.3f} |"
+            f"| {which} | {cell} | {s[which]['mean']:.3f} ± {s[which]['std']:.3f} |"
         )
     return "\n".join(lines)
 
@@ -157,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             if interval is None
             else interval[0],
             "interval": interval,
+            "error": m.error,
         }
     print("spread ...", file=sys.stderr)
     result = {

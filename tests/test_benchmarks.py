@@ -138,3 +138,14 @@ def test_a_method_that_fails_in_a_later_round_is_dropped_not_the_benchmark():
     assert rounds == 6 and len(methods["ok"].samples) == 6
     assert methods["flaky"].samples == []
     assert methods["flaky"].error == "round 3: RuntimeError: CUDA out of memory"
+
+
+def test_bench_coupled_table_shows_a_step_that_failed():
+    # a step that raised had no ratio, and the table crashed on None:.2f
+    spread = {w: {"mean": 1.0, "std": 0.1} for w in ("paired", "per sample")}
+    timing = {
+        "paired": {"ratio": 2.0, "interval": (2.0, 1.9, 2.1), "error": None},
+        "per sample": {"ratio": None, "interval": None, "error": "OOM"},
+    }
+    table = bench_coupled.markdown({"timing": timing, "spread": spread})
+    assert "2.00× (1.90–2.10)" in table and "error: OOM" in table
