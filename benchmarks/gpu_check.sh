@@ -74,13 +74,16 @@ step() {  # step NAME LOG SECONDS COMMAND...: run with a time limit, log, summar
     tail -n 12 "$OUT/$log.log"
 }
 
-{ $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
-         torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO CUDA")'
-  nproc; nvidia-smi -L; } 2>&1 | tee -a "$summary"
+# the set-up too under time limits: a hung CUDA initialisation would take the
+# whole device command's 600 s, and every step's log with it
+{ timeout -k 5 60 $PY -c 'import torch; print("torch", torch.__version__, "cuda",
+    torch.version.cuda,
+    torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO CUDA")'
+  nproc; timeout -k 5 20 nvidia-smi -L; } 2>&1 | tee -a "$summary"
 # without mnist1d, bench_measure skips its MNIST-1D stage: say so, and why, at
 # the top of the summary (mnist1d imports requests and matplotlib.pyplot, which
 # prepare does not copy: a machine without them fails with .gpu carried)
-if ! err=$($PY -c 'import mnist1d' 2>&1); then
+if ! err=$(timeout -k 5 60 $PY -c 'import mnist1d' 2>&1); then
     echo "WARNING: mnist1d does not import ($(echo "$err" | tail -n 1)):" \
         "run '$0 prepare' and carry .gpu, or install what it names" \
         | tee -a "$summary"
@@ -94,7 +97,7 @@ step bench_regularizers bench 110 $PY benchmarks/bench_regularizers.py --device 
     --quick --threads 8 --out "$OUT/regularizers_cuda.json"
 
 cifar=$(mktemp -d)/cifar-10-batches-py
-$PY -c "import sys; sys.path.insert(0, 'tests')
+timeout -k 5 60 $PY -c "import sys; sys.path.insert(0, 'tests')
 from pathlib import Path; from conftest import write_fake_cifar
 write_fake_cifar(Path('$cifar'), n=64)"
 # the experiment ends with its figures: without matplotlib (not promised there)
