@@ -1138,3 +1138,37 @@ def test_a_bad_batch_within_a_stream_is_named_by_where_it_starts():
     # the first batch's errors are as they were
     with pytest.raises(ValueError, match=r"^x is an empty batch"):
         gcx.measure(model, [x[:0], x], method="exact", progress=False)
+
+
+def test_gcresult_stderr_docstring_states_the_coupled_variance_factor_it_names():
+    # GCResult.stderr's docs name the understatement of the probe part under
+    # train-mode BatchNorm as a variance factor of about 1 + 1.5/B, and quoted
+    # "1.08 at B = 48" beside it, where 1 + 1.5/48 = 1.03 and a simulation
+    # reads 1.03 (1.08 is the factor near B = 16)
+    import re
+
+    quoted = re.findall(
+        r"(\d\.\d+) at B = (\d+)", " ".join(gcx.GCResult.__doc__.split())
+    )
+    assert quoted
+    for factor, B in quoted:
+        assert math.isclose(float(factor), 1 + 1.5 / int(B), abs_tol=0.006), (factor, B)
+    # the factor itself, on a train-mode BatchNorm MLP at B = 48: the variance
+    # of the batch mean over probe draws against the sum of the per-sample
+    # probe variances over B², as the standard error takes it
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(10, 32), nn.BatchNorm1d(32), nn.Tanh(), nn.Linear(32, 10)
+    ).double()
+    x = torch.randn(48, 10, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack(
+        [
+            gcx.jacobian_sq_norms(
+                model, x, method="projection", mode="train", generator=g
+            )
+            for _ in range(2000)
+        ]
+    )
+    factor = (draws.mean(1).var() / (draws.var(0).sum() / 48**2)).item()
+    assert 0.95 < factor < 1.07, factor
