@@ -2412,3 +2412,37 @@ def test_complex_inputs_and_outputs_are_refused_with_a_real_fix():
             Phase(), real, method=method, output=torch.view_as_real
         )
         assert torch.allclose(got, torch.full_like(got, 4.0))
+
+
+def _raises_sections(doc: str) -> dict[str, str]:
+    """A Google-style docstring's Raises entries: exception name -> its text."""
+    import re
+
+    body = doc.split("Raises:")[1].split("\n\n")[0]
+    parts = re.split(r"\n\s{8}(\w+):", "\n" + body)
+    return {parts[i]: " ".join(parts[i + 1].split()) for i in range(1, len(parts), 2)}
+
+
+@pytest.mark.parametrize("name", ["jacobian_sq_norms", "measure"])
+def test_raises_sections_name_the_type_each_bad_input_raises(name):
+    # the Raises sections listed bad input under ValueError and TypeError for
+    # integer input alone, so `except ValueError` around a measurement missed
+    # a numpy array, a complex or float64 batch, all TypeErrors
+    fn = getattr(gcx, name)
+    call = (lambda m, x: fn(m, x, progress=False)) if name == "measure" else fn
+    model = nn.Linear(4, 3)
+    x = torch.randn(5, 4)
+    cases = [
+        ("numpy", x.numpy(), model, TypeError),
+        ("complex", torch.randn(5, 4, dtype=torch.cfloat), model, TypeError),
+        ("dtype", x.double(), model, TypeError),
+        ("nn.Module", x, lambda z: z, TypeError),
+        ("integer", x.long(), model, TypeError),
+        ("NaN", x.clone().fill_(math.nan), model, ValueError),
+        ("scalar", torch.tensor(1.0), model, ValueError),
+    ]
+    sections = _raises_sections(fn.__doc__)
+    for word, bad, m, error in cases:
+        with pytest.raises(error):
+            call(m, bad)
+        assert word in sections[error.__name__], (word, error.__name__)

@@ -1800,10 +1800,15 @@ def jacobian_sq_norms(
         error (``measure`` keeps float32).
 
     Raises:
-        ValueError: unknown method, mode or option; bad input (see
+        ValueError: unknown method, mode or option; a scalar, empty or
+            NaN/inf input, or one on another device than the model (see
             :func:`check_input`); a non-finite Jacobian, or a float16 norm
             beyond 65504; finite differences lost in the output's rounding.
-        TypeError: integer input, or a model output that is not a tensor.
+        TypeError: an input that is not a tensor (a numpy array, a tuple or
+            dict of inputs), integer input (without ``wrt=``), complex input,
+            an input of another dtype than the model's parameters, a model
+            that is not an ``nn.Module``, or a model output that is not a
+            tensor.
 
     Example:
         >>> import torch

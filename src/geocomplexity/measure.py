@@ -824,11 +824,13 @@ def measure(
         A :class:`GCResult`.
 
     Raises:
-        ValueError: empty data, unknown method, bad options or inputs.
+        ValueError: empty data, unknown method, bad options; inputs that are
+            scalar, NaN/inf or on another device than the model.
         TypeError: a model that is not an ``nn.Module``; data that is no
             tensor, ``Dataset`` or iterable of batches (a numpy array, a list
             of numbers, an ``(inputs, targets)`` tuple: each error names the
-            fix); integer inputs without ``wrt=``.
+            fix); integer inputs without ``wrt=``, complex inputs, inputs of
+            another dtype than the model's parameters.
 
     Example:
         >>> import torch
