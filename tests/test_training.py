@@ -1056,3 +1056,27 @@ def test_finite_difference_gradient_norm_refuses_tensors_outside_the_model(compo
         progress=False, loss_fn=lambda out, t: F.cross_entropy(out * temp, t),
         regularizer=GradientNorm(0.1))  # fmt: skip
     assert temp.item() != 1.0
+
+
+def test_fit_raises_section_names_the_type_each_bad_argument_raises():
+    # fit's Raises listed ValueError alone, but a non-pair train (numpy arrays,
+    # a Dataset), float class targets and a regularizer that is no term raise
+    # TypeError: an `except ValueError` around a sweep's fit missed them
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    raises = fit.__doc__.split("Raises:")[1]
+    typed = (
+        " ".join(raises.split("TypeError:")[1].split())
+        if "TypeError:" in raises
+        else ""
+    )
+    cases = [
+        ("numpy", {"train": (x.numpy(), y.numpy())}),
+        ("Dataset", {"train": torch.utils.data.TensorDataset(x, y)}),
+        ("float targets", {"train": (x, y.float())}),
+        ("regularizer", {"train": (x, y), "regularizer": lambda *a, **k: 0}),
+    ]
+    for word, kwargs in cases:
+        with pytest.raises(TypeError):
+            fit(model, epochs=1, progress=False, device="cpu", **kwargs)
+        assert word in typed, word

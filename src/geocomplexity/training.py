@@ -392,6 +392,12 @@ def fit(
             shapes, unknown optimizer), or a finite-difference
             ``GradientNorm`` with an optimizer holding tensors outside the
             model (its gradient misses them).
+        TypeError: ``train`` or ``test`` that is no pair ``(x, y)`` of
+            tensors (numpy arrays, a ``Dataset`` or ``DataLoader``); float
+            targets of shape ``(N,)`` for the default cross-entropy; a
+            ``regularizer`` that is no
+            :class:`~geocomplexity.regularizers.Regularizer`, or one that
+            differentiates with respect to integer inputs.
     """
     from tqdm.auto import tqdm
 
