@@ -2378,18 +2378,24 @@ def test_width_sweep_figure_of_runs_that_all_measured_nan_gc_is_drawn(tmp_path, 
     assert paths and all(p.stat().st_size > 0 for p in paths)
 
 
-def test_resnet_runs_stored_on_another_cifar_folder_are_not_reused(
-    tmp_path, fake_cifar, capsys
-):
-    # the data folder is not in a run's config (moving CIFAR-10 recomputes
-    # nothing), so a sweep run first on a generated folder and then with the
-    # same --out on the real one handed back the generated folder's results
+def _resnet_smoke_then_other_data(tmp_path: Path, fake_cifar: Path):
+    """A resnet smoke sweep run on ``fake_cifar``: its argv, and other data."""
     from conftest import write_fake_cifar
 
     other = write_fake_cifar(tmp_path / "other" / "cifar-10-batches-py", seed=1)
     argv = ["reproduce", "resnet-double-descent", "--preset", "smoke"]
     argv += ["--device", "cpu", "--workers", "1", "--out", str(tmp_path / "o")]
     assert main([*argv, "--data-dir", str(fake_cifar)]) == 0
+    return argv, other
+
+
+def test_resnet_runs_stored_on_another_cifar_folder_are_not_reused(
+    tmp_path, fake_cifar, capsys
+):
+    # the data folder is not in a run's config (moving CIFAR-10 recomputes
+    # nothing), so a sweep run first on a generated folder and then with the
+    # same --out on the real one handed back the generated folder's results
+    argv, other = _resnet_smoke_then_other_data(tmp_path, fake_cifar)
     runs = sorted((tmp_path / "o" / "resnet-double-descent" / "runs").glob("*.json"))
     stamps = {p: p.stat().st_mtime_ns for p in runs}
     capsys.readouterr()
@@ -2481,12 +2487,7 @@ def test_resnet_checkpoint_trained_on_another_cifar_folder_is_not_resumed(
     # a run killed mid-training leaves its checkpoint and no run file: the
     # stored runs' fingerprints cannot tell, and fit resumed (or, finished,
     # handed back) the network trained on the other folder of the same size
-    from conftest import write_fake_cifar
-
-    other = write_fake_cifar(tmp_path / "other" / "cifar-10-batches-py", seed=1)
-    argv = ["reproduce", "resnet-double-descent", "--preset", "smoke"]
-    argv += ["--device", "cpu", "--workers", "1", "--out", str(tmp_path / "o")]
-    assert main([*argv, "--data-dir", str(fake_cifar)]) == 0
+    argv, other = _resnet_smoke_then_other_data(tmp_path, fake_cifar)
     folder = tmp_path / "o" / "resnet-double-descent" / "runs"
     for path in folder.glob("*.json"):  # as if killed before storing them
         path.unlink()

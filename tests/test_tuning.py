@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import itertools
 
 import pytest
 import torch
@@ -62,15 +61,21 @@ def test_the_faster_way_is_chosen_after_the_trials(loop, batched, chosen):
     assert tuning.decisions(model) == {"key": chosen}
 
 
+def decide_from(model: nn.Module, loop: list[float], batched: list[float]) -> None:
+    """The warm-up and the trials, the timed calls taking these times in turn."""
+    times = {1: iter(loop), 4: iter(batched)}
+    clock = FakeClock(0.0, 0.0)
+    for call in range(1 + 2 * tuning.TRIALS_EACH):
+        chunk, run = tuning.chunk_for(model, "key", 4, clock=clock)
+        if call:  # after the warm-up
+            setattr(clock, "loop" if chunk == 1 else "batched", next(times[chunk]))
+        clock.run(chunk, run)
+
+
 def test_one_slow_call_does_not_condemn_a_way():
     # one slow loop call (a page fault, another process): the medians decide
     model = mlp()
-    times = itertools.chain([50.0], itertools.repeat(1.0))
-    clock = FakeClock(0.0, 2.0)
-    for _ in range(1 + 2 * tuning.TRIALS_EACH):
-        chunk, run = tuning.chunk_for(model, "key", 4, clock=clock)
-        clock.loop = next(times) if chunk == 1 else clock.loop
-        clock.run(chunk, run)
+    decide_from(model, [50.0, 1.0, 1.0], [2.0, 2.0, 2.0])
     assert tuning.decisions(model) == {"key": 1}
 
 
@@ -259,11 +264,5 @@ def test_one_fast_call_does_not_crown_a_way():
     # memory mapped (5.3 ms among 9.5 and 10.0, against the loop's 5.6 to
     # 7.2) chose chunks, which in a row then ran at 10 ms; the medians decide
     model = mlp()
-    batched = itertools.chain([0.1], itertools.repeat(2.0))
-    clock = FakeClock(1.0, 0.0)
-    for call in range(1 + 2 * tuning.TRIALS_EACH):
-        chunk, run = tuning.chunk_for(model, "key", 4, clock=clock)
-        if call and chunk == 4:  # after the warm-up
-            clock.batched = next(batched)
-        clock.run(chunk, run)
+    decide_from(model, [1.0, 1.0, 1.0], [0.1, 2.0, 2.0])
     assert tuning.decisions(model) == {"key": 1}
