@@ -266,3 +266,18 @@ def test_one_fast_call_does_not_crown_a_way():
     model = mlp()
     decide_from(model, [1.0, 1.0, 1.0], [0.1, 2.0, 2.0])
     assert tuning.decisions(model) == {"key": 1}
+
+
+def test_a_module_that_cannot_be_hashed_is_never_timed_and_has_no_decisions():
+    # a dataclass module with eq=True has no __hash__: chunk_for gave it the
+    # default untimed, and decisions() raised TypeError
+    import dataclasses
+
+    @dataclasses.dataclass(eq=True)
+    class Unhashable(nn.Module):
+        def __post_init__(self) -> None:
+            super().__init__()
+
+    model = Unhashable()
+    assert tuning.chunk_for(model, "key", 4) == (4, tuning.untimed)
+    assert tuning.decisions(model) == {}

@@ -63,8 +63,9 @@ __all__ = [
 
 #: calls that time each way (the first call of a shape is a warm-up, untimed)
 TRIALS_EACH = 3
-#: the most calls of one key that are timed: a warm-up, the trials, and two
-#: runs of one way each (a first call, then :data:`TRIALS_EACH` counted)
+#: the most calls of one key until its choice is settled: a warm-up (untimed),
+#: the trials, and two runs of one way each (a first call, then
+#: :data:`TRIALS_EACH` counted)
 MAX_TIMED_CALLS = 1 + 2 * TRIALS_EACH + 2 * (TRIALS_EACH + 1)
 #: the loop replaces the default only when this much faster (the default
 #: batches because it won on the machines measured; a near tie keeps it)
@@ -256,5 +257,8 @@ def decisions(model: nn.Module) -> dict[Hashable, int]:
     run of calls that confirms it (:func:`chunk_for`).
     """
     with _LOCK:
-        trials = _TRIALS.get(model, {})
+        try:
+            trials = _TRIALS.get(model, {})
+        except TypeError:  # not weakly referable (chunk_for times none)
+            return {}
         return {k: t.chosen for k, t in trials.items() if t.chosen is not None}
