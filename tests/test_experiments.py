@@ -2643,3 +2643,29 @@ def test_resnet_run_on_a_machine_with_other_data_stops_before_it_trains(
     with pytest.raises(runner.DataMismatch, match="nothing was trained") as err:
         exp.execute(run, context=node)
     assert str(other) in str(err.value) and str(fake_cifar) in str(err.value)
+
+
+def test_resnet_checkpoint_from_before_data_labels_is_resumed_with_one_warning(
+    tmp_path,
+):
+    # a checkpoint written before <key>.pt.data was (a run killed mid-training,
+    # or finished with its run file lost) resumed without a word, and the run
+    # file it ended in recorded this folder's fingerprint: the other folder's
+    # network (or, finished, its history) passed as made on this data, where
+    # run files from before are reused with a warning
+    import warnings
+
+    from geocomplexity.experiments import resnet_width as rw
+
+    checkpoint = tmp_path / "0123456789abcdef.pt"
+    checkpoint.write_bytes(b"a network")  # no .pt.data: from before
+    data = {"folder": "/data/b", "fingerprint": "100+20 images, sha256 bbbb"}
+    with pytest.warns(UserWarning, match="does not record the data .* /data/b"):
+        rw._check_checkpoint_data(checkpoint, data)
+    # labelled now: warned once, and a later sweep on other data is refused
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rw._check_checkpoint_data(checkpoint, data)
+    other = {"folder": "/data/c", "fingerprint": "100+20 images, sha256 cccc"}
+    with pytest.raises(rw.DataMismatch, match="/data/b"):
+        rw._check_checkpoint_data(checkpoint, other)

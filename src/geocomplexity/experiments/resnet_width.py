@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import platform
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,9 @@ def _check_checkpoint_data(checkpoint: Path, data: dict[str, str]) -> None:
     A run killed mid-training leaves its checkpoint and no run file, so the
     stored runs' fingerprints cannot tell: the data's is kept beside it, in
     ``<key>.pt.data``, written before the first epoch. A checkpoint without
-    one (from before) resumes as it did.
+    one (from before) resumes as old run files are reused: with a warning,
+    since the run file it ends in records ``data``; it is labelled then, so
+    the warning is given once.
 
     Raises:
         DataMismatch: the checkpoint was trained on other data.
@@ -121,6 +124,15 @@ def _check_checkpoint_data(checkpoint: Path, data: dict[str, str]) -> None:
         return
     try:
         theirs = json.loads(label.read_text())
+    except FileNotFoundError:
+        warnings.warn(
+            f"checkpoint {checkpoint} does not record the data it was trained "
+            f"on (written before data fingerprints): resumed as trained on "
+            f"{data['folder']}; delete it if it was not",
+            stacklevel=2,
+        )
+        write_text(label, json.dumps(data))
+        return
     except (OSError, ValueError):
         return
     if isinstance(theirs, dict) and theirs.get("fingerprint") != data["fingerprint"]:
