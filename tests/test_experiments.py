@@ -2669,3 +2669,67 @@ def test_resnet_checkpoint_from_before_data_labels_is_resumed_with_one_warning(
     other = {"folder": "/data/c", "fingerprint": "100+20 images, sha256 cccc"}
     with pytest.raises(rw.DataMismatch, match="/data/b"):
         rw._check_checkpoint_data(checkpoint, other)
+
+
+def test_cli_ray_node_with_other_data_exits_2_with_the_message_alone(
+    tmp_path, fake_cifar, monkeypatch, capsys
+):
+    # a Ray task's DataMismatch reaches the driver as a RayTaskError that is
+    # also a DataMismatch: the CLI printed its str, the node's traceback in
+    # terminal colours ("\x1b[36mray::_ray_record()\x1b[39m (pid=...)",
+    # "File ...", "geocomplexity....DataMismatch: ..."), where a mismatch
+    # found on the driver is one line with its fix
+    import dataclasses
+    import traceback
+
+    from conftest import write_fake_cifar
+
+    pytest.importorskip("ray")
+    from ray.exceptions import RayTaskError
+
+    from geocomplexity.experiments import runner
+
+    other = write_fake_cifar(tmp_path / "node" / "cifar-10-batches-py", seed=1)
+
+    class FakeRay:  # each task runs at once, as on a node with its own copy
+        def __init__(self):
+            self.results = {}
+
+        def remote(self, **resources):
+            def task(fn):
+                class Task:
+                    def remote(task, fn, run, *args):
+                        context = fn.keywords["context"]
+                        node = dataclasses.replace(context, data_dir=other)
+                        fn = functools.partial(fn.func, context=node)
+                        ref = object()
+                        try:
+                            self.results[ref] = runner._ray_record(fn, run, *args)
+                        except Exception as err:
+                            self.results[ref] = RayTaskError(
+                                "_ray_record", traceback.format_exc(), err
+                            ).as_instanceof_cause()
+                        return ref
+
+                return Task()
+
+            return task
+
+        def wait(self, refs, num_returns=1, timeout=None):
+            return refs[:num_returns], refs[num_returns:]
+
+        def get(self, ref):
+            if isinstance(self.results[ref], BaseException):
+                raise self.results[ref]
+            return self.results[ref]
+
+        def cancel(self, ref, force=False):
+            pass
+
+    monkeypatch.setattr(runner, "_ray", lambda address: FakeRay())
+    argv = ["reproduce", "resnet-double-descent", "--preset", "smoke"]
+    argv += ["--device", "cpu", "--out", str(tmp_path / "o"), "--executor", "ray"]
+    assert main([*argv, "--data-dir", str(fake_cifar)]) == 2
+    err = capsys.readouterr().err
+    assert "nothing was trained" in err and str(other) in err
+    assert "\x1b[" not in err and "Traceback" not in err and "ray::" not in err

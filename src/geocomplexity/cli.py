@@ -329,7 +329,12 @@ def main(argv: list[str] | None = None) -> int:
         except ClusterUnreachable as err:  # a traceback, before
             return _error(str(err))
         except DataMismatch as err:  # stored runs made on another --data-dir
-            return _error(f"--data-dir {args.data_dir}: {err}")
+            # a Ray node's (its own copy of the folder) arrives as a
+            # RayTaskError that is also a DataMismatch, whose str is the
+            # node's traceback in terminal colours: its cause is the message
+            cause = getattr(err, "cause", None)
+            message = cause if isinstance(cause, DataMismatch) else err
+            return _error(f"--data-dir {args.data_dir}: {message}")
         held = sum(c.passed for c in outcome.claims)
         print(
             f"{name}: {held}/{len(outcome.claims)} claims hold "
