@@ -1080,3 +1080,22 @@ def test_fit_raises_section_names_the_type_each_bad_argument_raises():
         with pytest.raises(TypeError):
             fit(model, epochs=1, progress=False, device="cpu", **kwargs)
         assert word in typed, word
+
+
+def test_a_diverged_run_tracking_gc_records_nan_gc_and_finishes(tmp_path):
+    # lr 1e6 on inputs scaled by 1e3: the weights are NaN after the first
+    # epoch. With track_gc_every, the record's exact GC raised ValueError ("the
+    # Jacobian norm is NaN or infinite for 60 of 60 samples") out of fit: a
+    # learning-rate sweep lost its diverged point and every record before it
+    train, test = problem(60)
+    train = (train[0] * 1e3, train[1])
+    h = fit(mlp(), train, test, optimizer="sgd", lr=1e6, epochs=3,
+            batch_size=16, track_gc_every=1, device="cpu", progress=False,
+            checkpoint=tmp_path / "run.pt")  # fmt: skip
+    assert [r["epoch"] for r in h.records] == [0, 1, 2, 3]
+    assert math.isfinite(h.records[0]["gc_train"])
+    assert math.isfinite(h.records[0]["gc_test"])
+    for r in h.records[1:]:
+        assert math.isnan(r["train_loss"])
+        assert math.isnan(r["gc_train"]) and math.isnan(r["gc_test"])
+    assert str(History.from_json(h.to_json()).records) == str(h.records)

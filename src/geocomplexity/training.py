@@ -45,7 +45,8 @@ class History:
             ``test_loss``, ``test_acc`` (NaN without test data; the accuracies
             are NaN unless the targets are class indices ``(N,)`` for
             ``(N, k)`` logits), ``gc_train``,
-            ``gc_test`` (NaN when not tracked that epoch), ``penalty`` (mean
+            ``gc_test`` (NaN when not tracked that epoch, or when the run
+            diverged: non-finite weights or loss), ``penalty`` (mean
             over the steps since the previous record: the epoch's, unless
             ``eval_every > 1``), ``wall_time`` (seconds since the start).
         config: the options of the run.
@@ -629,11 +630,16 @@ def fit(
             else (math.nan, math.nan)
         )
         gc_tr = gc_te = math.nan
+        # a diverged model (NaN weights, or outputs that overflow the loss)
+        # has no GC: measure refuses its non-finite Jacobian norms with a
+        # ValueError, which ended the run and lost its records. Its GC is NaN
         if track_gc_every and epoch % track_gc_every == 0:
-            gc_tr = measure(
-                model, x[:gc_subset], method="exact", progress=False, wrt=gc_wrt
-            ).value
-            if xt is not None:
+            finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+            if finite and math.isfinite(tr_loss):
+                gc_tr = measure(
+                    model, x[:gc_subset], method="exact", progress=False, wrt=gc_wrt
+                ).value
+            if xt is not None and finite and math.isfinite(te_loss):
                 gc_te = measure(
                     model, xt[:gc_subset], method="exact", progress=False, wrt=gc_wrt
                 ).value
