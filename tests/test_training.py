@@ -1099,3 +1099,29 @@ def test_a_diverged_run_tracking_gc_records_nan_gc_and_finishes(tmp_path):
         assert math.isnan(r["train_loss"])
         assert math.isnan(r["gc_train"]) and math.isnan(r["gc_test"])
     assert str(History.from_json(h.to_json()).records) == str(h.records)
+
+
+def test_a_checkpoint_is_refused_by_a_run_on_other_data_of_the_same_size(tmp_path):
+    # the checkpoint's fingerprint held the number of training samples alone,
+    # and a resume puts the checkpoint's (noisy) labels back: the same call on
+    # other data of that size resumed without a word and trained on its inputs
+    # paired with the first data's labels (here the samples reversed: every
+    # input trained with another sample's label)
+    train, test = problem(60)
+    ckpt = tmp_path / "run.pt"
+
+    def kill_at_2(history, _model):
+        if history.final["epoch"] == 2:
+            raise _Interrupt
+
+    kw = dict(epochs=4, batch_size=16, device="cpu", progress=False, checkpoint=ckpt)
+    with pytest.raises(_Interrupt):
+        fit(mlp(), train, test, callbacks=[kill_at_2], **kw)
+    reversed_train = (train[0].flip(0), train[1].flip(0))
+    with pytest.raises(ValueError, match="different run"):
+        fit(mlp(), reversed_train, test, **kw)
+    other_test = (test[0] + 1, test[1])  # its records would mix two test sets
+    with pytest.raises(ValueError, match="different run"):
+        fit(mlp(), train, other_test, **kw)
+    # the same data resumes, the same labels under label noise included
+    assert len(fit(mlp(), train, test, **kw).records) == 5

@@ -9,6 +9,7 @@ penalty and the wall time. Same seed, same numbers.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import numbers
@@ -242,6 +243,23 @@ def _hyperparameters(groups: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: g[k] for k in _HYPERPARAMETERS if k in g} for g in groups]
 
 
+def _digest(*tensors: Tensor | None) -> str:
+    """A hash of the tensors' dtypes, shapes and bytes (``None`` hashed as such).
+
+    What a checkpoint's data must match: the sample count alone let other data
+    of that size resume the run (and train on the checkpoint's labels).
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        if t is None:
+            h.update(b"none")
+            continue
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"`` is CUDA when torch sees a device, else the CPU.
 
@@ -381,7 +399,9 @@ def fit(
             where its last checkpoint left it and gives the numbers an
             uninterrupted run gives (on the same kind of device: resumed on
             another, a CUDA checkpoint on the CPU say, it carries on with that
-            device's random streams started afresh, and warns).
+            device's random streams started afresh, and warns). A checkpoint
+            of another run (other options, or other train or test tensors:
+            their bytes are hashed) is refused.
         checkpoint_every: epochs between checkpoints.
         progress: progress bar over epochs; ``None`` on a terminal.
 
@@ -565,6 +585,16 @@ def fit(
             "device": str(dev),
         }
     )
+    # the data a checkpoint was written on (labels before the noise): hashed
+    # only where there is a checkpoint to compare it with
+    data = (
+        None
+        if checkpoint is None
+        else {
+            "train": _digest(x, y),
+            "test": None if test is None else _digest(test[0], test[1]),
+        }
+    )
     if label_noise > 0:
         top = int(y.max().item())
         k = num_classes or top + 1
@@ -710,6 +740,7 @@ def fit(
             "fingerprint": fingerprint,
             "recording": recording,
             "augment": augmentation,
+            "data": data,
             "penalty_sum": pen_sum,
             "penalty_count": pen_count,
             "epoch": epoch,
@@ -773,18 +804,22 @@ def fit(
             resumed.get("fingerprint") != fingerprint
             or resumed.get("recording", recording) != recording
             or resumed.get("augment", augmentation) != augmentation
+            # checkpoints written before "data" still resume
+            or resumed.get("data", data) != data
             or theirs_hyper != hyperparameters
         ):
             theirs = {
                 **(resumed.get("fingerprint") or {}),
                 **(resumed.get("recording") or {}),
                 "augment": resumed.get("augment", augmentation),
+                "data": resumed.get("data", data),
                 "optimizer settings": theirs_hyper,
             }
             mine = {
                 **fingerprint,
                 **recording,
                 "augment": augmentation,
+                "data": data,
                 "optimizer settings": hyperparameters,
             }
             raise ValueError(
