@@ -1125,3 +1125,26 @@ def test_a_checkpoint_is_refused_by_a_run_on_other_data_of_the_same_size(tmp_pat
         fit(mlp(), train, other_test, **kw)
     # the same data resumes, the same labels under label noise included
     assert len(fit(mlp(), train, test, **kw).records) == 5
+
+
+def test_a_checkpoint_is_refused_by_a_run_with_another_loss(tmp_path):
+    # the loss was in no part of the checkpoint's fingerprint: a run with
+    # label smoothing resumed the cross-entropy run's checkpoint without a
+    # word, its history cross-entropy's up to the kill and its own after
+    train, test = problem(60)
+    ckpt = tmp_path / "run.pt"
+
+    def kill_at_2(history, _model):
+        if history.final["epoch"] == 2:
+            raise _Interrupt
+
+    def smoothed(outputs, targets):
+        return F.cross_entropy(outputs, targets, label_smoothing=0.5)
+
+    kw = dict(epochs=4, batch_size=16, device="cpu", progress=False, checkpoint=ckpt)
+    with pytest.raises(_Interrupt):
+        fit(mlp(), train, test, callbacks=[kill_at_2], **kw)
+    with pytest.raises(ValueError, match="different run"):
+        fit(mlp(), train, test, loss_fn=smoothed, **kw)
+    # the default, named, is the same loss
+    assert len(fit(mlp(), train, test, loss_fn=F.cross_entropy, **kw).records) == 5

@@ -400,8 +400,9 @@ def fit(
             uninterrupted run gives (on the same kind of device: resumed on
             another, a CUDA checkpoint on the CPU say, it carries on with that
             device's random streams started afresh, and warns). A checkpoint
-            of another run (other options, or other train or test tensors:
-            their bytes are hashed) is refused.
+            of another run (other options, another ``loss_fn`` or
+            ``augment`` by name, or other train or test tensors: their bytes
+            are hashed) is refused.
         checkpoint_every: epochs between checkpoints.
         progress: progress bar over epochs; ``None`` on a terminal.
 
@@ -735,11 +736,19 @@ def fit(
         f"{getattr(augment, '__qualname__', type(augment).__name__)}"
     )
 
+    # the loss, by name likewise (a module's by its class): a run with another
+    # one must not be handed this one's history and weights
+    loss_name = (
+        f"{getattr(loss_fn, '__module__', None)}."
+        f"{getattr(loss_fn, '__qualname__', type(loss_fn).__qualname__)}"
+    )
+
     def save(epoch: int, step: int, pen_sum: Tensor | None, pen_count: int) -> None:
         state = {
             "fingerprint": fingerprint,
             "recording": recording,
             "augment": augmentation,
+            "loss_fn": loss_name,
             "data": data,
             "penalty_sum": pen_sum,
             "penalty_count": pen_count,
@@ -804,14 +813,16 @@ def fit(
             resumed.get("fingerprint") != fingerprint
             or resumed.get("recording", recording) != recording
             or resumed.get("augment", augmentation) != augmentation
-            # checkpoints written before "data" still resume
+            # checkpoints written before "data" or "loss_fn" still resume
             or resumed.get("data", data) != data
+            or resumed.get("loss_fn", loss_name) != loss_name
             or theirs_hyper != hyperparameters
         ):
             theirs = {
                 **(resumed.get("fingerprint") or {}),
                 **(resumed.get("recording") or {}),
                 "augment": resumed.get("augment", augmentation),
+                "loss_fn": resumed.get("loss_fn", loss_name),
                 "data": resumed.get("data", data),
                 "optimizer settings": theirs_hyper,
             }
@@ -819,6 +830,7 @@ def fit(
                 **fingerprint,
                 **recording,
                 "augment": augmentation,
+                "loss_fn": loss_name,
                 "data": data,
                 "optimizer settings": hyperparameters,
             }
