@@ -2733,3 +2733,127 @@ def test_cli_ray_node_with_other_data_exits_2_with_the_message_alone(
     err = capsys.readouterr().err
     assert "nothing was trained" in err and str(other) in err
     assert "\x1b[" not in err and "Traceback" not in err and "ray::" not in err
+
+
+def test_resnet_smoke_claims_summary_and_report_state_the_generated_data(
+    tmp_path, fake_cifar, capsys
+):
+    # the runs record the data folder and its fingerprint, but the claims,
+    # the summary and the report said "cifar10" alone: a smoke sweep on 120
+    # generated images read like paper-scale evidence on CIFAR-10
+    from geocomplexity.experiments.report import claims_table, collect_claims
+
+    argv = ["reproduce", "resnet-double-descent", "--preset", "smoke"]
+    argv += ["--device", "cpu", "--workers", "1", "--out", str(tmp_path / "o")]
+    assert main([*argv, "--data-dir", str(fake_cifar)]) == 0
+    line = f"data: CIFAR-10 from {fake_cifar.resolve()} (100+20 images, sha256 "
+    partial = "not the full CIFAR-10: 100+20 images"
+    out = capsys.readouterr().out
+    assert line in out and partial in out
+    folder = tmp_path / "o" / "resnet-double-descent"
+    claims = json.loads((folder / "claims.json").read_text())
+    assert len(claims) == 4
+    assert all(("data: " + c["data"]).startswith(line) for c in claims)
+    assert all(partial in c["data"] for c in claims)
+    assert main(["report", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert line in out and partial in out
+    html = (tmp_path / "o" / "report.html").read_text()
+    assert str(fake_cifar.resolve()) in html and partial in html
+    # runs from before fingerprints: their data is not known
+    for path in (folder / "runs").glob("*.json"):
+        record = json.loads(path.read_text())
+        del record["data"]
+        path.write_text(json.dumps(record))
+    with pytest.warns(UserWarning, match="do not record the data"):
+        assert main([*argv, "--data-dir", str(fake_cifar)]) == 0
+    claims = collect_claims(tmp_path / "o")
+    assert {c.data for _, c in claims} == {"not recorded"}
+    assert "data: not recorded" in claims_table(claims)
+    assert "data: not recorded" in capsys.readouterr().out
+
+
+def _claims_folder(out: Path, name: str, claims: list[Claim]) -> None:
+    from geocomplexity.experiments.claims import write_claims
+
+    (out / name / "runs").mkdir(parents=True)
+    write_claims(out / name / "claims.json", claims)
+
+
+def test_report_states_the_data_folder_and_flags_data_that_is_not_full_cifar(
+    tmp_path,
+):
+    from dataclasses import replace
+
+    from geocomplexity.experiments.report import (
+        claims_table,
+        collect_claims,
+        write_report,
+    )
+
+    def html_of(out: str) -> str:
+        return (tmp_path / out / "report.html").read_text()
+
+    full = "CIFAR-10 from /data/c (50000+10000 images, sha256 0123456789abcdef)"
+    small = (
+        "CIFAR-10 from /tmp/g (100+20 images, sha256 fedcba9876543210); "
+        "not the full CIFAR-10: 100+20 images"
+    )
+    claim = Claim.check("GC peaks", "steps", 0.0, "<=", 1, 3, "cifar10")
+    resnet = "resnet-double-descent"
+    _claims_folder(tmp_path / "a", resnet, [replace(claim, data=full)])
+    _claims_folder(tmp_path / "b", resnet, [replace(claim, data=small)])
+    # a claims file from before the data was stated: not recorded
+    _claims_folder(tmp_path / "c", resnet, [claim])
+    # an experiment without a data folder: nothing about data, as before
+    _claims_folder(tmp_path / "d", "init-depth", [replace(claim, dataset="mnist1d")])
+    for out, data in [("a", full), ("b", small), ("c", "not recorded")]:
+        claims = collect_claims(tmp_path / out)
+        assert [c.data for _, c in claims] == [data]
+        table = claims_table(claims)
+        assert f"resnet-double-descent data: {data}" in table
+        html = write_report(tmp_path / out).read_text()
+        assert f"data: {data}" in html
+    # data that is not the full CIFAR-10, or not known, stands out
+    assert "<p class='fail'>data: CIFAR-10 from /tmp/g" in html_of("b")
+    assert "<p class='fail'>data: not recorded" in html_of("c")
+    assert "<p class='fail'>" not in html_of("a")
+    claims = collect_claims(tmp_path / "d")
+    assert [c.data for _, c in claims] == [""]
+    assert "data:" not in claims_table(claims)
+    assert "data:" not in write_report(tmp_path / "d").read_text()
+
+
+def test_claims_json_of_an_experiment_without_a_data_folder_is_unchanged(tmp_path):
+    from dataclasses import asdict, replace
+
+    from geocomplexity.experiments.claims import load_claims, write_claims
+
+    claim = Claim.check("GC falls", "Spearman", -1.0, "<=", -0.9, 4, "mnist1d")
+    claim = replace(claim, preset="smoke")
+    write_claims(tmp_path / "claims.json", [claim])
+    before = {k: v for k, v in asdict(claim).items() if k != "data"}
+    assert (tmp_path / "claims.json").read_text() == json.dumps([before], indent=1)
+    assert load_claims(tmp_path / "claims.json") == [claim]
+
+
+def test_describe_data_names_the_folder_and_flags_what_is_not_full_cifar():
+    from geocomplexity.experiments.base import describe_data
+
+    exp = EXPERIMENTS["resnet-double-descent"]
+    fp = "50000+10000 images, sha256 0123456789abcdef"
+    data = {"folder": "/data/c", "fingerprint": fp}
+    made = [{"key": "a", "data": {"folder": "/old/c", "fingerprint": fp}}]
+    # the folder the sweep read (the data moved since): the same fingerprint
+    assert describe_data(exp, made, data) == f"CIFAR-10 from /data/c ({fp})"
+    assert describe_data(exp, made, None) == f"CIFAR-10 from /old/c ({fp})"
+    assert describe_data(exp, [*made, {"key": "b"}], data) == (
+        f"CIFAR-10 from /data/c ({fp}); not recorded for 1 of 2 runs"
+    )
+    assert describe_data(exp, [{"key": "b"}], data) == "not recorded"
+    small = {"folder": "/g", "fingerprint": "50000+9999 images, sha256 00"}
+    assert describe_data(exp, [{"data": small}], small) == (
+        "CIFAR-10 from /g (50000+9999 images, sha256 00); "
+        "not the full CIFAR-10: 50000+9999 images"
+    )
+    assert describe_data(EXPERIMENTS["init-depth"], made, None) == ""

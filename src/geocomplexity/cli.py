@@ -340,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{name}: {held}/{len(outcome.claims)} claims hold "
             f"({time.perf_counter() - start:.0f} s so far)"
         )
+        if outcome.data:  # a generated folder's claims are no CIFAR-10's
+            print(f"  data: {outcome.data}")
     if args.name == "all":
         # as `report` does: every sweep has finished and its runs are stored,
         # so an unreadable claims file of another experiment in the folder

@@ -16,6 +16,7 @@ import functools
 import io
 import json
 import numbers
+import re
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ __all__ = [
     "PRESETS",
     "Experiment",
     "Outcome",
+    "describe_data",
     "every_seed",
     "reproduce_one",
     "result_rows",
@@ -49,12 +51,15 @@ class Outcome:
         directory: where its files are.
         claims: the computed claims.
         figures: the figure files.
+        data: the data folder the claims rest on, in words (see
+            :func:`describe_data`); ``""`` without one.
     """
 
     name: str
     directory: Path
     claims: list[Claim]
     figures: list[Path]
+    data: str = ""
 
 
 class Experiment(abc.ABC):
@@ -70,6 +75,9 @@ class Experiment(abc.ABC):
     data_label: str = ""
     #: whether it reads a local data folder (``--data-dir``)
     needs_data_dir: bool = False
+    #: what a full data folder holds: its name and its train and test image
+    #: counts, ``("CIFAR-10", 50000, 10000)``; claims on a smaller folder say so
+    folder_data: tuple[str, int, int] | None = None
     #: the presets ``reproduce all`` runs it in
     in_all: tuple[str, ...] = PRESETS
 
@@ -164,6 +172,55 @@ def every_seed(
     return [r for r in kept if r[x] in whole]
 
 
+def describe_data(
+    experiment: Experiment,
+    records: Sequence[dict[str, Any]],
+    data: dict[str, str] | None,
+) -> str:
+    """The data folder ``records`` were made on, in words, for their claims.
+
+    ``"CIFAR-10 from FOLDER (N+M images, sha256 ...)"`` from the records'
+    ``data`` (the fingerprint begins with the image counts, see
+    :func:`~geocomplexity.data.cifar10_with_fingerprint`); FOLDER is
+    ``data``'s, the folder the sweep read, where its fingerprint is theirs
+    (the data moved since). Flagged ``"; not the full CIFAR-10: N+M
+    images"`` where N or M is below the full folder's counts, so claims on a
+    generated folder are never read as evidence on the real one. Records
+    without ``data`` (stored before fingerprints): ``"not recorded"``, or
+    ``"; not recorded for K of R runs"`` after the others'.
+
+    Returns:
+        The description, ``""`` for an experiment without a data folder.
+    """
+    if experiment.folder_data is None:
+        return ""
+    name, full_train, full_test = experiment.folder_data
+    made_on: dict[str, set[str]] = {}  # fingerprint -> the folders recorded
+    unknown = 0
+    for record in records:
+        d = record.get("data")
+        if not isinstance(d, dict) or not isinstance(d.get("fingerprint"), str):
+            unknown += 1
+            continue
+        made_on.setdefault(d["fingerprint"], set()).add(str(d.get("folder", "?")))
+    parts = []
+    for fingerprint, folders in sorted(made_on.items()):
+        if data is not None and data.get("fingerprint") == fingerprint:
+            folders = {data["folder"]}
+        text = f"{name} from {' or '.join(sorted(folders))} ({fingerprint})"
+        counts = re.match(r"(\d+)\+(\d+) images", fingerprint)
+        if counts is None:
+            text += f"; not known to be the full {name}"
+        elif int(counts[1]) < full_train or int(counts[2]) < full_test:
+            text += f"; not the full {name}: {counts[1]}+{counts[2]} images"
+        parts.append(text)
+    if not parts:
+        return "not recorded"
+    if unknown:
+        parts.append(f"not recorded for {unknown} of {len(records)} runs")
+    return "; ".join(parts)
+
+
 def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     columns: list[str] = []
     for row in rows:
@@ -248,7 +305,9 @@ def reproduce_one(
     # an experiment with its own data (1-D, CIFAR-10) labels its claims itself
     label = dataset if experiment.uses_dataset else experiment.data_label
     claims, rows = experiment.analyze(records, label)
-    claims = [dataclasses.replace(c, preset=preset) for c in claims]
+    # the data folder the claims rest on: a generated one is no CIFAR-10
+    described = describe_data(experiment, records, data)
+    claims = [dataclasses.replace(c, preset=preset, data=described) for c in claims]
     suffix = (
         "" if dataset == "mnist1d" or not experiment.uses_dataset else f"-{dataset}"
     )
@@ -263,4 +322,4 @@ def reproduce_one(
         ),
     )
     figures = experiment.plot(records, directory, suffix)
-    return Outcome(experiment.name, directory, claims, figures)
+    return Outcome(experiment.name, directory, claims, figures, described)

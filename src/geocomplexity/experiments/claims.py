@@ -32,6 +32,12 @@ class Claim:
         n: how many numbers the statistic rests on.
         dataset: the data set it was computed on.
         preset: the preset of the sweep behind it (``"quick"``, ...).
+        data: for an experiment that reads a data folder, the data its runs
+            were made on, in words: ``"CIFAR-10 from /path (50000+10000
+            images, sha256 ...)"``, flagged ``"; not the full CIFAR-10: N+M
+            images"`` for a smaller folder, ``"not recorded"`` for runs
+            stored before fingerprints; ``""`` for the others (their data is
+            ``dataset``, fixed by the config).
     """
 
     claim: str
@@ -42,6 +48,7 @@ class Claim:
     n: int
     dataset: str = ""
     preset: str = ""
+    data: str = ""
 
     @classmethod
     def check(
@@ -117,8 +124,16 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 def write_claims(path: Path, claims: Sequence[Claim]) -> None:
-    """Write ``claims.json`` (a list of dicts) atomically."""
-    write_text(path, json.dumps([asdict(c) for c in claims], indent=1))
+    """Write ``claims.json`` (a list of dicts) atomically.
+
+    ``data`` is left out where empty: the claims of an experiment without a
+    data folder are written as before it existed.
+    """
+    rows = [asdict(c) for c in claims]
+    for row in rows:
+        if not row["data"]:
+            del row["data"]
+    write_text(path, json.dumps(rows, indent=1))
 
 
 def load_claims(path: Path) -> list[Claim]:

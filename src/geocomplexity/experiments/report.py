@@ -10,6 +10,7 @@ import base64
 import html
 import json
 import platform
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -41,8 +42,31 @@ def collect_claims(out: Path) -> list[tuple[str, Claim]]:
                 f"`geocomplexity reproduce {path.parent.name}` with --out "
                 f"{out} (finished runs are kept) to rewrite it, or delete it"
             ) from None
-        found.extend((path.parent.name, c) for c in claims)
+        name = path.parent.name
+        if _reads_a_folder(name):  # a claims file from before ``data``
+            claims = [c if c.data else replace(c, data="not recorded") for c in claims]
+        found.extend((name, c) for c in claims)
     return found
+
+
+def _reads_a_folder(name: str) -> bool:
+    """Whether experiment ``name`` reads a data folder (``folder_data``)."""
+    from geocomplexity.experiments import EXPERIMENTS
+
+    experiment = EXPERIMENTS.get(name)
+    return experiment is not None and experiment.folder_data is not None
+
+
+def _doubtful(data: str) -> bool:
+    """Whether a claim's ``data`` says it is not the full data, or unknown."""
+    return any(
+        flag in data for flag in ("not the full", "not recorded", "not known to")
+    )
+
+
+def _data_lines(claims: list[tuple[str, Claim]]) -> list[tuple[str, str]]:
+    """Each experiment's data folder in words, once, in the claims' order."""
+    return list(dict.fromkeys((name, c.data) for name, c in claims if c.data))
 
 
 def claims_table(claims: list[tuple[str, Claim]]) -> str:
@@ -51,6 +75,9 @@ def claims_table(claims: list[tuple[str, Claim]]) -> str:
     Its columns are report.html's: n is how many numbers each statistic rests
     on (a claim on 2 runs reads differently from one on 30). Cells longer
     than 60 characters are cut, ending in "…"; report.html has them whole.
+    Below it, each experiment that reads a data folder has a line with that
+    data (:attr:`Claim.data`): the data column's "cifar10" alone would not
+    tell a generated folder from CIFAR-10.
 
     Returns:
         The table.
@@ -93,6 +120,7 @@ def claims_table(claims: list[tuple[str, Claim]]) -> str:
         )
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
+    lines.extend(f"{name} data: {data}" for name, data in _data_lines(claims))
     return "\n".join(lines)
 
 
@@ -177,8 +205,9 @@ def write_report(out: Path) -> Path:
     ]
     for name, c in claims:
         cls, word = ("pass", "PASS") if c.passed else ("fail", "FAIL")
+        note = f"<br><small>data: {esc(c.data)}</small>" if c.data else ""
         parts.append(
-            f"<tr class='{cls}'><td>{esc(name)}</td><td>{esc(c.dataset)}</td>"
+            f"<tr class='{cls}'><td>{esc(name)}</td><td>{esc(c.dataset)}{note}</td>"
             f"<td>{esc(c.preset)}</td><td>{esc(c.claim)}</td><td>{esc(c.statistic)}</td>"
             f"<td>{c.value:.4g}</td><td>{esc(c.threshold)}</td><td>{c.n}</td>"
             f"<td>{word}</td></tr>"
@@ -187,6 +216,11 @@ def write_report(out: Path) -> Path:
     versions: dict[str, set[str]] = {}
     for directory in sorted({out / name for name, _ in claims}):
         parts.append(f"<h2>{esc(directory.name)}</h2>")
+        # what the claims rest on; a generated folder's, or unknown, stands out
+        for name, data in _data_lines(claims):
+            if name == directory.name:
+                cls = " class='fail'" if _doubtful(data) else ""
+                parts.append(f"<p{cls}>data: {esc(data)}</p>")
         # the claims again beside their figures: verdict, statistic, threshold
         parts.append("<ul>")
         for name, c in claims:

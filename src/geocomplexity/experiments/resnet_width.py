@@ -156,6 +156,7 @@ class ResNetDoubleDescent(DoubleDescent):
     uses_dataset = False
     data_label = "cifar10"
     needs_data_dir = True
+    folder_data = ("CIFAR-10", 50000, 10000)
     in_all = ("paper",)
     _presets = _PRESETS
 
