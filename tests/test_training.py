@@ -1148,3 +1148,74 @@ def test_a_checkpoint_is_refused_by_a_run_with_another_loss(tmp_path):
         fit(mlp(), train, test, loss_fn=smoothed, **kw)
     # the default, named, is the same loss
     assert len(fit(mlp(), train, test, loss_fn=F.cross_entropy, **kw).records) == 5
+
+
+class _StepLambda:
+    """A callback stepping a LambdaLR once an epoch, its state checkpointed."""
+
+    def __init__(self, opt: torch.optim.Optimizer, kill_at: int | None = None):
+        self.sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5**e)
+        self.kill_at = kill_at
+
+    def __call__(self, history, _model) -> None:
+        epoch = history.records[-1]["epoch"]
+        if epoch > 0:
+            self.sched.step()
+        if epoch == self.kill_at:
+            raise _Interrupt
+
+    def state_dict(self) -> dict:
+        return self.sched.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sched.load_state_dict(state)
+
+
+def test_a_callbacks_scheduler_state_resumes_with_the_checkpoint(tmp_path):
+    # LambdaLR counts its own epochs: a resumed run's new scheduler started
+    # its schedule over (lr 0.0375 at the end where the uninterrupted run
+    # reached 0.01875), silently. A callback's state_dict is now checkpointed
+    train, _ = problem()
+    ckpt = tmp_path / "run.pt"
+
+    def run(kill_at: int | None):
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.3)
+        h = fit(model, train, optimizer=opt, epochs=4, batch_size=50,
+                device="cpu", progress=False, checkpoint=ckpt,
+                callbacks=[_StepLambda(opt, kill_at)])  # fmt: skip
+        return h, model, opt
+
+    whole, whole_model, whole_opt = run(None)
+    ckpt.unlink()
+    with pytest.raises(_Interrupt):
+        run(kill_at=2)
+    resumed, resumed_model, opt = run(None)
+    assert opt.param_groups[0]["lr"] == whole_opt.param_groups[0]["lr"] == 0.3 / 16
+    assert [r["train_loss"] for r in resumed.records] == [
+        r["train_loss"] for r in whole.records
+    ]
+    for a, b in zip(resumed_model.parameters(), whole_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_checkpoint_without_a_callbacks_state_resumes_with_a_warning(tmp_path):
+    # a checkpoint from before callbacks' states (or callbacks in another
+    # order) has none for a callback that keeps one: said, not silent
+    train, _ = problem()
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(_Interrupt):
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.3)
+        fit(model, train, optimizer=opt, epochs=4, batch_size=50, device="cpu",
+            progress=False, checkpoint=ckpt,
+            callbacks=[lambda h, m: None, _StepLambda(opt, kill_at=2)])  # fmt: skip
+    state = torch.load(ckpt, weights_only=True)
+    assert state["callbacks"][0] is None
+    del state["callbacks"]
+    torch.save(state, ckpt)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    with pytest.warns(UserWarning, match="no state for callback 0"):
+        fit(model, train, optimizer=opt, epochs=4, batch_size=50, device="cpu",
+            progress=False, checkpoint=ckpt, callbacks=[_StepLambda(opt)])  # fmt: skip
