@@ -2857,3 +2857,22 @@ def test_describe_data_names_the_folder_and_flags_what_is_not_full_cifar():
         "not the full CIFAR-10: 50000+9999 images"
     )
     assert describe_data(EXPERIMENTS["init-depth"], made, None) == ""
+
+
+def _readme_claims_row(name: str) -> str:
+    """The README claims table's text for experiment ``name``."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    row = re.search(rf"^\| `{re.escape(name)}` \| (.*) \|$", readme, re.M)
+    assert row is not None, name
+    return row[1]
+
+
+def test_readme_and_list_say_which_runs_the_matched_loss_claim_reads():
+    # the matched-loss claim reads only the runs whose final train loss is at
+    # least _NONTRIVIAL times the unregularized run's; the README's claims
+    # table and `geocomplexity list` said "GC below the unregularized run's at
+    # the same train loss", as if every strength were checked
+    from geocomplexity.experiments.regularizers import _NONTRIVIAL
+
+    for text in (_readme_claims_row("regularizers"), EXPERIMENTS["regularizers"].claim):
+        assert f"{_NONTRIVIAL:g}" in text, text

@@ -105,7 +105,8 @@ class Regularizers(Experiment):
     claim = (
         "L2, flatness, spectral-norm, explicit-GC and input-noise regularization "
         "each lower GC: Spearman(strength, GC) <= -0.8, and GC below the "
-        "unregularized run's at the same training loss"
+        "unregularized run's at the same training loss (the strengths that "
+        f"end at >= {_NONTRIVIAL:g}x its train loss)"
     )
 
     def runs(self, preset: str, dataset: str, seeds: int | None) -> list[Run]:  # noqa: D102
