@@ -2876,3 +2876,15 @@ def test_readme_and_list_say_which_runs_the_matched_loss_claim_reads():
 
     for text in (_readme_claims_row("regularizers"), EXPERIMENTS["regularizers"].claim):
         assert f"{_NONTRIVIAL:g}" in text, text
+
+
+def test_readme_and_list_state_the_double_descent_peaks_grid_step_tolerance():
+    # analyze passes a test-loss peak within one grid step of the
+    # interpolation threshold, and a GC peak within one step of it; the
+    # README's claims table and `geocomplexity list` said "peaks at the
+    # interpolation threshold" and "at the same width"
+    for text in (
+        _readme_claims_row("double-descent"),
+        EXPERIMENTS["double-descent"].claim,
+    ):
+        assert "one grid step" in text, text
