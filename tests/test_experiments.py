@@ -2888,3 +2888,73 @@ def test_readme_and_list_state_the_double_descent_peaks_grid_step_tolerance():
         EXPERIMENTS["double-descent"].claim,
     ):
         assert "one grid step" in text, text
+
+
+def _fake_ray_module(inits: list) -> object:
+    """A stand-in ``ray`` (installed or not): records ``ray.init``'s address."""
+    import importlib.machinery
+    import types
+
+    fake = types.ModuleType("ray")
+    fake.__spec__ = importlib.machinery.ModuleSpec("ray", None)  # find_spec reads it
+    fake.is_initialized = lambda: False
+    fake.shutdown = lambda: None
+
+    def init(address=None, **kwargs):
+        # the real one, given a port where nothing listens, logged "Failed to
+        # connect to GCS" every few seconds and never returned (killed at 2 min)
+        inits.append(address)
+        raise AssertionError(f"ray.init({address!r}) was called")
+
+    fake.init = init
+    return fake
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # the OS's free port, closed again: nothing listens
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_ray_address_where_nothing_listens_exits_2_in_seconds(
+    tmp_path, capsys, monkeypatch
+):
+    # `reproduce --executor ray --ray-address 127.0.0.1:1` went into ray.init,
+    # which retried the GCS for minutes (still retrying when killed at 120 s)
+    from geocomplexity.experiments import runner
+
+    inits: list = []
+    monkeypatch.setitem(sys.modules, "ray", _fake_ray_module(inits))
+    monkeypatch.setattr(runner.atexit, "register", lambda *a, **k: None)
+    address = f"127.0.0.1:{_closed_port()}"
+    argv = ["reproduce", "arc-length", "--preset", "smoke", "--out", str(tmp_path)]
+    argv += ["--executor", "ray", "--ray-address", address, "--malloc", "default"]
+    start = time.perf_counter()
+    assert main(argv) == 2
+    assert time.perf_counter() - start < 10
+    assert inits == []
+    err = capsys.readouterr().err
+    assert f"no Ray cluster answered at --ray-address {address}" in err
+    assert "ray status" in err and "Traceback" not in err
+
+
+def test_ray_address_that_answers_is_passed_to_ray_init(monkeypatch):
+    import socket
+
+    from geocomplexity.experiments import runner
+
+    inits: list = []
+    monkeypatch.setitem(sys.modules, "ray", _fake_ray_module(inits))
+    monkeypatch.setattr(runner.atexit, "register", lambda *a, **k: None)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+            with pytest.raises(AssertionError, match="was called"):
+                runner._ray(address)
+    with pytest.raises(runner.ClusterUnreachable, match=f"127.0.0.1:{port}"):
+        runner._ray(f"ray://127.0.0.1:{port}")  # closed now
+    assert inits == [f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"]

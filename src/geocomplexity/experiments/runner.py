@@ -22,6 +22,7 @@ import json
 import multiprocessing
 import os
 import platform
+import socket
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -284,6 +285,46 @@ class ClusterUnreachable(ConnectionError):
     """The Ray cluster named by ``ray_address`` did not answer."""
 
 
+#: The fix named by every :class:`ClusterUnreachable`
+_CLUSTER_FIX = (
+    "check that it is up (`ray status` on its head node) and that the address "
+    "is its head node's: HOST:PORT of the GCS (6379 unless changed) or "
+    "ray://HOST:PORT of Ray Client (10001 unless changed)"
+)
+
+#: Seconds a cluster's port has to accept a connection
+_CONNECT_TIMEOUT = 3.0
+
+
+def _check_reachable(address: str) -> None:
+    """Raise :class:`ClusterUnreachable` if nothing accepts at ``address``.
+
+    ``ray.init`` on a HOST:PORT where nothing listens does not fail: it logs
+    "Failed to connect to GCS" and retries for minutes (still retrying at
+    two), so one TCP connect, at most ``_CONNECT_TIMEOUT`` seconds, comes
+    first. Only ``HOST:PORT`` and ``ray://HOST:PORT`` are checked; ``auto``
+    and a client-builder module's ``scheme://`` are left to Ray.
+    """
+    if address.startswith("ray://"):
+        rest = address.removeprefix("ray://")
+    elif "://" in address:
+        return
+    else:
+        rest = address
+    host, colon, port = rest.rpartition(":")
+    if not colon or not host or not port.isdigit():
+        return  # "auto", or a form Ray reads (and refuses) itself
+    try:
+        socket.create_connection(
+            (host.strip("[]"), int(port)), timeout=_CONNECT_TIMEOUT
+        ).close()
+    except OSError as err:  # refused, timed out, a host that does not resolve
+        raise ClusterUnreachable(
+            f"no Ray cluster answered at --ray-address {address} "
+            f"({err.strerror or err or type(err).__name__}); {_CLUSTER_FIX}"
+        ) from None
+
+
 def _ray(address: str | None) -> Any:
     """Ray, connected: to ``address``, or to a local instance started here."""
     try:
@@ -305,15 +346,13 @@ def _ray(address: str | None) -> Any:
                 configure_logging=False,
             )
         else:
+            _check_reachable(address)  # ray.init would retry for minutes
             try:
                 ray.init(address=address, log_to_driver=False, configure_logging=False)
             except ConnectionError as err:  # "ray client connection timeout"
                 raise ClusterUnreachable(
                     f"no Ray cluster answered at --ray-address {address} ({err}); "
-                    "check that it is up (`ray status` on its head node) and "
-                    "that the address is its head node's: HOST:PORT of the GCS "
-                    "(6379 unless changed) or ray://HOST:PORT of Ray Client "
-                    "(10001 unless changed)"
+                    f"{_CLUSTER_FIX}"
                 ) from None
         atexit.register(ray.shutdown)
     return ray
