@@ -180,10 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         The exit status: 0 on success, 2 for bad arguments, a missing folder
         or package (matplotlib, a data set's), an output folder that cannot
-        be made or a Ray cluster that does not answer.
+        be made or a Ray cluster that does not answer, 130 for Ctrl-C during
+        ``reproduce`` (the finished runs stored).
     """
     args = _parser().parse_args(argv)  # exits with status 2 on bad arguments
-    from geocomplexity.experiments import EXPERIMENTS, reproduce_one
+    from geocomplexity.experiments import EXPERIMENTS
     from geocomplexity.experiments.report import (
         claims_table,
         collect_claims,
@@ -309,6 +310,29 @@ def main(argv: list[str] | None = None) -> int:
                 f"--out {args.out}: {runs}: {err.strerror or err}; move what "
                 "is in the way or name another folder"
             )
+    try:
+        return _reproduce(args, names, dataset, device, workers)
+    except KeyboardInterrupt:
+        # run_sweep has stored every finished run and stopped the others: a
+        # traceback through the pool's waiter said nothing of either
+        print(
+            f"\ngeocomplexity: interrupted; the finished runs are stored in "
+            f"{args.out}: the same command resumes from them",
+            file=sys.stderr,
+        )
+        return 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+
+
+def _reproduce(
+    args: argparse.Namespace, names: list[str], dataset: str, device: str, workers: int
+) -> int:
+    """Run ``names`` into ``args.out`` (checked by :func:`main`): the exit status."""
+    from geocomplexity.experiments import EXPERIMENTS, reproduce_one
+    from geocomplexity.experiments.report import (
+        claims_table,
+        collect_claims,
+        write_report,
+    )
     from geocomplexity.experiments.runner import ClusterUnreachable, DataMismatch
 
     start = time.perf_counter()
