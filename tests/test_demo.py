@@ -33,3 +33,22 @@ def test_demo_compares_the_methods_on_the_model_of_its_last_row(monkeypatch, cap
     assert float(exact.group(1)) == pytest.approx(
         float(rows[-1][3]), rel=1e-5, abs=1e-4
     )
+
+
+def test_demo_without_mnist1d_says_what_to_install(monkeypatch, capsys):
+    # `make demo` on a machine without the data extra printed two chained
+    # tracebacks (the blocked import, then load_mnist1d's) before the fix
+    def missing():
+        try:
+            raise ModuleNotFoundError("No module named 'scipy'")
+        except ImportError as err:
+            raise ImportError(
+                "MNIST-1D needs the mnist1d package: pip install 'geocomplexity[data]'"
+            ) from err
+
+    monkeypatch.setattr(demo, "load_mnist1d", missing)
+    assert demo.main() == 2
+    captured = capsys.readouterr()
+    assert "pip install 'geocomplexity[data]'" in captured.err
+    assert "No module named 'scipy'" in captured.err  # what was missing
+    assert "Traceback" not in captured.err and captured.out == ""

@@ -7,6 +7,7 @@ Run with ``python -m geocomplexity.demo``.
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -16,10 +17,22 @@ import geocomplexity as gcx
 from geocomplexity.data import load_mnist1d
 
 
-def main() -> None:
-    """Run the demonstration and print a small report."""
+def main() -> int:
+    """Run the demonstration and print a small report.
+
+    Returns:
+        The exit status: 0, or 2 where MNIST-1D cannot be generated (the
+        ``data`` extra missing), said in one line instead of two tracebacks.
+    """
+    try:
+        data = load_mnist1d()
+    except ImportError as err:
+        # the cause names the module that is missing (mnist1d, or one of its
+        # own dependencies where mnist1d itself is installed)
+        cause = f" ({err.__cause__})" if err.__cause__ is not None else ""
+        print(f"geocomplexity.demo: error: {err}{cause}", file=sys.stderr)
+        return 2
     torch.manual_seed(0)
-    data = load_mnist1d()
     model = nn.Sequential(
         nn.Linear(40, 256),
         nn.ReLU(),
@@ -68,7 +81,8 @@ def main() -> None:
         "\nEach ± is the standard error of the mean over samples (probe noise "
         "included for the estimators)."
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
