@@ -2566,35 +2566,12 @@ def test_a_ray_sweep_stopped_by_a_failing_store_lets_every_claim_go(
     from geocomplexity.atomic import claimed
     from geocomplexity.experiments import runner
 
-    class FakeRay:  # tasks run at once; one is found ready at a time
-        def __init__(self):
-            self.results = {}
-
-        def remote(self, **resources):
-            def task(fn):
-                class Task:
-                    def remote(task, fn, run, *args):
-                        ref = object()
-                        self.results[ref] = runner._record(fn, run)
-                        return ref
-
-                return Task()
-
-            return task
-
-        def wait(self, refs, num_returns=1, timeout=None):
-            return refs[:1], refs[1:]
-
-        def get(self, ref):
-            return self.results[ref]
-
-        def cancel(self, ref, force=False):
-            pass
-
     def full(path, text):
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(runner, "_ray", lambda address: FakeRay())
+    # tasks run at once; one is found ready at a time
+    fake = _ImmediateRay(lambda fn, run, *args: runner._record(fn, run))
+    monkeypatch.setattr(runner, "_ray", lambda address: fake)
     monkeypatch.setattr(runner, "write_text", full)
     runs = [Run.make("toy", 0, x=i) for i in range(3)]
     with pytest.raises(OSError, match="No space") as raised:
@@ -2691,42 +2668,19 @@ def test_cli_ray_node_with_other_data_exits_2_with_the_message_alone(
 
     other = write_fake_cifar(tmp_path / "node" / "cifar-10-batches-py", seed=1)
 
-    class FakeRay:  # each task runs at once, as on a node with its own copy
-        def __init__(self):
-            self.results = {}
+    def on_the_node(fn, run, *args):  # a node with its own copy of the data
+        context = fn.keywords["context"]
+        node = dataclasses.replace(context, data_dir=other)
+        fn = functools.partial(fn.func, context=node)
+        try:
+            return runner._ray_record(fn, run, *args)
+        except Exception as err:  # as Ray hands a task's error to the driver
+            return RayTaskError(
+                "_ray_record", traceback.format_exc(), err
+            ).as_instanceof_cause()
 
-        def remote(self, **resources):
-            def task(fn):
-                class Task:
-                    def remote(task, fn, run, *args):
-                        context = fn.keywords["context"]
-                        node = dataclasses.replace(context, data_dir=other)
-                        fn = functools.partial(fn.func, context=node)
-                        ref = object()
-                        try:
-                            self.results[ref] = runner._ray_record(fn, run, *args)
-                        except Exception as err:
-                            self.results[ref] = RayTaskError(
-                                "_ray_record", traceback.format_exc(), err
-                            ).as_instanceof_cause()
-                        return ref
-
-                return Task()
-
-            return task
-
-        def wait(self, refs, num_returns=1, timeout=None):
-            return refs[:num_returns], refs[num_returns:]
-
-        def get(self, ref):
-            if isinstance(self.results[ref], BaseException):
-                raise self.results[ref]
-            return self.results[ref]
-
-        def cancel(self, ref, force=False):
-            pass
-
-    monkeypatch.setattr(runner, "_ray", lambda address: FakeRay())
+    fake = _ImmediateRay(on_the_node)
+    monkeypatch.setattr(runner, "_ray", lambda address: fake)
     argv = ["reproduce", "resnet-double-descent", "--preset", "smoke"]
     argv += ["--device", "cpu", "--out", str(tmp_path / "o"), "--executor", "ray"]
     assert main([*argv, "--data-dir", str(fake_cifar)]) == 2
@@ -2985,3 +2939,41 @@ def test_cli_ctrl_c_during_reproduce_exits_130_without_a_traceback(
     assert "interrupted" in captured.err and str(tmp_path) in captured.err
     assert "resume" in captured.err
     assert not (tmp_path / "report.html").exists()
+
+
+class _ImmediateRay:
+    """A fake ``ray`` module whose tasks run when submitted.
+
+    ``execute(fn, run, *args)`` is a task's body; what it returns is the
+    task's result, raised by ``get`` where it is an exception. ``wait`` finds
+    one task ready at a time, in the order submitted.
+    """
+
+    def __init__(self, execute):
+        self.execute, self.results = execute, {}
+
+    def remote(self, **resources):
+        def task(_fn):
+            fake = self
+
+            class Task:
+                def remote(self, fn, run, *args):
+                    ref = object()
+                    fake.results[ref] = fake.execute(fn, run, *args)
+                    return ref
+
+            return Task()
+
+        return task
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        return refs[:1], refs[1:]
+
+    def get(self, ref):
+        result = self.results[ref]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def cancel(self, ref, force=False):
+        pass

@@ -1101,14 +1101,8 @@ def test_a_diverged_run_tracking_gc_records_nan_gc_and_finishes(tmp_path):
     assert str(History.from_json(h.to_json()).records) == str(h.records)
 
 
-def test_a_checkpoint_is_refused_by_a_run_on_other_data_of_the_same_size(tmp_path):
-    # the checkpoint's fingerprint held the number of training samples alone,
-    # and a resume puts the checkpoint's (noisy) labels back: the same call on
-    # other data of that size resumed without a word and trained on its inputs
-    # paired with the first data's labels (here the samples reversed: every
-    # input trained with another sample's label)
-    train, test = problem(60)
-    ckpt = tmp_path / "run.pt"
+def _killed_at_epoch_2(train, test, ckpt) -> dict:
+    """Run fit, killed at epoch 2's record (epoch 1 checkpointed); its options."""
 
     def kill_at_2(history, _model):
         if history.final["epoch"] == 2:
@@ -1117,6 +1111,17 @@ def test_a_checkpoint_is_refused_by_a_run_on_other_data_of_the_same_size(tmp_pat
     kw = dict(epochs=4, batch_size=16, device="cpu", progress=False, checkpoint=ckpt)
     with pytest.raises(_Interrupt):
         fit(mlp(), train, test, callbacks=[kill_at_2], **kw)
+    return kw
+
+
+def test_a_checkpoint_is_refused_by_a_run_on_other_data_of_the_same_size(tmp_path):
+    # the checkpoint's fingerprint held the number of training samples alone,
+    # and a resume puts the checkpoint's (noisy) labels back: the same call on
+    # other data of that size resumed without a word and trained on its inputs
+    # paired with the first data's labels (here the samples reversed: every
+    # input trained with another sample's label)
+    train, test = problem(60)
+    kw = _killed_at_epoch_2(train, test, tmp_path / "run.pt")
     reversed_train = (train[0].flip(0), train[1].flip(0))
     with pytest.raises(ValueError, match="different run"):
         fit(mlp(), reversed_train, test, **kw)
@@ -1131,19 +1136,11 @@ def test_a_checkpoint_is_refused_by_a_run_with_another_loss(tmp_path):
     # the loss was in no part of the checkpoint's fingerprint: a run with
     # label smoothing resumed the cross-entropy run's checkpoint without a
     # word, its history cross-entropy's up to the kill and its own after
-    train, test = problem(60)
-    ckpt = tmp_path / "run.pt"
-
-    def kill_at_2(history, _model):
-        if history.final["epoch"] == 2:
-            raise _Interrupt
-
     def smoothed(outputs, targets):
         return F.cross_entropy(outputs, targets, label_smoothing=0.5)
 
-    kw = dict(epochs=4, batch_size=16, device="cpu", progress=False, checkpoint=ckpt)
-    with pytest.raises(_Interrupt):
-        fit(mlp(), train, test, callbacks=[kill_at_2], **kw)
+    train, test = problem(60)
+    kw = _killed_at_epoch_2(train, test, tmp_path / "run.pt")
     with pytest.raises(ValueError, match="different run"):
         fit(mlp(), train, test, loss_fn=smoothed, **kw)
     # the default, named, is the same loss
