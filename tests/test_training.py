@@ -748,6 +748,24 @@ def test_an_optimizer_instance_is_recorded_and_checked_by_its_own_lr(tmp_path):
     assert len(again.records) == 3
 
 
+def _resumed_equals_whole(run, ckpt, error) -> tuple:
+    """``run(kill_at)``'s whole run, then one killed at epoch 2 and resumed.
+
+    The two must give the same train losses and the same weights, bit for
+    bit. Returns both runs' ``(history, model, optimizer)``.
+    """
+    whole = run(None)
+    ckpt.unlink()
+    with pytest.raises(error):
+        run(kill_at=2)
+    resumed = run(None)
+    losses = [[r["train_loss"] for r in h.records] for h in (whole[0], resumed[0])]
+    assert losses[0] == losses[1]
+    for a, b in zip(resumed[1].parameters(), whole[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    return whole, resumed
+
+
 def test_a_run_whose_scheduler_moved_the_lr_resumes_from_its_checkpoint(tmp_path):
     # a learning-rate scheduler stepped by a callback lowers the optimizer's
     # lr: the killed run's checkpoint holds the lowered one, and resuming the
@@ -775,17 +793,8 @@ def test_a_run_whose_scheduler_moved_the_lr_resumes_from_its_checkpoint(tmp_path
                 callbacks=[step_lr])  # fmt: skip
         return h, model, opt
 
-    whole, whole_model, _ = run(None)
-    ckpt.unlink()
-    with pytest.raises(Killed):
-        run(kill_at=2)
-    resumed, resumed_model, opt = run(None)
+    _, (_, _, opt) = _resumed_equals_whole(run, ckpt, Killed)
     assert opt.param_groups[0]["lr"] == 0.3 * 0.5**3
-    assert [r["train_loss"] for r in resumed.records] == [
-        r["train_loss"] for r in whole.records
-    ]
-    for a, b in zip(resumed_model.parameters(), whole_model.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
     # another starting lr is still another run
     with pytest.raises(ValueError, match="different run"):
         fit(mlp(), train, optimizer=lambda p: torch.optim.SGD(p, lr=0.05),
@@ -1183,17 +1192,8 @@ def test_a_callbacks_scheduler_state_resumes_with_the_checkpoint(tmp_path):
                 callbacks=[_StepLambda(opt, kill_at)])  # fmt: skip
         return h, model, opt
 
-    whole, whole_model, whole_opt = run(None)
-    ckpt.unlink()
-    with pytest.raises(_Interrupt):
-        run(kill_at=2)
-    resumed, resumed_model, opt = run(None)
+    (_, _, whole_opt), (_, _, opt) = _resumed_equals_whole(run, ckpt, _Interrupt)
     assert opt.param_groups[0]["lr"] == whole_opt.param_groups[0]["lr"] == 0.3 / 16
-    assert [r["train_loss"] for r in resumed.records] == [
-        r["train_loss"] for r in whole.records
-    ]
-    for a, b in zip(resumed_model.parameters(), whole_model.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_a_checkpoint_without_a_callbacks_state_resumes_with_a_warning(tmp_path):
