@@ -2363,3 +2363,23 @@ def test_double_backprop_gradient_norm_of_a_float16_model_beyond_float16_range(f
     assert value.item() == pytest.approx(want.item(), rel=1e-2)
     assert grad.dtype == torch.float16
     torch.testing.assert_close(grad.double(), want_grad, rtol=1e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize(("batch", "subsample"), [(4, 0.25), (2, 0.5)])
+def test_gc_term_subsample_of_a_train_mode_batch_norm_model_takes_two(batch, subsample):
+    """A train-mode BatchNorm cannot normalise one sample: a subsample of
+    ceil(s·B) = 1 raised BatchNorm's 'Expected more than 1 value per channel'
+    in the middle of a run (a small last batch), naming no subsample. Coupled
+    samples take a subset of 2 at least: the subset's diagonal-block GC."""
+    model = batchnorm_mlp(4).train()
+    x = torch.randn(batch, 4, dtype=torch.float64)
+    term = GeometricComplexity(
+        1.0,
+        method="exact",
+        subsample=subsample,
+        generator=torch.Generator().manual_seed(3),
+    )
+    pen = term(model, x)
+    idx = torch.randperm(batch, generator=torch.Generator().manual_seed(3))[:2]
+    want = diagonal_block_sq_norms(model, x[idx]).mean()
+    assert torch.isclose(pen, want, rtol=1e-10)
