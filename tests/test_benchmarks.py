@@ -149,3 +149,68 @@ def test_bench_coupled_table_shows_a_step_that_failed():
     }
     table = bench_coupled.markdown({"timing": timing, "spread": spread})
     assert "2.00× (1.90–2.10)" in table and "error: OOM" in table
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.mark.parametrize(
+    "script, stored",
+    [
+        ("bench_measure", "measure.json"),
+        ("bench_regularizers", "regularizers.json"),
+        ("bench_coupled", "coupled.json"),
+    ],
+)
+def test_readme_tables_are_the_committed_json_regenerated(script, stored):
+    # the README's Performance tables are what each script's markdown() prints
+    # for the committed JSON: a hand edit of a number, or a JSON replaced by a
+    # new run without the README, shows up here as the first line that differs
+    import importlib
+
+    text = importlib.import_module(script).markdown(
+        json.loads((RESULTS / stored).read_text())
+    )
+    readme = set(README.read_text().splitlines())
+    missing = [line for line in text.splitlines() if line and line not in readme]
+    assert not missing, f"{stored}: not in README.md: {missing[:3]}"
+
+
+@pytest.mark.parametrize(
+    "stored", sorted(p.name for p in RESULTS.glob("measure*.json"))
+)
+def test_stored_measuring_verdicts_follow_from_their_intervals(stored):
+    # yes / no only where the 95% interval clears the floor, noise where the
+    # floor lies inside it: the rule the README states, for every stored run
+    result = json.loads((RESULTS / stored).read_text())
+    for f in result["floors"]:
+        for value, ci, judged in (
+            (f["value"], f["paired"], f["verdict"]),
+            (f["bare_autograd"], f["bare_paired"], f["bare_verdict"]),
+        ):
+            assert bench_measure.verdict(value, ci, f["limit"]) == judged, f
+
+
+@pytest.mark.parametrize(
+    "stored", sorted(p.name for p in RESULTS.glob("regularizers*.json"))
+)
+def test_stored_penalty_verdicts_and_counts_follow_from_their_intervals(stored):
+    # each marked verdict from its ratio and interval, and the stored
+    # floor_verdicts (the README's "N met, M missed") from those verdicts
+    import bench_regularizers
+
+    result = json.loads((RESULTS / stored).read_text())
+    for case in result["cases"].values():
+        for name, m in case["methods"].items():
+            ref = name.removeprefix("bare autograd: ")
+            if ref not in bench_regularizers.FLOORS:
+                continue
+            ci = m["ratio_95_interval"]
+            r = m["ratio_to_plain_step"]
+            judged = bench_measure.verdict(
+                r, None if ci is None else [r, *ci], bench_regularizers.FLOORS[ref]
+            )
+            assert (m.get("verdict") or m.get("reference_verdict")) == judged, name
+    counts = bench_regularizers.floor_verdicts(result["cases"])
+    assert {k: counts[k] for k in ("pass", "fail", "noise")} == result["floor_verdicts"]
