@@ -1216,3 +1216,30 @@ def test_a_checkpoint_without_a_callbacks_state_resumes_with_a_warning(tmp_path)
     with pytest.warns(UserWarning, match="no state for callback 0"):
         fit(model, train, optimizer=opt, epochs=4, batch_size=50, device="cpu",
             progress=False, checkpoint=ckpt, callbacks=[_StepLambda(opt)])  # fmt: skip
+
+
+class _Unloadable:
+    """A value ``torch.load(weights_only=True)`` refuses (no allowed global)."""
+
+
+def test_a_callback_state_that_cannot_be_resumed_is_refused_when_saved(tmp_path):
+    # a callback's state_dict holding an object torch.load(weights_only=True)
+    # refuses was saved without a word: the run trained on, and its resume
+    # failed as 'cannot resume ... Weights only load failed ... Delete the
+    # file', naming no callback, the checkpoint never usable
+    class Keeps:
+        def __call__(self, history, model) -> None:
+            pass
+
+        def state_dict(self) -> dict:
+            return {"thing": _Unloadable()}
+
+        def load_state_dict(self, state: dict) -> None:
+            pass
+
+    train, _ = problem()
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(TypeError, match=r"callback 1 \(Keeps\).*weights_only"):
+        fit(mlp(), train, epochs=2, batch_size=50, device="cpu", progress=False,
+            checkpoint=ckpt, callbacks=[lambda h, m: None, Keeps()])  # fmt: skip
+    assert not ckpt.exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import math
 import numbers
@@ -423,7 +424,9 @@ def fit(
             targets of shape ``(N,)`` for the default cross-entropy; a
             ``regularizer`` that is no
             :class:`~geocomplexity.regularizers.Regularizer`, or one that
-            differentiates with respect to integer inputs.
+            differentiates with respect to integer inputs; with
+            ``checkpoint``, a callback whose ``state_dict()`` holds what
+            ``torch.load(weights_only=True)`` refuses (at the first save).
     """
     from tqdm.auto import tqdm
 
@@ -775,7 +778,7 @@ def fit(
             "reg_generator": reg_gen.get_state(),
             "noise_generator": noise_gen.get_state(),
             "regularizer": regularizer.state_dict() if regularizer else {},
-            "callbacks": [_callback_state(cb) for cb in callbacks],
+            "callbacks": [_callback_state(i, cb) for i, cb in enumerate(callbacks)],
             "history": history.to_json(),
         }
         write_with(Path(checkpoint), lambda f: torch.save(state, f))  # type: ignore[arg-type]
@@ -970,10 +973,35 @@ def fit(
     return history
 
 
-def _callback_state(cb: Callback) -> Any:
-    """A callback's ``state_dict()`` where it has one (a scheduler's), else None."""
+def _callback_state(i: int, cb: Callback) -> Any:
+    """A callback's ``state_dict()`` where it has one (a scheduler's), else None.
+
+    Refused here where the resume's ``torch.load(weights_only=True)`` would
+    refuse it (an object of the callback's own class, a function): saved, it
+    made every checkpoint of the run one that cannot be resumed, found only
+    at the resume and naming no callback.
+    """
     state_dict = getattr(cb, "state_dict", None)
-    return state_dict() if callable(state_dict) else None
+    if not callable(state_dict):
+        return None
+    state = state_dict()
+    buffer = io.BytesIO()
+    try:
+        torch.save(state, buffer)
+        buffer.seek(0)
+        torch.load(buffer, map_location="cpu", weights_only=True)
+    except Exception as err:
+        # weights_only's message opens with advice on loading unsafely; the
+        # line naming the refused class is the one that says what to change
+        lines = str(err).splitlines() or [type(err).__name__]
+        why = next((ln for ln in lines if "Unsupported global" in ln), lines[0])
+        raise TypeError(
+            f"callback {i} ({type(cb).__name__}): its state_dict() holds what "
+            "a checkpoint cannot be resumed from, as torch.load(weights_only="
+            "True) reads it (tensors, numbers, strings, None and lists, tuples "
+            f"and dicts of them): {why.strip()}"
+        ) from err
+    return state
 
 
 def _load_callback_states(
