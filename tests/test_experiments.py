@@ -2977,3 +2977,30 @@ class _ImmediateRay:
 
     def cancel(self, ref, force=False):
         pass
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_cli_strict_exits_1_when_a_claim_fails_after_storing_everything(
+    tmp_path, monkeypatch, capsys, strict
+):
+    # a failing claim is a result: exit 0, as ever. For CI, --strict makes
+    # it the exit status too (1), once every run and claim is written
+    import geocomplexity.experiments as experiments
+    from geocomplexity.experiments.base import Outcome
+
+    claims = [
+        Claim("holds", "s", 1.0, ">= 0", True, 3),
+        Claim("fails", "s", -1.0, ">= 0", False, 3),
+    ]
+    seen = []
+
+    def fake(exp, out, **kw):
+        seen.append(exp.name)
+        return Outcome(exp.name, out / exp.name, claims, [])
+
+    monkeypatch.setattr(experiments, "reproduce_one", fake)
+    argv = ["reproduce", "transfer", "--preset", "smoke", "--out", str(tmp_path)]
+    assert main([*argv, *(["--strict"] if strict else [])]) == (1 if strict else 0)
+    assert seen == ["transfer"]
+    err = capsys.readouterr().err
+    assert ("--strict: 1 claim failed: transfer: fails" in err) == strict

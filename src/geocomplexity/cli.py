@@ -101,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
         "page-faulting it back in, faster CPU autograd (geocomplexity.malloc); "
         "default: glibc's own settings",
     )
+    rep.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 if any claim fails (after every run, claim and the report "
+        "are written); by default a failing claim is a result, exit 0",
+    )
     report = sub.add_parser("report", help="write DIR/report.html and print claims")
     report.add_argument("dir", type=Path, help="a folder `reproduce` wrote (its --out)")
     return parser
@@ -336,6 +342,7 @@ def _reproduce(
     from geocomplexity.experiments.runner import ClusterUnreachable, DataMismatch
 
     start = time.perf_counter()
+    failed: list[str] = []
     for name in names:
         try:
             outcome = reproduce_one(
@@ -360,6 +367,7 @@ def _reproduce(
             message = cause if isinstance(cause, DataMismatch) else err
             return _error(f"--data-dir {args.data_dir}: {message}")
         held = sum(c.passed for c in outcome.claims)
+        failed += [f"{name}: {c.claim}" for c in outcome.claims if not c.passed]
         print(
             f"{name}: {held}/{len(outcome.claims)} claims hold "
             f"({time.perf_counter() - start:.0f} s so far)"
@@ -377,6 +385,13 @@ def _reproduce(
         print()
         print(claims_table(collect_claims(args.out)))
         print(f"\nreport: {path}")
+    if args.strict and failed:  # for CI: results kept, the status says it
+        print(
+            f"--strict: {len(failed)} claim{'s' * (len(failed) > 1)} failed: "
+            + "; ".join(failed),
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
