@@ -505,6 +505,7 @@ def _pilot(
     generator: torch.Generator | None,
     wrt: str | None = None,
     coupled: bool | None = None,
+    pairs: int = 1,
 ) -> list[float]:
     """What ``method="auto"`` learns from a batch: ``[c, n·m, n·σ², n]``.
 
@@ -518,7 +519,9 @@ def _pilot(
     mean per-sample probe variance of a two-probe pilot. Sums over ``n`` so
     ranks can add theirs. When ``c`` is small enough for exact, the pilot is
     skipped and all but ``c`` are zero, ``n`` too, so a rank that skipped it
-    does not dilute another's.
+    does not dilute another's. With ``pairs`` > 1, as many two-probe pairs
+    on the batch, summed as that many batches' (``n·pairs`` last), from one
+    forward pass that reads ``c``.
     """
     if x.dim() == 1 and x.shape[0] > 1:  # scalars, or one unbatched sample?
         _check_scalar_batch(model, x, output)
@@ -546,24 +549,26 @@ def _pilot(
         # no pilot: no samples to weigh in its mean (under a process group,
         # another rank's larger batch may still choose projection)
         return [cost, 0.0, 0.0, 0]
-    with wide_results():  # float16's range is no limit to the mean
-        pilot = [
-            jacobian_sq_norms(
-                model,
-                x,
-                method="projection",
-                output=output,
-                mode=mode,
-                distribution=distribution,
-                generator=generator,
-                wrt=wrt,
-                coupled=coupled,
-            ).double()
-            for _ in range(2)
-        ]
-    m = ((pilot[0] + pilot[1]) / 2).mean().item()
-    var = ((pilot[0] - pilot[1]).pow(2) / 2).mean().item()
-    return [cost, n * m, n * var, n]
+    m = var = 0.0
+    for _ in range(pairs):
+        with wide_results():  # float16's range is no limit to the mean
+            a, b = (
+                jacobian_sq_norms(
+                    model,
+                    x,
+                    method="projection",
+                    output=output,
+                    mode=mode,
+                    distribution=distribution,
+                    generator=generator,
+                    wrt=wrt,
+                    coupled=coupled,
+                ).double()
+                for _ in range(2)
+            )
+        m += ((a + b) / 2).mean().item()
+        var += ((a - b).pow(2) / 2).mean().item()
+    return [cost, n * m, n * var, n * pairs]
 
 
 def _choose(pilot: list[float], total: int, rtol: float) -> tuple[str, int]:
@@ -945,13 +950,12 @@ def measure(
             if rounds > 1:  # the first batches hold too few samples: more pairs
                 more = [0.0, 0.0, 0.0, 0.0]
                 try:
-                    for _ in range(rounds - 1 if first is not None else 0):
+                    if first is not None:
                         with _single_sample_batchnorm(x, 0):
-                            one = _pilot(
+                            more = _pilot(
                                 model, x, output, mode, distribution, generator,
-                                wrt, coupled,
+                                wrt, coupled, pairs=rounds - 1,
                             )  # fmt: skip
-                        more = [a + b for a, b in zip(more, one, strict=True)]
                 except Exception as err:
                     failure = err
                 rows = _distributed.all_gather_rows(
@@ -967,12 +971,13 @@ def measure(
         # AUTO_PILOT_SAMPLES samples; it sums them as the ranks' pilots are
         pilot, seen, piloted = [0.0, 0.0, 0.0, 0], 0, []
 
-        def pilot_on(x: Tensor, start: int) -> list[float]:
+        def pilot_on(x: Tensor, start: int, pairs: int = 1) -> list[float]:
             nonlocal pilot
             with _single_sample_batchnorm(x, start):
                 one = _pilot(
-                    model, x, output, mode, distribution, generator, wrt, coupled
-                )
+                    model, x, output, mode, distribution, generator, wrt, coupled,
+                    pairs,
+                )  # fmt: skip
             pilot = [
                 max(pilot[0], one[0]),
                 *(a + b for a, b in zip(pilot[1:], one[1:], strict=True)),
@@ -1001,10 +1006,10 @@ def measure(
                 # a pilot of that many probes costs as much as exact does
                 chosen, probes = "exact", 1
             else:
-                for _ in range(rounds - 1):
+                if rounds > 1:  # too few samples: more pairs on each batch
                     start = 0
                     for x in piloted:
-                        pilot_on(x, start)
+                        pilot_on(x, start, rounds - 1)
                         start += x.shape[0]
                 chosen, probes = choose(pilot, total or seen)
             batches = itertools.chain(piloted, batches)
