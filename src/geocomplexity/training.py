@@ -736,19 +736,11 @@ def fit(
     # without: kept beside the fingerprint and checked only where a checkpoint
     # has it, so one written before it still resumes; a finished run without
     # augmentation must not be handed to a run with it, nor the reverse
-    augmentation = (
-        None
-        if augment is None
-        else f"{getattr(augment, '__module__', None)}."
-        f"{getattr(augment, '__qualname__', type(augment).__name__)}"
-    )
+    augmentation = None if augment is None else _callable_name(augment, "__name__")
 
     # the loss, by name likewise (a module's by its class): a run with another
     # one must not be handed this one's history and weights
-    loss_name = (
-        f"{getattr(loss_fn, '__module__', None)}."
-        f"{getattr(loss_fn, '__qualname__', type(loss_fn).__qualname__)}"
-    )
+    loss_name = _callable_name(loss_fn, "__qualname__")
 
     def save(epoch: int, step: int, pen_sum: Tensor | None, pen_count: int) -> None:
         state = {
@@ -971,6 +963,17 @@ def fit(
                 break
         bar.close()
     return history
+
+
+def _callable_name(fn: Any, type_name: str) -> str:
+    """``module.qualname`` of a function; of an object without one, its type's.
+
+    ``type_name`` is the type's attribute that names it there (``__name__``
+    for an augmentation, ``__qualname__`` for a loss: as each was first
+    stored in checkpoints, which must still resume).
+    """
+    name = getattr(fn, "__qualname__", None) or getattr(type(fn), type_name)
+    return f"{getattr(fn, '__module__', None)}.{name}"
 
 
 def _callback_state(i: int, cb: Callback) -> Any:

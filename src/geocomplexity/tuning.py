@@ -132,9 +132,8 @@ def chunk_for(
     :data:`TRIALS_EACH` times; then the loop if its median call beats the
     default's median by :data:`MARGIN`, else the default (a median, as one
     call can be far off either way: a page fault, or a batched pass that
-    found its memory mapped); then that way,
-    one call and as many again in a row, timed to confirm the choice
-    (:func:`_settle`).
+    found its memory mapped); then that way, one call and as many again in a
+    row, timed to confirm the choice (:func:`_settle`).
 
     Args:
         model: whose calls are timed (held weakly).
