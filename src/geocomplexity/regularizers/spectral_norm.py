@@ -248,16 +248,10 @@ class SpectralNorm(Regularizer):
                 layers.append((n, m, operator and not isinstance(m, nn.Linear)))
                 if parametrize.is_parametrized(m, "weight"):
                     kept.extend(snapshot(m.parametrizations.weight.modules()))
-            elif isinstance(m, nn.modules.conv._ConvTransposeNd):
-                skipped.append(n)
-            elif isinstance(m, nn.MultiheadAttention):
-                # its output projection is a Linear (penalised); the query,
-                # key and value projections are bare parameters
-                skipped.append(f"{n} (query/key/value projections)")
-            elif _own_matrices(m, n):
-                # recurrent, bilinear and embedding layers, a module's own
-                # weight matrix: no operator norm this term computes
-                skipped.append(f"{n or '<root>'} ({type(m).__name__})")
+            elif not self._warned:  # named once, in the warning below
+                left_out = _left_out(m, n)
+                if left_out is not None:
+                    skipped.append(left_out)
         known = self._vectors.keys() | self._shapes.keys()  # renamed ones too
         if known and layers and known.isdisjoint(n for n, _, _ in layers):
             # a model wrapped by a module this walk does not see through (or
@@ -653,6 +647,21 @@ def _named_modules(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
 
     walk(model, "", "")
     return out
+
+
+def _left_out(m: nn.Module, name: str) -> str | None:
+    """How the warning names ``m`` (at ``name``) if it has weights left out."""
+    if isinstance(m, nn.modules.conv._ConvTransposeNd):
+        return name
+    if isinstance(m, nn.MultiheadAttention):
+        # its output projection is a Linear (penalised); the query, key and
+        # value projections are bare parameters
+        return f"{name} (query/key/value projections)"
+    if _own_matrices(m, name):
+        # recurrent, bilinear and embedding layers, a module's own weight
+        # matrix: no operator norm this term computes
+        return f"{name or '<root>'} ({type(m).__name__})"
+    return None
 
 
 def _own_matrices(m: nn.Module, name: str) -> bool:
